@@ -1,0 +1,205 @@
+//! Types shared by the kernel programs (`tracer-ebpf`) and the userspace agent
+//! (`tracer-user`). This crate is the only place where the layout of what
+//! crosses the kernel/user boundary is written down.
+//!
+//! Every record is `#[repr(C)]` and free of implicit padding (explicit `_pad`
+//! fields instead), so that the bytes the kernel writes are fully initialised
+//! and the userspace decoder can check sizes exactly.
+#![no_std]
+
+/// Length of `task_struct::comm` (TASK_COMM_LEN in the kernel).
+pub const COMM_LEN: usize = 16;
+
+/// `AF_INET` / `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+pub const IPPROTO_TCP: u16 = 6;
+
+/// TCP states, numbered as in include/net/tcp_states.h.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+    pub const NEW_SYN_RECV: u8 = 12;
+    pub const BOUND_INACTIVE: u8 = 13;
+}
+
+/// Event kinds, the `kind` field of [`EventInfo`]. Plain integers rather than
+/// a Rust enum: the userspace decoder must survive values it does not know.
+pub mod kind {
+    /// A TCP state transition (`sock:inet_sock_set_state`). Data: [`super::StateChange`].
+    pub const STATE: u16 = 1;
+    /// The socket received a RST (`tcp:tcp_receive_reset`). Data: [`super::ResetData`].
+    pub const RESET_RECEIVED: u16 = 2;
+    /// The socket sent a RST (`tcp:tcp_send_reset`). Data: [`super::ResetData`].
+    pub const RESET_SENT: u16 = 3;
+    /// An error was reported on the socket (`sock:inet_sk_error_report`). Data: [`super::SockError`].
+    pub const SOCK_ERROR: u16 = 4;
+    /// Number of slots in the per-kind loss counter; larger than the highest kind.
+    pub const SLOTS: u32 = 8;
+}
+
+/// Bits of [`Owner::flags`].
+pub mod owner_flags {
+    /// The owner fields were captured in process context (connect or listen).
+    pub const KNOWN: u32 = 1;
+    /// The socket is (or was) a listener; its accepted children inherit it.
+    pub const LISTENER: u32 = 1 << 1;
+    /// The owner was inherited from the listening socket (an accepted, inbound connection).
+    pub const INHERITED: u32 = 1 << 2;
+}
+
+/// Header of every event, socket identity and owner included: every event the
+/// kernel sends is about one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventInfo {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the event fired.
+    pub ts_ns: u64,
+    /// The socket cookie (`bpf_get_socket_cookie`): stable for the socket's life.
+    pub cookie: u64,
+    /// One of [`kind`].
+    pub kind: u16,
+    /// Reserved, zero.
+    pub _pad: u16,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    pub sock: SockAddrs,
+    pub owner: Owner,
+}
+
+/// Addresses of a socket as the kernel holds them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddrs {
+    /// Local address: 4 bytes (network order) for AF_INET, 16 for AF_INET6.
+    pub saddr: [u8; 16],
+    /// Remote address, as `saddr`.
+    pub daddr: [u8; 16],
+    /// Local port, host byte order.
+    pub sport: u16,
+    /// Remote port, host byte order.
+    pub dport: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+    /// `skc_state` when the event fired (for a state change: the old state).
+    pub state: u8,
+    pub _pad: u8,
+}
+
+/// Who owns a socket: captured in process context when the socket connects or
+/// listens, kept in socket-local storage (freed with the socket), copied to
+/// accepted sockets from their listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Process ID (kernel tgid).
+    pub pid: u32,
+    /// Thread ID (kernel pid).
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// cgroup v2 ID (the inode number of the cgroup's directory).
+    pub cgroup_id: u64,
+    /// Thread name, NUL padded.
+    pub comm: [u8; COMM_LEN],
+    /// [`owner_flags`] bits; 0 = unknown owner (socket older than the tracer).
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Data of a [`kind::STATE`] event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateChange {
+    pub old_state: u8,
+    pub new_state: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Data of [`kind::RESET_RECEIVED`] and [`kind::RESET_SENT`] events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetData {
+    /// For a sent reset, the kernel's `enum sk_rst_reason` value (names come
+    /// from BTF in userspace); 0 for a received reset.
+    pub reason: u32,
+    pub _pad: u32,
+}
+
+/// Data of a [`kind::SOCK_ERROR`] event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockError {
+    /// Positive errno (`sk->sk_err`), e.g. 104 ECONNRESET, 110 ETIMEDOUT.
+    pub errno: u32,
+    pub _pad: u32,
+}
+
+/// One event as it sits in the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event<T> {
+    pub info: EventInfo,
+    pub data: T,
+}
+
+/// Byte offsets of the kernel struct fields the programs read, resolved from
+/// the running kernel's BTF by userspace and handed over as a load-time
+/// global. Nothing here is ever hard-coded from one kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// Non-zero once userspace filled the offsets in; the programs do nothing
+    /// until then.
+    pub ready: u32,
+    // struct sock_common (at offset 0 of struct sock)
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// `skc_net`: a `possible_net_t` whose first member is `struct net *net`.
+    pub skc_net: u32,
+    // struct sock
+    pub sk_protocol: u32,
+    pub sk_err: u32,
+    /// Offset of `ns.inum` inside `struct net`.
+    pub net_ns_inum: u32,
+}
+
+/// Name of the global that holds [`KernelOffsets`] in the eBPF object.
+pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+/// Names of the maps in the eBPF object.
+pub const EVENTS_MAP: &str = "EVENTS";
+pub const LOST_MAP: &str = "LOST";
+/// Default ring buffer size in bytes (power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+
+// Padding-free layouts: the sizes below are the sums of the fields.
+const _: () = assert!(size_of::<SockAddrs>() == 40);
+const _: () = assert!(size_of::<Owner>() == 48);
+const _: () = assert!(size_of::<EventInfo>() == 24 + 40 + 48);
+const _: () = assert!(size_of::<StateChange>() == 8);
+const _: () = assert!(size_of::<ResetData>() == 8);
+const _: () = assert!(size_of::<SockError>() == 8);
+const _: () = assert!(size_of::<Event<StateChange>>() == 120);
+const _: () = assert!(size_of::<KernelOffsets>() == 13 * 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), padding-free, and valid for any bit pattern.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Owner {}
+}

@@ -1,0 +1,43 @@
+//! Errors reported on TCP sockets (`sock:inet_sk_error_report`): ECONNRESET,
+//! ECONNREFUSED, ETIMEDOUT, EPIPE, ... as the owner will see them.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use tracer_common::{IPPROTO_TCP, SockError, kind};
+
+use crate::{
+    maps::reserve,
+    sock::{fill_info, offsets, read},
+};
+
+#[btf_tracepoint(function = "inet_sk_error_report")]
+pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
+    match try_inet_sk_error_report(&ctx) {
+        Ok(()) | Err(()) => 0,
+    }
+}
+
+fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let off = offsets();
+    if off.ready == 0 {
+        return Err(());
+    }
+    let sk: *const c_void = ctx.arg(0);
+    let protocol: u16 = read(sk, off.sk_protocol);
+    if protocol != IPPROTO_TCP {
+        return Err(());
+    }
+    let errno: i32 = read(sk, off.sk_err);
+    let Some(mut entry) = reserve::<SockError>(kind::SOCK_ERROR) else {
+        return Err(());
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        fill_info(&raw mut (*ev).info, sk, kind::SOCK_ERROR, &off);
+        (*ev).data = SockError { errno: errno.unsigned_abs(), _pad: 0 };
+    }
+    entry.submit(0);
+    Ok(())
+}

@@ -1,0 +1,121 @@
+//! Reading a `struct sock` at offsets resolved from the running kernel's BTF
+//! (handed in by userspace as the [`OFFSETS`] global), and filling in the
+//! common event header.
+
+use core::{ffi::c_void, mem::MaybeUninit, ptr};
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+    generated::{
+        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
+};
+use tracer_common::{AF_INET, AF_INET6, EventInfo, KernelOffsets, Owner, owner_flags};
+
+use crate::maps::OWNERS;
+
+/// Set by userspace with `EbpfLoader::set_global` before load.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    ready: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_family: 0,
+    skc_state: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    sk_protocol: 0,
+    sk_err: 0,
+    net_ns_inum: 0,
+};
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: a plain read of a global; volatile so that the compiler does not
+    // fold the zero initialiser that userspace replaces at load time.
+    unsafe { ptr::read_volatile(&raw const OFFSETS) }
+}
+
+/// Reads a `T` at byte offset `off` of the kernel object `base`.
+#[inline(always)]
+pub fn read<T: Copy + Default>(base: *const c_void, off: u32) -> T {
+    let mut v = MaybeUninit::<T>::zeroed();
+    // SAFETY: bpf_probe_read_kernel faults safely; on failure `v` stays zeroed.
+    unsafe {
+        bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            base.cast::<u8>().add(off as usize).cast(),
+        );
+        v.assume_init()
+    }
+}
+
+/// Copies `len` bytes at `base + off` into `dst`.
+#[inline(always)]
+fn read_into(dst: *mut u8, len: u32, base: *const c_void, off: u32) {
+    // SAFETY: as in `read`; `dst` points at `len` writable bytes.
+    unsafe {
+        bpf_probe_read_kernel(dst.cast(), len, base.cast::<u8>().add(off as usize).cast());
+    }
+}
+
+/// The owner of the calling task, for sockets that connect or listen now
+/// (process context).
+#[inline(always)]
+pub fn current_owner(flags: u32) -> Owner {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    Owner {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        // SAFETY: no arguments; allowed for tracing programs.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+        flags: flags | owner_flags::KNOWN,
+        _pad: 0,
+    }
+}
+
+/// Fills the event header for `sk`: time, cookie, netns, addresses and the
+/// stored owner (zeroed when the socket predates the tracer).
+#[inline(always)]
+pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: &KernelOffsets) {
+    // SAFETY: `info` points at reserved ring buffer memory of the right size;
+    // every field is written below.
+    unsafe {
+        (*info).ts_ns = bpf_ktime_get_ns();
+        (*info).cookie = bpf_get_socket_cookie(sk.cast_mut());
+        (*info).kind = event_kind;
+        (*info)._pad = 0;
+        let net: *const c_void = read(sk, off.skc_net);
+        (*info).netns = read(net, off.net_ns_inum);
+
+        let s = &raw mut (*info).sock;
+        let family: u16 = read(sk, off.skc_family);
+        (*s).family = family;
+        (*s).sport = read(sk, off.skc_num);
+        (*s).dport = u16::from_be(read(sk, off.skc_dport));
+        (*s).state = read(sk, off.skc_state);
+        (*s)._pad = 0;
+        (*s).saddr = [0; 16];
+        (*s).daddr = [0; 16];
+        if family == AF_INET6 {
+            read_into((&raw mut (*s).saddr).cast(), 16, sk, off.skc_v6_rcv_saddr);
+            read_into((&raw mut (*s).daddr).cast(), 16, sk, off.skc_v6_daddr);
+        } else if family == AF_INET {
+            read_into((&raw mut (*s).saddr).cast(), 4, sk, off.skc_rcv_saddr);
+            read_into((&raw mut (*s).daddr).cast(), 4, sk, off.skc_daddr);
+        }
+
+        (*info).owner = match OWNERS.get(sk, false) {
+            Some(owner) => *owner,
+            None => Owner::default(),
+        };
+    }
+}
