@@ -38,8 +38,11 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
 
     if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
         let flags = if new == tcp_state::LISTEN { owner_flags::LISTENER } else { 0 };
-        if let Some(owner) = OWNERS.get(sk, true) {
-            *owner = current_owner(flags);
+        match OWNERS.get(sk, true) {
+            Some(owner) => *owner = current_owner(flags),
+            // Storage could not be allocated (memory pressure): this socket's
+            // events will carry an unknown owner. Rare enough to log.
+            None => aya_log_ebpf::warn!(ctx, "conn-tracer: no owner storage for a new socket"),
         }
     } else if new == tcp_state::SYN_RECV
         && let Some(owner) = OWNERS.get(sk, false)

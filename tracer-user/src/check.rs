@@ -1,0 +1,222 @@
+//! `conn-tracer check`: does this kernel and this process have what the
+//! tracer needs? Each probe prints ok or MISSING with what to do.
+
+use std::{fmt, path::Path};
+
+use aya::maps::MapType;
+
+use crate::{
+    cgroup,
+    kernel::{Kernel, KernelOptions, PROGRAMS},
+    offsets,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Not required; shown for information.
+    Info,
+    Missing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub name: String,
+    pub status: Status,
+    pub detail: String,
+}
+
+impl Probe {
+    fn new(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Self {
+        Self { name: name.into(), status, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Probe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tag = match self.status {
+            Status::Ok => "ok     ",
+            Status::Info => "info   ",
+            Status::Missing => "MISSING",
+        };
+        write!(f, "{tag} {:<34} {}", self.name, self.detail)
+    }
+}
+
+/// Capability numbers (include/uapi/linux/capability.h).
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYS_RESOURCE: u32 = 24;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The effective capability set from /proc/self/status text.
+pub fn effective_caps(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+fn has(caps: u64, cap: u32) -> bool {
+    caps & (1u64 << cap) != 0
+}
+
+/// Whether a capability set can load and attach the tracer's programs.
+pub fn privileges_probe(caps: Option<u64>) -> Probe {
+    let name = "privileges";
+    let Some(caps) = caps else {
+        return Probe::new(name, Status::Missing, "cannot read CapEff from /proc/self/status");
+    };
+    let bpf = has(caps, CAP_BPF) || has(caps, CAP_SYS_ADMIN);
+    let perfmon = has(caps, CAP_PERFMON) || has(caps, CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !bpf {
+        missing.push("CAP_BPF");
+    }
+    if !perfmon {
+        missing.push("CAP_PERFMON");
+    }
+    if missing.is_empty() {
+        let extra = if has(caps, CAP_SYS_RESOURCE) { "" } else { " (no CAP_SYS_RESOURCE: fine on 5.11+)" };
+        Probe::new(name, Status::Ok, format!("CapEff={caps:#x}: can load BPF tracing programs{extra}"))
+    } else {
+        Probe::new(
+            name,
+            Status::Missing,
+            format!("CapEff={caps:#x} lacks {}: run as root or grant those capabilities", missing.join(", ")),
+        )
+    }
+}
+
+/// Runs every probe. `btf_path` is the kernel BTF to use.
+pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
+    let mut probes = Vec::new();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    probes.push(privileges_probe(effective_caps(&status)));
+
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    probes.push(Probe::new("kernel", Status::Info, format!("Linux {}", release.trim())));
+    let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .map_or_else(|_| "not reported".to_string(), |s| s.trim().to_string());
+    probes.push(Probe::new(
+        "lockdown",
+        Status::Info,
+        format!("{lockdown} (conn-tracer needs no kprobes or fentry, so lockdown is fine)"),
+    ));
+
+    // BTF, offsets and tracepoint types.
+    let btf_ok = match offsets::load_btf(btf_path) {
+        Ok(btf) => {
+            probes.push(Probe::new("kernel BTF", Status::Ok, btf_path.display().to_string()));
+            match offsets::kernel_offsets(&btf) {
+                Ok(o) => probes.push(Probe::new(
+                    "struct offsets",
+                    Status::Ok,
+                    format!(
+                        "sock_common, sock, net resolved from BTF (skc_family@{}, sk_protocol@{}, \
+                         sk_err@{}, net.ns.inum@{})",
+                        o.skc_family, o.sk_protocol, o.sk_err, o.net_ns_inum
+                    ),
+                )),
+                Err(e) => probes.push(Probe::new("struct offsets", Status::Missing, e.to_string())),
+            }
+            for &(_, tp, what) in PROGRAMS {
+                let typedef = format!("btf_trace_{tp}");
+                let found = btf.resolve_ids_by_name(&typedef).is_ok_and(|ids| !ids.is_empty());
+                probes.push(if found {
+                    Probe::new(format!("tracepoint {tp}"), Status::Ok, what)
+                } else {
+                    Probe::new(
+                        format!("tracepoint {tp}"),
+                        Status::Missing,
+                        format!("no {typedef} in kernel BTF: kernel too old for {what}"),
+                    )
+                });
+            }
+            true
+        }
+        Err(e) => {
+            probes.push(Probe::new("kernel BTF", Status::Missing, e.to_string()));
+            false
+        }
+    };
+
+    for (map, name, need) in [
+        (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
+        (MapType::SkStorage, "socket storage", "Linux 5.2+ (BPF_F_CLONE: 5.4+)"),
+    ] {
+        probes.push(match aya::sys::is_map_supported(map) {
+            Ok(true) => Probe::new(format!("map {name}"), Status::Ok, "supported"),
+            Ok(false) => Probe::new(format!("map {name}"), Status::Missing, format!("not supported: needs {need}")),
+            Err(e) => Probe::new(format!("map {name}"), Status::Missing, format!("probe failed: {e}")),
+        });
+    }
+
+    probes.push(match cgroup::cgroup2_mount() {
+        Ok(Some(p)) => Probe::new("cgroup v2", Status::Ok, format!("mounted at {}", p.display())),
+        Ok(None) => Probe::new(
+            "cgroup v2",
+            Status::Missing,
+            "no cgroup2 mount in /proc/mounts: mount it (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`) \
+             so cgroup IDs can be mapped to containers",
+        ),
+        Err(e) => Probe::new("cgroup v2", Status::Missing, format!("cannot read /proc/mounts: {e}")),
+    });
+
+    // The decisive probe: load and attach the real programs (BTF tracepoints,
+    // BPF_PROG_TYPE_TRACING), then detach. aya's generic program-type probe
+    // is not used: on locked-down kernels it tries fentry, which is refused.
+    if btf_ok {
+        let opts = KernelOptions { btf_path: btf_path.to_path_buf(), ..KernelOptions::default() };
+        probes.push(match Kernel::load(&opts) {
+            Ok(k) => {
+                drop(k);
+                Probe::new(
+                    "load and attach",
+                    Status::Ok,
+                    format!("{} programs loaded, attached and detached", PROGRAMS.len()),
+                )
+            }
+            Err(e) => Probe::new("load and attach", Status::Missing, e.to_string()),
+        });
+    }
+    probes
+}
+
+/// True when every required probe passed.
+pub fn all_ok(probes: &[Probe]) -> bool {
+    probes.iter().all(|p| p.status != Status::Missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_effective_capabilities() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_caps("Name: x\n"), None);
+        assert_eq!(effective_caps("CapEff:\tzz\n"), None);
+    }
+
+    #[test]
+    fn privilege_probe_names_what_is_missing() {
+        assert_eq!(privileges_probe(Some(0x1ff_ffff_ffff)).status, Status::Ok);
+        let none = privileges_probe(Some(0));
+        assert_eq!(none.status, Status::Missing);
+        assert!(none.detail.contains("CAP_BPF") && none.detail.contains("CAP_PERFMON"), "{}", none.detail);
+        let bpf_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert_eq!(privileges_probe(Some(bpf_perfmon)).status, Status::Ok);
+        assert_eq!(privileges_probe(Some(1 << CAP_SYS_ADMIN)).status, Status::Ok);
+        assert_eq!(privileges_probe(None).status, Status::Missing);
+    }
+
+    #[test]
+    fn all_ok_ignores_info() {
+        let p = |s| Probe::new("x", s, "");
+        assert!(all_ok(&[p(Status::Ok), p(Status::Info)]));
+        assert!(!all_ok(&[p(Status::Ok), p(Status::Missing)]));
+        assert!(p(Status::Missing).to_string().starts_with("MISSING"));
+    }
+}

@@ -1,0 +1,464 @@
+//! Decoding of the events the kernel programs write to the ring buffer, and
+//! their human and JSON forms.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    ptr,
+};
+
+use serde::Serialize;
+use tracer_common::{
+    AF_INET, AF_INET6, Event, EventInfo, Owner, ResetData, SockError, StateChange, kind,
+    owner_flags, tcp_state,
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event of {len} bytes is shorter than the {need}-byte header")]
+    ShortHeader { len: usize, need: usize },
+    #[error("event kind {kind} is unknown to this conn-tracer (kernel programs newer than the agent?)")]
+    UnknownKind { kind: u16 },
+    #[error("{name} event of {len} bytes is truncated: needs {need}")]
+    Truncated { name: &'static str, len: usize, need: usize },
+}
+
+/// What happened, per event kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventData {
+    State { old: u8, new: u8 },
+    ResetReceived,
+    ResetSent { reason: u32 },
+    Error { errno: u32 },
+}
+
+/// One decoded kernel event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub info: EventInfo,
+    pub data: EventData,
+}
+
+/// Reads a `T` from the front of `bytes`; the caller checked the length.
+fn read<T: Copy>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= size_of::<T>());
+    // SAFETY: length checked above; T is a plain repr(C) type valid for any
+    // bit pattern; read_unaligned has no alignment requirement.
+    unsafe { ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+fn body<T: Copy>(bytes: &[u8], name: &'static str) -> Result<T, DecodeError> {
+    let need = size_of::<Event<T>>();
+    if bytes.len() < need {
+        return Err(DecodeError::Truncated { name, len: bytes.len(), need });
+    }
+    Ok(read::<Event<T>>(bytes).data)
+}
+
+/// Decodes one ring buffer record. Never panics, whatever the bytes.
+pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
+    let need = size_of::<EventInfo>();
+    if bytes.len() < need {
+        return Err(DecodeError::ShortHeader { len: bytes.len(), need });
+    }
+    let info: EventInfo = read(bytes);
+    let data = match info.kind {
+        kind::STATE => {
+            let d: StateChange = body(bytes, "state")?;
+            EventData::State { old: d.old_state, new: d.new_state }
+        }
+        kind::RESET_RECEIVED => {
+            body::<ResetData>(bytes, "reset_received")?;
+            EventData::ResetReceived
+        }
+        kind::RESET_SENT => {
+            let d: ResetData = body(bytes, "reset_sent")?;
+            EventData::ResetSent { reason: d.reason }
+        }
+        kind::SOCK_ERROR => {
+            let d: SockError = body(bytes, "error")?;
+            EventData::Error { errno: d.errno }
+        }
+        other => return Err(DecodeError::UnknownKind { kind: other }),
+    };
+    Ok(ConnEvent { info, data })
+}
+
+/// The kernel's name of a TCP state.
+pub fn state_name(state: u8) -> &'static str {
+    match state {
+        tcp_state::ESTABLISHED => "ESTABLISHED",
+        tcp_state::SYN_SENT => "SYN_SENT",
+        tcp_state::SYN_RECV => "SYN_RECV",
+        tcp_state::FIN_WAIT1 => "FIN_WAIT1",
+        tcp_state::FIN_WAIT2 => "FIN_WAIT2",
+        tcp_state::TIME_WAIT => "TIME_WAIT",
+        tcp_state::CLOSE => "CLOSE",
+        tcp_state::CLOSE_WAIT => "CLOSE_WAIT",
+        tcp_state::LAST_ACK => "LAST_ACK",
+        tcp_state::LISTEN => "LISTEN",
+        tcp_state::CLOSING => "CLOSING",
+        tcp_state::NEW_SYN_RECV => "NEW_SYN_RECV",
+        tcp_state::BOUND_INACTIVE => "BOUND_INACTIVE",
+        _ => "UNKNOWN",
+    }
+}
+
+/// Symbolic name of the errno values a TCP socket reports.
+pub fn errno_name(errno: u32) -> &'static str {
+    match errno as i32 {
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EPIPE => "EPIPE",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EPROTO => "EPROTO",
+        libc::EMSGSIZE => "EMSGSIZE",
+        libc::ENOPROTOOPT => "ENOPROTOOPT",
+        libc::EHOSTDOWN => "EHOSTDOWN",
+        libc::ENETDOWN => "ENETDOWN",
+        _ => "",
+    }
+}
+
+impl ConnEvent {
+    /// The event's name as `trace --json` prints it.
+    pub fn kind_name(&self) -> &'static str {
+        match self.data {
+            EventData::State { .. } => "state",
+            EventData::ResetReceived => "reset_received",
+            EventData::ResetSent { .. } => "reset_sent",
+            EventData::Error { .. } => "error",
+        }
+    }
+
+    pub fn local(&self) -> Option<IpAddr> {
+        addr(self.info.sock.family, &self.info.sock.saddr)
+    }
+
+    pub fn remote(&self) -> Option<IpAddr> {
+        addr(self.info.sock.family, &self.info.sock.daddr)
+    }
+}
+
+fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+        _ => None,
+    }
+}
+
+pub fn family_name(family: u16) -> &'static str {
+    match family {
+        AF_INET => "ipv4",
+        AF_INET6 => "ipv6",
+        _ => "other",
+    }
+}
+
+/// `comm` up to its first NUL, lossily as UTF-8.
+pub fn comm_str(comm: &[u8]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+pub fn owner_kind(owner: &Owner) -> &'static str {
+    if owner.flags & owner_flags::KNOWN == 0 {
+        "unknown"
+    } else if owner.flags & owner_flags::INHERITED != 0 {
+        "inherited"
+    } else {
+        "known"
+    }
+}
+
+/// A host endpoint, with IPv6 addresses in brackets.
+pub struct Endpoint(pub Option<IpAddr>, pub u16);
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(IpAddr::V6(a)) => write!(f, "[{a}]:{}", self.1),
+            Some(IpAddr::V4(a)) => write!(f, "{a}:{}", self.1),
+            None => write!(f, "?:{}", self.1),
+        }
+    }
+}
+
+/// One event as `trace --json` prints it: one object per line.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TraceRecord {
+    pub time: String,
+    pub ts_ns: u64,
+    pub kind: &'static str,
+    pub cookie: u64,
+    pub family: &'static str,
+    pub saddr: String,
+    pub sport: u16,
+    pub daddr: String,
+    pub dport: u16,
+    pub state: &'static str,
+    pub netns: u32,
+    pub owner: &'static str,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub new_state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'static str>,
+}
+
+impl TraceRecord {
+    /// `time` is the wall-clock rendering of the event's timestamp;
+    /// `reason_name` maps a reset reason to its kernel name.
+    pub fn new(ev: &ConnEvent, time: String, reason_name: impl Fn(u32) -> String) -> Self {
+        let i = &ev.info;
+        let show = |a: Option<IpAddr>| a.map_or_else(String::new, |a| a.to_string());
+        let mut rec = Self {
+            time,
+            ts_ns: i.ts_ns,
+            kind: ev.kind_name(),
+            cookie: i.cookie,
+            family: family_name(i.sock.family),
+            saddr: show(ev.local()),
+            sport: i.sock.sport,
+            daddr: show(ev.remote()),
+            dport: i.sock.dport,
+            state: state_name(i.sock.state),
+            netns: i.netns,
+            owner: owner_kind(&i.owner),
+            pid: i.owner.pid,
+            tid: i.owner.tid,
+            uid: i.owner.uid,
+            gid: i.owner.gid,
+            comm: comm_str(&i.owner.comm),
+            cgroup_id: i.owner.cgroup_id,
+            old_state: None,
+            new_state: None,
+            reason: None,
+            errno: None,
+            error: None,
+        };
+        match ev.data {
+            EventData::State { old, new } => {
+                rec.old_state = Some(state_name(old));
+                rec.new_state = Some(state_name(new));
+            }
+            EventData::ResetReceived => rec.reason = Some(String::new()),
+            EventData::ResetSent { reason } => rec.reason = Some(reason_name(reason)),
+            EventData::Error { errno } => {
+                rec.errno = Some(errno);
+                rec.error = Some(errno_name(errno));
+            }
+        }
+        rec
+    }
+
+    /// One human-readable line.
+    pub fn to_line(&self) -> String {
+        use std::fmt::Write as _;
+        let local = format_endpoint(&self.saddr, self.sport);
+        let remote = format_endpoint(&self.daddr, self.dport);
+        let mut what = match (self.old_state, self.new_state) {
+            (Some(o), Some(n)) => format!("{o} -> {n}"),
+            _ => self.kind.to_string(),
+        };
+        if let Some(r) = self.reason.as_deref().filter(|r| !r.is_empty()) {
+            let _ = write!(what, " ({r})");
+        }
+        if let (Some(e), Some(n)) = (self.errno, self.error) {
+            let _ = write!(what, " {}", if n.is_empty() { e.to_string() } else { n.to_string() });
+        }
+        let owner = if self.owner == "unknown" {
+            "owner=?".to_string()
+        } else {
+            format!("pid={} comm={} uid={} cgroup={}", self.pid, self.comm, self.uid, self.cgroup_id)
+        };
+        format!(
+            "{} {:<14} {:<26} {} -> {} netns={} {} cookie={}",
+            self.time, self.kind, what, local, remote, self.netns, owner, self.cookie
+        )
+    }
+}
+
+fn format_endpoint(addr: &str, port: u16) -> String {
+    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::SockAddrs;
+
+    use super::*;
+
+    fn bytes_of<T: Copy>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a padding-free repr(C) type; every byte is initialised.
+        unsafe { std::slice::from_raw_parts(ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn info(kind: u16) -> EventInfo {
+        let mut comm = [0u8; 16];
+        comm[..6].copy_from_slice(b"client");
+        EventInfo {
+            ts_ns: 1_000,
+            cookie: 42,
+            kind,
+            _pad: 0,
+            netns: 4_026_531_840,
+            sock: SockAddrs {
+                saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                daddr: [127, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                sport: 40000,
+                dport: 8080,
+                family: AF_INET,
+                state: tcp_state::SYN_SENT,
+                _pad: 0,
+            },
+            owner: Owner {
+                pid: 100,
+                tid: 101,
+                uid: 1000,
+                gid: 1000,
+                cgroup_id: 7,
+                comm,
+                flags: owner_flags::KNOWN,
+                _pad: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn decodes_a_state_change() {
+        let ev = Event {
+            info: info(kind::STATE),
+            data: StateChange { old_state: 2, new_state: 1, _pad: [0; 6] },
+        };
+        let got = decode(&bytes_of(&ev)).unwrap();
+        assert_eq!(got.data, EventData::State { old: 2, new: 1 });
+        assert_eq!(got.info, ev.info);
+        assert_eq!(got.local(), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(got.remote(), Some("127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn decodes_resets_and_errors() {
+        let sent = Event { info: info(kind::RESET_SENT), data: ResetData { reason: 7, _pad: 0 } };
+        assert_eq!(decode(&bytes_of(&sent)).unwrap().data, EventData::ResetSent { reason: 7 });
+        let recv = Event { info: info(kind::RESET_RECEIVED), data: ResetData::default() };
+        assert_eq!(decode(&bytes_of(&recv)).unwrap().data, EventData::ResetReceived);
+        let err = Event { info: info(kind::SOCK_ERROR), data: SockError { errno: 104, _pad: 0 } };
+        let got = decode(&bytes_of(&err)).unwrap();
+        assert_eq!(got.data, EventData::Error { errno: 104 });
+        let rec = TraceRecord::new(&got, "t".into(), |_| String::new());
+        assert_eq!(rec.error, Some("ECONNRESET"));
+    }
+
+    #[test]
+    fn ring_buffer_padding_after_the_event_is_ignored() {
+        let ev = Event { info: info(kind::STATE), data: StateChange::default() };
+        let mut b = bytes_of(&ev);
+        b.extend_from_slice(&[0xff; 8]);
+        assert!(decode(&b).is_ok());
+    }
+
+    #[test]
+    fn truncated_and_unknown_events_are_errors_not_panics() {
+        let ev = Event { info: info(kind::STATE), data: StateChange::default() };
+        let b = bytes_of(&ev);
+        for len in 0..b.len() {
+            let err = decode(&b[..len]).unwrap_err();
+            let need_header = size_of::<EventInfo>();
+            if len < need_header {
+                assert_eq!(err, DecodeError::ShortHeader { len, need: need_header });
+            } else {
+                assert_eq!(err, DecodeError::Truncated { name: "state", len, need: b.len() });
+            }
+        }
+        let unknown = Event { info: info(999), data: StateChange::default() };
+        let err = decode(&bytes_of(&unknown)).unwrap_err();
+        assert_eq!(err, DecodeError::UnknownKind { kind: 999 });
+        assert!(err.to_string().contains("999"));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        // A cheap deterministic fuzz: every length up to 256, many patterns.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in 0..256 {
+            for _ in 0..16 {
+                let buf: Vec<u8> = (0..len)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                if let Ok(ev) = decode(&buf) {
+                    let rec = TraceRecord::new(&ev, String::new(), |r| r.to_string());
+                    let _ = rec.to_line();
+                    let _ = serde_json::to_string(&rec).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn ipv6_and_v4_mapped_addresses_render() {
+        let mut i = info(kind::STATE);
+        i.sock.family = AF_INET6;
+        i.sock.saddr = Ipv6Addr::LOCALHOST.octets();
+        i.sock.daddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
+        let ev = ConnEvent { info: i, data: EventData::State { old: 7, new: 2 } };
+        let rec = TraceRecord::new(&ev, "t".into(), |_| String::new());
+        assert_eq!(rec.family, "ipv6");
+        assert_eq!(rec.saddr, "::1");
+        assert_eq!(rec.daddr, "::ffff:127.0.0.1");
+        assert!(rec.to_line().contains("[::1]:40000 -> [::ffff:127.0.0.1]:8080"), "{}", rec.to_line());
+        assert_eq!(rec.old_state, Some("CLOSE"));
+        assert_eq!(rec.new_state, Some("SYN_SENT"));
+    }
+
+    #[test]
+    fn json_record_has_the_documented_fields() {
+        let ev = ConnEvent { info: info(kind::STATE), data: EventData::State { old: 2, new: 1 } };
+        let v = serde_json::to_value(TraceRecord::new(&ev, "T".into(), |_| String::new())).unwrap();
+        assert_eq!(v["kind"], "state");
+        assert_eq!(v["old_state"], "SYN_SENT");
+        assert_eq!(v["new_state"], "ESTABLISHED");
+        assert_eq!(v["pid"], 100);
+        assert_eq!(v["tid"], 101);
+        assert_eq!(v["comm"], "client");
+        assert_eq!(v["owner"], "known");
+        assert_eq!(v["sport"], 40000);
+        assert_eq!(v["dport"], 8080);
+        assert_eq!(v["netns"], 4_026_531_840_u32);
+        assert!(v.get("errno").is_none());
+    }
+
+    #[test]
+    fn owner_kinds() {
+        let mut o = Owner::default();
+        assert_eq!(owner_kind(&o), "unknown");
+        o.flags = owner_flags::KNOWN;
+        assert_eq!(owner_kind(&o), "known");
+        o.flags |= owner_flags::INHERITED;
+        assert_eq!(owner_kind(&o), "inherited");
+        assert_eq!(comm_str(b"abc\0def"), "abc");
+        assert_eq!(comm_str(b"sixteen-chars-xx"), "sixteen-chars-xx");
+    }
+}

@@ -1,0 +1,423 @@
+//! Kernel struct field offsets, read from the running kernel's BTF.
+//!
+//! Rust eBPF has no CO-RE relocations, so the offsets the kernel programs
+//! need are resolved here, checked for the size the programs read, and handed
+//! over as the `OFFSETS` load-time global. Nothing is taken from one kernel.
+
+use std::{collections::HashMap, path::Path};
+
+use btf_rs::{Btf, Type};
+use tracer_common::KernelOffsets;
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OffsetsError {
+    #[error(
+        "cannot read kernel BTF at {path}: {source}; this kernel needs CONFIG_DEBUG_INFO_BTF=y \
+         (most distribution kernels since 5.8 have it)"
+    )]
+    Read { path: String, source: btf_rs::Error },
+    #[error("kernel BTF has no struct {0}: this kernel is not supported (please report it)")]
+    NoStruct(String),
+    #[error("kernel BTF: struct {strukt} has no field {field}: this kernel is not supported (please report it)")]
+    NoField { strukt: String, field: String },
+    #[error(
+        "kernel BTF: {strukt}.{field} is {found} bytes, the tracer reads {want}: this kernel \
+         layout is not supported (please report it)"
+    )]
+    Size { strukt: String, field: String, found: usize, want: usize },
+    #[error("kernel BTF: {strukt}.{field} is a bitfield, the tracer cannot read it")]
+    Bitfield { strukt: String, field: String },
+    #[error("kernel BTF: {0}")]
+    Btf(#[from] btf_rs::Error),
+}
+
+/// Reads the BTF file at `path`.
+pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
+    Btf::from_file(path)
+        .map_err(|source| OffsetsError::Read { path: path.display().to_string(), source })
+}
+
+/// A field found by [`field`]: its byte offset from the start of the outer
+/// struct and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: usize,
+}
+
+/// Strips typedefs and qualifiers.
+fn resolve(btf: &Btf, mut ty: Type) -> Result<Type, OffsetsError> {
+    // Bounded: BTF chains are short; a cycle would be malformed BTF.
+    for _ in 0..32 {
+        ty = match ty {
+            Type::Typedef(ref t) => btf.resolve_chained_type(t)?,
+            Type::Volatile(ref t) | Type::Const(ref t) | Type::Restrict(ref t) => {
+                btf.resolve_chained_type(t)?
+            }
+            Type::TypeTag(ref t) => btf.resolve_chained_type(t)?,
+            other => return Ok(other),
+        };
+    }
+    Err(btf_rs::Error::Format("type chain too long".into()).into())
+}
+
+/// Size in bytes of a (resolved) type, where the tracer needs one.
+fn size_of_type(btf: &Btf, ty: &Type) -> Result<usize, OffsetsError> {
+    Ok(match resolve(btf, ty.clone())? {
+        Type::Int(i) => i.size(),
+        Type::Struct(s) | Type::Union(s) => s.size(),
+        Type::Enum(e) => e.size(),
+        Type::Enum64(e) => e.size(),
+        Type::Ptr(_) => 8,
+        Type::Array(a) => {
+            let elem = btf.resolve_chained_type(&a)?;
+            a.len() * size_of_type(btf, &elem)?
+        }
+        _ => 0,
+    })
+}
+
+/// Looks `name` up among the members of `s`, descending into anonymous
+/// structs and unions. Returns the member's bit offset, bitfield size, type.
+fn find_member(
+    btf: &Btf,
+    s: &btf_rs::Struct,
+    name: &str,
+    depth: u32,
+) -> Result<Option<(u32, u32, Type)>, OffsetsError> {
+    if depth > 8 {
+        return Ok(None);
+    }
+    for m in &s.members {
+        let mname = btf.resolve_name(m)?;
+        let mty = btf.resolve_chained_type(m)?;
+        let bitfield = m.bitfield_size().unwrap_or(0);
+        if mname == name {
+            return Ok(Some((m.bit_offset(), bitfield, mty)));
+        }
+        if mname.is_empty()
+            && let Type::Struct(inner) | Type::Union(inner) = resolve(btf, mty)?
+            && let Some((off, bf, t)) = find_member(btf, &inner, name, depth + 1)?
+        {
+            return Ok(Some((m.bit_offset() + off, bf, t)));
+        }
+    }
+    Ok(None)
+}
+
+/// Byte offset and size of `path` (e.g. `["ns", "inum"]`) inside struct
+/// `strukt`.
+pub fn field(btf: &Btf, strukt: &str, path: &[&str]) -> Result<Field, OffsetsError> {
+    let types = btf.resolve_types_by_name(strukt).unwrap_or_default();
+    // Several types may share a name (a struct and a function, say); take
+    // the first struct that has a body.
+    let mut current = types
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .ok_or_else(|| OffsetsError::NoStruct(strukt.to_string()))?;
+    let mut bits = 0u32;
+    let dotted = path.join(".");
+    for (i, name) in path.iter().enumerate() {
+        let no_field =
+            || OffsetsError::NoField { strukt: strukt.to_string(), field: dotted.clone() };
+        let (off, bitfield, ty) = find_member(btf, &current, name, 0)?.ok_or_else(no_field)?;
+        if bitfield != 0 {
+            return Err(OffsetsError::Bitfield { strukt: strukt.to_string(), field: dotted });
+        }
+        bits += off;
+        if i + 1 == path.len() {
+            if bits % 8 != 0 {
+                return Err(OffsetsError::Bitfield { strukt: strukt.to_string(), field: dotted });
+            }
+            let size = size_of_type(btf, &ty)?;
+            return Ok(Field { offset: bits / 8, size });
+        }
+        current = match resolve(btf, ty)? {
+            Type::Struct(s) | Type::Union(s) => s,
+            _ => return Err(no_field()),
+        };
+    }
+    Err(OffsetsError::NoField { strukt: strukt.to_string(), field: dotted })
+}
+
+/// Like [`field`], and checks that the field is `want` bytes wide.
+fn sized(
+    btf: &Btf,
+    strukt: &str,
+    path: &[&str],
+    want: usize,
+) -> Result<u32, OffsetsError> {
+    let f = field(btf, strukt, path)?;
+    if f.size != want {
+        return Err(OffsetsError::Size {
+            strukt: strukt.to_string(),
+            field: path.join("."),
+            found: f.size,
+            want,
+        });
+    }
+    Ok(f.offset)
+}
+
+/// Resolves every offset the kernel programs use.
+pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
+    // struct sock begins with its sock_common, but do not assume where.
+    let common = field(btf, "sock", &["__sk_common"])?.offset;
+    let skc = |name: &str, want: usize| -> Result<u32, OffsetsError> {
+        Ok(common + sized(btf, "sock_common", &[name], want)?)
+    };
+    Ok(KernelOffsets {
+        ready: 1,
+        skc_daddr: skc("skc_daddr", 4)?,
+        skc_rcv_saddr: skc("skc_rcv_saddr", 4)?,
+        skc_dport: skc("skc_dport", 2)?,
+        skc_num: skc("skc_num", 2)?,
+        skc_family: skc("skc_family", 2)?,
+        skc_state: skc("skc_state", 1)?,
+        skc_v6_daddr: skc("skc_v6_daddr", 16)?,
+        skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr", 16)?,
+        // possible_net_t is { struct net *net; } with CONFIG_NET_NS.
+        skc_net: skc("skc_net", 8)?,
+        sk_protocol: sized(btf, "sock", &["sk_protocol"], 2)?,
+        sk_err: sized(btf, "sock", &["sk_err"], 4)?,
+        net_ns_inum: sized(btf, "net", &["ns", "inum"], 4)?,
+    })
+}
+
+/// Names of `enum sk_rst_reason` values (why the kernel sent a reset), by
+/// value. Empty when the kernel has no such enum (before 6.10).
+pub fn reset_reasons(btf: &Btf) -> HashMap<u32, String> {
+    let mut names = HashMap::new();
+    for ty in btf.resolve_types_by_name("sk_rst_reason").unwrap_or_default() {
+        if let Type::Enum(e) = ty {
+            for m in &e.members {
+                if let Ok(name) = btf.resolve_name(m) {
+                    let short = name.strip_prefix("SK_RST_REASON_").unwrap_or(&name);
+                    names.insert(m.val(), short.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a little-endian BTF blob from (kind, name, info-extra) records.
+    /// Just enough of the format (include/uapi/linux/btf.h) for these tests.
+    #[derive(Default)]
+    struct BtfBuilder {
+        types: Vec<u8>,
+        strings: Vec<u8>,
+        next_id: u32,
+    }
+
+    const KIND_INT: u32 = 1;
+    const KIND_STRUCT: u32 = 4;
+    const KIND_UNION: u32 = 5;
+    const KIND_ENUM: u32 = 6;
+    const KIND_TYPEDEF: u32 = 8;
+    const KIND_VOLATILE: u32 = 9;
+
+    impl BtfBuilder {
+        fn new() -> Self {
+            Self { types: Vec::new(), strings: vec![0], next_id: 1 }
+        }
+        fn name(&mut self, s: &str) -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = self.strings.len() as u32;
+            self.strings.extend_from_slice(s.as_bytes());
+            self.strings.push(0);
+            off
+        }
+        fn header(&mut self, name: &str, kind: u32, vlen: u32, kflag: bool, size_or_type: u32) -> u32 {
+            let n = self.name(name);
+            let info = (u32::from(kflag) << 31) | (kind << 24) | vlen;
+            for w in [n, info, size_or_type] {
+                self.types.extend_from_slice(&w.to_le_bytes());
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            id
+        }
+        fn int(&mut self, name: &str, size: u32) -> u32 {
+            let id = self.header(name, KIND_INT, 0, false, size);
+            self.types.extend_from_slice(&(size * 8).to_le_bytes());
+            id
+        }
+        fn typedef(&mut self, name: &str, ty: u32) -> u32 {
+            self.header(name, KIND_TYPEDEF, 0, false, ty)
+        }
+        fn volatile(&mut self, ty: u32) -> u32 {
+            self.header("", KIND_VOLATILE, 0, false, ty)
+        }
+        /// members: (name, type, bit offset, bitfield size)
+        fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32, u32)]) -> u32 {
+            let kflag = members.iter().any(|m| m.3 != 0);
+            let id = self.header(name, kind, members.len() as u32, kflag, size);
+            for &(mname, ty, bit_off, bf) in members {
+                let n = self.name(mname);
+                let off = if kflag { (bf << 24) | bit_off } else { bit_off };
+                for w in [n, ty, off] {
+                    self.types.extend_from_slice(&w.to_le_bytes());
+                }
+            }
+            id
+        }
+        fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+            let id = self.header(name, KIND_ENUM, values.len() as u32, false, 4);
+            for &(vname, v) in values {
+                let n = self.name(vname);
+                self.types.extend_from_slice(&n.to_le_bytes());
+                self.types.extend_from_slice(&v.to_le_bytes());
+            }
+            id
+        }
+        fn build(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            out.extend_from_slice(&0xeb9f_u16.to_le_bytes());
+            out.push(1); // version
+            out.push(0); // flags
+            out.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
+            out.extend_from_slice(&0u32.to_le_bytes()); // type_off
+            out.extend_from_slice(&(self.types.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(self.types.len() as u32).to_le_bytes()); // str_off
+            out.extend_from_slice(&(self.strings.len() as u32).to_le_bytes());
+            out.extend_from_slice(&self.types);
+            out.extend_from_slice(&self.strings);
+            out
+        }
+    }
+
+    /// A miniature of the kernel's sock_common/sock/net with the same shapes
+    /// (anonymous unions, typedefs, volatile, nested structs), at offsets
+    /// that differ from any real kernel.
+    fn fake_kernel() -> Btf {
+        let mut b = BtfBuilder::new();
+        let u8t = b.int("unsigned char", 1);
+        let u16t = b.int("short unsigned int", 2);
+        let u32t = b.int("unsigned int", 4);
+        let u64t = b.int("long long unsigned int", 8);
+        let be16 = b.typedef("__be16", u16t);
+        let be32 = b.typedef("__be32", u32t);
+        let vol_u8 = b.volatile(u8t);
+        let in6 = b.composite(KIND_STRUCT, "in6_addr", 16, &[("u6_addr32", u64t, 0, 0), ("x", u64t, 64, 0)]);
+        let possible_net = b.composite(KIND_STRUCT, "possible_net_t_s", 8, &[("net", u64t, 0, 0)]);
+        let possible_net_t = b.typedef("possible_net_t", possible_net);
+        let addrs = b.composite(KIND_STRUCT, "", 8, &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)]);
+        let addr_union = b.composite(KIND_UNION, "", 8, &[("skc_addrpair", u64t, 0, 0), ("", addrs, 0, 0)]);
+        let ports = b.composite(KIND_STRUCT, "", 4, &[("skc_dport", be16, 0, 0), ("skc_num", u16t, 16, 0)]);
+        let port_union = b.composite(KIND_UNION, "", 4, &[("skc_portpair", u32t, 0, 0), ("", ports, 0, 0)]);
+        let common = b.composite(
+            KIND_STRUCT,
+            "sock_common",
+            96,
+            &[
+                ("", addr_union, 0, 0),
+                ("skc_hash", u32t, 64, 0),
+                ("", port_union, 96, 0),
+                ("skc_family", u16t, 128, 0),
+                ("skc_state", vol_u8, 144, 0),
+                ("skc_net", possible_net_t, 192, 0),
+                ("skc_v6_daddr", in6, 256, 0),
+                ("skc_v6_rcv_saddr", in6, 384, 0),
+            ],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "sock",
+            200,
+            &[
+                ("pad", u64t, 0, 0),
+                ("__sk_common", common, 64, 0),
+                ("sk_protocol", u16t, 1024, 0),
+                ("sk_bits", u8t, 1040, 3),
+                ("sk_err", u32t, 1056, 0),
+            ],
+        );
+        let ns_common = b.composite(KIND_STRUCT, "ns_common", 16, &[("stashed", u64t, 0, 0), ("inum", u32t, 64, 0)]);
+        b.composite(KIND_STRUCT, "net", 64, &[("passive", u32t, 0, 0), ("ns", ns_common, 128, 0)]);
+        b.enumeration("sk_rst_reason", &[("SK_RST_REASON_NOT_SPECIFIED", 0), ("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 7)]);
+        Btf::from_bytes(&b.build()).expect("synthetic BTF parses")
+    }
+
+    #[test]
+    fn offsets_descend_into_anonymous_unions_and_nested_structs() {
+        let btf = fake_kernel();
+        let off = kernel_offsets(&btf).expect("all fields resolve");
+        // sock_common sits at byte 8 of sock in the fake layout.
+        assert_eq!(off.skc_daddr, 8);
+        assert_eq!(off.skc_rcv_saddr, 8 + 4);
+        assert_eq!(off.skc_dport, 8 + 12);
+        assert_eq!(off.skc_num, 8 + 14);
+        assert_eq!(off.skc_family, 8 + 16);
+        assert_eq!(off.skc_state, 8 + 18);
+        assert_eq!(off.skc_net, 8 + 24);
+        assert_eq!(off.skc_v6_daddr, 8 + 32);
+        assert_eq!(off.skc_v6_rcv_saddr, 8 + 48);
+        assert_eq!(off.sk_protocol, 128);
+        assert_eq!(off.sk_err, 132);
+        assert_eq!(off.net_ns_inum, 16 + 8);
+        assert_eq!(off.ready, 1);
+    }
+
+    #[test]
+    fn missing_struct_and_field_are_named() {
+        let btf = fake_kernel();
+        let err = field(&btf, "tcp_sock", &["srtt_us"]).unwrap_err();
+        assert!(err.to_string().contains("no struct tcp_sock"), "{err}");
+        let err = field(&btf, "sock", &["sk_nope"]).unwrap_err();
+        assert!(err.to_string().contains("has no field sk_nope"), "{err}");
+        let err = field(&btf, "net", &["ns", "nope"]).unwrap_err();
+        assert!(err.to_string().contains("ns.nope"), "{err}");
+    }
+
+    #[test]
+    fn bitfields_and_wrong_sizes_are_refused() {
+        let btf = fake_kernel();
+        let err = field(&btf, "sock", &["sk_bits"]).unwrap_err();
+        assert!(matches!(err, OffsetsError::Bitfield { .. }), "{err}");
+        let err = sized(&btf, "sock", &["sk_err"], 8).unwrap_err();
+        assert!(matches!(err, OffsetsError::Size { found: 4, want: 8, .. }), "{err}");
+    }
+
+    #[test]
+    fn reset_reason_names_come_from_the_enum() {
+        let btf = fake_kernel();
+        let names = reset_reasons(&btf);
+        assert_eq!(names.get(&7).map(String::as_str), Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(names.get(&0).map(String::as_str), Some("NOT_SPECIFIED"));
+    }
+
+    #[test]
+    fn missing_btf_file_says_what_to_do() {
+        let err = load_btf(Path::new("/nonexistent/vmlinux")).err().expect("missing file");
+        assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+    }
+
+    /// On a machine with kernel BTF, the real layout resolves and looks sane.
+    #[test]
+    fn running_kernel_offsets_resolve_when_btf_is_present() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipping: no {VMLINUX_BTF}");
+            return;
+        }
+        let btf = load_btf(path).expect("kernel BTF parses");
+        let off = kernel_offsets(&btf).expect("kernel offsets resolve");
+        // In every kernel since 2.6 the v4 address pair opens sock_common.
+        assert_eq!(off.skc_daddr, 0);
+        assert_eq!(off.skc_rcv_saddr, 4);
+        assert!(off.sk_protocol > off.skc_v6_rcv_saddr);
+    }
+}

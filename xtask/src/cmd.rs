@@ -1,0 +1,149 @@
+//! Running commands: every command is printed before it runs, and a failure
+//! keeps the child's exit status so that `cargo xtask` can pass it on.
+
+use std::{
+    env,
+    ffi::OsStr,
+    fmt,
+    os::unix::{fs::PermissionsExt, process::ExitStatusExt},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output},
+};
+
+use anyhow::{Context, Result};
+
+/// The workspace root (xtask sits one level below it).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask sits inside the workspace")
+}
+
+/// `cargo` (the rustup proxy on PATH, so toolchain overrides apply) run from
+/// the workspace root, wherever `cargo xtask` was started.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// A command that ran and did not succeed.
+#[derive(Debug)]
+pub struct CommandFailed {
+    pub command: String,
+    pub status: ExitStatus,
+}
+
+impl CommandFailed {
+    /// The exit code `cargo xtask` should end with: the child's own, or
+    /// 128 + signal as a shell reports it.
+    pub fn exit_code(&self) -> u8 {
+        match (self.status.code(), self.status.signal()) {
+            (Some(code), _) => u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1),
+            (None, Some(signal)) => u8::try_from(128 + signal).unwrap_or(1),
+            (None, None) => 1,
+        }
+    }
+}
+
+impl fmt::Display for CommandFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` failed ({})", self.command, self.status)
+    }
+}
+
+impl std::error::Error for CommandFailed {}
+
+/// Prints `cmd`, runs it with inherited stdio and fails unless it exits 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = display(cmd);
+    println!("$ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(CommandFailed {
+            command: shown,
+            status,
+        }
+        .into())
+    }
+}
+
+/// Runs a quiet check and returns its stdout when it exits 0; `None` when it
+/// cannot be started (not installed) or fails.
+pub fn probe(cmd: &mut Command) -> Option<String> {
+    match cmd.output() {
+        Ok(Output { status, stdout, .. }) if status.success() => {
+            Some(String::from_utf8_lossy(&stdout).into_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The command as a shell line, with the environment variables it sets.
+pub fn display(cmd: &Command) -> String {
+    let envs = cmd.get_envs().filter_map(|(key, value)| {
+        value.map(|value| format!("{}={}", key.to_string_lossy(), quote(value)))
+    });
+    let program = Some(quote(cmd.get_program()));
+    let args = cmd.get_args().map(quote);
+    envs.chain(program)
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn quote(word: &OsStr) -> String {
+    let word = word.to_string_lossy();
+    let plain = !word.is_empty()
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,%".contains(c));
+    if plain {
+        word.into_owned()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// Whether we run as root (effective uid 0).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Finds an executable on PATH, or in the sbin directories that a non-root
+/// PATH often leaves out (`ip` lives in /usr/sbin on Debian).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH").unwrap_or_default();
+    env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            candidate
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// The cargo target directory (honours `CARGO_TARGET_DIR` and `build.target-dir`).
+pub fn target_dir() -> Result<PathBuf> {
+    let output = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("cannot run `cargo metadata`")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "`cargo metadata` failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).context("cannot parse `cargo metadata` output")?;
+    metadata["target_directory"]
+        .as_str()
+        .map(PathBuf::from)
+        .context("`cargo metadata` output has no target_directory")
+}

@@ -1,0 +1,141 @@
+//! `cargo xtask test`: what CI runs (`.ci/run`). Formatting and lints do not
+//! stop the run, so one run reports everything; the tests need the build.
+
+use std::{
+    env,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Error, Result};
+
+use crate::{
+    cmd::{cargo, is_root, probe, run, target_dir},
+    setup,
+};
+
+enum Outcome {
+    Passed,
+    Failed(Error),
+    Skipped(&'static str),
+}
+
+struct Step {
+    name: &'static str,
+    outcome: Outcome,
+    took: Duration,
+}
+
+fn step(name: &'static str, f: impl FnOnce() -> Result<()>) -> Step {
+    println!("== {name}");
+    let start = Instant::now();
+    let outcome = match f() {
+        Ok(()) => Outcome::Passed,
+        Err(error) => {
+            eprintln!("{name}: {error:#}");
+            Outcome::Failed(error)
+        }
+    };
+    Step {
+        name,
+        outcome,
+        took: start.elapsed(),
+    }
+}
+
+fn skipped(name: &'static str, reason: &'static str) -> Step {
+    println!("== {name}: skipped, {reason}");
+    Step {
+        name,
+        outcome: Outcome::Skipped(reason),
+        took: Duration::ZERO,
+    }
+}
+
+pub fn test() -> Result<()> {
+    let ci = env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+    let root = is_root();
+    let mut steps = Vec::new();
+
+    steps.push(step("setup", setup::setup));
+    if matches!(steps[0].outcome, Outcome::Passed) {
+        steps.push(if probe(cargo().args(["fmt", "--version"])).is_some() {
+            step("fmt", || run(cargo().args(["fmt", "--all", "--check"])))
+        } else {
+            skipped(
+                "fmt",
+                "rustfmt not installed (rustup component add rustfmt)",
+            )
+        });
+        steps.push(step("clippy", || {
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))
+        }));
+        let build_step = step("build", || {
+            run(cargo().args(["build", "-p", "tracer-user"]))
+        });
+        let built = matches!(build_step.outcome, Outcome::Passed);
+        steps.push(build_step);
+        steps.push(if built {
+            step("test", || {
+                let bin = target_dir()?.join("debug").join("conn-tracer");
+                // CI (and the rest of the environment) is inherited: the
+                // integration tests must not skip in CI.
+                run(cargo()
+                    .args(["test", "--workspace"])
+                    .env("CONN_TRACER_BIN", bin))
+            })
+        } else {
+            skipped("test", "the build failed")
+        });
+    }
+
+    println!();
+    println!("== summary");
+    for Step {
+        name,
+        outcome,
+        took,
+    } in &steps
+    {
+        let (verdict, detail) = match outcome {
+            Outcome::Passed => ("ok", String::new()),
+            Outcome::Failed(error) => ("FAILED", format!("  {error:#}")),
+            Outcome::Skipped(reason) => ("skipped", format!("  {reason}")),
+        };
+        println!(
+            "  {verdict:<8} {name:<7} {:>7.1}s{detail}",
+            took.as_secs_f64()
+        );
+    }
+    println!(
+        "  integration tests: {}",
+        match (root, ci) {
+            (true, _) => "run (root)",
+            (false, false) => "skipped where they need root (not root, CI unset)",
+            (false, true) => "need root: they fail in CI when not root",
+        }
+    );
+
+    let total = steps.len();
+    let mut failed: Vec<(&str, Error)> = steps
+        .into_iter()
+        .filter_map(|s| match s.outcome {
+            Outcome::Failed(error) => Some((s.name, error)),
+            _ => None,
+        })
+        .collect();
+    if failed.is_empty() {
+        println!("test: all {total} steps passed");
+        return Ok(());
+    }
+    let names: Vec<&str> = failed.iter().map(|(name, _)| *name).collect();
+    println!("test: FAILED ({})", names.join(", "));
+    // The first failure is the error, so its command's exit code becomes ours.
+    Err(failed.swap_remove(0).1)
+}
