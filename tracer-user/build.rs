@@ -11,7 +11,11 @@ fn main() -> anyhow::Result<()> {
         .join("tracer-ebpf");
     let root = root.to_str().expect("workspace path is UTF-8");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "tracer-ebpf", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "tracer-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Nightly,
     )
 }

@@ -30,7 +30,7 @@ use serde_json::Value;
 /// Bound on one step of a test: a peer's next line, a peer's exit, an event.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the tracer's start (BTF parsing, program load and attach).
-pub const TRACER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+pub const TRACER_READY_TIMEOUT: Duration = Duration::from_mins(1);
 /// The line the tracer prints on stderr once its programs are attached.
 pub const TRACER_READY_LINE: &str = "conn-tracer: tracing";
 
@@ -42,7 +42,10 @@ pub fn require_root_or_skip(name: &str) -> bool {
         return true;
     }
     let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
-    assert!(!in_ci, "{name} needs root, and CI is set: run the integration tests as root in CI");
+    assert!(
+        !in_ci,
+        "{name} needs root, and CI is set: run the integration tests as root in CI"
+    );
     eprintln!("skipping {name}: needs root");
     false
 }
@@ -55,7 +58,12 @@ pub fn unique_suffix() -> String {
     let mut h = RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
     format!("{:010x}", h.finish() & 0xff_ffff_ffff)
 }
 
@@ -158,7 +166,10 @@ impl Default for NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        match Command::new("ip").args(["netns", "del", &self.name]).output() {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
             Ok(out) if out.status.success() => {}
             Ok(out) => eprintln!(
                 "warning: ip netns del {}: {}",
@@ -239,17 +250,26 @@ impl Peer {
             Ok(line) => {
                 self.seen.push(line.clone());
                 let mut words = line.split_whitespace().map(str::to_owned);
-                if words.next().as_deref() != Some(word) {
-                    panic!("expected a `{word} ...` line from {}", self.describe());
-                }
+                let first = words.next();
+                assert!(
+                    first.as_deref() == Some(word),
+                    "expected a `{word} ...` line from {}",
+                    self.describe()
+                );
                 words.collect()
             }
             Err(RecvTimeoutError::Timeout) => {
-                panic!("no `{word}` line within {STEP_TIMEOUT:?} from {}", self.describe())
+                panic!(
+                    "no `{word}` line within {STEP_TIMEOUT:?} from {}",
+                    self.describe()
+                )
             }
             Err(RecvTimeoutError::Disconnected) => {
                 thread::sleep(Duration::from_millis(50));
-                panic!("stdout closed before a `{word}` line from {}", self.describe())
+                panic!(
+                    "stdout closed before a `{word}` line from {}",
+                    self.describe()
+                )
             }
         }
     }
@@ -259,7 +279,10 @@ impl Peer {
         let words = self.expect_line(word);
         match words.first().map(|w| w.parse::<u16>()) {
             Some(Ok(port)) => port,
-            _ => panic!("`{word}` line without a port: {words:?} from {}", self.describe()),
+            _ => panic!(
+                "`{word}` line without a port: {words:?} from {}",
+                self.describe()
+            ),
         }
     }
 
@@ -279,7 +302,10 @@ impl Peer {
                 thread::sleep(Duration::from_millis(50));
                 panic!("peer failed: {}", self.describe());
             }
-            None => panic!("peer still running after {STEP_TIMEOUT:?}: {}", self.describe()),
+            None => panic!(
+                "peer still running after {STEP_TIMEOUT:?}: {}",
+                self.describe()
+            ),
         }
     }
 }
@@ -551,7 +577,11 @@ impl Cgroup {
         let inode = fs::metadata(&path)
             .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
             .ino();
-        Self { path, parent, inode }
+        Self {
+            path,
+            parent,
+            inode,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -591,7 +621,10 @@ impl Drop for Cgroup {
         let parent_procs = self.parent.join("cgroup.procs");
         for pid in self.pids() {
             if let Err(e) = fs::write(&parent_procs, pid.to_string()) {
-                eprintln!("warning: moving pid {pid} back to {}: {e}", parent_procs.display());
+                eprintln!(
+                    "warning: moving pid {pid} back to {}: {e}",
+                    parent_procs.display()
+                );
             }
         }
         // A process that just exited can keep the cgroup busy for a moment.
@@ -768,36 +801,37 @@ pub fn assert_owner(events: &[Value], exp: &ExpectedOwner, label: &str) {
 
 /// Seconds since the Unix epoch of an RFC 3339 UTC time such as
 /// `2025-01-02T03:04:05.123456789Z`; `None` if it is not one.
-pub fn parse_rfc3339_utc(s: &str) -> Option<f64> {
-    let body = s.strip_suffix('Z').or_else(|| s.strip_suffix("+00:00"))?;
+pub fn parse_rfc3339_utc(text: &str) -> Option<f64> {
+    let body = text
+        .strip_suffix('Z')
+        .or_else(|| text.strip_suffix("+00:00"))?;
     let (date, time) = body.split_once('T')?;
-    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut date = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
     let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if d.next().is_some()
-        || t.next().is_some()
-        || !(1..=12).contains(&m)
+    let mut hms = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (hour, min, sec) = (hms.next()??, hms.next()??, hms.next()??);
+    if date.next().is_some()
+        || hms.next().is_some()
+        || !(1..=12).contains(&month)
         || !(1..=31).contains(&day)
-        || hh > 23
-        || mm > 59
-        || ss > 60
+        || hour > 23
+        || min > 59
+        || sec > 60
         || !frac.bytes().all(|b| b.is_ascii_digit())
     {
         return None;
     }
-    // Days from civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hh * 3600 + mm * 60 + ss;
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    let secs = u32::try_from(days * 86_400 + hour * 3600 + min * 60 + sec).ok()?;
     let frac: f64 = format!("0.{frac}").parse().ok()?;
-    Some(secs as f64 + frac)
+    Some(f64::from(secs) + frac)
 }
 
 #[cfg(test)]
@@ -807,16 +841,28 @@ mod tests {
     #[test]
     fn rfc3339_parses_utc_times() {
         assert_eq!(parse_rfc3339_utc("1970-01-01T00:00:00Z"), Some(0.0));
-        assert_eq!(parse_rfc3339_utc("2000-03-01T00:00:01.5Z"), Some(951_868_801.5));
-        assert_eq!(parse_rfc3339_utc("2024-02-29T12:00:00+00:00"), Some(1_709_208_000.0));
+        assert_eq!(
+            parse_rfc3339_utc("2000-03-01T00:00:01.5Z"),
+            Some(951_868_801.5)
+        );
+        assert_eq!(
+            parse_rfc3339_utc("2024-02-29T12:00:00+00:00"),
+            Some(1_709_208_000.0)
+        );
         assert_eq!(parse_rfc3339_utc("2024-02-29 12:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2024-02-29T12:00:00+01:00"), None);
     }
 
     #[test]
     fn mount_paths_are_unescaped() {
-        assert_eq!(unescape_mount_path(r"/sys/fs/cgroup\040x"), "/sys/fs/cgroup x");
-        assert_eq!(unescape_mount_path("/sys/fs/cgroup/unified"), "/sys/fs/cgroup/unified");
+        assert_eq!(
+            unescape_mount_path(r"/sys/fs/cgroup\040x"),
+            "/sys/fs/cgroup x"
+        );
+        assert_eq!(
+            unescape_mount_path("/sys/fs/cgroup/unified"),
+            "/sys/fs/cgroup/unified"
+        );
     }
 
     #[test]

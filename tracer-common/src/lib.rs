@@ -2,7 +2,7 @@
 //! (`tracer-user`). This crate is the only place where the layout of what
 //! crosses the kernel/user boundary is written down.
 //!
-//! Every record is `#[repr(C)]` and free of implicit padding (explicit `_pad`
+//! Every record is `#[repr(C)]` and free of implicit padding (explicit `pad`
 //! fields instead), so that the bytes the kernel writes are fully initialised
 //! and the userspace decoder can check sizes exactly.
 #![no_std]
@@ -69,7 +69,7 @@ pub struct EventInfo {
     /// One of [`kind`].
     pub kind: u16,
     /// Reserved, zero.
-    pub _pad: u16,
+    pub pad: u16,
     /// Inode number of the socket's network namespace.
     pub netns: u32,
     pub sock: SockAddrs,
@@ -92,7 +92,7 @@ pub struct SockAddrs {
     pub family: u16,
     /// `skc_state` when the event fired (for a state change: the old state).
     pub state: u8,
-    pub _pad: u8,
+    pub pad: u8,
 }
 
 /// Who owns a socket: captured in process context when the socket connects or
@@ -113,7 +113,7 @@ pub struct Owner {
     pub comm: [u8; COMM_LEN],
     /// [`owner_flags`] bits; 0 = unknown owner (socket older than the tracer).
     pub flags: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Data of a [`kind::STATE`] event.
@@ -122,7 +122,7 @@ pub struct Owner {
 pub struct StateChange {
     pub old_state: u8,
     pub new_state: u8,
-    pub _pad: [u8; 6],
+    pub pad: [u8; 6],
 }
 
 /// Data of [`kind::RESET_RECEIVED`] and [`kind::RESET_SENT`] events.
@@ -132,7 +132,7 @@ pub struct ResetData {
     /// For a sent reset, the kernel's `enum sk_rst_reason` value (names come
     /// from BTF in userspace); 0 for a received reset.
     pub reason: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// Data of a [`kind::SOCK_ERROR`] event.
@@ -141,7 +141,7 @@ pub struct ResetData {
 pub struct SockError {
     /// Positive errno (`sk->sk_err`), e.g. 104 ECONNRESET, 110 ETIMEDOUT.
     pub errno: u32,
-    pub _pad: u32,
+    pub pad: u32,
 }
 
 /// One event as it sits in the ring buffer.

@@ -3,8 +3,12 @@
 //! Only hooks that load on a locked-down kernel without kprobes or fentry:
 //! BTF tracepoints (`tp_btf`), which hand the programs a typed `struct sock *`
 //! so that socket-local storage and the socket cookie can be used on it.
-#![no_std]
-#![no_main]
+//!
+//! On the host (`cargo clippy --workspace`, `cargo test --workspace`) the crate
+//! compiles as an ordinary binary that only says where it belongs, so that
+//! workspace-wide lints cover the kernel code too.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod errors;
 mod maps;
@@ -12,7 +16,7 @@ mod resets;
 mod sock;
 mod state;
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     // The verifier rejects any path that could reach here; this is never run.
@@ -22,3 +26,8 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("tracer-ebpf holds kernel programs; tracer-user/build.rs builds it for bpfel-unknown-none");
+}

@@ -50,16 +50,14 @@ impl OwnerStorage {
         }
     }
 
-    /// The owner stored on `sk`, created zeroed when `create` is set.
-    /// `sk` must be a BTF-typed `struct sock *` handed in by the tracepoint.
+    /// The owner stored on `sk` (created zeroed when `create` is set), or
+    /// NULL. `sk` must be a BTF-typed `struct sock *` from the tracepoint.
     #[inline(always)]
-    pub fn get(&self, sk: *const c_void, create: bool) -> Option<&mut Owner> {
+    pub fn get_ptr(&self, sk: *const c_void, create: bool) -> *mut Owner {
         let flags = if create { BPF_SK_STORAGE_GET_F_CREATE } else { 0 };
         let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
         // SAFETY: the helper checks `sk` (NULL or not a full socket -> NULL).
-        let p = unsafe { bpf_sk_storage_get(map, sk.cast_mut(), ptr::null_mut(), flags) };
-        // SAFETY: a non-NULL result points at this socket's Owner value.
-        unsafe { p.cast::<Owner>().as_mut() }
+        unsafe { bpf_sk_storage_get(map, sk.cast_mut(), ptr::null_mut(), flags) }.cast::<Owner>()
     }
 }
 

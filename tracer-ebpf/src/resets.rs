@@ -47,7 +47,7 @@ fn emit_reset(sk: *const c_void, event_kind: u16, reason: u32) -> Result<(), ()>
     // and the storage helper returns NULL for those.
     unsafe {
         fill_info(&raw mut (*ev).info, sk, event_kind, &off);
-        (*ev).data = ResetData { reason, _pad: 0 };
+        (*ev).data = ResetData { reason, pad: 0 };
     }
     entry.submit(0);
     Ok(())

@@ -78,7 +78,7 @@ pub fn current_owner(flags: u32) -> Owner {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or_default(),
         flags: flags | owner_flags::KNOWN,
-        _pad: 0,
+        pad: 0,
     }
 }
 
@@ -92,7 +92,7 @@ pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: 
         (*info).ts_ns = bpf_ktime_get_ns();
         (*info).cookie = bpf_get_socket_cookie(sk.cast_mut());
         (*info).kind = event_kind;
-        (*info)._pad = 0;
+        (*info).pad = 0;
         let net: *const c_void = read(sk, off.skc_net);
         (*info).netns = read(net, off.net_ns_inum);
 
@@ -102,7 +102,7 @@ pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: 
         (*s).sport = read(sk, off.skc_num);
         (*s).dport = u16::from_be(read(sk, off.skc_dport));
         (*s).state = read(sk, off.skc_state);
-        (*s)._pad = 0;
+        (*s).pad = 0;
         (*s).saddr = [0; 16];
         (*s).daddr = [0; 16];
         if family == AF_INET6 {
@@ -113,9 +113,7 @@ pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: 
             read_into((&raw mut (*s).daddr).cast(), 4, sk, off.skc_daddr);
         }
 
-        (*info).owner = match OWNERS.get(sk, false) {
-            Some(owner) => *owner,
-            None => Owner::default(),
-        };
+        let owner = OWNERS.get_ptr(sk, false);
+        (*info).owner = if owner.is_null() { Owner::default() } else { *owner };
     }
 }

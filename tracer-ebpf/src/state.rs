@@ -38,18 +38,24 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
 
     if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
         let flags = if new == tcp_state::LISTEN { owner_flags::LISTENER } else { 0 };
-        match OWNERS.get(sk, true) {
-            Some(owner) => *owner = current_owner(flags),
+        let owner = OWNERS.get_ptr(sk, true);
+        if owner.is_null() {
             // Storage could not be allocated (memory pressure): this socket's
             // events will carry an unknown owner. Rare enough to log.
-            None => aya_log_ebpf::warn!(ctx, "conn-tracer: no owner storage for a new socket"),
+            aya_log_ebpf::warn!(ctx, "conn-tracer: no owner storage for a new socket");
+        } else {
+            // SAFETY: non-NULL storage of this socket, ours while we run.
+            unsafe { *owner = current_owner(flags) };
         }
-    } else if new == tcp_state::SYN_RECV
-        && let Some(owner) = OWNERS.get(sk, false)
-        && owner.flags & owner_flags::LISTENER != 0
-    {
-        // A fresh child holding its listener's copy: an accepted connection.
-        owner.flags = (owner.flags & !owner_flags::LISTENER) | owner_flags::INHERITED;
+    } else if new == tcp_state::SYN_RECV {
+        let owner = OWNERS.get_ptr(sk, false);
+        // SAFETY: NULL-checked storage of this socket.
+        if let Some(owner) = unsafe { owner.as_mut() }
+            && owner.flags & owner_flags::LISTENER != 0
+        {
+            // A fresh child holding its listener's copy: an accepted connection.
+            owner.flags = (owner.flags & !owner_flags::LISTENER) | owner_flags::INHERITED;
+        }
     }
 
     let Some(mut entry) = reserve::<StateChange>(kind::STATE) else {
@@ -59,7 +65,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
         fill_info(&raw mut (*ev).info, sk, kind::STATE, &off);
-        (*ev).data = StateChange { old_state: old, new_state: new, _pad: [0; 6] };
+        (*ev).data = StateChange { old_state: old, new_state: new, pad: [0; 6] };
     }
     entry.submit(0);
     Ok(())

@@ -28,7 +28,11 @@ pub struct Probe {
 
 impl Probe {
     fn new(name: impl Into<String>, status: Status, detail: impl Into<String>) -> Self {
-        Self { name: name.into(), status, detail: detail.into() }
+        Self {
+            name: name.into(),
+            status,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -65,7 +69,11 @@ fn has(caps: u64, cap: u32) -> bool {
 pub fn privileges_probe(caps: Option<u64>) -> Probe {
     let name = "privileges";
     let Some(caps) = caps else {
-        return Probe::new(name, Status::Missing, "cannot read CapEff from /proc/self/status");
+        return Probe::new(
+            name,
+            Status::Missing,
+            "cannot read CapEff from /proc/self/status",
+        );
     };
     let bpf = has(caps, CAP_BPF) || has(caps, CAP_SYS_ADMIN);
     let perfmon = has(caps, CAP_PERFMON) || has(caps, CAP_SYS_ADMIN);
@@ -77,13 +85,24 @@ pub fn privileges_probe(caps: Option<u64>) -> Probe {
         missing.push("CAP_PERFMON");
     }
     if missing.is_empty() {
-        let extra = if has(caps, CAP_SYS_RESOURCE) { "" } else { " (no CAP_SYS_RESOURCE: fine on 5.11+)" };
-        Probe::new(name, Status::Ok, format!("CapEff={caps:#x}: can load BPF tracing programs{extra}"))
+        let extra = if has(caps, CAP_SYS_RESOURCE) {
+            ""
+        } else {
+            " (no CAP_SYS_RESOURCE: fine on 5.11+)"
+        };
+        Probe::new(
+            name,
+            Status::Ok,
+            format!("CapEff={caps:#x}: can load BPF tracing programs{extra}"),
+        )
     } else {
         Probe::new(
             name,
             Status::Missing,
-            format!("CapEff={caps:#x} lacks {}: run as root or grant those capabilities", missing.join(", ")),
+            format!(
+                "CapEff={caps:#x} lacks {}: run as root or grant those capabilities",
+                missing.join(", ")
+            ),
         )
     }
 }
@@ -95,7 +114,11 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     probes.push(privileges_probe(effective_caps(&status)));
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    probes.push(Probe::new("kernel", Status::Info, format!("Linux {}", release.trim())));
+    probes.push(Probe::new(
+        "kernel",
+        Status::Info,
+        format!("Linux {}", release.trim()),
+    ));
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
         .map_or_else(|_| "not reported".to_string(), |s| s.trim().to_string());
     probes.push(Probe::new(
@@ -107,7 +130,11 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     // BTF, offsets and tracepoint types.
     let btf_ok = match offsets::load_btf(btf_path) {
         Ok(btf) => {
-            probes.push(Probe::new("kernel BTF", Status::Ok, btf_path.display().to_string()));
+            probes.push(Probe::new(
+                "kernel BTF",
+                Status::Ok,
+                btf_path.display().to_string(),
+            ));
             match offsets::kernel_offsets(&btf) {
                 Ok(o) => probes.push(Probe::new(
                     "struct offsets",
@@ -122,7 +149,9 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
             }
             for &(_, tp, what) in PROGRAMS {
                 let typedef = format!("btf_trace_{tp}");
-                let found = btf.resolve_ids_by_name(&typedef).is_ok_and(|ids| !ids.is_empty());
+                let found = btf
+                    .resolve_ids_by_name(&typedef)
+                    .is_ok_and(|ids| !ids.is_empty());
                 probes.push(if found {
                     Probe::new(format!("tracepoint {tp}"), Status::Ok, what)
                 } else {
@@ -143,12 +172,24 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
 
     for (map, name, need) in [
         (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
-        (MapType::SkStorage, "socket storage", "Linux 5.2+ (BPF_F_CLONE: 5.4+)"),
+        (
+            MapType::SkStorage,
+            "socket storage",
+            "Linux 5.2+ (BPF_F_CLONE: 5.4+)",
+        ),
     ] {
         probes.push(match aya::sys::is_map_supported(map) {
             Ok(true) => Probe::new(format!("map {name}"), Status::Ok, "supported"),
-            Ok(false) => Probe::new(format!("map {name}"), Status::Missing, format!("not supported: needs {need}")),
-            Err(e) => Probe::new(format!("map {name}"), Status::Missing, format!("probe failed: {e}")),
+            Ok(false) => Probe::new(
+                format!("map {name}"),
+                Status::Missing,
+                format!("not supported: needs {need}"),
+            ),
+            Err(e) => Probe::new(
+                format!("map {name}"),
+                Status::Missing,
+                format!("probe failed: {e}"),
+            ),
         });
     }
 
@@ -167,7 +208,10 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     // BPF_PROG_TYPE_TRACING), then detach. aya's generic program-type probe
     // is not used: on locked-down kernels it tries fentry, which is refused.
     if btf_ok {
-        let opts = KernelOptions { btf_path: btf_path.to_path_buf(), ..KernelOptions::default() };
+        let opts = KernelOptions {
+            btf_path: btf_path.to_path_buf(),
+            ..KernelOptions::default()
+        };
         probes.push(match Kernel::load(&opts) {
             Ok(k) => {
                 drop(k);
@@ -205,10 +249,17 @@ mod tests {
         assert_eq!(privileges_probe(Some(0x1ff_ffff_ffff)).status, Status::Ok);
         let none = privileges_probe(Some(0));
         assert_eq!(none.status, Status::Missing);
-        assert!(none.detail.contains("CAP_BPF") && none.detail.contains("CAP_PERFMON"), "{}", none.detail);
+        assert!(
+            none.detail.contains("CAP_BPF") && none.detail.contains("CAP_PERFMON"),
+            "{}",
+            none.detail
+        );
         let bpf_perfmon = (1 << CAP_BPF) | (1 << CAP_PERFMON);
         assert_eq!(privileges_probe(Some(bpf_perfmon)).status, Status::Ok);
-        assert_eq!(privileges_probe(Some(1 << CAP_SYS_ADMIN)).status, Status::Ok);
+        assert_eq!(
+            privileges_probe(Some(1 << CAP_SYS_ADMIN)).status,
+            Status::Ok
+        );
         assert_eq!(privileges_probe(None).status, Status::Missing);
     }
 

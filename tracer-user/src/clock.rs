@@ -3,7 +3,10 @@
 use std::time::{Duration, SystemTime};
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer; these clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &raw mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
@@ -25,7 +28,9 @@ impl WallClock {
     pub fn now() -> Self {
         let mono = monotonic_ns();
         let real = clock_ns(libc::CLOCK_REALTIME);
-        Self { offset_ns: i128::from(real) - i128::from(mono) }
+        Self {
+            offset_ns: i128::from(real) - i128::from(mono),
+        }
     }
 
     pub fn with_offset(offset_ns: i128) -> Self {
@@ -52,14 +57,19 @@ mod tests {
         let c = WallClock::with_offset(1_700_000_000_000_000_000);
         assert_eq!(c.rfc3339(123), "2023-11-14T22:13:20.000000123Z");
         // Never before the epoch, whatever the input.
-        assert_eq!(WallClock::with_offset(-10).rfc3339(0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(
+            WallClock::with_offset(-10).rfc3339(0),
+            "1970-01-01T00:00:00.000000000Z"
+        );
     }
 
     #[test]
     fn now_is_close_to_system_time() {
         let c = WallClock::now();
         let t = c.system_time(monotonic_ns());
-        let d = t.duration_since(SystemTime::now()).unwrap_or_else(|e| e.duration());
+        let d = t
+            .duration_since(SystemTime::now())
+            .unwrap_or_else(|e| e.duration());
         assert!(d < Duration::from_secs(1), "{d:?}");
     }
 }

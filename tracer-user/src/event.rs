@@ -17,10 +17,16 @@ use tracer_common::{
 pub enum DecodeError {
     #[error("event of {len} bytes is shorter than the {need}-byte header")]
     ShortHeader { len: usize, need: usize },
-    #[error("event kind {kind} is unknown to this conn-tracer (kernel programs newer than the agent?)")]
+    #[error(
+        "event kind {kind} is unknown to this conn-tracer (kernel programs newer than the agent?)"
+    )]
     UnknownKind { kind: u16 },
     #[error("{name} event of {len} bytes is truncated: needs {need}")]
-    Truncated { name: &'static str, len: usize, need: usize },
+    Truncated {
+        name: &'static str,
+        len: usize,
+        need: usize,
+    },
 }
 
 /// What happened, per event kind.
@@ -50,7 +56,11 @@ fn read<T: Copy>(bytes: &[u8]) -> T {
 fn body<T: Copy>(bytes: &[u8], name: &'static str) -> Result<T, DecodeError> {
     let need = size_of::<Event<T>>();
     if bytes.len() < need {
-        return Err(DecodeError::Truncated { name, len: bytes.len(), need });
+        return Err(DecodeError::Truncated {
+            name,
+            len: bytes.len(),
+            need,
+        });
     }
     Ok(read::<Event<T>>(bytes).data)
 }
@@ -59,13 +69,19 @@ fn body<T: Copy>(bytes: &[u8], name: &'static str) -> Result<T, DecodeError> {
 pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
     let need = size_of::<EventInfo>();
     if bytes.len() < need {
-        return Err(DecodeError::ShortHeader { len: bytes.len(), need });
+        return Err(DecodeError::ShortHeader {
+            len: bytes.len(),
+            need,
+        });
     }
     let info: EventInfo = read(bytes);
     let data = match info.kind {
         kind::STATE => {
             let d: StateChange = body(bytes, "state")?;
-            EventData::State { old: d.old_state, new: d.new_state }
+            EventData::State {
+                old: d.old_state,
+                new: d.new_state,
+            }
         }
         kind::RESET_RECEIVED => {
             body::<ResetData>(bytes, "reset_received")?;
@@ -82,6 +98,56 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
     Ok(ConnEvent { info, data })
+}
+
+/// Remembers each open socket's local port, because the kernel releases it
+/// before the final `-> CLOSE` transition fires (and assigns it only after
+/// `CLOSE -> SYN_SENT`). Bounded: past `cap` sockets it starts over.
+#[derive(Debug)]
+pub struct PortMemo {
+    ports: std::collections::HashMap<u64, ([u8; 16], u16)>,
+    cap: usize,
+}
+
+impl PortMemo {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            ports: std::collections::HashMap::new(),
+            cap,
+        }
+    }
+
+    /// Fills in a released local address/port from earlier events of the
+    /// same socket, and forgets sockets that closed.
+    pub fn apply(&mut self, ev: &mut ConnEvent) {
+        let s = &mut ev.info.sock;
+        if s.sport == 0 {
+            if let Some(&(addr, port)) = self.ports.get(&ev.info.cookie) {
+                s.saddr = addr;
+                s.sport = port;
+            }
+        } else if ev.info.cookie != 0 {
+            if self.ports.len() >= self.cap && !self.ports.contains_key(&ev.info.cookie) {
+                self.ports.clear();
+            }
+            self.ports.insert(ev.info.cookie, (s.saddr, s.sport));
+        }
+        if let EventData::State {
+            new: tcp_state::CLOSE,
+            ..
+        } = ev.data
+        {
+            self.ports.remove(&ev.info.cookie);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
 }
 
 /// The kernel's name of a TCP state.
@@ -280,12 +346,23 @@ impl TraceRecord {
             let _ = write!(what, " ({r})");
         }
         if let (Some(e), Some(n)) = (self.errno, self.error) {
-            let _ = write!(what, " {}", if n.is_empty() { e.to_string() } else { n.to_string() });
+            let _ = write!(
+                what,
+                " {}",
+                if n.is_empty() {
+                    e.to_string()
+                } else {
+                    n.to_string()
+                }
+            );
         }
         let owner = if self.owner == "unknown" {
             "owner=?".to_string()
         } else {
-            format!("pid={} comm={} uid={} cgroup={}", self.pid, self.comm, self.uid, self.cgroup_id)
+            format!(
+                "pid={} comm={} uid={} cgroup={}",
+                self.pid, self.comm, self.uid, self.cgroup_id
+            )
         };
         format!(
             "{} {:<14} {:<26} {} -> {} netns={} {} cookie={}",
@@ -295,7 +372,11 @@ impl TraceRecord {
 }
 
 fn format_endpoint(addr: &str, port: u16) -> String {
-    if addr.contains(':') { format!("[{addr}]:{port}") } else { format!("{addr}:{port}") }
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 #[cfg(test)]
@@ -317,7 +398,7 @@ mod tests {
             ts_ns: 1_000,
             cookie: 42,
             kind,
-            _pad: 0,
+            pad: 0,
             netns: 4_026_531_840,
             sock: SockAddrs {
                 saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -326,7 +407,7 @@ mod tests {
                 dport: 8080,
                 family: AF_INET,
                 state: tcp_state::SYN_SENT,
-                _pad: 0,
+                pad: 0,
             },
             owner: Owner {
                 pid: 100,
@@ -336,7 +417,7 @@ mod tests {
                 cgroup_id: 7,
                 comm,
                 flags: owner_flags::KNOWN,
-                _pad: 0,
+                pad: 0,
             },
         }
     }
@@ -345,7 +426,11 @@ mod tests {
     fn decodes_a_state_change() {
         let ev = Event {
             info: info(kind::STATE),
-            data: StateChange { old_state: 2, new_state: 1, _pad: [0; 6] },
+            data: StateChange {
+                old_state: 2,
+                new_state: 1,
+                pad: [0; 6],
+            },
         };
         let got = decode(&bytes_of(&ev)).unwrap();
         assert_eq!(got.data, EventData::State { old: 2, new: 1 });
@@ -356,11 +441,26 @@ mod tests {
 
     #[test]
     fn decodes_resets_and_errors() {
-        let sent = Event { info: info(kind::RESET_SENT), data: ResetData { reason: 7, _pad: 0 } };
-        assert_eq!(decode(&bytes_of(&sent)).unwrap().data, EventData::ResetSent { reason: 7 });
-        let recv = Event { info: info(kind::RESET_RECEIVED), data: ResetData::default() };
-        assert_eq!(decode(&bytes_of(&recv)).unwrap().data, EventData::ResetReceived);
-        let err = Event { info: info(kind::SOCK_ERROR), data: SockError { errno: 104, _pad: 0 } };
+        let sent = Event {
+            info: info(kind::RESET_SENT),
+            data: ResetData { reason: 7, pad: 0 },
+        };
+        assert_eq!(
+            decode(&bytes_of(&sent)).unwrap().data,
+            EventData::ResetSent { reason: 7 }
+        );
+        let recv = Event {
+            info: info(kind::RESET_RECEIVED),
+            data: ResetData::default(),
+        };
+        assert_eq!(
+            decode(&bytes_of(&recv)).unwrap().data,
+            EventData::ResetReceived
+        );
+        let err = Event {
+            info: info(kind::SOCK_ERROR),
+            data: SockError { errno: 104, pad: 0 },
+        };
         let got = decode(&bytes_of(&err)).unwrap();
         assert_eq!(got.data, EventData::Error { errno: 104 });
         let rec = TraceRecord::new(&got, "t".into(), |_| String::new());
@@ -369,7 +469,10 @@ mod tests {
 
     #[test]
     fn ring_buffer_padding_after_the_event_is_ignored() {
-        let ev = Event { info: info(kind::STATE), data: StateChange::default() };
+        let ev = Event {
+            info: info(kind::STATE),
+            data: StateChange::default(),
+        };
         let mut b = bytes_of(&ev);
         b.extend_from_slice(&[0xff; 8]);
         assert!(decode(&b).is_ok());
@@ -377,18 +480,37 @@ mod tests {
 
     #[test]
     fn truncated_and_unknown_events_are_errors_not_panics() {
-        let ev = Event { info: info(kind::STATE), data: StateChange::default() };
+        let ev = Event {
+            info: info(kind::STATE),
+            data: StateChange::default(),
+        };
         let b = bytes_of(&ev);
         for len in 0..b.len() {
             let err = decode(&b[..len]).unwrap_err();
             let need_header = size_of::<EventInfo>();
             if len < need_header {
-                assert_eq!(err, DecodeError::ShortHeader { len, need: need_header });
+                assert_eq!(
+                    err,
+                    DecodeError::ShortHeader {
+                        len,
+                        need: need_header
+                    }
+                );
             } else {
-                assert_eq!(err, DecodeError::Truncated { name: "state", len, need: b.len() });
+                assert_eq!(
+                    err,
+                    DecodeError::Truncated {
+                        name: "state",
+                        len,
+                        need: b.len()
+                    }
+                );
             }
         }
-        let unknown = Event { info: info(999), data: StateChange::default() };
+        let unknown = Event {
+            info: info(999),
+            data: StateChange::default(),
+        };
         let err = decode(&bytes_of(&unknown)).unwrap_err();
         assert_eq!(err, DecodeError::UnknownKind { kind: 999 });
         assert!(err.to_string().contains("999"));
@@ -423,19 +545,30 @@ mod tests {
         i.sock.family = AF_INET6;
         i.sock.saddr = Ipv6Addr::LOCALHOST.octets();
         i.sock.daddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().octets();
-        let ev = ConnEvent { info: i, data: EventData::State { old: 7, new: 2 } };
+        let ev = ConnEvent {
+            info: i,
+            data: EventData::State { old: 7, new: 2 },
+        };
         let rec = TraceRecord::new(&ev, "t".into(), |_| String::new());
         assert_eq!(rec.family, "ipv6");
         assert_eq!(rec.saddr, "::1");
         assert_eq!(rec.daddr, "::ffff:127.0.0.1");
-        assert!(rec.to_line().contains("[::1]:40000 -> [::ffff:127.0.0.1]:8080"), "{}", rec.to_line());
+        assert!(
+            rec.to_line()
+                .contains("[::1]:40000 -> [::ffff:127.0.0.1]:8080"),
+            "{}",
+            rec.to_line()
+        );
         assert_eq!(rec.old_state, Some("CLOSE"));
         assert_eq!(rec.new_state, Some("SYN_SENT"));
     }
 
     #[test]
     fn json_record_has_the_documented_fields() {
-        let ev = ConnEvent { info: info(kind::STATE), data: EventData::State { old: 2, new: 1 } };
+        let ev = ConnEvent {
+            info: info(kind::STATE),
+            data: EventData::State { old: 2, new: 1 },
+        };
         let v = serde_json::to_value(TraceRecord::new(&ev, "T".into(), |_| String::new())).unwrap();
         assert_eq!(v["kind"], "state");
         assert_eq!(v["old_state"], "SYN_SENT");
@@ -448,6 +581,43 @@ mod tests {
         assert_eq!(v["dport"], 8080);
         assert_eq!(v["netns"], 4_026_531_840_u32);
         assert!(v.get("errno").is_none());
+    }
+
+    #[test]
+    fn port_memo_restores_released_ports_and_forgets_closed_sockets() {
+        let mut memo = PortMemo::new(2);
+        let state = |cookie, sport, old, new| {
+            let mut i = info(kind::STATE);
+            i.cookie = cookie;
+            i.sock.sport = sport;
+            ConnEvent {
+                info: i,
+                data: EventData::State { old, new },
+            }
+        };
+        let mut e = state(1, 0, tcp_state::CLOSE, tcp_state::SYN_SENT);
+        memo.apply(&mut e);
+        assert_eq!(e.info.sock.sport, 0, "nothing known yet");
+        memo.apply(&mut state(
+            1,
+            40000,
+            tcp_state::SYN_SENT,
+            tcp_state::ESTABLISHED,
+        ));
+        let mut fin = state(1, 0, tcp_state::FIN_WAIT2, tcp_state::CLOSE);
+        memo.apply(&mut fin);
+        assert_eq!(fin.info.sock.sport, 40000);
+        assert!(memo.is_empty(), "closed sockets are forgotten");
+        // Bounded.
+        for c in 10..20 {
+            memo.apply(&mut state(
+                c,
+                1000,
+                tcp_state::SYN_SENT,
+                tcp_state::ESTABLISHED,
+            ));
+            assert!(memo.len() <= 2);
+        }
     }
 
     #[test]

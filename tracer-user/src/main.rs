@@ -49,7 +49,10 @@ struct KernelArgs {
 
 impl From<KernelArgs> for KernelOptions {
     fn from(a: KernelArgs) -> Self {
-        Self { btf_path: a.btf, ring_bytes: a.ring_bytes }
+        Self {
+            btf_path: a.btf,
+            ring_bytes: a.ring_bytes,
+        }
     }
 }
 
@@ -60,14 +63,20 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Trace { json, kernel } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("conn-tracer: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            let opts = trace::TraceOptions { kernel: kernel.into(), json };
+            let opts = trace::TraceOptions {
+                kernel: kernel.into(),
+                json,
+            };
             match runtime.block_on(trace::run(opts)) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {

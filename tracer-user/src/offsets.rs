@@ -21,13 +21,20 @@ pub enum OffsetsError {
     Read { path: String, source: btf_rs::Error },
     #[error("kernel BTF has no struct {0}: this kernel is not supported (please report it)")]
     NoStruct(String),
-    #[error("kernel BTF: struct {strukt} has no field {field}: this kernel is not supported (please report it)")]
+    #[error(
+        "kernel BTF: struct {strukt} has no field {field}: this kernel is not supported (please report it)"
+    )]
     NoField { strukt: String, field: String },
     #[error(
         "kernel BTF: {strukt}.{field} is {found} bytes, the tracer reads {want}: this kernel \
          layout is not supported (please report it)"
     )]
-    Size { strukt: String, field: String, found: usize, want: usize },
+    Size {
+        strukt: String,
+        field: String,
+        found: usize,
+        want: usize,
+    },
     #[error("kernel BTF: {strukt}.{field} is a bitfield, the tracer cannot read it")]
     Bitfield { strukt: String, field: String },
     #[error("kernel BTF: {0}")]
@@ -36,8 +43,10 @@ pub enum OffsetsError {
 
 /// Reads the BTF file at `path`.
 pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
-    Btf::from_file(path)
-        .map_err(|source| OffsetsError::Read { path: path.display().to_string(), source })
+    Btf::from_file(path).map_err(|source| OffsetsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// A field found by [`field`]: its byte offset from the start of the outer
@@ -124,35 +133,44 @@ pub fn field(btf: &Btf, strukt: &str, path: &[&str]) -> Result<Field, OffsetsErr
     let mut bits = 0u32;
     let dotted = path.join(".");
     for (i, name) in path.iter().enumerate() {
-        let no_field =
-            || OffsetsError::NoField { strukt: strukt.to_string(), field: dotted.clone() };
+        let no_field = || OffsetsError::NoField {
+            strukt: strukt.to_string(),
+            field: dotted.clone(),
+        };
         let (off, bitfield, ty) = find_member(btf, &current, name, 0)?.ok_or_else(no_field)?;
         if bitfield != 0 {
-            return Err(OffsetsError::Bitfield { strukt: strukt.to_string(), field: dotted });
+            return Err(OffsetsError::Bitfield {
+                strukt: strukt.to_string(),
+                field: dotted,
+            });
         }
         bits += off;
         if i + 1 == path.len() {
-            if bits % 8 != 0 {
-                return Err(OffsetsError::Bitfield { strukt: strukt.to_string(), field: dotted });
+            if !bits.is_multiple_of(8) {
+                return Err(OffsetsError::Bitfield {
+                    strukt: strukt.to_string(),
+                    field: dotted,
+                });
             }
             let size = size_of_type(btf, &ty)?;
-            return Ok(Field { offset: bits / 8, size });
+            return Ok(Field {
+                offset: bits / 8,
+                size,
+            });
         }
         current = match resolve(btf, ty)? {
             Type::Struct(s) | Type::Union(s) => s,
             _ => return Err(no_field()),
         };
     }
-    Err(OffsetsError::NoField { strukt: strukt.to_string(), field: dotted })
+    Err(OffsetsError::NoField {
+        strukt: strukt.to_string(),
+        field: dotted,
+    })
 }
 
 /// Like [`field`], and checks that the field is `want` bytes wide.
-fn sized(
-    btf: &Btf,
-    strukt: &str,
-    path: &[&str],
-    want: usize,
-) -> Result<u32, OffsetsError> {
+fn sized(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, OffsetsError> {
     let f = field(btf, strukt, path)?;
     if f.size != want {
         return Err(OffsetsError::Size {
@@ -194,7 +212,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
 /// value. Empty when the kernel has no such enum (before 6.10).
 pub fn reset_reasons(btf: &Btf) -> HashMap<u32, String> {
     let mut names = HashMap::new();
-    for ty in btf.resolve_types_by_name("sk_rst_reason").unwrap_or_default() {
+    for ty in btf
+        .resolve_types_by_name("sk_rst_reason")
+        .unwrap_or_default()
+    {
         if let Type::Enum(e) = ty {
             for m in &e.members {
                 if let Ok(name) = btf.resolve_name(m) {
@@ -229,7 +250,11 @@ mod tests {
 
     impl BtfBuilder {
         fn new() -> Self {
-            Self { types: Vec::new(), strings: vec![0], next_id: 1 }
+            Self {
+                types: Vec::new(),
+                strings: vec![0],
+                next_id: 1,
+            }
         }
         fn name(&mut self, s: &str) -> u32 {
             if s.is_empty() {
@@ -240,7 +265,14 @@ mod tests {
             self.strings.push(0);
             off
         }
-        fn header(&mut self, name: &str, kind: u32, vlen: u32, kflag: bool, size_or_type: u32) -> u32 {
+        fn header(
+            &mut self,
+            name: &str,
+            kind: u32,
+            vlen: u32,
+            kflag: bool,
+            size_or_type: u32,
+        ) -> u32 {
             let n = self.name(name);
             let info = (u32::from(kflag) << 31) | (kind << 24) | vlen;
             for w in [n, info, size_or_type] {
@@ -262,7 +294,13 @@ mod tests {
             self.header("", KIND_VOLATILE, 0, false, ty)
         }
         /// members: (name, type, bit offset, bitfield size)
-        fn composite(&mut self, kind: u32, name: &str, size: u32, members: &[(&str, u32, u32, u32)]) -> u32 {
+        fn composite(
+            &mut self,
+            kind: u32,
+            name: &str,
+            size: u32,
+            members: &[(&str, u32, u32, u32)],
+        ) -> u32 {
             let kflag = members.iter().any(|m| m.3 != 0);
             let id = self.header(name, kind, members.len() as u32, kflag, size);
             for &(mname, ty, bit_off, bf) in members {
@@ -311,13 +349,38 @@ mod tests {
         let be16 = b.typedef("__be16", u16t);
         let be32 = b.typedef("__be32", u32t);
         let vol_u8 = b.volatile(u8t);
-        let in6 = b.composite(KIND_STRUCT, "in6_addr", 16, &[("u6_addr32", u64t, 0, 0), ("x", u64t, 64, 0)]);
+        let in6 = b.composite(
+            KIND_STRUCT,
+            "in6_addr",
+            16,
+            &[("u6_addr32", u64t, 0, 0), ("x", u64t, 64, 0)],
+        );
         let possible_net = b.composite(KIND_STRUCT, "possible_net_t_s", 8, &[("net", u64t, 0, 0)]);
         let possible_net_t = b.typedef("possible_net_t", possible_net);
-        let addrs = b.composite(KIND_STRUCT, "", 8, &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)]);
-        let addr_union = b.composite(KIND_UNION, "", 8, &[("skc_addrpair", u64t, 0, 0), ("", addrs, 0, 0)]);
-        let ports = b.composite(KIND_STRUCT, "", 4, &[("skc_dport", be16, 0, 0), ("skc_num", u16t, 16, 0)]);
-        let port_union = b.composite(KIND_UNION, "", 4, &[("skc_portpair", u32t, 0, 0), ("", ports, 0, 0)]);
+        let addrs = b.composite(
+            KIND_STRUCT,
+            "",
+            8,
+            &[("skc_daddr", be32, 0, 0), ("skc_rcv_saddr", be32, 32, 0)],
+        );
+        let addr_union = b.composite(
+            KIND_UNION,
+            "",
+            8,
+            &[("skc_addrpair", u64t, 0, 0), ("", addrs, 0, 0)],
+        );
+        let ports = b.composite(
+            KIND_STRUCT,
+            "",
+            4,
+            &[("skc_dport", be16, 0, 0), ("skc_num", u16t, 16, 0)],
+        );
+        let port_union = b.composite(
+            KIND_UNION,
+            "",
+            4,
+            &[("skc_portpair", u32t, 0, 0), ("", ports, 0, 0)],
+        );
         let common = b.composite(
             KIND_STRUCT,
             "sock_common",
@@ -345,9 +408,25 @@ mod tests {
                 ("sk_err", u32t, 1056, 0),
             ],
         );
-        let ns_common = b.composite(KIND_STRUCT, "ns_common", 16, &[("stashed", u64t, 0, 0), ("inum", u32t, 64, 0)]);
-        b.composite(KIND_STRUCT, "net", 64, &[("passive", u32t, 0, 0), ("ns", ns_common, 128, 0)]);
-        b.enumeration("sk_rst_reason", &[("SK_RST_REASON_NOT_SPECIFIED", 0), ("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 7)]);
+        let ns_common = b.composite(
+            KIND_STRUCT,
+            "ns_common",
+            16,
+            &[("stashed", u64t, 0, 0), ("inum", u32t, 64, 0)],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "net",
+            64,
+            &[("passive", u32t, 0, 0), ("ns", ns_common, 128, 0)],
+        );
+        b.enumeration(
+            "sk_rst_reason",
+            &[
+                ("SK_RST_REASON_NOT_SPECIFIED", 0),
+                ("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 7),
+            ],
+        );
         Btf::from_bytes(&b.build()).expect("synthetic BTF parses")
     }
 
@@ -388,20 +467,35 @@ mod tests {
         let err = field(&btf, "sock", &["sk_bits"]).unwrap_err();
         assert!(matches!(err, OffsetsError::Bitfield { .. }), "{err}");
         let err = sized(&btf, "sock", &["sk_err"], 8).unwrap_err();
-        assert!(matches!(err, OffsetsError::Size { found: 4, want: 8, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                OffsetsError::Size {
+                    found: 4,
+                    want: 8,
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn reset_reason_names_come_from_the_enum() {
         let btf = fake_kernel();
         let names = reset_reasons(&btf);
-        assert_eq!(names.get(&7).map(String::as_str), Some("TCP_ABORT_ON_CLOSE"));
+        assert_eq!(
+            names.get(&7).map(String::as_str),
+            Some("TCP_ABORT_ON_CLOSE")
+        );
         assert_eq!(names.get(&0).map(String::as_str), Some("NOT_SPECIFIED"));
     }
 
     #[test]
     fn missing_btf_file_says_what_to_do() {
-        let err = load_btf(Path::new("/nonexistent/vmlinux")).err().expect("missing file");
+        let err = load_btf(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .expect("missing file");
         assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
     }
 

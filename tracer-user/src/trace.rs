@@ -14,13 +14,16 @@ use tokio::{
 
 use crate::{
     clock::WallClock,
-    event::{TraceRecord, decode},
+    event::{PortMemo, TraceRecord, decode},
     kernel::{Kernel, KernelOptions},
 };
 
 /// Printed on stderr once every program is attached; tests and scripts wait
 /// for it before they make connections.
 pub const READY_LINE: &str = "conn-tracer: tracing";
+
+/// Open sockets whose local port `trace` remembers (~40 bytes each).
+const PORT_MEMO_CAP: usize = 1 << 18;
 
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
@@ -59,8 +62,12 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
     let mut out = BufWriter::new(io::stdout().lock());
     let mut stats = TraceStats::default();
     let mut reported_lost = 0u64;
+    let mut ports = PortMemo::new(PORT_MEMO_CAP);
 
-    eprintln!("{READY_LINE} ({} programs attached; Ctrl-C to stop)", crate::kernel::PROGRAMS.len());
+    eprintln!(
+        "{READY_LINE} ({} programs attached; Ctrl-C to stop)",
+        crate::kernel::PROGRAMS.len()
+    );
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -68,8 +75,9 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
                     match decode(&item) {
-                        Ok(ev) => {
+                        Ok(mut ev) => {
                             stats.events += 1;
+                            ports.apply(&mut ev);
                             let rec = TraceRecord::new(
                                 &ev,
                                 clock.rfc3339(ev.info.ts_ns),

@@ -32,7 +32,7 @@ const PAYLOAD: &[u8] = b"ct-peer hello\n";
 #[derive(Parser)]
 #[command(about = "TCP client/server peer for the conn-tracer integration tests")]
 struct Cli {
-    /// Thread name to set with prctl(PR_SET_NAME) before anything else (at most 15 bytes).
+    /// Thread name to set with `prctl(PR_SET_NAME)` before anything else (at most 15 bytes).
     #[arg(long, global = true)]
     comm: Option<String>,
     /// Bound on every blocking call (accept, connect, read, waiting for stdin).
@@ -60,10 +60,10 @@ struct ServerArgs {
     /// Connections to accept before closing the listener.
     #[arg(long, default_value_t = 1)]
     count: u32,
-    /// For an IPv6 address: clear IPV6_V6ONLY so IPv4 clients reach it as ::ffff:a.b.c.d.
+    /// For an IPv6 address: clear `IPV6_V6ONLY` so IPv4 clients reach it as `::ffff:a.b.c.d`.
     #[arg(long)]
     dual_stack: bool,
-    /// Close accepted sockets with SO_LINGER {on, 0}, which sends a RST.
+    /// Close accepted sockets with `SO_LINGER {on, 0}`, which sends a RST.
     #[arg(long)]
     linger0: bool,
     /// Read the client's line and close at once, before the client closes.
@@ -72,15 +72,19 @@ struct ServerArgs {
 }
 
 #[derive(Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line flags"
+)]
 struct ClientArgs {
     #[arg(long)]
     addr: IpAddr,
     #[arg(long)]
     port: u16,
-    /// Close with SO_LINGER {on, 0}, which sends a RST instead of a FIN.
+    /// Close with `SO_LINGER {on, 0}`, which sends a RST instead of a FIN.
     #[arg(long)]
     linger0: bool,
-    /// Succeed (print `refused`) only if connect fails with ECONNREFUSED.
+    /// Succeed (print `refused`) only if connect fails with `ECONNREFUSED`.
     #[arg(long)]
     expect_refused: bool,
     /// Wait for a line on stdin before connecting (e.g. to be moved to a cgroup first).
@@ -161,9 +165,13 @@ fn server(args: &ServerArgs, timeout: Duration) -> Result<()> {
     let addr = SocketAddr::new(args.addr, args.port);
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
-        socket.set_only_v6(!args.dual_stack).context("setsockopt(IPV6_V6ONLY)")?;
+        socket
+            .set_only_v6(!args.dual_stack)
+            .context("setsockopt(IPV6_V6ONLY)")?;
     }
-    socket.bind(&addr.into()).with_context(|| format!("bind {addr}"))?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("bind {addr}"))?;
     socket.listen(16).context("listen")?;
     let listener: TcpListener = socket.into();
     let port = listener.local_addr()?.port();
@@ -194,7 +202,12 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> Result<(TcpStream
     }
 }
 
-fn serve(mut stream: TcpStream, peer_port: u16, args: &ServerArgs, timeout: Duration) -> Result<()> {
+fn serve(
+    mut stream: TcpStream,
+    peer_port: u16,
+    args: &ServerArgs,
+    timeout: Duration,
+) -> Result<()> {
     stream.set_read_timeout(Some(timeout))?;
     if args.close_first {
         let mut line = Vec::new();
@@ -222,7 +235,10 @@ fn serve(mut stream: TcpStream, peer_port: u16, args: &ServerArgs, timeout: Dura
             Ok(n) => total += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
-                say(&format!("read-error {peer_port} {} {total}", errno_name(&e)));
+                say(&format!(
+                    "read-error {peer_port} {} {total}",
+                    errno_name(&e)
+                ));
                 break;
             }
         }
