@@ -36,7 +36,10 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
         fill_info(&raw mut (*ev).info, sk, kind::SOCK_ERROR, &off);
-        (*ev).data = SockError { errno: errno.unsigned_abs(), pad: 0 };
+        (*ev).data = SockError {
+            errno: errno.unsigned_abs(),
+            pad: 0,
+        };
     }
     entry.submit(0);
     Ok(())

@@ -29,5 +29,7 @@ static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("tracer-ebpf holds kernel programs; tracer-user/build.rs builds it for bpfel-unknown-none");
+    eprintln!(
+        "tracer-ebpf holds kernel programs; tracer-user/build.rs builds it for bpfel-unknown-none"
+    );
 }

@@ -54,7 +54,11 @@ impl OwnerStorage {
     /// NULL. `sk` must be a BTF-typed `struct sock *` from the tracepoint.
     #[inline(always)]
     pub fn get_ptr(&self, sk: *const c_void, create: bool) -> *mut Owner {
-        let flags = if create { BPF_SK_STORAGE_GET_F_CREATE } else { 0 };
+        let flags = if create {
+            BPF_SK_STORAGE_GET_F_CREATE
+        } else {
+            0
+        };
         let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
         // SAFETY: the helper checks `sk` (NULL or not a full socket -> NULL).
         unsafe { bpf_sk_storage_get(map, sk.cast_mut(), ptr::null_mut(), flags) }.cast::<Owner>()

@@ -114,6 +114,10 @@ pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: 
         }
 
         let owner = OWNERS.get_ptr(sk, false);
-        (*info).owner = if owner.is_null() { Owner::default() } else { *owner };
+        (*info).owner = if owner.is_null() {
+            Owner::default()
+        } else {
+            *owner
+        };
     }
 }

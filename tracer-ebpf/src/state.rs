@@ -37,7 +37,11 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let (old, new) = (old as u8, new as u8);
 
     if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
-        let flags = if new == tcp_state::LISTEN { owner_flags::LISTENER } else { 0 };
+        let flags = if new == tcp_state::LISTEN {
+            owner_flags::LISTENER
+        } else {
+            0
+        };
         let owner = OWNERS.get_ptr(sk, true);
         if owner.is_null() {
             // Storage could not be allocated (memory pressure): this socket's
@@ -65,7 +69,11 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
         fill_info(&raw mut (*ev).info, sk, kind::STATE, &off);
-        (*ev).data = StateChange { old_state: old, new_state: new, pad: [0; 6] };
+        (*ev).data = StateChange {
+            old_state: old,
+            new_state: new,
+            pad: [0; 6],
+        };
     }
     entry.submit(0);
     Ok(())
