@@ -46,7 +46,8 @@ pub fn require_root_or_skip(name: &str) -> bool {
         !in_ci,
         "{name} needs root, and CI is set: run the integration tests as root in CI"
     );
-    eprintln!("skipping {name}: needs root");
+    // Straight to fd 2: libtest would swallow eprintln! of a passing test.
+    let _ = writeln!(std::io::stderr(), "skipping {name}: needs root");
     false
 }
 
@@ -654,6 +655,7 @@ pub fn in_netns(events: &[Value], inode: u64) -> Vec<Value> {
 }
 
 /// The string field `key` of `ev`; panics, showing the event, if absent.
+#[track_caller]
 pub fn str_field<'a>(ev: &'a Value, key: &str) -> &'a str {
     ev[key]
         .as_str()
@@ -661,6 +663,7 @@ pub fn str_field<'a>(ev: &'a Value, key: &str) -> &'a str {
 }
 
 /// The unsigned integer field `key` of `ev`; panics, showing the event, if absent.
+#[track_caller]
 pub fn u64_field(ev: &Value, key: &str) -> u64 {
     ev[key]
         .as_u64()
@@ -682,6 +685,7 @@ pub fn cookies(events: &[Value]) -> BTreeSet<u64> {
 
 /// The one cookie of the events matching `pred`, `None` if none match;
 /// panics if several sockets match.
+#[track_caller]
 pub fn find_cookie(events: &[Value], pred: impl Fn(&Value) -> bool) -> Option<u64> {
     let found: BTreeSet<u64> = events.iter().filter(|e| pred(e)).map(cookie).collect();
     assert!(
@@ -770,6 +774,7 @@ impl ExpectedOwner {
 
 /// Asserts that every event of `events` names `exp` as its owner; the
 /// owner's only thread made the call, so `tid` is `pid`.
+#[track_caller]
 pub fn assert_owner(events: &[Value], exp: &ExpectedOwner, label: &str) {
     for ev in events {
         let got = (

@@ -69,6 +69,7 @@ fn now_secs() -> f64 {
 }
 
 /// Field checks every event must pass, whatever its kind.
+#[track_caller]
 fn assert_well_formed(events: &[Value], netns: u64, started: f64) {
     for ev in events {
         let time = str_field(ev, "time");
@@ -131,6 +132,7 @@ fn ep(kind: &str, family: &str, saddr: &str, sport: u16, daddr: &str, dport: u16
     )
 }
 
+#[track_caller]
 fn assert_endpoints(events: &[Value], want: &[Endpoints], label: &str) {
     let got: Vec<Endpoints> = events.iter().map(endpoints).collect();
     assert_eq!(
@@ -141,6 +143,25 @@ fn assert_endpoints(events: &[Value], want: &[Endpoints], label: &str) {
     );
 }
 
+/// The kinds of a socket's events, in `ts_ns` order.
+#[track_caller]
+fn assert_kinds(events: &[Value], want: &[&str], label: &str) {
+    let kinds: Vec<&str> = events.iter().map(kind).collect();
+    assert_eq!(
+        kinds,
+        want,
+        "{label}: event kinds; events of the socket:\n{}",
+        dump(events)
+    );
+}
+
+#[track_caller]
+fn assert_error(ev: &Value, name: &str, errno: i32) {
+    assert_eq!(ev["error"], name, "{ev}");
+    assert_eq!(ev["errno"], errno, "{ev}");
+}
+
+#[track_caller]
 fn assert_transitions(events: &[Value], want: &[(&str, &str)], label: &str) {
     assert_eq!(
         transitions(events),
@@ -200,6 +221,7 @@ fn wait_closed(
     (events, sockets)
 }
 
+#[track_caller]
 fn assert_only_sockets(events: &[Value], sockets: &[u64]) {
     let want: std::collections::BTreeSet<u64> = sockets.iter().copied().collect();
     assert_eq!(
@@ -235,10 +257,6 @@ struct Lifecycle {
     addr: &'static str,
     /// The listener's (saddr, daddr).
     listener_addrs: (&'static str, &'static str),
-    /// The client's saddr in its CLOSE->SYN_SENT event: the kernel fires it
-    /// before it picks the source port (sport 0), and for a v4-mapped
-    /// connect also before it fills the IPv6 source address.
-    client_syn_saddr: &'static str,
 }
 
 const CLIENT_CLOSES_FIRST: &[(&str, &str)] = &[
@@ -291,7 +309,8 @@ fn lifecycle(sc: &Lifecycle) {
     let client_evs = socket_events(&events, s.client);
     assert_transitions(&client_evs, CLIENT_CLOSES_FIRST, "client socket");
     let f = sc.family;
-    let mut want = vec![ep("state", f, sc.client_syn_saddr, 0, sc.addr, port)];
+    // CLOSE->SYN_SENT fires before the kernel picks the source port.
+    let mut want = vec![ep("state", f, sc.addr, 0, sc.addr, port)];
     want.extend((1..client_evs.len()).map(|_| ep("state", f, sc.addr, cport, sc.addr, port)));
     assert_endpoints(&client_evs, &want, "client socket");
     let client_owner = ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup);
@@ -299,17 +318,16 @@ fn lifecycle(sc: &Lifecycle) {
 
     let accepted_evs = socket_events(&events, s.accepted);
     assert_transitions(&accepted_evs, ACCEPTED_CLOSES_SECOND, "accepted socket");
-    let (ls, ld) = sc.listener_addrs;
-    // The child's LISTEN->SYN_RECV fires in the clone of the listener,
-    // before the kernel writes the peer's address and port into it.
-    let mut want = vec![ep("state", f, ls, port, ld, 0)];
-    want.extend((1..accepted_evs.len()).map(|_| ep("state", f, sc.addr, port, sc.addr, cport)));
+    let want: Vec<_> = (0..accepted_evs.len())
+        .map(|_| ep("state", f, sc.addr, port, sc.addr, cport))
+        .collect();
     assert_endpoints(&accepted_evs, &want, "accepted socket");
     let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
     assert_owner(&accepted_evs, &server_owner, "accepted socket");
 
     let listener_evs = socket_events(&events, s.listener);
     assert_transitions(&listener_evs, LISTENER, "listening socket");
+    let (ls, ld) = sc.listener_addrs;
     let want: Vec<_> = (0..listener_evs.len())
         .map(|_| ep("state", f, ls, port, ld, 0))
         .collect();
@@ -335,7 +353,6 @@ fn root_ipv4_lifecycle_states_and_owners() {
         family: "ipv4",
         addr: "127.0.0.1",
         listener_addrs: ("127.0.0.1", "0.0.0.0"),
-        client_syn_saddr: "127.0.0.1",
     });
 }
 
@@ -351,7 +368,6 @@ fn root_ipv6_lifecycle_states_and_owners() {
         family: "ipv6",
         addr: "::1",
         listener_addrs: ("::1", "::"),
-        client_syn_saddr: "::1",
     });
 }
 
@@ -367,7 +383,6 @@ fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
         family: "ipv6",
         addr: "::ffff:127.0.0.1",
         listener_addrs: ("::", "::"),
-        client_syn_saddr: "::",
     });
 }
 
@@ -485,12 +500,10 @@ fn root_connect_refused_reset_and_econnrefused() {
         &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")],
         "client socket",
     );
-    let kinds: Vec<&str> = evs.iter().map(kind).collect();
-    assert_eq!(
-        kinds,
-        ["state", "reset_received", "state", "error"],
-        "client socket:\n{}",
-        dump(&evs)
+    assert_kinds(
+        &evs,
+        &["state", "reset_received", "state", "error"],
+        "client socket",
     );
     let reset = &evs[1];
     assert_eq!(
@@ -498,16 +511,31 @@ fn root_connect_refused_reset_and_econnrefused() {
         "the RST arrives in SYN_SENT: {reset}"
     );
     let error = &evs[3];
-    assert_eq!(error["error"], "ECONNREFUSED", "{error}");
-    assert_eq!(
-        u64_field(error, "errno"),
-        libc::ECONNREFUSED as u64,
-        "{error}"
-    );
+    assert_error(error, "ECONNREFUSED", libc::ECONNREFUSED);
     assert_eq!(
         error["state"], "CLOSE",
         "the error is reported after tcp_done: {error}"
     );
+    // The source port is picked after CLOSE->SYN_SENT fires; from then on
+    // every event carries it (the kernel keeps inet_sport after CLOSE).
+    let sport = u64_field(reset, "sport");
+    assert_ne!(sport, 0, "{reset}");
+    let want: Vec<_> = evs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let sport = if i == 0 { 0 } else { sport as u16 };
+            ep(
+                kind(e),
+                "ipv4",
+                "127.0.0.1",
+                sport,
+                "127.0.0.1",
+                CLOSED_PORT,
+            )
+        })
+        .collect();
+    assert_endpoints(&evs, &want, "client socket");
     // The RST is processed in softirq; the owner is still the connecting process.
     assert_owner(
         &evs,
@@ -516,6 +544,44 @@ fn root_connect_refused_reset_and_econnrefused() {
     );
 
     stop_cleanly(tracer);
+}
+
+/// The client's socket after a close with `SO_LINGER {on, 0}`.
+#[track_caller]
+fn assert_linger0_client(client_evs: &[Value], owner: &ExpectedOwner, cport: u16, port: u16) {
+    assert_transitions(
+        client_evs,
+        &[
+            ("CLOSE", "SYN_SENT"),
+            ("SYN_SENT", "ESTABLISHED"),
+            ("ESTABLISHED", "CLOSE"),
+        ],
+        "client socket",
+    );
+    // tcp_disconnect: CLOSE, then the RST, then ECONNRESET reported on the
+    // closing socket itself.
+    assert_kinds(
+        client_evs,
+        &["state", "state", "state", "reset_sent", "error"],
+        "client socket",
+    );
+    let reset = &client_evs[3];
+    assert_eq!(reset["reason"], "TCP_STATE", "{reset}");
+    assert_eq!(reset["state"], "CLOSE", "{reset}");
+    let error = &client_evs[4];
+    assert_error(error, "ECONNRESET", libc::ECONNRESET);
+    // The error comes after tcp_disconnect cleared the socket's addresses:
+    // only the events before it must carry the connection's endpoints.
+    let want: Vec<_> = client_evs[..4]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let sport = if i == 0 { 0 } else { cport };
+            ep(kind(e), "ipv4", "127.0.0.1", sport, "127.0.0.1", port)
+        })
+        .collect();
+    assert_endpoints(&client_evs[..4], &want, "client socket");
+    assert_owner(client_evs, owner, "client socket");
 }
 
 #[test]
@@ -565,27 +631,12 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
     assert_well_formed(&events, ns.inode(), started);
     assert_only_sockets(&events, &[s.client, s.accepted, s.listener]);
 
-    let client_evs = socket_events(&events, s.client);
-    assert_transitions(
-        &client_evs,
-        &[
-            ("CLOSE", "SYN_SENT"),
-            ("SYN_SENT", "ESTABLISHED"),
-            ("ESTABLISHED", "CLOSE"),
-        ],
-        "client socket",
-    );
-    let kinds: Vec<&str> = client_evs.iter().map(kind).collect();
-    assert_eq!(
-        kinds,
-        ["state", "state", "state", "reset_sent"],
-        "client socket:\n{}",
-        dump(&client_evs)
-    );
-    assert_owner(
-        &client_evs,
-        &ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup),
-        "client socket",
+    let client_owner = ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup);
+    assert_linger0_client(
+        &socket_events(&events, s.client),
+        &client_owner,
+        cport,
+        port,
     );
 
     let accepted_evs = socket_events(&events, s.accepted);
@@ -598,20 +649,23 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
         ],
         "accepted socket",
     );
-    let kinds: Vec<&str> = accepted_evs.iter().map(kind).collect();
+    assert_kinds(
+        &accepted_evs,
+        &["state", "state", "reset_received", "state", "error"],
+        "accepted socket",
+    );
     assert_eq!(
-        kinds,
-        ["state", "state", "reset_received", "state", "error"],
-        "accepted socket:\n{}",
-        dump(&accepted_evs)
+        accepted_evs[2]["state"], "ESTABLISHED",
+        "{}",
+        accepted_evs[2]
     );
     let error = &accepted_evs[4];
-    assert_eq!(error["error"], "ECONNRESET", "{error}");
-    assert_eq!(
-        u64_field(error, "errno"),
-        libc::ECONNRESET as u64,
-        "{error}"
-    );
+    assert_error(error, "ECONNRESET", libc::ECONNRESET);
+    let want: Vec<_> = accepted_evs
+        .iter()
+        .map(|e| ep(kind(e), "ipv4", "127.0.0.1", port, "127.0.0.1", cport))
+        .collect();
+    assert_endpoints(&accepted_evs, &want, "accepted socket");
     // The RST reaches the accepted socket in softirq while the client runs.
     let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
     assert_owner(&accepted_evs, &server_owner, "accepted socket");
@@ -649,6 +703,7 @@ fn root_cgroup_id_is_the_client_cgroup_inode() {
 
     let (events, s) = wait_closed(&tracer, &ns, port, cport, |_, _| true);
     assert_well_formed(&events, ns.inode(), started);
+    assert_only_sockets(&events, &[s.client, s.accepted, s.listener]);
 
     let client_evs = socket_events(&events, s.client);
     assert_transitions(&client_evs, CLIENT_CLOSES_FIRST, "client socket");
@@ -663,6 +718,14 @@ fn root_cgroup_id_is_the_client_cgroup_inode() {
         &socket_events(&events, s.accepted),
         &server_owner,
         "accepted socket",
+    );
+    assert_owner(
+        &socket_events(&events, s.listener),
+        &ExpectedOwner {
+            owner: "known",
+            ..server_owner
+        },
+        "listening socket",
     );
 
     stop_cleanly(tracer);
@@ -694,7 +757,9 @@ fn root_sockets_older_than_the_tracer_have_unknown_owner() {
 
     let is_client = |e: &Value| sport_dport(e) == (u64::from(cport), u64::from(port));
     let is_accepted = |e: &Value| sport_dport(e) == (u64::from(port), u64::from(cport));
-    let is_listener = |e: &Value| sport_dport(e) == (u64::from(port), 0);
+    // The only listener here; its ports are checked below.
+    let is_listener =
+        |e: &Value| kind(e) == "state" && e["old_state"] == "LISTEN" && e["new_state"] == "CLOSE";
     tracer.wait_for_netns(
         ns.inode(),
         "CLOSE of the three sockets",
@@ -738,12 +803,22 @@ fn root_sockets_older_than_the_tracer_have_unknown_owner() {
         ),
         (l, &[("LISTEN", "CLOSE")], "listening socket"),
     ];
+    let localhost = "127.0.0.1";
     for (cookie, want, label) in cases {
         let evs = socket_events(&events, cookie);
         assert_transitions(&evs, want, label);
         for ev in &evs {
             assert_eq!(ev["owner"], "unknown", "{label}: {ev}");
         }
+        let (sport, daddr, dport) = match label {
+            "client socket" => (cport, localhost, port),
+            "accepted socket" => (port, localhost, cport),
+            _ => (port, "0.0.0.0", 0),
+        };
+        let want: Vec<_> = (0..evs.len())
+            .map(|_| ep("state", "ipv4", localhost, sport, daddr, dport))
+            .collect();
+        assert_endpoints(&evs, &want, label);
     }
 
     stop_cleanly(tracer);
