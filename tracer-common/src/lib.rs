@@ -177,6 +177,10 @@ pub struct KernelOffsets {
     pub sk_err: u32,
     /// Offset of `ns.inum` inside `struct net`.
     pub net_ns_inum: u32,
+    /// `inet_sock.inet_sport` (network order): the local port, which stays
+    /// set after the kernel zeroes `skc_num` when the socket closes.
+    pub inet_sport: u32,
+    pub pad: u32,
 }
 
 /// Name of the global that holds [`KernelOffsets`] in the eBPF object.
@@ -195,7 +199,7 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 13 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 15 * 4);
 
 #[cfg(feature = "user")]
 mod pod {

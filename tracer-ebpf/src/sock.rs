@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
         bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
 };
-use tracer_common::{AF_INET, AF_INET6, EventInfo, KernelOffsets, Owner, owner_flags};
+use tracer_common::{AF_INET, AF_INET6, EventInfo, KernelOffsets, Owner, owner_flags, tcp_state};
 
 use crate::maps::OWNERS;
 
@@ -30,6 +30,8 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     sk_protocol: 0,
     sk_err: 0,
     net_ns_inum: 0,
+    inet_sport: 0,
+    pad: 0,
 };
 
 #[inline(always)]
@@ -99,9 +101,17 @@ pub fn fill_info(info: *mut EventInfo, sk: *const c_void, event_kind: u16, off: 
         let s = &raw mut (*info).sock;
         let family: u16 = read(sk, off.skc_family);
         (*s).family = family;
-        (*s).sport = read(sk, off.skc_num);
+        let state: u8 = read(sk, off.skc_state);
+        let mut sport: u16 = read(sk, off.skc_num);
+        // skc_num is zeroed when the port is released on close; full
+        // sockets still hold it in inet_sport (time-wait and request
+        // sockets are not inet_socks: their skc_num stays set).
+        if sport == 0 && state != tcp_state::TIME_WAIT && state != tcp_state::NEW_SYN_RECV {
+            sport = u16::from_be(read(sk, off.inet_sport));
+        }
+        (*s).sport = sport;
         (*s).dport = u16::from_be(read(sk, off.skc_dport));
-        (*s).state = read(sk, off.skc_state);
+        (*s).state = state;
         (*s).pad = 0;
         (*s).saddr = [0; 16];
         (*s).daddr = [0; 16];

@@ -100,53 +100,93 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
     Ok(ConnEvent { info, data })
 }
 
-/// Remembers each open socket's local port, because the kernel releases it
-/// before the final `-> CLOSE` transition fires (and assigns it only after
-/// `CLOSE -> SYN_SENT`). Bounded: past `cap` sockets it starts over.
+/// Remembers each socket's addresses, because the kernel clears some of them
+/// as a socket closes (the local port is assigned only after
+/// `CLOSE -> SYN_SENT`; `tcp_disconnect` zeroes the remote port and local
+/// address before the events that follow an abortive close). Zeroed fields
+/// are filled from earlier events of the same socket. Bounded: at most `cap`
+/// sockets, and closed sockets are kept only for the `cap / 16` most recent.
 #[derive(Debug)]
 pub struct PortMemo {
-    ports: std::collections::HashMap<u64, ([u8; 16], u16)>,
+    addrs: std::collections::HashMap<u64, Addrs>,
+    closed: std::collections::VecDeque<u64>,
     cap: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
 }
 
 impl PortMemo {
     pub fn new(cap: usize) -> Self {
         Self {
-            ports: std::collections::HashMap::new(),
-            cap,
+            addrs: std::collections::HashMap::new(),
+            closed: std::collections::VecDeque::new(),
+            cap: cap.max(16),
         }
     }
 
-    /// Fills in a released local address/port from earlier events of the
-    /// same socket, and forgets sockets that closed.
+    /// Fills zeroed address fields of `ev` from earlier events of its socket
+    /// and remembers the non-zero ones.
     pub fn apply(&mut self, ev: &mut ConnEvent) {
-        let s = &mut ev.info.sock;
-        if s.sport == 0 {
-            if let Some(&(addr, port)) = self.ports.get(&ev.info.cookie) {
-                s.saddr = addr;
-                s.sport = port;
-            }
-        } else if ev.info.cookie != 0 {
-            if self.ports.len() >= self.cap && !self.ports.contains_key(&ev.info.cookie) {
-                self.ports.clear();
-            }
-            self.ports.insert(ev.info.cookie, (s.saddr, s.sport));
+        let cookie = ev.info.cookie;
+        if cookie == 0 {
+            return;
         }
+        let s = &mut ev.info.sock;
+        let known = self.addrs.get(&cookie).copied();
+        if let Some(k) = known {
+            if s.sport == 0 {
+                s.sport = k.sport;
+            }
+            if s.saddr == [0; 16] {
+                s.saddr = k.saddr;
+            }
+            if s.dport == 0 && s.daddr == [0; 16] {
+                s.dport = k.dport;
+                s.daddr = k.daddr;
+            } else if s.dport == 0 && s.daddr == k.daddr {
+                s.dport = k.dport;
+            }
+        } else if self.addrs.len() >= self.cap {
+            // Over the bound: start over rather than grow (only `trace` output
+            // of already-closed sockets can lose a port this way).
+            self.addrs.clear();
+            self.closed.clear();
+        }
+        self.addrs.insert(
+            cookie,
+            Addrs {
+                saddr: s.saddr,
+                daddr: s.daddr,
+                sport: s.sport,
+                dport: s.dport,
+            },
+        );
         if let EventData::State {
             new: tcp_state::CLOSE,
             ..
         } = ev.data
         {
-            self.ports.remove(&ev.info.cookie);
+            self.closed.push_back(cookie);
+            if self.closed.len() > self.cap / 16
+                && let Some(old) = self.closed.pop_front()
+            {
+                self.addrs.remove(&old);
+            }
         }
     }
 
     pub fn len(&self) -> usize {
-        self.ports.len()
+        self.addrs.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ports.is_empty()
+        self.addrs.is_empty()
     }
 }
 
@@ -584,40 +624,57 @@ mod tests {
     }
 
     #[test]
-    fn port_memo_restores_released_ports_and_forgets_closed_sockets() {
-        let mut memo = PortMemo::new(2);
-        let state = |cookie, sport, old, new| {
+    fn port_memo_restores_cleared_addresses_and_stays_bounded() {
+        let mut memo = PortMemo::new(32);
+        let ev = |cookie, sport, dport, data| {
             let mut i = info(kind::STATE);
             i.cookie = cookie;
             i.sock.sport = sport;
-            ConnEvent {
-                info: i,
-                data: EventData::State { old, new },
-            }
+            i.sock.dport = dport;
+            ConnEvent { info: i, data }
         };
-        let mut e = state(1, 0, tcp_state::CLOSE, tcp_state::SYN_SENT);
+        let st = |old, new| EventData::State { old, new };
+        let mut e = ev(1, 0, 8080, st(tcp_state::CLOSE, tcp_state::SYN_SENT));
         memo.apply(&mut e);
         assert_eq!(e.info.sock.sport, 0, "nothing known yet");
-        memo.apply(&mut state(
+        memo.apply(&mut ev(
             1,
             40000,
-            tcp_state::SYN_SENT,
-            tcp_state::ESTABLISHED,
+            8080,
+            st(tcp_state::SYN_SENT, tcp_state::ESTABLISHED),
         ));
-        let mut fin = state(1, 0, tcp_state::FIN_WAIT2, tcp_state::CLOSE);
+        let mut fin = ev(1, 0, 8080, st(tcp_state::FIN_WAIT2, tcp_state::CLOSE));
         memo.apply(&mut fin);
         assert_eq!(fin.info.sock.sport, 40000);
-        assert!(memo.is_empty(), "closed sockets are forgotten");
-        // Bounded.
-        for c in 10..20 {
-            memo.apply(&mut state(
+        // An error reported after the close, with the tuple cleared.
+        let mut err = ev(1, 0, 0, EventData::Error { errno: 104 });
+        err.info.sock.saddr = [0; 16];
+        err.info.sock.daddr = [0; 16];
+        memo.apply(&mut err);
+        assert_eq!((err.info.sock.sport, err.info.sock.dport), (40000, 8080));
+        assert_eq!(err.info.sock.saddr[..4], [127, 0, 0, 1]);
+        assert_eq!(err.info.sock.daddr[..4], [127, 0, 0, 2]);
+        // Closed sockets are forgotten past cap/16 of them; the map stays bounded.
+        for c in 10..200 {
+            memo.apply(&mut ev(
                 c,
                 1000,
-                tcp_state::SYN_SENT,
-                tcp_state::ESTABLISHED,
+                80,
+                st(tcp_state::SYN_SENT, tcp_state::ESTABLISHED),
             ));
-            assert!(memo.len() <= 2);
+            memo.apply(&mut ev(
+                c,
+                1000,
+                80,
+                st(tcp_state::FIN_WAIT2, tcp_state::CLOSE),
+            ));
+            assert!(memo.len() <= 32, "{}", memo.len());
         }
+        assert!(
+            memo.len() <= 2 + 1,
+            "only the recently closed remain: {}",
+            memo.len()
+        );
     }
 
     #[test]

@@ -205,6 +205,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         sk_protocol: sized(btf, "sock", &["sk_protocol"], 2)?,
         sk_err: sized(btf, "sock", &["sk_err"], 4)?,
         net_ns_inum: sized(btf, "net", &["ns", "inum"], 4)?,
+        inet_sport: sized(btf, "inet_sock", &["inet_sport"], 2)?,
+        pad: 0,
     })
 }
 
@@ -408,6 +410,12 @@ mod tests {
                 ("sk_err", u32t, 1056, 0),
             ],
         );
+        b.composite(
+            KIND_STRUCT,
+            "inet_sock",
+            240,
+            &[("sk", u64t, 0, 0), ("inet_sport", be16, 1600, 0)],
+        );
         let ns_common = b.composite(
             KIND_STRUCT,
             "ns_common",
@@ -447,6 +455,7 @@ mod tests {
         assert_eq!(off.sk_protocol, 128);
         assert_eq!(off.sk_err, 132);
         assert_eq!(off.net_ns_inum, 16 + 8);
+        assert_eq!(off.inet_sport, 200);
         assert_eq!(off.ready, 1);
     }
 
