@@ -43,8 +43,17 @@ pub mod kind {
     pub const RESET_SENT: u16 = 3;
     /// An error was reported on the socket (`sock:inet_sk_error_report`). Data: [`super::SockError`].
     pub const SOCK_ERROR: u16 = 4;
+    /// A connection reached ESTABLISHED. Data: [`super::OpenData`].
+    pub const OPEN: u16 = 5;
+    /// A connection that was established ended (-> CLOSE). Data: [`super::CloseData`].
+    pub const CLOSE: u16 = 6;
+    /// A process set a keepalive socket option. Data: [`super::SockoptData`].
+    pub const SOCKOPT: u16 = 7;
+    /// One socket as the TCP iterator sees it (not sent through the ring
+    /// buffer: read from the iterator's file). Data: [`super::SnapshotData`].
+    pub const SNAPSHOT: u16 = 8;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
-    pub const SLOTS: u32 = 8;
+    pub const SLOTS: u32 = 16;
 }
 
 /// Bits of [`Owner::flags`].
@@ -55,6 +64,37 @@ pub mod owner_flags {
     pub const LISTENER: u32 = 1 << 1;
     /// The owner was inherited from the listening socket (an accepted, inbound connection).
     pub const INHERITED: u32 = 1 << 2;
+}
+
+/// Bits of [`CloseData::flags`] (and of the per-socket state).
+pub mod close_flags {
+    /// The socket received a RST.
+    pub const RST_RECEIVED: u8 = 1;
+    /// The socket sent a RST.
+    pub const RST_SENT: u8 = 1 << 1;
+    /// Sent data was still unacknowledged when the socket closed.
+    pub const UNACKED: u8 = 1 << 2;
+    /// The tracer saw the socket leave ESTABLISHED (the `end_*` fields are set).
+    pub const END_SEEN: u8 = 1 << 3;
+}
+
+/// Bits of [`Keepalive::from_socket`]: which values the socket set itself
+/// (the others come from its network namespace's sysctls).
+pub mod ka_source {
+    pub const TIME: u8 = 1;
+    pub const INTVL: u8 = 1 << 1;
+    pub const PROBES: u8 = 1 << 2;
+}
+
+/// Socket option levels and names the tracer watches (Linux UAPI).
+pub mod sockopt {
+    pub const SOL_SOCKET: u32 = 1;
+    pub const SO_KEEPALIVE: u32 = 9;
+    pub const SOL_TCP: u32 = 6;
+    pub const TCP_KEEPIDLE: u32 = 4;
+    pub const TCP_KEEPINTVL: u32 = 5;
+    pub const TCP_KEEPCNT: u32 = 6;
+    pub const TCP_USER_TIMEOUT: u32 = 18;
 }
 
 /// Header of every event, socket identity and owner included: every event the
@@ -144,6 +184,124 @@ pub struct SockError {
     pub pad: u32,
 }
 
+/// A socket's effective keepalive configuration, read from the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe, in jiffies (socket's or sysctl).
+    pub time_j: u32,
+    /// Interval between probes, in jiffies.
+    pub intvl_j: u32,
+    /// TCP_USER_TIMEOUT in milliseconds; 0 = not set.
+    pub user_timeout_ms: u32,
+    /// Unanswered probes before the connection is dropped.
+    pub probes: u8,
+    /// SO_KEEPALIVE is on.
+    pub enabled: u8,
+    /// [`ka_source`] bits.
+    pub from_socket: u8,
+    pub pad: u8,
+}
+
+/// Data of a [`kind::OPEN`] event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenData {
+    pub ka: Keepalive,
+    /// `jiffies_64` when the event fired; with `EventInfo::ts_ns` it lets
+    /// userspace tell the kernel's HZ.
+    pub jiffies: u64,
+}
+
+/// Data of a [`kind::CLOSE`] event: what userspace needs to classify the end
+/// of a connection. `*_j` are 32-bit jiffies stamps as the kernel keeps them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CloseData {
+    /// Keepalive as the socket had it at the end.
+    pub ka: Keepalive,
+    /// CLOCK_MONOTONIC when the socket became ESTABLISHED; 0 if before the tracer.
+    pub established_ns: u64,
+    /// CLOCK_MONOTONIC when the socket left ESTABLISHED (first FIN, RST or
+    /// timeout); valid with [`close_flags::END_SEEN`].
+    pub end_ns: u64,
+    /// jiffies (low 32 bits) when it left ESTABLISHED.
+    pub end_j: u32,
+    /// Last payload sent / received (`lsndtime`, `icsk_ack.lrcvtime`) then.
+    pub end_last_send_j: u32,
+    pub end_last_recv_j: u32,
+    /// The state the socket went to from ESTABLISHED (FIN_WAIT1 = we closed
+    /// first, CLOSE_WAIT = the peer did, CLOSE = reset or timeout).
+    pub first_close_state: u8,
+    /// [`close_flags`] bits.
+    pub flags: u8,
+    /// Retransmissions of the head segment / unanswered probes at the end.
+    pub retransmits: u8,
+    pub probes_out: u8,
+    /// `jiffies_64` at the final transition (pairs with `EventInfo::ts_ns`).
+    pub jiffies: u64,
+    /// Last payload sent / received, last ACK received, at the final transition.
+    pub last_send_j: u32,
+    pub last_recv_j: u32,
+    pub last_ack_j: u32,
+    /// `sk_err` (or `sk_err_soft`) at the end: ECONNRESET, ETIMEDOUT, EPIPE, ...
+    pub errno: u32,
+    /// When the last flight of data began (tcp clock, microseconds of
+    /// CLOCK_MONOTONIC): the send that went unanswered, if one did.
+    pub first_tx_us: u64,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+}
+
+/// Data of a [`kind::SNAPSHOT`] record: a live socket's keepalive settings,
+/// activity and byte counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotData {
+    pub ka: Keepalive,
+    /// `jiffies_64` when read (pairs with `EventInfo::ts_ns`).
+    pub jiffies: u64,
+    pub last_send_j: u32,
+    pub last_recv_j: u32,
+    pub last_ack_j: u32,
+    pub retransmits: u8,
+    pub probes_out: u8,
+    pub pad: u16,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+}
+
+/// Data of a [`kind::SOCKOPT`] event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockoptData {
+    /// [`sockopt`] level and name.
+    pub level: u32,
+    pub optname: u32,
+    /// The integer value being set (all watched options take an int).
+    pub value: i32,
+    pub optlen: u32,
+}
+
+/// What the kernel keeps per socket (socket-local storage, freed with the
+/// socket; copied to accepted sockets from their listener).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockState {
+    pub owner: Owner,
+    /// The socket cookie, for programs without the cookie helper (sockopt).
+    pub cookie: u64,
+    pub established_ns: u64,
+    pub end_ns: u64,
+    pub end_j: u32,
+    pub end_last_send_j: u32,
+    pub end_last_recv_j: u32,
+    pub first_close_state: u8,
+    /// [`close_flags`] bits gathered so far.
+    pub flags: u8,
+    pub pad: u16,
+}
+
 /// One event as it sits in the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -180,11 +338,46 @@ pub struct KernelOffsets {
     /// `inet_sock.inet_sport` (network order): the local port, which stays
     /// set after the kernel zeroes `skc_num` when the socket closes.
     pub inet_sport: u32,
+    /// `skc_flags` (unsigned long) and the bit of SOCK_KEEPOPEN in it.
+    pub skc_flags: u32,
+    pub sock_keepopen_bit: u32,
+    pub sk_err_soft: u32,
+    // struct tcp_sock (inet_connection_sock fields included)
+    pub tp_bytes_received: u32,
+    pub tp_bytes_acked: u32,
+    pub tp_lsndtime: u32,
+    pub tp_rcv_tstamp: u32,
+    pub tp_snd_una: u32,
+    pub tp_snd_nxt: u32,
+    pub tp_first_tx_mstamp: u32,
+    pub tp_keepalive_time: u32,
+    pub tp_keepalive_intvl: u32,
+    pub tp_keepalive_probes: u32,
+    pub icsk_lrcvtime: u32,
+    pub icsk_user_timeout: u32,
+    pub icsk_probes_out: u32,
+    pub icsk_retransmits: u32,
+    // struct net: this namespace's keepalive sysctls
+    pub net_keepalive_time: u32,
+    pub net_keepalive_intvl: u32,
+    pub net_keepalive_probes: u32,
+    pub pad: u32,
+}
+
+/// Load-time switches (the `CONFIG` global).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracerConfig {
+    /// Non-zero: also send every state change, reset and socket error
+    /// (`trace`). Zero: only opens, closes and socket options (the daemon).
+    pub verbose: u32,
     pub pad: u32,
 }
 
 /// Name of the global that holds [`KernelOffsets`] in the eBPF object.
 pub const OFFSETS_GLOBAL: &str = "OFFSETS";
+/// Name of the global that holds [`TracerConfig`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Names of the maps in the eBPF object.
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const LOST_MAP: &str = "LOST";
@@ -199,11 +392,18 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 15 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 35 * 4);
+const _: () = assert!(size_of::<Keepalive>() == 16);
+const _: () = assert!(size_of::<OpenData>() == 24);
+const _: () = assert!(size_of::<CloseData>() == 96);
+const _: () = assert!(size_of::<SockoptData>() == 16);
+const _: () = assert!(size_of::<SnapshotData>() == 56);
+const _: () = assert!(size_of::<SockState>() == 48 + 40);
 
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are repr(C), padding-free, and valid for any bit pattern.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::Owner {}
+    unsafe impl aya::Pod for super::TracerConfig {}
 }

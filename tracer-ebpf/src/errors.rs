@@ -1,5 +1,6 @@
 //! Errors reported on TCP sockets (`sock:inet_sk_error_report`): ECONNRESET,
-//! ECONNREFUSED, ETIMEDOUT, EPIPE, ... as the owner will see them.
+//! ECONNREFUSED, ETIMEDOUT, EPIPE, ... as the owner will see them. Verbose
+//! mode only: the CLOSE summary reads `sk_err` itself.
 
 use core::ffi::c_void;
 
@@ -7,8 +8,8 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use tracer_common::{IPPROTO_TCP, SockError, kind};
 
 use crate::{
-    maps::reserve,
-    sock::{fill_info, offsets, read},
+    maps::{SOCKS, reserve},
+    sock::{fill_info, offsets, read, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
@@ -19,6 +20,9 @@ pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    if !verbose() {
+        return Ok(());
+    }
     let off = offsets();
     if off.ready == 0 {
         return Err(());
@@ -33,9 +37,10 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Err(());
     };
     let ev = entry.as_mut_ptr();
+    let state = SOCKS.get_ptr(sk, false);
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::SOCK_ERROR, &off);
+        fill_info(&raw mut (*ev).info, sk, kind::SOCK_ERROR, state, &off);
         (*ev).data = SockError {
             errno: errno.unsigned_abs(),
             pad: 0,

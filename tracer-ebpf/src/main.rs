@@ -11,9 +11,11 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 mod errors;
+mod iter;
 mod maps;
 mod resets;
 mod sock;
+mod sockopt;
 mod state;
 
 #[cfg(target_arch = "bpf")]

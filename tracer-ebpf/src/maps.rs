@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::generated::bpf_sk_storage_get,
     macros::btf_map,
 };
-use tracer_common::{DEFAULT_RING_BYTES, Event, Owner, kind};
+use tracer_common::{DEFAULT_RING_BYTES, Event, SockState, kind};
 
 /// Every event, in order of reservation. Userspace may resize it at load time.
 #[btf_map]
@@ -28,18 +28,18 @@ const BPF_SK_STORAGE_GET_F_CREATE: u64 = 1;
 /// definition (aya-ebpf's own `SkStorage` fixes the flags to NO_PREALLOC and
 /// only takes a `sock_addr` context).
 #[repr(C)]
-pub struct OwnerStorage {
+pub struct SockStorage {
     r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE],
     key: *const i32,
-    value: *const Owner,
+    value: *const SockState,
     max_entries: *const [i32; 0],
     map_flags: *const [i32; BPF_F_NO_PREALLOC | BPF_F_CLONE],
 }
 
 // SAFETY: the fields are BTF placeholders that are never dereferenced.
-unsafe impl Sync for OwnerStorage {}
+unsafe impl Sync for SockStorage {}
 
-impl OwnerStorage {
+impl SockStorage {
     const fn new() -> Self {
         Self {
             r#type: ptr::null(),
@@ -50,10 +50,11 @@ impl OwnerStorage {
         }
     }
 
-    /// The owner stored on `sk` (created zeroed when `create` is set), or
-    /// NULL. `sk` must be a BTF-typed `struct sock *` from the tracepoint.
+    /// The state stored on `sk` (created zeroed when `create` is set), or
+    /// NULL. `sk` must be a socket pointer the verifier knows as one (a BTF
+    /// `struct sock *` from a tracepoint, or a sockopt context's `sk`).
     #[inline(always)]
-    pub fn get_ptr(&self, sk: *const c_void, create: bool) -> *mut Owner {
+    pub fn get_ptr(&self, sk: *const c_void, create: bool) -> *mut SockState {
         let flags = if create {
             BPF_SK_STORAGE_GET_F_CREATE
         } else {
@@ -61,14 +62,15 @@ impl OwnerStorage {
         };
         let map = ptr::from_ref(self).cast_mut().cast::<c_void>();
         // SAFETY: the helper checks `sk` (NULL or not a full socket -> NULL).
-        unsafe { bpf_sk_storage_get(map, sk.cast_mut(), ptr::null_mut(), flags) }.cast::<Owner>()
+        unsafe { bpf_sk_storage_get(map, sk.cast_mut(), ptr::null_mut(), flags) }
+            .cast::<SockState>()
     }
 }
 
-/// Owner of every socket the tracer has seen connect or listen.
+/// Owner and lifecycle facts of every socket the tracer has seen.
 #[unsafe(link_section = ".maps")]
 #[unsafe(no_mangle)]
-pub static OWNERS: OwnerStorage = OwnerStorage::new();
+pub static SOCKS: SockStorage = SockStorage::new();
 
 /// Reserves an event in [`EVENTS`], or counts it lost.
 #[inline(always)]

@@ -1,18 +1,33 @@
 //! Every TCP state transition, from the `sock:inet_sock_set_state` BTF
-//! tracepoint. Connect (-> SYN_SENT) and listen (-> LISTEN) run in the calling
-//! process's context, so that is where the owner is captured; the other
-//! transitions (often softirq) read it back from socket storage. Accepted
-//! sockets get a copy of their listener's storage (BPF_F_CLONE) when the
-//! kernel clones them (LISTEN -> SYN_RECV).
+//! tracepoint.
+//!
+//! - Connect (-> SYN_SENT) and listen (-> LISTEN) run in the calling
+//!   process's context: that is where the owner is captured. The other
+//!   transitions (often in softirq) read it back from socket storage.
+//!   Accepted sockets get a copy of their listener's storage (BPF_F_CLONE)
+//!   when the kernel clones them (LISTEN -> SYN_RECV).
+//! - -> ESTABLISHED sends an OPEN event with the socket's keepalive settings.
+//! - Leaving ESTABLISHED (first FIN, RST or timeout) records when, and the
+//!   last payload times, in socket storage: that is the moment an idle kill
+//!   happens, however long the socket lingers after it.
+//! - -> CLOSE of a socket that was established sends one CLOSE summary.
+//! - Every transition goes to userspace only in verbose mode (`trace`).
 
 use core::ffi::c_void;
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
-use tracer_common::{IPPROTO_TCP, StateChange, kind, owner_flags, tcp_state};
+use aya_ebpf::{
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use tracer_common::{
+    CloseData, IPPROTO_TCP, KernelOffsets, OpenData, SockState, StateChange, close_flags, kind,
+    owner_flags, tcp_state,
+};
 
 use crate::{
-    maps::{OWNERS, reserve},
-    sock::{current_owner, fill_info, offsets, read},
+    maps::{SOCKS, reserve},
+    sock::{current_owner, fill_info, keepalive, offsets, read, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -36,39 +51,98 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     let (old, new) = (old as u8, new as u8);
 
-    if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
-        let flags = if new == tcp_state::LISTEN {
-            owner_flags::LISTENER
-        } else {
-            0
-        };
-        let owner = OWNERS.get_ptr(sk, true);
-        if owner.is_null() {
+    let state: *mut SockState = if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
+        let state = SOCKS.get_ptr(sk, true);
+        if state.is_null() {
             // Storage could not be allocated (memory pressure): this socket's
             // events will carry an unknown owner. Rare enough to log.
-            aya_log_ebpf::warn!(ctx, "conn-tracer: no owner storage for a new socket");
+            aya_log_ebpf::warn!(ctx, "conn-tracer: no storage for a new socket");
         } else {
+            let flags = if new == tcp_state::LISTEN {
+                owner_flags::LISTENER
+            } else {
+                0
+            };
             // SAFETY: non-NULL storage of this socket, ours while we run.
-            unsafe { *owner = current_owner(flags) };
+            unsafe {
+                *state = SockState {
+                    owner: current_owner(flags),
+                    ..SockState::default()
+                };
+            }
         }
+        state
     } else if new == tcp_state::SYN_RECV {
-        let owner = OWNERS.get_ptr(sk, false);
+        let state = SOCKS.get_ptr(sk, false);
         // SAFETY: NULL-checked storage of this socket.
-        if let Some(owner) = unsafe { owner.as_mut() }
-            && owner.flags & owner_flags::LISTENER != 0
+        if let Some(st) = unsafe { state.as_mut() }
+            && st.owner.flags & owner_flags::LISTENER != 0
         {
-            // A fresh child holding its listener's copy: an accepted connection.
+            // A fresh child holding its listener's copy: an accepted
+            // connection. Keep the owner, drop the rest.
+            let mut owner = st.owner;
             owner.flags = (owner.flags & !owner_flags::LISTENER) | owner_flags::INHERITED;
+            *st = SockState {
+                owner,
+                ..SockState::default()
+            };
+        }
+        state
+    } else {
+        // Sockets older than the tracer get storage when they open or end:
+        // their end is still worth knowing.
+        SOCKS.get_ptr(
+            sk,
+            new == tcp_state::ESTABLISHED || old == tcp_state::ESTABLISHED,
+        )
+    };
+
+    // SAFETY: NULL-checked storage of this socket.
+    if let Some(st) = unsafe { state.as_mut() } {
+        if new == tcp_state::ESTABLISHED {
+            // SAFETY: helpers without pointer arguments.
+            st.established_ns = unsafe { bpf_ktime_get_ns() };
+        } else if old == tcp_state::ESTABLISHED {
+            // SAFETY: as above.
+            st.end_ns = unsafe { bpf_ktime_get_ns() };
+            st.end_j = unsafe { bpf_jiffies64() } as u32;
+            st.end_last_send_j = read(sk, off.tp_lsndtime);
+            st.end_last_recv_j = read(sk, off.icsk_lrcvtime);
+            st.first_close_state = new;
+            st.flags |= close_flags::END_SEEN;
         }
     }
 
+    if verbose() {
+        emit_state(sk, state, old, new, &off);
+    }
+    if new == tcp_state::ESTABLISHED {
+        emit_open(sk, state, &off);
+        // SAFETY: NULL-checked storage of this socket.
+        if let Some(st) = unsafe { state.as_mut() } {
+            // SAFETY: `sk` is the tracepoint's socket.
+            st.cookie =
+                unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk.cast_mut()) };
+        }
+    } else if new == tcp_state::CLOSE
+        // SAFETY: NULL-checked storage of this socket.
+        && let Some(st) = unsafe { state.as_ref() }
+        && st.flags & close_flags::END_SEEN != 0
+    {
+        emit_close(sk, st, &off);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn emit_state(sk: *const c_void, state: *const SockState, old: u8, new: u8, off: &KernelOffsets) {
     let Some(mut entry) = reserve::<StateChange>(kind::STATE) else {
-        return Err(());
+        return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::STATE, &off);
+        fill_info(&raw mut (*ev).info, sk, kind::STATE, state, off);
         (*ev).data = StateChange {
             old_state: old,
             new_state: new,
@@ -76,5 +150,64 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         };
     }
     entry.submit(0);
-    Ok(())
+}
+
+#[inline(always)]
+fn emit_open(sk: *const c_void, state: *const SockState, off: &KernelOffsets) {
+    let Some(mut entry) = reserve::<OpenData>(kind::OPEN) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        fill_info(&raw mut (*ev).info, sk, kind::OPEN, state, off);
+        (*ev).data = OpenData {
+            ka: keepalive(sk, off),
+            jiffies: bpf_jiffies64(),
+        };
+    }
+    entry.submit(0);
+}
+
+#[inline(always)]
+fn emit_close(sk: *const c_void, st: &SockState, off: &KernelOffsets) {
+    let Some(mut entry) = reserve::<CloseData>(kind::CLOSE) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    let snd_una: u32 = read(sk, off.tp_snd_una);
+    let snd_nxt: u32 = read(sk, off.tp_snd_nxt);
+    let mut flags = st.flags;
+    if snd_nxt != snd_una {
+        flags |= close_flags::UNACKED;
+    }
+    let mut errno: i32 = read(sk, off.sk_err);
+    if errno == 0 {
+        errno = read(sk, off.sk_err_soft);
+    }
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        fill_info(&raw mut (*ev).info, sk, kind::CLOSE, st, off);
+        (*ev).data = CloseData {
+            ka: keepalive(sk, off),
+            established_ns: st.established_ns,
+            end_ns: st.end_ns,
+            end_j: st.end_j,
+            end_last_send_j: st.end_last_send_j,
+            end_last_recv_j: st.end_last_recv_j,
+            first_close_state: st.first_close_state,
+            flags,
+            retransmits: read(sk, off.icsk_retransmits),
+            probes_out: read(sk, off.icsk_probes_out),
+            jiffies: bpf_jiffies64(),
+            last_send_j: read(sk, off.tp_lsndtime),
+            last_recv_j: read(sk, off.icsk_lrcvtime),
+            last_ack_j: read(sk, off.tp_rcv_tstamp),
+            errno: errno.unsigned_abs(),
+            first_tx_us: read(sk, off.tp_first_tx_mstamp),
+            bytes_received: read(sk, off.tp_bytes_received),
+            bytes_acked: read(sk, off.tp_bytes_acked),
+        };
+    }
+    entry.submit(0);
 }

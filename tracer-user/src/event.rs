@@ -9,8 +9,13 @@ use std::{
 
 use serde::Serialize;
 use tracer_common::{
-    AF_INET, AF_INET6, Event, EventInfo, Owner, ResetData, SockError, StateChange, kind,
-    owner_flags, tcp_state,
+    AF_INET, AF_INET6, CloseData, Event, EventInfo, OpenData, Owner, ResetData, SnapshotData,
+    SockError, SockoptData, StateChange, kind, owner_flags, sockopt, tcp_state,
+};
+
+use crate::{
+    classify::{self, KeepaliveView},
+    jiffies::{Hz, HzTracker},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,6 +41,10 @@ pub enum EventData {
     ResetReceived,
     ResetSent { reason: u32 },
     Error { errno: u32 },
+    Open(OpenData),
+    Close(CloseData),
+    Sockopt(SockoptData),
+    Snapshot(SnapshotData),
 }
 
 /// One decoded kernel event.
@@ -95,6 +104,10 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
             let d: SockError = body(bytes, "error")?;
             EventData::Error { errno: d.errno }
         }
+        kind::OPEN => EventData::Open(body(bytes, "open")?),
+        kind::CLOSE => EventData::Close(body(bytes, "close")?),
+        kind::SOCKOPT => EventData::Sockopt(body(bytes, "sockopt")?),
+        kind::SNAPSHOT => EventData::Snapshot(body(bytes, "snapshot")?),
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
     Ok(ConnEvent { info, data })
@@ -190,6 +203,18 @@ impl PortMemo {
     }
 }
 
+/// Name of a watched socket option.
+pub fn sockopt_name(level: u32, optname: u32) -> &'static str {
+    match (level, optname) {
+        (sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE) => "SO_KEEPALIVE",
+        (sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE) => "TCP_KEEPIDLE",
+        (sockopt::SOL_TCP, sockopt::TCP_KEEPINTVL) => "TCP_KEEPINTVL",
+        (sockopt::SOL_TCP, sockopt::TCP_KEEPCNT) => "TCP_KEEPCNT",
+        (sockopt::SOL_TCP, sockopt::TCP_USER_TIMEOUT) => "TCP_USER_TIMEOUT",
+        _ => "other",
+    }
+}
+
 /// The kernel's name of a TCP state.
 pub fn state_name(state: u8) -> &'static str {
     match state {
@@ -237,6 +262,10 @@ impl ConnEvent {
             EventData::ResetReceived => "reset_received",
             EventData::ResetSent { .. } => "reset_sent",
             EventData::Error { .. } => "error",
+            EventData::Open(_) => "open",
+            EventData::Close(_) => "close",
+            EventData::Sockopt(_) => "sockopt",
+            EventData::Snapshot(_) => "snapshot",
         }
     }
 
@@ -325,12 +354,72 @@ pub struct TraceRecord {
     pub errno: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<&'static str>,
+    /// open, close: the socket's keepalive settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keepalive: Option<KeepaliveView>,
+    /// close: how it ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end: Option<EndView>,
+    /// sockopt: the option and the value set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub option: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<i32>,
+}
+
+/// The end of a connection, for people (trace, /connections).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EndView {
+    pub closed_by: &'static str,
+    pub close_kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timeout_cause: Option<classify::TimeoutCause>,
+    /// Idle seconds when the connection left ESTABLISHED.
+    pub idle_s: Option<f64>,
+    /// Silence before the send that died unanswered, if it died on one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub silence_before_failed_send_s: Option<f64>,
+    pub lifetime_s: Option<f64>,
+    /// The state it left ESTABLISHED for.
+    pub first_close_state: &'static str,
+    pub rst_received: bool,
+    pub rst_sent: bool,
+    pub errno: u32,
+    pub error: &'static str,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+}
+
+impl EndView {
+    pub fn new(c: &CloseData, ts_ns: u64, hz: Hz) -> Self {
+        let e = classify::ending(c, ts_ns, hz);
+        Self {
+            closed_by: e.closed_by.as_str(),
+            close_kind: e.close_kind.as_str(),
+            timeout_cause: e.timeout_cause,
+            idle_s: e.idle_at_end.map(|d| d.as_secs_f64()),
+            silence_before_failed_send_s: e.silence_before_failed_send.map(|d| d.as_secs_f64()),
+            lifetime_s: e.lifetime.map(|d| d.as_secs_f64()),
+            first_close_state: state_name(c.first_close_state),
+            rst_received: c.flags & tracer_common::close_flags::RST_RECEIVED != 0,
+            rst_sent: c.flags & tracer_common::close_flags::RST_SENT != 0,
+            errno: c.errno,
+            error: errno_name(c.errno),
+            bytes_received: c.bytes_received,
+            bytes_acked: c.bytes_acked,
+        }
+    }
 }
 
 impl TraceRecord {
     /// `time` is the wall-clock rendering of the event's timestamp;
     /// `reason_name` maps a reset reason to its kernel name.
-    pub fn new(ev: &ConnEvent, time: String, reason_name: impl Fn(u32) -> String) -> Self {
+    pub fn new(
+        ev: &ConnEvent,
+        time: String,
+        reason_name: impl Fn(u32) -> String,
+        hz: &mut HzTracker,
+    ) -> Self {
         let i = &ev.info;
         let show = |a: Option<IpAddr>| a.map_or_else(String::new, |a| a.to_string());
         let mut rec = Self {
@@ -357,6 +446,10 @@ impl TraceRecord {
             reason: None,
             errno: None,
             error: None,
+            keepalive: None,
+            end: None,
+            option: None,
+            value: None,
         };
         match ev.data {
             EventData::State { old, new } => {
@@ -368,6 +461,24 @@ impl TraceRecord {
             EventData::Error { errno } => {
                 rec.errno = Some(errno);
                 rec.error = Some(errno_name(errno));
+            }
+            EventData::Open(o) => {
+                hz.observe(o.jiffies, i.ts_ns);
+                rec.keepalive = Some(KeepaliveView::new(&o.ka, hz.get()));
+            }
+            EventData::Close(c) => {
+                hz.observe(c.jiffies, i.ts_ns);
+                let hz = hz.get();
+                rec.keepalive = Some(KeepaliveView::new(&c.ka, hz));
+                rec.end = Some(EndView::new(&c, i.ts_ns, hz));
+            }
+            EventData::Sockopt(o) => {
+                rec.option = Some(sockopt_name(o.level, o.optname));
+                rec.value = Some(o.value);
+            }
+            EventData::Snapshot(o) => {
+                hz.observe(o.jiffies, i.ts_ns);
+                rec.keepalive = Some(KeepaliveView::new(&o.ka, hz.get()));
             }
         }
         rec
@@ -395,6 +506,22 @@ impl TraceRecord {
                     n.to_string()
                 }
             );
+        }
+        if let Some(o) = self.option {
+            let _ = write!(what, " {o}={}", self.value.unwrap_or_default());
+        }
+        if let Some(e) = &self.end {
+            let _ = write!(what, " by {} {}", e.closed_by, e.close_kind);
+            if let Some(i) = e.idle_s {
+                let _ = write!(what, " idle={i:.3}s");
+            }
+            if let Some(s) = e.silence_before_failed_send_s {
+                let _ = write!(what, " failed-send-after={s:.3}s");
+            }
+            let _ = write!(what, " rx={} tx={}", e.bytes_received, e.bytes_acked);
+        }
+        if let Some(k) = &self.keepalive {
+            let _ = write!(what, " {}", k.short());
         }
         let owner = if self.owner == "unknown" {
             "owner=?".to_string()
@@ -503,7 +630,12 @@ mod tests {
         };
         let got = decode(&bytes_of(&err)).unwrap();
         assert_eq!(got.data, EventData::Error { errno: 104 });
-        let rec = TraceRecord::new(&got, "t".into(), |_| String::new());
+        let rec = TraceRecord::new(
+            &got,
+            "t".into(),
+            |_| String::new(),
+            &mut HzTracker::new(Some(250)),
+        );
         assert_eq!(rec.error, Some("ECONNRESET"));
     }
 
@@ -571,7 +703,12 @@ mod tests {
                     })
                     .collect();
                 if let Ok(ev) = decode(&buf) {
-                    let rec = TraceRecord::new(&ev, String::new(), |r| r.to_string());
+                    let rec = TraceRecord::new(
+                        &ev,
+                        String::new(),
+                        |r| r.to_string(),
+                        &mut HzTracker::new(Some(250)),
+                    );
                     let _ = rec.to_line();
                     let _ = serde_json::to_string(&rec).unwrap();
                 }
@@ -589,7 +726,12 @@ mod tests {
             info: i,
             data: EventData::State { old: 7, new: 2 },
         };
-        let rec = TraceRecord::new(&ev, "t".into(), |_| String::new());
+        let rec = TraceRecord::new(
+            &ev,
+            "t".into(),
+            |_| String::new(),
+            &mut HzTracker::new(Some(250)),
+        );
         assert_eq!(rec.family, "ipv6");
         assert_eq!(rec.saddr, "::1");
         assert_eq!(rec.daddr, "::ffff:127.0.0.1");
@@ -609,7 +751,13 @@ mod tests {
             info: info(kind::STATE),
             data: EventData::State { old: 2, new: 1 },
         };
-        let v = serde_json::to_value(TraceRecord::new(&ev, "T".into(), |_| String::new())).unwrap();
+        let v = serde_json::to_value(TraceRecord::new(
+            &ev,
+            "T".into(),
+            |_| String::new(),
+            &mut HzTracker::new(Some(250)),
+        ))
+        .unwrap();
         assert_eq!(v["kind"], "state");
         assert_eq!(v["old_state"], "SYN_SENT");
         assert_eq!(v["new_state"], "ESTABLISHED");

@@ -13,13 +13,20 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter},
 };
 use tracer_common::{
-    DEFAULT_RING_BYTES, EVENTS_MAP, KernelOffsets, LOST_MAP, OFFSETS_GLOBAL, kind,
+    CONFIG_GLOBAL, DEFAULT_RING_BYTES, EVENTS_MAP, KernelOffsets, LOST_MAP, OFFSETS_GLOBAL,
+    TracerConfig, kind,
 };
 
 use crate::offsets::{self, OffsetsError};
+
+/// The TCP socket iterator.
+pub const ITER_PROGRAM: &str = "dump_tcp";
+
+/// The setsockopt observer (cgroup program).
+pub const SOCKOPT_PROGRAM: &str = "setsockopt";
 
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -69,6 +76,18 @@ pub enum KernelError {
         source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
+    #[error(
+        "no cgroup v2 hierarchy in /proc/mounts: mount one (e.g. `mount -t cgroup2 none \
+         /sys/fs/cgroup/unified`) or run without socket option tracing"
+    )]
+    NoCgroup2,
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("reading the TCP socket iterator failed: {0}")]
+    Iter(String),
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
     MissingMap(&'static str),
     #[error("eBPF map {name}: {source}")]
@@ -85,6 +104,12 @@ pub struct KernelOptions {
     pub btf_path: PathBuf,
     /// Size of the event ring buffer in bytes.
     pub ring_bytes: u32,
+    /// Send every state change, reset and error (trace), not only opens,
+    /// closes and socket options (daemon).
+    pub verbose: bool,
+    /// Watch keepalive socket options: attach the setsockopt program to the
+    /// cgroup v2 root found in /proc/mounts.
+    pub sockopts: bool,
 }
 
 impl Default for KernelOptions {
@@ -92,6 +117,8 @@ impl Default for KernelOptions {
         Self {
             btf_path: PathBuf::from(offsets::VMLINUX_BTF),
             ring_bytes: DEFAULT_RING_BYTES,
+            verbose: false,
+            sockopts: true,
         }
     }
 }
@@ -111,6 +138,8 @@ fn page_size() -> u32 {
 /// The loaded and attached kernel side.
 pub struct Kernel {
     ebpf: Ebpf,
+    /// Where the setsockopt program is attached (the cgroup v2 root).
+    pub sockopt_cgroup: Option<PathBuf>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Names of the kernel's reset reasons, by value.
     pub reset_reasons: HashMap<u32, String>,
@@ -134,6 +163,14 @@ impl Kernel {
         let mut ebpf = EbpfLoader::new()
             .btf(Some(&aya_btf))
             .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(
+                CONFIG_GLOBAL,
+                &TracerConfig {
+                    verbose: u32::from(opts.verbose),
+                    pad: 0,
+                },
+                true,
+            )
             .map_max_entries(EVENTS_MAP, opts.ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(|source| KernelError::Load {
@@ -164,8 +201,28 @@ impl Kernel {
             prog.attach().map_err(err)?;
             log::debug!("attached {program} to tp_btf/{tracepoint}");
         }
+        let sockopt_cgroup = if opts.sockopts {
+            Some(attach_sockopt(&mut ebpf)?)
+        } else {
+            None
+        };
+        {
+            let err = |source| KernelError::Program {
+                program: ITER_PROGRAM,
+                tracepoint: "iter/tcp",
+                source: Box::new(source),
+                hint: PRIVILEGE_HINT,
+            };
+            let prog: &mut Iter = ebpf
+                .program_mut(ITER_PROGRAM)
+                .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
+                .try_into()
+                .map_err(err)?;
+            prog.load("tcp", &aya_btf).map_err(err)?;
+        }
         Ok(Self {
             ebpf,
+            sockopt_cgroup,
             logger,
             reset_reasons,
             offsets,
@@ -209,6 +266,36 @@ impl Kernel {
         Ok(lost)
     }
 
+    /// Every live TCP connection on the host, as the kernel's TCP iterator
+    /// sees it right now (one pass over the socket hash tables).
+    pub fn snapshot(&mut self) -> Result<Vec<crate::event::ConnEvent>, KernelError> {
+        let err = |source| KernelError::Program {
+            program: ITER_PROGRAM,
+            tracepoint: "iter/tcp",
+            source: Box::new(source),
+            hint: PRIVILEGE_HINT,
+        };
+        let prog: &mut Iter = self
+            .ebpf
+            .program_mut(ITER_PROGRAM)
+            .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
+            .try_into()
+            .map_err(err)?;
+        let link_id = prog.attach().map_err(err)?;
+        let link = prog.take_link(link_id).map_err(err)?;
+        let mut file = link
+            .into_file()
+            .map_err(|e| KernelError::Iter(e.to_string()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes)
+            .map_err(|e| KernelError::Iter(e.to_string()))?;
+        let size = size_of::<tracer_common::Event<tracer_common::SnapshotData>>();
+        Ok(bytes
+            .chunks_exact(size)
+            .filter_map(|rec| crate::event::decode(rec).ok())
+            .collect())
+    }
+
     /// Total of [`Self::lost_events`].
     pub fn lost_total(&self) -> Result<u64, KernelError> {
         Ok(self.lost_events()?.iter().sum())
@@ -221,6 +308,40 @@ impl Kernel {
             .cloned()
             .unwrap_or_else(|| reason.to_string())
     }
+}
+
+/// Attaches the setsockopt observer at the cgroup v2 root, alongside any
+/// other programs there: it sees every process's options.
+fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
+    let root = crate::cgroup::cgroup2_mount()
+        .ok()
+        .flatten()
+        .ok_or(KernelError::NoCgroup2)?;
+    let dir = std::fs::File::open(&root).map_err(|source| KernelError::Cgroup {
+        path: root.display().to_string(),
+        source,
+    })?;
+    let err = |source| KernelError::Program {
+        program: SOCKOPT_PROGRAM,
+        tracepoint: "cgroup/setsockopt",
+        source: Box::new(source),
+        hint: "attaching at the cgroup v2 root needs root or CAP_SYS_ADMIN",
+    };
+    let prog: &mut CgroupSockopt = ebpf
+        .program_mut(SOCKOPT_PROGRAM)
+        .ok_or(KernelError::MissingMap(SOCKOPT_PROGRAM))?
+        .try_into()
+        .map_err(err)?;
+    prog.load().map_err(err)?;
+    // On 5.7+ aya attaches with a bpf_link, which always coexists with other
+    // programs on the cgroup and refuses attach flags: `Single` means "no
+    // flags" there. (Older kernels are below our ring buffer floor anyway.)
+    prog.attach(&dir, CgroupAttachMode::Single).map_err(err)?;
+    log::debug!(
+        "attached {SOCKOPT_PROGRAM} to cgroup/setsockopt at {}",
+        root.display()
+    );
+    Ok(root)
 }
 
 pub(crate) fn parse_aya_btf(path: &Path) -> Result<Btf, KernelError> {

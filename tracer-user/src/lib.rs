@@ -4,8 +4,16 @@
 
 pub mod cgroup;
 pub mod check;
+pub mod classify;
 pub mod clock;
+pub mod config;
+pub mod connections;
+pub mod daemon;
 pub mod event;
+pub mod jiffies;
 pub mod kernel;
+pub mod labels;
+pub mod metrics;
 pub mod offsets;
+pub mod table;
 pub mod trace;

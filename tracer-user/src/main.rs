@@ -27,6 +27,45 @@ enum Command {
         #[command(flatten)]
         kernel: KernelArgs,
     },
+    /// The daemon: track every TCP connection on this host, classify how
+    /// each ends (idle kills, stale reuse, keepalive) and serve Prometheus
+    /// /metrics, /healthz and /connections (JSON). Needs root (or CAP_BPF,
+    /// CAP_PERFMON and CAP_SYS_ADMIN for the cgroup program). Stops on
+    /// SIGTERM / Ctrl-C. Flags override the config file.
+    Run {
+        /// Address for /metrics, /healthz and /connections [default: 127.0.0.1:9090].
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<std::net::SocketAddr>,
+        /// Idle time after which a connection ended by its peer or by a
+        /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
+        #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
+        idle_threshold: Option<std::time::Duration>,
+        /// TOML configuration file (see README); flags override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Most connections tracked at once [default: 262144].
+        #[arg(long, value_name = "N")]
+        max_connections: Option<usize>,
+        /// Most distinct `peer` label values before folding into "other" [default: 500].
+        #[arg(long, value_name = "N")]
+        max_peers: Option<usize>,
+        /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
+        #[arg(long, value_name = "BYTES")]
+        ring_bytes: Option<u32>,
+        /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
+        #[arg(long, value_name = "PATH")]
+        btf: Option<PathBuf>,
+    },
+    /// Show a running daemon's connections: state, direction, owner,
+    /// keepalive settings, idle seconds and bytes each way.
+    Connections {
+        /// The daemon's base URL.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+        from: String,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe the kernel and this process for everything the tracer needs;
     /// exit 0 when all is there, 1 otherwise.
     Check {
@@ -52,6 +91,8 @@ impl From<KernelArgs> for KernelOptions {
         Self {
             btf_path: a.btf,
             ring_bytes: a.ring_bytes,
+            verbose: true,
+            sockopts: true,
         }
     }
 }
@@ -85,6 +126,56 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run {
+            listen,
+            idle_threshold,
+            config,
+            max_connections,
+            max_peers,
+            ring_bytes,
+            btf,
+        } => {
+            let flags = conn_tracer::config::Overrides {
+                listen,
+                idle_threshold,
+                max_connections,
+                max_peers,
+                ring_bytes,
+                btf,
+            };
+            let cfg = match conn_tracer::config::Config::load(config.as_deref(), &flags) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("conn-tracer: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("conn-tracer: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(conn_tracer::daemon::run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("conn-tracer: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Connections { from, json } => match conn_tracer::connections::run(&from, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("conn-tracer: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { btf } => {
             let probes = check::run_probes(&btf);
             for p in &probes {

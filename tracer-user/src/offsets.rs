@@ -190,6 +190,12 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
     let skc = |name: &str, want: usize| -> Result<u32, OffsetsError> {
         Ok(common + sized(btf, "sock_common", &[name], want)?)
     };
+    // tcp_sock begins with its inet_connection_sock; again, do not assume.
+    let conn = field(btf, "tcp_sock", &["inet_conn"])?.offset;
+    let icsk = |dotted: &str, want: usize| -> Result<u32, OffsetsError> {
+        let path: Vec<&str> = dotted.split('.').collect();
+        Ok(conn + sized(btf, "inet_connection_sock", &path, want)?)
+    };
     Ok(KernelOffsets {
         ready: 1,
         skc_daddr: skc("skc_daddr", 4)?,
@@ -206,7 +212,44 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         sk_err: sized(btf, "sock", &["sk_err"], 4)?,
         net_ns_inum: sized(btf, "net", &["ns", "inum"], 4)?,
         inet_sport: sized(btf, "inet_sock", &["inet_sport"], 2)?,
+        skc_flags: skc("skc_flags", 8)?,
+        sock_keepopen_bit: enum_value(btf, "sock_flags", "SOCK_KEEPOPEN")?,
+        sk_err_soft: sized(btf, "sock", &["sk_err_soft"], 4)?,
+        tp_bytes_received: sized(btf, "tcp_sock", &["bytes_received"], 8)?,
+        tp_bytes_acked: sized(btf, "tcp_sock", &["bytes_acked"], 8)?,
+        tp_lsndtime: sized(btf, "tcp_sock", &["lsndtime"], 4)?,
+        tp_rcv_tstamp: sized(btf, "tcp_sock", &["rcv_tstamp"], 4)?,
+        tp_snd_una: sized(btf, "tcp_sock", &["snd_una"], 4)?,
+        tp_snd_nxt: sized(btf, "tcp_sock", &["snd_nxt"], 4)?,
+        tp_first_tx_mstamp: sized(btf, "tcp_sock", &["first_tx_mstamp"], 8)?,
+        tp_keepalive_time: sized(btf, "tcp_sock", &["keepalive_time"], 4)?,
+        tp_keepalive_intvl: sized(btf, "tcp_sock", &["keepalive_intvl"], 4)?,
+        tp_keepalive_probes: sized(btf, "tcp_sock", &["keepalive_probes"], 1)?,
+        icsk_lrcvtime: icsk("icsk_ack.lrcvtime", 4)?,
+        icsk_user_timeout: icsk("icsk_user_timeout", 4)?,
+        icsk_probes_out: icsk("icsk_probes_out", 1)?,
+        icsk_retransmits: icsk("icsk_retransmits", 1)?,
+        net_keepalive_time: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_time"], 4)?,
+        net_keepalive_intvl: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_intvl"], 4)?,
+        net_keepalive_probes: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_probes"], 1)?,
         pad: 0,
+    })
+}
+
+/// The value of enumerator `name` of `enum enum_name`.
+pub fn enum_value(btf: &Btf, enum_name: &str, name: &str) -> Result<u32, OffsetsError> {
+    for ty in btf.resolve_types_by_name(enum_name).unwrap_or_default() {
+        if let Type::Enum(e) = ty {
+            for m in &e.members {
+                if btf.resolve_name(m)? == name {
+                    return Ok(m.val());
+                }
+            }
+        }
+    }
+    Err(OffsetsError::NoField {
+        strukt: format!("enum {enum_name}"),
+        field: name.to_string(),
     })
 }
 
@@ -386,7 +429,7 @@ mod tests {
         let common = b.composite(
             KIND_STRUCT,
             "sock_common",
-            96,
+            72,
             &[
                 ("", addr_union, 0, 0),
                 ("skc_hash", u32t, 64, 0),
@@ -396,6 +439,7 @@ mod tests {
                 ("skc_net", possible_net_t, 192, 0),
                 ("skc_v6_daddr", in6, 256, 0),
                 ("skc_v6_rcv_saddr", in6, 384, 0),
+                ("skc_flags", u64t, 512, 0),
             ],
         );
         b.composite(
@@ -408,6 +452,7 @@ mod tests {
                 ("sk_protocol", u16t, 1024, 0),
                 ("sk_bits", u8t, 1040, 3),
                 ("sk_err", u32t, 1056, 0),
+                ("sk_err_soft", u32t, 1088, 0),
             ],
         );
         b.composite(
@@ -456,6 +501,19 @@ mod tests {
         assert_eq!(off.sk_err, 132);
         assert_eq!(off.net_ns_inum, 16 + 8);
         assert_eq!(off.inet_sport, 200);
+        assert_eq!(off.skc_flags, 8 + 64);
+        assert_eq!(off.sock_keepopen_bit, 3);
+        assert_eq!(off.sk_err_soft, 136);
+        assert_eq!(off.icsk_retransmits, 8);
+        assert_eq!(off.icsk_probes_out, 9);
+        assert_eq!(off.icsk_lrcvtime, 16 + 4);
+        assert_eq!(off.icsk_user_timeout, 24);
+        assert_eq!(off.tp_bytes_received, 64);
+        assert_eq!(off.tp_first_tx_mstamp, 96);
+        assert_eq!(off.tp_keepalive_probes, 112);
+        assert_eq!(off.net_keepalive_time, 32);
+        assert_eq!(off.net_keepalive_probes, 36);
+        assert_eq!(off.net_keepalive_intvl, 40);
         assert_eq!(off.ready, 1);
     }
 

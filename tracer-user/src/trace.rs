@@ -15,6 +15,7 @@ use tokio::{
 use crate::{
     clock::WallClock,
     event::{PortMemo, TraceRecord, decode},
+    jiffies::HzTracker,
     kernel::{Kernel, KernelOptions},
 };
 
@@ -63,6 +64,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
     let mut stats = TraceStats::default();
     let mut reported_lost = 0u64;
     let mut ports = PortMemo::new(PORT_MEMO_CAP);
+    let mut hz = HzTracker::new(None);
 
     eprintln!(
         "{READY_LINE} ({} programs attached; Ctrl-C to stop)",
@@ -82,6 +84,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
                                 &ev,
                                 clock.rfc3339(ev.info.ts_ns),
                                 |r| kernel.reset_reason_name(r),
+                                &mut hz,
                             );
                             let line = if opts.json {
                                 serde_json::to_string(&rec)?

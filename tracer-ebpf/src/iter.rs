@@ -1,0 +1,84 @@
+//! A TCP socket iterator (`iter/tcp`): one [`SnapshotData`] record per live
+//! full socket, read by userspace on demand. It gives the true keepalive
+//! state, idle times and byte counts of connections, including those that
+//! were opened (and had their options set) before the tracer started.
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_write};
+use tracer_common::{Event, SnapshotData, kind, tcp_state};
+
+use crate::{
+    maps::SOCKS,
+    sock::{fill_info, keepalive, offsets, read},
+};
+
+/// `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`:
+/// the iterator's context, a fixed part of the kernel's iterator ABI.
+#[repr(C)]
+struct IterTcpCtx {
+    meta: *const IterMeta,
+    sk_common: *const c_void,
+}
+
+/// `struct bpf_iter_meta`, whose first member is the `seq_file *`.
+#[repr(C)]
+struct IterMeta {
+    seq: *mut c_void,
+}
+
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/tcp")]
+pub fn dump_tcp(ctx: *mut c_void) -> i32 {
+    // SAFETY: the kernel passes a bpf_iter__tcp context.
+    let ctx = unsafe { &*ctx.cast::<IterTcpCtx>() };
+    let sk = ctx.sk_common;
+    if sk.is_null() {
+        return 0;
+    }
+    let off = offsets();
+    if off.ready == 0 {
+        return 0;
+    }
+    let state: u8 = read(sk, off.skc_state);
+    // Listeners, request and time-wait sockets are not connections (the
+    // latter two are not even full sockets).
+    if state == tcp_state::LISTEN
+        || state == tcp_state::TIME_WAIT
+        || state == tcp_state::NEW_SYN_RECV
+        || state == tcp_state::CLOSE
+    {
+        return 0;
+    }
+    let mut ev = Event {
+        info: Default::default(),
+        data: SnapshotData::default(),
+    };
+    let st = SOCKS.get_ptr(sk, false);
+    fill_info(&raw mut ev.info, sk, kind::SNAPSHOT, st, &off);
+    ev.data = SnapshotData {
+        ka: keepalive(sk, &off),
+        // SAFETY: helper without arguments.
+        jiffies: unsafe { bpf_jiffies64() },
+        last_send_j: read(sk, off.tp_lsndtime),
+        last_recv_j: read(sk, off.icsk_lrcvtime),
+        last_ack_j: read(sk, off.tp_rcv_tstamp),
+        retransmits: read(sk, off.icsk_retransmits),
+        probes_out: read(sk, off.icsk_probes_out),
+        pad: 0,
+        bytes_received: read(sk, off.tp_bytes_received),
+        bytes_acked: read(sk, off.tp_bytes_acked),
+    };
+    // Take the time after the jiffies so the pair is close together.
+    // SAFETY: helper without arguments.
+    ev.info.ts_ns = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: `meta` is the iterator's trusted metadata; `ev` is on our stack.
+    unsafe {
+        bpf_seq_write(
+            (*ctx.meta).seq.cast(),
+            (&raw const ev).cast_mut().cast(),
+            size_of::<Event<SnapshotData>>() as u32,
+        );
+    }
+    0
+}

@@ -1,0 +1,101 @@
+//! Keepalive socket options as processes set them (SO_KEEPALIVE,
+//! TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT, TCP_USER_TIMEOUT), from a
+//! cgroup `setsockopt` program attached at the cgroup v2 root. It only
+//! observes: every call proceeds unchanged.
+
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns, macros::cgroup_sockopt, programs::SockoptContext,
+};
+use tracer_common::{EventInfo, IPPROTO_TCP, SockAddrs, SockoptData, kind, sockopt};
+
+use crate::{
+    maps::{SOCKS, reserve},
+    sock::current_owner,
+};
+
+/// Let the call through (a cgroup sockopt program's "allow").
+const ALLOW: i32 = 1;
+
+#[cgroup_sockopt(setsockopt)]
+pub fn setsockopt(ctx: SockoptContext) -> i32 {
+    try_setsockopt(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn watched(level: u32, optname: u32) -> bool {
+    (level == sockopt::SOL_SOCKET && optname == sockopt::SO_KEEPALIVE)
+        || (level == sockopt::SOL_TCP
+            && (optname == sockopt::TCP_KEEPIDLE
+                || optname == sockopt::TCP_KEEPINTVL
+                || optname == sockopt::TCP_KEEPCNT
+                || optname == sockopt::TCP_USER_TIMEOUT))
+}
+
+#[inline(always)]
+fn try_setsockopt(ctx: &SockoptContext) {
+    let so = ctx.sockopt;
+    // SAFETY: the context is valid for the program's run.
+    let (level, optname, optlen, optval, optval_end, sk) = unsafe {
+        (
+            (*so).level as u32,
+            (*so).optname as u32,
+            (*so).optlen,
+            (*so).__bindgen_anon_2.optval.cast::<u8>(),
+            (*so).__bindgen_anon_3.optval_end.cast::<u8>(),
+            (*so).__bindgen_anon_1.sk,
+        )
+    };
+    // The kernel hands programs at most one page of optval. Tell it to use
+    // the caller's own buffer when it is larger, as kernels before 6.5
+    // otherwise fail the call with EFAULT.
+    if optlen > 0 && (optlen as usize) > (optval_end as usize).wrapping_sub(optval as usize) {
+        // SAFETY: optlen is writable in setsockopt programs.
+        unsafe { (*so).optlen = 0 };
+        return;
+    }
+    if !watched(level, optname) || sk.is_null() {
+        return;
+    }
+    // SAFETY: non-NULL context socket.
+    let (protocol, family) = unsafe { ((*sk).protocol, (*sk).family) };
+    if protocol != u32::from(IPPROTO_TCP) {
+        return;
+    }
+    // SAFETY: bounds-checked against optval_end as the verifier requires.
+    let value = unsafe {
+        if optval.add(4) > optval_end {
+            return;
+        }
+        core::ptr::read_unaligned(optval.cast::<i32>())
+    };
+    let state = SOCKS.get_ptr(sk.cast(), false);
+    // SAFETY: NULL-checked storage of this socket.
+    let cookie = unsafe { state.as_ref() }.map_or(0, |s| s.cookie);
+    let Some(mut entry) = reserve::<SockoptData>(kind::SOCKOPT) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        (*ev).info = EventInfo {
+            ts_ns: bpf_ktime_get_ns(),
+            cookie,
+            kind: kind::SOCKOPT,
+            pad: 0,
+            netns: 0,
+            sock: SockAddrs {
+                family: family as u16,
+                ..SockAddrs::default()
+            },
+            owner: current_owner(0),
+        };
+        (*ev).data = SockoptData {
+            level,
+            optname,
+            value,
+            optlen: optlen as u32,
+        };
+    }
+    entry.submit(0);
+}

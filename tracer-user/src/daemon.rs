@@ -1,0 +1,563 @@
+//! `conn-tracer run`: the daemon. Kernel events -> connection table and
+//! classification -> Prometheus metrics, `/healthz` and `/connections`.
+
+use std::{
+    convert::Infallible,
+    net::IpAddr,
+    ops::RangeInclusive,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    net::TcpListener,
+    signal::unix::{SignalKind, signal},
+};
+use tracer_common::{CloseData, EventInfo, SockoptData, owner_flags};
+
+use crate::{
+    classify::{self, KeepaliveView},
+    clock::{WallClock, monotonic_ns},
+    config::Config,
+    event::{ConnEvent, EventData, comm_str, decode, owner_kind, sockopt_name, state_name},
+    jiffies::{Hz, HzTracker, elapsed, later},
+    kernel::{Kernel, KernelOptions},
+    labels::{self, Attribution, Direction, LabelCap},
+    metrics::Metrics,
+    table::{Conn, ConnTable},
+    trace::readable,
+};
+
+/// Everything the event loop and the HTTP handlers share.
+pub struct State {
+    pub threshold: Duration,
+    pub table: ConnTable,
+    pub metrics: Metrics,
+    peers: LabelCap,
+    sockopt_values: LabelCap,
+    pub hz: HzTracker,
+    ephemeral: RangeInclusive<u16>,
+}
+
+impl State {
+    pub fn new(cfg: &Config) -> prometheus::Result<Self> {
+        Ok(Self {
+            threshold: cfg.idle_threshold,
+            table: ConnTable::new(cfg.max_connections),
+            metrics: Metrics::new()?,
+            peers: LabelCap::new(cfg.max_peers),
+            sockopt_values: LabelCap::new(cfg.max_sockopt_values),
+            hz: HzTracker::new(cfg.kernel_hz),
+            ephemeral: labels::ephemeral_ports(),
+        })
+    }
+
+    /// Applies one kernel event.
+    pub fn handle(&mut self, ev: &ConnEvent) {
+        self.metrics
+            .events
+            .with_label_values(&[ev.kind_name()])
+            .inc();
+        match ev.data {
+            EventData::Open(o) => {
+                self.hz.observe(o.jiffies, ev.info.ts_ns);
+                let hz = self.hz.get().0;
+                self.table.insert(Conn {
+                    info: ev.info,
+                    seen_ns: ev.info.ts_ns,
+                    opened: true,
+                    ka: o.ka,
+                    hz,
+                });
+            }
+            EventData::Close(c) => self.on_close(&ev.info, &c),
+            EventData::Sockopt(o) => self.on_sockopt(&ev.info, &o),
+            _ => {}
+        }
+    }
+
+    fn on_close(&mut self, info: &EventInfo, c: &CloseData) {
+        self.hz.observe(c.jiffies, info.ts_ns);
+        let hz = self.hz.get();
+        // The table's copy has the addresses and owner as they were at open.
+        let known = self.table.remove(info.cookie).map(|conn| conn.info);
+        let mut at_open = known.unwrap_or(*info);
+        if at_open.owner.flags & owner_flags::KNOWN == 0 {
+            at_open.owner = info.owner;
+        }
+        let ending = classify::ending(c, info.ts_ns, hz);
+        let verdict = classify::verdict(&ending, self.threshold);
+        let attr = labels::attribute(&at_open.owner);
+        let dir = labels::direction(&at_open.owner, at_open.sock.sport, &self.ephemeral);
+        let role = attr.role.as_str();
+        let closed_by = ending.closed_by.as_str();
+        if let Some(idle) = ending.idle() {
+            self.metrics
+                .idle_before_close
+                .with_label_values(&[
+                    attr.namespace.as_str(),
+                    attr.pod.as_str(),
+                    attr.container.as_str(),
+                    role,
+                    dir.as_str(),
+                    closed_by,
+                ])
+                .observe(idle.as_secs_f64());
+        }
+        if !verdict.idle_kill && verdict.stale_reuse.is_none() {
+            return;
+        }
+        let peer = self.peer(&at_open, dir);
+        if verdict.idle_kill {
+            let keepalive = if ending.keepalive { "on" } else { "off" };
+            self.metrics
+                .idle_kills
+                .with_label_values(&[
+                    attr.namespace.as_str(),
+                    attr.pod.as_str(),
+                    attr.container.as_str(),
+                    role,
+                    dir.as_str(),
+                    peer.as_str(),
+                    closed_by,
+                    ending.close_kind.as_str(),
+                    keepalive,
+                ])
+                .inc();
+        }
+        if let Some(outcome) = verdict.stale_reuse {
+            self.metrics
+                .stale_reuse
+                .with_label_values(&[
+                    attr.namespace.as_str(),
+                    attr.pod.as_str(),
+                    attr.container.as_str(),
+                    role,
+                    dir.as_str(),
+                    peer.as_str(),
+                    outcome.as_str(),
+                ])
+                .inc();
+        }
+    }
+
+    fn peer(&mut self, info: &EventInfo, dir: Direction) -> String {
+        let remote = ConnEvent {
+            info: *info,
+            data: EventData::ResetReceived,
+        }
+        .remote()
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let label = labels::peer_label(remote, info.sock.dport, dir);
+        let before = self.peers.overflowed;
+        let label = self.peers.admit(label);
+        if self.peers.overflowed > before {
+            self.metrics
+                .label_overflow
+                .with_label_values(&["peer"])
+                .inc();
+        }
+        label
+    }
+
+    fn on_sockopt(&mut self, info: &EventInfo, o: &SockoptData) {
+        if info.cookie != 0 {
+            self.table.apply_sockopt(info.cookie, o);
+        }
+        let attr = labels::attribute(&info.owner);
+        let before = self.sockopt_values.overflowed;
+        let value = self.sockopt_values.admit(o.value.to_string());
+        if self.sockopt_values.overflowed > before {
+            self.metrics
+                .label_overflow
+                .with_label_values(&["value"])
+                .inc();
+        }
+        self.metrics
+            .keepalive_sockopts
+            .with_label_values(&[
+                attr.namespace.as_str(),
+                attr.pod.as_str(),
+                attr.container.as_str(),
+                attr.role.as_str(),
+                sockopt_name(o.level, o.optname),
+                value.as_str(),
+            ])
+            .inc();
+    }
+
+    /// Adds connections the kernel iterator found that the table lacks
+    /// (opened before the tracer, or dropped from a full table).
+    pub fn seed(&mut self, snapshot: &[ConnEvent]) {
+        for ev in snapshot {
+            if let EventData::Snapshot(s) = ev.data {
+                self.hz.observe(s.jiffies, ev.info.ts_ns);
+                if self.table.get(ev.info.cookie).is_none() {
+                    let hz = self.hz.get().0;
+                    self.table.insert(Conn {
+                        info: ev.info,
+                        seen_ns: ev.info.ts_ns,
+                        opened: false,
+                        ka: s.ka,
+                        hz,
+                    });
+                }
+            }
+        }
+    }
+
+    /// The metrics text, with the gauges brought up to date.
+    pub fn render_metrics(&mut self, lost_total: u64) -> String {
+        let m = &self.metrics;
+        let lost_now = m.events_lost.get();
+        if lost_total > lost_now {
+            m.events_lost.inc_by(lost_total - lost_now);
+        }
+        let evicted = m.table_evictions.get();
+        if self.table.evicted > evicted {
+            m.table_evictions.inc_by(self.table.evicted - evicted);
+        }
+        m.tracked_connections
+            .set(i64::try_from(self.table.len()).unwrap_or(i64::MAX));
+        m.connections_open.reset();
+        for c in self.table.iter() {
+            let attr = labels::attribute(&c.info.owner);
+            let dir = labels::direction(&c.info.owner, c.info.sock.sport, &self.ephemeral);
+            m.connections_open
+                .with_label_values(&[
+                    attr.namespace.as_str(),
+                    attr.pod.as_str(),
+                    attr.container.as_str(),
+                    attr.role.as_str(),
+                    dir.as_str(),
+                    if c.ka.enabled != 0 { "on" } else { "off" },
+                ])
+                .inc();
+        }
+        m.render()
+    }
+
+    /// The tracked connections, merged with a fresh kernel snapshot (live
+    /// state, keepalive, idle time and bytes).
+    pub fn connections(&self, snapshot: &[ConnEvent], hz: Hz, clock: &WallClock) -> Vec<ConnView> {
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for ev in snapshot {
+            let EventData::Snapshot(s) = ev.data else {
+                continue;
+            };
+            seen.insert(ev.info.cookie);
+            let tracked = self.table.get(ev.info.cookie);
+            let mut info = tracked.map_or(ev.info, |c| c.info);
+            info.sock.state = ev.info.sock.state;
+            let mut v = self.view(&info, tracked, &KeepaliveView::new(&s.ka, hz), now, clock);
+            let j = s.jiffies as u32;
+            v.idle_s = Some(hz.secs(elapsed(j, later(s.last_send_j, s.last_recv_j))));
+            v.bytes_received = Some(s.bytes_received);
+            v.bytes_acked = Some(s.bytes_acked);
+            out.push(v);
+        }
+        for c in self.table.iter().filter(|c| !seen.contains(&c.info.cookie)) {
+            out.push(self.view(&c.info, Some(c), &KeepaliveView::new(&c.ka, hz), now, clock));
+        }
+        out.sort_by(|a, b| {
+            (&a.namespace, &a.pod, a.pid, a.cookie).cmp(&(&b.namespace, &b.pod, b.pid, b.cookie))
+        });
+        out
+    }
+
+    fn view(
+        &self,
+        info: &EventInfo,
+        tracked: Option<&Conn>,
+        ka: &KeepaliveView,
+        now: u64,
+        clock: &WallClock,
+    ) -> ConnView {
+        let ev = ConnEvent {
+            info: *info,
+            data: EventData::ResetReceived,
+        };
+        let Attribution {
+            namespace,
+            pod,
+            container,
+            role,
+        } = labels::attribute(&info.owner);
+        let addr = |ip: Option<IpAddr>, port| {
+            ip.map_or_else(|| format!("?:{port}"), |ip| labels::endpoint(ip, port))
+        };
+        ConnView {
+            cookie: info.cookie,
+            state: state_name(info.sock.state).to_string(),
+            direction: labels::direction(&info.owner, info.sock.sport, &self.ephemeral)
+                .as_str()
+                .to_string(),
+            role: role.as_str().to_string(),
+            namespace,
+            pod,
+            container,
+            local: addr(ev.local(), info.sock.sport),
+            remote: addr(ev.remote(), info.sock.dport),
+            netns: info.netns,
+            owner: owner_kind(&info.owner).to_string(),
+            pid: info.owner.pid,
+            comm: comm_str(&info.owner.comm),
+            uid: info.owner.uid,
+            cgroup_id: info.owner.cgroup_id,
+            keepalive: *ka,
+            idle_s: None,
+            bytes_received: None,
+            bytes_acked: None,
+            tracked: tracked.is_some(),
+            opened_at: tracked
+                .filter(|c| c.opened)
+                .map(|c| clock.rfc3339(c.seen_ns)),
+            age_s: tracked
+                .filter(|c| c.opened)
+                .map(|c| Duration::from_nanos(now.saturating_sub(c.seen_ns)).as_secs_f64()),
+        }
+    }
+}
+
+/// One connection as `/connections` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub cookie: u64,
+    pub state: String,
+    pub direction: String,
+    pub role: String,
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub local: String,
+    pub remote: String,
+    pub netns: u32,
+    /// known | inherited | unknown (opened before the tracer).
+    pub owner: String,
+    pub pid: u32,
+    pub comm: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+    pub keepalive: KeepaliveView,
+    /// Seconds since the last payload either way (live).
+    pub idle_s: Option<f64>,
+    pub bytes_received: Option<u64>,
+    pub bytes_acked: Option<u64>,
+    /// In the daemon's table (false: seen only by the live snapshot).
+    pub tracked: bool,
+    pub opened_at: Option<String>,
+    pub age_s: Option<f64>,
+}
+
+/// Shared between the event loop and the HTTP server.
+struct Shared {
+    state: Mutex<State>,
+    kernel: Mutex<Kernel>,
+    healthy: AtomicBool,
+    clock: WallClock,
+}
+
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let opts = KernelOptions {
+        btf_path: cfg.btf.clone(),
+        ring_bytes: cfg.ring_bytes,
+        verbose: false,
+        sockopts: cfg.trace_sockopts,
+    };
+    let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
+    let ring = kernel.take_events()?;
+    let mut ring = readable(ring).context("cannot poll the event ring buffer")?;
+    let mut logger = match kernel.take_logger() {
+        Some(l) => Some(readable(l).context("cannot poll the kernel log buffer")?),
+        None => None,
+    };
+    let mut state = State::new(&cfg)?;
+    match kernel.snapshot() {
+        Ok(snap) => {
+            state.seed(&snap);
+            log::info!("{} connections open at start", state.table.len());
+        }
+        Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
+    }
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        kernel: Mutex::new(kernel),
+        healthy: AtomicBool::new(true),
+        clock: WallClock::now(),
+    });
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    log::info!(
+        "conn-tracer: serving /metrics, /healthz and /connections on http://{} (idle threshold {})",
+        listener.local_addr()?,
+        humantime::format_duration(cfg.idle_threshold)
+    );
+    let server = tokio::spawn(serve(listener, Arc::clone(&shared)));
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut decode_errors = 0u64;
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                let mut st = shared.state.lock().expect("state lock");
+                while let Some(item) = rb.next() {
+                    match decode(&item) {
+                        Ok(ev) => st.handle(&ev),
+                        Err(e) => {
+                            decode_errors += 1;
+                            st.metrics.decode_errors.inc();
+                            if decode_errors <= 10 {
+                                log::warn!("skipping undecodable kernel event: {e}");
+                            }
+                        }
+                    }
+                }
+                drop(st);
+                guard.clear_ready();
+            }
+            guard = async { logger.as_mut().expect("guarded").readable_mut().await },
+                if logger.is_some() =>
+            {
+                let mut guard = guard?;
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    shared.healthy.store(false, Ordering::SeqCst);
+    server.abort();
+    log::info!("conn-tracer: stopping; detaching kernel programs");
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let shared = Arc::clone(&shared);
+                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            if let Err(e) = conn.await {
+                log::debug!("http connection: {e}");
+            }
+        });
+    }
+}
+
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts are valid")
+}
+
+fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let lost = shared
+                .kernel
+                .lock()
+                .expect("kernel lock")
+                .lost_total()
+                .unwrap_or(0);
+            let text = shared
+                .state
+                .lock()
+                .expect("state lock")
+                .render_metrics(lost);
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text,
+            )
+        }
+        "/healthz" => {
+            if shared.healthy.load(Ordering::SeqCst) {
+                reply(
+                    StatusCode::OK,
+                    "text/plain",
+                    "ok: kernel programs attached\n".into(),
+                )
+            } else {
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "stopping\n".into(),
+                )
+            }
+        }
+        "/connections" => {
+            let snap = shared.kernel.lock().expect("kernel lock").snapshot();
+            let mut st = shared.state.lock().expect("state lock");
+            let snap = match snap {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("live snapshot failed: {e}");
+                    Vec::new()
+                }
+            };
+            for ev in &snap {
+                if let EventData::Snapshot(s) = ev.data {
+                    st.hz.observe(s.jiffies, ev.info.ts_ns);
+                }
+            }
+            let hz = st.hz.get();
+            let views = st.connections(&snap, hz, &shared.clock);
+            match serde_json::to_string_pretty(&views) {
+                Ok(body) => reply(StatusCode::OK, "application/json", body + "\n"),
+                Err(e) => reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            }
+        }
+        "/" => reply(
+            StatusCode::OK,
+            "text/html",
+            "<html><body><h1>conn-tracer</h1><ul><li><a href=\"/metrics\">/metrics</a>\
+             <li><a href=\"/healthz\">/healthz</a><li><a href=\"/connections\">/connections</a>\
+             </ul></body></html>\n"
+                .into(),
+        ),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

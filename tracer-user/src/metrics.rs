@@ -1,0 +1,196 @@
+//! The Prometheus metrics of the public contract (names and labels are
+//! documented in README.md and must not change).
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Buckets of `conntracer_idle_before_close_seconds`: from sub-second to a
+/// day, dense around the usual idle timeouts (30 s, 1 m, 5 m, 15 m, 1 h).
+pub const IDLE_BUCKETS: &[f64] = &[
+    0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
+    14400.0, 43200.0, 86400.0,
+];
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub idle_kills: IntCounterVec,
+    pub idle_before_close: HistogramVec,
+    pub connections_open: IntGaugeVec,
+    pub keepalive_sockopts: IntCounterVec,
+    pub stale_reuse: IntCounterVec,
+    pub sidecar_chain_kills: IntCounterVec,
+    pub sidecar_keepalive_mismatch: IntGaugeVec,
+    pub events: IntCounterVec,
+    pub events_lost: IntCounter,
+    pub tracked_connections: IntGauge,
+    pub label_overflow: IntCounterVec,
+    pub table_evictions: IntCounter,
+    pub decode_errors: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    #[expect(clippy::too_many_lines, reason = "one registration per contract metric")]
+    pub fn new() -> prometheus::Result<Self> {
+        let r = Registry::new();
+        let idle_before_close = HistogramVec::new(
+            HistogramOpts::new(
+                "conntracer_idle_before_close_seconds",
+                "Idle time (no payload either way) when each closed connection ended.",
+            )
+            .buckets(IDLE_BUCKETS.to_vec()),
+            &[
+                "namespace",
+                "pod",
+                "container",
+                "role",
+                "direction",
+                "closed_by",
+            ],
+        )?;
+        r.register(Box::new(idle_before_close.clone()))?;
+        let events_lost = IntCounter::new(
+            "conntracer_events_lost_total",
+            "Kernel events that did not fit in the ring buffer.",
+        )?;
+        r.register(Box::new(events_lost.clone()))?;
+        let tracked = IntGauge::new(
+            "conntracer_tracked_connections",
+            "Connections in the tracer's table.",
+        )?;
+        r.register(Box::new(tracked.clone()))?;
+        let evictions = IntCounter::new(
+            "conntracer_table_evictions_total",
+            "Connections dropped from the table to stay within max_connections.",
+        )?;
+        r.register(Box::new(evictions.clone()))?;
+        let decode_errors = IntCounter::new(
+            "conntracer_decode_errors_total",
+            "Kernel records that could not be decoded.",
+        )?;
+        r.register(Box::new(decode_errors.clone()))?;
+        let m = Self {
+            idle_kills: counter(
+                &r,
+                "conntracer_idle_kills_total",
+                "Connections that ended after at least the idle threshold with no payload, ended \
+                 by the peer (FIN/RST) or a timeout, including stale reuse.",
+                &[
+                    "namespace",
+                    "pod",
+                    "container",
+                    "role",
+                    "direction",
+                    "peer",
+                    "closed_by",
+                    "close_kind",
+                    "keepalive",
+                ],
+            )?,
+            idle_before_close,
+            connections_open: gauge(
+                &r,
+                "conntracer_connections_open",
+                "Open connections tracked.",
+                &[
+                    "namespace",
+                    "pod",
+                    "container",
+                    "role",
+                    "direction",
+                    "keepalive",
+                ],
+            )?,
+            keepalive_sockopts: counter(
+                &r,
+                "conntracer_keepalive_sockopts_total",
+                "Keepalive socket options set (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, \
+                 TCP_KEEPCNT, TCP_USER_TIMEOUT).",
+                &["namespace", "pod", "container", "role", "option", "value"],
+            )?,
+            stale_reuse: counter(
+                &r,
+                "conntracer_stale_reuse_total",
+                "First sends after at least the idle threshold of silence answered by a reset or \
+                 never acknowledged.",
+                &[
+                    "namespace",
+                    "pod",
+                    "container",
+                    "role",
+                    "direction",
+                    "peer",
+                    "outcome",
+                ],
+            )?,
+            sidecar_chain_kills: counter(
+                &r,
+                "conntracer_sidecar_chain_kills_total",
+                "App connections through the pod's sidecar that ended, by the leg that ended first.",
+                &["namespace", "pod", "peer", "origin", "upstream_keepalive"],
+            )?,
+            sidecar_keepalive_mismatch: gauge(
+                &r,
+                "conntracer_sidecar_keepalive_mismatch",
+                "Open app->sidecar->upstream chains with keepalive on the app leg and off upstream.",
+                &["namespace", "pod", "peer"],
+            )?,
+            events: counter(
+                &r,
+                "conntracer_events_total",
+                "Kernel events received, by kind.",
+                &["kind"],
+            )?,
+            events_lost,
+            tracked_connections: tracked,
+            label_overflow: counter(
+                &r,
+                "conntracer_label_overflow_total",
+                "Label values folded into \"other\" by the label caps.",
+                &["label"],
+            )?,
+            table_evictions: evictions,
+            decode_errors,
+            build_info: gauge(
+                &r,
+                "conntracer_build_info",
+                "Always 1; labels name the build.",
+                &["version"],
+            )?,
+            registry: r,
+        };
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| {
+                log::error!("cannot encode metrics: {e}");
+                String::new()
+            })
+    }
+}
