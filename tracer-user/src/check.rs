@@ -127,48 +127,7 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
         format!("{lockdown} (conn-tracer needs no kprobes or fentry, so lockdown is fine)"),
     ));
 
-    // BTF, offsets and tracepoint types.
-    let btf_ok = match offsets::load_btf(btf_path) {
-        Ok(btf) => {
-            probes.push(Probe::new(
-                "kernel BTF",
-                Status::Ok,
-                btf_path.display().to_string(),
-            ));
-            match offsets::kernel_offsets(&btf) {
-                Ok(o) => probes.push(Probe::new(
-                    "struct offsets",
-                    Status::Ok,
-                    format!(
-                        "sock_common, sock, net resolved from BTF (skc_family@{}, sk_protocol@{}, \
-                         sk_err@{}, net.ns.inum@{})",
-                        o.skc_family, o.sk_protocol, o.sk_err, o.net_ns_inum
-                    ),
-                )),
-                Err(e) => probes.push(Probe::new("struct offsets", Status::Missing, e.to_string())),
-            }
-            for &(_, tp, what) in PROGRAMS {
-                let typedef = format!("btf_trace_{tp}");
-                let found = btf
-                    .resolve_ids_by_name(&typedef)
-                    .is_ok_and(|ids| !ids.is_empty());
-                probes.push(if found {
-                    Probe::new(format!("tracepoint {tp}"), Status::Ok, what)
-                } else {
-                    Probe::new(
-                        format!("tracepoint {tp}"),
-                        Status::Missing,
-                        format!("no {typedef} in kernel BTF: kernel too old for {what}"),
-                    )
-                });
-            }
-            true
-        }
-        Err(e) => {
-            probes.push(Probe::new("kernel BTF", Status::Missing, e.to_string()));
-            false
-        }
-    };
+    let btf_ok = btf_probes(btf_path, &mut probes);
 
     for (map, name, need) in [
         (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
@@ -225,6 +184,51 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
         });
     }
     probes
+}
+
+/// Kernel BTF, the struct offsets it gives, and the tracepoints' types.
+fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
+    match offsets::load_btf(btf_path) {
+        Ok(btf) => {
+            probes.push(Probe::new(
+                "kernel BTF",
+                Status::Ok,
+                btf_path.display().to_string(),
+            ));
+            match offsets::kernel_offsets(&btf) {
+                Ok(o) => probes.push(Probe::new(
+                    "struct offsets",
+                    Status::Ok,
+                    format!(
+                        "sock_common, sock, net resolved from BTF (skc_family@{}, sk_protocol@{}, \
+                         sk_err@{}, net.ns.inum@{})",
+                        o.skc_family, o.sk_protocol, o.sk_err, o.net_ns_inum
+                    ),
+                )),
+                Err(e) => probes.push(Probe::new("struct offsets", Status::Missing, e.to_string())),
+            }
+            for &(_, tp, what) in PROGRAMS {
+                let typedef = format!("btf_trace_{tp}");
+                let found = btf
+                    .resolve_ids_by_name(&typedef)
+                    .is_ok_and(|ids| !ids.is_empty());
+                probes.push(if found {
+                    Probe::new(format!("tracepoint {tp}"), Status::Ok, what)
+                } else {
+                    Probe::new(
+                        format!("tracepoint {tp}"),
+                        Status::Missing,
+                        format!("no {typedef} in kernel BTF: kernel too old for {what}"),
+                    )
+                });
+            }
+            true
+        }
+        Err(e) => {
+            probes.push(Probe::new("kernel BTF", Status::Missing, e.to_string()));
+            false
+        }
+    }
 }
 
 /// True when every required probe passed.

@@ -147,3 +147,30 @@ pub fn target_dir() -> Result<PathBuf> {
         .map(PathBuf::from)
         .context("`cargo metadata` output has no target_directory")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_quotes_only_what_a_shell_would_split() {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["test", "--workspace", "it's here", ""])
+            .env("CONN_TRACER_BIN", "/work/main/target/debug/conn-tracer");
+        assert_eq!(
+            display(&cmd),
+            "CONN_TRACER_BIN=/work/main/target/debug/conn-tracer cargo test --workspace \
+             'it'\\''s here' ''"
+        );
+    }
+
+    #[test]
+    fn exit_code_is_the_childs_or_128_plus_signal() {
+        let failed = |status| CommandFailed {
+            command: String::new(),
+            status,
+        };
+        assert_eq!(failed(ExitStatus::from_raw(101 << 8)).exit_code(), 101);
+        assert_eq!(failed(ExitStatus::from_raw(9)).exit_code(), 128 + 9);
+    }
+}

@@ -31,8 +31,14 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     },
 ];
 
+/// `cargo xtask setup`.
 pub fn setup() -> Result<()> {
     println!("== setup");
+    ensure_all()
+}
+
+/// Checks every piece and installs the missing ones, saying which.
+pub fn ensure_all() -> Result<()> {
     let mut done = Vec::new();
     check_nightly()?;
     if ensure_rust_src()? {
@@ -59,17 +65,7 @@ fn check_nightly() -> Result<()> {
         "`rustup toolchain list` failed: rustup is needed (https://rustup.rs); \
          is ~/.cargo/bin on PATH?",
     )?;
-    // Lines look like `nightly-x86_64-unknown-linux-gnu (default)`; a dated
-    // `nightly-2026-01-01-...` is another toolchain.
-    let found = list
-        .lines()
-        .filter_map(|line| line.split_whitespace().next())
-        .find(|name| {
-            *name == NIGHTLY
-                || name
-                    .strip_prefix("nightly-")
-                    .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
-        });
+    let found = find_nightly(&list);
     match found {
         Some(name) => {
             println!("nightly toolchain: {name} present");
@@ -82,6 +78,20 @@ fn check_nightly() -> Result<()> {
              and run `cargo xtask setup` again"
         ),
     }
+}
+
+/// The installed `nightly` toolchain in `rustup toolchain list` output.
+fn find_nightly(list: &str) -> Option<&str> {
+    // Lines look like `nightly-x86_64-unknown-linux-gnu (default)`; a dated
+    // `nightly-2026-01-01-...` is another toolchain.
+    list.lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .find(|name| {
+            *name == NIGHTLY
+                || name
+                    .strip_prefix("nightly-")
+                    .is_some_and(|host| !host.starts_with(|c: char| c.is_ascii_digit()))
+        })
 }
 
 /// Adds rust-src to nightly (needed by `-Z build-std=core`). Returns whether
@@ -107,8 +117,12 @@ fn ensure_rust_src() -> Result<bool> {
 /// The bpf-linker version on PATH, e.g. `Some("0.10.3")`.
 fn bpf_linker_version() -> Option<String> {
     let out = probe(Command::new("bpf-linker").arg("--version"))?;
-    // `bpf-linker 0.10.3`
-    out.split_whitespace().nth(1).map(str::to_owned)
+    parse_version(&out).map(str::to_owned)
+}
+
+/// `0.10.3` from `bpf-linker 0.10.3`.
+fn parse_version(out: &str) -> Option<&str> {
+    out.split_whitespace().nth(1)
 }
 
 /// Installs bpf-linker unless the one on PATH is the pinned version. Returns
@@ -188,4 +202,29 @@ fn apt_get(args: &[&str]) -> Result<()> {
         );
     };
     run(cmd.args(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nightly_is_found_by_host_name_not_by_date() {
+        let list = "stable-x86_64-unknown-linux-gnu (active, default)\n\
+                    nightly-2026-01-01-x86_64-unknown-linux-gnu\n\
+                    nightly-x86_64-unknown-linux-gnu\n\
+                    1.95.0-x86_64-unknown-linux-gnu\n";
+        assert_eq!(find_nightly(list), Some("nightly-x86_64-unknown-linux-gnu"));
+        let dated_only = "stable-x86_64-unknown-linux-gnu (default)\n\
+                          nightly-2026-01-01-x86_64-unknown-linux-gnu\n";
+        assert_eq!(find_nightly(dated_only), None);
+        assert_eq!(find_nightly("no installed toolchains\n"), None);
+    }
+
+    #[test]
+    fn bpf_linker_version_is_the_second_word() {
+        assert_eq!(parse_version("bpf-linker 0.10.3\n"), Some("0.10.3"));
+        assert_eq!(parse_version("bpf-linker 0.11.0"), Some("0.11.0"));
+        assert_eq!(parse_version(""), None);
+    }
 }

@@ -1,5 +1,7 @@
-//! `cargo xtask test`: what CI runs (`.ci/run`). Formatting and lints do not
-//! stop the run, so one run reports everything; the tests need the build.
+//! `cargo xtask test`: what CI runs (`.ci/run`). A failed format check or
+//! lint does not stop the run, nor does one failed test binary the others
+//! (`--no-fail-fast`), so one run reports everything; only a failed build
+//! skips the tests.
 
 use std::{
     env,
@@ -51,21 +53,37 @@ fn skipped(name: &'static str, reason: &'static str) -> Step {
     }
 }
 
+/// `cargo fmt --check`, with nightly's rustfmt when it has one: rustfmt.toml
+/// asks for import grouping, which only nightly rustfmt applies.
+fn fmt_step() -> Step {
+    let has_rustfmt =
+        |toolchain: &[&str]| probe(cargo().args(toolchain).args(["fmt", "--version"])).is_some();
+    let toolchain: &[&str] = if has_rustfmt(&["+nightly"]) {
+        &["+nightly"]
+    } else if has_rustfmt(&[]) {
+        &[]
+    } else {
+        return skipped(
+            "fmt",
+            "rustfmt not installed (rustup component add rustfmt)",
+        );
+    };
+    step("fmt", || {
+        if toolchain.is_empty() {
+            println!("nightly has no rustfmt; stable's ignores the import options");
+        }
+        run(cargo().args(toolchain).args(["fmt", "--all", "--check"]))
+    })
+}
+
 pub fn test() -> Result<()> {
     let ci = env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     let root = is_root();
     let mut steps = Vec::new();
 
-    steps.push(step("setup", setup::setup));
+    steps.push(step("setup", setup::ensure_all));
     if matches!(steps[0].outcome, Outcome::Passed) {
-        steps.push(if probe(cargo().args(["fmt", "--version"])).is_some() {
-            step("fmt", || run(cargo().args(["fmt", "--all", "--check"])))
-        } else {
-            skipped(
-                "fmt",
-                "rustfmt not installed (rustup component add rustfmt)",
-            )
-        });
+        steps.push(fmt_step());
         steps.push(step("clippy", || {
             run(cargo().args([
                 "clippy",
@@ -87,7 +105,7 @@ pub fn test() -> Result<()> {
                 // CI (and the rest of the environment) is inherited: the
                 // integration tests must not skip in CI.
                 run(cargo()
-                    .args(["test", "--workspace"])
+                    .args(["test", "--workspace", "--no-fail-fast"])
                     .env("CONN_TRACER_BIN", bin))
             })
         } else {
@@ -116,9 +134,9 @@ pub fn test() -> Result<()> {
     println!(
         "  integration tests: {}",
         match (root, ci) {
-            (true, _) => "run (root)",
-            (false, false) => "skipped where they need root (not root, CI unset)",
-            (false, true) => "need root: they fail in CI when not root",
+            (true, _) => "included (running as root)",
+            (false, false) => "those that need root skip themselves (not root, CI unset)",
+            (false, true) => "those that need root fail (not root, CI set)",
         }
     );
 
