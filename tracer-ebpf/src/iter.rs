@@ -41,10 +41,9 @@ pub fn dump_tcp(ctx: *mut c_void) -> i32 {
         return 0;
     }
     let state: u8 = read(sk, off.skc_state);
-    // Listeners, request and time-wait sockets are not connections (the
-    // latter two are not even full sockets).
-    if state == tcp_state::LISTEN
-        || state == tcp_state::TIME_WAIT
+    // Request and time-wait sockets are not full sockets. Listeners are
+    // reported: they tell accepted connections from outgoing ones.
+    if state == tcp_state::TIME_WAIT
         || state == tcp_state::NEW_SYN_RECV
         || state == tcp_state::CLOSE
     {

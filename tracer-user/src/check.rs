@@ -177,7 +177,10 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
                 Probe::new(
                     "load and attach",
                     Status::Ok,
-                    format!("{} programs loaded, attached and detached", PROGRAMS.len()),
+                    format!(
+                        "{} programs loaded, attached and detached",
+                        crate::kernel::PROGRAM_COUNT
+                    ),
                 )
             }
             Err(e) => Probe::new("load and attach", Status::Missing, e.to_string()),

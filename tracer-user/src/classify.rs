@@ -206,7 +206,10 @@ pub fn verdict(e: &Ending, threshold: Duration) -> Verdict {
 
 /// Keepalive settings in seconds, as shown to people.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
-#[expect(clippy::struct_excessive_bools, reason = "a flat JSON view of independent facts")]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "a flat JSON view of independent facts"
+)]
 pub struct KeepaliveView {
     pub enabled: bool,
     pub idle_s: f64,

@@ -21,7 +21,7 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{CloseData, EventInfo, SockoptData, owner_flags};
+use tracer_common::{CloseData, EventInfo, SockoptData, owner_flags, tcp_state};
 
 use crate::{
     classify::{self, KeepaliveView},
@@ -197,13 +197,16 @@ impl State {
     /// Adds connections the kernel iterator found that the table lacks
     /// (opened before the tracer, or dropped from a full table).
     pub fn seed(&mut self, snapshot: &[ConnEvent]) {
+        let listening = listeners(snapshot);
         for ev in snapshot {
             if let EventData::Snapshot(s) = ev.data {
                 self.hz.observe(s.jiffies, ev.info.ts_ns);
-                if self.table.get(ev.info.cookie).is_none() {
+                if ev.info.sock.state != tcp_state::LISTEN
+                    && self.table.get(ev.info.cookie).is_none()
+                {
                     let hz = self.hz.get().0;
                     self.table.insert(Conn {
-                        info: ev.info,
+                        info: with_direction_hint(ev.info, &listening),
                         seen_ns: ev.info.ts_ns,
                         opened: false,
                         ka: s.ka,
@@ -251,13 +254,18 @@ impl State {
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
+        let listening = listeners(snapshot);
         for ev in snapshot {
             let EventData::Snapshot(s) = ev.data else {
                 continue;
             };
+            if ev.info.sock.state == tcp_state::LISTEN {
+                continue;
+            }
             seen.insert(ev.info.cookie);
             let tracked = self.table.get(ev.info.cookie);
-            let mut info = tracked.map_or(ev.info, |c| c.info);
+            let mut info =
+                tracked.map_or_else(|| with_direction_hint(ev.info, &listening), |c| c.info);
             info.sock.state = ev.info.sock.state;
             let mut v = self.view(&info, tracked, &KeepaliveView::new(&s.ka, hz), now, clock);
             let j = s.jiffies as u32;
@@ -327,6 +335,29 @@ impl State {
                 .map(|c| Duration::from_nanos(now.saturating_sub(c.seen_ns)).as_secs_f64()),
         }
     }
+}
+
+/// (netns, local port) of every listening socket in a snapshot.
+fn listeners(snapshot: &[ConnEvent]) -> std::collections::HashSet<(u32, u16)> {
+    snapshot
+        .iter()
+        .filter(|ev| ev.info.sock.state == tcp_state::LISTEN)
+        .map(|ev| (ev.info.netns, ev.info.sock.sport))
+        .collect()
+}
+
+/// A connection of unknown owner whose local port is a listener's in its
+/// namespace was accepted: mark it so (as an inherited owner would be).
+fn with_direction_hint(
+    mut info: EventInfo,
+    listening: &std::collections::HashSet<(u32, u16)>,
+) -> EventInfo {
+    if info.owner.flags & owner_flags::KNOWN == 0
+        && listening.contains(&(info.netns, info.sock.sport))
+    {
+        info.owner.flags |= owner_flags::INHERITED;
+    }
+    info
 }
 
 /// One connection as `/connections` reports it.

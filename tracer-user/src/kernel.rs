@@ -22,6 +22,10 @@ use tracer_common::{
 
 use crate::offsets::{self, OffsetsError};
 
+/// Everything loaded: the BTF tracepoints, the setsockopt observer and the
+/// TCP iterator.
+pub const PROGRAM_COUNT: usize = PROGRAMS.len() + 2;
+
 /// The TCP socket iterator.
 pub const ITER_PROGRAM: &str = "dump_tcp";
 
@@ -267,7 +271,9 @@ impl Kernel {
     }
 
     /// Every live TCP connection on the host, as the kernel's TCP iterator
-    /// sees it right now (one pass over the socket hash tables).
+    /// sees it right now: one pass over each network namespace's sockets,
+    /// from a short-lived thread that enters each namespace in turn (the
+    /// iterator walks the namespace its reader is created in).
     pub fn snapshot(&mut self) -> Result<Vec<crate::event::ConnEvent>, KernelError> {
         let err = |source| KernelError::Program {
             program: ITER_PROGRAM,
@@ -281,19 +287,39 @@ impl Kernel {
             .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
             .try_into()
             .map_err(err)?;
-        let link_id = prog.attach().map_err(err)?;
-        let link = prog.take_link(link_id).map_err(err)?;
-        let mut file = link
-            .into_file()
-            .map_err(|e| KernelError::Iter(e.to_string()))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut file, &mut bytes)
-            .map_err(|e| KernelError::Iter(e.to_string()))?;
+        let namespaces = crate::netns::list();
         let size = size_of::<tracer_common::Event<tracer_common::SnapshotData>>();
-        Ok(bytes
-            .chunks_exact(size)
-            .filter_map(|rec| crate::event::decode(rec).ok())
-            .collect())
+        std::thread::scope(|scope| {
+            scope
+                .spawn(
+                    move || -> Result<Vec<crate::event::ConnEvent>, KernelError> {
+                        let mut out = Vec::new();
+                        for (ino, path) in &namespaces {
+                            if let Err(e) = crate::netns::enter(path) {
+                                // Namespaces come and go with their processes.
+                                log::debug!("skipping netns {ino} ({}): {e}", path.display());
+                                continue;
+                            }
+                            let link_id = prog.attach().map_err(err)?;
+                            let link = prog.take_link(link_id).map_err(err)?;
+                            let mut file = link
+                                .into_file()
+                                .map_err(|e| KernelError::Iter(e.to_string()))?;
+                            let mut bytes = Vec::new();
+                            std::io::Read::read_to_end(&mut file, &mut bytes)
+                                .map_err(|e| KernelError::Iter(e.to_string()))?;
+                            out.extend(
+                                bytes
+                                    .chunks_exact(size)
+                                    .filter_map(|r| crate::event::decode(r).ok()),
+                            );
+                        }
+                        Ok(out)
+                    },
+                )
+                .join()
+                .unwrap_or_else(|_| Err(KernelError::Iter("snapshot thread panicked".into())))
+        })
     }
 
     /// Total of [`Self::lost_events`].

@@ -175,7 +175,7 @@ mod tests {
         let v4: IpAddr = Ipv4Addr::new(10, 0, 0, 7).into();
         assert_eq!(peer_label(v4, 3306, Direction::Outbound), "10.0.0.7:3306");
         assert_eq!(peer_label(v4, 51234, Direction::Inbound), "10.0.0.7");
-        let mapped: IpAddr = Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped().into();
+        let mapped: IpAddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().into();
         assert_eq!(
             peer_label(mapped, 6379, Direction::Outbound),
             "127.0.0.1:6379"

@@ -14,6 +14,7 @@ pub mod jiffies;
 pub mod kernel;
 pub mod labels;
 pub mod metrics;
+pub mod netns;
 pub mod offsets;
 pub mod table;
 pub mod trace;

@@ -49,7 +49,10 @@ fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::R
 }
 
 impl Metrics {
-    #[expect(clippy::too_many_lines, reason = "one registration per contract metric")]
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one registration per contract metric"
+    )]
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let idle_before_close = HistogramVec::new(
