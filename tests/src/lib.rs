@@ -27,6 +27,10 @@ use std::{
 
 use serde_json::Value;
 
+pub mod daemon;
+pub mod netlab;
+pub mod servers;
+
 /// Bound on one step of a test: a peer's next line, a peer's exit, an event.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on the tracer's start (BTF parsing, program load and attach).

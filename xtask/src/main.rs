@@ -15,7 +15,13 @@ use clap::{Parser, Subcommand};
 use crate::cmd::{CommandFailed, cargo, display, find_program, is_root, run, target_dir};
 
 /// What `cargo xtask run` passes to conn-tracer when given no arguments.
-const DEFAULT_RUN_ARGS: &[&str] = &["run", "--listen", "127.0.0.1:9090", "--idle-threshold", "60s"];
+const DEFAULT_RUN_ARGS: &[&str] = &[
+    "run",
+    "--listen",
+    "127.0.0.1:9090",
+    "--idle-threshold",
+    "60s",
+];
 
 #[derive(Parser)]
 #[command(

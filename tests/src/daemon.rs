@@ -1,0 +1,285 @@
+//! The `conn-tracer run` daemon under test: start it, scrape it, stop it.
+//!
+//! Every daemon sees every network namespace on the host, so tests that
+//! assert on its metrics take [`serial`] and compare metric deltas, with
+//! scenario-unique peer labels (ports) where labels allow.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, MutexGuard},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::conn_tracer_bin;
+
+/// Held by every test that reads daemon metrics.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A running `conn-tracer run`, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Daemon {
+    /// Starts the daemon with `--idle-threshold threshold` and extra args,
+    /// and waits (bounded) until /healthz answers 200.
+    pub fn start(threshold: &str, extra: &[&str]) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let child = Command::new(conn_tracer_bin())
+            .args([
+                "run",
+                "--listen",
+                &addr.to_string(),
+                "--idle-threshold",
+                threshold,
+            ])
+            .args(extra)
+            .env("RUST_BACKTRACE", "0")
+            .env(
+                "RUST_LOG",
+                std::env::var("CT_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn conn-tracer run");
+        let daemon = Self { child, addr };
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            if let Ok((200, _)) = http_get(addr, "/healthz") {
+                return daemon;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "conn-tracer run did not become healthy in 60 s"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn scrape(&self) -> Metrics {
+        let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "/metrics answered {status}: {body}");
+        Metrics::parse(&body)
+    }
+
+    pub fn connections(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.addr, "/connections").expect("GET /connections");
+        assert_eq!(status, 200, "/connections answered {status}: {body}");
+        serde_json::from_str(&body).expect("/connections is JSON")
+    }
+
+    /// Scrapes until `pred` holds, at most `timeout`; returns the last scrape.
+    pub fn wait_metrics(&self, timeout: Duration, pred: impl Fn(&Metrics) -> bool) -> Metrics {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let m = self.scrape();
+            if pred(&m) || Instant::now() >= deadline {
+                return m;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM and wait; returns whether it exited 0.
+    pub fn stop(mut self) -> bool {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> bool {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return status.success();
+        }
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// GET over HTTP/1.1 keep-alive; (status, body). The response is read by
+/// its Content-Length and then *this* side closes first, as a scraper with
+/// keep-alive does: a server-closed HTTP connection would itself show up
+/// as an outbound connection closed by its peer in the metrics under test.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let (head_len, body_len) = loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed early",
+            ));
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if let Some(pos) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..pos]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (pos + 4, len);
+        }
+    };
+    while raw.len() < head_len + body_len {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let head = String::from_utf8_lossy(&raw[..head_len]).into_owned();
+    let body = String::from_utf8_lossy(&raw[head_len..]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body))
+}
+
+/// One Prometheus text exposition, parsed.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("sample line has a value");
+            let value: f64 = value.parse().expect("sample value is a number");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, parse_labels(rest.trim_end_matches('}'))),
+                None => (series, BTreeMap::new()),
+            };
+            samples.push((name.to_string(), labels, value));
+        }
+        Self { samples }
+    }
+
+    /// Sum of the samples of `name` whose labels include all of `want`.
+    pub fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        self.matching(name, want).map(|(_, _, v)| v).sum()
+    }
+
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        want: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = &'a (String, BTreeMap<String, String>, f64)> + 'a {
+        self.samples.iter().filter(move |(n, labels, _)| {
+            n == name
+                && want
+                    .iter()
+                    .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+    }
+
+    /// Whether a metric family has any sample or was declared.
+    pub fn has(&self, name: &str) -> bool {
+        self.samples.iter().any(|(n, _, _)| n == name)
+    }
+
+    /// Every sample of `name` as text, for failure messages.
+    pub fn dump(&self, name: &str) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for (n, l, v) in self.samples.iter().filter(|(n, _, _)| n.starts_with(name)) {
+            let _ = writeln!(out, "{n}{l:?} {v}");
+        }
+        out
+    }
+}
+
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut rest = s;
+    while let Some((key, after)) = rest.split_once("=\"") {
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = after.len();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => {
+                    if let Some((_, n)) = chars.next() {
+                        value.push(if n == 'n' { '\n' } else { n });
+                    }
+                }
+                '"' => {
+                    end = i + 1;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        out.insert(key.trim_start_matches(',').trim().to_string(), value);
+        rest = &after[end..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[expect(clippy::float_cmp, reason = "small integers are exact in f64")]
+    fn parses_prometheus_text() {
+        let m = Metrics::parse(
+            "# HELP x y\n# TYPE x counter\nx{a=\"1\",b=\"q\\\"z\"} 3\nx{a=\"2\",b=\"\"} 4\ny 7.5\n",
+        );
+        assert_eq!(m.sum("x", &[]), 7.0);
+        assert_eq!(m.sum("x", &[("a", "1")]), 3.0);
+        assert_eq!(m.sum("x", &[("b", "q\"z")]), 3.0);
+        assert_eq!(m.sum("x", &[("b", "")]), 4.0);
+        assert_eq!(m.sum("y", &[]), 7.5);
+        assert!(m.has("y") && !m.has("z"));
+    }
+}

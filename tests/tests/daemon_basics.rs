@@ -1,0 +1,233 @@
+//! `conn-tracer run` and `conn-tracer connections` as an operator meets
+//! them: health, the contract's metric families, the live connection list
+//! (including connections older than the daemon, with their true keepalive
+//! settings), and clear errors for bad settings.
+
+#![expect(
+    clippy::float_cmp,
+    reason = "metric values compared here are small integers, exact in f64"
+)]
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use integration_tests::{
+    NetNs, conn_tracer_bin,
+    daemon::{Daemon, serial},
+    require_root_or_skip,
+};
+
+/// A Python client in `ns` that connects to a local listener with the given
+/// keepalive settings (set before connecting), prints its ports, and holds
+/// the connection until stdin closes.
+const HOLDER: &str = r#"
+import socket, sys
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+c.connect(srv.getsockname()); a, _ = srv.accept()
+c.sendall(b"hello"); a.recv(5)
+print(c.getsockname()[1], srv.getsockname()[1], flush=True)
+for line in sys.stdin:
+    if line.strip() == "idle":
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 45)
+        print("set", flush=True)
+"#;
+
+fn find_conn(list: &serde_json::Value, local_port: u16) -> Option<serde_json::Value> {
+    list.as_array()?
+        .iter()
+        .find(|c| {
+            c["local"]
+                .as_str()
+                .is_some_and(|l| l.ends_with(&format!(":{local_port}")))
+        })
+        .cloned()
+}
+
+#[test]
+fn root_connections_older_than_the_daemon_show_their_true_keepalive() {
+    if !require_root_or_skip("root_connections_older_than_the_daemon_show_their_true_keepalive") {
+        return;
+    }
+    let _serial = serial();
+    let ns = NetNs::new();
+    let mut holder = ns
+        .command("python3")
+        .args(["-c", HOLDER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut out = BufReader::new(holder.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ports");
+    let mut ports = line
+        .split_whitespace()
+        .map(|p| p.parse::<u16>().expect("port"));
+    let (client_port, server_port) = (ports.next().expect("client"), ports.next().expect("server"));
+
+    // The daemon starts after the options were set and the connection opened.
+    let daemon = Daemon::start("1s", &[]);
+    let list = daemon.connections();
+    let conn = find_conn(&list, client_port)
+        .unwrap_or_else(|| panic!("client :{client_port} not in {list:#}"));
+    assert_eq!(conn["state"], "ESTABLISHED", "{conn}");
+    assert_eq!(conn["direction"], "outbound", "{conn}");
+    assert_eq!(conn["owner"], "unknown", "opened before the daemon: {conn}");
+    assert_eq!(conn["netns"].as_u64(), Some(ns.inode()), "{conn}");
+    assert_eq!(conn["remote"], format!("127.0.0.1:{server_port}"), "{conn}");
+    let ka = &conn["keepalive"];
+    assert_eq!(ka["enabled"], true, "{conn}");
+    assert_eq!(
+        (
+            ka["idle_s"].as_f64(),
+            ka["interval_s"].as_f64(),
+            ka["probes"].as_u64()
+        ),
+        (Some(30.0), Some(5.0), Some(3)),
+        "{conn}"
+    );
+    assert_eq!(
+        conn["bytes_acked"].as_u64(),
+        Some(5 + 1),
+        "5 payload bytes + SYN: {conn}"
+    );
+    assert!(conn["idle_s"].as_f64().is_some_and(|i| i < 30.0), "{conn}");
+    let server_side = find_conn(&list, server_port).expect("accepted side listed");
+    assert_eq!(server_side["direction"], "inbound", "{server_side}");
+    assert_eq!(server_side["keepalive"]["enabled"], false, "{server_side}");
+
+    // An option set now is seen live, and counted as a sockopt.
+    let before = daemon.scrape().sum(
+        "conntracer_keepalive_sockopts_total",
+        &[("option", "TCP_KEEPIDLE"), ("value", "45")],
+    );
+    writeln!(holder.stdin.as_mut().expect("stdin"), "idle").expect("write");
+    line.clear();
+    out.read_line(&mut line).expect("set");
+    let list = daemon.connections();
+    let conn = find_conn(&list, client_port).expect("still listed");
+    assert_eq!(conn["keepalive"]["idle_s"].as_f64(), Some(45.0), "{conn}");
+    let m = daemon.wait_metrics(Duration::from_secs(5), |m| {
+        m.sum(
+            "conntracer_keepalive_sockopts_total",
+            &[("option", "TCP_KEEPIDLE"), ("value", "45")],
+        ) > before
+    });
+    assert_eq!(
+        m.sum(
+            "conntracer_keepalive_sockopts_total",
+            &[
+                ("option", "TCP_KEEPIDLE"),
+                ("value", "45"),
+                ("role", "host")
+            ]
+        ) - before,
+        1.0,
+        "{}",
+        m.dump("conntracer_keepalive_sockopts_total")
+    );
+
+    // The table view of the same daemon.
+    let table = Command::new(conn_tracer_bin())
+        .args(["connections", "--from", &format!("http://{}", daemon.addr)])
+        .output()
+        .expect("conn-tracer connections");
+    assert!(table.status.success(), "{table:?}");
+    let text = String::from_utf8_lossy(&table.stdout);
+    let row = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(4) == Some(format!("127.0.0.1:{client_port}").as_str()))
+        .unwrap_or_else(|| panic!("no row for :{client_port} in\n{text}"));
+    assert!(
+        row.contains("keepalive(45/5/3)")
+            && row.contains("ESTABLISHED")
+            && row.contains("outbound"),
+        "{row}"
+    );
+    assert!(text.starts_with("STATE"), "{text}");
+
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    assert!(daemon.stop(), "daemon exits 0 on SIGTERM");
+}
+
+#[test]
+fn root_daemon_serves_health_and_contract_metrics() {
+    if !require_root_or_skip("root_daemon_serves_health_and_contract_metrics") {
+        return;
+    }
+    let _serial = serial();
+    let daemon = Daemon::start("1s", &[]);
+    let (status, body) =
+        integration_tests::daemon::http_get(daemon.addr, "/healthz").expect("healthz");
+    assert_eq!((status, body.trim()), (200, "ok: kernel programs attached"));
+    let (status, _) = integration_tests::daemon::http_get(daemon.addr, "/nope").expect("404");
+    assert_eq!(status, 404);
+    let m = daemon.scrape();
+    for family in [
+        "conntracer_build_info",
+        "conntracer_events_lost_total",
+        "conntracer_tracked_connections",
+    ] {
+        assert!(m.has(family), "{family} missing");
+    }
+    assert_eq!(m.sum("conntracer_events_lost_total", &[]), 0.0);
+    assert_eq!(
+        m.sum(
+            "conntracer_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(daemon.stop());
+}
+
+#[test]
+fn bad_settings_exit_2_with_a_clear_message() {
+    let run = |args: &[&str]| {
+        Command::new(conn_tracer_bin())
+            .arg("run")
+            .args(args)
+            .output()
+            .expect("conn-tracer run")
+    };
+    let out = run(&["--idle-threshold", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a duration"),
+        "{out:?}"
+    );
+
+    let dir =
+        std::env::temp_dir().join(format!("ct-config-{}", integration_tests::unique_suffix()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let bad = dir.join("bad.toml");
+    std::fs::File::create(&bad)
+        .and_then(|mut f| f.write_all(b"ring_bytes = 1000\n"))
+        .expect("write");
+    let out = run(&["--config", bad.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("ring_bytes"),
+        "{out:?}"
+    );
+    let typo = dir.join("typo.toml");
+    std::fs::write(&typo, "idel_threshold = \"1s\"\n").expect("write");
+    let out = run(&["--config", typo.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
+        "{out:?}"
+    );
+    let out = run(&["--config", "/nonexistent/conn-tracer.toml"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
