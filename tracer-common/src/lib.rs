@@ -300,6 +300,9 @@ pub struct SockState {
     /// [`close_flags`] bits gathered so far.
     pub flags: u8,
     pub pad: u16,
+    /// The socket's network namespace inode (for programs that cannot read it).
+    pub netns: u32,
+    pub pad2: u32,
 }
 
 /// One event as it sits in the ring buffer.
@@ -398,7 +401,7 @@ const _: () = assert!(size_of::<OpenData>() == 24);
 const _: () = assert!(size_of::<CloseData>() == 96);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 56);
-const _: () = assert!(size_of::<SockState>() == 48 + 40);
+const _: () = assert!(size_of::<SockState>() == 48 + 48);
 
 #[cfg(feature = "user")]
 mod pod {

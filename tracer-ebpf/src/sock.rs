@@ -88,6 +88,12 @@ fn net_of(sk: *const c_void, off: &KernelOffsets) -> *const c_void {
     read(sk, off.skc_net)
 }
 
+/// Inode of the socket's network namespace.
+#[inline(always)]
+pub fn netns_of(sk: *const c_void, off: &KernelOffsets) -> u32 {
+    read(net_of(sk, off), off.net_ns_inum)
+}
+
 /// Effective keepalive configuration of a TCP socket: its own values where
 /// it set them, its namespace's sysctls otherwise.
 #[inline(always)]
@@ -141,7 +147,7 @@ pub fn fill_info(
         (*info).cookie = bpf_get_socket_cookie(sk.cast_mut());
         (*info).kind = event_kind;
         (*info).pad = 0;
-        (*info).netns = read(net_of(sk, off), off.net_ns_inum);
+        (*info).netns = netns_of(sk, off);
 
         let s = &raw mut (*info).sock;
         let family: u16 = read(sk, off.skc_family);

@@ -57,10 +57,41 @@ fn try_setsockopt(ctx: &SockoptContext) {
     if !watched(level, optname) || sk.is_null() {
         return;
     }
-    // SAFETY: non-NULL context socket.
-    let (protocol, family) = unsafe { ((*sk).protocol, (*sk).family) };
+    // Context fields must be read with exactly their own width: volatile
+    // keeps the compiler from merging neighbouring u32 loads.
+    // SAFETY: non-NULL context socket; every read is of one bpf_sock field.
+    let rd = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
+    let (protocol, family, sk_state) = unsafe {
+        (
+            rd(&raw const (*sk).protocol),
+            rd(&raw const (*sk).family),
+            rd(&raw const (*sk).state),
+        )
+    };
     if protocol != u32::from(IPPROTO_TCP) {
         return;
+    }
+    let mut addrs = SockAddrs {
+        family: family as u16,
+        state: sk_state as u8,
+        ..SockAddrs::default()
+    };
+    // SAFETY: as above. bpf_sock keeps addresses and dst_port in network
+    // order, src_port in host order.
+    unsafe {
+        addrs.sport = rd(&raw const (*sk).src_port) as u16;
+        addrs.dport = u16::from_be(core::ptr::read_volatile(&raw const (*sk).dst_port));
+        if u16::try_from(family) == Ok(tracer_common::AF_INET) {
+            addrs.saddr[..4].copy_from_slice(&rd(&raw const (*sk).src_ip4).to_ne_bytes());
+            addrs.daddr[..4].copy_from_slice(&rd(&raw const (*sk).dst_ip4).to_ne_bytes());
+        } else {
+            for i in 0..4 {
+                let src = rd(&raw const (*sk).src_ip6[i]).to_ne_bytes();
+                let dst = rd(&raw const (*sk).dst_ip6[i]).to_ne_bytes();
+                addrs.saddr[i * 4..i * 4 + 4].copy_from_slice(&src);
+                addrs.daddr[i * 4..i * 4 + 4].copy_from_slice(&dst);
+            }
+        }
     }
     // SAFETY: bounds-checked against optval_end as the verifier requires.
     let value = unsafe {
@@ -71,7 +102,7 @@ fn try_setsockopt(ctx: &SockoptContext) {
     };
     let state = SOCKS.get_ptr(sk.cast(), false);
     // SAFETY: NULL-checked storage of this socket.
-    let cookie = unsafe { state.as_ref() }.map_or(0, |s| s.cookie);
+    let (cookie, netns) = unsafe { state.as_ref() }.map_or((0, 0), |s| (s.cookie, s.netns));
     let Some(mut entry) = reserve::<SockoptData>(kind::SOCKOPT) else {
         return;
     };
@@ -83,11 +114,8 @@ fn try_setsockopt(ctx: &SockoptContext) {
             cookie,
             kind: kind::SOCKOPT,
             pad: 0,
-            netns: 0,
-            sock: SockAddrs {
-                family: family as u16,
-                ..SockAddrs::default()
-            },
+            netns,
+            sock: addrs,
             owner: current_owner(0),
         };
         (*ev).data = SockoptData {

@@ -120,9 +120,11 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         emit_open(sk, state, &off);
         // SAFETY: NULL-checked storage of this socket.
         if let Some(st) = unsafe { state.as_mut() } {
+            // For the sockopt program, which has neither helper nor offsets.
             // SAFETY: `sk` is the tracepoint's socket.
             st.cookie =
                 unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk.cast_mut()) };
+            st.netns = crate::sock::netns_of(sk, &off);
         }
     } else if new == tcp_state::CLOSE
         // SAFETY: NULL-checked storage of this socket.

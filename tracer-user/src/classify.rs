@@ -166,6 +166,11 @@ pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
 
     let lifetime = (c.established_ns > 0 && end_seen && c.end_ns >= c.established_ns)
         .then(|| Duration::from_nanos(c.end_ns - c.established_ns));
+    // Jiffies stamps round to a tick: never idle for longer than it lived.
+    let idle_at_end = match (idle_at_end, lifetime) {
+        (Some(i), Some(l)) => Some(i.min(l)),
+        (i, _) => i,
+    };
 
     Ending {
         closed_by,

@@ -118,7 +118,11 @@ impl State {
         let peer = self.peer(&at_open, dir);
         log::debug!(
             "{}: {} {} {} -> {} pid {} ({}) closed by {} {} after {:?} idle{}",
-            if verdict.idle_kill { "idle kill" } else { "stale reuse" },
+            if verdict.idle_kill {
+                "idle kill"
+            } else {
+                "stale reuse"
+            },
             dir.as_str(),
             at_open.cookie,
             at_open.sock.sport,
@@ -128,7 +132,9 @@ impl State {
             closed_by,
             ending.close_kind.as_str(),
             ending.idle(),
-            verdict.stale_reuse.map_or(String::new(), |o| format!(", stale reuse ({})", o.as_str())),
+            verdict
+                .stale_reuse
+                .map_or(String::new(), |o| format!(", stale reuse ({})", o.as_str())),
         );
         if verdict.idle_kill {
             let keepalive = if ending.keepalive { "on" } else { "off" };

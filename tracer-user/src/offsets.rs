@@ -467,12 +467,63 @@ mod tests {
             16,
             &[("stashed", u64t, 0, 0), ("inum", u32t, 64, 0)],
         );
+        let netns_ipv4 = b.composite(
+            KIND_STRUCT,
+            "netns_ipv4",
+            16,
+            &[
+                ("sysctl_tcp_keepalive_time", u32t, 0, 0),
+                ("sysctl_tcp_keepalive_probes", u8t, 32, 0),
+                ("sysctl_tcp_keepalive_intvl", u32t, 64, 0),
+            ],
+        );
         b.composite(
             KIND_STRUCT,
             "net",
             64,
-            &[("passive", u32t, 0, 0), ("ns", ns_common, 128, 0)],
+            &[
+                ("passive", u32t, 0, 0),
+                ("ns", ns_common, 128, 0),
+                ("ipv4", netns_ipv4, 256, 0),
+            ],
         );
+        let ack = b.composite(
+            KIND_STRUCT,
+            "",
+            8,
+            &[("pending", u32t, 0, 0), ("lrcvtime", u32t, 32, 0)],
+        );
+        let icsk = b.composite(
+            KIND_STRUCT,
+            "inet_connection_sock",
+            64,
+            &[
+                ("icsk_inet", u64t, 0, 0),
+                ("icsk_retransmits", u8t, 64, 0),
+                ("icsk_probes_out", u8t, 72, 0),
+                ("icsk_ack", ack, 128, 0),
+                ("icsk_user_timeout", u32t, 192, 0),
+            ],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "tcp_sock",
+            200,
+            &[
+                ("inet_conn", icsk, 0, 0),
+                ("bytes_received", u64t, 512, 0),
+                ("bytes_acked", u64t, 576, 0),
+                ("lsndtime", u32t, 640, 0),
+                ("rcv_tstamp", u32t, 672, 0),
+                ("snd_una", u32t, 704, 0),
+                ("snd_nxt", u32t, 736, 0),
+                ("first_tx_mstamp", u64t, 768, 0),
+                ("keepalive_time", u32t, 832, 0),
+                ("keepalive_intvl", u32t, 864, 0),
+                ("keepalive_probes", u8t, 896, 0),
+            ],
+        );
+        b.enumeration("sock_flags", &[("SOCK_DEAD", 0), ("SOCK_KEEPOPEN", 3)]);
         b.enumeration(
             "sk_rst_reason",
             &[
@@ -520,8 +571,10 @@ mod tests {
     #[test]
     fn missing_struct_and_field_are_named() {
         let btf = fake_kernel();
+        let err = field(&btf, "udp_sock", &["pending"]).unwrap_err();
+        assert!(err.to_string().contains("no struct udp_sock"), "{err}");
         let err = field(&btf, "tcp_sock", &["srtt_us"]).unwrap_err();
-        assert!(err.to_string().contains("no struct tcp_sock"), "{err}");
+        assert!(err.to_string().contains("has no field srtt_us"), "{err}");
         let err = field(&btf, "sock", &["sk_nope"]).unwrap_err();
         assert!(err.to_string().contains("has no field sk_nope"), "{err}");
         let err = field(&btf, "net", &["ns", "nope"]).unwrap_err();
