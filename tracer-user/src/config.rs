@@ -92,6 +92,10 @@ pub struct Overrides {
     pub max_peers: Option<usize>,
     pub ring_bytes: Option<u32>,
     pub btf: Option<PathBuf>,
+    pub max_sockopt_values: Option<usize>,
+    pub kernel_hz: Option<u32>,
+    /// `--no-sockopts`: do not attach the setsockopt observer.
+    pub no_sockopts: bool,
 }
 
 impl Config {
@@ -138,6 +142,15 @@ impl Config {
         }
         if let Some(v) = &f.btf {
             self.btf.clone_from(v);
+        }
+        if let Some(v) = f.max_sockopt_values {
+            self.max_sockopt_values = v;
+        }
+        if let Some(v) = f.kernel_hz {
+            self.kernel_hz = Some(v);
+        }
+        if f.no_sockopts {
+            self.trace_sockopts = false;
         }
     }
 

@@ -55,6 +55,16 @@ enum Command {
         /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
         #[arg(long, value_name = "PATH")]
         btf: Option<PathBuf>,
+        /// Most distinct `value` label values of the sockopt metric [default: 100].
+        #[arg(long, value_name = "N")]
+        max_sockopt_values: Option<usize>,
+        /// The kernel's HZ, only if it cannot be detected (it normally is).
+        #[arg(long, value_name = "HZ")]
+        kernel_hz: Option<u32>,
+        /// Do not watch keepalive socket options (no cgroup program at the
+        /// cgroup v2 root; the sockopt metric stays empty).
+        #[arg(long)]
+        no_sockopts: bool,
     },
     /// Show a running daemon's connections: state, direction, owner,
     /// keepalive settings, idle seconds and bytes each way.
@@ -134,6 +144,9 @@ fn main() -> ExitCode {
             max_peers,
             ring_bytes,
             btf,
+            max_sockopt_values,
+            kernel_hz,
+            no_sockopts,
         } => {
             let flags = conn_tracer::config::Overrides {
                 listen,
@@ -142,6 +155,9 @@ fn main() -> ExitCode {
                 max_peers,
                 ring_bytes,
                 btf,
+                max_sockopt_values,
+                kernel_hz,
+                no_sockopts,
             };
             let cfg = match conn_tracer::config::Config::load(config.as_deref(), &flags) {
                 Ok(c) => c,

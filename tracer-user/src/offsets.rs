@@ -385,6 +385,10 @@ mod tests {
     /// A miniature of the kernel's sock_common/sock/net with the same shapes
     /// (anonymous unions, typedefs, volatile, nested structs), at offsets
     /// that differ from any real kernel.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "a fake kernel layout, one struct after another"
+    )]
     fn fake_kernel() -> Btf {
         let mut b = BtfBuilder::new();
         let u8t = b.int("unsigned char", 1);
