@@ -28,6 +28,7 @@ use std::{
 use serde_json::Value;
 
 pub mod daemon;
+pub mod fake_kube;
 pub mod netlab;
 pub mod servers;
 
@@ -246,6 +247,27 @@ impl Peer {
             self.seen,
             lock(&self.stderr)
         )
+    }
+
+    /// Waits for the next stdout line, which must start with one of
+    /// `words`, and returns all its words.
+    pub fn expect_line_any(&mut self, words: &[&str]) -> Vec<String> {
+        match self.lines.recv_timeout(STEP_TIMEOUT) {
+            Ok(line) => {
+                self.seen.push(line.clone());
+                let all: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+                assert!(
+                    all.first().is_some_and(|w| words.contains(&w.as_str())),
+                    "expected one of {words:?} from {}",
+                    self.describe()
+                );
+                all
+            }
+            Err(e) => panic!(
+                "no {words:?} line within {STEP_TIMEOUT:?} ({e:?}) from {}",
+                self.describe()
+            ),
+        }
     }
 
     /// Waits for the next stdout line, which must start with the word

@@ -262,6 +262,9 @@ struct Spawn<'a> {
     user: Option<(u32, u32)>,
     /// Start it as a process-group leader, killed as a group.
     group: bool,
+    /// Start it inside this cgroup v2 directory (so that every socket it
+    /// ever opens is owned by that cgroup, as in a container).
+    cgroup: Option<PathBuf>,
 }
 
 impl ServerProcess {
@@ -285,6 +288,28 @@ impl ServerProcess {
             .stderr(err);
         if how.group {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        if let Some(dir) = &how.cgroup {
+            let procs =
+                std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .expect("cgroup path without NUL");
+            // SAFETY: between fork and exec only async-signal-safe calls,
+            // on memory prepared before the fork: "0" moves the writer.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(
@@ -435,6 +460,7 @@ impl MariaDb {
                 args,
                 user: None,
                 group: false,
+                cgroup: None,
             },
             dir,
         );
@@ -575,6 +601,7 @@ impl Redis {
                 args,
                 user: None,
                 group: false,
+                cgroup: None,
             },
             dir,
         );
@@ -683,6 +710,7 @@ impl Memcached {
                 args,
                 user: None,
                 group: false,
+                cgroup: None,
             },
             dir,
         );
@@ -750,6 +778,7 @@ impl EchoServer {
                 args: vec![listen.into(), "PIPE".into()],
                 user: None,
                 group: true,
+                cgroup: None,
             },
             dir,
         );
@@ -820,6 +849,8 @@ pub struct EnvoyOptions {
     /// Run Envoy as this uid and gid (0: root).
     pub uid: u32,
     pub gid: u32,
+    /// Start Envoy inside this cgroup v2 directory (a container's).
+    pub cgroup: Option<PathBuf>,
 }
 
 impl EnvoyOptions {
@@ -834,6 +865,7 @@ impl EnvoyOptions {
             upstream_keepalive: None,
             uid: 0,
             gid: 0,
+            cgroup: None,
         }
     }
 
@@ -850,6 +882,7 @@ impl EnvoyOptions {
             upstream_keepalive: None,
             uid: SIDECAR_UID,
             gid: SIDECAR_UID,
+            cgroup: None,
         }
     }
 
@@ -941,6 +974,7 @@ impl Envoy {
                 args,
                 user: (opts.uid != 0).then_some((opts.uid, opts.gid)),
                 group: false,
+                cgroup: opts.cgroup.clone(),
             },
             dir,
         );
@@ -1064,6 +1098,47 @@ pub struct SidecarRedirect {
 }
 
 impl SidecarRedirect {
+    /// Istio's outbound capture: the proxy's own traffic (uid `proxy_uid`)
+    /// and loopback go out as they are; every other TCP connection is
+    /// redirected to the proxy's `to_port` (nat OUTPUT, as istio-init does).
+    pub fn istio_outbound(ns: &NetNs, proxy_uid: u32, to_port: u16) -> Self {
+        let rules: Vec<Vec<String>> = [
+            vec![
+                "-p",
+                "tcp",
+                "-m",
+                "owner",
+                "--uid-owner",
+                &proxy_uid.to_string(),
+                "-j",
+                "RETURN",
+            ],
+            vec!["-p", "tcp", "-o", "lo", "-j", "RETURN"],
+            vec![
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &to_port.to_string(),
+            ],
+        ]
+        .iter()
+        .map(|r| r.iter().map(|s| (*s).to_owned()).collect())
+        .collect();
+        let mut guard = Self {
+            ns: ns.name().to_owned(),
+            rules: Vec::new(),
+        };
+        for rule in rules {
+            let mut args = vec!["-w", "5", "-t", "nat", "-A", "OUTPUT"];
+            args.extend(rule.iter().map(String::as_str));
+            run_in(&guard.ns, "iptables", &args);
+            guard.rules.push(rule);
+        }
+        guard
+    }
+
     pub fn install(ns: &NetNs, proxy_uid: u32, destinations: &[SocketAddr], to_port: u16) -> Self {
         let mut rules = vec![vec![
             "-p".to_owned(),

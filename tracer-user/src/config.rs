@@ -54,6 +54,22 @@ pub struct Config {
     /// Watch keepalive socket options (attaches a program at the cgroup v2
     /// root). Default true.
     pub trace_sockopts: bool,
+    /// Kubernetes API base URL (plain http allowed, no auth: `kubectl proxy`,
+    /// tests). Default: the in-cluster service-account config.
+    pub kube_api: Option<String>,
+    /// Run without pod metadata (host and container-ID labels only).
+    pub no_kube: bool,
+    /// This node's name, for the pod watch. Default: $NODE_NAME (downward
+    /// API), else the hostname.
+    pub node_name: Option<String>,
+    /// Owner uids that make a process in a pod the mesh sidecar. Default [1337].
+    pub sidecar_uids: Vec<u32>,
+    /// Container or process names that make a process the sidecar.
+    /// Default: `istio-proxy` and `envoy`.
+    pub sidecar_names: Vec<String>,
+    /// The sidecar's outbound and inbound capture ports (Istio: 15001, 15006).
+    pub outbound_capture_port: u16,
+    pub inbound_capture_port: u16,
 }
 
 impl Default for Config {
@@ -68,6 +84,13 @@ impl Default for Config {
             kernel_hz: None,
             btf: PathBuf::from(VMLINUX_BTF),
             trace_sockopts: true,
+            kube_api: None,
+            no_kube: false,
+            node_name: None,
+            sidecar_uids: vec![1337],
+            sidecar_names: vec!["istio-proxy".into(), "envoy".into()],
+            outbound_capture_port: 15001,
+            inbound_capture_port: 15006,
         }
     }
 }
@@ -96,6 +119,12 @@ pub struct Overrides {
     pub kernel_hz: Option<u32>,
     /// `--no-sockopts`: do not attach the setsockopt observer.
     pub no_sockopts: bool,
+    pub kube_api: Option<String>,
+    pub no_kube: bool,
+    pub node_name: Option<String>,
+    /// Replace the sidecar uids / names when non-empty.
+    pub sidecar_uids: Vec<u32>,
+    pub sidecar_names: Vec<String>,
 }
 
 impl Config {
@@ -152,6 +181,21 @@ impl Config {
         if f.no_sockopts {
             self.trace_sockopts = false;
         }
+        if let Some(v) = &f.kube_api {
+            self.kube_api = Some(v.clone());
+        }
+        if f.no_kube {
+            self.no_kube = true;
+        }
+        if let Some(v) = &f.node_name {
+            self.node_name = Some(v.clone());
+        }
+        if !f.sidecar_uids.is_empty() {
+            self.sidecar_uids.clone_from(&f.sidecar_uids);
+        }
+        if !f.sidecar_names.is_empty() {
+            self.sidecar_names.clone_from(&f.sidecar_names);
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -173,6 +217,20 @@ impl Config {
                 "ring_bytes",
                 self.ring_bytes.to_string(),
                 "must be a power of two and a multiple of the page size (e.g. 4194304)",
+            );
+        }
+        if self.no_kube && self.kube_api.is_some() {
+            return bad(
+                "kube_api",
+                self.kube_api.clone().unwrap_or_default(),
+                "conflicts with no_kube: choose one",
+            );
+        }
+        if self.outbound_capture_port == 0 || self.inbound_capture_port == 0 {
+            return bad(
+                "outbound_capture_port",
+                "0".into(),
+                "capture ports must be set",
             );
         }
         if let Some(hz) = self.kernel_hz
@@ -211,6 +269,12 @@ mod tests {
             kernel_hz = 1000
             btf = "/tmp/vmlinux"
             trace_sockopts = false
+            kube_api = "http://127.0.0.1:8001"
+            node_name = "node-1"
+            sidecar_uids = [1337, 1000]
+            sidecar_names = ["istio-proxy"]
+            outbound_capture_port = 15001
+            inbound_capture_port = 15006
             "#,
             "x",
         )
@@ -224,7 +288,18 @@ mod tests {
         assert_eq!((cfg.ring_bytes, cfg.kernel_hz), (65536, Some(1000)));
         assert_eq!(cfg.btf, PathBuf::from("/tmp/vmlinux"));
         assert!(!cfg.trace_sockopts);
+        assert_eq!(cfg.kube_api.as_deref(), Some("http://127.0.0.1:8001"));
+        assert_eq!(cfg.node_name.as_deref(), Some("node-1"));
+        assert_eq!(cfg.sidecar_uids, [1337, 1000]);
+        assert_eq!(cfg.sidecar_names, ["istio-proxy"]);
         cfg.validate().unwrap();
+        let both = Config::from_toml("no_kube = true\nkube_api = \"http://x\"", "x").unwrap();
+        assert!(
+            both.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("conflicts")
+        );
     }
 
     #[test]

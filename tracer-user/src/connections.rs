@@ -200,6 +200,7 @@ mod tests {
             bytes_received: Some(10),
             bytes_acked: None,
             tracked: true,
+            chain: Vec::new(),
             opened_at: None,
             age_s: None,
         };

@@ -24,13 +24,15 @@ use tokio::{
 use tracer_common::{CloseData, EventInfo, SockoptData, owner_flags, tcp_state};
 
 use crate::{
+    chains::{self, CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
     classify::{self, KeepaliveView},
     clock::{WallClock, monotonic_ns},
     config::Config,
     event::{ConnEvent, EventData, comm_str, decode, owner_kind, sockopt_name, state_name},
     jiffies::{Hz, HzTracker, elapsed, later},
     kernel::{Kernel, KernelOptions},
-    labels::{self, Attribution, Direction, LabelCap},
+    kube::{KubeSource, PodIndex},
+    labels::{self, Attribution, Attributor, Direction, LabelCap, SidecarRules},
     metrics::Metrics,
     table::{Conn, ConnTable},
     trace::readable,
@@ -45,11 +47,21 @@ pub struct State {
     sockopt_values: LabelCap,
     pub hz: HzTracker,
     ephemeral: RangeInclusive<u16>,
+    pub attr: Attributor,
+    pub chains: Chains,
 }
 
 impl State {
-    pub fn new(cfg: &Config) -> prometheus::Result<Self> {
+    pub fn new(cfg: &Config, attr: Attributor) -> prometheus::Result<Self> {
         Ok(Self {
+            attr,
+            chains: Chains::new(
+                CapturePorts {
+                    outbound: cfg.outbound_capture_port,
+                    inbound: cfg.inbound_capture_port,
+                },
+                cfg.max_connections,
+            ),
             threshold: cfg.idle_threshold,
             table: ConnTable::new(cfg.max_connections),
             metrics: Metrics::new()?,
@@ -77,6 +89,8 @@ impl State {
                     ka: o.ka,
                     hz,
                 });
+                let leg = self.leg(&ev.info);
+                self.chains.on_open(leg);
             }
             EventData::Close(c) => self.on_close(&ev.info, &c),
             EventData::Sockopt(o) => self.on_sockopt(&ev.info, &o),
@@ -95,8 +109,17 @@ impl State {
         }
         let ending = classify::ending(c, info.ts_ns, hz);
         let verdict = classify::verdict(&ending, self.threshold);
-        let attr = labels::attribute(&at_open.owner);
+        let attr = self.attr.attribute(&at_open.owner);
         let dir = labels::direction(&at_open.owner, at_open.sock.sport, &self.ephemeral);
+        let leg_end = LegEnd {
+            end_ns: c.end_ns,
+            closed_by: ending.closed_by,
+            close_kind: ending.close_kind,
+            keepalive: ending.keepalive,
+        };
+        if let Some(end) = self.chains.on_close(info.cookie, leg_end) {
+            self.on_chain_end(&end);
+        }
         let role = attr.role.as_str();
         let closed_by = ending.closed_by.as_str();
         if let Some(idle) = ending.idle() {
@@ -176,7 +199,10 @@ impl State {
         }
         .remote()
         .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let label = labels::peer_label(remote, info.sock.dport, dir);
+        let label = self
+            .attr
+            .peer_pod(remote)
+            .unwrap_or_else(|| labels::peer_label(remote, info.sock.dport, dir));
         let before = self.peers.overflowed;
         let label = self.peers.admit(label);
         if self.peers.overflowed > before {
@@ -188,11 +214,109 @@ impl State {
         label
     }
 
+    /// The legs of the chain `cookie` belongs to, if any.
+    fn chain_view(&self, cookie: u64) -> Vec<ChainLegView> {
+        let Some(chain) = self.chains.chain_of(cookie) else {
+            return Vec::new();
+        };
+        let legs = [
+            (Some(chain.app), "app"),
+            (chain.sidecar_app_side, "sidecar-app-side"),
+            (chain.sidecar_net_side, "sidecar-upstream"),
+        ];
+        legs.iter()
+            .filter_map(|(c, name)| {
+                let c = (*c)?;
+                let info = self.table.get(c)?.info;
+                let ev = ConnEvent {
+                    info,
+                    data: EventData::ResetReceived,
+                };
+                let addr = |ip: Option<IpAddr>, port| {
+                    ip.map_or_else(|| format!("?:{port}"), |ip| labels::endpoint(ip, port))
+                };
+                Some(ChainLegView {
+                    cookie: c,
+                    leg: (*name).to_string(),
+                    local: addr(ev.local(), info.sock.sport),
+                    remote: addr(ev.remote(), info.sock.dport),
+                })
+            })
+            .collect()
+    }
+
+    /// What the chain tracker needs of a connection.
+    fn leg(&mut self, info: &EventInfo) -> Leg {
+        let attr = self.attr.attribute(&info.owner);
+        let ev = ConnEvent {
+            info: *info,
+            data: EventData::ResetReceived,
+        };
+        let unspecified = IpAddr::from([0, 0, 0, 0]);
+        Leg {
+            cookie: info.cookie,
+            netns: info.netns,
+            pod_uid: attr.pod_uid,
+            role: attr.role,
+            inbound: labels::direction(&info.owner, info.sock.sport, &self.ephemeral)
+                == Direction::Inbound,
+            local: (ev.local().unwrap_or(unspecified), info.sock.sport),
+            remote: (ev.remote().unwrap_or(unspecified), info.sock.dport),
+            owner: info.owner,
+        }
+    }
+
+    fn on_chain_end(&mut self, end: &ChainEnd) {
+        let Some((namespace, pod, peer)) = self.chain_labels(&end.chain) else {
+            return;
+        };
+        log::debug!(
+            "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}",
+            end.origin.as_str(),
+            end.upstream_keepalive
+        );
+        self.metrics
+            .sidecar_chain_kills
+            .with_label_values(&[
+                namespace.as_str(),
+                pod.as_str(),
+                peer.as_str(),
+                end.origin.as_str(),
+                if end.upstream_keepalive { "on" } else { "off" },
+            ])
+            .inc();
+    }
+
+    /// (namespace, pod, peer) of a chain: the app's pod and the far end.
+    fn chain_labels(&mut self, chain: &Chain) -> Option<(String, String, String)> {
+        let attr = self.attr.attribute(&chain.app_owner);
+        if attr.pod_uid.is_empty() {
+            return None;
+        }
+        let dir = match chain.direction {
+            chains::Direction::Outbound => Direction::Outbound,
+            chains::Direction::Inbound => Direction::Inbound,
+        };
+        let label = self
+            .attr
+            .peer_pod(chain.peer.0)
+            .unwrap_or_else(|| labels::peer_label(chain.peer.0, chain.peer.1, dir));
+        let before = self.peers.overflowed;
+        let label = self.peers.admit(label);
+        if self.peers.overflowed > before {
+            self.metrics
+                .label_overflow
+                .with_label_values(&["peer"])
+                .inc();
+        }
+        Some((attr.namespace, attr.pod, label))
+    }
+
     fn on_sockopt(&mut self, info: &EventInfo, o: &SockoptData) {
         if info.cookie != 0 {
             self.table.apply_sockopt(info.cookie, o);
         }
-        let attr = labels::attribute(&info.owner);
+        let attr = self.attr.attribute(&info.owner);
         let before = self.sockopt_values.overflowed;
         let value = self.sockopt_values.admit(o.value.to_string());
         if self.sockopt_values.overflowed > before {
@@ -251,10 +375,13 @@ impl State {
         m.tracked_connections
             .set(i64::try_from(self.table.len()).unwrap_or(i64::MAX));
         m.connections_open.reset();
-        for c in self.table.iter() {
-            let attr = labels::attribute(&c.info.owner);
+        m.peer_connections_open.reset();
+        let conns: Vec<Conn> = self.table.iter().cloned().collect();
+        for c in &conns {
+            let attr = self.attr.attribute(&c.info.owner);
             let dir = labels::direction(&c.info.owner, c.info.sock.sport, &self.ephemeral);
-            m.connections_open
+            self.metrics
+                .connections_open
                 .with_label_values(&[
                     attr.namespace.as_str(),
                     attr.pod.as_str(),
@@ -264,13 +391,74 @@ impl State {
                     if c.ka.enabled != 0 { "on" } else { "off" },
                 ])
                 .inc();
+            let peer = self.peer(&c.info, dir);
+            self.metrics
+                .peer_connections_open
+                .with_label_values(&[
+                    attr.namespace.as_str(),
+                    attr.pod.as_str(),
+                    attr.role.as_str(),
+                    dir.as_str(),
+                    peer.as_str(),
+                ])
+                .inc();
         }
-        m.render()
+        // Open chains whose app leg has keepalive and whose upstream leg has not.
+        self.metrics.sidecar_keepalive_mismatch.reset();
+        let chains: Vec<Chain> = self
+            .chains
+            .iter()
+            .filter(|c| c.direction == chains::Direction::Outbound)
+            .cloned()
+            .collect();
+        for chain in &chains {
+            let (Some(app), Some(up)) = (
+                self.table.get(chain.app),
+                chain.sidecar_net_side.and_then(|c| self.table.get(c)),
+            ) else {
+                continue;
+            };
+            let mismatch = app.ka.enabled != 0 && up.ka.enabled == 0;
+            if let Some((namespace, pod, peer)) = self.chain_labels(chain) {
+                let g = self.metrics.sidecar_keepalive_mismatch.with_label_values(&[
+                    namespace.as_str(),
+                    pod.as_str(),
+                    peer.as_str(),
+                ]);
+                if mismatch {
+                    g.inc();
+                }
+            }
+        }
+        self.metrics
+            .chains_open
+            .set(i64::try_from(self.chains.len()).unwrap_or(i64::MAX));
+        if let Some(pods) = self.attr.pods() {
+            self.metrics
+                .kube_pods
+                .set(i64::try_from(pods.pods()).unwrap_or(i64::MAX));
+            let seen = self.metrics.kube_errors.get();
+            if pods.errors() > seen {
+                self.metrics.kube_errors.inc_by(pods.errors() - seen);
+            }
+        }
+        let rescans = self.attr.cgroup_rescans();
+        if rescans > self.metrics.cgroup_rescans.get() {
+            self.metrics
+                .cgroup_rescans
+                .inc_by(rescans - self.metrics.cgroup_rescans.get());
+        }
+        self.metrics.render()
     }
 
     /// The tracked connections, merged with a fresh kernel snapshot (live
     /// state, keepalive, idle time and bytes).
-    pub fn connections(&self, snapshot: &[ConnEvent], hz: Hz, clock: &WallClock) -> Vec<ConnView> {
+    pub fn connections(
+        &mut self,
+        snapshot: &[ConnEvent],
+        hz: Hz,
+        clock: &WallClock,
+    ) -> Vec<ConnView> {
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut seen = std::collections::HashSet::new();
@@ -283,18 +471,31 @@ impl State {
                 continue;
             }
             seen.insert(ev.info.cookie);
-            let tracked = self.table.get(ev.info.cookie);
-            let mut info =
-                tracked.map_or_else(|| with_direction_hint(ev.info, &listening), |c| c.info);
+            let tracked = self.table.get(ev.info.cookie).cloned();
+            let mut info = tracked
+                .as_ref()
+                .map_or_else(|| with_direction_hint(ev.info, &listening), |c| c.info);
             info.sock.state = ev.info.sock.state;
-            let mut v = self.view(&info, tracked, &KeepaliveView::new(&s.ka, hz), now, clock);
+            let mut v = self.view(
+                &info,
+                tracked.as_ref(),
+                &KeepaliveView::new(&s.ka, hz),
+                now,
+                clock,
+            );
             let j = s.jiffies as u32;
             v.idle_s = Some(hz.secs(elapsed(j, later(s.last_send_j, s.last_recv_j))));
             v.bytes_received = Some(s.bytes_received);
             v.bytes_acked = Some(s.bytes_acked);
             out.push(v);
         }
-        for c in self.table.iter().filter(|c| !seen.contains(&c.info.cookie)) {
+        let rest: Vec<Conn> = self
+            .table
+            .iter()
+            .filter(|c| !seen.contains(&c.info.cookie))
+            .cloned()
+            .collect();
+        for c in &rest {
             out.push(self.view(&c.info, Some(c), &KeepaliveView::new(&c.ka, hz), now, clock));
         }
         out.sort_by(|a, b| {
@@ -304,7 +505,7 @@ impl State {
     }
 
     fn view(
-        &self,
+        &mut self,
         info: &EventInfo,
         tracked: Option<&Conn>,
         ka: &KeepaliveView,
@@ -320,7 +521,9 @@ impl State {
             pod,
             container,
             role,
-        } = labels::attribute(&info.owner);
+            ..
+        } = self.attr.attribute(&info.owner);
+        let chain = self.chain_view(info.cookie);
         let addr = |ip: Option<IpAddr>, port| {
             ip.map_or_else(|| format!("?:{port}"), |ip| labels::endpoint(ip, port))
         };
@@ -347,6 +550,7 @@ impl State {
             bytes_received: None,
             bytes_acked: None,
             tracked: tracked.is_some(),
+            chain,
             opened_at: tracked
                 .filter(|c| c.opened)
                 .map(|c| clock.rfc3339(c.seen_ns)),
@@ -406,8 +610,55 @@ pub struct ConnView {
     pub bytes_acked: Option<u64>,
     /// In the daemon's table (false: seen only by the live snapshot).
     pub tracked: bool,
+    /// For a socket of an app -> sidecar -> upstream chain, all its legs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<ChainLegView>,
     pub opened_at: Option<String>,
     pub age_s: Option<f64>,
+}
+
+/// One leg of a chain, as `/connections` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainLegView {
+    pub cookie: u64,
+    /// `app`, `sidecar-app-side` (the sidecar's socket facing the app) or
+    /// `sidecar-upstream` (its socket facing the network).
+    pub leg: String,
+    pub local: String,
+    pub remote: String,
+}
+
+/// Pod attribution as configured: the cgroup v2 hierarchy for pod and
+/// container IDs, and (unless disabled) a pod watch for their names.
+fn attributor(cfg: &Config) -> Attributor {
+    let cgroups = if let Ok(Some(mount)) = crate::cgroup::cgroup2_mount() {
+        Some(crate::podid::CgroupPaths::new(mount))
+    } else {
+        log::warn!("no cgroup v2 hierarchy: every connection is a host connection");
+        None
+    };
+    let source = if cfg.no_kube {
+        KubeSource::Disabled
+    } else if let Some(url) = &cfg.kube_api {
+        KubeSource::Url(url.clone())
+    } else {
+        KubeSource::InCluster
+    };
+    let pods = (source != KubeSource::Disabled).then(|| {
+        let index = PodIndex::new();
+        let node = cfg
+            .node_name
+            .clone()
+            .unwrap_or_else(crate::kube::default_node_name);
+        log::info!("watching the pods of node {node:?} ({source:?})");
+        crate::kube::spawn(source, node, index.clone());
+        index
+    });
+    let rules = SidecarRules {
+        uids: cfg.sidecar_uids.clone(),
+        names: cfg.sidecar_names.clone(),
+    };
+    Attributor::new(cgroups, pods, rules)
 }
 
 /// Shared between the event loop and the HTTP server.
@@ -432,7 +683,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(l) => Some(readable(l).context("cannot poll the kernel log buffer")?),
         None => None,
     };
-    let mut state = State::new(&cfg)?;
+    let attr = attributor(&cfg);
+    let mut state = State::new(&cfg, attr)?;
     match kernel.snapshot() {
         Ok(snap) => {
             state.seed(&snap);

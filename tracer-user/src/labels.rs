@@ -2,7 +2,7 @@
 //! direction and peer, with every open-ended label capped.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv6Addr},
     ops::RangeInclusive,
 };
@@ -16,6 +16,9 @@ pub struct Attribution {
     pub pod: String,
     pub container: String,
     pub role: Role,
+    /// The pod's UID (from the cgroup path), empty outside pods. Not a label:
+    /// chains are matched within one pod.
+    pub pod_uid: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
@@ -37,10 +40,152 @@ impl Role {
     }
 }
 
-/// Attribution of an owner. Until pod metadata is wired in (Kubernetes
-/// issue), every socket is a host socket with empty pod labels.
-pub fn attribute(_owner: &Owner) -> Attribution {
-    Attribution::default()
+/// What makes a process in a pod the mesh sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarRules {
+    /// Owner uids of sidecars (Istio runs its proxy as 1337).
+    pub uids: Vec<u32>,
+    /// Container names or process names (thread names as the kernel keeps
+    /// them, 15 characters) of sidecars.
+    pub names: Vec<String>,
+}
+
+impl Default for SidecarRules {
+    fn default() -> Self {
+        Self {
+            uids: vec![1337],
+            names: vec!["istio-proxy".into(), "envoy".into()],
+        }
+    }
+}
+
+impl SidecarRules {
+    fn is_sidecar(&self, owner: &Owner, container: &str) -> bool {
+        let comm = crate::event::comm_str(&owner.comm);
+        self.uids.contains(&owner.uid) || self.names.iter().any(|n| n == container || *n == comm)
+    }
+}
+
+/// Maps socket owners to pods, containers and roles: the owner's cgroup v2
+/// id -> its cgroup path -> pod UID and container ID (kubelet layouts) ->
+/// namespace, pod and container names (Kubernetes API).
+pub struct Attributor {
+    cgroups: Option<crate::podid::CgroupPaths>,
+    pods: Option<crate::kube::PodIndex>,
+    rules: SidecarRules,
+    /// cgroup id -> parsed path; bounded, rebuilt when full.
+    parsed: HashMap<u64, Option<crate::podid::PodContainer>>,
+}
+
+/// Parsed cgroup paths kept; a node has far fewer live cgroups.
+const PARSED_CAP: usize = 65_536;
+
+impl Attributor {
+    pub fn new(
+        cgroups: Option<crate::podid::CgroupPaths>,
+        pods: Option<crate::kube::PodIndex>,
+        rules: SidecarRules,
+    ) -> Self {
+        Self {
+            cgroups,
+            pods,
+            rules,
+            parsed: HashMap::new(),
+        }
+    }
+
+    /// Every socket a host socket (no cgroup hierarchy to read).
+    pub fn host_only() -> Self {
+        Self::new(None, None, SidecarRules::default())
+    }
+
+    pub fn pods(&self) -> Option<&crate::kube::PodIndex> {
+        self.pods.as_ref()
+    }
+
+    pub fn cgroup_rescans(&self) -> u64 {
+        self.cgroups
+            .as_ref()
+            .map_or(0, crate::podid::CgroupPaths::rescans)
+    }
+
+    fn pod_container(&mut self, owner: &Owner) -> Option<crate::podid::PodContainer> {
+        let cgroup_id = owner.cgroup_id;
+        if cgroup_id == 0 {
+            return None;
+        }
+        if let Some(hit) = self.parsed.get(&cgroup_id) {
+            return hit.clone();
+        }
+        // The owner's own /proc entry names its cgroup at once (no walk of
+        // the hierarchy); it counts only if that directory is the owner's
+        // cgroup (the process may have moved, or its pid been reused).
+        let path = self
+            .path_from_proc(owner.pid, cgroup_id)
+            .or_else(|| self.cgroups.as_mut()?.resolve(cgroup_id))?;
+        let parsed = crate::podid::parse_cgroup_path(&path);
+        if self.parsed.len() >= PARSED_CAP {
+            self.parsed.clear();
+        }
+        self.parsed.insert(cgroup_id, parsed.clone());
+        parsed
+    }
+
+    fn path_from_proc(&self, pid: u32, cgroup_id: u64) -> Option<String> {
+        if pid == 0 {
+            return None;
+        }
+        let mount = self.cgroups.as_ref()?.mount();
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = cgroup_v2_path(&text)?;
+        let meta = std::fs::metadata(mount.join(path.trim_start_matches('/'))).ok()?;
+        (std::os::unix::fs::MetadataExt::ino(&meta) == cgroup_id).then(|| path.to_string())
+    }
+
+    /// The owner's pod, container and role.
+    pub fn attribute(&mut self, owner: &Owner) -> Attribution {
+        let Some(pc) = self.pod_container(owner) else {
+            return Attribution::default();
+        };
+        let mut a = Attribution {
+            pod_uid: pc.pod_uid.clone(),
+            role: Role::App,
+            ..Attribution::default()
+        };
+        let known = pc
+            .container_id
+            .as_deref()
+            .and_then(|id| self.pods.as_ref()?.lookup_container(id));
+        if let Some(r) = known {
+            a.namespace = r.namespace;
+            a.pod = r.pod;
+            a.container = r.container;
+        } else {
+            if let Some((ns, pod)) = self
+                .pods
+                .as_ref()
+                .and_then(|p| p.lookup_pod_uid(&pc.pod_uid))
+            {
+                a.namespace = ns;
+                a.pod = pod;
+            }
+            // Without pod metadata, the container ID (short form, as
+            // `crictl ps` shows it) is the container label.
+            if let Some(id) = &pc.container_id {
+                a.container = id.chars().take(12).collect();
+            }
+        }
+        if self.rules.is_sidecar(owner, &a.container) {
+            a.role = Role::Sidecar;
+        }
+        a
+    }
+
+    /// `namespace/pod` of a pod IP of this node, if known.
+    pub fn peer_pod(&self, ip: IpAddr) -> Option<String> {
+        let (ns, pod) = self.pods.as_ref()?.lookup_ip(canonical(ip))?;
+        Some(format!("{ns}/{pod}"))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -140,6 +285,14 @@ impl LabelCap {
     }
 }
 
+/// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
+pub fn cgroup_v2_path(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+        .filter(|p| p.starts_with('/'))
+}
+
 /// An address for display: `ip:port`, IPv6 in brackets.
 pub fn endpoint(ip: IpAddr, port: u16) -> String {
     match canonical(ip) {
@@ -193,6 +346,16 @@ mod tests {
         assert_eq!(cap.admit("c".into()), OTHER);
         assert_eq!(cap.admit("a".into()), "a", "known values keep passing");
         assert_eq!(cap.overflowed, 1);
+    }
+
+    #[test]
+    fn cgroup_v2_line_of_proc_pid_cgroup() {
+        let hybrid =
+            "12:pids:/user.slice\n1:name=systemd:/init.scope\n0::/kubepods.slice/x.scope\n";
+        assert_eq!(cgroup_v2_path(hybrid), Some("/kubepods.slice/x.scope"));
+        assert_eq!(cgroup_v2_path("0::/\n"), Some("/"));
+        assert_eq!(cgroup_v2_path("1:cpu:/a\n"), None);
+        assert_eq!(cgroup_v2_path("0::garbage"), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! mount parsing) are unit-tested without root.
 
 pub mod cgroup;
+pub mod chains;
 pub mod check;
 pub mod classify;
 pub mod clock;
@@ -12,9 +13,11 @@ pub mod daemon;
 pub mod event;
 pub mod jiffies;
 pub mod kernel;
+pub mod kube;
 pub mod labels;
 pub mod metrics;
 pub mod netns;
 pub mod offsets;
+pub mod podid;
 pub mod table;
 pub mod trace;

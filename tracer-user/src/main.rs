@@ -32,40 +32,7 @@ enum Command {
     /// /metrics, /healthz and /connections (JSON). Needs root (or CAP_BPF,
     /// CAP_PERFMON and CAP_SYS_ADMIN for the cgroup program). Stops on
     /// SIGTERM / Ctrl-C. Flags override the config file.
-    Run {
-        /// Address for /metrics, /healthz and /connections [default: 127.0.0.1:9090].
-        #[arg(long, value_name = "ADDR")]
-        listen: Option<std::net::SocketAddr>,
-        /// Idle time after which a connection ended by its peer or by a
-        /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
-        #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
-        idle_threshold: Option<std::time::Duration>,
-        /// TOML configuration file (see README); flags override it.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Most connections tracked at once [default: 262144].
-        #[arg(long, value_name = "N")]
-        max_connections: Option<usize>,
-        /// Most distinct `peer` label values before folding into "other" [default: 500].
-        #[arg(long, value_name = "N")]
-        max_peers: Option<usize>,
-        /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
-        #[arg(long, value_name = "BYTES")]
-        ring_bytes: Option<u32>,
-        /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
-        #[arg(long, value_name = "PATH")]
-        btf: Option<PathBuf>,
-        /// Most distinct `value` label values of the sockopt metric [default: 100].
-        #[arg(long, value_name = "N")]
-        max_sockopt_values: Option<usize>,
-        /// The kernel's HZ, only if it cannot be detected (it normally is).
-        #[arg(long, value_name = "HZ")]
-        kernel_hz: Option<u32>,
-        /// Do not watch keepalive socket options (no cgroup program at the
-        /// cgroup v2 root; the sockopt metric stays empty).
-        #[arg(long)]
-        no_sockopts: bool,
-    },
+    Run(Box<RunArgs>),
     /// Show a running daemon's connections: state, direction, owner,
     /// keepalive settings, idle seconds and bytes each way.
     Connections {
@@ -83,6 +50,59 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = VMLINUX_BTF)]
         btf: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Address for /metrics, /healthz and /connections [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<std::net::SocketAddr>,
+    /// Idle time after which a connection ended by its peer or by a
+    /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
+    idle_threshold: Option<std::time::Duration>,
+    /// TOML configuration file (see README); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Most connections tracked at once [default: 262144].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Most distinct `peer` label values before folding into "other" [default: 500].
+    #[arg(long, value_name = "N")]
+    max_peers: Option<usize>,
+    /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    ring_bytes: Option<u32>,
+    /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, value_name = "PATH")]
+    btf: Option<PathBuf>,
+    /// Most distinct `value` label values of the sockopt metric [default: 100].
+    #[arg(long, value_name = "N")]
+    max_sockopt_values: Option<usize>,
+    /// The kernel's HZ, only if it cannot be detected (it normally is).
+    #[arg(long, value_name = "HZ")]
+    kernel_hz: Option<u32>,
+    /// Do not watch keepalive socket options (no cgroup program at the
+    /// cgroup v2 root; the sockopt metric stays empty).
+    #[arg(long)]
+    no_sockopts: bool,
+    /// Kubernetes API URL (plain http, no auth, e.g. `kubectl proxy`)
+    /// [default: in-cluster service account].
+    #[arg(long, value_name = "URL", conflicts_with = "no_kube")]
+    kube_api: Option<String>,
+    /// Run without pod metadata: host and container-ID labels only.
+    #[arg(long)]
+    no_kube: bool,
+    /// This node's name for the pod watch [default: $NODE_NAME, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// Owner uid of the mesh sidecar; repeat for several [default: 1337].
+    #[arg(long = "sidecar-uid", value_name = "UID")]
+    sidecar_uids: Vec<u32>,
+    /// Container or process name of the mesh sidecar; repeat for several
+    /// [default: istio-proxy, envoy].
+    #[arg(long = "sidecar-name", value_name = "NAME")]
+    sidecar_names: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,55 +156,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run {
-            listen,
-            idle_threshold,
-            config,
-            max_connections,
-            max_peers,
-            ring_bytes,
-            btf,
-            max_sockopt_values,
-            kernel_hz,
-            no_sockopts,
-        } => {
-            let flags = conn_tracer::config::Overrides {
-                listen,
-                idle_threshold,
-                max_connections,
-                max_peers,
-                ring_bytes,
-                btf,
-                max_sockopt_values,
-                kernel_hz,
-                no_sockopts,
-            };
-            let cfg = match conn_tracer::config::Config::load(config.as_deref(), &flags) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("conn-tracer: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("conn-tracer: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(conn_tracer::daemon::run(cfg)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("conn-tracer: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
+        Command::Run(args) => run_daemon(*args),
         Command::Connections { from, json } => match conn_tracer::connections::run(&from, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -204,6 +176,51 @@ fn main() -> ExitCode {
                 println!("conn-tracer check: requirements missing (see MISSING lines)");
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+/// `conn-tracer run`: settings from the file and flags, then the daemon.
+fn run_daemon(a: RunArgs) -> ExitCode {
+    let flags = conn_tracer::config::Overrides {
+        listen: a.listen,
+        idle_threshold: a.idle_threshold,
+        max_connections: a.max_connections,
+        max_peers: a.max_peers,
+        ring_bytes: a.ring_bytes,
+        btf: a.btf,
+        max_sockopt_values: a.max_sockopt_values,
+        kernel_hz: a.kernel_hz,
+        no_sockopts: a.no_sockopts,
+        kube_api: a.kube_api,
+        no_kube: a.no_kube,
+        node_name: a.node_name,
+        sidecar_uids: a.sidecar_uids,
+        sidecar_names: a.sidecar_names,
+    };
+    let cfg = match conn_tracer::config::Config::load(a.config.as_deref(), &flags) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("conn-tracer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("conn-tracer: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(conn_tracer::daemon::run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conn-tracer: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

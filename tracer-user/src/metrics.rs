@@ -29,6 +29,11 @@ pub struct Metrics {
     pub table_evictions: IntCounter,
     pub decode_errors: IntCounter,
     pub build_info: IntGaugeVec,
+    pub peer_connections_open: IntGaugeVec,
+    pub chains_open: IntGauge,
+    pub kube_pods: IntGauge,
+    pub kube_errors: IntCounter,
+    pub cgroup_rescans: IntCounter,
 }
 
 fn counter(
@@ -179,6 +184,45 @@ impl Metrics {
                 "Always 1; labels name the build.",
                 &["version"],
             )?,
+            peer_connections_open: gauge(
+                &r,
+                "conntracer_peer_connections_open",
+                "Open connections by peer (namespace/pod of a known pod, else address): \
+                 the load-imbalance view. Peers are capped like every peer label.",
+                &["namespace", "pod", "role", "direction", "peer"],
+            )?,
+            chains_open: {
+                let g = IntGauge::new(
+                    "conntracer_sidecar_chains_open",
+                    "Open app -> sidecar -> upstream chains the tracer has linked.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            kube_pods: {
+                let g = IntGauge::new(
+                    "conntracer_kube_pods",
+                    "Pods of this node known from the Kubernetes API.",
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            kube_errors: {
+                let c = IntCounter::new(
+                    "conntracer_kube_errors_total",
+                    "Kubernetes API errors (the pod watch retries; known labels are kept).",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            cgroup_rescans: {
+                let c = IntCounter::new(
+                    "conntracer_cgroup_rescans_total",
+                    "Walks of the cgroup v2 hierarchy to map new cgroup ids to paths.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             registry: r,
         };
         m.build_info
