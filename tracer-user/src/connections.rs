@@ -70,6 +70,29 @@ fn opt_u64(v: Option<u64>) -> String {
     v.map_or_else(|| "-".into(), |b| b.to_string())
 }
 
+/// The other legs of a chained socket: `app:<local>`, `sidecar:<local>`
+/// (facing the app), `upstream:<local>` (the sidecar's upstream leg).
+fn chain_cell(c: &ConnView) -> String {
+    let others: Vec<String> = c
+        .chain
+        .iter()
+        .filter(|l| l.cookie != c.cookie)
+        .map(|l| {
+            let name = match l.leg.as_str() {
+                "sidecar-app-side" => "sidecar",
+                "sidecar-upstream" => "upstream",
+                other => other,
+            };
+            format!("{name}:{}", l.local)
+        })
+        .collect();
+    if others.is_empty() {
+        "-".into()
+    } else {
+        others.join(",")
+    }
+}
+
 /// The table, one line per connection.
 pub fn render_table(conns: &[ConnView]) -> String {
     let mut rows = vec![
@@ -85,6 +108,7 @@ pub fn render_table(conns: &[ConnView]) -> String {
             "IDLE_S",
             "RX",
             "TX",
+            "CHAIN",
         ]
         .map(String::from),
     ];
@@ -115,6 +139,7 @@ pub fn render_table(conns: &[ConnView]) -> String {
             opt_secs(c.idle_s),
             opt_u64(c.bytes_received),
             opt_u64(c.bytes_acked),
+            chain_cell(c),
         ]);
     }
     let widths: Vec<usize> = (0..rows[0].len())
@@ -200,7 +225,26 @@ mod tests {
             bytes_received: Some(10),
             bytes_acked: None,
             tracked: true,
-            chain: Vec::new(),
+            chain: vec![
+                crate::daemon::ChainLegView {
+                    cookie: 1,
+                    leg: "app".into(),
+                    local: "127.0.0.1:40000".into(),
+                    remote: "127.0.0.1:3306".into(),
+                },
+                crate::daemon::ChainLegView {
+                    cookie: 2,
+                    leg: "sidecar-app-side".into(),
+                    local: "127.0.0.1:15001".into(),
+                    remote: "127.0.0.1:40000".into(),
+                },
+                crate::daemon::ChainLegView {
+                    cookie: 3,
+                    leg: "sidecar-upstream".into(),
+                    local: "10.0.0.2:41000".into(),
+                    remote: "127.0.0.1:3306".into(),
+                },
+            ],
             opened_at: None,
             age_s: None,
         };
@@ -212,6 +256,7 @@ mod tests {
             "keepalive(30/5/3)",
             "12.2",
             "127.0.0.1:3306",
+            "sidecar:127.0.0.1:15001,upstream:10.0.0.2:41000",
         ] {
             assert!(line.contains(want), "{want} missing in {line}");
         }
