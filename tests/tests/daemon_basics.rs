@@ -80,7 +80,10 @@ fn root_connections_older_than_the_daemon_show_their_true_keepalive() {
         .unwrap_or_else(|| panic!("client :{client_port} not in {list:#}"));
     assert_eq!(conn["state"], "ESTABLISHED", "{conn}");
     assert_eq!(conn["direction"], "outbound", "{conn}");
-    assert_eq!(conn["owner"], "unknown", "opened before the daemon: {conn}");
+    assert_eq!(
+        conn["owner"], "proc",
+        "opened before the daemon, owner found in /proc: {conn}"
+    );
     assert_eq!(conn["netns"].as_u64(), Some(ns.inode()), "{conn}");
     assert_eq!(conn["remote"], format!("127.0.0.1:{server_port}"), "{conn}");
     let ka = &conn["keepalive"];

@@ -64,6 +64,9 @@ pub mod owner_flags {
     pub const LISTENER: u32 = 1 << 1;
     /// The owner was inherited from the listening socket (an accepted, inbound connection).
     pub const INHERITED: u32 = 1 << 2;
+    /// Userspace found the owner in /proc after the fact (the socket is
+    /// older than the tracer): the process holding it now.
+    pub const FROM_PROC: u32 = 1 << 3;
 }
 
 /// Bits of [`CloseData::flags`] (and of the per-socket state).
@@ -269,6 +272,8 @@ pub struct SnapshotData {
     pub pad: u16,
     pub bytes_received: u64,
     pub bytes_acked: u64,
+    /// The socket's inode number (0 when it has no file: orphaned).
+    pub ino: u64,
 }
 
 /// Data of a [`kind::SOCKOPT`] event.
@@ -364,7 +369,12 @@ pub struct KernelOffsets {
     pub net_keepalive_time: u32,
     pub net_keepalive_intvl: u32,
     pub net_keepalive_probes: u32,
-    pub pad: u32,
+    // sock -> socket -> file -> inode: the socket's inode number, as
+    // /proc/<pid>/fd shows it (`socket:[N]`), to find owners in /proc.
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
 }
 
 /// Load-time switches (the `CONFIG` global).
@@ -395,12 +405,12 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 35 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
 const _: () = assert!(size_of::<CloseData>() == 96);
 const _: () = assert!(size_of::<SockoptData>() == 16);
-const _: () = assert!(size_of::<SnapshotData>() == 56);
+const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 48);
 
 #[cfg(feature = "user")]

@@ -27,6 +27,25 @@ struct IterMeta {
     seq: *mut c_void,
 }
 
+/// `SOCK_INODE(sk->sk_socket)->i_ino`, through the socket's file: 0 for
+/// sockets without one (orphaned, closing).
+#[inline(always)]
+fn socket_ino(sk: *const c_void, off: &tracer_common::KernelOffsets) -> u64 {
+    let socket: *const c_void = read(sk, off.sk_socket);
+    if socket.is_null() {
+        return 0;
+    }
+    let file: *const c_void = read(socket, off.socket_file);
+    if file.is_null() {
+        return 0;
+    }
+    let inode: *const c_void = read(file, off.file_inode);
+    if inode.is_null() {
+        return 0;
+    }
+    read(inode, off.inode_ino)
+}
+
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn dump_tcp(ctx: *mut c_void) -> i32 {
@@ -67,6 +86,7 @@ pub fn dump_tcp(ctx: *mut c_void) -> i32 {
         pad: 0,
         bytes_received: read(sk, off.tp_bytes_received),
         bytes_acked: read(sk, off.tp_bytes_acked),
+        ino: socket_ino(sk, &off),
     };
     // Take the time after the jiffies so the pair is close together.
     // SAFETY: helper without arguments.

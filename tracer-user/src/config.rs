@@ -70,6 +70,10 @@ pub struct Config {
     /// The sidecar's outbound and inbound capture ports (Istio: 15001, 15006).
     pub outbound_capture_port: u16,
     pub inbound_capture_port: u16,
+    /// How often the table is reconciled with the kernel's sockets (missed
+    /// closes removed, owners of older sockets found). Default 30s.
+    #[serde(deserialize_with = "duration")]
+    pub resync_interval: Duration,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             sidecar_names: vec!["istio-proxy".into(), "envoy".into()],
             outbound_capture_port: 15001,
             inbound_capture_port: 15006,
+            resync_interval: Duration::from_secs(30),
         }
     }
 }
@@ -224,6 +229,13 @@ impl Config {
                 "kube_api",
                 self.kube_api.clone().unwrap_or_default(),
                 "conflicts with no_kube: choose one",
+            );
+        }
+        if self.resync_interval < Duration::from_secs(1) {
+            return bad(
+                "resync_interval",
+                format!("{:?}", self.resync_interval),
+                "must be at least 1s",
             );
         }
         if self.outbound_capture_port == 0 || self.inbound_capture_port == 0 {

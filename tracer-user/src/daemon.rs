@@ -21,7 +21,7 @@ use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
 };
-use tracer_common::{CloseData, EventInfo, SockoptData, owner_flags, tcp_state};
+use tracer_common::{CloseData, EventInfo, Owner, SockoptData, owner_flags, tcp_state};
 
 use crate::{
     chains::{self, CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
@@ -49,11 +49,15 @@ pub struct State {
     ephemeral: RangeInclusive<u16>,
     pub attr: Attributor,
     pub chains: Chains,
+    /// Owners of listening sockets by (netns, port), for the connections
+    /// they accept when the kernel had no owner for the listener.
+    listener_owners: std::collections::HashMap<(u32, u16), Owner>,
 }
 
 impl State {
     pub fn new(cfg: &Config, attr: Attributor) -> prometheus::Result<Self> {
         Ok(Self {
+            listener_owners: std::collections::HashMap::new(),
             attr,
             chains: Chains::new(
                 CapturePorts {
@@ -82,14 +86,22 @@ impl State {
             EventData::Open(o) => {
                 self.hz.observe(o.jiffies, ev.info.ts_ns);
                 let hz = self.hz.get().0;
+                let mut info = ev.info;
+                if info.owner.flags & owner_flags::KNOWN == 0
+                    && let Some(owner) = self.listener_owners.get(&(info.netns, info.sock.sport))
+                {
+                    // Accepted from a listener older than the daemon.
+                    info.owner = *owner;
+                    info.owner.flags |= owner_flags::INHERITED;
+                }
                 self.table.insert(Conn {
-                    info: ev.info,
+                    info,
                     seen_ns: ev.info.ts_ns,
                     opened: true,
                     ka: o.ka,
                     hz,
                 });
-                let leg = self.leg(&ev.info);
+                let leg = self.leg(&info);
                 self.chains.on_open(leg);
             }
             EventData::Close(c) => self.on_close(&ev.info, &c),
@@ -338,27 +350,106 @@ impl State {
             .inc();
     }
 
-    /// Adds connections the kernel iterator found that the table lacks
-    /// (opened before the tracer, or dropped from a full table).
-    pub fn seed(&mut self, snapshot: &[ConnEvent]) {
-        let listening = listeners(snapshot);
+    /// Reconciles the daemon with the kernel's sockets (a fresh snapshot of
+    /// every namespace, taken starting at `started_ns`):
+    /// - connections the table lacks (opened before the daemon, or dropped
+    ///   from a full table) are added, with their owner found in /proc;
+    /// - listeners' owners are remembered, so that connections they accept
+    ///   get an owner even when the listener predates the daemon;
+    /// - table entries whose socket is gone (a close the daemon missed, e.g.
+    ///   a lost event) are removed and counted.
+    pub fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) {
+        let mut wanted = std::collections::HashSet::new();
         for ev in snapshot {
             if let EventData::Snapshot(s) = ev.data {
                 self.hz.observe(s.jiffies, ev.info.ts_ns);
-                if ev.info.sock.state != tcp_state::LISTEN
-                    && self.table.get(ev.info.cookie).is_none()
-                {
-                    let hz = self.hz.get().0;
-                    self.table.insert(Conn {
-                        info: with_direction_hint(ev.info, &listening),
-                        seen_ns: ev.info.ts_ns,
-                        opened: false,
-                        ka: s.ka,
-                        hz,
-                    });
+                let known = ev.info.owner.flags & owner_flags::KNOWN != 0
+                    || self
+                        .table
+                        .get(ev.info.cookie)
+                        .is_some_and(|c| c.info.owner.flags & owner_flags::KNOWN != 0);
+                if !known && s.ino != 0 {
+                    wanted.insert(s.ino);
                 }
             }
         }
+        let mount = crate::cgroup::cgroup2_mount().ok().flatten();
+        let owners = crate::procfs::socket_owners(
+            &wanted,
+            mount.as_deref(),
+            crate::procfs::ScanBudget::default(),
+        );
+        let owner_of = |ev: &ConnEvent, s: &tracer_common::SnapshotData| -> Owner {
+            if ev.info.owner.flags & owner_flags::KNOWN != 0 {
+                ev.info.owner
+            } else {
+                owners.get(&s.ino).copied().unwrap_or(ev.info.owner)
+            }
+        };
+        self.listener_owners.clear();
+        for ev in snapshot {
+            if let EventData::Snapshot(s) = ev.data
+                && ev.info.sock.state == tcp_state::LISTEN
+            {
+                self.listener_owners
+                    .insert((ev.info.netns, ev.info.sock.sport), owner_of(ev, &s));
+            }
+        }
+        let mut alive = std::collections::HashSet::new();
+        for ev in snapshot {
+            let EventData::Snapshot(s) = ev.data else {
+                continue;
+            };
+            if ev.info.sock.state == tcp_state::LISTEN {
+                continue;
+            }
+            alive.insert(ev.info.cookie);
+            let mut owner = owner_of(ev, &s);
+            if self
+                .listener_owners
+                .contains_key(&(ev.info.netns, ev.info.sock.sport))
+            {
+                owner.flags |= owner_flags::INHERITED;
+            }
+            if let Some(c) = self.table.get_mut(ev.info.cookie) {
+                if c.info.owner.flags & owner_flags::KNOWN == 0 {
+                    c.info.owner = owner;
+                }
+                continue;
+            }
+            let hz = self.hz.get().0;
+            let mut info = ev.info;
+            info.owner = owner;
+            self.table.insert(Conn {
+                info,
+                seen_ns: ev.info.ts_ns,
+                opened: false,
+                ka: s.ka,
+                hz,
+            });
+        }
+        let gone: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|c| c.seen_ns < started_ns && !alive.contains(&c.info.cookie))
+            .map(|c| c.info.cookie)
+            .collect();
+        for cookie in &gone {
+            self.table.remove(*cookie);
+        }
+        if !gone.is_empty() {
+            log::debug!(
+                "resync: {} connections were gone without a close event",
+                gone.len()
+            );
+        }
+        self.metrics.table_reconciled.inc_by(gone.len() as u64);
+        log::debug!(
+            "resync: {} sockets, {} owners found in /proc, {} listeners",
+            snapshot.len(),
+            owners.len(),
+            self.listener_owners.len()
+        );
     }
 
     /// The metrics text, with the gauges brought up to date.
@@ -685,9 +776,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let attr = attributor(&cfg);
     let mut state = State::new(&cfg, attr)?;
+    let started = monotonic_ns();
     match kernel.snapshot() {
         Ok(snap) => {
-            state.seed(&snap);
+            state.resync(&snap, started);
             log::info!("{} connections open at start", state.table.len());
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
@@ -712,8 +804,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut decode_errors = 0u64;
+    let mut resync = tokio::time::interval(cfg.resync_interval);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is now: the start-up resync did it
     loop {
         tokio::select! {
+            _ = resync.tick() => {
+                let started = monotonic_ns();
+                let snap = shared.kernel.lock().expect("kernel lock").snapshot();
+                match snap {
+                    Ok(snap) => shared.state.lock().expect("state lock").resync(&snap, started),
+                    Err(e) => log::warn!("periodic resync skipped: {e}"),
+                }
+            }
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 let rb = guard.get_inner_mut();
@@ -862,5 +965,68 @@ fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
                 .into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::{Keepalive, OpenData, SnapshotData};
+
+    use super::*;
+
+    fn open(cookie: u64, ts_ns: u64) -> ConnEvent {
+        let mut info = EventInfo {
+            cookie,
+            ts_ns,
+            ..EventInfo::default()
+        };
+        info.sock.family = tracer_common::AF_INET;
+        info.sock.sport = 40000;
+        info.owner.flags = owner_flags::KNOWN;
+        ConnEvent {
+            info,
+            data: EventData::Open(OpenData {
+                ka: Keepalive::default(),
+                jiffies: 0,
+            }),
+        }
+    }
+
+    fn snapshot(cookie: u64, state: u8, sport: u16) -> ConnEvent {
+        let mut info = EventInfo {
+            cookie,
+            ..EventInfo::default()
+        };
+        info.sock.state = state;
+        info.sock.sport = sport;
+        ConnEvent {
+            info,
+            data: EventData::Snapshot(SnapshotData::default()),
+        }
+    }
+
+    #[test]
+    fn resync_drops_missed_closes_keeps_new_opens_and_adds_older_sockets() {
+        let mut st = State::new(&Config::default(), Attributor::host_only()).expect("state");
+        st.handle(&open(1, 100)); // its close was missed
+        st.handle(&open(2, 300)); // opened while the snapshot ran
+        st.handle(&open(3, 100)); // still there
+        let snap = [
+            snapshot(3, tcp_state::ESTABLISHED, 40000),
+            snapshot(4, tcp_state::ESTABLISHED, 8080), // older than the daemon
+            snapshot(5, tcp_state::LISTEN, 8080),
+        ];
+        st.resync(&snap, 200);
+        assert!(st.table.get(1).is_none(), "missed close reconciled");
+        assert!(st.table.get(2).is_some() && st.table.get(3).is_some());
+        let older = st.table.get(4).expect("older connection added");
+        assert!(!older.opened);
+        assert_eq!(
+            older.info.owner.flags & owner_flags::INHERITED,
+            owner_flags::INHERITED,
+            "accepted by a listener on its port"
+        );
+        assert!(st.table.get(5).is_none(), "listeners are not connections");
+        assert_eq!(st.metrics.table_reconciled.get(), 1);
     }
 }

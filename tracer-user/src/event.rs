@@ -305,6 +305,9 @@ pub fn owner_kind(owner: &Owner) -> &'static str {
         "unknown"
     } else if owner.flags & owner_flags::INHERITED != 0 {
         "inherited"
+    } else if owner.flags & owner_flags::FROM_PROC != 0 {
+        // Older than the tracer; the process holding it, found in /proc.
+        "proc"
     } else {
         "known"
     }

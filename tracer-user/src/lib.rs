@@ -19,5 +19,6 @@ pub mod metrics;
 pub mod netns;
 pub mod offsets;
 pub mod podid;
+pub mod procfs;
 pub mod table;
 pub mod trace;

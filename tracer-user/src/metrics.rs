@@ -32,6 +32,7 @@ pub struct Metrics {
     pub peer_connections_open: IntGaugeVec,
     pub chains_open: IntGauge,
     pub kube_pods: IntGauge,
+    pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
 }
@@ -198,6 +199,15 @@ impl Metrics {
                 )?;
                 r.register(Box::new(g.clone()))?;
                 g
+            },
+            table_reconciled: {
+                let c = IntCounter::new(
+                    "conntracer_table_reconciled_total",
+                    "Connections removed from the table because the kernel no longer had them \
+                     (their close event was missed, e.g. lost).",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
             },
             kube_pods: {
                 let g = IntGauge::new(

@@ -232,7 +232,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         net_keepalive_time: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_time"], 4)?,
         net_keepalive_intvl: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_intvl"], 4)?,
         net_keepalive_probes: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_probes"], 1)?,
-        pad: 0,
+        sk_socket: sized(btf, "sock", &["sk_socket"], 8)?,
+        socket_file: sized(btf, "socket", &["file"], 8)?,
+        file_inode: sized(btf, "file", &["f_inode"], 8)?,
+        inode_ino: sized(btf, "inode", &["i_ino"], 8)?,
     })
 }
 
@@ -457,7 +460,26 @@ mod tests {
                 ("sk_bits", u8t, 1040, 3),
                 ("sk_err", u32t, 1056, 0),
                 ("sk_err_soft", u32t, 1088, 0),
+                ("sk_socket", u64t, 1152, 0),
             ],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "socket",
+            32,
+            &[("state", u32t, 0, 0), ("file", u64t, 128, 0)],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "file",
+            64,
+            &[("f_mode", u32t, 0, 0), ("f_inode", u64t, 256, 0)],
+        );
+        b.composite(
+            KIND_STRUCT,
+            "inode",
+            96,
+            &[("i_mode", u16t, 0, 0), ("i_ino", u64t, 512, 0)],
         );
         b.composite(
             KIND_STRUCT,
@@ -556,6 +578,15 @@ mod tests {
         assert_eq!(off.sk_err, 132);
         assert_eq!(off.net_ns_inum, 16 + 8);
         assert_eq!(off.inet_sport, 200);
+        assert_eq!(
+            (
+                off.sk_socket,
+                off.socket_file,
+                off.file_inode,
+                off.inode_ino
+            ),
+            (144, 16, 32, 64)
+        );
         assert_eq!(off.skc_flags, 8 + 64);
         assert_eq!(off.sock_keepopen_bit, 3);
         assert_eq!(off.sk_err_soft, 136);

@@ -53,6 +53,10 @@ impl ConnTable {
         self.conns.get(&cookie)
     }
 
+    pub fn get_mut(&mut self, cookie: u64) -> Option<&mut Conn> {
+        self.conns.get_mut(&cookie)
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
