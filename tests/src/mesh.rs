@@ -1,0 +1,252 @@
+//! The field report's mesh, for the end-to-end tests: an app in a "pod"
+//! (its own network namespace, kubelet-style cgroups, Istio's outbound
+//! redirect) talks to a Redis server across a router whose conntrack expires
+//! idle flows, through a real Envoy sidecar (uid 1337, ORIGINAL_DST,
+//! tcp_proxy). A fake Kubernetes API serves both pods, and a daemon watches
+//! it all. Everything is torn down on drop.
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    Peer, cgroup2_mount,
+    daemon::Daemon,
+    fake_kube::{FakeKube, pod_json},
+    netlab::{InvalidAction, NetLab},
+    servers::{
+        Envoy, EnvoyOptions, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect, UpstreamKeepalive,
+    },
+};
+
+/// The node the daemon is told it runs on.
+pub const NODE: &str = "node-e2e";
+/// The app's pod.
+pub const NAMESPACE: &str = "shop";
+pub const POD: &str = "cart-5d8f7";
+/// The Redis server is a pod of this node too, so the peer label names it.
+pub const PEER: &str = "db/redis-0";
+
+/// A pod's cgroups as the kubelet lays them out with the systemd driver and
+/// containerd: kubepods.slice/kubepods-burstable.slice/
+/// kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope.
+pub struct PodCgroups {
+    dirs: Vec<PathBuf>,
+    containers: Vec<(String, PathBuf)>,
+}
+
+impl PodCgroups {
+    pub fn new(uid: &str, containers: &[(&str, &str)]) -> Self {
+        let root = cgroup2_mount().expect("a cgroup v2 mount");
+        let qos = root.join("kubepods.slice").join("kubepods-burstable.slice");
+        let pod = qos.join(format!(
+            "kubepods-burstable-pod{}.slice",
+            uid.replace('-', "_")
+        ));
+        let mut dirs = Vec::new();
+        for d in [root.join("kubepods.slice"), qos.clone(), pod.clone()] {
+            if !d.exists() {
+                fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+                dirs.push(d);
+            }
+        }
+        let mut out = Vec::new();
+        for (name, id) in containers {
+            let d = pod.join(format!("cri-containerd-{id}.scope"));
+            fs::create_dir(&d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+            out.push(((*name).to_string(), d.clone()));
+            dirs.push(d);
+        }
+        Self {
+            dirs,
+            containers: out,
+        }
+    }
+
+    pub fn dir(&self, container: &str) -> PathBuf {
+        self.containers
+            .iter()
+            .find(|(n, _)| n == container)
+            .expect("container")
+            .1
+            .clone()
+    }
+
+    pub fn add(&self, container: &str, pid: u32) {
+        let (_, dir) = self
+            .containers
+            .iter()
+            .find(|(n, _)| n == container)
+            .expect("container");
+        fs::write(dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", dir.display()));
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        let root = cgroup2_mount().unwrap_or_default();
+        for d in self.dirs.iter().rev() {
+            // Processes still inside (exiting) go back to the root first.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                for pid in fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    let _ = fs::write(root.join("cgroup.procs"), pid);
+                }
+                if fs::remove_dir(d).is_ok() || !d.exists() || Instant::now() > deadline {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+pub fn hex_id(seed: u8) -> String {
+    use std::fmt::Write as _;
+    let mut id = String::with_capacity(64);
+    for i in 0..32u8 {
+        let _ = write!(
+            id,
+            "{:02x}",
+            seed.wrapping_mul(31).wrapping_add(i.wrapping_mul(7))
+        );
+    }
+    id
+}
+
+/// Everything of one run; fields drop in declaration order: the daemon and
+/// processes first, the namespaces last.
+pub struct Mesh {
+    pub daemon: Daemon,
+    pub app: Peer,
+    pub redirect: SidecarRedirect,
+    pub envoy: Envoy,
+    pub redis: Redis,
+    pub cgroups: PodCgroups,
+    pub kube: FakeKube,
+    pub lab: NetLab,
+}
+
+/// What differs between the scenarios.
+pub struct Setup {
+    /// Envoy's tcp_proxy idle_timeout.
+    pub envoy_idle: Duration,
+    /// TCP keepalive on Envoy's upstream sockets (1 s / 1 s / 3 probes).
+    pub upstream_keepalive: bool,
+    /// Redis's own `timeout` (0: none).
+    pub redis_timeout_secs: u32,
+    /// The router's conntrack expiry of established flows.
+    pub conntrack_secs: u32,
+    /// What the router does with packets of an expired flow.
+    pub action: InvalidAction,
+    /// `ct-client redis` arguments after the address.
+    pub app_args: Vec<&'static str>,
+}
+
+/// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
+/// its first reply through the sidecar.
+pub fn mesh(client: &str, s: &Setup) -> Mesh {
+    let lab = NetLab::new(s.action, s.conntrack_secs);
+    let upstream = SocketAddr::new(lab.server_ip(), 6379);
+    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
+    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
+    let kube = FakeKube::start(NODE);
+    kube.set_pods(vec![
+        pod_json(
+            NAMESPACE,
+            POD,
+            uid,
+            NODE,
+            &lab.client_ip().to_string(),
+            &[
+                ("app", &format!("containerd://{app_id}")),
+                ("istio-proxy", &format!("containerd://{proxy_id}")),
+            ],
+        ),
+        pod_json(
+            "db",
+            "redis-0",
+            "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            NODE,
+            &lab.server_ip().to_string(),
+            &[("redis", &format!("containerd://{}", hex_id(3)))],
+        ),
+    ]);
+    let cgroups = PodCgroups::new(uid, &[("app", &app_id), ("istio-proxy", &proxy_id)]);
+    // The daemon runs before the pod's processes start, as a DaemonSet does
+    // on a node: the owners of listeners opened before it are not known yet
+    // (see the closing notes of the reliability work).
+    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
+    daemon.wait_metrics(Duration::from_secs(20), |m| {
+        m.sum("conntracer_kube_pods", &[]) >= 2.0
+    });
+    let redis = Redis::start(lab.server(), upstream, s.redis_timeout_secs);
+    let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
+    if s.upstream_keepalive {
+        opts.upstream_keepalive = Some(UpstreamKeepalive {
+            time_secs: 1,
+            interval_secs: 1,
+            probes: 3,
+        });
+    }
+    opts.cgroup = Some(cgroups.dir("istio-proxy"));
+    let envoy = Envoy::start(lab.client(), opts);
+    let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
+
+    let mut cmd = lab.client().command(client);
+    cmd.args([
+        "redis",
+        "--addr",
+        &upstream.ip().to_string(),
+        "--port",
+        "6379",
+        "--pause-before-connect",
+    ])
+    .args(&s.app_args);
+    let mut app = Peer::spawn("app", cmd);
+    cgroups.add("app", app.pid());
+    app.go();
+    app.expect_port("connected");
+    assert_eq!(
+        app.expect_line("reply"),
+        ["ok"],
+        "the app's first query goes through the sidecar"
+    );
+    Mesh {
+        daemon,
+        app,
+        redirect,
+        envoy,
+        redis,
+        cgroups,
+        kube,
+        lab,
+    }
+}
+
+/// A [`Setup`] from its parts, in field order.
+pub fn setup(
+    envoy_idle_s: u64,
+    upstream_keepalive: bool,
+    redis_timeout_secs: u32,
+    conntrack_secs: u32,
+    action: InvalidAction,
+    app_args: &[&'static str],
+) -> Setup {
+    Setup {
+        envoy_idle: Duration::from_secs(envoy_idle_s),
+        upstream_keepalive,
+        redis_timeout_secs,
+        conntrack_secs,
+        action,
+        app_args: app_args.to_vec(),
+    }
+}
