@@ -459,6 +459,7 @@ impl Tracer {
             Config::ConnTracer => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
                 let log = ctx.work.join(format!("conn-tracer-{}.log", ctx.runs));
+                let out = fs::File::create(&log)?;
                 let mut cmd = Command::new(&ctx.tracer);
                 cmd.args([
                     "run",
@@ -470,8 +471,8 @@ impl Tracer {
                 .arg("--no-kube")
                 .args(extra)
                 .stdin(Stdio::null())
-                .stdout(fs::File::create(&log)?)
-                .stderr(fs::File::create(&log)?.try_clone()?);
+                .stdout(out.try_clone()?)
+                .stderr(out);
                 let child = cmd
                     .spawn()
                     .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
@@ -661,8 +662,11 @@ fn measure_churn(
     concurrency: usize,
     seconds: f64,
 ) -> Result<ChurnRun> {
-    let (cpu0, counts0) = (tracer.cpu(), tracer.counts()?);
+    let counts0 = tracer.counts()?;
+    let cpu0 = tracer.cpu();
     let out = churn_once(ctx, concurrency, seconds)?;
+    // The daemon drains what is left within its 5 ms pause.
+    thread::sleep(Duration::from_millis(50));
     let cpu1 = tracer.cpu();
     let counts1 = tracer.counts()?;
     let delta = |a: Option<u64>, b: Option<u64>| Some(b?.saturating_sub(a?));
