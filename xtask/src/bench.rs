@@ -50,13 +50,13 @@ pub struct Args {
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
     /// Connections in flight in the churn runs (the highest load level by default).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
     /// Load levels (connections in flight) of the scaling runs.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
     pub levels: Vec<usize>,
     /// Rounds of the scaling runs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     pub level_rounds: usize,
     /// Measured seconds of each scaling run.
     #[arg(long, default_value_t = 2.0)]

@@ -369,16 +369,24 @@ fn charts(r: &Results) -> Vec<(&'static str, String)> {
     }
     if !r.scaling.is_empty() {
         let lv = levels(&r.scaling);
+        // Levels grow by factors: drawn evenly, one step each.
         let series = [Config::ConnTracer, Config::Bpftrace]
             .iter()
             .map(|&c| {
                 let pts = lv
                     .iter()
-                    .filter_map(|(l, s)| Some((*l as f64, ratio_of(s, c)?)))
+                    .enumerate()
+                    .filter_map(|(i, (_, s))| Some((i as f64, ratio_of(s, c)?)))
                     .collect();
                 (c.name().to_string(), pts)
             })
             .collect();
+        let x_ticks = Some(
+            lv.iter()
+                .enumerate()
+                .map(|(i, (l, _))| (i as f64, l.to_string()))
+                .collect(),
+        );
         out.push((
             "scaling.svg",
             LineChart {
@@ -391,6 +399,7 @@ fn charts(r: &Results) -> Vec<(&'static str, String)> {
                     label: format!("target {CHURN_RATIO_TARGET}"),
                 }),
                 y_from_zero: false,
+                x_ticks,
             }
             .render(),
         ));
@@ -420,6 +429,7 @@ fn charts(r: &Results) -> Vec<(&'static str, String)> {
                     label: "RSS target 64 MiB".into(),
                 }),
                 y_from_zero: true,
+                x_ticks: None,
             }
             .render(),
         ));
@@ -611,7 +621,10 @@ fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -> St
             s,
             "\n### Churn at several load levels\n\n\
              The same churn with 1 to {max} connections in flight ({rounds} rounds of {sec} s \
-             per level; each tracer is started once per round and runs every level).\n\n\
+             per level; each tracer is started once per round and runs every level; medians \
+             of the rounds). With 1 connection in flight only one core works and throughput \
+             depends on how the other, idle vCPU is woken: on this VM it varies from run to \
+             run, so that level's ratio is the least reliable.\n\n\
              | Connections in flight | no tracer conn/s | conn-tracer conn/s | ratio | bpftrace conn/s | ratio |\n\
              | ---: | ---: | ---: | ---: | ---: | ---: |",
             max = a.levels.iter().max().unwrap_or(&0),
@@ -640,7 +653,7 @@ fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -> St
         let maps: Vec<String> = mem
             .maps
             .iter()
-            .map(|m| format!("{} {:.2} MiB", m.type_name(), mib(m.memlock)))
+            .map(|m| format!("{} {} KiB", m.type_name(), m.memlock.div_ceil(1024)))
             .collect();
         let _ = writeln!(
             s,
@@ -696,7 +709,7 @@ fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -> St
             "\nBytes per tracked connection: **{} in the daemon** (least-squares slope of RSS over \
              tracked connections) and **{} in the kernel** (socket storage, charged to the \
              socket and freed with it); the maps themselves are a fixed {:.1} MiB, most of it \
-             the 4 MiB ring buffer ({}).",
+             the 4 MiB event ring ({}; the second ring buffer is the kernel programs' log).",
             super::stats::slope(&pts).map_or("-".into(), |b| format!("{b:.0} bytes")),
             Summary::of(&storage).map_or("-".into(), |x| format!("{:.0} bytes", x.median)),
             mib(mem.maps.iter().map(|m| m.memlock).sum()),
@@ -748,7 +761,8 @@ fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -> St
              client closes as soon as it reads the EOF. Each sample is the time from the \
              server's `close()` to the first `/metrics` answer (polled every {} us on one \
              kept-alive connection) whose `conntracer_idle_kills_total` for that server's \
-             address went up.\n\n\
+             address went up. A scrape first applies every event the kernel has sent; \
+             without scrapes the daemon applies events within its 5 ms drain pause.\n\n\
              | Samples | median | p95 | max | missed |\n| ---: | ---: | ---: | ---: | ---: |\n\
              | {} | {} | {:.1} ms | {} | {} |",
             l.samples_ms.len() + l.missed as usize,

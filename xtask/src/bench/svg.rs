@@ -44,6 +44,9 @@ pub struct LineChart {
     pub target: Option<Target>,
     /// Start the y axis at zero rather than near the data.
     pub y_from_zero: bool,
+    /// Ticks at these x values with these labels (e.g. load levels drawn
+    /// evenly by index); `None`: round ticks over the data.
+    pub x_ticks: Option<Vec<(f64, String)>>,
 }
 
 /// Escapes text for XML content and attribute values.
@@ -353,16 +356,28 @@ impl LineChart {
         if !xlo.is_finite() {
             (xlo, xhi) = (0.0, 1.0);
         }
-        let xt = nice_ticks(xlo.min(0.0), xhi, 6);
+        let xt: Vec<(f64, String)> = match &self.x_ticks {
+            Some(t) if !t.is_empty() => t.clone(),
+            _ => nice_ticks(xlo.min(0.0), xhi, 6)
+                .into_iter()
+                .map(|t| (t, short(t)))
+                .collect(),
+        };
+        // Given ticks get half a step of room on either side.
+        let pad = if self.x_ticks.is_some() { 0.5 } else { 0.0 };
+        let (x0, x1) = (
+            xt.iter().map(|t| t.0).fold(f64::INFINITY, f64::min) - pad,
+            xt.iter().map(|t| t.0).fold(f64::NEG_INFINITY, f64::max) + pad,
+        );
         let x = Scale {
-            d0: xt[0],
-            d1: *xt.last().expect("ticks"),
+            d0: x0,
+            d1: if x1 > x0 { x1 } else { x0 + 1.0 },
             p0: LEFT,
             p1: WIDTH - RIGHT,
         };
         y_axis(&mut out, &yt, &y, &self.y_label);
-        for &t in &xt {
-            let px = x.at(t);
+        for (t, label) in &xt {
+            let px = x.at(*t);
             let _ = writeln!(
                 out,
                 "<line x1=\"{px:.1}\" x2=\"{px:.1}\" y1=\"{:.1}\" y2=\"{:.1}\" stroke=\"#333\"/>\
@@ -370,7 +385,7 @@ impl LineChart {
                 HEIGHT - BOTTOM,
                 HEIGHT - BOTTOM + 5.0,
                 HEIGHT - BOTTOM + 18.0,
-                escape(&short(t))
+                escape(label)
             );
         }
         let _ = writeln!(
@@ -487,10 +502,21 @@ mod tests {
             ],
             target: None,
             y_from_zero: true,
+            x_ticks: None,
         };
         let svg = chart.render();
         assert_eq!(svg.matches("<circle").count(), 4);
         assert_eq!(svg.matches("<polyline").count(), 2);
         assert!(!svg.contains("NaN"));
+        let levels = LineChart {
+            x_ticks: Some(vec![
+                (0.0, "1".into()),
+                (1.0, "4".into()),
+                (2.0, "16".into()),
+            ]),
+            ..chart
+        };
+        let svg = levels.render();
+        assert!(svg.contains(">16</text>") && !svg.contains("NaN"));
     }
 }
