@@ -4,12 +4,14 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use tracer_common::{IPPROTO_TCP, SockError, kind};
 
 use crate::{
     maps::{SOCKS, reserve},
-    sock::{fill_info, offsets, read, verbose},
+    sock::{Probe, fill_info, off, read, ready, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
@@ -23,16 +25,15 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if !verbose() {
         return Ok(());
     }
-    let off = offsets();
-    if off.ready == 0 {
+    if !ready() {
         return Err(());
     }
     let sk: *const c_void = ctx.arg(0);
-    let protocol: u16 = read(sk, off.sk_protocol);
+    let protocol: u16 = read(sk, off!(sk_protocol));
     if protocol != IPPROTO_TCP {
         return Err(());
     }
-    let errno: i32 = read(sk, off.sk_err);
+    let errno: i32 = read(sk, off!(sk_err));
     let Some(mut entry) = reserve::<SockError>(kind::SOCK_ERROR) else {
         return Err(());
     };
@@ -40,7 +41,14 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let state = SOCKS.get_ptr(sk, false);
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::SOCK_ERROR, state, &off);
+        fill_info::<Probe>(
+            &raw mut (*ev).info,
+            sk,
+            sk,
+            kind::SOCK_ERROR,
+            bpf_ktime_get_ns(),
+            state,
+        );
         (*ev).data = SockError {
             errno: errno.unsigned_abs(),
             pad: 0,

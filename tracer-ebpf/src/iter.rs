@@ -10,7 +10,7 @@ use tracer_common::{Event, SnapshotData, kind, tcp_state};
 
 use crate::{
     maps::SOCKS,
-    sock::{fill_info, keepalive, offsets, read},
+    sock::{Probe, fill_info, keepalive, off, read, ready},
 };
 
 /// `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`:
@@ -30,20 +30,20 @@ struct IterMeta {
 /// `SOCK_INODE(sk->sk_socket)->i_ino`, through the socket's file: 0 for
 /// sockets without one (orphaned, closing).
 #[inline(always)]
-fn socket_ino(sk: *const c_void, off: &tracer_common::KernelOffsets) -> u64 {
-    let socket: *const c_void = read(sk, off.sk_socket);
+fn socket_ino(sk: *const c_void) -> u64 {
+    let socket: *const c_void = read(sk, off!(sk_socket));
     if socket.is_null() {
         return 0;
     }
-    let file: *const c_void = read(socket, off.socket_file);
+    let file: *const c_void = read(socket, off!(socket_file));
     if file.is_null() {
         return 0;
     }
-    let inode: *const c_void = read(file, off.file_inode);
+    let inode: *const c_void = read(file, off!(file_inode));
     if inode.is_null() {
         return 0;
     }
-    read(inode, off.inode_ino)
+    read(inode, off!(inode_ino))
 }
 
 #[unsafe(no_mangle)]
@@ -55,11 +55,10 @@ pub fn dump_tcp(ctx: *mut c_void) -> i32 {
     if sk.is_null() {
         return 0;
     }
-    let off = offsets();
-    if off.ready == 0 {
+    if !ready() {
         return 0;
     }
-    let state: u8 = read(sk, off.skc_state);
+    let state: u8 = read(sk, off!(skc_state));
     // Request and time-wait sockets are not full sockets. Listeners are
     // reported: they tell accepted connections from outgoing ones.
     if state == tcp_state::TIME_WAIT
@@ -73,20 +72,21 @@ pub fn dump_tcp(ctx: *mut c_void) -> i32 {
         data: SnapshotData::default(),
     };
     let st = SOCKS.get_ptr(sk, false);
-    fill_info(&raw mut ev.info, sk, kind::SNAPSHOT, st, &off);
+    // The time is taken below, after the jiffies.
+    fill_info::<Probe>(&raw mut ev.info, sk, sk, kind::SNAPSHOT, 0, st);
     ev.data = SnapshotData {
-        ka: keepalive(sk, &off),
+        ka: keepalive::<Probe>(sk),
         // SAFETY: helper without arguments.
         jiffies: unsafe { bpf_jiffies64() },
-        last_send_j: read(sk, off.tp_lsndtime),
-        last_recv_j: read(sk, off.icsk_lrcvtime),
-        last_ack_j: read(sk, off.tp_rcv_tstamp),
-        retransmits: read(sk, off.icsk_retransmits),
-        probes_out: read(sk, off.icsk_probes_out),
+        last_send_j: read(sk, off!(tp_lsndtime)),
+        last_recv_j: read(sk, off!(icsk_lrcvtime)),
+        last_ack_j: read(sk, off!(tp_rcv_tstamp)),
+        retransmits: read(sk, off!(icsk_retransmits)),
+        probes_out: read(sk, off!(icsk_probes_out)),
         pad: 0,
-        bytes_received: read(sk, off.tp_bytes_received),
-        bytes_acked: read(sk, off.tp_bytes_acked),
-        ino: socket_ino(sk, &off),
+        bytes_received: read(sk, off!(tp_bytes_received)),
+        bytes_acked: read(sk, off!(tp_bytes_acked)),
+        ino: socket_ino(sk),
     };
     // Take the time after the jiffies so the pair is close together.
     // SAFETY: helper without arguments.

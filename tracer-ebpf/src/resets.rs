@@ -4,12 +4,14 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use tracer_common::{ResetData, close_flags, kind};
 
 use crate::{
     maps::{SOCKS, reserve},
-    sock::{fill_info, offsets, verbose},
+    sock::{Probe, fill_info, ready, verbose},
 };
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
@@ -36,8 +38,7 @@ fn on_reset(sk: *const c_void, event_kind: u16, flag: u8, reason: u32) -> Result
     if sk.is_null() {
         return Err(());
     }
-    let off = offsets();
-    if off.ready == 0 {
+    if !ready() {
         return Err(());
     }
     // NULL for request and time-wait sockets (not full sockets).
@@ -56,7 +57,14 @@ fn on_reset(sk: *const c_void, event_kind: u16, flag: u8, reason: u32) -> Result
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot. `sk` may
     // be a request or time-wait socket: only `sock_common` fields are read.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, event_kind, state, &off);
+        fill_info::<Probe>(
+            &raw mut (*ev).info,
+            sk,
+            sk,
+            event_kind,
+            bpf_ktime_get_ns(),
+            state,
+        );
         (*ev).data = ResetData { reason, pad: 0 };
     }
     entry.submit(0);

@@ -6,9 +6,7 @@ use core::{ffi::c_void, mem::MaybeUninit, ptr};
 
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-    generated::{
-        bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    generated::{bpf_get_current_cgroup_id, bpf_get_socket_cookie, bpf_probe_read_kernel},
 };
 use tracer_common::{
     AF_INET, AF_INET6, EventInfo, Keepalive, KernelOffsets, Owner, SockState, TracerConfig,
@@ -17,7 +15,7 @@ use tracer_common::{
 
 /// Set by userspace with `EbpfLoader::override_global` before load.
 #[unsafe(no_mangle)]
-static OFFSETS: KernelOffsets = {
+pub static OFFSETS: KernelOffsets = {
     // SAFETY: all-zero is a valid KernelOffsets (plain integers), meaning "not ready".
     unsafe { core::mem::zeroed() }
 };
@@ -26,41 +24,124 @@ static OFFSETS: KernelOffsets = {
 #[unsafe(no_mangle)]
 static CONFIG: TracerConfig = TracerConfig { verbose: 0, pad: 0 };
 
+/// One field of [`OFFSETS`]. Read field by field and volatile: the compiler
+/// must not fold the zero initialiser that userspace replaces at load time,
+/// and the verifier then sees each value as a constant (the global lives in
+/// a frozen read-only map), which [`Btf`] loads need.
+macro_rules! off {
+    ($field:ident) => {
+        $crate::sock::offset(&raw const $crate::sock::OFFSETS.$field)
+    };
+}
+pub(crate) use off;
+
+/// The value of one [`OFFSETS`] field (see [`off!`]).
 #[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    // SAFETY: a plain read of a global; volatile so that the compiler does not
-    // fold the zero initialiser that userspace replaces at load time.
-    unsafe { ptr::read_volatile(&raw const OFFSETS) }
+pub fn offset(field: *const u32) -> u32 {
+    // SAFETY: `field` points into the OFFSETS global (only `off!` calls this).
+    unsafe { ptr::read_volatile(field) }
+}
+
+/// Whether userspace filled [`OFFSETS`] in; the programs do nothing before.
+#[inline(always)]
+pub fn ready() -> bool {
+    off!(ready) != 0
 }
 
 /// Whether every state change, reset and error goes to userspace (`trace`).
 #[inline(always)]
 pub fn verbose() -> bool {
-    // SAFETY: as in `offsets`.
+    // SAFETY: as in `off!`.
     unsafe { ptr::read_volatile(&raw const CONFIG.verbose) != 0 }
 }
 
-/// Reads a `T` at byte offset `off` of the kernel object `base`.
-#[inline(always)]
-pub fn read<T: Copy + Default>(base: *const c_void, off: u32) -> T {
-    let mut v = MaybeUninit::<T>::zeroed();
-    // SAFETY: bpf_probe_read_kernel faults safely; on failure `v` stays zeroed.
-    unsafe {
-        bpf_probe_read_kernel(
-            v.as_mut_ptr().cast(),
-            size_of::<T>() as u32,
-            base.cast::<u8>().add(off as usize).cast(),
-        );
-        v.assume_init()
+/// How a program reads kernel memory at `base + off`.
+pub trait Kmem {
+    /// Reads a `T`; zero when the memory cannot be read.
+    fn get<T: Copy + Default>(base: *const c_void, off: u32) -> T;
+
+    /// Copies `len` bytes (a multiple of 4, at most 16) into `dst`.
+    #[inline(always)]
+    fn copy(dst: *mut u8, len: u32, base: *const c_void, off: u32) {
+        let mut i = 0;
+        while i < len && i < 16 {
+            let word: u32 = Self::get(base, off + i);
+            // SAFETY: `dst` points at `len` writable bytes.
+            unsafe { dst.add(i as usize).cast::<u32>().write_unaligned(word) };
+            i += 4;
+        }
     }
 }
 
-/// Copies `len` bytes at `base + off` into `dst`.
+/// `bpf_probe_read_kernel`: any kernel address, one helper call (with its
+/// fault handling) per read. For the programs off the hot path, and for
+/// pointers whose BTF type does not cover the fields (`sock_common` of the
+/// iterator, request and time-wait sockets in the reset hooks).
+pub struct Probe;
+
+impl Kmem for Probe {
+    #[inline(always)]
+    fn get<T: Copy + Default>(base: *const c_void, off: u32) -> T {
+        let mut v = MaybeUninit::<T>::zeroed();
+        // SAFETY: bpf_probe_read_kernel faults safely; on failure `v` stays zeroed.
+        unsafe {
+            bpf_probe_read_kernel(
+                v.as_mut_ptr().cast(),
+                size_of::<T>() as u32,
+                base.cast::<u8>().add(off as usize).cast(),
+            );
+            v.assume_init()
+        }
+    }
+}
+
+/// A plain load through a BTF-typed pointer (what `bpf_skc_to_tcp_sock`
+/// returns, and pointers loaded through it such as `skc_net`). The verifier
+/// checks each offset and size against the running kernel's BTF at load
+/// time, so the offsets must be constants it can see ([`off!`]), and the JIT
+/// makes the load fault-safe. A few cycles instead of a helper call: the
+/// state-change program runs on every connection's own path.
+pub struct Btf;
+
+impl Kmem for Btf {
+    #[inline(always)]
+    fn get<T: Copy + Default>(base: *const c_void, off: u32) -> T {
+        // SAFETY: `base` is a BTF pointer the verifier tracks; it rejects the
+        // program at load time unless `base + off` is a field of this size.
+        unsafe { ptr::read_volatile(base.cast::<u8>().add(off as usize).cast::<T>()) }
+    }
+}
+
+/// Reads a `T` at byte offset `off` of the kernel object `base` with
+/// `bpf_probe_read_kernel`.
 #[inline(always)]
-fn read_into(dst: *mut u8, len: u32, base: *const c_void, off: u32) {
-    // SAFETY: as in `read`; `dst` points at `len` writable bytes.
+pub fn read<T: Copy + Default>(base: *const c_void, off: u32) -> T {
+    Probe::get(base, off)
+}
+
+/// Zeroes `len` bytes (a multiple of 4, at most 64) at 4-aligned `dst` with
+/// word stores. The compiler would otherwise call a byte-by-byte `memset`
+/// subprogram on the hot path.
+#[inline(always)]
+pub fn zero(dst: *mut u32, len: usize) {
+    let mut i = 0;
+    while i < len / 4 && i < 16 {
+        // SAFETY: the caller hands `len` writable, 4-aligned bytes.
+        unsafe { ptr::write_volatile(dst.add(i), 0) };
+        i += 1;
+    }
+}
+
+/// A fresh socket state for `owner`, written field by field (see [`zero`]).
+#[inline(always)]
+pub fn reset_state(st: *mut SockState, owner: Owner) {
+    // SAFETY: the caller hands this socket's storage; SockState is 8-aligned.
     unsafe {
-        bpf_probe_read_kernel(dst.cast(), len, base.cast::<u8>().add(off as usize).cast());
+        (*st).owner = owner;
+        zero(
+            (&raw mut (*st).cookie).cast(),
+            size_of::<SockState>() - size_of::<Owner>(),
+        );
     }
 }
 
@@ -84,94 +165,107 @@ pub fn current_owner(flags: u32) -> Owner {
 
 /// The socket's network namespace (`struct net *`).
 #[inline(always)]
-fn net_of(sk: *const c_void, off: &KernelOffsets) -> *const c_void {
-    read(sk, off.skc_net)
+fn net_of<K: Kmem>(sk: *const c_void) -> *const c_void {
+    K::get(sk, off!(skc_net))
 }
 
 /// Inode of the socket's network namespace.
 #[inline(always)]
-pub fn netns_of(sk: *const c_void, off: &KernelOffsets) -> u32 {
-    read(net_of(sk, off), off.net_ns_inum)
+pub fn netns_of<K: Kmem>(sk: *const c_void) -> u32 {
+    K::get(net_of::<K>(sk), off!(net_ns_inum))
 }
 
-/// Effective keepalive configuration of a TCP socket: its own values where
-/// it set them, its namespace's sysctls otherwise.
+/// Effective keepalive configuration of a TCP socket (`tp` must reach the
+/// `tcp_sock` fields): its own values where it set them, its namespace's
+/// sysctls otherwise.
 #[inline(always)]
-pub fn keepalive(sk: *const c_void, off: &KernelOffsets) -> Keepalive {
-    let flags: u64 = read(sk, off.skc_flags);
-    let net = net_of(sk, off);
+pub fn keepalive<K: Kmem>(tp: *const c_void) -> Keepalive {
+    let flags: u64 = K::get(tp, off!(skc_flags));
+    let net = net_of::<K>(tp);
     let mut from_socket = 0;
-    let mut time_j: u32 = read(sk, off.tp_keepalive_time);
+    let mut time_j: u32 = K::get(tp, off!(tp_keepalive_time));
     if time_j == 0 {
-        time_j = read(net, off.net_keepalive_time);
+        time_j = K::get(net, off!(net_keepalive_time));
     } else {
         from_socket |= ka_source::TIME;
     }
-    let mut intvl_j: u32 = read(sk, off.tp_keepalive_intvl);
+    let mut intvl_j: u32 = K::get(tp, off!(tp_keepalive_intvl));
     if intvl_j == 0 {
-        intvl_j = read(net, off.net_keepalive_intvl);
+        intvl_j = K::get(net, off!(net_keepalive_intvl));
     } else {
         from_socket |= ka_source::INTVL;
     }
-    let mut probes: u8 = read(sk, off.tp_keepalive_probes);
+    let mut probes: u8 = K::get(tp, off!(tp_keepalive_probes));
     if probes == 0 {
-        probes = read(net, off.net_keepalive_probes);
+        probes = K::get(net, off!(net_keepalive_probes));
     } else {
         from_socket |= ka_source::PROBES;
     }
     Keepalive {
         time_j,
         intvl_j,
-        user_timeout_ms: read(sk, off.icsk_user_timeout),
+        user_timeout_ms: K::get(tp, off!(icsk_user_timeout)),
         probes,
-        enabled: ((flags >> (off.sock_keepopen_bit & 63)) & 1) as u8,
+        enabled: ((flags >> (off!(sock_keepopen_bit) & 63)) & 1) as u8,
         from_socket,
         pad: 0,
     }
 }
 
-/// Fills the event header for `sk`: time, cookie, netns, addresses and the
-/// stored owner (zeroed when the socket predates the tracer).
+/// Fills the event header: time, cookie, netns, addresses and the stored
+/// owner (zeroed when the socket predates the tracer). `sk` is the socket
+/// for helpers; `fields` the same socket as a pointer `K` can read it
+/// through (for [`Btf`], its `tcp_sock`, which reaches `inet_sport`).
 #[inline(always)]
-pub fn fill_info(
+pub fn fill_info<K: Kmem>(
     info: *mut EventInfo,
     sk: *const c_void,
+    fields: *const c_void,
     event_kind: u16,
+    ts_ns: u64,
     state: *const SockState,
-    off: &KernelOffsets,
 ) {
     // SAFETY: `info` points at reserved ring buffer memory of the right size;
     // every field is written below. `state` is NULL or this socket's storage.
     unsafe {
-        (*info).ts_ns = bpf_ktime_get_ns();
-        (*info).cookie = bpf_get_socket_cookie(sk.cast_mut());
+        (*info).ts_ns = ts_ns;
+        // The stored cookie, once a socket has one, saves the helper call.
+        (*info).cookie = match state.as_ref() {
+            Some(st) if st.cookie != 0 => st.cookie,
+            _ => bpf_get_socket_cookie(sk.cast_mut()),
+        };
         (*info).kind = event_kind;
         (*info).pad = 0;
-        (*info).netns = netns_of(sk, off);
+        (*info).netns = netns_of::<K>(fields);
 
         let s = &raw mut (*info).sock;
-        let family: u16 = read(sk, off.skc_family);
+        let family: u16 = K::get(fields, off!(skc_family));
         (*s).family = family;
-        let sk_state: u8 = read(sk, off.skc_state);
-        let mut sport: u16 = read(sk, off.skc_num);
+        let sk_state: u8 = K::get(fields, off!(skc_state));
+        let mut sport: u16 = K::get(fields, off!(skc_num));
         // skc_num is zeroed when the port is released on close; full
         // sockets still hold it in inet_sport (time-wait and request
         // sockets are not inet_socks: their skc_num stays set).
         if sport == 0 && sk_state != tcp_state::TIME_WAIT && sk_state != tcp_state::NEW_SYN_RECV {
-            sport = u16::from_be(read(sk, off.inet_sport));
+            sport = u16::from_be(K::get(fields, off!(inet_sport)));
         }
         (*s).sport = sport;
-        (*s).dport = u16::from_be(read(sk, off.skc_dport));
+        (*s).dport = u16::from_be(K::get(fields, off!(skc_dport)));
         (*s).state = sk_state;
         (*s).pad = 0;
-        (*s).saddr = [0; 16];
-        (*s).daddr = [0; 16];
+        zero((&raw mut (*s).saddr).cast(), 16);
+        zero((&raw mut (*s).daddr).cast(), 16);
         if family == AF_INET6 {
-            read_into((&raw mut (*s).saddr).cast(), 16, sk, off.skc_v6_rcv_saddr);
-            read_into((&raw mut (*s).daddr).cast(), 16, sk, off.skc_v6_daddr);
+            K::copy(
+                (&raw mut (*s).saddr).cast(),
+                16,
+                fields,
+                off!(skc_v6_rcv_saddr),
+            );
+            K::copy((&raw mut (*s).daddr).cast(), 16, fields, off!(skc_v6_daddr));
         } else if family == AF_INET {
-            read_into((&raw mut (*s).saddr).cast(), 4, sk, off.skc_rcv_saddr);
-            read_into((&raw mut (*s).daddr).cast(), 4, sk, off.skc_daddr);
+            K::copy((&raw mut (*s).saddr).cast(), 4, fields, off!(skc_rcv_saddr));
+            K::copy((&raw mut (*s).daddr).cast(), 4, fields, off!(skc_daddr));
         }
 
         (*info).owner = if state.is_null() {

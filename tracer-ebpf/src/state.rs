@@ -16,18 +16,21 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns},
+    helpers::generated::{
+        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_skc_to_tcp_sock,
+    },
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use tracer_common::{
-    CloseData, IPPROTO_TCP, KernelOffsets, OpenData, SockState, StateChange, close_flags, kind,
-    owner_flags, tcp_state,
+    CloseData, OpenData, SockState, StateChange, close_flags, kind, owner_flags, tcp_state,
 };
 
 use crate::{
     maps::{SOCKS, reserve},
-    sock::{current_owner, fill_info, keepalive, offsets, read, verbose},
+    sock::{
+        Btf, Kmem, current_owner, fill_info, keepalive, netns_of, off, ready, reset_state, verbose,
+    },
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -37,19 +40,42 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+/// Whether a transition carries a fact the daemon needs: an owner to
+/// capture, an open, an end, or the final close. The others
+/// (FIN_WAIT1 -> FIN_WAIT2, CLOSE_WAIT -> LAST_ACK, ...) cost nothing more
+/// than this test outside verbose mode.
+#[inline(always)]
+fn matters(old: u8, new: u8) -> bool {
+    old == tcp_state::ESTABLISHED
+        || new == tcp_state::ESTABLISHED
+        || new == tcp_state::CLOSE
+        || new == tcp_state::SYN_SENT
+        || new == tcp_state::SYN_RECV
+        || new == tcp_state::LISTEN
+}
+
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    let off = offsets();
-    if off.ready == 0 {
+    if !ready() {
         return Err(());
     }
-    let sk: *const c_void = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    let protocol: u16 = read(sk, off.sk_protocol);
-    if protocol != IPPROTO_TCP {
+    let (old, new) = (old as u8, new as u8);
+    let verbose = verbose();
+    if !verbose && !matters(old, new) {
+        return Ok(());
+    }
+    let sk: *const c_void = ctx.arg(0);
+    // The socket as a `tcp_sock` the verifier knows (fields are plain
+    // loads), or NULL when it is not a full TCP socket: the tracepoint
+    // fires for other protocols too.
+    // SAFETY: `sk` is the tracepoint's socket; the helper checks it.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut()) }
+        .cast_const()
+        .cast::<c_void>();
+    if tp.is_null() {
         return Err(());
     }
-    let (old, new) = (old as u8, new as u8);
 
     let state: *mut SockState = if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
         let state = SOCKS.get_ptr(sk, true);
@@ -63,13 +89,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             } else {
                 0
             };
-            // SAFETY: non-NULL storage of this socket, ours while we run.
-            unsafe {
-                *state = SockState {
-                    owner: current_owner(flags),
-                    ..SockState::default()
-                };
-            }
+            reset_state(state, current_owner(flags));
         }
         state
     } else if new == tcp_state::SYN_RECV {
@@ -82,10 +102,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             // connection. Keep the owner, drop the rest.
             let mut owner = st.owner;
             owner.flags = (owner.flags & !owner_flags::LISTENER) | owner_flags::INHERITED;
-            *st = SockState {
-                owner,
-                ..SockState::default()
-            };
+            reset_state(st, owner);
         }
         state
     } else {
@@ -97,54 +114,68 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         )
     };
 
+    // One clock read, where a time is kept or sent.
+    let now = if verbose
+        || new == tcp_state::ESTABLISHED
+        || old == tcp_state::ESTABLISHED
+        || new == tcp_state::CLOSE
+    {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_ns() }
+    } else {
+        0
+    };
     // SAFETY: NULL-checked storage of this socket.
     if let Some(st) = unsafe { state.as_mut() } {
         if new == tcp_state::ESTABLISHED {
-            // SAFETY: helpers without pointer arguments.
-            st.established_ns = unsafe { bpf_ktime_get_ns() };
+            st.established_ns = now;
+            // For the sockopt program (which has neither the helper nor
+            // the offsets) and for our own events.
+            // SAFETY: `sk` is the tracepoint's socket.
+            st.cookie = unsafe { bpf_get_socket_cookie(sk.cast_mut()) };
+            st.netns = netns_of::<Btf>(tp);
         } else if old == tcp_state::ESTABLISHED {
-            // SAFETY: as above.
-            st.end_ns = unsafe { bpf_ktime_get_ns() };
+            st.end_ns = now;
+            // SAFETY: helper without arguments.
             st.end_j = unsafe { bpf_jiffies64() } as u32;
-            st.end_last_send_j = read(sk, off.tp_lsndtime);
-            st.end_last_recv_j = read(sk, off.icsk_lrcvtime);
+            st.end_last_send_j = Btf::get(tp, off!(tp_lsndtime));
+            st.end_last_recv_j = Btf::get(tp, off!(icsk_lrcvtime));
             st.first_close_state = new;
             st.flags |= close_flags::END_SEEN;
         }
     }
 
-    if verbose() {
-        emit_state(sk, state, old, new, &off);
+    if verbose {
+        emit_state(sk, tp, state, now, old, new);
     }
     if new == tcp_state::ESTABLISHED {
-        emit_open(sk, state, &off);
-        // SAFETY: NULL-checked storage of this socket.
-        if let Some(st) = unsafe { state.as_mut() } {
-            // For the sockopt program, which has neither helper nor offsets.
-            // SAFETY: `sk` is the tracepoint's socket.
-            st.cookie =
-                unsafe { aya_ebpf::helpers::generated::bpf_get_socket_cookie(sk.cast_mut()) };
-            st.netns = crate::sock::netns_of(sk, &off);
-        }
+        emit_open(sk, tp, state, now);
     } else if new == tcp_state::CLOSE
         // SAFETY: NULL-checked storage of this socket.
         && let Some(st) = unsafe { state.as_ref() }
         && st.flags & close_flags::END_SEEN != 0
     {
-        emit_close(sk, st, &off);
+        emit_close(sk, tp, st, now);
     }
     Ok(())
 }
 
 #[inline(always)]
-fn emit_state(sk: *const c_void, state: *const SockState, old: u8, new: u8, off: &KernelOffsets) {
+fn emit_state(
+    sk: *const c_void,
+    tp: *const c_void,
+    state: *const SockState,
+    now: u64,
+    old: u8,
+    new: u8,
+) {
     let Some(mut entry) = reserve::<StateChange>(kind::STATE) else {
         return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::STATE, state, off);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::STATE, now, state);
         (*ev).data = StateChange {
             old_state: old,
             new_state: new,
@@ -155,16 +186,16 @@ fn emit_state(sk: *const c_void, state: *const SockState, old: u8, new: u8, off:
 }
 
 #[inline(always)]
-fn emit_open(sk: *const c_void, state: *const SockState, off: &KernelOffsets) {
+fn emit_open(sk: *const c_void, tp: *const c_void, state: *const SockState, now: u64) {
     let Some(mut entry) = reserve::<OpenData>(kind::OPEN) else {
         return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::OPEN, state, off);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::OPEN, now, state);
         (*ev).data = OpenData {
-            ka: keepalive(sk, off),
+            ka: keepalive::<Btf>(tp),
             jiffies: bpf_jiffies64(),
         };
     }
@@ -172,26 +203,26 @@ fn emit_open(sk: *const c_void, state: *const SockState, off: &KernelOffsets) {
 }
 
 #[inline(always)]
-fn emit_close(sk: *const c_void, st: &SockState, off: &KernelOffsets) {
+fn emit_close(sk: *const c_void, tp: *const c_void, st: &SockState, now: u64) {
     let Some(mut entry) = reserve::<CloseData>(kind::CLOSE) else {
         return;
     };
     let ev = entry.as_mut_ptr();
-    let snd_una: u32 = read(sk, off.tp_snd_una);
-    let snd_nxt: u32 = read(sk, off.tp_snd_nxt);
+    let snd_una: u32 = Btf::get(tp, off!(tp_snd_una));
+    let snd_nxt: u32 = Btf::get(tp, off!(tp_snd_nxt));
     let mut flags = st.flags;
     if snd_nxt != snd_una {
         flags |= close_flags::UNACKED;
     }
-    let mut errno: i32 = read(sk, off.sk_err);
+    let mut errno: i32 = Btf::get(tp, off!(sk_err));
     if errno == 0 {
-        errno = read(sk, off.sk_err_soft);
+        errno = Btf::get(tp, off!(sk_err_soft));
     }
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info(&raw mut (*ev).info, sk, kind::CLOSE, st, off);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::CLOSE, now, st);
         (*ev).data = CloseData {
-            ka: keepalive(sk, off),
+            ka: keepalive::<Btf>(tp),
             established_ns: st.established_ns,
             end_ns: st.end_ns,
             end_j: st.end_j,
@@ -199,16 +230,16 @@ fn emit_close(sk: *const c_void, st: &SockState, off: &KernelOffsets) {
             end_last_recv_j: st.end_last_recv_j,
             first_close_state: st.first_close_state,
             flags,
-            retransmits: read(sk, off.icsk_retransmits),
-            probes_out: read(sk, off.icsk_probes_out),
+            retransmits: Btf::get(tp, off!(icsk_retransmits)),
+            probes_out: Btf::get(tp, off!(icsk_probes_out)),
             jiffies: bpf_jiffies64(),
-            last_send_j: read(sk, off.tp_lsndtime),
-            last_recv_j: read(sk, off.icsk_lrcvtime),
-            last_ack_j: read(sk, off.tp_rcv_tstamp),
+            last_send_j: Btf::get(tp, off!(tp_lsndtime)),
+            last_recv_j: Btf::get(tp, off!(icsk_lrcvtime)),
+            last_ack_j: Btf::get(tp, off!(tp_rcv_tstamp)),
             errno: errno.unsigned_abs(),
-            first_tx_us: read(sk, off.tp_first_tx_mstamp),
-            bytes_received: read(sk, off.tp_bytes_received),
-            bytes_acked: read(sk, off.tp_bytes_acked),
+            first_tx_us: Btf::get(tp, off!(tp_first_tx_mstamp)),
+            bytes_received: Btf::get(tp, off!(tp_bytes_received)),
+            bytes_acked: Btf::get(tp, off!(tp_bytes_acked)),
         };
     }
     entry.submit(0);

@@ -2,6 +2,7 @@
 //! classification -> Prometheus metrics, `/healthz` and `/connections`.
 
 use std::{
+    collections::HashMap,
     convert::Infallible,
     net::IpAddr,
     ops::RangeInclusive,
@@ -13,6 +14,7 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -20,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
 };
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, owner_flags, tcp_state};
 
@@ -32,7 +35,7 @@ use crate::{
     jiffies::{Hz, HzTracker, elapsed, later},
     kernel::{Kernel, KernelOptions},
     kube::{KubeSource, PodIndex},
-    labels::{self, Attribution, Attributor, Direction, LabelCap, SidecarRules},
+    labels::{self, Attribution, Attributor, Direction, LabelCap, Role, SidecarRules},
     metrics::Metrics,
     table::{Conn, ConnTable},
     trace::readable,
@@ -52,12 +55,18 @@ pub struct State {
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     listener_owners: std::collections::HashMap<(u32, u16), Owner>,
+    /// `conntracer_events_total` for open, close and sockopt.
+    events_by_kind: [prometheus::IntCounter; 3],
 }
 
 impl State {
     pub fn new(cfg: &Config, attr: Attributor) -> prometheus::Result<Self> {
+        let metrics = Metrics::new()?;
+        let events_by_kind =
+            ["open", "close", "sockopt"].map(|kind| metrics.events.with_label_values(&[kind]));
         Ok(Self {
             listener_owners: std::collections::HashMap::new(),
+            events_by_kind,
             attr,
             chains: Chains::new(
                 CapturePorts {
@@ -68,7 +77,7 @@ impl State {
             ),
             threshold: cfg.idle_threshold,
             table: ConnTable::new(cfg.max_connections),
-            metrics: Metrics::new()?,
+            metrics,
             peers: LabelCap::new(cfg.max_peers),
             sockopt_values: LabelCap::new(cfg.max_sockopt_values),
             hz: HzTracker::new(cfg.kernel_hz),
@@ -78,10 +87,18 @@ impl State {
 
     /// Applies one kernel event.
     pub fn handle(&mut self, ev: &ConnEvent) {
-        self.metrics
-            .events
-            .with_label_values(&[ev.kind_name()])
-            .inc();
+        // The daemon's kinds have their counters at hand: this runs for
+        // every event.
+        match ev.data {
+            EventData::Open(_) => self.events_by_kind[0].inc(),
+            EventData::Close(_) => self.events_by_kind[1].inc(),
+            EventData::Sockopt(_) => self.events_by_kind[2].inc(),
+            _ => self
+                .metrics
+                .events
+                .with_label_values(&[ev.kind_name()])
+                .inc(),
+        }
         match ev.data {
             EventData::Open(o) => {
                 self.hz.observe(o.jiffies, ev.info.ts_ns);
@@ -205,25 +222,7 @@ impl State {
     }
 
     fn peer(&mut self, info: &EventInfo, dir: Direction) -> String {
-        let remote = ConnEvent {
-            info: *info,
-            data: EventData::ResetReceived,
-        }
-        .remote()
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        let label = self
-            .attr
-            .peer_pod(remote)
-            .unwrap_or_else(|| labels::peer_label(remote, info.sock.dport, dir));
-        let before = self.peers.overflowed;
-        let label = self.peers.admit(label);
-        if self.peers.overflowed > before {
-            self.metrics
-                .label_overflow
-                .with_label_values(&["peer"])
-                .inc();
-        }
-        label
+        capped_peer(&self.attr, &mut self.peers, &self.metrics, info, dir)
     }
 
     /// The legs of the chain `cookie` belongs to, if any.
@@ -452,6 +451,60 @@ impl State {
         );
     }
 
+    /// `conntracer_connections_open` and `conntracer_peer_connections_open`
+    /// from the table.
+    fn open_gauges(&mut self) {
+        // Counted per label set first: one gauge update per set, not per
+        // connection, and no copy of the table (100k connections and more).
+        let mut open: HashMap<(Attribution, Direction, bool), i64> = HashMap::new();
+        let mut by_peer: HashMap<(String, String, Role, Direction, String), i64> = HashMap::new();
+        {
+            let Self {
+                table,
+                attr,
+                peers,
+                metrics,
+                ephemeral,
+                ..
+            } = self;
+            for c in table.iter() {
+                let a = attr.attribute(&c.info.owner);
+                let dir = labels::direction(&c.info.owner, c.info.sock.sport, ephemeral);
+                let peer = capped_peer(attr, peers, metrics, &c.info, dir);
+                *by_peer
+                    .entry((a.namespace.clone(), a.pod.clone(), a.role, dir, peer))
+                    .or_default() += 1;
+                *open.entry((a, dir, c.ka.enabled != 0)).or_default() += 1;
+            }
+        }
+        let m = &self.metrics;
+        m.connections_open.reset();
+        m.peer_connections_open.reset();
+        for ((a, dir, keepalive), n) in open {
+            m.connections_open
+                .with_label_values(&[
+                    a.namespace.as_str(),
+                    a.pod.as_str(),
+                    a.container.as_str(),
+                    a.role.as_str(),
+                    dir.as_str(),
+                    if keepalive { "on" } else { "off" },
+                ])
+                .set(n);
+        }
+        for ((namespace, pod, role, dir, peer), n) in by_peer {
+            m.peer_connections_open
+                .with_label_values(&[
+                    namespace.as_str(),
+                    pod.as_str(),
+                    role.as_str(),
+                    dir.as_str(),
+                    peer.as_str(),
+                ])
+                .set(n);
+        }
+    }
+
     /// The metrics text, with the gauges brought up to date.
     pub fn render_metrics(&mut self, lost_total: u64) -> String {
         let m = &self.metrics;
@@ -465,35 +518,7 @@ impl State {
         }
         m.tracked_connections
             .set(i64::try_from(self.table.len()).unwrap_or(i64::MAX));
-        m.connections_open.reset();
-        m.peer_connections_open.reset();
-        let conns: Vec<Conn> = self.table.iter().cloned().collect();
-        for c in &conns {
-            let attr = self.attr.attribute(&c.info.owner);
-            let dir = labels::direction(&c.info.owner, c.info.sock.sport, &self.ephemeral);
-            self.metrics
-                .connections_open
-                .with_label_values(&[
-                    attr.namespace.as_str(),
-                    attr.pod.as_str(),
-                    attr.container.as_str(),
-                    attr.role.as_str(),
-                    dir.as_str(),
-                    if c.ka.enabled != 0 { "on" } else { "off" },
-                ])
-                .inc();
-            let peer = self.peer(&c.info, dir);
-            self.metrics
-                .peer_connections_open
-                .with_label_values(&[
-                    attr.namespace.as_str(),
-                    attr.pod.as_str(),
-                    attr.role.as_str(),
-                    dir.as_str(),
-                    peer.as_str(),
-                ])
-                .inc();
-        }
+        self.open_gauges();
         // Open chains whose app leg has keepalive and whose upstream leg has not.
         self.metrics.sidecar_keepalive_mismatch.reset();
         let chains: Vec<Chain> = self
@@ -652,6 +677,31 @@ impl State {
     }
 }
 
+/// The `peer` label of a connection, capped (overflow counted).
+fn capped_peer(
+    attr: &Attributor,
+    peers: &mut LabelCap,
+    metrics: &Metrics,
+    info: &EventInfo,
+    dir: Direction,
+) -> String {
+    let remote = ConnEvent {
+        info: *info,
+        data: EventData::ResetReceived,
+    }
+    .remote()
+    .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let label = attr
+        .peer_pod(remote)
+        .unwrap_or_else(|| labels::peer_label(remote, info.sock.dport, dir));
+    let before = peers.overflowed;
+    let label = peers.admit(label);
+    if peers.overflowed > before {
+        metrics.label_overflow.with_label_values(&["peer"]).inc();
+    }
+    label
+}
+
 /// (netns, local port) of every listening socket in a snapshot.
 fn listeners(snapshot: &[ConnEvent]) -> std::collections::HashSet<(u32, u16)> {
     snapshot
@@ -752,12 +802,44 @@ fn attributor(cfg: &Config) -> Attributor {
     Attributor::new(cgroups, pods, rules)
 }
 
+/// Pause after each drain of the event ring. The kernel wakes a reader that
+/// has caught up with an inter-processor interrupt (a VM exit on virtual
+/// machines) in the connection's own path; under load that happened for
+/// nearly every event. The pause bounds it to ~1/DRAIN_PAUSE per second;
+/// the default 4 MiB ring holds far more than this long of events at any
+/// connection rate a node sees, and a scrape drains the ring first.
+const DRAIN_PAUSE: Duration = Duration::from_millis(5);
+
+/// Loading parses the kernel's BTF (several MiB, twice) and frees it again;
+/// give those pages back to the system rather than keep them in the heap
+/// for the daemon's lifetime.
+fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Shared between the event loop and the HTTP server.
 struct Shared {
     state: Mutex<State>,
     kernel: Mutex<Kernel>,
     healthy: AtomicBool,
     clock: WallClock,
+    /// Asks the event loop to apply every pending event now.
+    catch_up: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+impl Shared {
+    /// Waits (bounded) until the event loop has applied every event the
+    /// kernel sent so far.
+    async fn catch_up(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.catch_up.send(done).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), wait).await;
+        }
+    }
 }
 
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
@@ -784,11 +866,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
     }
+    release_startup_memory();
+    let (catch_up, mut catch_up_rx) = mpsc::channel(16);
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
         kernel: Mutex::new(kernel),
         healthy: AtomicBool::new(true),
         clock: WallClock::now(),
+        catch_up,
     });
 
     let listener = TcpListener::bind(cfg.listen)
@@ -807,9 +892,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is now: the start-up resync did it
+    // After each drain the ring rests for DRAIN_PAUSE (see there); a scrape
+    // drains it at once, so that /metrics counts every event before it.
+    let mut resume: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = resync.tick() => {
+                // Apply what the kernel already reported first, so that the
+                // snapshot is compared with an up-to-date table.
+                drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let started = monotonic_ns();
                 let snap = shared.kernel.lock().expect("kernel lock").snapshot();
                 match snap {
@@ -817,24 +908,20 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
                 }
             }
-            guard = ring.readable_mut() => {
+            guard = ring.readable_mut(), if resume.is_none() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                let mut st = shared.state.lock().expect("state lock");
-                while let Some(item) = rb.next() {
-                    match decode(&item) {
-                        Ok(ev) => st.handle(&ev),
-                        Err(e) => {
-                            decode_errors += 1;
-                            st.metrics.decode_errors.inc();
-                            if decode_errors <= 10 {
-                                log::warn!("skipping undecodable kernel event: {e}");
-                            }
-                        }
-                    }
-                }
-                drop(st);
+                drain(guard.get_inner_mut(), &shared.state, &mut decode_errors);
                 guard.clear_ready();
+                resume = Some(tokio::time::Instant::now() + DRAIN_PAUSE);
+            }
+            () = tokio::time::sleep_until(resume.unwrap_or_else(tokio::time::Instant::now)),
+                if resume.is_some() =>
+            {
+                resume = None;
+            }
+            Some(done) = catch_up_rx.recv() => {
+                drain(ring.get_mut(), &shared.state, &mut decode_errors);
+                let _ = done.send(());
             }
             guard = async { logger.as_mut().expect("guarded").readable_mut().await },
                 if logger.is_some() =>
@@ -853,6 +940,23 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Applies every event waiting in the ring, under one lock of the state.
+fn drain(rb: &mut RingBuf<MapData>, state: &Mutex<State>, decode_errors: &mut u64) {
+    let mut st = state.lock().expect("state lock");
+    while let Some(item) = rb.next() {
+        match decode(&item) {
+            Ok(ev) => st.handle(&ev),
+            Err(e) => {
+                *decode_errors += 1;
+                st.metrics.decode_errors.inc();
+                if *decode_errors <= 10 {
+                    log::warn!("skipping undecodable kernel event: {e}");
+                }
+            }
+        }
+    }
+}
+
 async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
@@ -865,9 +969,14 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&shared);
-                async move { Ok::<_, Infallible>(route(&req, &shared)) }
+                async move {
+                    if matches!(req.uri().path(), "/metrics" | "/connections") {
+                        shared.catch_up().await;
+                    }
+                    Ok::<_, Infallible>(route(&req, &shared))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

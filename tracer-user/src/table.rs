@@ -1,6 +1,9 @@
 //! The daemon's bounded table of open connections, keyed by socket cookie.
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasherDefault, Hasher},
+};
 
 use tracer_common::{EventInfo, Keepalive, SockoptData, ka_source, sockopt};
 
@@ -20,10 +23,37 @@ pub struct Conn {
     pub hz: u32,
 }
 
+/// Hashes socket cookies. The kernel hands them out from a counter, so
+/// they cannot be chosen to collide; one multiply spreads them (SipHash,
+/// the default, costs more than the rest of a lookup).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        // Fibonacci hashing, folded so that low and high bits both vary.
+        let h = (self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = h ^ (h >> 32);
+    }
+}
+
+/// A map keyed by socket cookie.
+pub type CookieMap<V> = HashMap<u64, V, BuildHasherDefault<CookieHasher>>;
+
 /// Connections by cookie, at most `cap`; past it the oldest are dropped.
 #[derive(Debug)]
 pub struct ConnTable {
-    conns: HashMap<u64, Conn>,
+    conns: CookieMap<Conn>,
     /// Insertion order, for eviction; may hold cookies already removed.
     order: VecDeque<u64>,
     cap: usize,
@@ -34,7 +64,7 @@ pub struct ConnTable {
 impl ConnTable {
     pub fn new(cap: usize) -> Self {
         Self {
-            conns: HashMap::new(),
+            conns: CookieMap::default(),
             order: VecDeque::new(),
             cap: cap.max(1),
             evicted: 0,
@@ -73,8 +103,9 @@ impl ConnTable {
                     None => break,
                 }
             }
-            // Removed cookies linger in `order`; compact before it doubles.
-            if self.order.len() > 2 * self.cap {
+            // Removed cookies linger in `order`: compact it once they are
+            // two thirds of it, so that it stays near the live table's size.
+            if self.order.len() > 3 * self.conns.len().max(4096) {
                 self.order.retain(|c| self.conns.contains_key(c));
             }
         }
@@ -152,7 +183,20 @@ mod tests {
             t.insert(conn(c));
             t.remove(c);
         }
-        assert!(t.order.len() <= 6, "{}", t.order.len());
+        assert!(t.order.len() <= 3 * 4096, "{}", t.order.len());
+    }
+
+    #[test]
+    fn cookie_hashes_spread_sequential_cookies() {
+        use std::hash::BuildHasher as _;
+        let b = BuildHasherDefault::<CookieHasher>::default();
+        let hashes: std::collections::HashSet<u64> =
+            (1..=10_000u64).map(|c| b.hash_one(c)).collect();
+        assert_eq!(hashes.len(), 10_000);
+        // hashbrown takes its control byte from the top 7 bits: they vary too.
+        let tops: std::collections::HashSet<u64> =
+            (1..=1_000u64).map(|c| b.hash_one(c) >> 57).collect();
+        assert!(tops.len() > 100, "{}", tops.len());
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! `cargo xtask`: conn-tracer chores (toolchain setup, build, run, test).
+//! `cargo xtask`: conn-tracer chores (toolchain setup, build, run, test,
+//! bench).
 //!
 //! Not a second build system: every step is a plain rustup, cargo or apt-get
 //! command, printed before it runs, so any of them can be run by hand.
 
+mod bench;
 mod cmd;
 mod setup;
 mod test;
@@ -27,7 +29,7 @@ const DEFAULT_RUN_ARGS: &[&str] = &[
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "conn-tracer chores: setup, build, run, test"
+    about = "conn-tracer chores: setup, build, run, test, bench"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -55,8 +57,11 @@ enum Task {
     /// Set up, then fmt, clippy, build and the whole test suite. The
     /// integration tests need root; without it (and without CI) they skip.
     Test,
-    /// Benchmarks: not implemented yet (issue 6).
-    Bench,
+    /// Benchmarks (as root): churn overhead against no tracer and a bpftrace
+    /// peer, scaling, memory, userspace throughput, detection latency, lost
+    /// events. Writes docs/benchmarks.md, docs/bench/*.svg and
+    /// docs/bench/summary.json.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -65,7 +70,7 @@ fn main() -> ExitCode {
         Task::Build { release } => setup::setup().and_then(|()| build(release)),
         Task::Run { args } => run_tracer(&args),
         Task::Test => test::test(),
-        Task::Bench => Err(anyhow::anyhow!("bench: not implemented yet (issue 6)")),
+        Task::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

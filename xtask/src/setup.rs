@@ -14,11 +14,11 @@ const NIGHTLY: &str = "nightly";
 /// 0.10.3 brings its own (rust-llvm-22 feature).
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
-/// A Debian package the tests need, and a command whose presence shows it is
-/// installed.
-struct DebianPackage {
-    name: &'static str,
-    command: &'static str,
+/// A Debian package the tests (or the benchmarks) need, and a command whose
+/// presence shows it is installed.
+pub struct DebianPackage {
+    pub name: &'static str,
+    pub command: &'static str,
 }
 
 /// Every Debian package the tests need, in one place: the servers the later
@@ -118,15 +118,8 @@ pub fn setup() -> Result<()> {
 
 /// Checks every piece and installs the missing ones, saying which.
 pub fn ensure_all() -> Result<()> {
-    let mut done = Vec::new();
-    check_nightly()?;
-    if ensure_rust_src()? {
-        done.push("rust-src");
-    }
-    if ensure_bpf_linker()? {
-        done.push("bpf-linker");
-    }
-    if ensure_debian_packages()? {
+    let mut done = ensure_toolchain()?;
+    if ensure_packages(DEBIAN_PACKAGES)? {
         done.push("Debian packages");
     }
     if ensure_pypi_packages()? {
@@ -141,6 +134,20 @@ pub fn ensure_all() -> Result<()> {
         println!("setup: installed {}", done.join(", "));
     }
     Ok(())
+}
+
+/// What building the kernel programs needs (nightly with rust-src,
+/// bpf-linker); returns what it installed.
+pub fn ensure_toolchain() -> Result<Vec<&'static str>> {
+    let mut done = Vec::new();
+    check_nightly()?;
+    if ensure_rust_src()? {
+        done.push("rust-src");
+    }
+    if ensure_bpf_linker()? {
+        done.push("bpf-linker");
+    }
+    Ok(done)
 }
 
 /// The nightly toolchain cannot be installed from here (no download on these
@@ -238,11 +245,10 @@ fn ensure_bpf_linker() -> Result<bool> {
     }
 }
 
-/// Installs the Debian packages whose command is missing, with one
-/// `apt-get update` first. Returns whether it installed any.
-fn ensure_debian_packages() -> Result<bool> {
+/// The packages of `list` whose command is missing, saying which are there.
+fn missing_packages(list: &[DebianPackage]) -> Vec<&'static str> {
     let mut missing = Vec::new();
-    for package in DEBIAN_PACKAGES {
+    for package in list {
         if let Some(path) = find_program(package.command) {
             let (name, command) = (package.name, package.command);
             println!("{name} ({command}): present at {}, skipped", path.display());
@@ -251,6 +257,23 @@ fn ensure_debian_packages() -> Result<bool> {
             missing.push(package.name);
         }
     }
+    missing
+}
+
+/// Fails, naming them, if packages of `list` are missing.
+pub fn check_packages(list: &[DebianPackage]) -> Result<()> {
+    let missing = missing_packages(list);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        bail!("missing packages: install {}", missing.join(" "))
+    }
+}
+
+/// Installs the Debian packages of `list` whose command is missing, with one
+/// `apt-get update` first. Returns whether it installed any.
+pub fn ensure_packages(list: &[DebianPackage]) -> Result<bool> {
+    let missing = missing_packages(list);
     if missing.is_empty() {
         return Ok(false);
     }
