@@ -54,7 +54,7 @@ pub struct State {
     pub chains: Chains,
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
-    listener_owners: std::collections::HashMap<(u32, u16), Owner>,
+    listener_owners: HashMap<(u32, u16), Owner>,
     /// `conntracer_events_total` for open, close and sockopt.
     events_by_kind: [prometheus::IntCounter; 3],
 }
@@ -65,7 +65,7 @@ impl State {
         let events_by_kind =
             ["open", "close", "sockopt"].map(|kind| metrics.events.with_label_values(&[kind]));
         Ok(Self {
-            listener_owners: std::collections::HashMap::new(),
+            listener_owners: HashMap::new(),
             events_by_kind,
             attr,
             chains: Chains::new(
