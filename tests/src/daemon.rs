@@ -16,11 +16,53 @@ use std::{
 
 use crate::conn_tracer_bin;
 
-/// Held by every test that reads daemon metrics.
-pub fn serial() -> MutexGuard<'static, ()> {
+/// Held by every test that reads daemon metrics: one such test at a time
+/// in this process (a mutex) and on this machine (an exclusive `flock` on
+/// [`SERIAL_LOCK`]), since every daemon sees every namespace, so that two
+/// test binaries, or two checkouts' test runs, do not count each other's
+/// connections.
+pub struct Serial {
+    _process: MutexGuard<'static, ()>,
+    _machine: std::fs::File,
+}
+
+/// The machine-wide lock file of [`serial`].
+pub const SERIAL_LOCK: &str = "/run/conn-tracer-tests.lock";
+
+pub fn serial() -> Serial {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    let process = LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(SERIAL_LOCK)
+        .unwrap_or_else(|e| panic!("cannot open {SERIAL_LOCK}: {e}"));
+    // Bounded: a test holds the lock for at most a few minutes.
+    let deadline = Instant::now() + Duration::from_mins(30);
+    loop {
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{SERIAL_LOCK} held by another test run for 30 min"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    Serial {
+        _process: process,
+        _machine: file,
+    }
 }
 
 /// A running `conn-tracer run`, stopped (SIGTERM, then SIGKILL) on drop.

@@ -80,6 +80,16 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "npm",
         command: "npm",
     },
+    // The restart tests: no program, link or map left behind after SIGKILL.
+    DebianPackage {
+        name: "bpftool",
+        command: "bpftool",
+    },
+    // The scrape-storm test: a real HTTP load generator against /metrics.
+    DebianPackage {
+        name: "wrk",
+        command: "wrk",
+    },
 ];
 
 /// A PyPI package the tests need, and the Python module that shows it is
