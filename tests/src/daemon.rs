@@ -8,7 +8,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::{Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
@@ -147,6 +147,40 @@ impl Daemon {
     /// SIGTERM and wait; returns whether it exited 0.
     pub fn stop(mut self) -> bool {
         self.terminate()
+    }
+
+    /// SIGTERM, then waits at most `timeout` for the exit: its status and
+    /// how long it took, or `None` (and a SIGKILL) when it did not exit.
+    pub fn stop_timed(mut self, timeout: Duration) -> Option<(ExitStatus, Duration)> {
+        let started = Instant::now();
+        self.signal(libc::SIGTERM);
+        let deadline = started + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some((status, started.elapsed()));
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
+    /// SIGKILL (no chance to clean up) and reap.
+    pub fn kill_hard(mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn terminate(&mut self) -> bool {

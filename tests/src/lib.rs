@@ -27,6 +27,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod bpf;
 pub mod daemon;
 pub mod deploy;
 pub mod fake_kube;
@@ -183,6 +184,16 @@ impl NetNs {
     /// Inode number of the namespace, what the tracer reports as `netns`.
     pub fn inode(&self) -> u64 {
         self.inode
+    }
+
+    /// Moves the calling thread into the namespace: sockets it creates from
+    /// then on live there. Meant for threads spawned for that purpose.
+    pub fn enter_this_thread(&self) {
+        let path = format!("/run/netns/{}", self.name);
+        let f = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a namespace fd we own; affects this thread only.
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
     }
 
     /// `program` run inside the namespace. `ip netns exec` execs it in place,

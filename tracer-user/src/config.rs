@@ -130,6 +130,7 @@ pub struct Overrides {
     /// Replace the sidecar uids / names when non-empty.
     pub sidecar_uids: Vec<u32>,
     pub sidecar_names: Vec<String>,
+    pub resync_interval: Option<Duration>,
 }
 
 impl Config {
@@ -182,6 +183,9 @@ impl Config {
         }
         if let Some(v) = f.kernel_hz {
             self.kernel_hz = Some(v);
+        }
+        if let Some(v) = f.resync_interval {
+            self.resync_interval = v;
         }
         if f.no_sockopts {
             self.trace_sockopts = false;

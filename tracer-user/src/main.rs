@@ -70,6 +70,11 @@ struct RunArgs {
     /// Most distinct `peer` label values before folding into "other" [default: 500].
     #[arg(long, value_name = "N")]
     max_peers: Option<usize>,
+    /// How often the connection table is reconciled with the kernel's
+    /// sockets (closes the daemon missed are dropped and counted), e.g. 30s
+    /// [default: 30s, at least 1s].
+    #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
+    resync_interval: Option<std::time::Duration>,
     /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     ring_bytes: Option<u32>,
@@ -197,6 +202,7 @@ fn run_daemon(a: RunArgs) -> ExitCode {
         node_name: a.node_name,
         sidecar_uids: a.sidecar_uids,
         sidecar_names: a.sidecar_names,
+        resync_interval: a.resync_interval,
     };
     let cfg = match conn_tracer::config::Config::load(a.config.as_deref(), &flags) {
         Ok(c) => c,
