@@ -116,6 +116,7 @@ impl Objects {
     }
 
     /// Those of `self` that are still loaded.
+    #[must_use]
     pub fn still_loaded(&self) -> Self {
         let now = Self::now();
         Self {
@@ -133,6 +134,7 @@ impl Objects {
     /// returns what is still loaded then (empty on success). The kernel frees
     /// programs and maps shortly after their last reference goes (RCU and a
     /// work queue), so "gone" is polled for, not expected at once.
+    #[must_use]
     pub fn wait_gone(&self, timeout: Duration) -> Self {
         let deadline = Instant::now() + timeout;
         loop {

@@ -3,6 +3,15 @@
 //! table does not leak: entries of connections whose close it missed are
 //! reconciled against the kernel's sockets at the next resync.
 
+#![expect(
+    clippy::cast_precision_loss,
+    reason = "connection counts, far below 2^52, compared with metric values (f64)"
+)]
+#![expect(
+    clippy::too_many_lines,
+    reason = "the test is one scenario told from start to end"
+)]
+
 use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
@@ -202,8 +211,8 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
     );
     // The held connections are all in the table (found again by the resync
     // where their `open` was lost).
-    let list = daemon.connections();
-    let ours = list
+    let listed = daemon.connections();
+    let ours = listed
         .as_array()
         .expect("array")
         .iter()
