@@ -193,35 +193,33 @@ fn root_daemon_serves_health_and_contract_metrics() {
     assert!(daemon.stop());
 }
 
+/// `conn-tracer run args` exits 2 with every one of `needles` on stderr.
+fn refused(args: &[&str], needles: &[&str]) {
+    let out = Command::new(conn_tracer_bin())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("conn-tracer run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: no {needle:?} in {stderr}"
+        );
+    }
+}
+
 #[test]
 fn bad_settings_exit_2_with_a_clear_message() {
-    let run = |args: &[&str]| {
-        Command::new(conn_tracer_bin())
-            .arg("run")
-            .args(args)
-            .output()
-            .expect("conn-tracer run")
-    };
-    // Exit 2 and a message on stderr with every one of `needles` in it.
-    let refused = |args: &[&str], needles: &[&str]| {
-        let out = run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
-        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        for needle in needles {
-            assert!(
-                stderr.contains(needle),
-                "{args:?}: no {needle:?} in {stderr}"
-            );
-        }
-    };
     // Flags: clap names the flag, validation names the setting.
     refused(
         &["--idle-threshold", "soon"],
         &["--idle-threshold", "not a duration"],
     );
     refused(&["--max-peers", "many"], &["--max-peers"]);
-    refused(&["--max-connections", "-1"], &["--max-connections"]);
+    refused(&["--max-connections=-1"], &["--max-connections"]);
     refused(&["--listen", "nowhere"], &["--listen"]);
     refused(&["--ring-bytes", "1000"], &["ring_bytes", "power of two"]);
     refused(&["--max-peers", "0"], &["max_peers", "at least 1"]);

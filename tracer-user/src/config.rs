@@ -165,10 +165,7 @@ impl Config {
             // The line of the error; at the end of the file, the last line
             // with something on it (an unterminated string or array).
             let lines: Vec<&str> = text.split('\n').collect();
-            let mut line = text.as_bytes()[..at.min(text.len())]
-                .iter()
-                .filter(|&&b| b == b'\n')
-                .count();
+            let mut line = text.get(..at).unwrap_or(text).matches('\n').count();
             while line > 0 && lines.get(line).is_none_or(|l| l.trim().is_empty()) {
                 line -= 1;
             }
@@ -605,7 +602,10 @@ mod fuzz {
             ]),
             0..6,
         )) {
-            let text: String = lines.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+            let text: String = lines
+                .iter()
+                .map(|(k, v)| [k.as_str(), " = ", v.as_str(), "\n"].concat())
+                .collect();
             if let Err(e) = load(&text) {
                 let msg = e.to_string();
                 let named = lines.iter().any(|(k, _)| msg.contains(k.as_str()));

@@ -1073,7 +1073,7 @@ fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
             }
         }
         "/connections" => {
-            let snap = kernel_snapshot(&shared);
+            let snap = kernel_snapshot(shared);
             let mut st = shared.state.lock().expect("state lock");
             let snap = match snap {
                 Ok(s) => s,

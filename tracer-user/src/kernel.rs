@@ -58,8 +58,10 @@ const PRIVILEGE_HINT: &str = "run as root, or with CAP_BPF, CAP_PERFMON and CAP_
 pub enum KernelError {
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
-    #[error("{path}: {source}")]
-    BtfContent { path: String, source: OffsetsError },
+    /// The BTF file read, but lacks something (not a `source`: the message
+    /// says it, and a chain would repeat it).
+    #[error("{path}: {error}")]
+    BtfContent { path: String, error: OffsetsError },
     #[error("cannot parse kernel BTF at {path}: {source}")]
     Btf {
         path: String,
@@ -162,9 +164,9 @@ impl Kernel {
             return Err(KernelError::RingSize(opts.ring_bytes));
         }
         let btf = offsets::load_btf(&opts.btf_path)?;
-        let in_file = |source| KernelError::BtfContent {
+        let in_file = |error| KernelError::BtfContent {
             path: opts.btf_path.display().to_string(),
-            source,
+            error,
         };
         let offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
         let hooks: Vec<(&str, &str)> = PROGRAMS.iter().map(|&(_, tp, what)| (tp, what)).collect();

@@ -15,12 +15,17 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
     #[error(
-        "cannot read kernel BTF at {path}: {source}. conn-tracer reads the kernel's struct \
+        "cannot read kernel BTF at {path}: {error}. conn-tracer reads the kernel's struct \
          layouts and tracepoint types from it: a kernel built with CONFIG_DEBUG_INFO_BTF=y (most \
          distribution kernels since 5.8) publishes it at /sys/kernel/btf/vmlinux; point --btf \
          (or `btf` in the config file) at that file, or run a kernel that has it"
     )]
-    Read { path: String, source: btf_rs::Error },
+    Read {
+        path: String,
+        // Not `source`: the message already says it, and a chain would
+        // repeat it.
+        error: btf_rs::Error,
+    },
     #[error(
         "kernel BTF has no struct {0}, which conn-tracer needs to read sockets: if this file is \
          not the running kernel's complete BTF (a module's split BTF, a stripped or foreign \
@@ -61,9 +66,9 @@ pub enum OffsetsError {
 
 /// Reads the BTF file at `path`.
 pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
-    Btf::from_file(path).map_err(|source| OffsetsError::Read {
+    Btf::from_file(path).map_err(|error| OffsetsError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 

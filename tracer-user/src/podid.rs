@@ -1081,6 +1081,10 @@ mod fuzz {
     }
 
     /// A kubelet-made path with random ids, and what it must parse to.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one table: every driver by every leaf"
+    )]
     fn arb_kubelet_path() -> impl Strategy<Value = (String, PodContainer)> {
         (
             arb_uid(),
@@ -1125,12 +1129,12 @@ mod fuzz {
                         Qos::BestEffort => "besteffort",
                     };
                     let (runtime, container_id) = match (driver, leaf) {
-                        (_, Leaf::PodLevel | Leaf::Unnamed) => (None, None),
+                        (_, Leaf::PodLevel | Leaf::Unnamed)
+                        | (Driver::Literal, Leaf::Conmon | Leaf::Bare) => (None, None),
                         (_, Leaf::Containerd) => {
                             (Some(Runtime::Containerd), Some(want_cid.clone()))
                         }
                         (_, Leaf::CriO) => (Some(Runtime::CriO), Some(want_cid.clone())),
-                        (Driver::Literal, Leaf::Conmon | Leaf::Bare) => (None, None),
                         (_, Leaf::Docker) => (Some(Runtime::Docker), Some(want_cid.clone())),
                         (_, Leaf::Conmon) => (Some(Runtime::CriO), None),
                         (_, Leaf::Bare) => (None, Some(want_cid.clone())),

@@ -3,7 +3,7 @@
 //! them. They are ordinary `proptest` tests in tracer-user (modules named
 //! `fuzz`); this only picks them and sets `PROPTEST_CASES`.
 
-use std::time::Instant;
+use std::{fmt::Write as _, time::Instant};
 
 use anyhow::{Result, bail};
 
@@ -49,7 +49,7 @@ pub const TARGETS: &[(&str, &str, &str)] = &[
 pub fn targets_help() -> String {
     let mut s = String::from("Targets:\n");
     for (name, _, what) in TARGETS {
-        s.push_str(&format!("  {name:<8} {what}\n"));
+        let _ = writeln!(s, "  {name:<8} {what}");
     }
     s
 }
