@@ -193,44 +193,113 @@ fn root_daemon_serves_health_and_contract_metrics() {
     assert!(daemon.stop());
 }
 
+/// `conn-tracer run args` exits 2 with every one of `needles` on stderr.
+fn refused(args: &[&str], needles: &[&str]) {
+    let out = Command::new(conn_tracer_bin())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("conn-tracer run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: no {needle:?} in {stderr}"
+        );
+    }
+}
+
 #[test]
 fn bad_settings_exit_2_with_a_clear_message() {
-    let run = |args: &[&str]| {
-        Command::new(conn_tracer_bin())
-            .arg("run")
-            .args(args)
-            .output()
-            .expect("conn-tracer run")
-    };
-    let out = run(&["--idle-threshold", "soon"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not a duration"),
-        "{out:?}"
+    // Flags: clap names the flag, validation names the setting.
+    refused(
+        &["--idle-threshold", "soon"],
+        &["--idle-threshold", "not a duration"],
     );
+    refused(&["--max-peers", "many"], &["--max-peers"]);
+    refused(&["--max-connections=-1"], &["--max-connections"]);
+    refused(&["--listen", "nowhere"], &["--listen"]);
+    refused(&["--ring-bytes", "1000"], &["ring_bytes", "power of two"]);
+    refused(&["--max-peers", "0"], &["max_peers", "at least 1"]);
+    refused(&["--kernel-hz", "5"], &["kernel_hz"]);
+    refused(
+        &["--no-kube", "--kube-api", "http://x"],
+        &["--kube-api", "--no-kube"],
+    );
+    refused(&["--no-such-flag"], &["--no-such-flag"]);
 
+    // The config file: a bad value, an unknown key, a wrong type, broken
+    // TOML; each message names the key (or the line).
     let dir =
         std::env::temp_dir().join(format!("ct-config-{}", integration_tests::unique_suffix()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
-    let bad = dir.join("bad.toml");
-    std::fs::File::create(&bad)
-        .and_then(|mut f| f.write_all(b"ring_bytes = 1000\n"))
-        .expect("write");
-    let out = run(&["--config", bad.to_str().expect("utf-8")]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("ring_bytes"),
-        "{out:?}"
+    // (file, text, what the message must say, whether it is a parse error,
+    // which names the file; a bad value is the setting's, file or flag)
+    for (name, text, needles, parse) in [
+        (
+            "bad.toml",
+            "ring_bytes = 1000\n",
+            &["ring_bytes", "power of two"][..],
+            false,
+        ),
+        (
+            "typo.toml",
+            "idel_threshold = \"1s\"\n",
+            &["idel_threshold", "unknown field"],
+            true,
+        ),
+        (
+            "type.toml",
+            "max_peers = \"many\"\n",
+            &["max_peers", "\"many\"", "invalid type"],
+            true,
+        ),
+        (
+            "listen.toml",
+            "listen = \"nowhere\"\n",
+            &["listen", "nowhere"],
+            true,
+        ),
+        (
+            "duration.toml",
+            "resync_interval = \"0s\"\n",
+            &["resync_interval", "at least 1s"],
+            false,
+        ),
+        (
+            "port.toml",
+            "inbound_capture_port = 0\n",
+            &["inbound_capture_port"],
+            false,
+        ),
+        ("table.toml", "[listen]\nport = 1\n", &["listen"], true),
+        (
+            "syntax.toml",
+            "max_peers = 5\nmax_connections = = 3\n",
+            &["line 2", "max_connections"],
+            true,
+        ),
+        (
+            "conflict.toml",
+            "no_kube = true\nkube_api = \"http://x\"\n",
+            &["kube_api", "no_kube"],
+            false,
+        ),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write");
+        let path = path.to_str().expect("utf-8");
+        let mut with_file = needles.to_vec();
+        if parse {
+            with_file.push(path);
+        }
+        refused(&["--config", path], &with_file);
+    }
+    refused(
+        &["--config", "/nonexistent/conn-tracer.toml"],
+        &["/nonexistent/conn-tracer.toml"],
     );
-    let typo = dir.join("typo.toml");
-    std::fs::write(&typo, "idel_threshold = \"1s\"\n").expect("write");
-    let out = run(&["--config", typo.to_str().expect("utf-8")]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("unknown field"),
-        "{out:?}"
-    );
-    let out = run(&["--config", "/nonexistent/conn-tracer.toml"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

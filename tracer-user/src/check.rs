@@ -189,7 +189,8 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     probes
 }
 
-/// Kernel BTF, the struct offsets it gives, and the tracepoints' types.
+/// Kernel BTF, the struct offsets it gives, and the tracepoints' types;
+/// true when all are there (loading the programs can only work then).
 fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
     match offsets::load_btf(btf_path) {
         Ok(btf) => {
@@ -198,6 +199,7 @@ fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
                 Status::Ok,
                 btf_path.display().to_string(),
             ));
+            let mut all = true;
             match offsets::kernel_offsets(&btf) {
                 Ok(o) => probes.push(Probe::new(
                     "struct offsets",
@@ -208,24 +210,21 @@ fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
                         o.skc_family, o.sk_protocol, o.sk_err, o.net_ns_inum
                     ),
                 )),
-                Err(e) => probes.push(Probe::new("struct offsets", Status::Missing, e.to_string())),
+                Err(e) => {
+                    all = false;
+                    probes.push(Probe::new("struct offsets", Status::Missing, e.to_string()));
+                }
             }
             for &(_, tp, what) in PROGRAMS {
-                let typedef = format!("btf_trace_{tp}");
-                let found = btf
-                    .resolve_ids_by_name(&typedef)
-                    .is_ok_and(|ids| !ids.is_empty());
-                probes.push(if found {
-                    Probe::new(format!("tracepoint {tp}"), Status::Ok, what)
-                } else {
-                    Probe::new(
-                        format!("tracepoint {tp}"),
-                        Status::Missing,
-                        format!("no {typedef} in kernel BTF: kernel too old for {what}"),
-                    )
+                probes.push(match offsets::check_tracepoints(&btf, &[(tp, what)]) {
+                    Ok(()) => Probe::new(format!("tracepoint {tp}"), Status::Ok, what),
+                    Err(e) => {
+                        all = false;
+                        Probe::new(format!("tracepoint {tp}"), Status::Missing, e.to_string())
+                    }
                 });
             }
-            true
+            all
         }
         Err(e) => {
             probes.push(Probe::new("kernel BTF", Status::Missing, e.to_string()));

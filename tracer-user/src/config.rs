@@ -15,8 +15,22 @@ pub enum ConfigError {
         path: String,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
-    Parse { path: String, message: String },
+    #[error("config file {path}, line {line}: {message} (in `{text}`)")]
+    Syntax {
+        path: String,
+        line: usize,
+        /// The offending line, shortened.
+        text: String,
+        message: String,
+    },
+    #[error("config file {path}: {key} = {value}: {message}")]
+    Key {
+        path: String,
+        key: String,
+        /// The value as written, shortened.
+        value: String,
+        message: String,
+    },
     #[error("invalid setting {key} = {value}: {why}")]
     Invalid {
         key: &'static str,
@@ -100,6 +114,16 @@ impl Default for Config {
     }
 }
 
+/// At most 80 characters of `s`, for messages.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 80;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        format!("{}...", s.chars().take(MAX).collect::<String>())
+    }
+}
+
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     parse_duration(&s).map_err(serde::de::Error::custom)
@@ -134,12 +158,46 @@ pub struct Overrides {
 }
 
 impl Config {
-    /// Parses TOML text (`path` is for messages).
+    /// Parses TOML text (`path` is for messages). Every error names the
+    /// key it is about (or, for broken TOML, the line).
     pub fn from_toml(text: &str, path: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_string(),
-            message: e.to_string().trim().replace('\n', " "),
-        })
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(0, |s| s.start);
+            // The line of the error; at the end of the file, the last line
+            // with something on it (an unterminated string or array).
+            let lines: Vec<&str> = text.split('\n').collect();
+            let mut line = text.get(..at).unwrap_or(text).matches('\n').count();
+            while line > 0 && lines.get(line).is_none_or(|l| l.trim().is_empty()) {
+                line -= 1;
+            }
+            ConfigError::Syntax {
+                path: path.to_string(),
+                line: line + 1,
+                text: shorten(lines.get(line).map_or("", |l| l.trim())),
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        // One key at a time first, so that a wrong type or value is reported
+        // with the key it belongs to (all keys are top-level).
+        for (key, value) in &table {
+            let one = toml::Table::from_iter([(key.clone(), value.clone())]);
+            if let Err(e) = one.try_into::<Self>() {
+                return Err(ConfigError::Key {
+                    path: path.to_string(),
+                    key: key.clone(),
+                    value: shorten(&value.to_string()),
+                    message: e.message().trim().replace('\n', " "),
+                });
+            }
+        }
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Key {
+                path: path.to_string(),
+                key: "?".into(),
+                value: String::new(),
+                message: e.message().trim().replace('\n', " "),
+            })
     }
 
     /// Reads `path` if given (else defaults), applies `flags`, validates.
@@ -242,11 +300,18 @@ impl Config {
                 "must be at least 1s",
             );
         }
-        if self.outbound_capture_port == 0 || self.inbound_capture_port == 0 {
+        if self.outbound_capture_port == 0 {
             return bad(
                 "outbound_capture_port",
                 "0".into(),
-                "capture ports must be set",
+                "must be a port (1-65535)",
+            );
+        }
+        if self.inbound_capture_port == 0 {
+            return bad(
+                "inbound_capture_port",
+                "0".into(),
+                "must be a port (1-65535)",
             );
         }
         if let Some(hz) = self.kernel_hz
@@ -356,5 +421,205 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/nope/x.toml"), "{err}");
+    }
+}
+
+/// Property tests of the config parser (`cargo xtask fuzz config` runs them
+/// long): any text is a config or an error, and every error about a key
+/// names that key.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+    use toml::{Table, Value};
+
+    use super::*;
+
+    /// Every key, with a strategy for a value it accepts.
+    fn valid_value(key: &str) -> BoxedStrategy<Value> {
+        let s = |v: &'static [&'static str]| {
+            proptest::sample::select(v)
+                .prop_map(|v| Value::String(v.into()))
+                .boxed()
+        };
+        let int = |lo: i64, hi: i64| (lo..=hi).prop_map(Value::Integer).boxed();
+        match key {
+            "listen" => s(&["127.0.0.1:9090", "0.0.0.0:9102", "[::1]:80"]),
+            "idle_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
+            "resync_interval" => s(&["1s", "30s", "2m"]),
+            "max_connections" => int(1, 1 << 24),
+            "max_peers" | "max_sockopt_values" => int(1, 100_000),
+            "ring_bytes" => (0..12u32).prop_map(|s| Value::Integer(4096 << s)).boxed(),
+            "kernel_hz" => proptest::sample::select(&[100, 250, 300, 1000][..])
+                .prop_map(Value::Integer)
+                .boxed(),
+            "btf" => "[a-z/]{1,30}".prop_map(Value::String).boxed(),
+            "trace_sockopts" => any::<bool>().prop_map(Value::Boolean).boxed(),
+            "no_kube" => Just(Value::Boolean(false)).boxed(),
+            "kube_api" => s(&["http://127.0.0.1:8001", "https://10.0.0.1:6443"]),
+            "node_name" => "[a-z0-9-]{1,20}".prop_map(Value::String).boxed(),
+            "sidecar_uids" => prop::collection::vec(any::<u32>(), 0..3)
+                .prop_map(|v| {
+                    Value::Array(v.into_iter().map(|u| Value::Integer(u.into())).collect())
+                })
+                .boxed(),
+            "sidecar_names" => prop::collection::vec("[a-z-]{1,12}", 0..3)
+                .prop_map(|v| Value::Array(v.into_iter().map(Value::String).collect()))
+                .boxed(),
+            "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
+            other => unreachable!("no valid value for {other}"),
+        }
+    }
+
+    const KEYS: &[&str] = &[
+        "listen",
+        "idle_threshold",
+        "max_connections",
+        "max_peers",
+        "max_sockopt_values",
+        "ring_bytes",
+        "kernel_hz",
+        "btf",
+        "trace_sockopts",
+        "kube_api",
+        "no_kube",
+        "node_name",
+        "sidecar_uids",
+        "sidecar_names",
+        "outbound_capture_port",
+        "inbound_capture_port",
+        "resync_interval",
+    ];
+
+    /// Any TOML value, of any type, with a bias to the edges.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let scalar = prop_oneof![
+            any::<i64>().prop_map(Value::Integer),
+            prop_oneof![Just(0i64), Just(-1), Just(1), Just(4095), Just(1 << 32)]
+                .prop_map(Value::Integer),
+            any::<f64>().prop_map(Value::Float),
+            any::<bool>().prop_map(Value::Boolean),
+            any::<String>().prop_map(Value::String),
+            prop_oneof![
+                Just("0s"),
+                Just("-1s"),
+                Just("1"),
+                Just("soon"),
+                Just("999999999999h"),
+                Just("127.0.0.1"),
+                Just(":::"),
+                Just(""),
+                Just("http://x"),
+            ]
+            .prop_map(|s| Value::String(s.into())),
+            Just(Value::Datetime(
+                "1979-05-27T07:32:00Z".parse().expect("a TOML datetime")
+            )),
+        ];
+        scalar.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..3)
+                    .prop_map(|m| Value::Table(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A key the file may hold: a known one, a near miss, or nonsense.
+    fn any_key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => proptest::sample::select(KEYS).prop_map(str::to_string),
+            1 => proptest::sample::select(KEYS).prop_map(|k| format!("{k}s")),
+            1 => "[a-zA-Z_-]{1,20}",
+        ]
+    }
+
+    /// Every other key with a valid value, in a random subset.
+    fn valid_rest() -> impl Strategy<Value = Table> {
+        let per_key: Vec<_> = KEYS
+            .iter()
+            .map(|&k| proptest::option::of(valid_value(k)).prop_map(move |v| (k, v)))
+            .collect();
+        per_key.prop_map(|kv| {
+            kv.into_iter()
+                .filter_map(|(k, v)| Some((k.to_string(), v?)))
+                .collect()
+        })
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        let cfg = Config::from_toml(text, "fuzz.toml")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(256))]
+
+        /// Valid values for every key always load.
+        #[test]
+        fn documents_of_valid_values_load(rest in valid_rest()) {
+            let text = toml::to_string(&rest).expect("a TOML document");
+            let cfg = load(&text);
+            prop_assert!(cfg.is_ok(), "{text}\n{:?}", cfg.err());
+        }
+
+        /// One key with a value of any type among valid ones: it loads, or
+        /// the error names that key (and the file).
+        #[test]
+        fn every_error_names_the_offending_key(
+            mut rest in valid_rest(),
+            key in any_key(),
+            value in any_value(),
+        ) {
+            rest.insert(key.clone(), value);
+            let text = toml::to_string(&rest).expect("a TOML document");
+            if let Err(e) = load(&text) {
+                let msg = e.to_string();
+                prop_assert!(msg.contains(&key), "{key:?} not named in: {msg}\n{text}");
+                prop_assert!(!msg.contains('\n'), "one line: {msg}");
+            }
+        }
+
+        /// Any text at all: a config or an error, never a panic; broken TOML
+        /// is reported with its line.
+        #[test]
+        fn arbitrary_text_never_panics(text in any::<String>()) {
+            match load(&text) {
+                Ok(_) | Err(ConfigError::Key { .. } | ConfigError::Invalid { .. }) => {}
+                Err(e @ ConfigError::Syntax { line, .. }) => {
+                    prop_assert!(line >= 1 && line <= text.lines().count().max(1) + 1, "{e}");
+                    prop_assert!(e.to_string().contains("fuzz.toml"));
+                }
+                Err(e @ ConfigError::Read { .. }) => prop_assert!(false, "{e}"),
+            }
+        }
+
+        /// Lines of `key = <fragment>`: near-valid TOML that reaches the key
+        /// errors far more often than random text does.
+        #[test]
+        fn key_value_soup_never_panics(lines in prop::collection::vec(
+            (any_key(), prop_oneof![
+                Just("\"30s\"".to_string()), Just("0".to_string()), Just("-5".to_string()),
+                Just("[1, \"x\"]".to_string()), Just("{ a = 1 }".to_string()),
+                Just("true".to_string()), Just("\"".to_string()), Just("1e400".to_string()),
+                Just("0x10".to_string()), Just("\"\\u0000\"".to_string()), "[ -~]{0,12}",
+            ]),
+            0..6,
+        )) {
+            let text: String = lines
+                .iter()
+                .map(|(k, v)| [k.as_str(), " = ", v.as_str(), "\n"].concat())
+                .collect();
+            if let Err(e) = load(&text) {
+                let msg = e.to_string();
+                let named = lines.iter().any(|(k, _)| msg.contains(k.as_str()));
+                prop_assert!(named, "no key named in: {msg}\n{text}");
+            }
+        }
+
+        #[test]
+        fn durations_never_panic(s in any::<String>()) {
+            let _ = parse_duration(&s);
+        }
     }
 }

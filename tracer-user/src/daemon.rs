@@ -558,6 +558,12 @@ impl State {
                 self.metrics.kube_errors.inc_by(pods.errors() - seen);
             }
         }
+        let proc_errors = crate::procfs::malformed_total();
+        if proc_errors > self.metrics.proc_errors.get() {
+            self.metrics
+                .proc_errors
+                .inc_by(proc_errors - self.metrics.proc_errors.get());
+        }
         let rescans = self.attr.cgroup_rescans();
         if rescans > self.metrics.cgroup_rescans.get() {
             self.metrics
@@ -859,7 +865,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let attr = attributor(&cfg);
     let mut state = State::new(&cfg, attr)?;
     let started = monotonic_ns();
-    match kernel.snapshot() {
+    let snap = kernel.snapshot();
+    state
+        .metrics
+        .decode_errors
+        .inc_by(kernel.take_decode_errors());
+    match snap {
         Ok(snap) => {
             state.resync(&snap, started);
             log::info!("{} connections open at start", state.table.len());
@@ -902,7 +913,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 // snapshot is compared with an up-to-date table.
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let started = monotonic_ns();
-                let snap = shared.kernel.lock().expect("kernel lock").snapshot();
+                let snap = kernel_snapshot(&shared);
                 match snap {
                     Ok(snap) => shared.state.lock().expect("state lock").resync(&snap, started),
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
@@ -940,6 +951,25 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fresh kernel snapshot; its undecodable records count as decode errors.
+fn kernel_snapshot(shared: &Shared) -> Result<Vec<ConnEvent>, crate::kernel::KernelError> {
+    let (snap, bad) = {
+        let mut kernel = shared.kernel.lock().expect("kernel lock");
+        let snap = kernel.snapshot();
+        (snap, kernel.take_decode_errors())
+    };
+    if bad > 0 {
+        shared
+            .state
+            .lock()
+            .expect("state lock")
+            .metrics
+            .decode_errors
+            .inc_by(bad);
+    }
+    snap
+}
+
 /// Applies every event waiting in the ring, under one lock of the state.
 fn drain(rb: &mut RingBuf<MapData>, state: &Mutex<State>, decode_errors: &mut u64) {
     let mut st = state.lock().expect("state lock");
@@ -949,8 +979,11 @@ fn drain(rb: &mut RingBuf<MapData>, state: &Mutex<State>, decode_errors: &mut u6
             Err(e) => {
                 *decode_errors += 1;
                 st.metrics.decode_errors.inc();
-                if *decode_errors <= 10 {
-                    log::warn!("skipping undecodable kernel event: {e}");
+                if *decode_errors <= 10 || decode_errors.is_multiple_of(1000) {
+                    log::warn!(
+                        "skipping undecodable kernel event: {e} ({decode_errors} so far, \
+                         conntracer_decode_errors_total)"
+                    );
                 }
             }
         }
@@ -1040,7 +1073,7 @@ fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
             }
         }
         "/connections" => {
-            let snap = shared.kernel.lock().expect("kernel lock").snapshot();
+            let snap = kernel_snapshot(shared);
             let mut st = shared.state.lock().expect("state lock");
             let snap = match snap {
                 Ok(s) => s,

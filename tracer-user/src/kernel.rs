@@ -58,6 +58,10 @@ const PRIVILEGE_HINT: &str = "run as root, or with CAP_BPF, CAP_PERFMON and CAP_
 pub enum KernelError {
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
+    /// The BTF file read, but lacks something (not a `source`: the message
+    /// says it, and a chain would repeat it).
+    #[error("{path}: {error}")]
+    BtfContent { path: String, error: OffsetsError },
     #[error("cannot parse kernel BTF at {path}: {source}")]
     Btf {
         path: String,
@@ -149,6 +153,8 @@ pub struct Kernel {
     pub reset_reasons: HashMap<u32, String>,
     /// The offsets handed to the programs.
     pub offsets: KernelOffsets,
+    /// Undecodable TCP iterator records not yet counted in the metrics.
+    decode_errors: u64,
 }
 
 impl Kernel {
@@ -158,7 +164,13 @@ impl Kernel {
             return Err(KernelError::RingSize(opts.ring_bytes));
         }
         let btf = offsets::load_btf(&opts.btf_path)?;
-        let offsets = offsets::kernel_offsets(&btf)?;
+        let in_file = |error| KernelError::BtfContent {
+            path: opts.btf_path.display().to_string(),
+            error,
+        };
+        let offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
+        let hooks: Vec<(&str, &str)> = PROGRAMS.iter().map(|&(_, tp, what)| (tp, what)).collect();
+        offsets::check_tracepoints(&btf, &hooks).map_err(in_file)?;
         let reset_reasons = offsets::reset_reasons(&btf);
         drop(btf);
         let aya_btf = parse_aya_btf(&opts.btf_path)?;
@@ -230,6 +242,7 @@ impl Kernel {
             logger,
             reset_reasons,
             offsets,
+            decode_errors: 0,
         })
     }
 
@@ -289,11 +302,11 @@ impl Kernel {
             .map_err(err)?;
         let namespaces = crate::netns::list();
         let size = size_of::<tracer_common::Event<tracer_common::SnapshotData>>();
-        std::thread::scope(|scope| {
+        let (events, bad) = std::thread::scope(|scope| {
             scope
                 .spawn(
-                    move || -> Result<Vec<crate::event::ConnEvent>, KernelError> {
-                        let mut out = Vec::new();
+                    move || -> Result<(Vec<crate::event::ConnEvent>, u64), KernelError> {
+                        let (mut out, mut bad) = (Vec::new(), 0u64);
                         for (ino, path) in &namespaces {
                             if let Err(e) = crate::netns::enter(path) {
                                 // Namespaces come and go with their processes.
@@ -308,18 +321,34 @@ impl Kernel {
                             let mut bytes = Vec::new();
                             std::io::Read::read_to_end(&mut file, &mut bytes)
                                 .map_err(|e| KernelError::Iter(e.to_string()))?;
-                            out.extend(
-                                bytes
-                                    .chunks_exact(size)
-                                    .filter_map(|r| crate::event::decode(r).ok()),
-                            );
+                            for record in bytes.chunks_exact(size) {
+                                match crate::event::decode(record) {
+                                    Ok(ev) => out.push(ev),
+                                    Err(e) => {
+                                        bad += 1;
+                                        if bad == 1 {
+                                            log::warn!(
+                                                "skipping undecodable TCP iterator record: {e}"
+                                            );
+                                        }
+                                    }
+                                }
+                            }
                         }
-                        Ok(out)
+                        Ok((out, bad))
                     },
                 )
                 .join()
                 .unwrap_or_else(|_| Err(KernelError::Iter("snapshot thread panicked".into())))
-        })
+        })?;
+        self.decode_errors += bad;
+        Ok(events)
+    }
+
+    /// Records of the TCP iterator that could not be decoded since the last
+    /// call (they count in `conntracer_decode_errors_total`).
+    pub fn take_decode_errors(&mut self) -> u64 {
+        std::mem::take(&mut self.decode_errors)
     }
 
     /// Total of [`Self::lost_events`].

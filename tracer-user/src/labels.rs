@@ -136,8 +136,12 @@ impl Attributor {
             return None;
         }
         let mount = self.cgroups.as_ref()?.mount();
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-        let path = cgroup_v2_path(&text)?;
+        let file = format!("/proc/{pid}/cgroup");
+        let text = std::fs::read_to_string(&file).ok()?;
+        let Some(path) = cgroup_v2_path(&text) else {
+            crate::procfs::malformed(&file, "no `0::/path` line", &text);
+            return None;
+        };
         let meta = std::fs::metadata(mount.join(path.trim_start_matches('/'))).ok()?;
         (std::os::unix::fs::MetadataExt::ino(&meta) == cgroup_id).then(|| path.to_string())
     }

@@ -11,6 +11,8 @@ pub mod config;
 pub mod connections;
 pub mod daemon;
 pub mod event;
+#[cfg(test)]
+mod fuzzing;
 pub mod jiffies;
 pub mod kernel;
 pub mod kube;

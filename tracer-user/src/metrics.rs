@@ -35,6 +35,7 @@ pub struct Metrics {
     pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
+    pub proc_errors: IntCounter,
 }
 
 fn counter(
@@ -229,6 +230,15 @@ impl Metrics {
                 let c = IntCounter::new(
                     "conntracer_cgroup_rescans_total",
                     "Walks of the cgroup v2 hierarchy to map new cgroup ids to paths.",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
+            proc_errors: {
+                let c = IntCounter::new(
+                    "conntracer_proc_errors_total",
+                    "/proc entries (fd links, status, cgroup) that could not be parsed and were \
+                     skipped.",
                 )?;
                 r.register(Box::new(c.clone()))?;
                 c

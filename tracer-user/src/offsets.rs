@@ -15,12 +15,35 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetsError {
     #[error(
-        "cannot read kernel BTF at {path}: {source}; this kernel needs CONFIG_DEBUG_INFO_BTF=y \
-         (most distribution kernels since 5.8 have it)"
+        "cannot read kernel BTF at {path}: {error}. conn-tracer reads the kernel's struct \
+         layouts and tracepoint types from it: a kernel built with CONFIG_DEBUG_INFO_BTF=y (most \
+         distribution kernels since 5.8) publishes it at /sys/kernel/btf/vmlinux; point --btf \
+         (or `btf` in the config file) at that file, or run a kernel that has it"
     )]
-    Read { path: String, source: btf_rs::Error },
-    #[error("kernel BTF has no struct {0}: this kernel is not supported (please report it)")]
+    Read {
+        path: String,
+        // Not `source`: the message already says it, and a chain would
+        // repeat it.
+        error: btf_rs::Error,
+    },
+    #[error(
+        "kernel BTF has no struct {0}, which conn-tracer needs to read sockets: if this file is \
+         not the running kernel's complete BTF (a module's split BTF, a stripped or foreign \
+         file), point --btf at /sys/kernel/btf/vmlinux; otherwise this kernel is not supported \
+         (please report it)"
+    )]
     NoStruct(String),
+    #[error(
+        "kernel BTF has no {typedef}: this kernel lacks the BTF tracepoint {tracepoint}, which \
+         conn-tracer needs for {what}; if this file is not the running kernel's BTF, point --btf \
+         at /sys/kernel/btf/vmlinux, else a newer kernel is needed (`conn-tracer check` lists \
+         every requirement)"
+    )]
+    NoTracepoint {
+        typedef: String,
+        tracepoint: String,
+        what: String,
+    },
     #[error(
         "kernel BTF: struct {strukt} has no field {field}: this kernel is not supported (please report it)"
     )]
@@ -43,9 +66,9 @@ pub enum OffsetsError {
 
 /// Reads the BTF file at `path`.
 pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
-    Btf::from_file(path).map_err(|source| OffsetsError::Read {
+    Btf::from_file(path).map_err(|error| OffsetsError::Read {
         path: path.display().to_string(),
-        source,
+        error,
     })
 }
 
@@ -181,6 +204,26 @@ fn sized(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, Off
         });
     }
     Ok(f.offset)
+}
+
+/// Checks that BTF has the type of each BTF tracepoint in `tracepoints`
+/// (`(tracepoint, what it is for)`): `btf_trace_<tracepoint>`, which
+/// `tp_btf` programs attach through.
+pub fn check_tracepoints(btf: &Btf, tracepoints: &[(&str, &str)]) -> Result<(), OffsetsError> {
+    for &(tp, what) in tracepoints {
+        let typedef = format!("btf_trace_{tp}");
+        if !btf
+            .resolve_ids_by_name(&typedef)
+            .is_ok_and(|ids| !ids.is_empty())
+        {
+            return Err(OffsetsError::NoTracepoint {
+                typedef,
+                tracepoint: tp.to_string(),
+                what: what.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Resolves every offset the kernel programs use.

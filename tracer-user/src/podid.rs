@@ -416,12 +416,12 @@ mod tests {
     use Qos::{BestEffort, Burstable, Guaranteed};
     use Runtime::{Containerd, CriO, Docker};
 
-    type Expected = (&'static str, Option<&'static str>, Option<Runtime>, Qos);
+    pub(super) type Expected = (&'static str, Option<&'static str>, Option<Runtime>, Qos);
 
     /// (path, (pod uid, container id, runtime, qos)); sources in the module doc
     /// and the report: kubelet cgroup_manager_linux.go / qos naming, coroot
     /// node-agent and Datadog agent test fixtures, kind node layouts.
-    const LAYOUTS: &[(&str, Expected)] = &[
+    pub(super) const LAYOUTS: &[(&str, Expected)] = &[
         // systemd driver
         (
             concat!(
@@ -745,149 +745,13 @@ mod tests {
         );
     }
 
-    /// xorshift64*: deterministic, no dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-    }
-
     /// What any `Some` must look like, whatever the input.
-    fn assert_well_formed(pc: &PodContainer, input: &str) {
+    pub(super) fn assert_well_formed(pc: &PodContainer, input: &str) {
         let uid_ok = canonical_uid(&pc.pod_uid).as_deref() == Some(pc.pod_uid.as_str());
         assert!(uid_ok, "uid {:?} from {input:?}", pc.pod_uid);
         if let Some(id) = &pc.container_id {
             let ok = id.len() == 64 && id.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
             assert!(ok, "container id {id:?} from {input:?}");
-        }
-    }
-
-    #[test]
-    fn random_strings_never_panic() {
-        // Whole directory names, so that pods do form now and then...
-        const NAMES: &[&str] = &[
-            "kubepods",
-            "kubepods.slice",
-            "kubepods-burstable.slice",
-            "burstable",
-            "besteffort",
-            "kubelet",
-            concat!("pod", uid!()),
-            concat!("pod", static_uid!()),
-            concat!("kubepods-pod", uid_!(), ".slice"),
-            concat!("kubelet-kubepods-besteffort-pod", uid_!(), ".slice"),
-            concat!("kubepods-burstable-pod", uid_!(), ".slice:crio:", cid!()),
-            cid!(),
-            concat!("cri-containerd-", cid!(), ".scope"),
-            concat!("crio-conmon-", cid!(), ".scope"),
-            concat!("docker-", cid!()),
-            "system.slice",
-            "",
-        ];
-        // ...and fragments glued into names that almost are.
-        const FRAGMENTS: &[&str] = &[
-            "-",
-            "_",
-            ":",
-            ".",
-            "kubepods",
-            "kubelet",
-            ".slice",
-            ".scope",
-            "pod",
-            "burstable",
-            "besteffort",
-            "cri-containerd-",
-            "crio-",
-            "crio-conmon-",
-            "docker-",
-            uid!(),
-            uid_!(),
-            cid!(),
-            static_uid!(),
-            "0",
-            "f",
-            "é",
-            "\u{1F600}",
-            "\0",
-            "\\x2d",
-        ];
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let (mut pods, mut containers) = (0, 0);
-        for _ in 0..20_000 {
-            let mut s = String::new();
-            for _ in 0..rng.below(8) {
-                if rng.below(3) != 0 {
-                    s.push('/');
-                }
-                match rng.below(10) {
-                    0..=5 => s.push_str(NAMES[rng.below(NAMES.len())]),
-                    6..=8 => {
-                        for _ in 0..=rng.below(4) {
-                            s.push_str(FRAGMENTS[rng.below(FRAGMENTS.len())]);
-                        }
-                    }
-                    _ => {
-                        for _ in 0..rng.below(6) {
-                            s.push(char::from_u32(rng.below(0x11_0000) as u32).unwrap_or('?'));
-                        }
-                    }
-                }
-            }
-            if let Some(pc) = parse_cgroup_path(&s) {
-                assert_well_formed(&pc, &s);
-                pods += 1;
-                containers += usize::from(pc.container_id.is_some());
-            }
-        }
-        // The soup must reach the interesting branches, or it tests nothing.
-        assert!(
-            pods > 100 && containers > 10,
-            "{pods} pods, {containers} containers"
-        );
-    }
-
-    #[test]
-    fn random_bytes_never_panic() {
-        let mut rng = Rng(42);
-        for _ in 0..20_000 {
-            let bytes: Vec<u8> = (0..rng.below(300)).map(|_| rng.next() as u8).collect();
-            let s = String::from_utf8_lossy(&bytes);
-            if let Some(pc) = parse_cgroup_path(&s) {
-                assert_well_formed(&pc, &s);
-            }
-        }
-    }
-
-    #[test]
-    fn mutated_real_paths_never_panic() {
-        let mut rng = Rng(7);
-        for _ in 0..20_000 {
-            let mut chars: Vec<char> = LAYOUTS[rng.below(LAYOUTS.len())].0.chars().collect();
-            for _ in 0..=rng.below(4) {
-                let at = rng.below(chars.len() + 1);
-                let c = ['/', '-', '_', ':', '.', 'a', 'G', 'é', '\0'][rng.below(9)];
-                match rng.below(3) {
-                    0 if at < chars.len() => {
-                        chars.remove(at);
-                    }
-                    1 if at < chars.len() => chars[at] = c,
-                    _ => chars.insert(at, c),
-                }
-            }
-            let s: String = chars.into_iter().collect();
-            if let Some(pc) = parse_cgroup_path(&s) {
-                assert_well_formed(&pc, &s);
-            }
         }
     }
 
@@ -1139,6 +1003,307 @@ mod tests {
         if let Ok(meta) = fs::metadata(mount.join(rel.trim_start_matches('/'))) {
             let want = if rel.is_empty() { "/" } else { rel };
             assert_eq!(paths.resolve(meta.ino()).as_deref(), Some(want));
+        }
+    }
+}
+
+/// Property tests of the cgroup path parser (`cargo xtask fuzz podid` runs
+/// them long): any path is a pod or `None`, never a panic; kubelet paths of
+/// every driver, runtime and QoS class, with random ids, parse to their pod
+/// UID and container ID.
+#[cfg(test)]
+mod fuzz {
+    use proptest::{array, prelude::*, sample::select};
+
+    use super::{tests::assert_well_formed, *};
+
+    fn hex(bytes: &[u8], upper: bool) -> String {
+        bytes
+            .iter()
+            .map(|b| {
+                if upper {
+                    format!("{b:02X}")
+                } else {
+                    format!("{b:02x}")
+                }
+            })
+            .collect()
+    }
+
+    /// A pod UID as the API writes it (UUID, or a static pod's hash), maybe
+    /// uppercased, and its canonical form.
+    fn arb_uid() -> impl Strategy<Value = (String, String)> {
+        (array::uniform16(any::<u8>()), any::<bool>(), any::<bool>()).prop_map(
+            |(b, upper, is_static)| {
+                let h = hex(&b, upper);
+                let raw = if is_static {
+                    h
+                } else {
+                    format!(
+                        "{}-{}-{}-{}-{}",
+                        &h[..8],
+                        &h[8..12],
+                        &h[12..16],
+                        &h[16..20],
+                        &h[20..]
+                    )
+                };
+                (raw.clone(), raw.to_ascii_lowercase())
+            },
+        )
+    }
+
+    fn arb_cid() -> impl Strategy<Value = (String, String)> {
+        (array::uniform32(any::<u8>()), any::<bool>()).prop_map(|(b, upper)| {
+            let raw = hex(&b, upper);
+            (raw.clone(), raw.to_ascii_lowercase())
+        })
+    }
+
+    #[derive(Debug, Clone, Copy)]
+    enum Driver {
+        Systemd,
+        Cgroupfs,
+        /// containerd's literal `slice:prefix:id` directory.
+        Literal,
+    }
+
+    /// What sits under the pod's cgroup.
+    #[derive(Debug, Clone, Copy)]
+    enum Leaf {
+        PodLevel,
+        Containerd,
+        CriO,
+        Docker,
+        Conmon,
+        Bare,
+        Unnamed,
+    }
+
+    /// A kubelet-made path with random ids, and what it must parse to.
+    #[expect(
+        clippy::too_many_lines,
+        reason = "one table: every driver by every leaf"
+    )]
+    fn arb_kubelet_path() -> impl Strategy<Value = (String, PodContainer)> {
+        (
+            arb_uid(),
+            arb_cid(),
+            select(&[Qos::Guaranteed, Qos::Burstable, Qos::BestEffort][..]),
+            select(&[Driver::Systemd, Driver::Cgroupfs, Driver::Literal][..]),
+            select(
+                &[
+                    Leaf::PodLevel,
+                    Leaf::Containerd,
+                    Leaf::CriO,
+                    Leaf::Docker,
+                    Leaf::Conmon,
+                    Leaf::Bare,
+                    Leaf::Unnamed,
+                ][..],
+            ),
+            any::<bool>(),
+            select(
+                &[
+                    "",
+                    "/sys/fs/cgroup/unified",
+                    "/system.slice/docker-0123456789abcdef.scope",
+                ][..],
+            ),
+            select(&["", "/", "/container", "/a/b"][..]),
+        )
+            .prop_map(
+                |(
+                    (uid, want_uid),
+                    (cid, want_cid),
+                    qos,
+                    driver,
+                    leaf,
+                    kubelet_root,
+                    prefix,
+                    child,
+                )| {
+                    let q = match qos {
+                        Qos::Guaranteed => "",
+                        Qos::Burstable => "burstable",
+                        Qos::BestEffort => "besteffort",
+                    };
+                    let (runtime, container_id) = match (driver, leaf) {
+                        (_, Leaf::PodLevel | Leaf::Unnamed)
+                        | (Driver::Literal, Leaf::Conmon | Leaf::Bare) => (None, None),
+                        (_, Leaf::Containerd) => {
+                            (Some(Runtime::Containerd), Some(want_cid.clone()))
+                        }
+                        (_, Leaf::CriO) => (Some(Runtime::CriO), Some(want_cid.clone())),
+                        (_, Leaf::Docker) => (Some(Runtime::Docker), Some(want_cid.clone())),
+                        (_, Leaf::Conmon) => (Some(Runtime::CriO), None),
+                        (_, Leaf::Bare) => (None, Some(want_cid.clone())),
+                    };
+                    let path = match driver {
+                        Driver::Systemd | Driver::Literal => {
+                            let kp = if kubelet_root {
+                                "kubelet-kubepods"
+                            } else {
+                                "kubepods"
+                            };
+                            let class = if q.is_empty() {
+                                kp.to_string()
+                            } else {
+                                format!("{kp}-{q}")
+                            };
+                            let pod = format!("{class}-pod{}.slice", uid.replace('-', "_"));
+                            if let Driver::Literal = driver {
+                                let leaf = match leaf {
+                                    Leaf::Containerd => format!(":cri-containerd:{cid}"),
+                                    Leaf::CriO => format!(":crio:{cid}"),
+                                    Leaf::Docker => format!(":docker:{cid}"),
+                                    Leaf::Conmon => format!(":runc:{cid}"),
+                                    Leaf::Bare => format!(":{cid}"),
+                                    Leaf::PodLevel | Leaf::Unnamed => ":".to_string(),
+                                };
+                                format!(
+                                    "{prefix}/system.slice/containerd.service/{pod}{leaf}{child}"
+                                )
+                            } else {
+                                let root = if kubelet_root { "/kubelet.slice" } else { "" };
+                                let parents = if q.is_empty() {
+                                    format!("{root}/{kp}.slice")
+                                } else {
+                                    format!("{root}/{kp}.slice/{class}.slice")
+                                };
+                                let leaf = match leaf {
+                                    Leaf::PodLevel => String::new(),
+                                    Leaf::Containerd => format!("/cri-containerd-{cid}.scope"),
+                                    Leaf::CriO => format!("/crio-{cid}.scope"),
+                                    Leaf::Docker => format!("/docker-{cid}.scope"),
+                                    Leaf::Conmon => format!("/crio-conmon-{cid}.scope"),
+                                    Leaf::Bare => format!("/{cid}"),
+                                    Leaf::Unnamed => "/var-lib-x.mount".to_string(),
+                                };
+                                let child = if leaf.is_empty() { "" } else { child };
+                                format!("{prefix}{parents}/{pod}{leaf}{child}")
+                            }
+                        }
+                        Driver::Cgroupfs => {
+                            let root = if kubelet_root { "/kubelet" } else { "" };
+                            let class = if q.is_empty() {
+                                String::new()
+                            } else {
+                                format!("/{q}")
+                            };
+                            let leaf = match leaf {
+                                Leaf::PodLevel => String::new(),
+                                Leaf::Containerd => format!("/cri-containerd-{cid}.scope"),
+                                Leaf::CriO => format!("/crio-{cid}"),
+                                Leaf::Docker => format!("/docker-{cid}.scope"),
+                                Leaf::Conmon => format!("/crio-conmon-{cid}"),
+                                Leaf::Bare => format!("/{cid}"),
+                                Leaf::Unnamed => "/kube-proxy".to_string(),
+                            };
+                            let child = if leaf.is_empty() { "" } else { child };
+                            format!("{prefix}{root}/kubepods{class}/pod{uid}{leaf}{child}")
+                        }
+                    };
+                    let want = PodContainer {
+                        pod_uid: want_uid,
+                        container_id,
+                        runtime,
+                        qos,
+                    };
+                    (path, want)
+                },
+            )
+    }
+
+    /// One random edit: delete, replace or insert a character that matters
+    /// to the parser.
+    fn mutate(path: &str, edits: &[(prop::sample::Index, u8, char)]) -> String {
+        let mut chars: Vec<char> = path.chars().collect();
+        for (at, op, c) in edits {
+            let at = at.index(chars.len() + 1);
+            match op % 3 {
+                0 if at < chars.len() => {
+                    chars.remove(at);
+                }
+                1 if at < chars.len() => chars[at] = *c,
+                _ => chars.insert(at, *c),
+            }
+        }
+        chars.into_iter().collect()
+    }
+
+    fn arb_edit() -> impl Strategy<Value = (prop::sample::Index, u8, char)> {
+        (
+            any::<prop::sample::Index>(),
+            any::<u8>(),
+            prop_oneof![
+                select(&['/', '-', '_', ':', '.', 'a', 'F', 'G', '0', '\0', 'é'][..]),
+                any::<char>(),
+            ],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(512))]
+
+        #[test]
+        fn arbitrary_strings_never_panic(s in any::<String>()) {
+            if let Some(pc) = parse_cgroup_path(&s) {
+                assert_well_formed(&pc, &s);
+            }
+        }
+
+        /// Directory names that almost are the kubelet's, glued at random.
+        #[test]
+        fn component_soup_never_panics(parts in prop::collection::vec(
+            prop_oneof![
+                select(&[
+                    "kubepods", "kubepods.slice", "kubepods-burstable.slice", "burstable",
+                    "besteffort", "kubelet", "kubelet.slice", "pod", ".slice", ".scope", "-", "_",
+                    ":", "cri-containerd-", "crio-", "crio-conmon-", "docker-", "system.slice",
+                    "/", "//", "\\x2d", "0",
+                ][..]).prop_map(str::to_string),
+                "[0-9a-fA-F_-]{0,40}",
+                any::<String>(),
+            ],
+            0..12,
+        )) {
+            let s: String = parts.concat();
+            if let Some(pc) = parse_cgroup_path(&s) {
+                assert_well_formed(&pc, &s);
+            }
+        }
+
+        /// Well-formed paths of every layout parse to the right pod and container.
+        #[test]
+        fn kubelet_paths_parse_to_their_pod_and_container((path, want) in arb_kubelet_path()) {
+            prop_assert_eq!(parse_cgroup_path(&path), Some(want), "{}", path);
+        }
+
+        /// Kubelet paths with a few random edits: a pod or `None`, never a
+        /// panic, and any pod found is well formed.
+        #[test]
+        fn mutated_kubelet_paths_never_panic(
+            (path, _) in arb_kubelet_path(),
+            edits in prop::collection::vec(arb_edit(), 1..5),
+        ) {
+            let s = mutate(&path, &edits);
+            if let Some(pc) = parse_cgroup_path(&s) {
+                assert_well_formed(&pc, &s);
+            }
+        }
+
+        /// The documented layouts, edited.
+        #[test]
+        fn mutated_documented_layouts_never_panic(
+            which in any::<prop::sample::Index>(),
+            edits in prop::collection::vec(arb_edit(), 1..5),
+        ) {
+            let (path, _) = tests::LAYOUTS[which.index(tests::LAYOUTS.len())];
+            let s = mutate(path, &edits);
+            if let Some(pc) = parse_cgroup_path(&s) {
+                assert_well_formed(&pc, &s);
+            }
         }
     }
 }

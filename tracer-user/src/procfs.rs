@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     fs,
     path::Path,
+    sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
@@ -28,12 +29,35 @@ impl Default for ScanBudget {
     }
 }
 
-/// `socket:[12345]` -> 12345.
+/// `/proc` entries whose content could not be parsed, since start
+/// (`conntracer_proc_errors_total`).
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// How many `/proc` entries could not be parsed so far.
+pub fn malformed_total() -> u64 {
+    MALFORMED.load(Ordering::Relaxed)
+}
+
+/// Counts a `/proc` file whose content does not parse (the entry is skipped)
+/// and logs it: the first 10, then every 1000th.
+pub fn malformed(file: &str, what: &str, content: &str) {
+    let n = MALFORMED.fetch_add(1, Ordering::Relaxed) + 1;
+    if n <= 10 || n.is_multiple_of(1000) {
+        let shown: String = content.chars().take(120).collect();
+        log::warn!(
+            "skipping {file}: {what} (read {shown:?}); {n} unparsable /proc entries so far \
+             (conntracer_proc_errors_total)"
+        );
+    }
+}
+
+/// `socket:[12345]` -> 12345 (decimal digits only, as the kernel writes it).
 pub fn socket_inode(link: &str) -> Option<u64> {
-    link.strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    let digits = link.strip_prefix("socket:[")?.strip_suffix(']')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The real uid and gid from `/proc/<pid>/status` text (what
@@ -85,12 +109,20 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
                 );
                 break 'procs;
             }
-            if let Ok(link) = fs::read_link(e.path())
-                && let Some(ino) = socket_inode(&link.to_string_lossy())
-                && wanted.contains(&ino)
-                && !out.contains_key(&ino)
-            {
-                found.push(ino);
+            let Ok(link) = fs::read_link(e.path()) else {
+                continue; // closed meanwhile
+            };
+            let link = link.to_string_lossy();
+            match socket_inode(&link) {
+                Some(ino) if wanted.contains(&ino) && !out.contains_key(&ino) => found.push(ino),
+                None if link.starts_with("socket:") => {
+                    malformed(
+                        &e.path().display().to_string(),
+                        "not a socket:[inode] link",
+                        &link,
+                    );
+                }
+                _ => {}
             }
         }
         if found.is_empty() {
@@ -112,7 +144,16 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
 /// What the kernel programs would have captured for `pid`, from /proc.
 pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     let base = Path::new("/proc").join(pid.to_string());
-    let (uid, gid) = uid_gid(&fs::read_to_string(base.join("status")).ok()?)?;
+    // A process that is gone is no error; one whose status does not parse is.
+    let status = fs::read_to_string(base.join("status")).ok()?;
+    let Some((uid, gid)) = uid_gid(&status) else {
+        malformed(
+            &base.join("status").display().to_string(),
+            "no numeric Uid:/Gid: lines",
+            &status,
+        );
+        return None;
+    };
     let comm_text = fs::read_to_string(base.join("comm")).unwrap_or_default();
     let mut comm = [0u8; COMM_LEN];
     let bytes = comm_text.trim_end_matches('\n').as_bytes();
@@ -121,7 +162,14 @@ pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     let cgroup_id = cgroup_mount
         .and_then(|mount| {
             let text = fs::read_to_string(base.join("cgroup")).ok()?;
-            let path = crate::labels::cgroup_v2_path(&text)?;
+            let Some(path) = crate::labels::cgroup_v2_path(&text) else {
+                malformed(
+                    &base.join("cgroup").display().to_string(),
+                    "no `0::/path` line",
+                    &text,
+                );
+                return None;
+            };
             let meta = fs::metadata(mount.join(path.trim_start_matches('/'))).ok()?;
             Some(std::os::unix::fs::MetadataExt::ino(&meta))
         })
@@ -167,5 +215,143 @@ mod tests {
         assert_eq!(owner.pid, std::process::id());
         assert_eq!(owner.flags & owner_flags::FROM_PROC, owner_flags::FROM_PROC);
         assert!(socket_owners(&HashSet::new(), None, ScanBudget::default()).is_empty());
+    }
+}
+
+/// Property tests of the /proc parsers (`cargo xtask fuzz procfs` runs them
+/// long): fd links, `status`, `cgroup`, `CapEff` and the port range, as the
+/// kernel writes them, mutated, and arbitrary.
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::labels::{cgroup_v2_path, parse_port_range};
+
+    /// A `status` file as the kernel writes it, with the real, effective,
+    /// saved and filesystem ids.
+    fn status_text(name: &str, uids: [u32; 4], gids: [u32; 4]) -> String {
+        let join = |v: [u32; 4]| v.map(|x| x.to_string()).join("\t");
+        format!(
+            "Name:\t{name}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t42\nPid:\t42\n\
+             PPid:\t1\nUid:\t{}\nGid:\t{}\nFDSize:\t64\nCapEff:\t000001ffffffffff\n",
+            join(uids),
+            join(gids)
+        )
+    }
+
+    proptest! {
+        #![proptest_config(crate::fuzzing::config(512))]
+
+        #[test]
+        fn fd_links_parse_exactly(ino in any::<u64>()) {
+            prop_assert_eq!(socket_inode(&format!("socket:[{ino}]")), Some(ino));
+            prop_assert_eq!(socket_inode(&format!("pipe:[{ino}]")), None);
+            prop_assert_eq!(socket_inode(&format!("anon_inode:[{ino}]")), None);
+        }
+
+        /// Arbitrary and mutated links: an inode only from `socket:[digits]`.
+        #[test]
+        fn mutated_fd_links_never_panic(
+            ino in any::<u64>(),
+            at in any::<prop::sample::Index>(),
+            c in prop_oneof![Just('['), Just(']'), Just('+'), Just('-'), Just(' '), Just('9'), any::<char>()],
+            op in 0u8..3,
+            other in any::<String>(),
+        ) {
+            let mut chars: Vec<char> = format!("socket:[{ino}]").chars().collect();
+            let i = at.index(chars.len());
+            match op {
+                0 => { chars.remove(i); }
+                1 => chars[i] = c,
+                _ => chars.insert(i, c),
+            }
+            let link: String = chars.into_iter().collect();
+            for l in [link.as_str(), other.as_str()] {
+                if let Some(n) = socket_inode(l) {
+                    let digits = &l["socket:[".len()..l.len() - 1];
+                    prop_assert!(digits.bytes().all(|b| b.is_ascii_digit()), "{l:?}");
+                    prop_assert_eq!(digits.parse::<u64>().ok(), Some(n));
+                }
+            }
+        }
+
+        #[test]
+        fn status_gives_the_real_ids(
+            uids in prop::array::uniform4(any::<u32>()),
+            gids in prop::array::uniform4(any::<u32>()),
+            name in "[ -~]{0,15}",
+        ) {
+            let text = status_text(&name, uids, gids);
+            prop_assert_eq!(uid_gid(&text), Some((uids[0], gids[0])));
+            prop_assert_eq!(crate::check::effective_caps(&text), Some(0x1ff_ffff_ffff));
+        }
+
+        /// Truncated or edited status text, and arbitrary text: ids or
+        /// `None`, never a panic.
+        #[test]
+        fn mutated_status_never_panics(
+            uids in prop::array::uniform4(any::<u32>()),
+            cut in any::<prop::sample::Index>(),
+            junk in "[ -~\t\n]{0,20}",
+            other in any::<String>(),
+        ) {
+            let text = status_text("x", uids, uids);
+            let mut at = cut.index(text.len() + 1);
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            let edited = format!("{}{junk}{}", &text[..at], &text[at..]);
+            for t in [&text[..at], edited.as_str(), other.as_str()] {
+                let _ = uid_gid(t);
+                let _ = crate::check::effective_caps(t);
+            }
+        }
+
+        /// `/proc/<pid>/cgroup` of a hybrid or v2 host, lines in any order:
+        /// the v2 path is found.
+        #[test]
+        fn cgroup_files_give_the_v2_path(
+            path in "(/[a-zA-Z0-9_.:@-]{1,20}){0,6}",
+            v1 in prop::collection::vec(("[0-9]{1,2}", "[a-z_,=]{0,20}", "(/[a-z0-9.-]{1,10}){0,3}"), 0..12),
+            at in any::<prop::sample::Index>(),
+        ) {
+            let path = if path.is_empty() { "/".to_string() } else { path };
+            let mut lines: Vec<String> = v1
+                .iter()
+                .filter(|(id, _, _)| id != "0")
+                .map(|(id, ctl, p)| format!("{id}:{ctl}:{p}"))
+                .collect();
+            let i = at.index(lines.len() + 1);
+            lines.insert(i, format!("0::{path}"));
+            let text = lines.join("\n") + "\n";
+            prop_assert_eq!(cgroup_v2_path(&text), Some(path.as_str()));
+        }
+
+        /// Any text: a path starting with `/` on one line, or `None`.
+        #[test]
+        fn arbitrary_cgroup_files_never_panic(text in any::<String>(), soup in "([0-9]:{0,2}[a-z/ ]{0,6}\n?){0,8}") {
+            for t in [text.as_str(), soup.as_str()] {
+                if let Some(p) = cgroup_v2_path(t) {
+                    prop_assert!(p.starts_with('/') && !p.contains('\n'), "{p:?}");
+                }
+            }
+        }
+
+        #[test]
+        fn port_ranges_never_panic(lo in any::<u16>(), hi in any::<u16>(), text in any::<String>()) {
+            let parsed = parse_port_range(&format!("{lo}\t{hi}\n"));
+            prop_assert_eq!(parsed, (lo <= hi).then_some(lo..=hi));
+            if let Some(r) = parse_port_range(&text) {
+                prop_assert!(r.start() <= r.end());
+            }
+        }
+    }
+
+    #[test]
+    fn malformed_entries_are_counted() {
+        let before = malformed_total();
+        malformed("/proc/1/status", "test", "garbage");
+        assert!(malformed_total() > before);
     }
 }

@@ -1,11 +1,12 @@
 //! `cargo xtask`: conn-tracer chores (toolchain setup, build, run, test,
-//! bench).
+//! bench, fuzz).
 //!
 //! Not a second build system: every step is a plain rustup, cargo or apt-get
 //! command, printed before it runs, so any of them can be run by hand.
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -29,7 +30,7 @@ const DEFAULT_RUN_ARGS: &[&str] = &[
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "conn-tracer chores: setup, build, run, test, bench"
+    about = "conn-tracer chores: setup, build, run, test, bench, fuzz"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +63,10 @@ enum Task {
     /// events. Writes docs/benchmarks.md, docs/bench/*.svg and
     /// docs/bench/summary.json.
     Bench(bench::Args),
+    /// Fuzz the parsers of untrusted input (kernel records, cgroup paths,
+    /// the config file, /proc, Kubernetes pods): their property tests with
+    /// many cases. Without TARGET, all of them.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +76,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run_tracer(&args),
         Task::Test => test::test(),
         Task::Bench(args) => bench::bench(&args),
+        Task::Fuzz(args) => fuzz::fuzz(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
