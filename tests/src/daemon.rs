@@ -82,8 +82,24 @@ impl Daemon {
     /// Starts the daemon with `--idle-threshold threshold` and extra args,
     /// and waits (bounded) until /healthz answers 200.
     pub fn start(threshold: &str, extra: &[&str]) -> Self {
+        Self::start_wrapped(&[], threshold, extra)
+    }
+
+    /// Like [`Daemon::start`], with the daemon's command line run by
+    /// `wrapper` (e.g. `["unshare", "--cgroup"]`): `wrapper[0]` is spawned
+    /// with the rest of `wrapper`, then the daemon's path and arguments. The
+    /// wrapper must exec the daemon in place, so its pid is the daemon's.
+    pub fn start_wrapped(wrapper: &[&str], threshold: &str, extra: &[&str]) -> Self {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let child = Command::new(conn_tracer_bin())
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(conn_tracer_bin());
+                c
+            }
+            None => Command::new(conn_tracer_bin()),
+        };
+        let child = cmd
             .args([
                 "run",
                 "--listen",
@@ -102,11 +118,16 @@ impl Daemon {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("spawn conn-tracer run");
-        let daemon = Self { child, addr };
+        let mut daemon = Self { child, addr };
         let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if let Ok((200, _)) = http_get(addr, "/healthz") {
                 return daemon;
+            }
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!(
+                    "conn-tracer run exited before it was healthy: {status} (its stderr is above)"
+                );
             }
             assert!(
                 Instant::now() < deadline,

@@ -18,6 +18,73 @@ pub fn cgroup2_mount() -> std::io::Result<Option<PathBuf>> {
     Ok(cgroup2_mount_in(&std::fs::read_to_string("/proc/mounts")?))
 }
 
+/// What [`join_host_cgroup_namespace`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupNsJoin {
+    /// This process already shares the target's cgroup namespace (or the
+    /// join is turned off).
+    AlreadyShared,
+    /// It was in its own cgroup namespace (a container's) and joined the
+    /// target's.
+    Joined,
+    /// It could not join; the reason, for the log.
+    Failed(String),
+}
+
+/// Joins the cgroup namespace of `pid` (1: the host's init, with `hostPID`)
+/// when this process has another, as containers do with cgroup v2. `pid` 0
+/// does nothing.
+///
+/// `/proc/<pid>/cgroup` shows paths relative to the *reader's* cgroup
+/// namespace root: from inside a container, a pod's cgroup reads as
+/// `/../../kubepods.slice/...`, which does not resolve under the host's
+/// cgroup mount, so every owner's cgroup id would need the (rate-limited)
+/// walk of the whole hierarchy. In pid 1's namespace the paths are the
+/// host's. Needs `CAP_SYS_ADMIN`. Call it before any thread starts: a
+/// namespace change applies to the calling thread and the threads it
+/// creates afterwards.
+pub fn join_host_cgroup_namespace(pid: u32) -> CgroupNsJoin {
+    if pid == 0 {
+        return CgroupNsJoin::AlreadyShared;
+    }
+    let target = format!("/proc/{pid}/ns/cgroup");
+    let own = match std::fs::read_link("/proc/self/ns/cgroup") {
+        Ok(l) => l,
+        Err(e) => return CgroupNsJoin::Failed(format!("cannot read /proc/self/ns/cgroup: {e}")),
+    };
+    let init = match std::fs::read_link(&target) {
+        Ok(l) => l,
+        Err(e) => {
+            return CgroupNsJoin::Failed(format!(
+                "cannot read {target}: {e} (run with the host's PID namespace and \
+                 CAP_SYS_PTRACE, or set cgroupns_pid)"
+            ));
+        }
+    };
+    if own == init {
+        return CgroupNsJoin::AlreadyShared;
+    }
+    let file = match std::fs::File::open(&target) {
+        Ok(f) => f,
+        Err(e) => return CgroupNsJoin::Failed(format!("cannot open {target}: {e}")),
+    };
+    // SAFETY: setns on a namespace file descriptor we own.
+    let rc = unsafe {
+        libc::setns(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            libc::CLONE_NEWCGROUP,
+        )
+    };
+    if rc == 0 {
+        CgroupNsJoin::Joined
+    } else {
+        CgroupNsJoin::Failed(format!(
+            "setns into the cgroup namespace of pid {pid}: {} (needs CAP_SYS_ADMIN)",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
 /// /proc/mounts escapes space, tab, newline and backslash as octal.
 fn unescape_mount_path(p: &str) -> String {
     let b = p.as_bytes();

@@ -88,6 +88,10 @@ pub struct Config {
     /// closes removed, owners of older sockets found). Default 30s.
     #[serde(deserialize_with = "duration")]
     pub resync_interval: Duration,
+    /// At start, join the cgroup namespace of this process, so that the
+    /// cgroup paths read in /proc are the host's. Default 1 (the host's init,
+    /// with `hostPID`); 0 leaves the daemon in its own.
+    pub cgroupns_pid: u32,
 }
 
 impl Default for Config {
@@ -110,6 +114,7 @@ impl Default for Config {
             outbound_capture_port: 15001,
             inbound_capture_port: 15006,
             resync_interval: Duration::from_secs(30),
+            cgroupns_pid: 1,
         }
     }
 }
@@ -155,6 +160,7 @@ pub struct Overrides {
     pub sidecar_uids: Vec<u32>,
     pub sidecar_names: Vec<String>,
     pub resync_interval: Option<Duration>,
+    pub cgroupns_pid: Option<u32>,
 }
 
 impl Config {
@@ -244,6 +250,9 @@ impl Config {
         }
         if let Some(v) = f.resync_interval {
             self.resync_interval = v;
+        }
+        if let Some(v) = f.cgroupns_pid {
+            self.cgroupns_pid = v;
         }
         if f.no_sockopts {
             self.trace_sockopts = false;
@@ -466,6 +475,7 @@ mod fuzz {
                 .prop_map(|v| Value::Array(v.into_iter().map(Value::String).collect()))
                 .boxed(),
             "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
+            "cgroupns_pid" => int(0, 4_194_304),
             other => unreachable!("no valid value for {other}"),
         }
     }
@@ -488,6 +498,7 @@ mod fuzz {
         "outbound_capture_port",
         "inbound_capture_port",
         "resync_interval",
+        "cgroupns_pid",
     ];
 
     /// Any TOML value, of any type, with a bias to the edges.

@@ -75,6 +75,11 @@ struct RunArgs {
     /// [default: 30s, at least 1s].
     #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
     resync_interval: Option<std::time::Duration>,
+    /// At start, join this process's cgroup namespace so that cgroup paths
+    /// in /proc are host paths (a container has its own); 0: stay
+    /// [default: 1, the host's init when run with hostPID].
+    #[arg(long, value_name = "PID")]
+    cgroupns_pid: Option<u32>,
     /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
     #[arg(long, value_name = "BYTES")]
     ring_bytes: Option<u32>,
@@ -203,6 +208,7 @@ fn run_daemon(a: RunArgs) -> ExitCode {
         sidecar_uids: a.sidecar_uids,
         sidecar_names: a.sidecar_names,
         resync_interval: a.resync_interval,
+        cgroupns_pid: a.cgroupns_pid,
     };
     let cfg = match conn_tracer::config::Config::load(a.config.as_deref(), &flags) {
         Ok(c) => c,
@@ -211,6 +217,18 @@ fn run_daemon(a: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before any thread exists (see there).
+    match conn_tracer::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
+        conn_tracer::cgroup::CgroupNsJoin::AlreadyShared => {}
+        conn_tracer::cgroup::CgroupNsJoin::Joined => log::info!(
+            "joined the cgroup namespace of pid {}: cgroup paths in /proc are host paths",
+            cfg.cgroupns_pid
+        ),
+        conn_tracer::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
+            "staying in this process's own cgroup namespace ({why}): owners' cgroups are found \
+             by walking the cgroup hierarchy instead (slower, rate-limited)"
+        ),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
