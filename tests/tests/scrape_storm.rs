@@ -231,6 +231,10 @@ fn root_scrape_storm_keeps_answering_and_loses_no_events() {
     assert_eq!(report.socket_errors, 0, "socket errors:\n{wrk_out}");
     assert_eq!(report.non_2xx_3xx, 0, "non-2xx responses:\n{wrk_out}");
     let slowest = health.iter().map(|(_, t)| *t).max().unwrap_or_default();
+    eprintln!(
+        "/healthz during the storm: {} probes, slowest {slowest:?}",
+        health.len()
+    );
     assert!(
         health.len() >= 10 && health.iter().all(|(s, _)| *s == Ok(200)),
         "/healthz during the storm: {health:?}"
