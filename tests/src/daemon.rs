@@ -6,10 +6,10 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
+    io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard},
     thread,
     time::{Duration, Instant},
 };
@@ -66,9 +66,11 @@ pub fn serial() -> Serial {
 }
 
 /// A running `conn-tracer run`, stopped (SIGTERM, then SIGKILL) on drop.
+/// Its stderr goes on to the test's stderr and is kept ([`Daemon::stderr`]).
 pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
 }
 
 fn free_port() -> u16 {
@@ -78,11 +80,18 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The capability set the DaemonSet grants (deploy/kubernetes/daemonset.yaml,
+/// `securityContext.capabilities.add`, checked by deploy_files.rs), in
+/// setpriv's spelling; the least-privilege tests run the daemon with exactly
+/// these. Why each: deploy/README.md, "Privileges".
+pub const DAEMONSET_CAPS: [&str; 3] = ["sys_admin", "sys_ptrace", "dac_read_search"];
+
 impl Daemon {
     /// Starts the daemon with `--idle-threshold threshold` and extra args,
     /// and waits (bounded) until /healthz answers 200.
     pub fn start(threshold: &str, extra: &[&str]) -> Self {
-        Self::start_wrapped(&[], threshold, extra)
+        Self::spawn(Command::new(conn_tracer_bin()), threshold, extra)
+            .unwrap_or_else(|stderr| panic!("conn-tracer run exited before healthy:\n{stderr}"))
     }
 
     /// Like [`Daemon::start`], with the daemon's command line run by
@@ -90,8 +99,7 @@ impl Daemon {
     /// with the rest of `wrapper`, then the daemon's path and arguments. The
     /// wrapper must exec the daemon in place, so its pid is the daemon's.
     pub fn start_wrapped(wrapper: &[&str], threshold: &str, extra: &[&str]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let mut cmd = match wrapper.split_first() {
+        let cmd = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut c = Command::new(program);
                 c.args(args).arg(conn_tracer_bin());
@@ -99,7 +107,45 @@ impl Daemon {
             }
             None => Command::new(conn_tracer_bin()),
         };
-        let child = cmd
+        Self::spawn(cmd, threshold, extra)
+            .unwrap_or_else(|stderr| panic!("conn-tracer run exited before healthy:\n{stderr}"))
+    }
+
+    /// Starts the daemon as uid 0 with exactly the capabilities `caps`
+    /// (setpriv names such as `sys_admin`) in its bounding, inheritable,
+    /// permitted and effective sets, and `no_new_privs`: what a container
+    /// with `runAsUser: 0`, `capabilities: {drop: [ALL], add: [...]}` and
+    /// `allowPrivilegeEscalation: false` gets. `Err` holds its stderr if it
+    /// exited before it was healthy.
+    pub fn start_with_caps(caps: &[&str], threshold: &str, extra: &[&str]) -> Result<Self, String> {
+        Self::spawn(setpriv_caps(caps), threshold, extra)
+    }
+
+    /// Like [`Daemon::start_with_caps`], as uid and gid `uid` (not root),
+    /// the capabilities raised as ambient ones.
+    pub fn start_as_user_with_caps(
+        uid: u32,
+        caps: &[&str],
+        threshold: &str,
+        extra: &[&str],
+    ) -> Result<Self, String> {
+        let mut cmd = Command::new("setpriv");
+        let list = caps_list(caps);
+        cmd.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .args(["--clear-groups", "--no-new-privs"])
+            .arg(format!("--inh-caps={list}"))
+            .arg(format!("--ambient-caps={list}"))
+            .arg(format!("--bounding-set={list}"))
+            .arg("--")
+            .arg(conn_tracer_bin());
+        Self::spawn(cmd, threshold, extra)
+    }
+
+    /// `cmd` is the daemon binary, or a wrapper whose last argument is it.
+    fn spawn(mut cmd: Command, threshold: &str, extra: &[&str]) -> Result<Self, String> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let mut child = cmd
             .args([
                 "run",
                 "--listen",
@@ -115,26 +161,60 @@ impl Daemon {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn conn-tracer run");
-        let mut daemon = Self { child, addr };
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let pipe = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                // Straight to fd 2, as when it was inherited.
+                let _ = writeln!(std::io::stderr(), "{line}");
+                let mut kept = sink
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if kept.len() < 1 << 20 {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+        });
+        let mut daemon = Self {
+            child,
+            addr,
+            stderr,
+        };
         let deadline = Instant::now() + Duration::from_mins(1);
         loop {
             if let Ok((200, _)) = http_get(addr, "/healthz") {
-                return daemon;
+                return Ok(daemon);
             }
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!(
-                    "conn-tracer run exited before it was healthy: {status} (its stderr is above)"
-                );
+            if !daemon.is_running() {
+                // Let the reader catch the last lines.
+                thread::sleep(Duration::from_millis(200));
+                return Err(daemon.stderr());
             }
             assert!(
                 Instant::now() < deadline,
-                "conn-tracer run did not become healthy in 60 s"
+                "conn-tracer run did not become healthy in 60 s:\n{}",
+                daemon.stderr()
             );
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything the daemon wrote on stderr so far (its log).
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub fn pid(&self) -> u32 {
@@ -228,6 +308,63 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         self.terminate();
     }
+}
+
+/// `-all,+a,+b`: setpriv's capability list of exactly `caps`.
+fn caps_list(caps: &[&str]) -> String {
+    std::iter::once("-all".to_owned())
+        .chain(caps.iter().map(|c| format!("+{c}")))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `setpriv ... -- conn-tracer` that runs it as uid 0 with exactly `caps`:
+/// as root, exec gives it permitted = effective = the bounding set.
+fn setpriv_caps(caps: &[&str]) -> Command {
+    let list = caps_list(caps);
+    let mut cmd = Command::new("setpriv");
+    cmd.arg("--no-new-privs")
+        .arg(format!("--inh-caps={list}"))
+        .arg(format!("--bounding-set={list}"))
+        .arg("--")
+        .arg(conn_tracer_bin());
+    cmd
+}
+
+/// The capability sets of a running process, from `/proc/<pid>/status`:
+/// (`CapPrm`, `CapEff`, `CapBnd`, `CapAmb`) as bit masks.
+pub fn capabilities_of(pid: u32) -> (u64, u64, u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (
+        field("CapPrm:"),
+        field("CapEff:"),
+        field("CapBnd:"),
+        field("CapAmb:"),
+    )
+}
+
+/// The bit of a capability by setpriv name (`sys_admin`), from
+/// linux/capability.h.
+pub fn capability_bit(name: &str) -> u64 {
+    let n = match name {
+        "net_admin" => 12,
+        "sys_ptrace" => 19,
+        "sys_admin" => 21,
+        "sys_resource" => 24,
+        "perfmon" => 38,
+        "bpf" => 39,
+        "dac_override" => 1,
+        "dac_read_search" => 2,
+        other => panic!("capability {other} not in this table"),
+    };
+    1 << n
 }
 
 /// GET over HTTP/1.1 keep-alive; (status, body). The response is read by

@@ -13,6 +13,7 @@ use std::{
 };
 
 use integration_tests::{
+    daemon::DAEMONSET_CAPS,
     deploy::{dashboard, deploy_dir, panel_queries, panels, read, rules, yaml, yaml_docs},
     require_program_or_skip, unique_suffix,
 };
@@ -621,12 +622,26 @@ fn daemonset_has_the_documented_privileges_and_mounts() {
         .iter()
         .filter_map(Yaml::as_str)
         .collect();
-    assert_eq!(caps, ["SYS_ADMIN", "SYS_PTRACE"]);
+    // Exactly the set tests/tests/least_privilege.rs runs the daemon with.
+    let tested: Vec<String> = DAEMONSET_CAPS
+        .iter()
+        .map(|c| c.to_ascii_uppercase())
+        .collect();
+    assert_eq!(
+        caps, tested,
+        "the DaemonSet grants what least_privilege.rs tests"
+    );
     let docs = read("README.md");
+    let top = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+        .expect("README.md");
     for cap in &caps {
         assert!(
-            docs.contains(&format!("CAP_{cap}")),
-            "deploy/README.md explains CAP_{cap}"
+            docs.contains(&format!("| `CAP_{cap}` |")),
+            "deploy/README.md's privileges table explains CAP_{cap}"
+        );
+        assert!(
+            top.contains(&format!("`CAP_{cap}`")),
+            "README.md's kernel requirements name CAP_{cap}"
         );
     }
     assert_eq!(spec["hostPID"], true);

@@ -112,6 +112,21 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     let mut probes = Vec::new();
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     probes.push(privileges_probe(effective_caps(&status)));
+    if let Some(caps) = effective_caps(&status) {
+        let gaps = crate::caps::gaps(caps);
+        if gaps.is_empty() {
+            probes.push(Probe::new(
+                "namespaces and owners",
+                Status::Ok,
+                "CAP_SYS_ADMIN, CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH: every network \
+                 namespace and socket owner is visible",
+            ));
+        }
+        // Degraded, not fatal: the daemon runs and says the same at start.
+        for gap in gaps {
+            probes.push(Probe::new("namespaces and owners", Status::Info, gap));
+        }
+    }
 
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     probes.push(Probe::new(

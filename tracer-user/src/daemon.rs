@@ -507,6 +507,14 @@ impl State {
 
     /// The metrics text, with the gauges brought up to date.
     pub fn render_metrics(&mut self, lost_total: u64) -> String {
+        crate::metrics::encode(&self.gather_metrics(lost_total))
+    }
+
+    /// Brings the gauges up to date and takes a copy of every metric: the
+    /// part of a scrape that needs the state. Encoding the copy as text
+    /// ([`crate::metrics::encode`]) does not, so concurrent scrapes encode
+    /// in parallel outside the state lock.
+    pub fn gather_metrics(&mut self, lost_total: u64) -> Vec<prometheus::proto::MetricFamily> {
         let m = &self.metrics;
         let lost_now = m.events_lost.get();
         if lost_total > lost_now {
@@ -570,7 +578,7 @@ impl State {
                 .cgroup_rescans
                 .inc_by(rescans - self.metrics.cgroup_rescans.get());
         }
-        self.metrics.render()
+        self.metrics.registry.gather()
     }
 
     /// The tracked connections, merged with a fresh kernel snapshot (live
@@ -856,6 +864,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sockopts: cfg.trace_sockopts,
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
+    crate::caps::warn_gaps();
     let ring = kernel.take_events()?;
     let mut ring = readable(ring).context("cannot poll the event ring buffer")?;
     let mut logger = match kernel.take_logger() {
@@ -1005,7 +1014,9 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&shared);
                 async move {
-                    if matches!(req.uri().path(), "/metrics" | "/connections") {
+                    if matches!(req.uri().path(), "/metrics" | "/connections")
+                        && refuse(req.method(), req.uri().path()).is_none()
+                    {
                         shared.catch_up().await;
                     }
                     Ok::<_, Infallible>(route(&req, &shared))
@@ -1030,13 +1041,39 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
         .expect("static response parts are valid")
 }
 
-fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return reply(
+/// The paths the daemon serves; everything else is 404 whatever the method.
+const PATHS: [&str; 4] = ["/", "/metrics", "/healthz", "/connections"];
+
+/// 404 for a path that is not ours (any method: a POST to an unknown path
+/// names no resource, RFC 9110 15.5.5), 405 with `Allow` for a method other
+/// than GET or HEAD on one of ours; `None` for a request to serve. The body
+/// of a refused request is never read: hyper then closes the connection.
+fn refuse(method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
+    if !PATHS.contains(&path) {
+        return Some(reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".into(),
+        ));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "only GET\n".into(),
+            "only GET and HEAD\n".into(),
         );
+        r.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return Some(r);
+    }
+    None
+}
+
+fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    if let Some(refused) = refuse(req.method(), req.uri().path()) {
+        return refused;
     }
     match req.uri().path() {
         "/metrics" => {
@@ -1046,11 +1083,12 @@ fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
                 .expect("kernel lock")
                 .lost_total()
                 .unwrap_or(0);
-            let text = shared
+            let families = shared
                 .state
                 .lock()
                 .expect("state lock")
-                .render_metrics(lost);
+                .gather_metrics(lost);
+            let text = crate::metrics::encode(&families);
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
@@ -1144,6 +1182,30 @@ mod tests {
         ConnEvent {
             info,
             data: EventData::Snapshot(SnapshotData::default()),
+        }
+    }
+
+    #[test]
+    fn paths_not_ours_are_404_whatever_the_method_and_ours_take_only_get_and_head() {
+        for method in [Method::GET, Method::POST, Method::PUT, Method::DELETE] {
+            for path in ["/nope", "/metrics/../x", "/metricsx", "/metrics/", ""] {
+                let r = refuse(&method, path).expect("refused");
+                assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            }
+        }
+        for path in PATHS {
+            for method in [Method::GET, Method::HEAD] {
+                assert!(refuse(&method, path).is_none(), "{method} {path}");
+            }
+            for method in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+                let r = refuse(&method, path).expect("refused");
+                assert_eq!(
+                    r.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                assert_eq!(r.headers()[hyper::header::ALLOW], "GET, HEAD");
+            }
         }
     }
 

@@ -51,8 +51,11 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-const PRIVILEGE_HINT: &str = "run as root, or with CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE \
-                              (CAP_SYS_ADMIN on kernels before 5.8)";
+const PRIVILEGE_HINT: &str = "run as root, or grant CAP_SYS_ADMIN (it covers CAP_BPF and \
+                              CAP_PERFMON, which load the programs, and the tracer needs it anyway \
+                              to enter network namespaces), CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH \
+                              (see deploy/README.md, \"Privileges\"); on kernels 5.9 and 5.10 also \
+                              CAP_SYS_RESOURCE";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -300,7 +303,19 @@ impl Kernel {
             .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
             .try_into()
             .map_err(err)?;
-        let namespaces = crate::netns::list();
+        // Our own namespace first, without setns (which needs CAP_SYS_ADMIN
+        // even there): then a tracer without it still sees the host's.
+        let own = std::fs::read_link("/proc/self/ns/net")
+            .ok()
+            .and_then(|l| crate::netns::parse_ns_link(&l.to_string_lossy()));
+        let mut namespaces: Vec<(u64, Option<PathBuf>)> = crate::netns::list()
+            .into_iter()
+            .filter(|(ino, _)| Some(*ino) != own)
+            .map(|(ino, path)| (ino, Some(path)))
+            .collect();
+        if let Some(own) = own {
+            namespaces.insert(0, (own, None));
+        }
         let size = size_of::<tracer_common::Event<tracer_common::SnapshotData>>();
         let (events, bad) = std::thread::scope(|scope| {
             scope
@@ -308,9 +323,17 @@ impl Kernel {
                     move || -> Result<(Vec<crate::event::ConnEvent>, u64), KernelError> {
                         let (mut out, mut bad) = (Vec::new(), 0u64);
                         for (ino, path) in &namespaces {
-                            if let Err(e) = crate::netns::enter(path) {
-                                // Namespaces come and go with their processes.
-                                log::debug!("skipping netns {ino} ({}): {e}", path.display());
+                            if let Some(path) = path
+                                && let Err(e) = crate::netns::enter(path)
+                            {
+                                let detail =
+                                    format!("skipping netns {ino} ({}): {e}", path.display());
+                                if crate::caps::is_denied(&e) {
+                                    crate::caps::denied(crate::caps::Denied::Setns, &detail);
+                                } else {
+                                    // Namespaces come and go with their processes.
+                                    log::debug!("{detail}");
+                                }
                                 continue;
                             }
                             let link_id = prog.attach().map_err(err)?;
@@ -380,7 +403,8 @@ fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
         program: SOCKOPT_PROGRAM,
         tracepoint: "cgroup/setsockopt",
         source: Box::new(source),
-        hint: "attaching at the cgroup v2 root needs root or CAP_SYS_ADMIN",
+        hint: "loading a cgroup/setsockopt program needs CAP_NET_ADMIN (or CAP_SYS_ADMIN) \
+               besides CAP_BPF; or run with --no-sockopts",
     };
     let prog: &mut CgroupSockopt = ebpf
         .program_mut(SOCKOPT_PROGRAM)

@@ -2,6 +2,7 @@
 //! events and presents them. The pure parts (decoding, offsets from BTF,
 //! mount parsing) are unit-tested without root.
 
+pub mod caps;
 pub mod cgroup;
 pub mod chains;
 pub mod check;

@@ -253,11 +253,16 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_else(|e| {
-                log::error!("cannot encode metrics: {e}");
-                String::new()
-            })
+        encode(&self.registry.gather())
     }
+}
+
+/// Gathered metrics in the Prometheus text format.
+pub fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
+    TextEncoder::new()
+        .encode_to_string(families)
+        .unwrap_or_else(|e| {
+            log::error!("cannot encode metrics: {e}");
+            String::new()
+        })
 }

@@ -26,10 +26,19 @@ pub fn list() -> BTreeMap<u64, PathBuf> {
                 continue;
             }
             let path = e.path().join("ns/net");
-            if let Ok(link) = fs::read_link(&path)
-                && let Some(ino) = parse_ns_link(&link.to_string_lossy())
-            {
-                out.entry(ino).or_insert(path);
+            match fs::read_link(&path) {
+                Ok(link) => {
+                    if let Some(ino) = parse_ns_link(&link.to_string_lossy()) {
+                        out.entry(ino).or_insert(path);
+                    }
+                }
+                Err(e) if crate::caps::is_denied(&e) => {
+                    crate::caps::denied(
+                        crate::caps::Denied::ProcLink,
+                        &format!("readlink {}: {e}", path.display()),
+                    );
+                }
+                Err(_) => {} // the process is gone
             }
         }
     }

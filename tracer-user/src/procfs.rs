@@ -96,8 +96,18 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(entries) = fs::read_dir(p.path().join("fd")) else {
-            continue; // gone, or not ours to read
+        let fd_dir = p.path().join("fd");
+        let entries = match fs::read_dir(&fd_dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                if crate::caps::is_denied(&e) {
+                    crate::caps::denied(
+                        crate::caps::Denied::FdDir,
+                        &format!("reading {}: {e}", fd_dir.display()),
+                    );
+                }
+                continue; // gone, or not ours to read
+            }
         };
         let mut found = Vec::new();
         for e in entries.flatten() {
@@ -109,8 +119,17 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
                 );
                 break 'procs;
             }
-            let Ok(link) = fs::read_link(e.path()) else {
-                continue; // closed meanwhile
+            let link = match fs::read_link(e.path()) {
+                Ok(link) => link,
+                Err(err) => {
+                    if crate::caps::is_denied(&err) {
+                        crate::caps::denied(
+                            crate::caps::Denied::ProcLink,
+                            &format!("readlink {}: {err}", e.path().display()),
+                        );
+                    }
+                    continue; // closed meanwhile, or not ours to read
+                }
             };
             let link = link.to_string_lossy();
             match socket_inode(&link) {
