@@ -92,6 +92,11 @@ pub struct Config {
     /// cgroup paths read in /proc are the host's. Default 1 (the host's init,
     /// with `hostPID`); 0 leaves the daemon in its own.
     pub cgroupns_pid: u32,
+    /// How long a deleted pod keeps its labels (connections still closing
+    /// as it goes are named), and then how long its series stay before they
+    /// are removed from /metrics. Default 2m (series go 4 min after the pod).
+    #[serde(deserialize_with = "duration")]
+    pub deleted_pod_grace: Duration,
 }
 
 impl Default for Config {
@@ -115,6 +120,7 @@ impl Default for Config {
             inbound_capture_port: 15006,
             resync_interval: Duration::from_secs(30),
             cgroupns_pid: 1,
+            deleted_pod_grace: crate::kube::DEFAULT_DELETE_GRACE,
         }
     }
 }
@@ -476,6 +482,7 @@ mod fuzz {
                 .boxed(),
             "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
             "cgroupns_pid" => int(0, 4_194_304),
+            "deleted_pod_grace" => s(&["1s", "2m", "1h"]),
             other => unreachable!("no valid value for {other}"),
         }
     }
@@ -499,6 +506,7 @@ mod fuzz {
         "inbound_capture_port",
         "resync_interval",
         "cgroupns_pid",
+        "deleted_pod_grace",
     ];
 
     /// Any TOML value, of any type, with a bias to the edges.

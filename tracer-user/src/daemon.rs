@@ -349,6 +349,21 @@ impl State {
             .inc();
     }
 
+    /// Removes the series of pods deleted two grace periods ago (see
+    /// [`crate::kube::PodIndex::take_forgotten`]) and frees their places in
+    /// the `peer` label cap.
+    pub fn forget_deleted_pods(&mut self, now: std::time::Instant) {
+        let Some(pods) = self.attr.pods() else {
+            return;
+        };
+        for (namespace, pod) in pods.take_forgotten(now) {
+            let removed = self.metrics.forget_pod(&namespace, &pod);
+            self.peers.forget(&format!("{namespace}/{pod}"));
+            self.metrics.forgotten_pods.inc();
+            log::debug!("pod {namespace}/{pod} deleted: {removed} series removed");
+        }
+    }
+
     /// Reconciles the daemon with the kernel's sockets (a fresh snapshot of
     /// every namespace, taken starting at `started_ns`):
     /// - connections the table lacks (opened before the daemon, or dropped
@@ -800,7 +815,7 @@ fn attributor(cfg: &Config) -> Attributor {
         KubeSource::InCluster
     };
     let pods = (source != KubeSource::Disabled).then(|| {
-        let index = PodIndex::new();
+        let index = PodIndex::with_grace(cfg.deleted_pod_grace);
         let node = cfg
             .node_name
             .clone()
@@ -923,10 +938,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let started = monotonic_ns();
                 let snap = kernel_snapshot(&shared);
+                let mut state = shared.state.lock().expect("state lock");
                 match snap {
-                    Ok(snap) => shared.state.lock().expect("state lock").resync(&snap, started),
+                    Ok(snap) => state.resync(&snap, started),
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
                 }
+                state.forget_deleted_pods(std::time::Instant::now());
             }
             guard = ring.readable_mut(), if resume.is_none() => {
                 let mut guard = guard?;

@@ -34,6 +34,10 @@ use kube::{
 /// it had open to be reported closed.
 pub const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
 
+/// Most dropped pods queued for [`PodIndex::take_forgotten`]; the daemon
+/// takes them every resync, so this only bounds a queue nobody drains.
+const MAX_FORGOTTEN: usize = 10_000;
+
 /// Where pod metadata comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum KubeSource {
@@ -218,17 +222,64 @@ impl PodIndex {
         }
     }
 
-    /// Drops the pods deleted at least the grace period before `now`.
+    /// Drops the pods deleted at least the grace period before `now`, and
+    /// queues their names for [`PodIndex::take_forgotten`].
     fn purge(&self, now: Instant) {
         let grace = self.shared.grace;
         let mut index = self.write();
-        let before = index.pods.len();
-        index
-            .pods
-            .retain(|_, p| p.deleted_at.is_none_or(|at| now.duration_since(at) < grace));
-        if index.pods.len() != before {
-            index.rebuild();
+        let mut gone = Vec::new();
+        index.pods.retain(|_, p| {
+            let keep = p.deleted_at.is_none_or(|at| now.duration_since(at) < grace);
+            if !keep {
+                gone.push((p.namespace.clone(), p.name.clone()));
+            }
+            keep
+        });
+        if gone.is_empty() {
+            return;
         }
+        index.rebuild();
+        for (namespace, pod) in gone {
+            // A pod of the same name that exists again (a StatefulSet's) keeps
+            // its series.
+            if index
+                .pods
+                .values()
+                .any(|p| p.namespace == namespace && p.name == pod)
+            {
+                continue;
+            }
+            if index.forgotten.len() >= MAX_FORGOTTEN {
+                index.forgotten.pop_front();
+            }
+            index.forgotten.push_back((now, namespace, pod));
+        }
+    }
+
+    /// Pods (namespace, name) dropped from the index at least the grace
+    /// period before `now`: their metric series can go. Each is returned
+    /// once. The second grace period lets Prometheus scrape the counts of
+    /// connections that closed while the pod was going away.
+    pub fn take_forgotten(&self, now: Instant) -> Vec<(String, String)> {
+        let grace = self.shared.grace;
+        let mut index = self.write();
+        let mut out = Vec::new();
+        while let Some((at, _, _)) = index.forgotten.front() {
+            if now.duration_since(*at) < grace {
+                break;
+            }
+            if let Some((_, namespace, pod)) = index.forgotten.pop_front() {
+                // Unless it came back meanwhile.
+                if !index
+                    .pods
+                    .values()
+                    .any(|p| p.namespace == namespace && p.name == pod)
+                {
+                    out.push((namespace, pod));
+                }
+            }
+        }
+        out
     }
 
     fn record_error(&self, err: &watcher::Error) {
@@ -254,6 +305,8 @@ struct Index {
     by_ip: HashMap<IpAddr, String>,
     /// The list in progress between `Init` and `InitDone`.
     pending: Option<HashMap<String, PodEntry>>,
+    /// Pods dropped after their grace, when, for [`PodIndex::take_forgotten`].
+    forgotten: std::collections::VecDeque<(Instant, String, String)>,
     synced: bool,
 }
 
@@ -657,6 +710,55 @@ mod tests {
         );
         assert_eq!(index.lookup_pod_uid("1234_5678"), nsname("db", "mysql-0"));
         assert!(index.container_names_of("nope").is_empty());
+    }
+
+    #[test]
+    fn deleted_pods_are_forgotten_once_a_grace_period_after_their_purge() {
+        let grace = Duration::from_mins(2);
+        let index = PodIndex::with_grace(grace);
+        let gone = pod(
+            "ns",
+            "gone",
+            "uid-1",
+            "10.244.1.5",
+            &[("app", "containerd://a")],
+        );
+        let back = pod(
+            "ns",
+            "web-0",
+            "uid-2",
+            "10.244.1.6",
+            &[("app", "containerd://b")],
+        );
+        apply(&index, &gone);
+        apply(&index, &back);
+        let t0 = Instant::now();
+        index.apply(Event::Delete(typed(&gone)), t0);
+        index.apply(Event::Delete(typed(&back)), t0);
+        // A StatefulSet's pod comes back under the same name, new uid.
+        let again = pod(
+            "ns",
+            "web-0",
+            "uid-3",
+            "10.244.1.7",
+            &[("app", "containerd://c")],
+        );
+        apply(&index, &again);
+
+        index.purge(t0 + grace);
+        assert!(index.take_forgotten(t0 + grace).is_empty(), "too early");
+        assert!(
+            index
+                .take_forgotten(t0 + grace + grace.mul_f64(0.99))
+                .is_empty(),
+            "too early"
+        );
+        assert_eq!(
+            index.take_forgotten(t0 + grace + grace),
+            vec![("ns".to_string(), "gone".to_string())],
+            "web-0 exists again: its series stay"
+        );
+        assert!(index.take_forgotten(t0 + grace * 3).is_empty(), "only once");
     }
 
     #[test]

@@ -289,6 +289,14 @@ impl LabelCap {
     }
 }
 
+impl LabelCap {
+    /// Frees `value`'s place (a deleted pod's peer name): a later value can
+    /// take it. Returns whether it was admitted.
+    pub fn forget(&mut self, value: &str) -> bool {
+        self.seen.remove(value)
+    }
+}
+
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
 pub fn cgroup_v2_path(text: &str) -> Option<&str> {
     text.lines()

@@ -1,6 +1,8 @@
 //! The Prometheus metrics of the public contract (names and labels are
 //! documented in README.md and must not change).
 
+use std::collections::HashMap;
+
 use prometheus::{
     HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -36,6 +38,7 @@ pub struct Metrics {
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
     pub proc_errors: IntCounter,
+    pub forgotten_pods: IntCounter,
 }
 
 fn counter(
@@ -243,6 +246,15 @@ impl Metrics {
                 r.register(Box::new(c.clone()))?;
                 c
             },
+            forgotten_pods: {
+                let c = IntCounter::new(
+                    "conntracer_forgotten_pods_total",
+                    "Deleted pods whose series were removed from the metrics (two grace periods \
+                     after the deletion).",
+                )?;
+                r.register(Box::new(c.clone()))?;
+                c
+            },
             registry: r,
         };
         m.build_info
@@ -251,10 +263,55 @@ impl Metrics {
         Ok(m)
     }
 
+    /// Removes the counter and histogram series of a deleted pod: those
+    /// whose `namespace` and `pod` labels name it, and those whose `peer` is
+    /// it (`namespace/pod`). Gauges need nothing: every scrape rebuilds
+    /// them from the open connections. Returns the series removed.
+    pub fn forget_pod(&self, namespace: &str, pod: &str) -> usize {
+        let peer = format!("{namespace}/{pod}");
+        let belongs = |labels: &HashMap<String, String>| {
+            let get = |name: &str| labels.get(name).map(String::as_str);
+            (get("namespace") == Some(namespace) && get("pod") == Some(pod))
+                || get("peer") == Some(peer.as_str())
+        };
+        forget_in(&self.idle_kills, &belongs)
+            + forget_in(&self.idle_before_close, &belongs)
+            + forget_in(&self.keepalive_sockopts, &belongs)
+            + forget_in(&self.stale_reuse, &belongs)
+            + forget_in(&self.sidecar_chain_kills, &belongs)
+    }
+
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         encode(&self.registry.gather())
     }
+}
+
+/// Removes the series of `vec` whose labels satisfy `belongs`.
+fn forget_in<T: prometheus::core::MetricVecBuilder>(
+    vec: &prometheus::core::MetricVec<T>,
+    belongs: &dyn Fn(&HashMap<String, String>) -> bool,
+) -> usize {
+    let mut removed = 0;
+    for family in prometheus::core::Collector::collect(vec) {
+        for metric in family.get_metric() {
+            let labels: HashMap<String, String> = metric
+                .get_label()
+                .iter()
+                .map(|l| (l.name().to_string(), l.value().to_string()))
+                .collect();
+            if belongs(&labels) {
+                let by_name: HashMap<&str, &str> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                if vec.remove(&by_name).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// Gathered metrics in the Prometheus text format.
@@ -265,4 +322,35 @@ pub fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
             log::error!("cannot encode metrics: {e}");
             String::new()
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
+        let m = Metrics::new().expect("metrics");
+        let kill = |ns: &str, pod: &str, peer: &str| {
+            m.idle_kills
+                .with_label_values(&[ns, pod, "app", "app", "outbound", peer, "peer", "fin", "on"])
+                .inc();
+        };
+        kill("shop", "cart-1", "db/redis-0");
+        kill("shop", "cart-2", "db/redis-0");
+        kill("shop", "cart-2", "shop/cart-1");
+        m.idle_before_close
+            .with_label_values(&["shop", "cart-1", "app", "app", "outbound", "peer"])
+            .observe(3.0);
+        m.sidecar_chain_kills
+            .with_label_values(&["shop", "cart-1", "db/redis-0", "upstream", "off"])
+            .inc();
+
+        assert_eq!(m.forget_pod("shop", "cart-1"), 4);
+        let text = m.render();
+        assert!(!text.contains("cart-1"), "{text}");
+        assert!(text.contains("pod=\"cart-2\""), "{text}");
+        assert_eq!(m.forget_pod("shop", "cart-1"), 0, "nothing left");
+        assert_eq!(m.forget_pod("other", "cart-2"), 0, "namespace must match");
+    }
 }
