@@ -61,8 +61,19 @@ fn id(v: &Value, key: &str) -> u64 {
 impl Objects {
     /// Everything loaded in the kernel now.
     pub fn now() -> Self {
+        Self::now_with_prog_maps().0
+    }
+
+    /// [`Objects::now`], and the maps each program uses.
+    fn now_with_prog_maps() -> (Self, BTreeMap<u64, Vec<u64>>) {
         let mut o = Self::default();
+        let mut prog_maps = BTreeMap::new();
         for p in bpftool("prog") {
+            let maps = p["map_ids"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            prog_maps.insert(id(&p, "id"), maps);
             o.progs
                 .insert(id(&p, "id"), p["name"].as_str().unwrap_or("").to_string());
         }
@@ -74,23 +85,13 @@ impl Objects {
             o.links
                 .insert(id(&l, "id"), l["prog_id"].as_u64().unwrap_or(0));
         }
-        o
+        (o, prog_maps)
     }
 
     /// conn-tracer's objects that appeared since `before`: its programs by
     /// name, the maps those programs use, and the links to them.
     pub fn conn_tracer_since(before: &Self) -> Self {
-        let now = Self::now();
-        let prog_maps: BTreeMap<u64, Vec<u64>> = bpftool("prog")
-            .iter()
-            .map(|p| {
-                let maps = p["map_ids"]
-                    .as_array()
-                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
-                    .unwrap_or_default();
-                (id(p, "id"), maps)
-            })
-            .collect();
+        let (now, prog_maps) = Self::now_with_prog_maps();
         let progs: BTreeMap<u64, String> = now
             .progs
             .into_iter()

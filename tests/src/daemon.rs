@@ -222,9 +222,14 @@ impl Daemon {
     }
 
     pub fn scrape(&self) -> Metrics {
+        Metrics::parse(&self.metrics_text())
+    }
+
+    /// The /metrics text as served.
+    pub fn metrics_text(&self) -> String {
         let (status, body) = http_get(self.addr, "/metrics").expect("GET /metrics");
         assert_eq!(status, 200, "/metrics answered {status}: {body}");
-        Metrics::parse(&body)
+        body
     }
 
     pub fn connections(&self) -> serde_json::Value {

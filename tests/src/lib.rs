@@ -186,14 +186,23 @@ impl NetNs {
         self.inode
     }
 
-    /// Moves the calling thread into the namespace: sockets it creates from
-    /// then on live there. Meant for threads spawned for that purpose.
-    pub fn enter_this_thread(&self) {
+    /// Runs `f` on a new thread that is inside the namespace: the sockets it
+    /// creates (and the threads and processes it starts) live there.
+    pub fn spawn_in<T, F>(&self, f: F) -> thread::JoinHandle<T>
+    where
+        F: FnOnce() -> T + Send + 'static,
+        T: Send + 'static,
+    {
         let path = format!("/run/netns/{}", self.name);
-        let f = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-        // SAFETY: setns on a namespace fd we own; affects this thread only.
-        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        thread::spawn(move || {
+            // SAFETY: setns on a namespace fd we own; affects this thread only.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+            drop(ns);
+            f()
+        })
     }
 
     /// `program` run inside the namespace. `ip netns exec` execs it in place,

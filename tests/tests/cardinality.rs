@@ -28,7 +28,7 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get, serial},
+    daemon::{Daemon, Metrics, serial},
     require_root_or_skip,
 };
 
@@ -116,12 +116,6 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
-fn scrape_text(daemon: &Daemon) -> String {
-    let (status, body) = http_get(daemon.addr, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200);
-    body
-}
-
 #[test]
 fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
     if !require_root_or_skip("root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped")
@@ -138,7 +132,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
         batch >= 1_000,
         "open-file limit too low for batches of 1000"
     );
-    let ns = Arc::new(NetNs::new());
+    let ns = NetNs::new();
     let max_peers = MAX_PEERS.to_string();
     let max_connections = MAX_CONNECTIONS.to_string();
     let daemon = Daemon::start(
@@ -152,7 +146,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
         ],
     );
     let before = daemon.scrape();
-    let before_text = scrape_text(&daemon);
+    let before_text = daemon.metrics_text();
     let tracked = |m: &Metrics| m.sum("conntracer_tracked_connections", &[]);
     let evictions = |m: &Metrics| m.sum("conntracer_table_evictions_total", &[]);
     let kills = |m: &Metrics| m.sum("conntracer_idle_kills_total", &[("closed_by", "peer")]);
@@ -174,10 +168,8 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
         );
         let n = batch.min(PEERS - done);
         let first = done;
-        let (clients, accepted) = {
-            let ns = Arc::clone(&ns);
-            thread::spawn(move || {
-                ns.enter_this_thread();
+        let (clients, accepted) = ns
+            .spawn_in(move || {
                 let listener = listen(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port));
                 let acceptor = thread::spawn(move || {
                     (0..n)
@@ -193,8 +185,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
                 (clients, acceptor.join().expect("acceptor"))
             })
             .join()
-            .expect("client thread")
-        };
+            .expect("client thread");
         let connected = started.elapsed();
         done += n;
         want_evicted += (2 * n).saturating_sub(MAX_CONNECTIONS);
@@ -203,7 +194,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
         let open = daemon.scrape();
         max_tracked = max_tracked.max(tracked(&open));
         peer_values_while_open =
-            peer_values_while_open.max(label_values(&scrape_text(&daemon), "peer").len());
+            peer_values_while_open.max(label_values(&daemon.metrics_text(), "peer").len());
         thread::sleep(Duration::from_millis(1200));
         let mid = daemon.scrape();
         drop(accepted);
@@ -245,7 +236,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
         peer_values_while_open <= MAX_PEERS + 1,
         "{peer_values_while_open} distinct peer values while open (cap {MAX_PEERS} + other)"
     );
-    let text = scrape_text(&daemon);
+    let text = daemon.metrics_text();
     let peers = label_values(&text, "peer");
     let overflow = |m: &Metrics| m.sum("conntracer_label_overflow_total", &[("label", "peer")]);
     let hwm = rss_kib(daemon.pid(), "VmHWM:");
@@ -301,16 +292,14 @@ fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
         return;
     }
     let _serial = serial();
-    let ns = Arc::new(NetNs::new());
+    let ns = NetNs::new();
     let daemon = Daemon::start("1s", &["--no-kube"]);
     let port = 16395;
     let stop = Arc::new(AtomicBool::new(false));
     let (server, warm) = {
-        let ns = Arc::clone(&ns);
         let stop = Arc::clone(&stop);
         let (tx, rx) = std::sync::mpsc::channel();
-        let h = thread::spawn(move || {
-            ns.enter_this_thread();
+        let h = ns.spawn_in(move || {
             let l = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)).expect("bind");
             l.set_nonblocking(true).expect("nonblocking");
             tx.send(()).expect("ready");
@@ -342,9 +331,7 @@ fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
     // Each process connects, sends a line and exits (the exit closes the
     // socket). One warm-up round first, so the label sets exist.
     let storm = |count: usize| {
-        let ns = Arc::clone(&ns);
-        thread::spawn(move || {
-            ns.enter_this_thread();
+        ns.spawn_in(move || {
             let started = Instant::now();
             for i in 0..count {
                 assert!(
@@ -369,7 +356,7 @@ fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
     storm(20);
     thread::sleep(Duration::from_millis(500));
     let before = daemon.scrape();
-    let before_text = scrape_text(&daemon);
+    let before_text = daemon.metrics_text();
     let processes = 1000;
     let took = storm(processes);
     let tracked = |m: &Metrics| m.sum("conntracer_tracked_connections", &[]);
@@ -378,7 +365,7 @@ fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
         closes(m) - closes(&before) >= (2 * processes) as f64
             && tracked(m) <= tracked(&before) + 20.0
     });
-    let after_text = scrape_text(&daemon);
+    let after_text = daemon.metrics_text();
     eprintln!(
         "{processes} processes in {took:?}: {} close events, tracked {} -> {}, series {} -> {}",
         closes(&after) - closes(&before),

@@ -8,7 +8,7 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{fs, net::TcpListener, process::Command, sync::Arc, thread, time::Duration};
+use std::{fs, net::TcpListener, process::Command, thread, time::Duration};
 
 use integration_tests::{
     Cgroup, NetNs, Peer,
@@ -34,7 +34,7 @@ fn root_a_daemon_in_its_own_cgroup_namespace_joins_the_hosts_and_names_pods_dire
         return;
     }
     let _serial = serial();
-    let ns = Arc::new(NetNs::new());
+    let ns = NetNs::new();
     // The daemon's cgroup becomes the root of its own cgroup namespace.
     let own = Cgroup::new();
     let script = format!(
@@ -52,15 +52,10 @@ fn root_a_daemon_in_its_own_cgroup_namespace_joins_the_hosts_and_names_pods_dire
     let pid = daemon.pid().to_string();
     // A process of a pod connects; its cgroup id resolves through
     // /proc/<pid>/cgroup, with no walk of the hierarchy.
-    let listener = {
-        let ns = Arc::clone(&ns);
-        thread::spawn(move || {
-            ns.enter_this_thread();
-            TcpListener::bind(("127.0.0.1", PORT)).expect("bind")
-        })
+    let listener = ns
+        .spawn_in(|| TcpListener::bind(("127.0.0.1", PORT)).expect("bind"))
         .join()
-        .expect("listener thread")
-    };
+        .expect("listener thread");
     let id = hex_id(0xc7);
     let pod = PodCgroups::new(POD_UID, &[("app", &id)]);
     let before = daemon.scrape();

@@ -84,7 +84,7 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
         return;
     }
     let _serial = serial();
-    let ns = Arc::new(NetNs::new());
+    let ns = NetNs::new();
     // The smallest ring the kernel takes: one page, a few dozen records.
     let daemon = Daemon::start(
         "1s",
@@ -97,15 +97,10 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
         ],
     );
     let server = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), PORT);
-    let listener = {
-        let ns = Arc::clone(&ns);
-        thread::spawn(move || {
-            ns.enter_this_thread();
-            TcpListener::bind(server).expect("bind")
-        })
+    let listener = ns
+        .spawn_in(move || TcpListener::bind(server).expect("bind"))
         .join()
-        .expect("listener thread")
-    };
+        .expect("listener thread");
     let stop = Arc::new(AtomicBool::new(false));
     let servers: Vec<_> = (0..2)
         .map(|_| {
@@ -119,10 +114,8 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
     // Held connections, on their own port: both ends stay open through the
     // churn and must stay in the table.
     let held_server = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), PORT + 1);
-    let (held, held_accepted) = {
-        let ns = Arc::clone(&ns);
-        thread::spawn(move || {
-            ns.enter_this_thread();
+    let (held, held_accepted) = ns
+        .spawn_in(move || {
             let l = TcpListener::bind(held_server).expect("bind held");
             let clients: Vec<TcpStream> = (0..HELD)
                 .map(|_| TcpStream::connect(held_server).expect("held connect"))
@@ -133,16 +126,13 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
             (clients, accepted)
         })
         .join()
-        .expect("held thread")
-    };
+        .expect("held thread");
     let made = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let clients: Vec<_> = (0..2)
         .map(|_| {
-            let ns = Arc::clone(&ns);
             let made = Arc::clone(&made);
-            thread::spawn(move || {
-                ns.enter_this_thread();
+            ns.spawn_in(move || {
                 let mut failed = 0u64;
                 while started.elapsed() < CHURN_FOR && made.load(Ordering::Relaxed) < CHURN_MAX {
                     if one_connection(server) {

@@ -9,7 +9,7 @@ use std::{fs, process::Command, time::Duration};
 
 use integration_tests::{
     Peer,
-    daemon::{Daemon, Metrics, http_get, serial},
+    daemon::{Daemon, Metrics, serial},
     fake_kube::{FakeKube, pod_json},
     mesh::{PodCgroups, hex_id},
     require_root_or_skip, unique_suffix,
@@ -19,12 +19,6 @@ const NODE: &str = "node-forget";
 /// A pod UID of this test only (the pod's cgroup directories are fixed).
 const POD_UID: &str = "5a1c9e0d-2b3f-4d6a-8e7f-9a0b1c2d3e4f";
 const POD: &str = "batch-job-29a7x";
-
-fn text(daemon: &Daemon) -> String {
-    let (status, body) = http_get(daemon.addr, "/metrics").expect("GET /metrics");
-    assert_eq!(status, 200);
-    body
-}
 
 #[test]
 fn root_a_deleted_pods_series_are_removed_after_two_grace_periods() {
@@ -100,7 +94,7 @@ fn root_a_deleted_pods_series_are_removed_after_two_grace_periods() {
         forgotten(&m) > before,
         "the deleted pod was never forgotten"
     );
-    let body = text(&daemon);
+    let body = daemon.metrics_text();
     assert!(
         !body.contains(POD),
         "series of the deleted pod are still there:\n{}",

@@ -242,11 +242,7 @@ impl PodIndex {
         for (namespace, pod) in gone {
             // A pod of the same name that exists again (a StatefulSet's) keeps
             // its series.
-            if index
-                .pods
-                .values()
-                .any(|p| p.namespace == namespace && p.name == pod)
-            {
+            if index.has_pod(&namespace, &pod) {
                 continue;
             }
             if index.forgotten.len() >= MAX_FORGOTTEN {
@@ -270,11 +266,7 @@ impl PodIndex {
             }
             if let Some((_, namespace, pod)) = index.forgotten.pop_front() {
                 // Unless it came back meanwhile.
-                if !index
-                    .pods
-                    .values()
-                    .any(|p| p.namespace == namespace && p.name == pod)
-                {
+                if !index.has_pod(&namespace, &pod) {
                     out.push((namespace, pod));
                 }
             }
@@ -311,6 +303,14 @@ struct Index {
 }
 
 impl Index {
+    /// Whether a pod of this namespace and name is in the index (deleted
+    /// ones in their grace included).
+    fn has_pod(&self, namespace: &str, name: &str) -> bool {
+        self.pods
+            .values()
+            .any(|p| p.namespace == namespace && p.name == name)
+    }
+
     /// Makes the completed list the index. Pods it no longer has were deleted
     /// while the watch was down: they get the grace period like any deletion.
     fn replace_with_pending(&mut self, now: Instant) {
