@@ -54,6 +54,10 @@ pub mod kind {
     pub const SNAPSHOT: u16 = 8;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
     pub const SLOTS: u32 = 16;
+    /// Loss-counter slot (not an event kind): a socket whose state could
+    /// not be stored (socket storage allocation failed, or the fallback
+    /// state map was full), so its events carry no owner.
+    pub const NO_STATE_SLOT: u32 = SLOTS - 1;
 }
 
 /// Bits of [`Owner::flags`].
@@ -168,12 +172,17 @@ pub struct StateChange {
     pub pad: [u8; 6],
 }
 
+/// [`ResetData::reason`] when the kernel gives no reason (a received reset,
+/// or a sent one on a kernel whose `tcp_send_reset` has no reason argument,
+/// before 6.10).
+pub const NO_RESET_REASON: u32 = u32::MAX;
+
 /// Data of [`kind::RESET_RECEIVED`] and [`kind::RESET_SENT`] events.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResetData {
     /// For a sent reset, the kernel's `enum sk_rst_reason` value (names come
-    /// from BTF in userspace); 0 for a received reset.
+    /// from BTF in userspace); [`NO_RESET_REASON`] when there is none.
     pub reason: u32,
     pub pad: u32,
 }
@@ -377,14 +386,72 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
 }
 
-/// Load-time switches (the `CONFIG` global).
+/// Where the kernel programs keep per-socket state ([`TracerConfig::state_store`]).
+pub mod state_store {
+    /// `BPF_MAP_TYPE_SK_STORAGE`: freed with the socket, copied to accepted
+    /// sockets from their listener. Tracing programs may use it from 5.11.
+    pub const SK_STORAGE: u32 = 0;
+    /// A hash map keyed by the socket's address, entries removed when the
+    /// socket reaches CLOSE; accepted sockets take the owner their listener
+    /// registered by (netns, port). For kernels before 5.11.
+    pub const HASH: u32 = 1;
+}
+
+/// [`TracerConfig::reset_reason_arg`] when `tcp_send_reset` has no reason.
+pub const NO_ARG: u32 = u32::MAX;
+/// Where `tcp_send_reset` has its `enum sk_rst_reason` (6.10+): the only
+/// position the program reads it from.
+pub const RESET_REASON_ARG: u32 = 2;
+
+/// Load-time switches (the `CONFIG` global): the mode, and the shape of the
+/// running kernel as userspace read it from BTF and probes. The programs
+/// branch on these constants; the verifier drops the branches a kernel
+/// cannot take (the global lives in a frozen read-only map), so a helper
+/// or tracepoint argument a kernel lacks is never seen by its verifier.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TracerConfig {
     /// Non-zero: also send every state change, reset and socket error
     /// (`trace`). Zero: only opens, closes and socket options (the daemon).
     pub verbose: u32,
-    pub pad: u32,
+    /// One of [`state_store`].
+    pub state_store: u32,
+    /// Non-zero: `bpf_get_socket_cookie` works in tracing programs (5.12+).
+    /// Zero: connection ids are the socket's address mixed with [`Self::id_secret`].
+    pub cookie_helper: u32,
+    /// Index of the `enum sk_rst_reason` argument of `tcp_send_reset`
+    /// (BTF tracepoint arguments, from 0), or [`NO_ARG`].
+    pub reset_reason_arg: u32,
+    /// Random per load: connection ids made from socket addresses (see
+    /// [`Self::cookie_helper`]) do not show kernel addresses.
+    pub id_secret: u64,
+}
+
+/// The connection id of the socket at kernel address `addr` where the
+/// cookie helper is missing ([`TracerConfig::cookie_helper`]). Bit 63 set:
+/// such ids never collide with real cookies, which count up from 1.
+#[inline(always)]
+pub const fn derived_id(addr: u64, secret: u64) -> u64 {
+    (addr ^ secret) | (1 << 63)
+}
+
+/// Key of the listener-owner map (kernels without socket storage in
+/// tracing programs): a listening socket's namespace and port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenKey {
+    pub netns: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// Value of the listener-owner map: the owner its accepted sockets take,
+/// and the listener's address (only that listener removes the entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenOwner {
+    pub owner: Owner,
+    pub addr: u64,
 }
 
 /// Name of the global that holds [`KernelOffsets`] in the eBPF object.
@@ -394,6 +461,12 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Names of the maps in the eBPF object.
 pub const EVENTS_MAP: &str = "EVENTS";
 pub const LOST_MAP: &str = "LOST";
+/// The fallback per-socket state map and the listener-owner map
+/// ([`state_store::HASH`]); userspace sizes them at load (1 entry when unused).
+pub const STATE_HASH_MAP: &str = "SOCK_STATES";
+pub const LISTENERS_MAP: &str = "LISTENERS";
+/// Default size of [`STATE_HASH_MAP`] where it is used: sockets tracked at once.
+pub const DEFAULT_STATE_HASH_ENTRIES: u32 = 1 << 17;
 /// Default ring buffer size in bytes (power of two, multiple of the page size).
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
 
@@ -412,6 +485,9 @@ const _: () = assert!(size_of::<CloseData>() == 96);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 48);
+const _: () = assert!(size_of::<TracerConfig>() == 24);
+const _: () = assert!(size_of::<ListenKey>() == 8);
+const _: () = assert!(size_of::<ListenOwner>() == 56);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -5,13 +5,14 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
+    EbpfContext as _, helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
 use tracer_common::{IPPROTO_TCP, SockError, kind};
 
 use crate::{
-    maps::{SOCKS, reserve},
-    sock::{Probe, fill_info, off, read, ready, verbose},
+    maps::{reserve, state_of},
+    sock::{Probe, addr_at, fill_info, off, read, ready, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
@@ -38,12 +39,14 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Err(());
     };
     let ev = entry.as_mut_ptr();
-    let state = SOCKS.get_ptr(sk, false);
+    let addr = addr_at(ctx.as_ptr());
+    let state = state_of(sk, addr, false);
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
         fill_info::<Probe>(
             &raw mut (*ev).info,
             sk,
+            addr,
             sk,
             kind::SOCK_ERROR,
             bpf_ktime_get_ns(),

@@ -9,8 +9,8 @@ use aya_ebpf::helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns, bpf_seq_writ
 use tracer_common::{Event, SnapshotData, kind, tcp_state};
 
 use crate::{
-    maps::SOCKS,
-    sock::{Probe, fill_info, keepalive, off, read, ready},
+    maps::state_of,
+    sock::{Probe, addr_at, fill_info, keepalive, off, read, ready},
 };
 
 /// `struct bpf_iter__tcp { struct bpf_iter_meta *meta; struct sock_common *sk_common; uid_t uid; }`:
@@ -71,9 +71,11 @@ pub fn dump_tcp(ctx: *mut c_void) -> i32 {
         info: Default::default(),
         data: SnapshotData::default(),
     };
-    let st = SOCKS.get_ptr(sk, false);
+    // The socket's address as a number: the context's second member.
+    let addr = addr_at((&raw const ctx.sk_common).cast());
+    let st = state_of(sk, addr, false);
     // The time is taken below, after the jiffies.
-    fill_info::<Probe>(&raw mut ev.info, sk, sk, kind::SNAPSHOT, 0, st);
+    fill_info::<Probe>(&raw mut ev.info, sk, addr, sk, kind::SNAPSHOT, 0, st);
     ev.data = SnapshotData {
         ka: keepalive::<Probe>(sk),
         // SAFETY: helper without arguments.

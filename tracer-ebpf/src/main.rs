@@ -13,6 +13,7 @@
 mod errors;
 mod iter;
 mod maps;
+mod probes;
 mod resets;
 mod sock;
 mod sockopt;

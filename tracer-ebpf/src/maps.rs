@@ -3,11 +3,16 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    btf_maps::{PerCpuArray, RingBuf},
+    btf_maps::{HashMap, PerCpuArray, RingBuf},
     helpers::generated::bpf_sk_storage_get,
     macros::btf_map,
 };
-use tracer_common::{DEFAULT_RING_BYTES, Event, SockState, kind};
+use tracer_common::{
+    DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, Event, ListenKey, ListenOwner, Owner,
+    SockState, kind,
+};
+
+use crate::sock::{reset_state, state_in_hash, zero};
 
 /// Every event, in order of reservation. Userspace may resize it at load time.
 #[btf_map]
@@ -72,6 +77,122 @@ impl SockStorage {
 #[unsafe(no_mangle)]
 pub static SOCKS: SockStorage = SockStorage::new();
 
+const NO_PREALLOC: usize = BPF_F_NO_PREALLOC;
+const BPF_NOEXIST: u64 = 1;
+
+/// The same facts where tracing programs cannot use socket storage (before
+/// 5.11), keyed by the socket's address and removed at its CLOSE. Sized by
+/// userspace (1 entry when unused); allocated per socket, not up front.
+#[btf_map]
+pub static SOCK_STATES: HashMap<
+    u64,
+    SockState,
+    { DEFAULT_STATE_HASH_ENTRIES as usize },
+    NO_PREALLOC,
+> = HashMap::new();
+
+/// Owners of listening sockets by (netns, port), for the sockets they
+/// accept, where socket storage cannot be cloned to them (before 5.11).
+#[btf_map]
+pub static LISTENERS: HashMap<ListenKey, ListenOwner, 16384, NO_PREALLOC> = HashMap::new();
+
+/// The state of socket `sk` (whose address is `addr`), created zeroed when
+/// `create` is set; NULL when it has none or none could be made (counted).
+#[inline(always)]
+pub fn state_of(sk: *const c_void, addr: u64, create: bool) -> *mut SockState {
+    let state = if state_in_hash() {
+        match SOCK_STATES.get_ptr_mut(addr) {
+            Some(p) => p,
+            None if create => {
+                let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
+                let p = fresh.as_mut_ptr();
+                // Word stores, not a memset call (see `zero`).
+                zero(p.cast(), 64);
+                // SAFETY: within the 96-byte value.
+                zero(
+                    unsafe { p.cast::<u32>().add(16) },
+                    size_of::<SockState>() - 64,
+                );
+                // SAFETY: every byte was zeroed above.
+                let fresh = unsafe { fresh.assume_init_ref() };
+                if SOCK_STATES.insert(addr, fresh, BPF_NOEXIST).is_err() {
+                    // Full (or a racing insert, which the lookup finds).
+                }
+                SOCK_STATES.get_ptr_mut(addr).unwrap_or(ptr::null_mut())
+            }
+            None => ptr::null_mut(),
+        }
+    } else {
+        SOCKS.get_ptr(sk, create)
+    };
+    if create && state.is_null() {
+        count_lost(kind::NO_STATE_SLOT as u16);
+    }
+    state
+}
+
+/// Forgets the state of a socket that reached CLOSE (the fallback map
+/// only: socket storage is freed with the socket).
+#[inline(always)]
+pub fn forget_state(addr: u64) {
+    if state_in_hash() {
+        let _ = SOCK_STATES.remove(addr);
+    }
+}
+
+/// Registers a new listener's owner for the sockets it will accept (the
+/// fallback store only).
+#[inline(always)]
+pub fn register_listener(netns: u32, port: u16, addr: u64, owner: Owner) {
+    if state_in_hash() {
+        let key = ListenKey {
+            netns,
+            port,
+            pad: 0,
+        };
+        let _ = LISTENERS.insert(key, ListenOwner { owner, addr }, 0);
+    }
+}
+
+/// The owner a socket accepted on (netns, port) inherits (fallback store).
+#[inline(always)]
+pub fn listener_owner(netns: u32, port: u16) -> Option<Owner> {
+    let key = ListenKey {
+        netns,
+        port,
+        pad: 0,
+    };
+    // SAFETY: the value is only read, copied out at once.
+    unsafe { LISTENERS.get(key) }.map(|l| l.owner)
+}
+
+/// Removes a closing listener's entry, unless another listener on the same
+/// port (SO_REUSEPORT) registered since.
+#[inline(always)]
+pub fn unregister_listener(netns: u32, port: u16, addr: u64) {
+    if !state_in_hash() {
+        return;
+    }
+    let key = ListenKey {
+        netns,
+        port,
+        pad: 0,
+    };
+    // SAFETY: read once.
+    if unsafe { LISTENERS.get(key) }.is_some_and(|l| l.addr == addr) {
+        let _ = LISTENERS.remove(key);
+    }
+}
+
+/// A fresh state for an accepted socket owned like its listener.
+#[inline(always)]
+pub fn inherit(st: *mut SockState, listener: Owner) {
+    let mut owner = listener;
+    owner.flags = (owner.flags & !tracer_common::owner_flags::LISTENER)
+        | tracer_common::owner_flags::INHERITED;
+    reset_state(st, owner);
+}
+
 /// Reserves an event in [`EVENTS`], or counts it lost.
 #[inline(always)]
 pub fn reserve<T: 'static>(
@@ -85,7 +206,7 @@ pub fn reserve<T: 'static>(
 }
 
 #[inline(always)]
-fn count_lost(event_kind: u16) {
+pub fn count_lost(event_kind: u16) {
     if let Some(slot) = LOST.get_ptr_mut(u32::from(event_kind) % kind::SLOTS) {
         // SAFETY: per-CPU slot of this CPU; no other writer while we run.
         unsafe { *slot += 1 };

@@ -5,44 +5,74 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext,
+    EbpfContext as _, helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint,
+    programs::BtfTracePointContext,
 };
-use tracer_common::{ResetData, close_flags, kind};
+use tracer_common::{NO_RESET_REASON, RESET_REASON_ARG, ResetData, close_flags, kind};
 
 use crate::{
-    maps::{SOCKS, reserve},
-    sock::{Probe, fill_info, ready, verbose},
+    maps::{reserve, state_of},
+    sock::{Probe, addr_at, config, fill_info, ready, verbose},
 };
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
-    match on_reset(sk, kind::RESET_RECEIVED, close_flags::RST_RECEIVED, 0) {
+    match on_reset(
+        &ctx,
+        sk,
+        kind::RESET_RECEIVED,
+        close_flags::RST_RECEIVED,
+        NO_RESET_REASON,
+    ) {
         Ok(()) | Err(()) => 0,
     }
 }
 
 /// `sk` is NULL when the kernel answers a segment that matches no socket
 /// (e.g. a SYN to a closed port): those have no owner or cookie to report.
+/// The reason argument exists from 6.10 (argument 2); userspace finds it
+/// in the tracepoint's BTF prototype, and a kernel without it never sees
+/// the read (the verifier refuses reading past a tracepoint's arguments).
+/// One constant position only: with several, the compiler computes the
+/// context offset, which the verifier refuses.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let sk: *const c_void = ctx.arg(0);
-    let reason: u64 = ctx.arg(2);
-    match on_reset(sk, kind::RESET_SENT, close_flags::RST_SENT, reason as u32) {
+    let reason: u64 = if config!(reset_reason_arg) == RESET_REASON_ARG {
+        ctx.arg(RESET_REASON_ARG as usize)
+    } else {
+        u64::from(NO_RESET_REASON)
+    };
+    match on_reset(
+        &ctx,
+        sk,
+        kind::RESET_SENT,
+        close_flags::RST_SENT,
+        reason as u32,
+    ) {
         Ok(()) | Err(()) => 0,
     }
 }
 
 #[inline(always)]
-fn on_reset(sk: *const c_void, event_kind: u16, flag: u8, reason: u32) -> Result<(), ()> {
+fn on_reset(
+    ctx: &BtfTracePointContext,
+    sk: *const c_void,
+    event_kind: u16,
+    flag: u8,
+    reason: u32,
+) -> Result<(), ()> {
     if sk.is_null() {
         return Err(());
     }
     if !ready() {
         return Err(());
     }
+    // Argument 0 is the socket.
+    let addr = addr_at(ctx.as_ptr());
     // NULL for request and time-wait sockets (not full sockets).
-    let state = SOCKS.get_ptr(sk, false);
+    let state = state_of(sk, addr, false);
     // SAFETY: NULL-checked storage of this socket.
     if let Some(st) = unsafe { state.as_mut() } {
         st.flags |= flag;
@@ -60,6 +90,7 @@ fn on_reset(sk: *const c_void, event_kind: u16, flag: u8, reason: u32) -> Result
         fill_info::<Probe>(
             &raw mut (*ev).info,
             sk,
+            addr,
             sk,
             event_kind,
             bpf_ktime_get_ns(),

@@ -10,7 +10,7 @@ use aya_ebpf::helpers::{
 };
 use tracer_common::{
     AF_INET, AF_INET6, EventInfo, Keepalive, KernelOffsets, Owner, SockState, TracerConfig,
-    ka_source, owner_flags, tcp_state,
+    derived_id, ka_source, owner_flags, state_store, tcp_state,
 };
 
 /// Set by userspace with `EbpfLoader::override_global` before load.
@@ -20,9 +20,25 @@ pub static OFFSETS: KernelOffsets = {
     unsafe { core::mem::zeroed() }
 };
 
-/// Set by userspace before load.
+/// Set by userspace before load: the mode and the running kernel's shape.
 #[unsafe(no_mangle)]
-static CONFIG: TracerConfig = TracerConfig { verbose: 0, pad: 0 };
+pub static CONFIG: TracerConfig = TracerConfig {
+    verbose: 0,
+    state_store: 0,
+    cookie_helper: 0,
+    reset_reason_arg: 0,
+    id_secret: 0,
+};
+
+/// One field of [`CONFIG`], read as [`off!`] reads [`OFFSETS`]: the
+/// verifier sees a constant and prunes the branches this kernel cannot take.
+macro_rules! config {
+    ($field:ident) => {
+        // SAFETY: reads one field of the CONFIG global.
+        unsafe { core::ptr::read_volatile(&raw const $crate::sock::CONFIG.$field) }
+    };
+}
+pub(crate) use config;
 
 /// One field of [`OFFSETS`]. Read field by field and volatile: the compiler
 /// must not fold the zero initialiser that userspace replaces at load time,
@@ -51,8 +67,51 @@ pub fn ready() -> bool {
 /// Whether every state change, reset and error goes to userspace (`trace`).
 #[inline(always)]
 pub fn verbose() -> bool {
-    // SAFETY: as in `off!`.
-    unsafe { ptr::read_volatile(&raw const CONFIG.verbose) != 0 }
+    config!(verbose) != 0
+}
+
+/// Whether per-socket state lives in the fallback hash map (kernels
+/// without socket storage in tracing programs, before 5.11).
+#[inline(always)]
+pub fn state_in_hash() -> bool {
+    config!(state_store) == state_store::HASH
+}
+
+/// Whether `bpf_get_socket_cookie` works in tracing programs (5.12+).
+#[inline(always)]
+pub fn cookie_helper() -> bool {
+    config!(cookie_helper) != 0
+}
+
+/// Whether the programs need a socket's address as a number (the fallback
+/// state map's key, and the connection id without the cookie helper).
+#[inline(always)]
+pub fn needs_addr() -> bool {
+    state_in_hash() || !cookie_helper()
+}
+
+/// The socket pointer stored at `slot` (a program context's argument) as a
+/// plain number. Read through a helper so the verifier sees a scalar, not a
+/// pointer it would refuse as a map key on older kernels. Zero when the
+/// kernel needs no address ([`needs_addr`]).
+#[inline(always)]
+pub fn addr_at(slot: *const c_void) -> u64 {
+    if needs_addr() { read(slot, 0) } else { 0 }
+}
+
+/// The connection id of a socket: its stored id, else the kernel's cookie,
+/// else (kernels before 5.12) one made from its address.
+#[inline(always)]
+pub fn conn_id(sk: *const c_void, addr: u64, state: *const SockState) -> u64 {
+    // SAFETY: `state` is NULL or this socket's storage.
+    match unsafe { state.as_ref() } {
+        Some(st) if st.cookie != 0 => st.cookie,
+        _ if cookie_helper() => {
+            // SAFETY: `sk` is a socket pointer the verifier knows.
+            unsafe { bpf_get_socket_cookie(sk.cast_mut()) }
+        }
+        _ => derived_id(addr, config!(id_secret)),
+    }
 }
 
 /// How a program reads kernel memory at `base + off`.
@@ -175,6 +234,17 @@ pub fn netns_of<K: Kmem>(sk: *const c_void) -> u32 {
     K::get(net_of::<K>(sk), off!(net_ns_inum))
 }
 
+/// Local port of a full socket: `skc_num`, or `inet_sport` once the kernel
+/// released the port on close.
+#[inline(always)]
+pub fn local_port<K: Kmem>(sk: *const c_void) -> u16 {
+    let port: u16 = K::get(sk, off!(skc_num));
+    if port != 0 {
+        return port;
+    }
+    u16::from_be(K::get(sk, off!(inet_sport)))
+}
+
 /// Effective keepalive configuration of a TCP socket (`tp` must reach the
 /// `tcp_sock` fields): its own values where it set them, its namespace's
 /// sysctls otherwise.
@@ -214,12 +284,14 @@ pub fn keepalive<K: Kmem>(tp: *const c_void) -> Keepalive {
 
 /// Fills the event header: time, cookie, netns, addresses and the stored
 /// owner (zeroed when the socket predates the tracer). `sk` is the socket
-/// for helpers; `fields` the same socket as a pointer `K` can read it
-/// through (for [`Btf`], its `tcp_sock`, which reaches `inet_sport`).
+/// for helpers and `addr` its address as a number ([`addr_at`]); `fields`
+/// the same socket as a pointer `K` can read it through (for [`Btf`], its
+/// `tcp_sock`, which reaches `inet_sport`).
 #[inline(always)]
 pub fn fill_info<K: Kmem>(
     info: *mut EventInfo,
     sk: *const c_void,
+    addr: u64,
     fields: *const c_void,
     event_kind: u16,
     ts_ns: u64,
@@ -230,10 +302,7 @@ pub fn fill_info<K: Kmem>(
     unsafe {
         (*info).ts_ns = ts_ns;
         // The stored cookie, once a socket has one, saves the helper call.
-        (*info).cookie = match state.as_ref() {
-            Some(st) if st.cookie != 0 => st.cookie,
-            _ => bpf_get_socket_cookie(sk.cast_mut()),
-        };
+        (*info).cookie = conn_id(sk, addr, state);
         (*info).kind = event_kind;
         (*info).pad = 0;
         (*info).netns = netns_of::<K>(fields);

@@ -10,7 +10,7 @@ use tracer_common::{EventInfo, IPPROTO_TCP, SockAddrs, SockoptData, kind, sockop
 
 use crate::{
     maps::{SOCKS, reserve},
-    sock::current_owner,
+    sock::{current_owner, state_in_hash},
 };
 
 /// Let the call through (a cgroup sockopt program's "allow").
@@ -100,7 +100,14 @@ fn try_setsockopt(ctx: &SockoptContext) {
         }
         core::ptr::read_unaligned(optval.cast::<i32>())
     };
-    let state = SOCKS.get_ptr(sk.cast(), false);
+    // With the fallback store (before 5.11) this program cannot find the
+    // socket's state (it has no helper to turn the socket into its key):
+    // the event then carries no connection id, only the owner and addresses.
+    let state = if state_in_hash() {
+        core::ptr::null()
+    } else {
+        SOCKS.get_ptr(sk.cast(), false)
+    };
     // SAFETY: NULL-checked storage of this socket.
     let (cookie, netns) = unsafe { state.as_ref() }.map_or((0, 0), |s| (s.cookie, s.netns));
     let Some(mut entry) = reserve::<SockoptData>(kind::SOCKOPT) else {

@@ -16,9 +16,8 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_socket_cookie, bpf_jiffies64, bpf_ktime_get_ns, bpf_skc_to_tcp_sock,
-    },
+    EbpfContext as _,
+    helpers::generated::{bpf_jiffies64, bpf_ktime_get_ns, bpf_skc_to_tcp_sock},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
@@ -27,9 +26,13 @@ use tracer_common::{
 };
 
 use crate::{
-    maps::{SOCKS, reserve},
+    maps::{
+        forget_state, inherit, listener_owner, register_listener, reserve, state_of,
+        unregister_listener,
+    },
     sock::{
-        Btf, Kmem, current_owner, fill_info, keepalive, netns_of, off, ready, reset_state, verbose,
+        Btf, Kmem, addr_at, conn_id, current_owner, fill_info, keepalive, local_port, netns_of,
+        off, ready, reset_state, state_in_hash, verbose,
     },
 };
 
@@ -76,12 +79,14 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if tp.is_null() {
         return Err(());
     }
+    // Argument 0 is the socket.
+    let addr = addr_at(ctx.as_ptr());
 
     let state: *mut SockState = if new == tcp_state::SYN_SENT || new == tcp_state::LISTEN {
-        let state = SOCKS.get_ptr(sk, true);
+        let state = state_of(sk, addr, true);
         if state.is_null() {
-            // Storage could not be allocated (memory pressure): this socket's
-            // events will carry an unknown owner. Rare enough to log.
+            // No storage (memory pressure, or the fallback map is full):
+            // this socket's events will carry an unknown owner; counted.
             aya_log_ebpf::warn!(ctx, "conn-tracer: no storage for a new socket");
         } else {
             let flags = if new == tcp_state::LISTEN {
@@ -89,27 +94,45 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             } else {
                 0
             };
-            reset_state(state, current_owner(flags));
+            let owner = current_owner(flags);
+            reset_state(state, owner);
+            if new == tcp_state::LISTEN {
+                register_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr, owner);
+            }
         }
         state
     } else if new == tcp_state::SYN_RECV {
-        let state = SOCKS.get_ptr(sk, false);
-        // SAFETY: NULL-checked storage of this socket.
-        if let Some(st) = unsafe { state.as_mut() }
-            && st.owner.flags & owner_flags::LISTENER != 0
-        {
-            // A fresh child holding its listener's copy: an accepted
-            // connection. Keep the owner, drop the rest.
-            let mut owner = st.owner;
-            owner.flags = (owner.flags & !owner_flags::LISTENER) | owner_flags::INHERITED;
-            reset_state(st, owner);
+        if state_in_hash() {
+            // A fresh child of a listener: its owner was registered by
+            // the listener's namespace and port.
+            match listener_owner(netns_of::<Btf>(tp), local_port::<Btf>(tp)) {
+                Some(owner) => {
+                    let state = state_of(sk, addr, true);
+                    if !state.is_null() {
+                        inherit(state, owner);
+                    }
+                    state
+                }
+                None => core::ptr::null_mut(),
+            }
+        } else {
+            let state = state_of(sk, addr, false);
+            // SAFETY: NULL-checked storage of this socket.
+            if let Some(st) = unsafe { state.as_mut() }
+                && st.owner.flags & owner_flags::LISTENER != 0
+            {
+                // A fresh child holding its listener's copy: an accepted
+                // connection. Keep the owner, drop the rest.
+                inherit(st, st.owner);
+            }
+            state
         }
-        state
     } else {
         // Sockets older than the tracer get storage when they open or end:
         // their end is still worth knowing.
-        SOCKS.get_ptr(
+        state_of(
             sk,
+            addr,
             new == tcp_state::ESTABLISHED || old == tcp_state::ESTABLISHED,
         )
     };
@@ -131,8 +154,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             st.established_ns = now;
             // For the sockopt program (which has neither the helper nor
             // the offsets) and for our own events.
-            // SAFETY: `sk` is the tracepoint's socket.
-            st.cookie = unsafe { bpf_get_socket_cookie(sk.cast_mut()) };
+            st.cookie = conn_id(sk, addr, core::ptr::null());
             st.netns = netns_of::<Btf>(tp);
         } else if old == tcp_state::ESTABLISHED {
             st.end_ns = now;
@@ -146,16 +168,21 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
 
     if verbose {
-        emit_state(sk, tp, state, now, old, new);
+        emit_state(sk, addr, tp, state, now, old, new);
     }
     if new == tcp_state::ESTABLISHED {
-        emit_open(sk, tp, state, now);
-    } else if new == tcp_state::CLOSE
+        emit_open(sk, addr, tp, state, now);
+    } else if new == tcp_state::CLOSE {
         // SAFETY: NULL-checked storage of this socket.
-        && let Some(st) = unsafe { state.as_ref() }
-        && st.flags & close_flags::END_SEEN != 0
-    {
-        emit_close(sk, tp, st, now);
+        if let Some(st) = unsafe { state.as_ref() }
+            && st.flags & close_flags::END_SEEN != 0
+        {
+            emit_close(sk, addr, tp, st, now);
+        }
+        if old == tcp_state::LISTEN {
+            unregister_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr);
+        }
+        forget_state(addr);
     }
     Ok(())
 }
@@ -163,6 +190,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
 #[inline(always)]
 fn emit_state(
     sk: *const c_void,
+    addr: u64,
     tp: *const c_void,
     state: *const SockState,
     now: u64,
@@ -175,7 +203,7 @@ fn emit_state(
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::STATE, now, state);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::STATE, now, state);
         (*ev).data = StateChange {
             old_state: old,
             new_state: new,
@@ -186,14 +214,14 @@ fn emit_state(
 }
 
 #[inline(always)]
-fn emit_open(sk: *const c_void, tp: *const c_void, state: *const SockState, now: u64) {
+fn emit_open(sk: *const c_void, addr: u64, tp: *const c_void, state: *const SockState, now: u64) {
     let Some(mut entry) = reserve::<OpenData>(kind::OPEN) else {
         return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::OPEN, now, state);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::OPEN, now, state);
         (*ev).data = OpenData {
             ka: keepalive::<Btf>(tp),
             jiffies: bpf_jiffies64(),
@@ -203,7 +231,7 @@ fn emit_open(sk: *const c_void, tp: *const c_void, state: *const SockState, now:
 }
 
 #[inline(always)]
-fn emit_close(sk: *const c_void, tp: *const c_void, st: &SockState, now: u64) {
+fn emit_close(sk: *const c_void, addr: u64, tp: *const c_void, st: &SockState, now: u64) {
     let Some(mut entry) = reserve::<CloseData>(kind::CLOSE) else {
         return;
     };
@@ -220,7 +248,7 @@ fn emit_close(sk: *const c_void, tp: *const c_void, st: &SockState, now: u64) {
     }
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, tp, kind::CLOSE, now, st);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::CLOSE, now, st);
         (*ev).data = CloseData {
             ka: keepalive::<Btf>(tp),
             established_ns: st.established_ns,

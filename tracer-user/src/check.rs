@@ -1,5 +1,7 @@
 //! `conn-tracer check`: does this kernel and this process have what the
-//! tracer needs? Each probe prints ok or MISSING with what to do.
+//! tracer needs? One row per feature: ok; degraded (the tracer runs, and
+//! the row says what it sees less of); or MISSING (the tracer cannot run:
+//! the row says what to do). Exit 0 unless something is MISSING.
 
 use std::{fmt, path::Path};
 
@@ -16,6 +18,9 @@ pub enum Status {
     Ok,
     /// Not required; shown for information.
     Info,
+    /// The tracer runs without it and sees less (the detail says what).
+    Degraded,
+    /// The tracer cannot run without it.
     Missing,
 }
 
@@ -39,11 +44,12 @@ impl Probe {
 impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let tag = match self.status {
-            Status::Ok => "ok     ",
-            Status::Info => "info   ",
+            Status::Ok => "ok",
+            Status::Info => "info",
+            Status::Degraded => "degraded",
             Status::Missing => "MISSING",
         };
-        write!(f, "{tag} {:<34} {}", self.name, self.detail)
+        write!(f, "{tag:<8} {:<36} {}", self.name, self.detail)
     }
 }
 
@@ -124,7 +130,7 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
         }
         // Degraded, not fatal: the daemon runs and says the same at start.
         for gap in gaps {
-            probes.push(Probe::new("namespaces and owners", Status::Info, gap));
+            probes.push(Probe::new("namespaces and owners", Status::Degraded, gap));
         }
     }
 
@@ -167,15 +173,25 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
         });
     }
 
+    let cgroup2 = matches!(cgroup::cgroup2_mount(), Ok(Some(_)));
     probes.push(match cgroup::cgroup2_mount() {
-        Ok(Some(p)) => Probe::new("cgroup v2", Status::Ok, format!("mounted at {}", p.display())),
+        Ok(Some(p)) => Probe::new(
+            "cgroup v2",
+            Status::Ok,
+            format!("mounted at {}", p.display()),
+        ),
         Ok(None) => Probe::new(
             "cgroup v2",
-            Status::Missing,
-            "no cgroup2 mount in /proc/mounts: mount it (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`) \
-             so cgroup IDs can be mapped to containers",
+            Status::Degraded,
+            "no cgroup2 mount in /proc/mounts: no pod or container of any socket, and keepalive \
+             options are not watched as they are set (`run --no-sockopts`); mount it (e.g. \
+             `mount -t cgroup2 none /sys/fs/cgroup`)",
         ),
-        Err(e) => Probe::new("cgroup v2", Status::Missing, format!("cannot read /proc/mounts: {e}")),
+        Err(e) => Probe::new(
+            "cgroup v2",
+            Status::Degraded,
+            format!("cannot read /proc/mounts: {e}"),
+        ),
     });
 
     // The decisive probe: load and attach the real programs (BTF tracepoints,
@@ -184,22 +200,52 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     if btf_ok {
         let opts = KernelOptions {
             btf_path: btf_path.to_path_buf(),
+            sockopts: cgroup2,
             ..KernelOptions::default()
         };
-        probes.push(match Kernel::load(&opts) {
+        match Kernel::load(&opts) {
             Ok(k) => {
-                drop(k);
-                Probe::new(
+                let degraded = k.shape.degradations();
+                let lost = |feature: &str| {
+                    degraded
+                        .iter()
+                        .find(|d| d.feature == feature)
+                        .map(|d| d.lost.clone())
+                };
+                for (feature, ok) in [
+                    (
+                        "socket storage in tracing programs",
+                        "bpf_sk_storage_get: owners and lifecycle facts live with each socket",
+                    ),
+                    (
+                        "socket cookies in tracing programs",
+                        "bpf_get_socket_cookie: connection ids are the kernel's socket cookies",
+                    ),
+                    (
+                        "reset reasons",
+                        "tcp_send_reset gives the kernel's reason for each reset",
+                    ),
+                ] {
+                    probes.push(match lost(feature) {
+                        Some(why) => Probe::new(feature, Status::Degraded, why),
+                        None => Probe::new(feature, Status::Ok, ok),
+                    });
+                }
+                probes.push(Probe::new(
                     "load and attach",
                     Status::Ok,
                     format!(
                         "{} programs loaded, attached and detached",
-                        crate::kernel::PROGRAM_COUNT
+                        k.program_count()
                     ),
-                )
+                ));
             }
-            Err(e) => Probe::new("load and attach", Status::Missing, e.to_string()),
-        });
+            Err(e) => probes.push(Probe::new(
+                "load and attach",
+                Status::Missing,
+                e.to_string(),
+            )),
+        }
     }
     probes
 }
@@ -230,14 +276,38 @@ fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
                     probes.push(Probe::new("struct offsets", Status::Missing, e.to_string()));
                 }
             }
-            for &(_, tp, what) in PROGRAMS {
-                probes.push(match offsets::check_tracepoints(&btf, &[(tp, what)]) {
-                    Ok(()) => Probe::new(format!("tracepoint {tp}"), Status::Ok, what),
-                    Err(e) => {
-                        all = false;
-                        Probe::new(format!("tracepoint {tp}"), Status::Missing, e.to_string())
+            match crate::kernel::KernelShape::from_btf(&btf) {
+                Ok(shape) => {
+                    for hook in PROGRAMS {
+                        let name = format!("tracepoint {}", hook.tracepoint);
+                        if let Some((_, why)) = shape
+                            .missing_hooks
+                            .iter()
+                            .find(|(h, _)| h.program == hook.program)
+                        {
+                            probes.push(Probe::new(
+                                name,
+                                Status::Degraded,
+                                format!("{why}: {}", hook.without),
+                            ));
+                            continue;
+                        }
+                        let args = offsets::tracepoint_args(&btf, hook.tracepoint)
+                            .ok()
+                            .flatten()
+                            .unwrap_or_default();
+                        let args: Vec<String> = args.iter().map(ToString::to_string).collect();
+                        probes.push(Probe::new(
+                            name,
+                            Status::Ok,
+                            format!("{} ({})", hook.what, args.join(", ")),
+                        ));
                     }
-                });
+                }
+                Err(e) => {
+                    all = false;
+                    probes.push(Probe::new("tracepoints", Status::Missing, e.to_string()));
+                }
             }
             all
         }

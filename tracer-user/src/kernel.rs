@@ -16,15 +16,12 @@ use aya::{
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter},
 };
 use tracer_common::{
-    CONFIG_GLOBAL, DEFAULT_RING_BYTES, EVENTS_MAP, KernelOffsets, LOST_MAP, OFFSETS_GLOBAL,
-    TracerConfig, kind,
+    CONFIG_GLOBAL, DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, EVENTS_MAP, KernelOffsets,
+    LISTENERS_MAP, LOST_MAP, NO_ARG, OFFSETS_GLOBAL, RESET_REASON_ARG, STATE_HASH_MAP,
+    TracerConfig, kind, state_store,
 };
 
-use crate::offsets::{self, OffsetsError};
-
-/// Everything loaded: the BTF tracepoints, the setsockopt observer and the
-/// TCP iterator.
-pub const PROGRAM_COUNT: usize = PROGRAMS.len() + 2;
+use crate::offsets::{self, OffsetsError, TpArg};
 
 /// The TCP socket iterator.
 pub const ITER_PROGRAM: &str = "dump_tcp";
@@ -35,21 +32,231 @@ pub const SOCKOPT_PROGRAM: &str = "setsockopt";
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
-/// (program, BTF tracepoint, what it is for)
-pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    (
-        "inet_sock_set_state",
-        "inet_sock_set_state",
-        "TCP state transitions and socket owners",
-    ),
-    ("tcp_receive_reset", "tcp_receive_reset", "resets received"),
-    ("tcp_send_reset", "tcp_send_reset", "resets sent"),
-    (
-        "inet_sk_error_report",
-        "inet_sk_error_report",
-        "socket errors",
-    ),
+/// What a tracepoint program reads of its tracepoint's arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArgUse {
+    /// Argument 0 is the socket (`struct sock *`).
+    Sock,
+    /// Argument 0 is the socket, 1 and 2 the old and new state (`int`).
+    SockStates,
+}
+
+/// One BTF tracepoint program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hook {
+    pub program: &'static str,
+    pub tracepoint: &'static str,
+    pub what: &'static str,
+    /// Without it the tracer cannot run; else the feature degrades.
+    pub required: bool,
+    pub args: ArgUse,
+    /// What is lost where the kernel lacks the tracepoint.
+    pub without: &'static str,
+}
+
+/// The BTF tracepoint programs.
+pub const PROGRAMS: &[Hook] = &[
+    Hook {
+        program: "inet_sock_set_state",
+        tracepoint: "inet_sock_set_state",
+        what: "TCP state transitions and socket owners",
+        required: true,
+        args: ArgUse::SockStates,
+        without: "",
+    },
+    Hook {
+        program: "tcp_receive_reset",
+        tracepoint: "tcp_receive_reset",
+        what: "resets received",
+        required: false,
+        args: ArgUse::Sock,
+        without: "resets received are not seen as they arrive: a connection ended by a reset \
+                  is told from its error (ECONNRESET) at close",
+    },
+    Hook {
+        program: "tcp_send_reset",
+        tracepoint: "tcp_send_reset",
+        what: "resets sent",
+        required: false,
+        args: ArgUse::Sock,
+        without: "resets this host sends are not seen",
+    },
+    Hook {
+        program: "inet_sk_error_report",
+        tracepoint: "inet_sk_error_report",
+        what: "socket errors",
+        required: false,
+        args: ArgUse::Sock,
+        without: "`trace` shows no live socket-error events (the tracepoint is Linux 5.14+); \
+                  each connection's close summary still carries its error (sk_err)",
+    },
 ];
+
+/// Set to 1, the programs use what kernels before 5.11 offer (no socket
+/// storage or cookies in tracing programs) on any kernel: for tests of
+/// those fallbacks on a newer kernel.
+pub const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
+
+/// Feature probes in the object (loaded, never attached, then unloaded).
+const PROBE_SK_STORAGE: &str = "probe_sk_storage";
+const PROBE_SOCKET_COOKIE: &str = "probe_socket_cookie";
+
+/// What the running kernel offers the programs, from its BTF and from
+/// feature probes. The programs branch on it (the `CONFIG` global).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelShape {
+    /// Hooks whose tracepoint exists with the arguments the program reads.
+    pub hooks: Vec<Hook>,
+    /// Hooks left out, with why.
+    pub missing_hooks: Vec<(Hook, String)>,
+    /// Position of `tcp_send_reset`'s `enum sk_rst_reason` argument (6.10+).
+    pub reset_reason_arg: Option<u32>,
+    /// `bpf_sk_storage_get` works in tracing programs (5.11+).
+    pub sk_storage: bool,
+    /// `bpf_get_socket_cookie` works in tracing programs (5.12+).
+    pub socket_cookie: bool,
+}
+
+/// One way this kernel makes the tracer see less, and what is lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Degradation {
+    pub feature: String,
+    pub lost: String,
+}
+
+impl KernelShape {
+    /// Reads the tracepoints' prototypes from BTF. Fails when a required
+    /// one is missing or has other arguments than the program reads.
+    pub fn from_btf(btf: &btf_rs::Btf) -> Result<Self, OffsetsError> {
+        let mut shape = Self {
+            hooks: Vec::new(),
+            missing_hooks: Vec::new(),
+            reset_reason_arg: None,
+            sk_storage: true,
+            socket_cookie: true,
+        };
+        for hook in PROGRAMS {
+            let why = match offsets::tracepoint_args(btf, hook.tracepoint)? {
+                None => format!(
+                    "this kernel has no tracepoint {} (no btf_trace_{0} in BTF)",
+                    hook.tracepoint
+                ),
+                Some(args) => match args_fit(hook.args, &args) {
+                    Ok(()) => {
+                        if hook.program == "tcp_send_reset" {
+                            // Read from one position only (see the program).
+                            shape.reset_reason_arg = args
+                                .iter()
+                                .position(|a| *a == TpArg::Enum("sk_rst_reason".into()))
+                                .and_then(|i| u32::try_from(i).ok())
+                                .filter(|&i| i == RESET_REASON_ARG);
+                        }
+                        shape.hooks.push(*hook);
+                        continue;
+                    }
+                    Err(why) => why,
+                },
+            };
+            if hook.required {
+                return Err(OffsetsError::NoTracepoint {
+                    typedef: format!("btf_trace_{}", hook.tracepoint),
+                    tracepoint: hook.tracepoint.to_string(),
+                    what: format!("{} ({why})", hook.what),
+                });
+            }
+            shape.missing_hooks.push((*hook, why));
+        }
+        Ok(shape)
+    }
+
+    /// The load-time switches for this shape.
+    fn config(&self, verbose: bool, id_secret: u64) -> TracerConfig {
+        TracerConfig {
+            verbose: u32::from(verbose),
+            state_store: if self.sk_storage {
+                state_store::SK_STORAGE
+            } else {
+                state_store::HASH
+            },
+            cookie_helper: u32::from(self.socket_cookie),
+            reset_reason_arg: self.reset_reason_arg.unwrap_or(NO_ARG),
+            id_secret,
+        }
+    }
+
+    /// What this kernel costs the tracer, feature by feature.
+    pub fn degradations(&self) -> Vec<Degradation> {
+        let mut out = Vec::new();
+        for (hook, why) in &self.missing_hooks {
+            out.push(Degradation {
+                feature: format!("tracepoint {}", hook.tracepoint),
+                lost: format!("{why}: {}", hook.without),
+            });
+        }
+        if self.hooks.iter().any(|h| h.program == "tcp_send_reset")
+            && self.reset_reason_arg.is_none()
+        {
+            out.push(Degradation {
+                feature: "reset reasons".into(),
+                lost: "tcp_send_reset has no reason argument before Linux 6.10: resets sent \
+                       carry no reason"
+                    .into(),
+            });
+        }
+        if !self.sk_storage {
+            out.push(Degradation {
+                feature: "socket storage in tracing programs".into(),
+                lost: format!(
+                    "not before Linux 5.11: socket owners and lifecycle facts are kept in a map \
+                     keyed by the socket's address instead (at most {DEFAULT_STATE_HASH_ENTRIES} \
+                     sockets at once; more are counted in conntracer_events_lost_total and \
+                     reported without owner); accepted sockets take the owner of the listener \
+                     on their namespace and port (with SO_REUSEPORT listeners of different \
+                     processes on one port, the newest one's); keepalive options set with \
+                     setsockopt are counted but not tied to their connection (its close \
+                     summary reads them from the socket either way)"
+                ),
+            });
+        }
+        if !self.socket_cookie {
+            out.push(Degradation {
+                feature: "socket cookies in tracing programs".into(),
+                lost: "not before Linux 5.12: connection ids are made from the socket's \
+                       address (mixed with a random key), so an id can come back after its \
+                       socket is freed"
+                    .into(),
+            });
+        }
+        out
+    }
+}
+
+/// Whether a tracepoint's arguments are what a program reads.
+fn args_fit(uses: ArgUse, args: &[TpArg]) -> Result<(), String> {
+    let sock = TpArg::Ptr("sock".into());
+    let ok = match uses {
+        ArgUse::Sock => args.first() == Some(&sock),
+        ArgUse::SockStates => {
+            args.len() >= 3
+                && args[0] == sock
+                && args[1] == TpArg::Int(4)
+                && args[2] == TpArg::Int(4)
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        let want = match uses {
+            ArgUse::Sock => "(struct sock *, ...)",
+            ArgUse::SockStates => "(struct sock *, int32, int32, ...)",
+        };
+        let have: Vec<String> = args.iter().map(ToString::to_string).collect();
+        Err(format!(
+            "its arguments are ({}), the program reads {want}",
+            have.join(", ")
+        ))
+    }
+}
 
 const PRIVILEGE_HINT: &str = "run as root, or grant CAP_SYS_ADMIN (it covers CAP_BPF and \
                               CAP_PERFMON, which load the programs, and the tracer needs it anyway \
@@ -156,12 +363,16 @@ pub struct Kernel {
     pub reset_reasons: HashMap<u32, String>,
     /// The offsets handed to the programs.
     pub offsets: KernelOffsets,
+    /// The kernel's shape the programs were built for.
+    pub shape: KernelShape,
     /// Undecodable TCP iterator records not yet counted in the metrics.
     decode_errors: u64,
 }
 
 impl Kernel {
-    /// Resolves offsets from BTF, loads the programs and attaches them all.
+    /// Resolves offsets and the kernel's shape from BTF, probes which
+    /// helpers tracing programs may call, loads the programs built for that
+    /// shape and attaches them all.
     pub fn load(opts: &KernelOptions) -> Result<Self, KernelError> {
         if !valid_ring_size(opts.ring_bytes) {
             return Err(KernelError::RingSize(opts.ring_bytes));
@@ -172,30 +383,43 @@ impl Kernel {
             error,
         };
         let offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
-        let hooks: Vec<(&str, &str)> = PROGRAMS.iter().map(|&(_, tp, what)| (tp, what)).collect();
-        offsets::check_tracepoints(&btf, &hooks).map_err(in_file)?;
+        let mut shape = KernelShape::from_btf(&btf).map_err(in_file)?;
         let reset_reasons = offsets::reset_reasons(&btf);
         drop(btf);
         let aya_btf = parse_aya_btf(&opts.btf_path)?;
         raise_memlock_limit();
+        let id_secret = random_u64();
 
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
-            .override_global(OFFSETS_GLOBAL, &offsets, true)
-            .override_global(
-                CONFIG_GLOBAL,
-                &TracerConfig {
-                    verbose: u32::from(opts.verbose),
-                    pad: 0,
-                },
-                true,
-            )
-            .map_max_entries(EVENTS_MAP, opts.ring_bytes)
-            .load(EBPF_OBJECT)
-            .map_err(|source| KernelError::Load {
-                source: Box::new(source),
-                hint: PRIVILEGE_HINT,
-            })?;
+        // Built for a kernel with every helper first; the probes say
+        // whether this one has them, and the object is built again for it
+        // when it lacks one (kernels before 5.12 only).
+        let mut ebpf = load_object(
+            opts,
+            &aya_btf,
+            &offsets,
+            &shape.config(opts.verbose, id_secret),
+        )?;
+        if std::env::var_os(OLD_HELPERS_ENV).is_some_and(|v| v == "1") {
+            // Tests run the fallbacks of older kernels on a new one.
+            log::warn!("{OLD_HELPERS_ENV}=1: acting as if this kernel were older than 5.11");
+            shape.sk_storage = false;
+            shape.socket_cookie = false;
+        } else {
+            shape.sk_storage = probe(&mut ebpf, PROBE_SK_STORAGE, &aya_btf);
+            shape.socket_cookie = probe(&mut ebpf, PROBE_SOCKET_COOKIE, &aya_btf);
+        }
+        if !(shape.sk_storage && shape.socket_cookie) {
+            drop(ebpf);
+            ebpf = load_object(
+                opts,
+                &aya_btf,
+                &offsets,
+                &shape.config(opts.verbose, id_secret),
+            )?;
+        }
+        for d in shape.degradations() {
+            log::info!("this kernel: {}: {}", d.feature, d.lost);
+        }
         // The logger must live as long as the programs (it owns the log map).
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -204,7 +428,8 @@ impl Kernel {
                 None
             }
         };
-        for &(program, tracepoint, _) in PROGRAMS {
+        for hook in &shape.hooks {
+            let (program, tracepoint) = (hook.program, hook.tracepoint);
             let err = |source| KernelError::Program {
                 program,
                 tracepoint,
@@ -245,8 +470,15 @@ impl Kernel {
             logger,
             reset_reasons,
             offsets,
+            shape,
             decode_errors: 0,
         })
+    }
+
+    /// Programs loaded: the BTF tracepoints this kernel has, the
+    /// setsockopt observer (unless disabled) and the TCP iterator.
+    pub fn program_count(&self) -> usize {
+        self.shape.hooks.len() + usize::from(self.sockopt_cgroup.is_some()) + 1
     }
 
     /// The event ring buffer; can be taken once.
@@ -379,12 +611,82 @@ impl Kernel {
         Ok(self.lost_events()?.iter().sum())
     }
 
-    /// Name of a reset reason value, or the number when BTF has no name.
+    /// Name of a reset reason value, or the number when BTF has no name;
+    /// empty when the kernel gave none.
     pub fn reset_reason_name(&self, reason: u32) -> String {
+        if reason == tracer_common::NO_RESET_REASON {
+            return String::new();
+        }
         self.reset_reasons
             .get(&reason)
             .cloned()
             .unwrap_or_else(|| reason.to_string())
+    }
+}
+
+/// Creates the object's maps and reads its programs, for one shape.
+fn load_object(
+    opts: &KernelOptions,
+    btf: &Btf,
+    offsets: &KernelOffsets,
+    config: &TracerConfig,
+) -> Result<Ebpf, KernelError> {
+    // The fallback state maps are allocated per entry, but keep their
+    // bucket arrays small where they are not used.
+    let (states, listeners) = if config.state_store == state_store::HASH {
+        (DEFAULT_STATE_HASH_ENTRIES, 16384)
+    } else {
+        (1, 1)
+    };
+    EbpfLoader::new()
+        .btf(Some(btf))
+        .override_global(OFFSETS_GLOBAL, offsets, true)
+        .override_global(CONFIG_GLOBAL, config, true)
+        .map_max_entries(EVENTS_MAP, opts.ring_bytes)
+        .map_max_entries(STATE_HASH_MAP, states)
+        .map_max_entries(LISTENERS_MAP, listeners)
+        .load(EBPF_OBJECT)
+        .map_err(|source| KernelError::Load {
+            source: Box::new(source),
+            hint: PRIVILEGE_HINT,
+        })
+}
+
+/// Whether feature probe `program` loads on this kernel (then unloads it).
+fn probe(ebpf: &mut Ebpf, program: &str, btf: &Btf) -> bool {
+    let Some(prog) = ebpf.program_mut(program) else {
+        log::warn!("feature probe {program} missing from the object (build mismatch)");
+        return false;
+    };
+    let prog: Result<&mut BtfTracePoint, _> = prog.try_into();
+    let Ok(prog) = prog else {
+        return false;
+    };
+    match prog.load("inet_sock_set_state", btf) {
+        Ok(()) => {
+            let _ = prog.unload();
+            true
+        }
+        Err(e) => {
+            log::debug!("feature probe {program}: not on this kernel: {e}");
+            false
+        }
+    }
+}
+
+/// A random number, for ids that must not show kernel addresses.
+fn random_u64() -> u64 {
+    let mut buf = [0u8; 8];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n == 8 {
+        u64::from_ne_bytes(buf)
+    } else {
+        // No entropy source: still hide addresses behind the clock.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0x5bd1_e995, |d| d.as_nanos() as u64)
+            .rotate_left(29)
     }
 }
 

@@ -206,6 +206,91 @@ fn sized(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, Off
     Ok(f.offset)
 }
 
+/// Like [`sized`] for an integer the programs read only the low `want`
+/// bytes of (little-endian): older kernels keep some per-namespace sysctls
+/// as `int` where newer ones have `u8` (`sysctl_tcp_keepalive_probes`
+/// before 5.15), and their values fit either way.
+fn sized_low(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, OffsetsError> {
+    let f = field(btf, strukt, path)?;
+    if f.size < want || !matches!(f.size, 1 | 2 | 4 | 8) {
+        return Err(OffsetsError::Size {
+            strukt: strukt.to_string(),
+            field: path.join("."),
+            found: f.size,
+            want,
+        });
+    }
+    Ok(f.offset)
+}
+
+/// One argument of a BTF tracepoint as its prototype declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TpArg {
+    /// A pointer to the named struct (empty for `void *` or an unnamed type).
+    Ptr(String),
+    /// An integer of this many bytes.
+    Int(usize),
+    /// A value of the named enum.
+    Enum(String),
+    /// Anything else, described.
+    Other(String),
+}
+
+impl std::fmt::Display for TpArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ptr(s) if s.is_empty() => write!(f, "void *"),
+            Self::Ptr(s) => write!(f, "struct {s} *"),
+            Self::Int(n) => write!(f, "int{}", n * 8),
+            Self::Enum(e) => write!(f, "enum {e}"),
+            Self::Other(o) => write!(f, "{o}"),
+        }
+    }
+}
+
+fn describe_arg(btf: &Btf, ty: Type) -> Result<TpArg, OffsetsError> {
+    Ok(match resolve(btf, ty)? {
+        Type::Ptr(p) => match resolve(btf, btf.resolve_chained_type(&p)?)? {
+            Type::Struct(s) => TpArg::Ptr(btf.resolve_name(&s)?),
+            _ => TpArg::Ptr(String::new()),
+        },
+        Type::Int(i) => TpArg::Int(i.size()),
+        Type::Enum(e) => TpArg::Enum(btf.resolve_name(&e)?),
+        Type::Enum64(e) => TpArg::Enum(btf.resolve_name(&e)?),
+        other => TpArg::Other(format!("{other:?}").chars().take(40).collect()),
+    })
+}
+
+/// The arguments of BTF tracepoint `tp` (what a `tp_btf` program can read
+/// as `ctx.arg(0..)`), from the prototype of `btf_trace_<tp>` minus its
+/// leading `void *__data`. `None` when the kernel lacks the tracepoint.
+pub fn tracepoint_args(btf: &Btf, tp: &str) -> Result<Option<Vec<TpArg>>, OffsetsError> {
+    let typedef = format!("btf_trace_{tp}");
+    let Some(ty) = btf
+        .resolve_types_by_name(&typedef)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|t| matches!(t, Type::Typedef(_)))
+    else {
+        return Ok(None);
+    };
+    let malformed = || btf_rs::Error::Format(format!("{typedef} is not a function pointer"));
+    let Type::Ptr(ptr) = resolve(btf, ty)? else {
+        return Err(malformed().into());
+    };
+    let Type::FuncProto(proto) = resolve(btf, btf.resolve_chained_type(&ptr)?)? else {
+        return Err(malformed().into());
+    };
+    let mut args = Vec::new();
+    for p in proto.parameters.iter().skip(1) {
+        if p.is_variadic() {
+            break;
+        }
+        args.push(describe_arg(btf, btf.resolve_chained_type(p)?)?);
+    }
+    Ok(Some(args))
+}
+
 /// Checks that BTF has the type of each BTF tracepoint in `tracepoints`
 /// (`(tracepoint, what it is for)`): `btf_trace_<tracepoint>`, which
 /// `tp_btf` programs attach through.
@@ -274,7 +359,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         icsk_retransmits: icsk("icsk_retransmits", 1)?,
         net_keepalive_time: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_time"], 4)?,
         net_keepalive_intvl: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_intvl"], 4)?,
-        net_keepalive_probes: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_probes"], 1)?,
+        // u8 from 5.15, int before.
+        net_keepalive_probes: sized_low(btf, "net", &["ipv4", "sysctl_tcp_keepalive_probes"], 1)?,
         sk_socket: sized(btf, "sock", &["sk_socket"], 8)?,
         socket_file: sized(btf, "socket", &["file"], 8)?,
         file_inode: sized(btf, "file", &["f_inode"], 8)?,

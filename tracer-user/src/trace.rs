@@ -68,7 +68,7 @@ pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
 
     eprintln!(
         "{READY_LINE} ({} programs attached; Ctrl-C to stop)",
-        crate::kernel::PROGRAM_COUNT
+        kernel.program_count()
     );
     loop {
         tokio::select! {
