@@ -425,6 +425,10 @@ pub struct TracerConfig {
     /// Random per load: connection ids made from socket addresses (see
     /// [`Self::cookie_helper`]) do not show kernel addresses.
     pub id_secret: u64,
+    /// Non-zero: the setsockopt program may ask for the calling task's pid
+    /// and name (5.11+; before, cgroup programs get only uid and cgroup).
+    pub sockopt_task: u32,
+    pub pad: u32,
 }
 
 /// The connection id of the socket at kernel address `addr` where the
@@ -485,7 +489,7 @@ const _: () = assert!(size_of::<CloseData>() == 96);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 48);
-const _: () = assert!(size_of::<TracerConfig>() == 24);
+const _: () = assert!(size_of::<TracerConfig>() == 32);
 const _: () = assert!(size_of::<ListenKey>() == 8);
 const _: () = assert!(size_of::<ListenOwner>() == 56);
 

@@ -28,6 +28,8 @@ pub static CONFIG: TracerConfig = TracerConfig {
     cookie_helper: 0,
     reset_reason_arg: 0,
     id_secret: 0,
+    sockopt_task: 0,
+    pad: 0,
 };
 
 /// One field of [`CONFIG`], read as [`off!`] reads [`OFFSETS`]: the
@@ -204,10 +206,19 @@ pub fn reset_state(st: *mut SockState, owner: Owner) {
     }
 }
 
-/// The owner of the calling task (process context only).
+/// The owner of the calling task (process context only). `task`: the
+/// program may ask for the task's pid and name (tracing programs always;
+/// cgroup programs from 5.11); without, they stay zero.
 #[inline(always)]
-pub fn current_owner(flags: u32) -> Owner {
-    let pid_tgid = bpf_get_current_pid_tgid();
+pub fn current_owner(flags: u32, task: bool) -> Owner {
+    let (pid_tgid, comm) = if task {
+        (
+            bpf_get_current_pid_tgid(),
+            bpf_get_current_comm().unwrap_or_default(),
+        )
+    } else {
+        (0, [0; 16])
+    };
     let uid_gid = bpf_get_current_uid_gid();
     Owner {
         pid: (pid_tgid >> 32) as u32,
@@ -216,10 +227,16 @@ pub fn current_owner(flags: u32) -> Owner {
         gid: (uid_gid >> 32) as u32,
         // SAFETY: no arguments; allowed for tracing and cgroup programs.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm,
         flags: flags | owner_flags::KNOWN,
         pad: 0,
     }
+}
+
+/// Whether the setsockopt program may ask for the task's pid and name.
+#[inline(always)]
+pub fn sockopt_task() -> bool {
+    config!(sockopt_task) != 0
 }
 
 /// The socket's network namespace (`struct net *`).

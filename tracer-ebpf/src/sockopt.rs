@@ -10,7 +10,7 @@ use tracer_common::{EventInfo, IPPROTO_TCP, SockAddrs, SockoptData, kind, sockop
 
 use crate::{
     maps::{SOCKS, reserve},
-    sock::{current_owner, state_in_hash},
+    sock::{current_owner, sockopt_task, state_in_hash},
 };
 
 /// Let the call through (a cgroup sockopt program's "allow").
@@ -123,7 +123,7 @@ fn try_setsockopt(ctx: &SockoptContext) {
             pad: 0,
             netns,
             sock: addrs,
-            owner: current_owner(0),
+            owner: current_owner(0, sockopt_task()),
         };
         (*ev).data = SockoptData {
             level,

@@ -94,7 +94,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             } else {
                 0
             };
-            let owner = current_owner(flags);
+            let owner = current_owner(flags, true);
             reset_state(state, owner);
             if new == tcp_state::LISTEN {
                 register_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr, owner);

@@ -100,6 +100,7 @@ pub const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
 /// Feature probes in the object (loaded, never attached, then unloaded).
 const PROBE_SK_STORAGE: &str = "probe_sk_storage";
 const PROBE_SOCKET_COOKIE: &str = "probe_socket_cookie";
+const PROBE_SOCKOPT_TASK: &str = "probe_sockopt_task";
 
 /// What the running kernel offers the programs, from its BTF and from
 /// feature probes. The programs branch on it (the `CONFIG` global).
@@ -115,6 +116,8 @@ pub struct KernelShape {
     pub sk_storage: bool,
     /// `bpf_get_socket_cookie` works in tracing programs (5.12+).
     pub socket_cookie: bool,
+    /// The setsockopt program may ask for the task's pid and name (5.11+).
+    pub sockopt_task: bool,
 }
 
 /// One way this kernel makes the tracer see less, and what is lost.
@@ -134,6 +137,7 @@ impl KernelShape {
             reset_reason_arg: None,
             sk_storage: true,
             socket_cookie: true,
+            sockopt_task: true,
         };
         for hook in PROGRAMS {
             let why = match offsets::tracepoint_args(btf, hook.tracepoint)? {
@@ -181,6 +185,8 @@ impl KernelShape {
             cookie_helper: u32::from(self.socket_cookie),
             reset_reason_arg: self.reset_reason_arg.unwrap_or(NO_ARG),
             id_secret,
+            sockopt_task: u32::from(self.sockopt_task),
+            pad: 0,
         }
     }
 
@@ -216,6 +222,15 @@ impl KernelShape {
                      setsockopt are counted but not tied to their connection (its close \
                      summary reads them from the socket either way)"
                 ),
+            });
+        }
+        if !self.sockopt_task {
+            out.push(Degradation {
+                feature: "task of setsockopt calls".into(),
+                lost: "cgroup programs cannot ask for the calling task before Linux 5.11: \
+                       keepalive options set with setsockopt are attributed by cgroup (pod, \
+                       container) and uid, with no pid or process name"
+                    .into(),
             });
         }
         if !self.socket_cookie {
@@ -404,11 +419,13 @@ impl Kernel {
             log::warn!("{OLD_HELPERS_ENV}=1: acting as if this kernel were older than 5.11");
             shape.sk_storage = false;
             shape.socket_cookie = false;
+            shape.sockopt_task = false;
         } else {
             shape.sk_storage = probe(&mut ebpf, PROBE_SK_STORAGE, &aya_btf);
             shape.socket_cookie = probe(&mut ebpf, PROBE_SOCKET_COOKIE, &aya_btf);
+            shape.sockopt_task = !opts.sockopts || probe_sockopt(&mut ebpf, PROBE_SOCKOPT_TASK);
         }
-        if !(shape.sk_storage && shape.socket_cookie) {
+        if !(shape.sk_storage && shape.socket_cookie && shape.sockopt_task) {
             drop(ebpf);
             ebpf = load_object(
                 opts,
@@ -663,6 +680,28 @@ fn probe(ebpf: &mut Ebpf, program: &str, btf: &Btf) -> bool {
         return false;
     };
     match prog.load("inet_sock_set_state", btf) {
+        Ok(()) => {
+            let _ = prog.unload();
+            true
+        }
+        Err(e) => {
+            log::debug!("feature probe {program}: not on this kernel: {e}");
+            false
+        }
+    }
+}
+
+/// Whether the cgroup setsockopt feature probe `program` loads (then unloads it).
+fn probe_sockopt(ebpf: &mut Ebpf, program: &str) -> bool {
+    let Some(prog) = ebpf.program_mut(program) else {
+        log::warn!("feature probe {program} missing from the object (build mismatch)");
+        return false;
+    };
+    let prog: Result<&mut CgroupSockopt, _> = prog.try_into();
+    let Ok(prog) = prog else {
+        return false;
+    };
+    match prog.load() {
         Ok(()) => {
             let _ = prog.unload();
             true
