@@ -23,5 +23,6 @@ pub mod netns;
 pub mod offsets;
 pub mod podid;
 pub mod procfs;
+pub mod selftest;
 pub mod table;
 pub mod trace;
