@@ -31,8 +31,8 @@ use crate::{
         unregister_listener,
     },
     sock::{
-        Btf, Kmem, addr_at, conn_id, current_owner, fill_info, keepalive, local_port, netns_of,
-        off, ready, reset_state, state_in_hash, verbose,
+        Btf, Kmem, addr_at, conn_id, cookie_helper, current_owner, fill_info, keepalive,
+        local_port, netns_of, off, ready, reset_state, state_in_hash, verbose,
     },
 };
 
@@ -96,6 +96,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
             };
             let owner = current_owner(flags, true);
             reset_state(state, owner);
+            new_id(state, sk, addr);
             if new == tcp_state::LISTEN {
                 register_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr, owner);
             }
@@ -110,6 +111,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
                     let state = state_of(sk, addr, true);
                     if !state.is_null() {
                         inherit(state, owner);
+                        new_id(state, sk, addr);
                     }
                     state
                 }
@@ -124,6 +126,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
                 // A fresh child holding its listener's copy: an accepted
                 // connection. Keep the owner, drop the rest.
                 inherit(st, st.owner);
+                new_id(st, sk, addr);
             }
             state
         }
@@ -153,8 +156,11 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         if new == tcp_state::ESTABLISHED {
             st.established_ns = now;
             // For the sockopt program (which has neither the helper nor
-            // the offsets) and for our own events.
-            st.cookie = conn_id(sk, addr, core::ptr::null());
+            // the offsets) and for our own events; kept where the socket
+            // got a fresh id when it was created.
+            if st.cookie == 0 {
+                st.cookie = conn_id(sk, addr, core::ptr::null());
+            }
             st.netns = netns_of::<Btf>(tp);
         } else if old == tcp_state::ESTABLISHED {
             st.end_ns = now;
@@ -185,6 +191,24 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         forget_state(addr);
     }
     Ok(())
+}
+
+/// Where connection ids come from socket addresses (no cookie helper), a
+/// socket created under the tracer gets one that also holds its creation
+/// time, so a later socket at the same address (memory reuse) gets
+/// another. With the helper, the kernel's cookie (taken at ESTABLISHED).
+#[inline(always)]
+fn new_id(st: *mut SockState, sk: *const c_void, addr: u64) {
+    // SAFETY: the caller hands this socket's state.
+    unsafe {
+        (*st).cookie = if cookie_helper() {
+            0
+        } else {
+            // SAFETY: helper without arguments.
+            let born = bpf_ktime_get_ns();
+            conn_id(sk, addr ^ born.rotate_left(32), core::ptr::null())
+        };
+    }
 }
 
 #[inline(always)]

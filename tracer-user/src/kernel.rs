@@ -237,8 +237,9 @@ impl KernelShape {
             out.push(Degradation {
                 feature: "socket cookies in tracing programs".into(),
                 lost: "not before Linux 5.12: connection ids are made from the socket's \
-                       address (mixed with a random key), so an id can come back after its \
-                       socket is freed"
+                       address and creation time (mixed with a random key), not the kernel's \
+                       cookie; a socket older than the tracer has one from its address alone, \
+                       which a later socket at the same address can repeat"
                     .into(),
             });
         }

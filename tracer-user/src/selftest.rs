@@ -314,6 +314,7 @@ fn run_scenarios(opts: &SelftestOptions) -> Result<(Vec<Check>, u64), String> {
             state,
         },
         pid: std::process::id(),
+        sockopt_task: kernel.shape.sockopt_task,
     };
 
     let mut checks = older_connection(&mut ctx, &mut kernel, older.as_ref());
@@ -356,6 +357,9 @@ struct Ctx<'a> {
     lab: &'a Lab,
     events: Collector,
     pid: u32,
+    /// Whether setsockopt events can name the task (5.11+); before, their
+    /// owner is the caller's cgroup and uid only.
+    sockopt_task: bool,
 }
 
 impl Ctx<'_> {
@@ -1348,6 +1352,28 @@ fn keepalive_sockopt(ctx: &mut Ctx<'_>) -> Vec<Check> {
         e.info.cookie == k
             || (e.info.cookie == 0 && e.info.sock.sport == cport && e.info.sock.dport == sport)
     };
+    // Where cgroup programs cannot name the task (before 5.11), the owner
+    // is the cgroup and uid the connect of the same socket recorded.
+    let connect_owner = cookie.clone().ok().and_then(|k| {
+        ctx.events
+            .seen
+            .iter()
+            .find(|e| e.info.cookie == k && matches!(e.data, EventData::Open(_)))
+            .map(|e| e.info.owner)
+    });
+    let by = |o: &tracer_common::Owner, task: bool| {
+        if task {
+            format!("by pid {}", o.pid)
+        } else {
+            format!("by uid {} in cgroup {}", o.uid, o.cgroup_id)
+        }
+    };
+    let task = ctx.sockopt_task;
+    let expected_by = if task {
+        format!("by pid {}", ctx.pid)
+    } else {
+        connect_owner.map_or_else(|| "by the connect's cgroup".into(), |o| by(&o, false))
+    };
     for (level, name, value) in SOCKOPT_KA.options() {
         let option = crate::event::sockopt_name(level, name);
         let set = cookie.clone().and_then(|k| {
@@ -1356,7 +1382,7 @@ fn keepalive_sockopt(ctx: &mut Ctx<'_>) -> Vec<Check> {
                     EventData::Sockopt(o)
                         if on_client(e, k) && o.level == level && o.optname == name =>
                     {
-                        Some(format!("{} by pid {}", o.value, e.info.owner.pid))
+                        Some(format!("{} {}", o.value, by(&e.info.owner, task)))
                     }
                     _ => None,
                 })
@@ -1364,7 +1390,7 @@ fn keepalive_sockopt(ctx: &mut Ctx<'_>) -> Vec<Check> {
         });
         c.equal(
             &format!("sockopt {option}"),
-            format!("{value} by pid {}", ctx.pid),
+            format!("{value} {expected_by}"),
             set,
         );
     }
