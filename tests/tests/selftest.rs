@@ -14,11 +14,12 @@ use integration_tests::{conn_tracer_bin, require_root_or_skip};
 use serde_json::Value;
 
 /// Every scenario the selftest runs.
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "older-connection",
     "idle-peer-close",
     "owner-close",
     "peer-reset",
+    "stale-reuse",
     "refused-connect",
     "keepalive-sockopt",
 ];
@@ -34,9 +35,15 @@ struct Run {
 
 /// `conn-tracer selftest ARGS`, bounded by [`RUN_TIMEOUT`].
 fn selftest(args: &[&str]) -> Run {
+    selftest_env(args, &[])
+}
+
+/// [`selftest`] with extra environment variables.
+fn selftest_env(args: &[&str], env: &[(&str, &str)]) -> Run {
     let mut child = Command::new(conn_tracer_bin())
         .arg("selftest")
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -107,6 +114,7 @@ fn root_selftest_passes_every_check_of_every_scenario() {
         ("idle-peer-close", "idle kills counted"),
         ("idle-peer-close", "idle at the end"),
         ("peer-reset", "close_kind"),
+        ("stale-reuse", "stale reuse"),
         ("refused-connect", "transitions"),
         ("keepalive-sockopt", "keepalive at close"),
     ] {
@@ -121,7 +129,7 @@ fn root_selftest_passes_every_check_of_every_scenario() {
     let summary = rest.last().copied().unwrap_or_default();
     assert!(
         summary.starts_with(&format!(
-            "conn-tracer selftest: all {} checks ok (6 scenarios",
+            "conn-tracer selftest: all {} checks ok (7 scenarios",
             checks.len()
         )),
         "summary: {summary:?}\n{}",
@@ -157,6 +165,42 @@ fn root_selftest_json_has_every_check_ok() {
         .collect();
     assert_eq!(ran, SCENARIOS.into_iter().collect());
     assert!(report.get("error").is_none(), "{report:#}");
+}
+
+/// The fallbacks of kernels before 5.11/5.12 (per-socket state in a map
+/// keyed by address, listener owners by port, ids from addresses, no task
+/// in setsockopt events), forced on this kernel, give the same answers.
+#[test]
+fn root_selftest_passes_with_the_old_kernel_fallbacks() {
+    if !require_root_or_skip("root_selftest_passes_with_the_old_kernel_fallbacks") {
+        return;
+    }
+    let run = selftest_env(&["--json"], &[("CONN_TRACER_OLD_HELPERS", "1")]);
+    let report: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", run.stdout, run.stderr));
+    let failed: Vec<&Value> = report["checks"]
+        .as_array()
+        .map(|c| c.iter().filter(|c| c["ok"] != true).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        run.code,
+        Some(0),
+        "failed: {failed:#?}\nstderr: {}",
+        run.stderr
+    );
+    assert!(
+        run.stderr
+            .contains("acting as if this kernel were older than 5.11"),
+        "the fallbacks were not used: {}",
+        run.stderr
+    );
+    let ran: BTreeSet<&str> = report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter_map(|c| c["scenario"].as_str())
+        .collect();
+    assert_eq!(ran, SCENARIOS.into_iter().collect());
 }
 
 #[test]

@@ -321,6 +321,7 @@ fn run_scenarios(opts: &SelftestOptions) -> Result<(Vec<Check>, u64), String> {
     checks.extend(idle_peer_close(&mut ctx));
     checks.extend(owner_close(&mut ctx));
     checks.extend(peer_reset(&mut ctx));
+    checks.extend(stale_reuse(&mut ctx));
     checks.extend(refused_connect(&mut ctx));
     checks.extend(keepalive_sockopt(&mut ctx));
 
@@ -612,6 +613,49 @@ impl Pair {
         drop(server);
         let read = client.read(&mut [0u8; 8]);
         Ok((ports, read.err().and_then(|e| e.raw_os_error())))
+    }
+}
+
+impl Pair {
+    /// The server's socket vanishes without a word (TCP_REPAIR, then close:
+    /// no FIN, no RST, as when a NAT or a gone peer forgot the flow); after
+    /// `silence` the client sends, the server's kernel answers the unknown
+    /// segment with a reset, and the client's read fails. Returns the
+    /// ports and that read's error.
+    fn peer_vanishes_then_send(self, silence: Duration) -> io::Result<((u16, u16), Option<i32>)> {
+        let ports = (self.client_port, self.server_port);
+        let Self {
+            mut client,
+            server,
+            _listener,
+            ..
+        } = self;
+        // TCP_REPAIR (include/uapi/linux/tcp.h); needs CAP_NET_ADMIN.
+        set_int_opt(&server, libc::IPPROTO_TCP, 19, 1)?;
+        drop(server);
+        thread::sleep(silence);
+        client.write_all(b"late\n")?;
+        let read = client.read(&mut [0u8; 8]);
+        drop(_listener);
+        Ok((ports, read.err().and_then(|e| e.raw_os_error())))
+    }
+}
+
+fn set_int_opt(s: &TcpStream, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: a valid fd and a pointer to an int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -1193,6 +1237,49 @@ fn idle_peer_close(ctx: &mut Ctx<'_>) -> Vec<Check> {
         "idle kills counted",
         "+1 direction=outbound closed_by=peer close_kind=fin keepalive=off".to_string(),
         Ok(increments(&before, &idle_kill_counts(&ctx.events.state))),
+    );
+    c.list
+}
+
+/// A send after the silence is answered by a reset (the peer forgot the
+/// connection): a stale reuse, counted as an idle kill too.
+fn stale_reuse(ctx: &mut Ctx<'_>) -> Vec<Check> {
+    let mut c = Checks::new("stale-reuse");
+    let done = ctx.in_lab(|| {
+        let mut p = Pair::open()?;
+        p.exchange()?;
+        p.peer_vanishes_then_send(SILENCE)
+    });
+    let ((cport, sport), read_errno) = match done {
+        Ok(v) => v,
+        Err(e) => return c.setup_failed(&e),
+    };
+    c.equal(
+        "client's read fails",
+        "ECONNRESET",
+        read_errno
+            .map(|e| errno_name(e as u32))
+            .ok_or_else(|| "no error".to_string()),
+    );
+    let cookie = ctx.events.opened(cport, sport);
+    let end = ctx.events.end_of(cookie);
+    c.owner(&end, ctx.pid);
+    c.end(&end, "peer", "rst", true);
+    c.equal(
+        "stale reuse",
+        "rst",
+        seen(&end, |e| {
+            classify::verdict(&e.ending, THRESHOLD)
+                .stale_reuse
+                .map_or("none", |o| o.as_str())
+        }),
+    );
+    c.within(
+        "silence before the send",
+        SILENCE - Duration::from_millis(20),
+        SILENCE + Duration::from_secs(2),
+        seen(&end, |e| e.ending.silence_before_failed_send)
+            .and_then(|i| i.ok_or_else(|| "no failed send".to_string())),
     );
     c.list
 }
