@@ -434,7 +434,7 @@ pub struct TracerConfig {
 /// The connection id of the socket at kernel address `addr` where the
 /// cookie helper is missing ([`TracerConfig::cookie_helper`]). Bit 63 set:
 /// such ids never collide with real cookies, which count up from 1.
-#[inline(always)]
+#[inline]
 pub const fn derived_id(addr: u64, secret: u64) -> u64 {
     (addr ^ secret) | (1 << 63)
 }

@@ -198,56 +198,62 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     // BPF_PROG_TYPE_TRACING), then detach. aya's generic program-type probe
     // is not used: on locked-down kernels it tries fentry, which is refused.
     if btf_ok {
-        let opts = KernelOptions {
-            btf_path: btf_path.to_path_buf(),
-            sockopts: cgroup2,
-            ..KernelOptions::default()
-        };
-        match Kernel::load(&opts) {
-            Ok(k) => {
-                let degraded = k.shape.degradations();
-                let lost = |feature: &str| {
-                    degraded
-                        .iter()
-                        .find(|d| d.feature == feature)
-                        .map(|d| d.lost.clone())
-                };
-                for (feature, ok) in [
-                    (
-                        "socket storage in tracing programs",
-                        "bpf_sk_storage_get: owners and lifecycle facts live with each socket",
-                    ),
-                    (
-                        "socket cookies in tracing programs",
-                        "bpf_get_socket_cookie: connection ids are the kernel's socket cookies",
-                    ),
-                    (
-                        "reset reasons",
-                        "tcp_send_reset gives the kernel's reason for each reset",
-                    ),
-                ] {
-                    probes.push(match lost(feature) {
-                        Some(why) => Probe::new(feature, Status::Degraded, why),
-                        None => Probe::new(feature, Status::Ok, ok),
-                    });
-                }
-                probes.push(Probe::new(
-                    "load and attach",
-                    Status::Ok,
-                    format!(
-                        "{} programs loaded, attached and detached",
-                        k.program_count()
-                    ),
-                ));
-            }
-            Err(e) => probes.push(Probe::new(
+        load_probes(btf_path, cgroup2, &mut probes);
+    }
+    probes
+}
+
+/// Loads and attaches the real programs for this kernel's shape: the rows
+/// of the helpers the probes found, and the decisive "load and attach".
+fn load_probes(btf_path: &Path, cgroup2: bool, probes: &mut Vec<Probe>) {
+    let opts = KernelOptions {
+        btf_path: btf_path.to_path_buf(),
+        sockopts: cgroup2,
+        ..KernelOptions::default()
+    };
+    let k = match Kernel::load(&opts) {
+        Ok(k) => k,
+        Err(e) => {
+            probes.push(Probe::new(
                 "load and attach",
                 Status::Missing,
                 e.to_string(),
-            )),
+            ));
+            return;
         }
+    };
+    let degraded = k.shape.degradations();
+    for (feature, ok) in [
+        (
+            "socket storage in tracing programs",
+            "bpf_sk_storage_get: owners and lifecycle facts live with each socket",
+        ),
+        (
+            "socket cookies in tracing programs",
+            "bpf_get_socket_cookie: connection ids are the kernel's socket cookies",
+        ),
+        (
+            "task of setsockopt calls",
+            "keepalive options set with setsockopt name the process that set them",
+        ),
+        (
+            "reset reasons",
+            "tcp_send_reset gives the kernel's reason for each reset",
+        ),
+    ] {
+        probes.push(match degraded.iter().find(|d| d.feature == feature) {
+            Some(d) => Probe::new(feature, Status::Degraded, d.lost.clone()),
+            None => Probe::new(feature, Status::Ok, ok),
+        });
     }
-    probes
+    probes.push(Probe::new(
+        "load and attach",
+        Status::Ok,
+        format!(
+            "{} programs loaded, attached and detached",
+            k.program_count()
+        ),
+    ));
 }
 
 /// Kernel BTF, the struct offsets it gives, and the tracepoints' types;

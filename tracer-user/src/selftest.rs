@@ -627,7 +627,7 @@ impl Pair {
         let Self {
             mut client,
             server,
-            _listener,
+            _listener: listener,
             ..
         } = self;
         // TCP_REPAIR (include/uapi/linux/tcp.h); needs CAP_NET_ADMIN.
@@ -636,7 +636,7 @@ impl Pair {
         thread::sleep(silence);
         client.write_all(b"late\n")?;
         let read = client.read(&mut [0u8; 8]);
-        drop(_listener);
+        drop(listener);
         Ok((ports, read.err().and_then(|e| e.raw_os_error())))
     }
 }
@@ -1276,7 +1276,7 @@ fn stale_reuse(ctx: &mut Ctx<'_>) -> Vec<Check> {
     );
     c.within(
         "silence before the send",
-        SILENCE - Duration::from_millis(20),
+        SILENCE.saturating_sub(Duration::from_millis(20)),
         SILENCE + Duration::from_secs(2),
         seen(&end, |e| e.ending.silence_before_failed_send)
             .and_then(|i| i.ok_or_else(|| "no failed send".to_string())),
