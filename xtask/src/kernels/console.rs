@@ -7,18 +7,25 @@ use std::collections::BTreeMap;
 pub const MARK: &str = "@@conn-tracer-kernels";
 
 /// One step of /init: its output and the `key=value` fields of its end
-/// marker (`exit` always, `events` for the trace).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+/// marker (`exit` always, `events` for the trace, `up` the guest's uptime).
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Step {
     pub output: Vec<String>,
     pub fields: BTreeMap<String, String>,
     /// The end marker was seen (the step finished, whatever its exit).
     pub ended: bool,
+    /// Guest uptime at the begin marker.
+    pub began: Option<f64>,
 }
 
 impl Step {
     pub fn exit(&self) -> Option<i32> {
         self.field("exit")
+    }
+
+    /// Seconds from its begin to its end marker, in the guest.
+    pub fn took(&self) -> Option<f64> {
+        Some(self.field::<f64>("up")? - self.began?)
     }
 
     pub fn field<T: std::str::FromStr>(&self, key: &str) -> Option<T> {
@@ -27,10 +34,12 @@ impl Step {
 }
 
 /// What a console log says.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Console {
     /// `uname -r` inside the guest.
     pub uname: Option<String>,
+    /// Guest uptime when /init started its work.
+    pub init_up: Option<f64>,
     pub steps: BTreeMap<String, Step>,
     /// /init reached its end.
     pub done: bool,
@@ -95,24 +104,29 @@ pub fn parse(log: &str) -> Console {
             }
             continue;
         };
-        let marker = line[at + MARK.len()..].trim();
-        let (word, rest) = marker.split_once(' ').unwrap_or((marker, ""));
+        let mut words = line[at + MARK.len()..].split_whitespace();
+        let word = words.next().unwrap_or_default();
+        let name = words.next().unwrap_or_default().to_owned();
+        let fields: BTreeMap<String, String> = words
+            .filter_map(|w| {
+                let (k, v) = w.split_once('=')?;
+                Some((k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        let up = fields.get("up").and_then(|v| v.parse().ok());
         match word {
-            "uname" => console.uname = Some(rest.trim().to_owned()),
+            "uname" => {
+                console.uname = Some(name);
+                console.init_up = up;
+            }
             "begin" => {
-                let name = rest.trim().to_owned();
-                console.steps.entry(name.clone()).or_default();
+                console.steps.entry(name.clone()).or_default().began = up;
                 current = Some(name);
             }
             "end" => {
-                let mut words = rest.split_whitespace();
-                let name = words.next().unwrap_or_default().to_owned();
                 let step = console.steps.entry(name).or_default();
                 step.ended = true;
-                step.fields.extend(words.filter_map(|w| {
-                    let (k, v) = w.split_once('=')?;
-                    Some((k.to_owned(), v.to_owned()))
-                }));
+                step.fields.extend(fields);
                 current = None;
             }
             "done" => console.done = true,
@@ -147,14 +161,14 @@ mod tests {
     /// the middle of a step, CR LF line ends.
     const LOG: &str = "SeaBIOS (version 1.16.2-debian-1.16.2-1)\r\n\
         [    5.655625] Run /init as init process\r\n\
-        \x1bc\x1b[?7l\x1b[2J@@conn-tracer-kernels uname 6.1.0-57-cloud-amd64\r\n\
-        @@conn-tracer-kernels begin check\r\n\
+        \x1bc\x1b[?7l\x1b[2J@@conn-tracer-kernels uname 6.1.0-57-cloud-amd64 up=2.50\r\n\
+        @@conn-tracer-kernels begin check up=2.51\r\n\
         ok      btf                                /sys/kernel/btf/vmlinux\r\n\
         [    9.100000] random: crng init done\r\n\
         MISSING program tcp_send_reset           func 'tcp_send_reset' doesn't have 3-th argument\r\n\
         info    lockdown                           integrity\r\n\
         \r\n\
-        @@conn-tracer-kernels end check exit=1\r\n\
+        @@conn-tracer-kernels end check exit=1 up=7.01\r\n\
         @@conn-tracer-kernels begin selftest\r\n\
         \x1b[1m\x1b[31merror:\x1b[0m unrecognized subcommand '\x1b[33mselftest\x1b[0m'\r\n\
         @@conn-tracer-kernels end selftest exit=2\r\n\
@@ -168,9 +182,12 @@ mod tests {
     fn markers_give_exits_fields_and_outputs() {
         let console = parse(LOG);
         assert_eq!(console.uname.as_deref(), Some("6.1.0-57-cloud-amd64"));
+        assert_eq!(console.init_up, Some(2.5));
         assert!(console.done);
         let check = console.step("check").unwrap();
         assert_eq!(check.exit(), Some(1));
+        assert!((check.took().unwrap() - 4.5).abs() < 1e-9);
+        assert_eq!(console.step("selftest").unwrap().took(), None);
         assert_eq!(
             check.output,
             [

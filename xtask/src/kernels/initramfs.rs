@@ -58,20 +58,22 @@ ip link set lo up
 # Warnings and worse still reach the console (a WARN splat from a kernel
 # program is a finding); notices no longer break into the step output.
 echo 5 > /proc/sys/kernel/printk
-echo "{MARK} uname $(uname -r)"
+# Guest uptime in seconds, on every marker that ends something.
+up() {{ cut -d' ' -f1 /proc/uptime; }}
+echo "{MARK} uname $(uname -r) up=$(up)"
 echo "{MARK} cmdline $(cat /proc/cmdline)"
 
 step() {{
     name=$1; secs=$2; shift 2
-    echo "{MARK} begin $name"
+    echo "{MARK} begin $name up=$(up)"
     timeout "$secs" "$@" </dev/null 2>&1
     rc=$?
-    echo "{MARK} end $name exit=$rc"
+    echo "{MARK} end $name exit=$rc up=$(up)"
 }}
 step check {CHECK_SECS} {GUEST_BIN} check
 step selftest {SELFTEST_SECS} {GUEST_BIN} selftest
 
-echo "{MARK} begin trace"
+echo "{MARK} begin trace up=$(up)"
 timeout {TRACE_SECS} {GUEST_BIN} trace --json </dev/null >/tmp/trace.json 2>/tmp/trace.err &
 tracer=$!
 ready=no
@@ -97,7 +99,7 @@ rc=$?
 cat /tmp/trace.err
 cat /tmp/trace.json
 events=$(grep -cE '[^0-9]{TRACE_PORT}([^0-9]|$)' /tmp/trace.json)
-echo "{MARK} end trace exit=$rc ready=$ready port={TRACE_PORT} events=$events"
+echo "{MARK} end trace exit=$rc ready=$ready port={TRACE_PORT} events=$events up=$(up)"
 echo "{MARK} done"
 poweroff -f
 "#,
@@ -408,7 +410,7 @@ mod tests {
             "step check 120 /bin/conn-tracer check",
             "step selftest 300 /bin/conn-tracer selftest",
             "timeout 120 /bin/conn-tracer trace --json",
-            "@@conn-tracer-kernels end trace exit=$rc ready=$ready port=40123 events=$events",
+            "@@conn-tracer-kernels end trace exit=$rc ready=$ready port=40123 events=$events up=$(up)",
             "@@conn-tracer-kernels done",
             "mount -t cgroup2 cgroup2 /sys/fs/cgroup",
             "ip link set lo up",

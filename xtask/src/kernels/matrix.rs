@@ -182,6 +182,21 @@ fn details(o: &Outcome, out: &mut String) {
             uname.unwrap_or("(none: /init never ran)")
         );
     }
+    let steps: Vec<String> = ["check", "selftest", "trace"]
+        .into_iter()
+        .filter_map(|name| Some(format!("{name} {:.1} s", o.step(name)?.took()?)))
+        .collect();
+    if let Some(init) = o.console.init_up {
+        let _ = writeln!(
+            out,
+            "  guest time: /init at {init:.1} s; {}",
+            if steps.is_empty() {
+                "no step finished".to_owned()
+            } else {
+                steps.join(", ")
+            }
+        );
+    }
     if let Some(check) = o.step("check") {
         let lines = not_ok(&check.output);
         if lines.is_empty() {
@@ -235,8 +250,9 @@ mod tests {
         }
     }
 
-    const PASSING: &str = "@@conn-tracer-kernels uname 6.12.117+deb12-cloud-amd64\n\
-        @@conn-tracer-kernels begin check\nok a\nok b\n@@conn-tracer-kernels end check exit=0\n\
+    const PASSING: &str = "@@conn-tracer-kernels uname 6.12.117+deb12-cloud-amd64 up=3.00\n\
+        @@conn-tracer-kernels begin check up=3.00\nok a\nok b\n\
+        @@conn-tracer-kernels end check exit=0 up=9.25\n\
         @@conn-tracer-kernels begin selftest\nok x\n@@conn-tracer-kernels end selftest exit=0\n\
         @@conn-tracer-kernels begin trace\n@@conn-tracer-kernels end trace exit=0 events=16\n\
         @@conn-tracer-kernels done\n";
@@ -306,6 +322,10 @@ mod tests {
         );
         assert!(text.contains("    error: unrecognized subcommand 'selftest'\n"));
         assert!(text.contains("  check: every feature ok\n"));
+        assert!(
+            text.contains("  guest time: /init at 3.0 s; check 6.2 s\n"),
+            "{text}"
+        );
         assert!(text.ends_with(
             "2 kernels, 1 passed; boots 30.5 s, whole run 40.0 s, downloaded 60.0 MB\n"
         ));
