@@ -3,6 +3,7 @@
 
 use std::{
     fs::File,
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -31,7 +32,8 @@ pub struct Boot {
     pub timed_out: bool,
 }
 
-/// Kills and reaps qemu however the boot ends, so no qemu outlives us.
+/// Kills and reaps qemu however the boot ends (an error, a panic), so no
+/// qemu outlives the boot.
 struct Qemu(Child);
 
 impl Drop for Qemu {
@@ -60,6 +62,17 @@ pub fn boot(vmlinuz: &Path, initrd: &Path, log: &Path, timeout: Duration) -> Res
         .arg(initrd)
         .args(["-append", CMDLINE]);
     println!("$ {} > {}", display(&cmd), log.display());
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    // SIGKILL to qemu if we die without reaping it (even by SIGKILL).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
     let start = Instant::now();
     let child = cmd
         .stdin(Stdio::null())

@@ -178,6 +178,8 @@ pub fn kernels(args: &Args) -> Result<()> {
         bin.clone()
     } else {
         println!("== kernels: build");
+        // nightly with rust-src and bpf-linker build the kernel programs.
+        crate::setup::ensure_toolchain()?;
         run(cargo().args(["build", "--release", "-p", "tracer-user"]))?;
         target_dir()?.join("release").join("conn-tracer")
     };
@@ -190,18 +192,7 @@ pub fn kernels(args: &Args) -> Result<()> {
 
     let mut outcomes = Vec::new();
     for (series, image) in images {
-        println!("== kernels: boot {} ({})", image.release, series.name);
-        let log = dir.join(format!("{}.log", image.release));
-        let boot = boot::boot(&image.vmlinuz, &initrd, &log, BOOT_TIMEOUT)?;
-        let text = fs::read(&log).with_context(|| format!("cannot read {}", log.display()))?;
-        let console = console::parse(&String::from_utf8_lossy(&text));
-        let outcome = Outcome {
-            series,
-            image,
-            boot,
-            console,
-            log,
-        };
+        let outcome = boot_one(series, image, &dir, &initrd)?;
         println!(
             "{}: {} in {:.1} s",
             outcome.image.release,
@@ -239,6 +230,21 @@ pub fn kernels(args: &Args) -> Result<()> {
     } else {
         bail!("conn-tracer fails on kernel {}", failed.join(", "))
     }
+}
+
+/// Boots `image` with `initrd` and reads its console log back.
+fn boot_one(series: &'static Series, image: Image, dir: &Path, initrd: &Path) -> Result<Outcome> {
+    println!("== kernels: boot {} ({})", image.release, series.name);
+    let log = dir.join(format!("{}.log", image.release));
+    let boot = boot::boot(&image.vmlinuz, initrd, &log, BOOT_TIMEOUT)?;
+    let text = fs::read(&log).with_context(|| format!("cannot read {}", log.display()))?;
+    Ok(Outcome {
+        series,
+        image,
+        boot,
+        console: console::parse(&String::from_utf8_lossy(&text)),
+        log,
+    })
 }
 
 /// The series `--kernel` names, in matrix order; all without it.
