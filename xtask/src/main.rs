@@ -1,5 +1,5 @@
 //! `cargo xtask`: conn-tracer chores (toolchain setup, build, run, test,
-//! bench, fuzz).
+//! bench, fuzz, the kernel matrix).
 //!
 //! Not a second build system: every step is a plain rustup, cargo or apt-get
 //! command, printed before it runs, so any of them can be run by hand.
@@ -7,6 +7,7 @@
 mod bench;
 mod cmd;
 mod fuzz;
+mod kernels;
 mod setup;
 mod test;
 
@@ -30,7 +31,7 @@ const DEFAULT_RUN_ARGS: &[&str] = &[
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "conn-tracer chores: setup, build, run, test, bench, fuzz"
+    about = "conn-tracer chores: setup, build, run, test, bench, fuzz, kernels"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -55,7 +56,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, then fmt, clippy, build and the whole test suite. The
+    /// Set up, then fmt, clippy, build, the whole test suite and the kernel
+    /// matrix (`kernels` on the debug build). The
     /// integration tests need root; without it (and without CI) they skip.
     Test,
     /// Benchmarks (as root): churn overhead against no tracer and a bpftrace
@@ -67,6 +69,11 @@ enum Task {
     /// the config file, /proc, Kubernetes pods): their property tests with
     /// many cases. Without TARGET, all of them.
     Fuzz(fuzz::Args),
+    /// Boot conn-tracer on Debian's 5.10, 6.1, 6.12 and 6.18 kernels under
+    /// qemu (TCG) and print a matrix of `check`, `selftest` and a traced
+    /// loopback connection on each. Images are cached under
+    /// target/kernels/; the matrix goes to target/kernels/matrix.txt.
+    Kernels(kernels::Args),
 }
 
 fn main() -> ExitCode {
@@ -77,6 +84,7 @@ fn main() -> ExitCode {
         Task::Test => test::test(),
         Task::Bench(args) => bench::bench(&args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
+        Task::Kernels(args) => kernels::kernels(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -90,6 +90,16 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "wrk",
         command: "wrk",
     },
+    // The kernel matrix (cargo xtask kernels): Debian kernels booted under
+    // qemu TCG, with a static busybox as the initramfs's userland.
+    DebianPackage {
+        name: "qemu-system-x86",
+        command: "qemu-system-x86_64",
+    },
+    DebianPackage {
+        name: "busybox-static",
+        command: "busybox",
+    },
 ];
 
 /// A PyPI package the tests need, and the Python module that shows it is

@@ -1,7 +1,7 @@
 //! `cargo xtask test`: what CI runs (`.ci/run`). A failed format check or
 //! lint does not stop the run, nor does one failed test binary the others
 //! (`--no-fail-fast`), so one run reports everything; only a failed build
-//! skips the tests.
+//! skips the tests and the kernel matrix.
 
 use std::{
     env,
@@ -12,7 +12,7 @@ use anyhow::{Error, Result};
 
 use crate::{
     cmd::{cargo, is_root, probe, run, target_dir},
-    setup,
+    kernels, setup,
 };
 
 enum Outcome {
@@ -110,6 +110,20 @@ pub fn test() -> Result<()> {
             })
         } else {
             skipped("test", "the build failed")
+        });
+        steps.push(if built {
+            step("kernels", || {
+                // The build's binary: its kernel programs are the release
+                // build's (aya-build always builds them with --release), and
+                // it spares CI a second, release build of the userspace.
+                let bin = target_dir()?.join("debug").join("conn-tracer");
+                kernels::kernels(&kernels::Args {
+                    bin: Some(bin),
+                    ..kernels::Args::default()
+                })
+            })
+        } else {
+            skipped("kernels", "the build failed")
         });
     }
 
