@@ -111,21 +111,21 @@ mod tests {
         let Ok(text) = std::fs::read_to_string("/proc/timer_list") else {
             return;
         };
-        // `.last_jiffies` of a CPU's tick device is within a few ticks of now.
-        let Some(j) = text.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix(".last_jiffies")
-                .and_then(|r| r.split(':').nth(1))
-        }) else {
+        // `jiffies:` (printed with each tick device) is the count when the
+        // file was read, and `now at N nsecs` the CLOCK_MONOTONIC time of
+        // that read. (`.last_jiffies` is not: an idle tickless CPU's stays
+        // behind by seconds.)
+        let find = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        let (Some(j), Some(now_ns)) = (find("jiffies:"), find("now at")) else {
             return;
         };
-        let j: u64 = j.trim().parse().unwrap();
-        let hz = detect_hz(j, crate::clock::monotonic_ns());
-        assert!(
-            hz.is_some(),
-            "jiffies {j} at {} ns",
-            crate::clock::monotonic_ns()
-        );
+        let hz = detect_hz(j, now_ns);
+        assert!(hz.is_some(), "jiffies {j} at {now_ns} ns");
     }
 }
 
