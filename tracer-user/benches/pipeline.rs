@@ -20,10 +20,10 @@ use std::{
 };
 
 use conn_tracer::{
+    cmd::run::State,
     config::Config,
-    daemon::State,
     event::{self, ConnEvent},
-    labels::Attributor,
+    owner::attribute::Attributor,
 };
 use tracer_common::{
     AF_INET, CloseData, DEFAULT_RING_BYTES, Event, EventInfo, Keepalive, OpenData, Owner,

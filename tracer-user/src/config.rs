@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::{Deserialize, Deserializer};
 use tracer_common::DEFAULT_RING_BYTES;
 
-use crate::{kernel, offsets::VMLINUX_BTF};
+use crate::kernel::{self, offsets::VMLINUX_BTF};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -120,7 +120,7 @@ impl Default for Config {
             inbound_capture_port: 15006,
             resync_interval: Duration::from_secs(30),
             cgroupns_pid: 1,
-            deleted_pod_grace: crate::kube::DEFAULT_DELETE_GRACE,
+            deleted_pod_grace: crate::owner::kube::DEFAULT_DELETE_GRACE,
         }
     }
 }

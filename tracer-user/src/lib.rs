@@ -1,28 +1,27 @@
-//! conn-tracer's userspace agent: loads the kernel programs, decodes their
-//! events and presents them. The pure parts (decoding, offsets from BTF,
-//! mount parsing) are unit-tested without root.
+//! conn-tracer's userspace agent, as a pipeline. The stages, in the order
+//! data flows (a stage imports only earlier ones):
+//!
+//! 1. [`event`]: ring buffer bytes -> typed events (pure).
+//! 2. [`kernel`]: the only user of aya: loading, attaching, the event ring,
+//!    the TCP iterator snapshot.
+//! 3. [`owner`]: socket -> process -> cgroup -> pod.
+//! 4. [`track`]: the connection table, classification, chains, resync (pure).
+//! 5. [`metrics`]: the Prometheus contract.
+//! 6. `serve`: HTTP (`/metrics`, `/healthz`, `/connections`).
+//! 7. [`cmd`]: one module per subcommand, wiring the stages.
+//!
+//! Beside them: [`sys`] (capabilities, namespaces) and [`config`] (the
+//! daemon's settings), which every stage may read.
 
-pub mod caps;
-pub mod cgroup;
-pub mod chains;
-pub mod check;
-pub mod classify;
-pub mod clock;
 pub mod config;
-pub mod connections;
-pub mod daemon;
+pub mod sys;
+
+pub mod cmd;
 pub mod event;
+pub mod kernel;
+pub mod metrics;
+pub mod owner;
+pub mod track;
+
 #[cfg(test)]
 mod fuzzing;
-pub mod jiffies;
-pub mod kernel;
-pub mod kube;
-pub mod labels;
-pub mod metrics;
-pub mod netns;
-pub mod offsets;
-pub mod podid;
-pub mod procfs;
-pub mod selftest;
-pub mod table;
-pub mod trace;

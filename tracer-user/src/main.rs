@@ -3,7 +3,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use conn_tracer::{check, kernel::KernelOptions, offsets::VMLINUX_BTF, selftest, trace};
+use conn_tracer::{
+    cmd::{check, selftest, trace},
+    kernel::{KernelOptions, offsets::VMLINUX_BTF},
+};
 use tracer_common::DEFAULT_RING_BYTES;
 
 /// Node-level eBPF TCP connection tracer: which connections were killed for
@@ -186,13 +189,15 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => run_daemon(*args),
-        Command::Connections { from, json } => match conn_tracer::connections::run(&from, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("conn-tracer: {e:#}");
-                ExitCode::FAILURE
+        Command::Connections { from, json } => {
+            match conn_tracer::cmd::connections::run(&from, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("conn-tracer: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Check { btf } => {
             let probes = check::run_probes(&btf);
             for p in &probes {
@@ -243,13 +248,13 @@ fn run_daemon(a: RunArgs) -> ExitCode {
         }
     };
     // Before any thread exists (see there).
-    match conn_tracer::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
-        conn_tracer::cgroup::CgroupNsJoin::AlreadyShared => {}
-        conn_tracer::cgroup::CgroupNsJoin::Joined => log::info!(
+    match conn_tracer::sys::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
+        conn_tracer::sys::cgroup::CgroupNsJoin::AlreadyShared => {}
+        conn_tracer::sys::cgroup::CgroupNsJoin::Joined => log::info!(
             "joined the cgroup namespace of pid {}: cgroup paths in /proc are host paths",
             cfg.cgroupns_pid
         ),
-        conn_tracer::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
+        conn_tracer::sys::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
             "staying in this process's own cgroup namespace ({why}): owners' cgroups are found \
              by walking the cgroup hierarchy instead (slower, rate-limited)"
         ),
@@ -265,7 +270,7 @@ fn run_daemon(a: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(conn_tracer::daemon::run(cfg)) {
+    match runtime.block_on(conn_tracer::cmd::run::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("conn-tracer: {e:#}");

@@ -13,9 +13,7 @@ use tokio::{
 };
 
 use crate::{
-    clock::WallClock,
-    event::{PortMemo, TraceRecord, decode},
-    jiffies::HzTracker,
+    event::{PortMemo, TraceRecord, clock::WallClock, decode, jiffies::HzTracker},
     kernel::{Kernel, KernelOptions},
 };
 

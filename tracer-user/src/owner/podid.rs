@@ -263,7 +263,7 @@ pub struct CgroupPaths {
 
 impl CgroupPaths {
     /// For the cgroup2 hierarchy mounted at `mount` (see
-    /// [`crate::cgroup::cgroup2_mount`]), with the default limits. Nothing is
+    /// [`crate::sys::cgroup::cgroup2_mount`]), with the default limits. Nothing is
     /// read until the first [`resolve`](Self::resolve).
     pub fn new(mount: PathBuf) -> Self {
         Self::with_limits(mount, ScanLimits::default())
@@ -985,7 +985,7 @@ mod tests {
     fn resolves_live_cgroup2_root_and_own_cgroup_when_mounted() {
         let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
         let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
-        let Some(mount) = crate::cgroup::cgroup2_mount_in(&mounts) else {
+        let Some(mount) = crate::sys::cgroup::cgroup2_mount_in(&mounts) else {
             assert!(!in_ci, "no cgroup2 mount in /proc/mounts");
             eprintln!("skipped: no cgroup2 mount in /proc/mounts");
             return;

@@ -120,11 +120,11 @@ mod tests {
             return;
         };
         let j: u64 = j.trim().parse().unwrap();
-        let hz = detect_hz(j, crate::clock::monotonic_ns());
+        let hz = detect_hz(j, crate::event::clock::monotonic_ns());
         assert!(
             hz.is_some(),
             "jiffies {j} at {} ns",
-            crate::clock::monotonic_ns()
+            crate::event::clock::monotonic_ns()
         );
     }
 }

@@ -8,9 +8,8 @@ use std::{fmt, path::Path};
 use aya::maps::MapType;
 
 use crate::{
-    cgroup,
-    kernel::{Kernel, KernelOptions, PROGRAMS},
-    offsets,
+    kernel::{Kernel, KernelOptions, PROGRAMS, offsets},
+    sys::cgroup,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +118,7 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     probes.push(privileges_probe(effective_caps(&status)));
     if let Some(caps) = effective_caps(&status) {
-        let gaps = crate::caps::gaps(caps);
+        let gaps = crate::sys::caps::gaps(caps);
         if gaps.is_empty() {
             probes.push(Probe::new(
                 "namespaces and owners",

@@ -17,8 +17,8 @@ use std::{
 };
 
 use crate::{
-    classify::{CloseKind, ClosedBy},
-    labels::{Role, canonical},
+    owner::attribute::{Role, canonical},
+    track::classify::{CloseKind, ClosedBy},
 };
 
 /// An endpoint, with v4-mapped IPv6 folded to IPv4.

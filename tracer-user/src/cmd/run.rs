@@ -27,18 +27,28 @@ use tokio::{
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, owner_flags, tcp_state};
 
 use crate::{
-    chains::{self, CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
-    classify::{self, KeepaliveView},
-    clock::{WallClock, monotonic_ns},
+    cmd::trace::readable,
     config::Config,
-    event::{ConnEvent, EventData, comm_str, decode, owner_kind, sockopt_name, state_name},
-    jiffies::{Hz, HzTracker, elapsed, later},
+    event::{
+        ConnEvent, EventData,
+        clock::{WallClock, monotonic_ns},
+        comm_str, decode,
+        jiffies::{Hz, HzTracker, elapsed, later},
+        owner_kind, sockopt_name, state_name,
+    },
     kernel::{Kernel, KernelOptions},
-    kube::{KubeSource, PodIndex},
-    labels::{self, Attribution, Attributor, Direction, LabelCap, Role, SidecarRules},
     metrics::Metrics,
-    table::{Conn, ConnTable},
-    trace::readable,
+    owner::{
+        attribute::{
+            self as labels, Attribution, Attributor, Direction, LabelCap, Role, SidecarRules,
+        },
+        kube::{KubeSource, PodIndex},
+    },
+    track::{
+        chains::{self, CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
+        classify::{self, KeepaliveView},
+        table::{Conn, ConnTable},
+    },
 };
 
 /// Everything the event loop and the HTTP handlers share.
@@ -350,7 +360,7 @@ impl State {
     }
 
     /// Removes the series of pods deleted two grace periods ago (see
-    /// [`crate::kube::PodIndex::take_forgotten`]) and frees their places in
+    /// [`crate::owner::kube::PodIndex::take_forgotten`]) and frees their places in
     /// the `peer` label cap.
     pub fn forget_deleted_pods(&mut self, now: std::time::Instant) {
         let Some(pods) = self.attr.pods() else {
@@ -387,11 +397,11 @@ impl State {
                 }
             }
         }
-        let mount = crate::cgroup::cgroup2_mount().ok().flatten();
-        let owners = crate::procfs::socket_owners(
+        let mount = crate::sys::cgroup::cgroup2_mount().ok().flatten();
+        let owners = crate::owner::procfs::socket_owners(
             &wanted,
             mount.as_deref(),
-            crate::procfs::ScanBudget::default(),
+            crate::owner::procfs::ScanBudget::default(),
         );
         let owner_of = |ev: &ConnEvent, s: &tracer_common::SnapshotData| -> Owner {
             if ev.info.owner.flags & owner_flags::KNOWN != 0 {
@@ -581,7 +591,7 @@ impl State {
                 self.metrics.kube_errors.inc_by(pods.errors() - seen);
             }
         }
-        let proc_errors = crate::procfs::malformed_total();
+        let proc_errors = crate::owner::procfs::malformed_total();
         if proc_errors > self.metrics.proc_errors.get() {
             self.metrics
                 .proc_errors
@@ -801,8 +811,8 @@ pub struct ChainLegView {
 /// Pod attribution as configured: the cgroup v2 hierarchy for pod and
 /// container IDs, and (unless disabled) a pod watch for their names.
 fn attributor(cfg: &Config) -> Attributor {
-    let cgroups = if let Ok(Some(mount)) = crate::cgroup::cgroup2_mount() {
-        Some(crate::podid::CgroupPaths::new(mount))
+    let cgroups = if let Ok(Some(mount)) = crate::sys::cgroup::cgroup2_mount() {
+        Some(crate::owner::podid::CgroupPaths::new(mount))
     } else {
         log::warn!("no cgroup v2 hierarchy: every connection is a host connection");
         None
@@ -819,9 +829,9 @@ fn attributor(cfg: &Config) -> Attributor {
         let node = cfg
             .node_name
             .clone()
-            .unwrap_or_else(crate::kube::default_node_name);
+            .unwrap_or_else(crate::owner::kube::default_node_name);
         log::info!("watching the pods of node {node:?} ({source:?})");
-        crate::kube::spawn(source, node, index.clone());
+        crate::owner::kube::spawn(source, node, index.clone());
         index
     });
     let rules = SidecarRules {
@@ -879,7 +889,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sockopts: cfg.trace_sockopts,
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
-    crate::caps::warn_gaps();
+    crate::sys::caps::warn_gaps();
     let ring = kernel.take_events()?;
     let mut ring = readable(ring).context("cannot poll the event ring buffer")?;
     let mut logger = match kernel.take_logger() {

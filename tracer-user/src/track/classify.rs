@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tracer_common::{CloseData, Keepalive, close_flags, ka_source, tcp_state};
 
-use crate::jiffies::{Hz, elapsed, later};
+use crate::event::jiffies::{Hz, elapsed, later};
 
 const ETIMEDOUT: u32 = libc::ETIMEDOUT as u32;
 

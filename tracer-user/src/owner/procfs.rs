@@ -100,9 +100,9 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
         let entries = match fs::read_dir(&fd_dir) {
             Ok(entries) => entries,
             Err(e) => {
-                if crate::caps::is_denied(&e) {
-                    crate::caps::denied(
-                        crate::caps::Denied::FdDir,
+                if crate::sys::caps::is_denied(&e) {
+                    crate::sys::caps::denied(
+                        crate::sys::caps::Denied::FdDir,
                         &format!("reading {}: {e}", fd_dir.display()),
                     );
                 }
@@ -122,9 +122,9 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
             let link = match fs::read_link(e.path()) {
                 Ok(link) => link,
                 Err(err) => {
-                    if crate::caps::is_denied(&err) {
-                        crate::caps::denied(
-                            crate::caps::Denied::ProcLink,
+                    if crate::sys::caps::is_denied(&err) {
+                        crate::sys::caps::denied(
+                            crate::sys::caps::Denied::ProcLink,
                             &format!("readlink {}: {err}", e.path().display()),
                         );
                     }
@@ -181,7 +181,7 @@ pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     let cgroup_id = cgroup_mount
         .and_then(|mount| {
             let text = fs::read_to_string(base.join("cgroup")).ok()?;
-            let Some(path) = crate::labels::cgroup_v2_path(&text) else {
+            let Some(path) = crate::owner::attribute::cgroup_v2_path(&text) else {
                 malformed(
                     &base.join("cgroup").display().to_string(),
                     "no `0::/path` line",
@@ -245,7 +245,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::labels::{cgroup_v2_path, parse_port_range};
+    use crate::owner::attribute::{cgroup_v2_path, parse_port_range};
 
     /// A `status` file as the kernel writes it, with the real, effective,
     /// saved and filesystem ids.
@@ -303,7 +303,7 @@ mod fuzz {
         ) {
             let text = status_text(&name, uids, gids);
             prop_assert_eq!(uid_gid(&text), Some((uids[0], gids[0])));
-            prop_assert_eq!(crate::check::effective_caps(&text), Some(0x1ff_ffff_ffff));
+            prop_assert_eq!(crate::cmd::check::effective_caps(&text), Some(0x1ff_ffff_ffff));
         }
 
         /// Truncated or edited status text, and arbitrary text: ids or
@@ -323,7 +323,7 @@ mod fuzz {
             let edited = format!("{}{junk}{}", &text[..at], &text[at..]);
             for t in [&text[..at], edited.as_str(), other.as_str()] {
                 let _ = uid_gid(t);
-                let _ = crate::check::effective_caps(t);
+                let _ = crate::cmd::check::effective_caps(t);
             }
         }
 

@@ -5,6 +5,8 @@
 //! `tcp_send_reset` and `inet_sk_error_report`. Programs stay attached for as
 //! long as [`Kernel`] lives; dropping it detaches everything.
 
+pub mod offsets;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -21,7 +23,7 @@ use tracer_common::{
     TracerConfig, kind, state_store,
 };
 
-use crate::offsets::{self, OffsetsError, TpArg};
+use self::offsets::{OffsetsError, TpArg};
 
 /// The TCP socket iterator.
 pub const ITER_PROGRAM: &str = "dump_tcp";
@@ -557,8 +559,8 @@ impl Kernel {
         // even there): then a tracer without it still sees the host's.
         let own = std::fs::read_link("/proc/self/ns/net")
             .ok()
-            .and_then(|l| crate::netns::parse_ns_link(&l.to_string_lossy()));
-        let mut namespaces: Vec<(u64, Option<PathBuf>)> = crate::netns::list()
+            .and_then(|l| crate::sys::netns::parse_ns_link(&l.to_string_lossy()));
+        let mut namespaces: Vec<(u64, Option<PathBuf>)> = crate::sys::netns::list()
             .into_iter()
             .filter(|(ino, _)| Some(*ino) != own)
             .map(|(ino, path)| (ino, Some(path)))
@@ -574,12 +576,15 @@ impl Kernel {
                         let (mut out, mut bad) = (Vec::new(), 0u64);
                         for (ino, path) in &namespaces {
                             if let Some(path) = path
-                                && let Err(e) = crate::netns::enter(path)
+                                && let Err(e) = crate::sys::netns::enter(path)
                             {
                                 let detail =
                                     format!("skipping netns {ino} ({}): {e}", path.display());
-                                if crate::caps::is_denied(&e) {
-                                    crate::caps::denied(crate::caps::Denied::Setns, &detail);
+                                if crate::sys::caps::is_denied(&e) {
+                                    crate::sys::caps::denied(
+                                        crate::sys::caps::Denied::Setns,
+                                        &detail,
+                                    );
                                 } else {
                                     // Namespaces come and go with their processes.
                                     log::debug!("{detail}");
@@ -733,7 +738,7 @@ fn random_u64() -> u64 {
 /// Attaches the setsockopt observer at the cgroup v2 root, alongside any
 /// other programs there: it sees every process's options.
 fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
-    let root = crate::cgroup::cgroup2_mount()
+    let root = crate::sys::cgroup::cgroup2_mount()
         .ok()
         .flatten()
         .ok_or(KernelError::NoCgroup2)?;

@@ -70,11 +70,11 @@ impl SidecarRules {
 /// id -> its cgroup path -> pod UID and container ID (kubelet layouts) ->
 /// namespace, pod and container names (Kubernetes API).
 pub struct Attributor {
-    cgroups: Option<crate::podid::CgroupPaths>,
-    pods: Option<crate::kube::PodIndex>,
+    cgroups: Option<crate::owner::podid::CgroupPaths>,
+    pods: Option<crate::owner::kube::PodIndex>,
     rules: SidecarRules,
     /// cgroup id -> parsed path; bounded, rebuilt when full.
-    parsed: HashMap<u64, Option<crate::podid::PodContainer>>,
+    parsed: HashMap<u64, Option<crate::owner::podid::PodContainer>>,
 }
 
 /// Parsed cgroup paths kept; a node has far fewer live cgroups.
@@ -82,8 +82,8 @@ const PARSED_CAP: usize = 65_536;
 
 impl Attributor {
     pub fn new(
-        cgroups: Option<crate::podid::CgroupPaths>,
-        pods: Option<crate::kube::PodIndex>,
+        cgroups: Option<crate::owner::podid::CgroupPaths>,
+        pods: Option<crate::owner::kube::PodIndex>,
         rules: SidecarRules,
     ) -> Self {
         Self {
@@ -99,17 +99,17 @@ impl Attributor {
         Self::new(None, None, SidecarRules::default())
     }
 
-    pub fn pods(&self) -> Option<&crate::kube::PodIndex> {
+    pub fn pods(&self) -> Option<&crate::owner::kube::PodIndex> {
         self.pods.as_ref()
     }
 
     pub fn cgroup_rescans(&self) -> u64 {
         self.cgroups
             .as_ref()
-            .map_or(0, crate::podid::CgroupPaths::rescans)
+            .map_or(0, crate::owner::podid::CgroupPaths::rescans)
     }
 
-    fn pod_container(&mut self, owner: &Owner) -> Option<crate::podid::PodContainer> {
+    fn pod_container(&mut self, owner: &Owner) -> Option<crate::owner::podid::PodContainer> {
         let cgroup_id = owner.cgroup_id;
         if cgroup_id == 0 {
             return None;
@@ -123,7 +123,7 @@ impl Attributor {
         let path = self
             .path_from_proc(owner.pid, cgroup_id)
             .or_else(|| self.cgroups.as_mut()?.resolve(cgroup_id))?;
-        let parsed = crate::podid::parse_cgroup_path(&path);
+        let parsed = crate::owner::podid::parse_cgroup_path(&path);
         if self.parsed.len() >= PARSED_CAP {
             self.parsed.clear();
         }
@@ -139,7 +139,7 @@ impl Attributor {
         let file = format!("/proc/{pid}/cgroup");
         let text = std::fs::read_to_string(&file).ok()?;
         let Some(path) = cgroup_v2_path(&text) else {
-            crate::procfs::malformed(&file, "no `0::/path` line", &text);
+            crate::owner::procfs::malformed(&file, "no `0::/path` line", &text);
             return None;
         };
         let meta = std::fs::metadata(mount.join(path.trim_start_matches('/'))).ok()?;

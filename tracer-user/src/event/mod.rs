@@ -1,6 +1,9 @@
 //! Decoding of the events the kernel programs write to the ring buffer, and
 //! their human and JSON forms.
 
+pub mod clock;
+pub mod jiffies;
+
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -14,8 +17,8 @@ use tracer_common::{
 };
 
 use crate::{
-    classify::{self, KeepaliveView},
-    jiffies::{Hz, HzTracker},
+    event::jiffies::{Hz, HzTracker},
+    track::classify::{self, KeepaliveView},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -44,13 +44,15 @@ use serde::Serialize;
 use tracer_common::{CloseData, EventInfo, close_flags, sockopt, tcp_state};
 
 use crate::{
-    classify::{self, Ending, KeepaliveView},
-    clock::monotonic_ns,
+    cmd::run::State,
     config::Config,
-    daemon::State,
-    event::{ConnEvent, EventData, comm_str, decode, errno_name, owner_kind, state_name},
+    event::{
+        ConnEvent, EventData, clock::monotonic_ns, comm_str, decode, errno_name, owner_kind,
+        state_name,
+    },
     kernel::{Kernel, KernelOptions},
-    labels::{self, Attributor, SidecarRules},
+    owner::attribute::{self as labels, Attributor, SidecarRules},
+    track::classify::{self, Ending, KeepaliveView},
 };
 
 /// Idle threshold of the selftest's own daemon state.
@@ -346,10 +348,10 @@ fn daemon_config() -> Config {
 
 /// Attribution as `run --no-kube` does it: cgroup paths, no pod names.
 fn attributor() -> Attributor {
-    let cgroups = crate::cgroup::cgroup2_mount()
+    let cgroups = crate::sys::cgroup::cgroup2_mount()
         .ok()
         .flatten()
-        .map(crate::podid::CgroupPaths::new);
+        .map(crate::owner::podid::CgroupPaths::new);
     Attributor::new(cgroups, None, SidecarRules::default())
 }
 
@@ -775,7 +777,7 @@ fn enter_new_netns() -> Result<(u32, String), String> {
     loopback_up().map_err(|e| format!("cannot bring lo up in the new namespace: {e}"))?;
     let link = std::fs::read_link("/proc/thread-self/ns/net")
         .map_err(|e| format!("/proc/thread-self/ns/net: {e}"))?;
-    let ino = crate::netns::parse_ns_link(&link.to_string_lossy())
+    let ino = crate::sys::netns::parse_ns_link(&link.to_string_lossy())
         .and_then(|i| u32::try_from(i).ok())
         .ok_or_else(|| format!("/proc/thread-self/ns/net is {}", link.display()))?;
     let comm = std::fs::read_to_string("/proc/thread-self/comm")
@@ -935,7 +937,7 @@ impl Collector {
         self.wait("no close summary", |evs| find_close(evs, cookie))
     }
 
-    fn hz(&mut self) -> crate::jiffies::Hz {
+    fn hz(&mut self) -> crate::event::jiffies::Hz {
         self.state.hz.get()
     }
 }
@@ -1695,7 +1697,7 @@ mod tests {
         );
         let off = Ka(KeepaliveView::new(
             &Keepalive::default(),
-            crate::jiffies::Hz(250),
+            crate::event::jiffies::Hz(250),
         ));
         assert_eq!(off.to_string(), "off");
         assert_eq!(

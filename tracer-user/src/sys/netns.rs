@@ -25,9 +25,9 @@ pub fn list() -> BTreeMap<u64, PathBuf> {
                 out.entry(ino).or_insert(path);
             }
         }
-        Err(e) if crate::caps::is_denied(&e) => {
-            crate::caps::denied(
-                crate::caps::Denied::ProcLink,
+        Err(e) if crate::sys::caps::is_denied(&e) => {
+            crate::sys::caps::denied(
+                crate::sys::caps::Denied::ProcLink,
                 &format!("readlink {}: {e}", path.display()),
             );
         }
