@@ -20,9 +20,9 @@ use std::{
 };
 
 use conn_tracer::{
-    cmd::run::State,
     config::Config,
     event::{self, ConnEvent},
+    metrics::State,
     owner::attribute::Attributor,
 };
 use tracer_common::{
@@ -293,7 +293,7 @@ fn main() {
         black_box(event::decode(black_box(r)).ok());
     });
     let (events, took) = timed(&mut ring, &mut g, o.window, o.seconds, &mut handle);
-    let tracked = state.table.len();
+    let tracked = state.tracker.table.len();
     let render_start = Instant::now();
     let text = state.render_metrics(0);
     let render = render_start.elapsed();

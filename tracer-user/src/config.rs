@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::{Deserialize, Deserializer};
 use tracer_common::DEFAULT_RING_BYTES;
 
-use crate::kernel::{self, offsets::VMLINUX_BTF};
+use crate::sys::{VMLINUX_BTF, valid_ring_size};
+
+/// How long a deleted pod keeps its labels: long enough for the connections
+/// it had open to be reported closed.
+pub const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -120,7 +124,7 @@ impl Default for Config {
             inbound_capture_port: 15006,
             resync_interval: Duration::from_secs(30),
             cgroupns_pid: 1,
-            deleted_pod_grace: crate::owner::kube::DEFAULT_DELETE_GRACE,
+            deleted_pod_grace: DEFAULT_DELETE_GRACE,
         }
     }
 }
@@ -294,7 +298,7 @@ impl Config {
         if self.max_sockopt_values == 0 {
             return bad("max_sockopt_values", "0".into(), "must be at least 1");
         }
-        if !kernel::valid_ring_size(self.ring_bytes) {
+        if !valid_ring_size(self.ring_bytes) {
             return bad(
                 "ring_bytes",
                 self.ring_bytes.to_string(),

@@ -5,7 +5,8 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use conn_tracer::{
     cmd::{check, selftest, trace},
-    kernel::{KernelOptions, offsets::VMLINUX_BTF},
+    kernel::KernelOptions,
+    sys::VMLINUX_BTF,
 };
 use tracer_common::DEFAULT_RING_BYTES;
 

@@ -22,7 +22,7 @@ pub const TARGETS: &[(&str, &str, &str)] = &[
     ),
     (
         "podid",
-        "owner::podid::fuzz::",
+        "owner::kubelet::fuzz::",
         "cgroup paths: arbitrary strings; kubelet paths of every driver, runtime and QoS \
          class with random ids, and edited",
     ),

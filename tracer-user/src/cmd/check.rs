@@ -5,11 +5,15 @@
 
 use std::{fmt, path::Path};
 
-use aya::maps::MapType;
-
 use crate::{
-    kernel::{Kernel, KernelOptions, PROGRAMS, offsets},
-    sys::cgroup,
+    kernel::{
+        self, Kernel, KernelOptions, offsets,
+        shape::{KernelShape, PROGRAMS},
+    },
+    sys::{
+        caps::{self, CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_RESOURCE, has},
+        cgroup,
+    },
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,24 +54,6 @@ impl fmt::Display for Probe {
         };
         write!(f, "{tag:<8} {:<36} {}", self.name, self.detail)
     }
-}
-
-/// Capability numbers (include/uapi/linux/capability.h).
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_SYS_RESOURCE: u32 = 24;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
-/// The effective capability set from /proc/self/status text.
-pub fn effective_caps(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-}
-
-fn has(caps: u64, cap: u32) -> bool {
-    caps & (1u64 << cap) != 0
 }
 
 /// Whether a capability set can load and attach the tracer's programs.
@@ -115,10 +101,10 @@ pub fn privileges_probe(caps: Option<u64>) -> Probe {
 /// Runs every probe. `btf_path` is the kernel BTF to use.
 pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
     let mut probes = Vec::new();
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    probes.push(privileges_probe(effective_caps(&status)));
-    if let Some(caps) = effective_caps(&status) {
-        let gaps = crate::sys::caps::gaps(caps);
+    let caps = caps::effective();
+    probes.push(privileges_probe(caps));
+    if let Some(caps) = caps {
+        let gaps = caps::gaps(caps);
         if gaps.is_empty() {
             probes.push(Probe::new(
                 "namespaces and owners",
@@ -149,15 +135,8 @@ pub fn run_probes(btf_path: &Path) -> Vec<Probe> {
 
     let btf_ok = btf_probes(btf_path, &mut probes);
 
-    for (map, name, need) in [
-        (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
-        (
-            MapType::SkStorage,
-            "socket storage",
-            "Linux 5.2+ (BPF_F_CLONE: 5.4+)",
-        ),
-    ] {
-        probes.push(match aya::sys::is_map_supported(map) {
+    for (name, need, supported) in kernel::map_support() {
+        probes.push(match supported {
             Ok(true) => Probe::new(format!("map {name}"), Status::Ok, "supported"),
             Ok(false) => Probe::new(
                 format!("map {name}"),
@@ -281,7 +260,7 @@ fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
                     probes.push(Probe::new("struct offsets", Status::Missing, e.to_string()));
                 }
             }
-            match crate::kernel::KernelShape::from_btf(&btf) {
+            match KernelShape::from_btf(&btf) {
                 Ok(shape) => {
                     for hook in PROGRAMS {
                         let name = format!("tracepoint {}", hook.tracepoint);
@@ -335,9 +314,9 @@ mod tests {
     #[test]
     fn parses_effective_capabilities() {
         let status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(effective_caps(status), Some(0x1ff_ffff_ffff));
-        assert_eq!(effective_caps("Name: x\n"), None);
-        assert_eq!(effective_caps("CapEff:\tzz\n"), None);
+        assert_eq!(caps::parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(caps::parse_cap_eff("Name: x\n"), None);
+        assert_eq!(caps::parse_cap_eff("CapEff:\tzz\n"), None);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd::run::ConnView;
+use crate::serve::views::ConnView;
 
 /// Splits `http://host:port[/prefix]` into (host:port, path prefix).
 pub fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
@@ -176,7 +176,7 @@ pub fn run(from: &str, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::track::classify::KeepaliveView;
+    use crate::{serve::views::ChainLegView, track::classify::KeepaliveView};
 
     #[test]
     fn urls() {
@@ -226,19 +226,19 @@ mod tests {
             bytes_acked: None,
             tracked: true,
             chain: vec![
-                crate::cmd::run::ChainLegView {
+                ChainLegView {
                     cookie: 1,
                     leg: "app".into(),
                     local: "127.0.0.1:40000".into(),
                     remote: "127.0.0.1:3306".into(),
                 },
-                crate::cmd::run::ChainLegView {
+                ChainLegView {
                     cookie: 2,
                     leg: "sidecar-app-side".into(),
                     local: "127.0.0.1:15001".into(),
                     remote: "127.0.0.1:40000".into(),
                 },
-                crate::cmd::run::ChainLegView {
+                ChainLegView {
                     cookie: 3,
                     leg: "sidecar-upstream".into(),
                     local: "10.0.0.2:41000".into(),

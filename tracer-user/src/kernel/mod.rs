@@ -1,4 +1,9 @@
-//! Loading and attaching the kernel programs, and access to their maps.
+//! Stage 2, kernel: the only user of aya. Takes the kernel's BTF and
+//! gives attached programs and their streams: [`Kernel::load`] reads the
+//! offsets ([`offsets`]) and the kernel's shape ([`shape`]) from BTF, loads
+//! the programs built for it and attaches them; the event ring ([`ring`],
+//! one reader for every subcommand) and [`Kernel::snapshot`] (the TCP
+//! iterator over every network namespace) give decoded events.
 //!
 //! Hooks (all work on a locked-down kernel without kprobes or fentry):
 //! BTF tracepoints `inet_sock_set_state`, `tcp_receive_reset`,
@@ -6,6 +11,9 @@
 //! long as [`Kernel`] lives; dropping it detaches everything.
 
 pub mod offsets;
+pub mod ring;
+pub mod shape;
+mod snapshot;
 
 use std::{
     collections::HashMap,
@@ -14,16 +22,20 @@ use std::{
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, MapType, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter},
 };
 use tracer_common::{
     CONFIG_GLOBAL, DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, EVENTS_MAP, KernelOffsets,
-    LISTENERS_MAP, LOST_MAP, NO_ARG, OFFSETS_GLOBAL, RESET_REASON_ARG, STATE_HASH_MAP,
-    TracerConfig, kind, state_store,
+    LISTENERS_MAP, LOST_MAP, OFFSETS_GLOBAL, STATE_HASH_MAP, TracerConfig, kind, state_store,
 };
 
-use self::offsets::{OffsetsError, TpArg};
+use self::{
+    offsets::OffsetsError,
+    ring::{EventRing, KernelLog},
+    shape::{KernelShape, OLD_HELPERS_ENV},
+};
+use crate::sys::{self, VMLINUX_BTF};
 
 /// The TCP socket iterator.
 pub const ITER_PROGRAM: &str = "dump_tcp";
@@ -34,247 +46,10 @@ pub const SOCKOPT_PROGRAM: &str = "setsockopt";
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
 
-/// What a tracepoint program reads of its tracepoint's arguments.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArgUse {
-    /// Argument 0 is the socket (`struct sock *`).
-    Sock,
-    /// Argument 0 is the socket, 1 and 2 the old and new state (`int`).
-    SockStates,
-}
-
-/// One BTF tracepoint program.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hook {
-    pub program: &'static str,
-    pub tracepoint: &'static str,
-    pub what: &'static str,
-    /// Without it the tracer cannot run; else the feature degrades.
-    pub required: bool,
-    pub args: ArgUse,
-    /// What is lost where the kernel lacks the tracepoint.
-    pub without: &'static str,
-}
-
-/// The BTF tracepoint programs.
-pub const PROGRAMS: &[Hook] = &[
-    Hook {
-        program: "inet_sock_set_state",
-        tracepoint: "inet_sock_set_state",
-        what: "TCP state transitions and socket owners",
-        required: true,
-        args: ArgUse::SockStates,
-        without: "",
-    },
-    Hook {
-        program: "tcp_receive_reset",
-        tracepoint: "tcp_receive_reset",
-        what: "resets received",
-        required: false,
-        args: ArgUse::Sock,
-        without: "resets received are not seen as they arrive: a connection ended by a reset \
-                  is told from its error (ECONNRESET) at close",
-    },
-    Hook {
-        program: "tcp_send_reset",
-        tracepoint: "tcp_send_reset",
-        what: "resets sent",
-        required: false,
-        args: ArgUse::Sock,
-        without: "resets this host sends are not seen",
-    },
-    Hook {
-        program: "inet_sk_error_report",
-        tracepoint: "inet_sk_error_report",
-        what: "socket errors",
-        required: false,
-        args: ArgUse::Sock,
-        without: "`trace` shows no live socket-error events (the tracepoint is Linux 5.14+); \
-                  each connection's close summary still carries its error (sk_err)",
-    },
-];
-
-/// Set to 1, the programs use what kernels before 5.11 offer (no socket
-/// storage or cookies in tracing programs) on any kernel: for tests of
-/// those fallbacks on a newer kernel.
-pub const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
-
 /// Feature probes in the object (loaded, never attached, then unloaded).
 const PROBE_SK_STORAGE: &str = "probe_sk_storage";
 const PROBE_SOCKET_COOKIE: &str = "probe_socket_cookie";
 const PROBE_SOCKOPT_TASK: &str = "probe_sockopt_task";
-
-/// What the running kernel offers the programs, from its BTF and from
-/// feature probes. The programs branch on it (the `CONFIG` global).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelShape {
-    /// Hooks whose tracepoint exists with the arguments the program reads.
-    pub hooks: Vec<Hook>,
-    /// Hooks left out, with why.
-    pub missing_hooks: Vec<(Hook, String)>,
-    /// Position of `tcp_send_reset`'s `enum sk_rst_reason` argument (6.10+).
-    pub reset_reason_arg: Option<u32>,
-    /// `bpf_sk_storage_get` works in tracing programs (5.11+).
-    pub sk_storage: bool,
-    /// `bpf_get_socket_cookie` works in tracing programs (5.12+).
-    pub socket_cookie: bool,
-    /// The setsockopt program may ask for the task's pid and name (5.11+).
-    pub sockopt_task: bool,
-}
-
-/// One way this kernel makes the tracer see less, and what is lost.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Degradation {
-    pub feature: String,
-    pub lost: String,
-}
-
-impl KernelShape {
-    /// Reads the tracepoints' prototypes from BTF. Fails when a required
-    /// one is missing or has other arguments than the program reads.
-    pub fn from_btf(btf: &btf_rs::Btf) -> Result<Self, OffsetsError> {
-        let mut shape = Self {
-            hooks: Vec::new(),
-            missing_hooks: Vec::new(),
-            reset_reason_arg: None,
-            sk_storage: true,
-            socket_cookie: true,
-            sockopt_task: true,
-        };
-        for hook in PROGRAMS {
-            let why = match offsets::tracepoint_args(btf, hook.tracepoint)? {
-                None => format!(
-                    "this kernel has no tracepoint {} (no btf_trace_{0} in BTF)",
-                    hook.tracepoint
-                ),
-                Some(args) => match args_fit(hook.args, &args) {
-                    Ok(()) => {
-                        if hook.program == "tcp_send_reset" {
-                            // Read from one position only (see the program).
-                            shape.reset_reason_arg = args
-                                .iter()
-                                .position(|a| *a == TpArg::Enum("sk_rst_reason".into()))
-                                .and_then(|i| u32::try_from(i).ok())
-                                .filter(|&i| i == RESET_REASON_ARG);
-                        }
-                        shape.hooks.push(*hook);
-                        continue;
-                    }
-                    Err(why) => why,
-                },
-            };
-            if hook.required {
-                return Err(OffsetsError::NoTracepoint {
-                    typedef: format!("btf_trace_{}", hook.tracepoint),
-                    tracepoint: hook.tracepoint.to_string(),
-                    what: format!("{} ({why})", hook.what),
-                });
-            }
-            shape.missing_hooks.push((*hook, why));
-        }
-        Ok(shape)
-    }
-
-    /// The load-time switches for this shape.
-    fn config(&self, verbose: bool, id_secret: u64) -> TracerConfig {
-        TracerConfig {
-            verbose: u32::from(verbose),
-            state_store: if self.sk_storage {
-                state_store::SK_STORAGE
-            } else {
-                state_store::HASH
-            },
-            cookie_helper: u32::from(self.socket_cookie),
-            reset_reason_arg: self.reset_reason_arg.unwrap_or(NO_ARG),
-            id_secret,
-            sockopt_task: u32::from(self.sockopt_task),
-            pad: 0,
-        }
-    }
-
-    /// What this kernel costs the tracer, feature by feature.
-    pub fn degradations(&self) -> Vec<Degradation> {
-        let mut out = Vec::new();
-        for (hook, why) in &self.missing_hooks {
-            out.push(Degradation {
-                feature: format!("tracepoint {}", hook.tracepoint),
-                lost: format!("{why}: {}", hook.without),
-            });
-        }
-        if self.hooks.iter().any(|h| h.program == "tcp_send_reset")
-            && self.reset_reason_arg.is_none()
-        {
-            out.push(Degradation {
-                feature: "reset reasons".into(),
-                lost: "tcp_send_reset has no reason argument before Linux 6.10: resets sent \
-                       carry no reason"
-                    .into(),
-            });
-        }
-        if !self.sk_storage {
-            out.push(Degradation {
-                feature: "socket storage in tracing programs".into(),
-                lost: format!(
-                    "not before Linux 5.11: socket owners and lifecycle facts are kept in a map \
-                     keyed by the socket's address instead (at most {DEFAULT_STATE_HASH_ENTRIES} \
-                     sockets at once; more are counted in conntracer_events_lost_total and \
-                     reported without owner); accepted sockets take the owner of the listener \
-                     on their namespace and port (with SO_REUSEPORT listeners of different \
-                     processes on one port, the newest one's); keepalive options set with \
-                     setsockopt are counted but not tied to their connection (its close \
-                     summary reads them from the socket either way)"
-                ),
-            });
-        }
-        if !self.sockopt_task {
-            out.push(Degradation {
-                feature: "task of setsockopt calls".into(),
-                lost: "cgroup programs cannot ask for the calling task before Linux 5.11: \
-                       keepalive options set with setsockopt are attributed by cgroup (pod, \
-                       container) and uid, with no pid or process name"
-                    .into(),
-            });
-        }
-        if !self.socket_cookie {
-            out.push(Degradation {
-                feature: "socket cookies in tracing programs".into(),
-                lost: "not before Linux 5.12: connection ids are made from the socket's \
-                       address and creation time (mixed with a random key), not the kernel's \
-                       cookie; a socket older than the tracer has one from its address alone, \
-                       which a later socket at the same address can repeat"
-                    .into(),
-            });
-        }
-        out
-    }
-}
-
-/// Whether a tracepoint's arguments are what a program reads.
-fn args_fit(uses: ArgUse, args: &[TpArg]) -> Result<(), String> {
-    let sock = TpArg::Ptr("sock".into());
-    let ok = match uses {
-        ArgUse::Sock => args.first() == Some(&sock),
-        ArgUse::SockStates => {
-            args.len() >= 3
-                && args[0] == sock
-                && args[1] == TpArg::Int(4)
-                && args[2] == TpArg::Int(4)
-        }
-    };
-    if ok {
-        Ok(())
-    } else {
-        let want = match uses {
-            ArgUse::Sock => "(struct sock *, ...)",
-            ArgUse::SockStates => "(struct sock *, int32, int32, ...)",
-        };
-        let have: Vec<String> = args.iter().map(ToString::to_string).collect();
-        Err(format!(
-            "its arguments are ({}), the program reads {want}",
-            have.join(", ")
-        ))
-    }
-}
 
 const PRIVILEGE_HINT: &str = "run as root, or grant CAP_SYS_ADMIN (it covers CAP_BPF and \
                               CAP_PERFMON, which load the programs, and the tracer needs it anyway \
@@ -351,24 +126,12 @@ pub struct KernelOptions {
 impl Default for KernelOptions {
     fn default() -> Self {
         Self {
-            btf_path: PathBuf::from(offsets::VMLINUX_BTF),
+            btf_path: PathBuf::from(VMLINUX_BTF),
             ring_bytes: DEFAULT_RING_BYTES,
             verbose: false,
             sockopts: true,
         }
     }
-}
-
-/// Checks a ring buffer size the way the kernel will.
-pub fn valid_ring_size(bytes: u32) -> bool {
-    let page = page_size();
-    bytes.is_power_of_two() && bytes >= page && bytes.is_multiple_of(page)
-}
-
-fn page_size() -> u32 {
-    // SAFETY: sysconf has no preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u32::try_from(p).unwrap_or(4096)
 }
 
 /// The loaded and attached kernel side.
@@ -392,7 +155,7 @@ impl Kernel {
     /// helpers tracing programs may call, loads the programs built for that
     /// shape and attaches them all.
     pub fn load(opts: &KernelOptions) -> Result<Self, KernelError> {
-        if !valid_ring_size(opts.ring_bytes) {
+        if !sys::valid_ring_size(opts.ring_bytes) {
             return Err(KernelError::RingSize(opts.ring_bytes));
         }
         let btf = offsets::load_btf(&opts.btf_path)?;
@@ -502,20 +265,23 @@ impl Kernel {
     }
 
     /// The event ring buffer; can be taken once.
-    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, KernelError> {
+    pub fn take_events(&mut self) -> Result<EventRing, KernelError> {
         let map = self
             .ebpf
             .take_map(EVENTS_MAP)
             .ok_or(KernelError::MissingMap(EVENTS_MAP))?;
-        RingBuf::try_from(map).map_err(|source| KernelError::Map {
-            name: EVENTS_MAP,
-            source: Box::new(source),
-        })
+        RingBuf::try_from(map)
+            .map(EventRing::new)
+            .map_err(|source| KernelError::Map {
+                name: EVENTS_MAP,
+                source: Box::new(source),
+            })
     }
 
-    /// The kernel log stream (aya-log), if any; can be taken once.
-    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
-        self.logger.take()
+    /// The kernel log stream (aya-log), registered with tokio; can be taken
+    /// once (later it is empty).
+    pub fn take_log(&mut self) -> std::io::Result<KernelLog> {
+        KernelLog::new(self.logger.take())
     }
 
     /// Events the kernel could not put in the ring buffer, per kind (index =
@@ -536,97 +302,6 @@ impl Kernel {
             lost.push(per_cpu.iter().sum());
         }
         Ok(lost)
-    }
-
-    /// Every live TCP connection on the host, as the kernel's TCP iterator
-    /// sees it right now: one pass over each network namespace's sockets,
-    /// from a short-lived thread that enters each namespace in turn (the
-    /// iterator walks the namespace its reader is created in).
-    pub fn snapshot(&mut self) -> Result<Vec<crate::event::ConnEvent>, KernelError> {
-        let err = |source| KernelError::Program {
-            program: ITER_PROGRAM,
-            tracepoint: "iter/tcp",
-            source: Box::new(source),
-            hint: PRIVILEGE_HINT,
-        };
-        let prog: &mut Iter = self
-            .ebpf
-            .program_mut(ITER_PROGRAM)
-            .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
-            .try_into()
-            .map_err(err)?;
-        // Our own namespace first, without setns (which needs CAP_SYS_ADMIN
-        // even there): then a tracer without it still sees the host's.
-        let own = std::fs::read_link("/proc/self/ns/net")
-            .ok()
-            .and_then(|l| crate::sys::netns::parse_ns_link(&l.to_string_lossy()));
-        let mut namespaces: Vec<(u64, Option<PathBuf>)> = crate::sys::netns::list()
-            .into_iter()
-            .filter(|(ino, _)| Some(*ino) != own)
-            .map(|(ino, path)| (ino, Some(path)))
-            .collect();
-        if let Some(own) = own {
-            namespaces.insert(0, (own, None));
-        }
-        let size = size_of::<tracer_common::Event<tracer_common::SnapshotData>>();
-        let (events, bad) = std::thread::scope(|scope| {
-            scope
-                .spawn(
-                    move || -> Result<(Vec<crate::event::ConnEvent>, u64), KernelError> {
-                        let (mut out, mut bad) = (Vec::new(), 0u64);
-                        for (ino, path) in &namespaces {
-                            if let Some(path) = path
-                                && let Err(e) = crate::sys::netns::enter(path)
-                            {
-                                let detail =
-                                    format!("skipping netns {ino} ({}): {e}", path.display());
-                                if crate::sys::caps::is_denied(&e) {
-                                    crate::sys::caps::denied(
-                                        crate::sys::caps::Denied::Setns,
-                                        &detail,
-                                    );
-                                } else {
-                                    // Namespaces come and go with their processes.
-                                    log::debug!("{detail}");
-                                }
-                                continue;
-                            }
-                            let link_id = prog.attach().map_err(err)?;
-                            let link = prog.take_link(link_id).map_err(err)?;
-                            let mut file = link
-                                .into_file()
-                                .map_err(|e| KernelError::Iter(e.to_string()))?;
-                            let mut bytes = Vec::new();
-                            std::io::Read::read_to_end(&mut file, &mut bytes)
-                                .map_err(|e| KernelError::Iter(e.to_string()))?;
-                            for record in bytes.chunks_exact(size) {
-                                match crate::event::decode(record) {
-                                    Ok(ev) => out.push(ev),
-                                    Err(e) => {
-                                        bad += 1;
-                                        if bad == 1 {
-                                            log::warn!(
-                                                "skipping undecodable TCP iterator record: {e}"
-                                            );
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                        Ok((out, bad))
-                    },
-                )
-                .join()
-                .unwrap_or_else(|_| Err(KernelError::Iter("snapshot thread panicked".into())))
-        })?;
-        self.decode_errors += bad;
-        Ok(events)
-    }
-
-    /// Records of the TCP iterator that could not be decoded since the last
-    /// call (they count in `conntracer_decode_errors_total`).
-    pub fn take_decode_errors(&mut self) -> u64 {
-        std::mem::take(&mut self.decode_errors)
     }
 
     /// Total of [`Self::lost_events`].
@@ -738,7 +413,7 @@ fn random_u64() -> u64 {
 /// Attaches the setsockopt observer at the cgroup v2 root, alongside any
 /// other programs there: it sees every process's options.
 fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
-    let root = crate::sys::cgroup::cgroup2_mount()
+    let root = sys::cgroup::cgroup2_mount()
         .ok()
         .flatten()
         .ok_or(KernelError::NoCgroup2)?;
@@ -793,17 +468,22 @@ fn raise_memlock_limit() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ring_sizes_follow_kernel_rules() {
-        assert!(valid_ring_size(DEFAULT_RING_BYTES));
-        assert!(valid_ring_size(4096));
-        assert!(!valid_ring_size(4097));
-        assert!(!valid_ring_size(1024));
-        assert!(!valid_ring_size(0));
-        assert!(!valid_ring_size(3 * 4096));
-    }
+/// Whether this kernel has the map types the programs need: (name, the
+/// kernel that brought it, supported or why the probe failed).
+pub fn map_support() -> [(&'static str, &'static str, Result<bool, String>); 2] {
+    [
+        (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
+        (
+            MapType::SkStorage,
+            "socket storage",
+            "Linux 5.2+ (BPF_F_CLONE: 5.4+)",
+        ),
+    ]
+    .map(|(map, name, need)| {
+        (
+            name,
+            need,
+            aya::sys::is_map_supported(map).map_err(|e| e.to_string()),
+        )
+    })
 }

@@ -1,12 +1,21 @@
-//! The Prometheus metrics of the public contract (names and labels are
-//! documented in README.md and must not change).
+//! Stage 5, metrics: the Prometheus contract (names and labels are
+//! documented in README.md and must not change). Takes what the tracker
+//! says of each event ([`crate::track::Outcome`]) and, at scrape, its table
+//! and chains; gives the metric families. Each metric is declared once
+//! below, its labels a typed set ([`family`]) whose names and order are
+//! written once; open-ended labels are capped ([`labels`]). [`State`] is
+//! the daemon's whole state: the tracker and the metrics it feeds.
 
-use std::collections::HashMap;
+pub mod family;
+pub mod labels;
+mod state;
+#[cfg(test)]
+mod tests;
 
-use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
+
+use self::family::{Counter, Gauge, Histogram, label_set, plain};
+pub use self::state::State;
 
 /// Buckets of `conntracer_idle_before_close_seconds`: from sub-second to a
 /// day, dense around the usual idle timeouts (30 s, 1 m, 5 m, 15 m, 1 h).
@@ -15,23 +24,69 @@ pub const IDLE_BUCKETS: &[f64] = &[
     14400.0, 43200.0, 86400.0,
 ];
 
+label_set!(
+    /// `conntracer_idle_kills_total`.
+    IdleKill { namespace, pod, container, role, direction, peer, closed_by, close_kind, keepalive }
+);
+label_set!(
+    /// `conntracer_idle_before_close_seconds`.
+    IdleBeforeClose { namespace, pod, container, role, direction, closed_by }
+);
+label_set!(
+    /// `conntracer_connections_open`.
+    ConnectionsOpen { namespace, pod, container, role, direction, keepalive }
+);
+label_set!(
+    /// `conntracer_keepalive_sockopts_total`.
+    KeepaliveSockopt { namespace, pod, container, role, option, value }
+);
+label_set!(
+    /// `conntracer_stale_reuse_total`.
+    StaleReuse { namespace, pod, container, role, direction, peer, outcome }
+);
+label_set!(
+    /// `conntracer_sidecar_chain_kills_total`.
+    ChainKill { namespace, pod, peer, origin, upstream_keepalive }
+);
+label_set!(
+    /// `conntracer_sidecar_keepalive_mismatch`.
+    ChainPeer { namespace, pod, peer }
+);
+label_set!(
+    /// `conntracer_peer_connections_open`.
+    PeerConnectionsOpen { namespace, pod, role, direction, peer }
+);
+label_set!(
+    /// `conntracer_events_total`.
+    EventKind { kind }
+);
+label_set!(
+    /// `conntracer_label_overflow_total`.
+    LabelName { label }
+);
+label_set!(
+    /// `conntracer_build_info`.
+    Build { version }
+);
+
+/// Every metric of the contract, registered in [`Self::registry`].
 pub struct Metrics {
     pub registry: Registry,
-    pub idle_kills: IntCounterVec,
-    pub idle_before_close: HistogramVec,
-    pub connections_open: IntGaugeVec,
-    pub keepalive_sockopts: IntCounterVec,
-    pub stale_reuse: IntCounterVec,
-    pub sidecar_chain_kills: IntCounterVec,
-    pub sidecar_keepalive_mismatch: IntGaugeVec,
-    pub events: IntCounterVec,
+    pub idle_kills: Counter<IdleKill<'static>>,
+    pub idle_before_close: Histogram<IdleBeforeClose<'static>>,
+    pub connections_open: Gauge<ConnectionsOpen<'static>>,
+    pub keepalive_sockopts: Counter<KeepaliveSockopt<'static>>,
+    pub stale_reuse: Counter<StaleReuse<'static>>,
+    pub sidecar_chain_kills: Counter<ChainKill<'static>>,
+    pub sidecar_keepalive_mismatch: Gauge<ChainPeer<'static>>,
+    pub events: Counter<EventKind<'static>>,
     pub events_lost: IntCounter,
     pub tracked_connections: IntGauge,
-    pub label_overflow: IntCounterVec,
+    pub label_overflow: Counter<LabelName<'static>>,
     pub table_evictions: IntCounter,
     pub decode_errors: IntCounter,
-    pub build_info: IntGaugeVec,
-    pub peer_connections_open: IntGaugeVec,
+    pub build_info: Gauge<Build<'static>>,
+    pub peer_connections_open: Gauge<PeerConnectionsOpen<'static>>,
     pub chains_open: IntGauge,
     pub kube_pods: IntGauge,
     pub table_reconciled: IntCounter,
@@ -41,23 +96,6 @@ pub struct Metrics {
     pub forgotten_pods: IntCounter,
 }
 
-fn counter(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
-}
-
-fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
-}
-
 impl Metrics {
     #[expect(
         clippy::too_many_lines,
@@ -65,201 +103,155 @@ impl Metrics {
     )]
     pub fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
-        let idle_before_close = HistogramVec::new(
-            HistogramOpts::new(
-                "conntracer_idle_before_close_seconds",
-                "Idle time (no payload either way) when each closed connection ended.",
-            )
-            .buckets(IDLE_BUCKETS.to_vec()),
-            &[
-                "namespace",
-                "pod",
-                "container",
-                "role",
-                "direction",
-                "closed_by",
-            ],
-        )?;
-        r.register(Box::new(idle_before_close.clone()))?;
-        let events_lost = IntCounter::new(
-            "conntracer_events_lost_total",
-            "Kernel events that did not fit in the ring buffer.",
-        )?;
-        r.register(Box::new(events_lost.clone()))?;
-        let tracked = IntGauge::new(
-            "conntracer_tracked_connections",
-            "Connections in the tracer's table.",
-        )?;
-        r.register(Box::new(tracked.clone()))?;
-        let evictions = IntCounter::new(
-            "conntracer_table_evictions_total",
-            "Connections dropped from the table to stay within max_connections.",
-        )?;
-        r.register(Box::new(evictions.clone()))?;
-        let decode_errors = IntCounter::new(
-            "conntracer_decode_errors_total",
-            "Kernel records that could not be decoded.",
-        )?;
-        r.register(Box::new(decode_errors.clone()))?;
         let m = Self {
-            idle_kills: counter(
+            idle_kills: Counter::register(
                 &r,
                 "conntracer_idle_kills_total",
                 "Connections that ended after at least the idle threshold with no payload, ended \
                  by the peer (FIN/RST) or a timeout, including stale reuse.",
-                &[
-                    "namespace",
-                    "pod",
-                    "container",
-                    "role",
-                    "direction",
-                    "peer",
-                    "closed_by",
-                    "close_kind",
-                    "keepalive",
-                ],
             )?,
-            idle_before_close,
-            connections_open: gauge(
+            idle_before_close: Histogram::register(
+                &r,
+                "conntracer_idle_before_close_seconds",
+                "Idle time (no payload either way) when each closed connection ended.",
+                IDLE_BUCKETS,
+            )?,
+            connections_open: Gauge::register(
                 &r,
                 "conntracer_connections_open",
                 "Open connections tracked.",
-                &[
-                    "namespace",
-                    "pod",
-                    "container",
-                    "role",
-                    "direction",
-                    "keepalive",
-                ],
             )?,
-            keepalive_sockopts: counter(
+            keepalive_sockopts: Counter::register(
                 &r,
                 "conntracer_keepalive_sockopts_total",
                 "Keepalive socket options set (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, \
                  TCP_KEEPCNT, TCP_USER_TIMEOUT).",
-                &["namespace", "pod", "container", "role", "option", "value"],
             )?,
-            stale_reuse: counter(
+            stale_reuse: Counter::register(
                 &r,
                 "conntracer_stale_reuse_total",
                 "First sends after at least the idle threshold of silence answered by a reset or \
                  never acknowledged.",
-                &[
-                    "namespace",
-                    "pod",
-                    "container",
-                    "role",
-                    "direction",
-                    "peer",
-                    "outcome",
-                ],
             )?,
-            sidecar_chain_kills: counter(
+            sidecar_chain_kills: Counter::register(
                 &r,
                 "conntracer_sidecar_chain_kills_total",
                 "App connections through the pod's sidecar that ended, by the leg that ended first.",
-                &["namespace", "pod", "peer", "origin", "upstream_keepalive"],
             )?,
-            sidecar_keepalive_mismatch: gauge(
+            sidecar_keepalive_mismatch: Gauge::register(
                 &r,
                 "conntracer_sidecar_keepalive_mismatch",
                 "Open app->sidecar->upstream chains with keepalive on the app leg and off upstream.",
-                &["namespace", "pod", "peer"],
             )?,
-            events: counter(
+            events: Counter::register(
                 &r,
                 "conntracer_events_total",
                 "Kernel events received, by kind.",
-                &["kind"],
             )?,
-            events_lost,
-            tracked_connections: tracked,
-            label_overflow: counter(
+            events_lost: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_events_lost_total",
+                    "Kernel events that did not fit in the ring buffer.",
+                ),
+            )?,
+            tracked_connections: plain(
+                &r,
+                IntGauge::new(
+                    "conntracer_tracked_connections",
+                    "Connections in the tracer's table.",
+                ),
+            )?,
+            label_overflow: Counter::register(
                 &r,
                 "conntracer_label_overflow_total",
                 "Label values folded into \"other\" by the label caps.",
-                &["label"],
             )?,
-            table_evictions: evictions,
-            decode_errors,
-            build_info: gauge(
+            table_evictions: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_table_evictions_total",
+                    "Connections dropped from the table to stay within max_connections.",
+                ),
+            )?,
+            decode_errors: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_decode_errors_total",
+                    "Kernel records that could not be decoded.",
+                ),
+            )?,
+            build_info: Gauge::register(
                 &r,
                 "conntracer_build_info",
                 "Always 1; labels name the build.",
-                &["version"],
             )?,
-            peer_connections_open: gauge(
+            peer_connections_open: Gauge::register(
                 &r,
                 "conntracer_peer_connections_open",
                 "Open connections by peer (namespace/pod of a known pod, else address): \
                  the load-imbalance view. Peers are capped like every peer label.",
-                &["namespace", "pod", "role", "direction", "peer"],
             )?,
-            chains_open: {
-                let g = IntGauge::new(
+            chains_open: plain(
+                &r,
+                IntGauge::new(
                     "conntracer_sidecar_chains_open",
                     "Open app -> sidecar -> upstream chains the tracer has linked.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            table_reconciled: {
-                let c = IntCounter::new(
+                ),
+            )?,
+            table_reconciled: plain(
+                &r,
+                IntCounter::new(
                     "conntracer_table_reconciled_total",
                     "Connections removed from the table because the kernel no longer had them \
                      (their close event was missed, e.g. lost).",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
-            kube_pods: {
-                let g = IntGauge::new(
+                ),
+            )?,
+            kube_pods: plain(
+                &r,
+                IntGauge::new(
                     "conntracer_kube_pods",
                     "Pods of this node known from the Kubernetes API.",
-                )?;
-                r.register(Box::new(g.clone()))?;
-                g
-            },
-            kube_errors: {
-                let c = IntCounter::new(
+                ),
+            )?,
+            kube_errors: plain(
+                &r,
+                IntCounter::new(
                     "conntracer_kube_errors_total",
                     "Kubernetes API errors (the pod watch retries; known labels are kept).",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
-            cgroup_rescans: {
-                let c = IntCounter::new(
+                ),
+            )?,
+            cgroup_rescans: plain(
+                &r,
+                IntCounter::new(
                     "conntracer_cgroup_rescans_total",
                     "Walks of the cgroup v2 hierarchy to map new cgroup ids to paths.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
-            proc_errors: {
-                let c = IntCounter::new(
+                ),
+            )?,
+            proc_errors: plain(
+                &r,
+                IntCounter::new(
                     "conntracer_proc_errors_total",
                     "/proc entries (fd links, status, cgroup) that could not be parsed and were \
                      skipped.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
-            forgotten_pods: {
-                let c = IntCounter::new(
+                ),
+            )?,
+            forgotten_pods: plain(
+                &r,
+                IntCounter::new(
                     "conntracer_forgotten_pods_total",
                     "Deleted pods whose series were removed from the metrics (two grace periods \
                      after the deletion).",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+                ),
+            )?,
             registry: r,
         };
-        m.build_info
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
-            .set(1);
+        m.build_info.set(
+            &Build {
+                version: env!("CARGO_PKG_VERSION"),
+            },
+            1,
+        );
         Ok(m)
     }
 
@@ -269,49 +261,22 @@ impl Metrics {
     /// them from the open connections. Returns the series removed.
     pub fn forget_pod(&self, namespace: &str, pod: &str) -> usize {
         let peer = format!("{namespace}/{pod}");
-        let belongs = |labels: &HashMap<String, String>| {
-            let get = |name: &str| labels.get(name).map(String::as_str);
+        let belongs = |labels: &std::collections::HashMap<&str, &str>| {
+            let get = |name: &str| labels.get(name).copied();
             (get("namespace") == Some(namespace) && get("pod") == Some(pod))
                 || get("peer") == Some(peer.as_str())
         };
-        forget_in(&self.idle_kills, &belongs)
-            + forget_in(&self.idle_before_close, &belongs)
-            + forget_in(&self.keepalive_sockopts, &belongs)
-            + forget_in(&self.stale_reuse, &belongs)
-            + forget_in(&self.sidecar_chain_kills, &belongs)
+        self.idle_kills.remove_where(&belongs)
+            + self.idle_before_close.remove_where(&belongs)
+            + self.keepalive_sockopts.remove_where(&belongs)
+            + self.stale_reuse.remove_where(&belongs)
+            + self.sidecar_chain_kills.remove_where(&belongs)
     }
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         encode(&self.registry.gather())
     }
-}
-
-/// Removes the series of `vec` whose labels satisfy `belongs`.
-fn forget_in<T: prometheus::core::MetricVecBuilder>(
-    vec: &prometheus::core::MetricVec<T>,
-    belongs: &dyn Fn(&HashMap<String, String>) -> bool,
-) -> usize {
-    let mut removed = 0;
-    for family in prometheus::core::Collector::collect(vec) {
-        for metric in family.get_metric() {
-            let labels: HashMap<String, String> = metric
-                .get_label()
-                .iter()
-                .map(|l| (l.name().to_string(), l.value().to_string()))
-                .collect();
-            if belongs(&labels) {
-                let by_name: HashMap<&str, &str> = labels
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str()))
-                    .collect();
-                if vec.remove(&by_name).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-    }
-    removed
 }
 
 /// Gathered metrics in the Prometheus text format.
@@ -322,35 +287,4 @@ pub fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
             log::error!("cannot encode metrics: {e}");
             String::new()
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
-        let m = Metrics::new().expect("metrics");
-        let kill = |ns: &str, pod: &str, peer: &str| {
-            m.idle_kills
-                .with_label_values(&[ns, pod, "app", "app", "outbound", peer, "peer", "fin", "on"])
-                .inc();
-        };
-        kill("shop", "cart-1", "db/redis-0");
-        kill("shop", "cart-2", "db/redis-0");
-        kill("shop", "cart-2", "shop/cart-1");
-        m.idle_before_close
-            .with_label_values(&["shop", "cart-1", "app", "app", "outbound", "peer"])
-            .observe(3.0);
-        m.sidecar_chain_kills
-            .with_label_values(&["shop", "cart-1", "db/redis-0", "upstream", "off"])
-            .inc();
-
-        assert_eq!(m.forget_pod("shop", "cart-1"), 4);
-        let text = m.render();
-        assert!(!text.contains("cart-1"), "{text}");
-        assert!(text.contains("pod=\"cart-2\""), "{text}");
-        assert_eq!(m.forget_pod("shop", "cart-1"), 0, "nothing left");
-        assert_eq!(m.forget_pod("other", "cart-2"), 0, "namespace must match");
-    }
 }

@@ -1,13 +1,16 @@
-//! Who a socket belongs to, as metric labels: pod attribution, role,
-//! direction and peer, with every open-ended label capped.
+//! The attributor: a socket's owner -> its pod, container and role.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::{IpAddr, Ipv6Addr},
-    ops::RangeInclusive,
+use std::{collections::HashMap, net::IpAddr};
+
+use tracer_common::Owner;
+
+use super::{
+    cgroup::CgroupPaths,
+    kube::{KubeSource, PodIndex},
+    kubelet::{self, PodContainer},
+    procfs,
 };
-
-use tracer_common::{Owner, owner_flags};
+use crate::{config::Config, event::addr::canonical, sys};
 
 /// The pod, container and role of a socket's owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -61,7 +64,7 @@ impl Default for SidecarRules {
 
 impl SidecarRules {
     fn is_sidecar(&self, owner: &Owner, container: &str) -> bool {
-        let comm = crate::event::comm_str(&owner.comm);
+        let comm = owner.comm_str();
         self.uids.contains(&owner.uid) || self.names.iter().any(|n| n == container || *n == comm)
     }
 }
@@ -70,22 +73,18 @@ impl SidecarRules {
 /// id -> its cgroup path -> pod UID and container ID (kubelet layouts) ->
 /// namespace, pod and container names (Kubernetes API).
 pub struct Attributor {
-    cgroups: Option<crate::owner::podid::CgroupPaths>,
-    pods: Option<crate::owner::kube::PodIndex>,
+    cgroups: Option<CgroupPaths>,
+    pods: Option<PodIndex>,
     rules: SidecarRules,
     /// cgroup id -> parsed path; bounded, rebuilt when full.
-    parsed: HashMap<u64, Option<crate::owner::podid::PodContainer>>,
+    parsed: HashMap<u64, Option<PodContainer>>,
 }
 
 /// Parsed cgroup paths kept; a node has far fewer live cgroups.
 const PARSED_CAP: usize = 65_536;
 
 impl Attributor {
-    pub fn new(
-        cgroups: Option<crate::owner::podid::CgroupPaths>,
-        pods: Option<crate::owner::kube::PodIndex>,
-        rules: SidecarRules,
-    ) -> Self {
+    pub fn new(cgroups: Option<CgroupPaths>, pods: Option<PodIndex>, rules: SidecarRules) -> Self {
         Self {
             cgroups,
             pods,
@@ -94,22 +93,54 @@ impl Attributor {
         }
     }
 
+    /// Attribution as configured: the cgroup v2 hierarchy for pod and
+    /// container IDs, and (unless disabled) a pod watch for their names,
+    /// spawned on the tokio runtime.
+    pub fn from_config(cfg: &Config) -> Self {
+        let cgroups = if let Ok(Some(mount)) = sys::cgroup::cgroup2_mount() {
+            Some(CgroupPaths::new(mount))
+        } else {
+            log::warn!("no cgroup v2 hierarchy: every connection is a host connection");
+            None
+        };
+        let source = if cfg.no_kube {
+            KubeSource::Disabled
+        } else if let Some(url) = &cfg.kube_api {
+            KubeSource::Url(url.clone())
+        } else {
+            KubeSource::InCluster
+        };
+        let pods = (source != KubeSource::Disabled).then(|| {
+            let index = PodIndex::with_grace(cfg.deleted_pod_grace);
+            let node = cfg
+                .node_name
+                .clone()
+                .unwrap_or_else(super::kube::default_node_name);
+            log::info!("watching the pods of node {node:?} ({source:?})");
+            super::kube::spawn(source, node, index.clone());
+            index
+        });
+        let rules = SidecarRules {
+            uids: cfg.sidecar_uids.clone(),
+            names: cfg.sidecar_names.clone(),
+        };
+        Self::new(cgroups, pods, rules)
+    }
+
     /// Every socket a host socket (no cgroup hierarchy to read).
     pub fn host_only() -> Self {
         Self::new(None, None, SidecarRules::default())
     }
 
-    pub fn pods(&self) -> Option<&crate::owner::kube::PodIndex> {
+    pub fn pods(&self) -> Option<&PodIndex> {
         self.pods.as_ref()
     }
 
     pub fn cgroup_rescans(&self) -> u64 {
-        self.cgroups
-            .as_ref()
-            .map_or(0, crate::owner::podid::CgroupPaths::rescans)
+        self.cgroups.as_ref().map_or(0, CgroupPaths::rescans)
     }
 
-    fn pod_container(&mut self, owner: &Owner) -> Option<crate::owner::podid::PodContainer> {
+    fn pod_container(&mut self, owner: &Owner) -> Option<PodContainer> {
         let cgroup_id = owner.cgroup_id;
         if cgroup_id == 0 {
             return None;
@@ -123,7 +154,7 @@ impl Attributor {
         let path = self
             .path_from_proc(owner.pid, cgroup_id)
             .or_else(|| self.cgroups.as_mut()?.resolve(cgroup_id))?;
-        let parsed = crate::owner::podid::parse_cgroup_path(&path);
+        let parsed = kubelet::parse_cgroup_path(&path);
         if self.parsed.len() >= PARSED_CAP {
             self.parsed.clear();
         }
@@ -138,8 +169,8 @@ impl Attributor {
         let mount = self.cgroups.as_ref()?.mount();
         let file = format!("/proc/{pid}/cgroup");
         let text = std::fs::read_to_string(&file).ok()?;
-        let Some(path) = cgroup_v2_path(&text) else {
-            crate::owner::procfs::malformed(&file, "no `0::/path` line", &text);
+        let Some(path) = procfs::cgroup_v2_path(&text) else {
+            procfs::malformed(&file, "no `0::/path` line", &text);
             return None;
         };
         let meta = std::fs::metadata(mount.join(path.trim_start_matches('/'))).ok()?;
@@ -189,191 +220,5 @@ impl Attributor {
     pub fn peer_pod(&self, ip: IpAddr) -> Option<String> {
         let (ns, pod) = self.pods.as_ref()?.lookup_ip(canonical(ip))?;
         Some(format!("{ns}/{pod}"))
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
-    Outbound,
-    Inbound,
-}
-
-impl Direction {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Outbound => "outbound",
-            Self::Inbound => "inbound",
-        }
-    }
-}
-
-/// The local ephemeral port range (`net.ipv4.ip_local_port_range`).
-pub fn ephemeral_ports() -> RangeInclusive<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| parse_port_range(&s))
-        .unwrap_or(32768..=60999)
-}
-
-pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
-    let mut it = s.split_whitespace().map(str::parse::<u16>);
-    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
-    (lo <= hi).then_some(lo..=hi)
-}
-
-/// Accepted sockets are inbound, connecting ones outbound. For sockets
-/// older than the tracer (owner unknown), a local port in the ephemeral
-/// range means this side connected.
-pub fn direction(owner: &Owner, local_port: u16, ephemeral: &RangeInclusive<u16>) -> Direction {
-    if owner.flags & owner_flags::INHERITED != 0 {
-        Direction::Inbound
-    } else if owner.flags & owner_flags::KNOWN != 0 || ephemeral.contains(&local_port) {
-        Direction::Outbound
-    } else {
-        Direction::Inbound
-    }
-}
-
-/// v4-mapped IPv6 addresses shown as the IPv4 address they carry.
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 @ IpAddr::V4(_) => v4,
-    }
-}
-
-/// The `peer` label: `ip:port` of the service for outbound connections;
-/// the client's `ip` alone for inbound ones (its port is ephemeral and
-/// would make the label unbounded).
-pub fn peer_label(remote: IpAddr, remote_port: u16, dir: Direction) -> String {
-    let ip = canonical(remote);
-    match (dir, ip) {
-        (Direction::Inbound, ip) => ip.to_string(),
-        (Direction::Outbound, IpAddr::V6(v6)) => format!("[{v6}]:{remote_port}"),
-        (Direction::Outbound, IpAddr::V4(v4)) => format!("{v4}:{remote_port}"),
-    }
-}
-
-/// Caps the distinct values of one label: the first `max` values pass,
-/// later new ones fold into "other".
-#[derive(Debug)]
-pub struct LabelCap {
-    seen: HashSet<String>,
-    max: usize,
-    /// Values folded into "other" so far.
-    pub overflowed: u64,
-}
-
-pub const OTHER: &str = "other";
-
-impl LabelCap {
-    pub fn new(max: usize) -> Self {
-        Self {
-            seen: HashSet::new(),
-            max,
-            overflowed: 0,
-        }
-    }
-
-    /// The value to use for `value`.
-    pub fn admit(&mut self, value: String) -> String {
-        if self.seen.contains(&value) {
-            return value;
-        }
-        if self.seen.len() < self.max {
-            self.seen.insert(value.clone());
-            return value;
-        }
-        self.overflowed += 1;
-        OTHER.to_string()
-    }
-}
-
-impl LabelCap {
-    /// Frees `value`'s place (a deleted pod's peer name): a later value can
-    /// take it. Returns whether it was admitted.
-    pub fn forget(&mut self, value: &str) -> bool {
-        self.seen.remove(value)
-    }
-}
-
-/// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
-pub fn cgroup_v2_path(text: &str) -> Option<&str> {
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::trim)
-        .filter(|p| p.starts_with('/'))
-}
-
-/// An address for display: `ip:port`, IPv6 in brackets.
-pub fn endpoint(ip: IpAddr, port: u16) -> String {
-    match canonical(ip) {
-        IpAddr::V6(v6) if v6 == Ipv6Addr::UNSPECIFIED => format!("[::]:{port}"),
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-        IpAddr::V4(v4) => format!("{v4}:{port}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::net::Ipv4Addr;
-
-    use super::*;
-
-    #[test]
-    fn direction_from_owner_or_port() {
-        let eph = 32768..=60999;
-        let mut o = Owner {
-            flags: owner_flags::KNOWN | owner_flags::INHERITED,
-            ..Owner::default()
-        };
-        assert_eq!(direction(&o, 3306, &eph), Direction::Inbound);
-        o.flags = owner_flags::KNOWN;
-        assert_eq!(direction(&o, 40000, &eph), Direction::Outbound);
-        o.flags = 0;
-        assert_eq!(direction(&o, 40000, &eph), Direction::Outbound);
-        assert_eq!(direction(&o, 3306, &eph), Direction::Inbound);
-    }
-
-    #[test]
-    fn peer_labels_are_bounded_by_construction() {
-        let v4: IpAddr = Ipv4Addr::new(10, 0, 0, 7).into();
-        assert_eq!(peer_label(v4, 3306, Direction::Outbound), "10.0.0.7:3306");
-        assert_eq!(peer_label(v4, 51234, Direction::Inbound), "10.0.0.7");
-        let mapped: IpAddr = Ipv4Addr::LOCALHOST.to_ipv6_mapped().into();
-        assert_eq!(
-            peer_label(mapped, 6379, Direction::Outbound),
-            "127.0.0.1:6379"
-        );
-        let v6: IpAddr = "fd00::1".parse().unwrap();
-        assert_eq!(peer_label(v6, 80, Direction::Outbound), "[fd00::1]:80");
-        assert_eq!(endpoint(v6, 80), "[fd00::1]:80");
-    }
-
-    #[test]
-    fn cap_folds_new_values_into_other() {
-        let mut cap = LabelCap::new(2);
-        assert_eq!(cap.admit("a".into()), "a");
-        assert_eq!(cap.admit("b".into()), "b");
-        assert_eq!(cap.admit("c".into()), OTHER);
-        assert_eq!(cap.admit("a".into()), "a", "known values keep passing");
-        assert_eq!(cap.overflowed, 1);
-    }
-
-    #[test]
-    fn cgroup_v2_line_of_proc_pid_cgroup() {
-        let hybrid =
-            "12:pids:/user.slice\n1:name=systemd:/init.scope\n0::/kubepods.slice/x.scope\n";
-        assert_eq!(cgroup_v2_path(hybrid), Some("/kubepods.slice/x.scope"));
-        assert_eq!(cgroup_v2_path("0::/\n"), Some("/"));
-        assert_eq!(cgroup_v2_path("1:cpu:/a\n"), None);
-        assert_eq!(cgroup_v2_path("0::garbage"), None);
-    }
-
-    #[test]
-    fn port_range_parses() {
-        assert_eq!(parse_port_range("32768\t60999\n"), Some(32768..=60999));
-        assert_eq!(parse_port_range("9 1"), None);
-        assert_eq!(parse_port_range("x"), None);
     }
 }

@@ -5,12 +5,15 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    ops::RangeInclusive,
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use tracer_common::{COMM_LEN, Owner, owner_flags};
+
+use crate::sys::caps;
 
 /// Bounds on one scan of /proc: a node with more open files than this is
 /// only partly resolved (and says so in the log).
@@ -100,9 +103,9 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
         let entries = match fs::read_dir(&fd_dir) {
             Ok(entries) => entries,
             Err(e) => {
-                if crate::sys::caps::is_denied(&e) {
-                    crate::sys::caps::denied(
-                        crate::sys::caps::Denied::FdDir,
+                if caps::is_denied(&e) {
+                    caps::denied(
+                        caps::Denied::FdDir,
                         &format!("reading {}: {e}", fd_dir.display()),
                     );
                 }
@@ -122,9 +125,9 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
             let link = match fs::read_link(e.path()) {
                 Ok(link) => link,
                 Err(err) => {
-                    if crate::sys::caps::is_denied(&err) {
-                        crate::sys::caps::denied(
-                            crate::sys::caps::Denied::ProcLink,
+                    if caps::is_denied(&err) {
+                        caps::denied(
+                            caps::Denied::ProcLink,
                             &format!("readlink {}: {err}", e.path().display()),
                         );
                     }
@@ -181,7 +184,7 @@ pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     let cgroup_id = cgroup_mount
         .and_then(|mount| {
             let text = fs::read_to_string(base.join("cgroup")).ok()?;
-            let Some(path) = crate::owner::attribute::cgroup_v2_path(&text) else {
+            let Some(path) = cgroup_v2_path(&text) else {
                 malformed(
                     &base.join("cgroup").display().to_string(),
                     "no `0::/path` line",
@@ -206,6 +209,28 @@ pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     })
 }
 
+/// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
+pub fn cgroup_v2_path(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::trim)
+        .filter(|p| p.starts_with('/'))
+}
+
+/// The local ephemeral port range (`net.ipv4.ip_local_port_range`).
+pub fn ephemeral_ports() -> RangeInclusive<u16> {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| parse_port_range(&s))
+        .unwrap_or(32768..=60999)
+}
+
+pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
+    let mut it = s.split_whitespace().map(str::parse::<u16>);
+    let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
+    (lo <= hi).then_some(lo..=hi)
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::TcpListener;
@@ -220,6 +245,23 @@ mod tests {
         let status = "Name:\tx\nUid:\t1000\t1001\t1000\t1000\nGid:\t50\t51\t50\t50\n";
         assert_eq!(uid_gid(status), Some((1000, 50)));
         assert_eq!(uid_gid("Name: x\\n"), None);
+    }
+
+    #[test]
+    fn cgroup_v2_line_of_proc_pid_cgroup() {
+        let hybrid =
+            "12:pids:/user.slice\n1:name=systemd:/init.scope\n0::/kubepods.slice/x.scope\n";
+        assert_eq!(cgroup_v2_path(hybrid), Some("/kubepods.slice/x.scope"));
+        assert_eq!(cgroup_v2_path("0::/\n"), Some("/"));
+        assert_eq!(cgroup_v2_path("1:cpu:/a\n"), None);
+        assert_eq!(cgroup_v2_path("0::garbage"), None);
+    }
+
+    #[test]
+    fn port_range_parses() {
+        assert_eq!(parse_port_range("32768\t60999\n"), Some(32768..=60999));
+        assert_eq!(parse_port_range("9 1"), None);
+        assert_eq!(parse_port_range("x"), None);
     }
 
     /// This test process's own listening socket is found, with its pid.
@@ -245,7 +287,6 @@ mod fuzz {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::owner::attribute::{cgroup_v2_path, parse_port_range};
 
     /// A `status` file as the kernel writes it, with the real, effective,
     /// saved and filesystem ids.
@@ -303,7 +344,7 @@ mod fuzz {
         ) {
             let text = status_text(&name, uids, gids);
             prop_assert_eq!(uid_gid(&text), Some((uids[0], gids[0])));
-            prop_assert_eq!(crate::cmd::check::effective_caps(&text), Some(0x1ff_ffff_ffff));
+            prop_assert_eq!(caps::parse_cap_eff(&text), Some(0x1ff_ffff_ffff));
         }
 
         /// Truncated or edited status text, and arbitrary text: ids or
@@ -323,7 +364,7 @@ mod fuzz {
             let edited = format!("{}{junk}{}", &text[..at], &text[at..]);
             for t in [&text[..at], edited.as_str(), other.as_str()] {
                 let _ = uid_gid(t);
-                let _ = crate::cmd::check::effective_caps(t);
+                let _ = caps::parse_cap_eff(t);
             }
         }
 

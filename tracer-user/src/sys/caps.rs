@@ -5,11 +5,13 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-/// Capability numbers (linux/capability.h).
+/// Capability numbers (include/uapi/linux/capability.h): the one table of
+/// them, for `check` (can the programs load?) and `run` (what is lost?).
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYS_RESOURCE: u32 = 24;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
@@ -32,13 +34,22 @@ pub const NO_DAC_READ_SEARCH: &str = "CAP_DAC_READ_SEARCH is missing: the direct
     their connections older than the tracer stay unknown (\"owner\": \"unknown\"); grant \
     CAP_DAC_READ_SEARCH";
 
+/// The capabilities the tracer runs without once its programs are loaded,
+/// each with what is lost, in the order they are reported.
+const GAPS: [(u32, &str); 3] = [
+    (CAP_SYS_ADMIN, NO_SYS_ADMIN),
+    (CAP_SYS_PTRACE, NO_SYS_PTRACE),
+    (CAP_DAC_READ_SEARCH, NO_DAC_READ_SEARCH),
+];
+
 /// The effective capability mask of this process (`CapEff`), if readable.
 pub fn effective() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_cap_eff(&status)
 }
 
-fn parse_cap_eff(status: &str) -> Option<u64> {
+/// The effective capability set (`CapEff`) from `/proc/<pid>/status` text.
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
@@ -50,17 +61,10 @@ pub fn has(mask: u64, cap: u32) -> bool {
 /// The warnings for a process with effective capabilities `mask` that got
 /// its programs loaded: one line per missing capability, naming it.
 pub fn gaps(mask: u64) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    if !has(mask, CAP_SYS_ADMIN) {
-        out.push(NO_SYS_ADMIN);
-    }
-    if !has(mask, CAP_SYS_PTRACE) {
-        out.push(NO_SYS_PTRACE);
-    }
-    if !has(mask, CAP_DAC_READ_SEARCH) {
-        out.push(NO_DAC_READ_SEARCH);
-    }
-    out
+    GAPS.iter()
+        .filter(|(cap, _)| !has(mask, *cap))
+        .map(|(_, why)| *why)
+        .collect()
 }
 
 /// Logs [`gaps`] of this process, once, at start-up.
@@ -93,10 +97,10 @@ pub fn denied(what: Denied, detail: &str) {
     static SETNS: AtomicBool = AtomicBool::new(false);
     static PROC_LINK: AtomicBool = AtomicBool::new(false);
     static FD_DIR: AtomicBool = AtomicBool::new(false);
-    let (seen, cap, why) = match what {
-        Denied::Setns => (&SETNS, CAP_SYS_ADMIN, NO_SYS_ADMIN),
-        Denied::ProcLink => (&PROC_LINK, CAP_SYS_PTRACE, NO_SYS_PTRACE),
-        Denied::FdDir => (&FD_DIR, CAP_DAC_READ_SEARCH, NO_DAC_READ_SEARCH),
+    let (seen, (cap, why)) = match what {
+        Denied::Setns => (&SETNS, GAPS[0]),
+        Denied::ProcLink => (&PROC_LINK, GAPS[1]),
+        Denied::FdDir => (&FD_DIR, GAPS[2]),
     };
     if effective().is_some_and(|mask| has(mask, cap)) {
         // Not ours to fix: a security module (Yama, SELinux, AppArmor) or a

@@ -16,10 +16,9 @@ use std::{
     net::IpAddr,
 };
 
-use crate::{
-    owner::attribute::{Role, canonical},
-    track::classify::{CloseKind, ClosedBy},
-};
+pub use super::Direction;
+use super::classify::{CloseKind, ClosedBy};
+use crate::{event::addr::canonical, owner::attribute::Role};
 
 /// An endpoint, with v4-mapped IPv6 folded to IPv4.
 pub type Endpoint = (IpAddr, u16);
@@ -67,14 +66,6 @@ impl Origin {
             Self::App => "app",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// App -> sidecar -> upstream server.
-    Outbound,
-    /// Client -> sidecar -> app.
-    Inbound,
 }
 
 /// One chain; the legs are cookies.
