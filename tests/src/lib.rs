@@ -25,6 +25,7 @@ pub mod daemon;
 pub mod deploy;
 mod events;
 pub mod fake_kube;
+pub mod helper;
 pub mod mesh;
 pub mod netlab;
 mod ns;
