@@ -7,6 +7,9 @@
 //! and the userspace decoder can check sizes exactly.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
 /// Length of `task_struct::comm` (TASK_COMM_LEN in the kernel).
 pub const COMM_LEN: usize = 16;
 
@@ -492,6 +495,86 @@ const _: () = assert!(size_of::<SockState>() == 48 + 48);
 const _: () = assert!(size_of::<TracerConfig>() == 32);
 const _: () = assert!(size_of::<ListenKey>() == 8);
 const _: () = assert!(size_of::<ListenOwner>() == 56);
+
+/// Userspace helpers on the shared types (kunai's `TaskInfo::comm_str`
+/// habit): what every reader of an event asks of its addresses and owner.
+#[cfg(feature = "user")]
+mod user {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::string::String;
+
+    use super::{AF_INET, AF_INET6, Owner, SockAddrs, owner_flags};
+
+    impl SockAddrs {
+        /// The local address; `None` for a family other than IPv4 or IPv6.
+        pub fn local(&self) -> Option<IpAddr> {
+            addr(self.family, &self.saddr)
+        }
+
+        /// The remote address, as [`Self::local`].
+        pub fn remote(&self) -> Option<IpAddr> {
+            addr(self.family, &self.daddr)
+        }
+
+        /// `ipv4`, `ipv6` or `other`.
+        pub fn family_name(&self) -> &'static str {
+            match self.family {
+                AF_INET => "ipv4",
+                AF_INET6 => "ipv6",
+                _ => "other",
+            }
+        }
+    }
+
+    fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
+        match family {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+            _ => None,
+        }
+    }
+
+    impl Owner {
+        /// Captured in process context, inherited, or found in /proc.
+        pub fn is_known(&self) -> bool {
+            self.flags & owner_flags::KNOWN != 0
+        }
+
+        /// Taken from the listener that accepted the socket (inbound).
+        pub fn is_inherited(&self) -> bool {
+            self.flags & owner_flags::INHERITED != 0
+        }
+
+        /// How the owner is known: `unknown`, `inherited`, `proc` (the socket
+        /// is older than the tracer; the process holding it, found in /proc)
+        /// or `known`.
+        pub fn kind(&self) -> &'static str {
+            if !self.is_known() {
+                "unknown"
+            } else if self.is_inherited() {
+                "inherited"
+            } else if self.flags & owner_flags::FROM_PROC != 0 {
+                "proc"
+            } else {
+                "known"
+            }
+        }
+
+        /// The thread name.
+        pub fn comm_str(&self) -> String {
+            comm_str(&self.comm)
+        }
+    }
+
+    /// `comm` up to its first NUL, lossily as UTF-8.
+    pub fn comm_str(comm: &[u8]) -> String {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        String::from_utf8_lossy(&comm[..end]).into_owned()
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::comm_str;
 
 #[cfg(feature = "user")]
 mod pod {
