@@ -172,6 +172,8 @@ fn step_records(t: usize, window: usize) -> [Vec<u8>; 4] {
                 first_tx_us: 0,
                 bytes_received: 8,
                 bytes_acked: 9,
+                soft_errno: 0,
+                snd_wnd: 65_535,
             },
         })
     };

@@ -205,7 +205,7 @@ impl State {
                 ])
                 .inc();
         }
-        if let Some(outcome) = verdict.stale_reuse {
+        if let (Some(outcome), Some(cause)) = (verdict.stale_reuse, verdict.stale_cause) {
             self.metrics
                 .stale_reuse
                 .with_label_values(&[
@@ -216,6 +216,7 @@ impl State {
                     dir.as_str(),
                     peer.as_str(),
                     outcome.as_str(),
+                    cause.as_str(),
                 ])
                 .inc();
         }

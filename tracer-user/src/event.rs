@@ -382,6 +382,9 @@ pub struct EndView {
     /// Silence before the send that died unanswered, if it died on one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub silence_before_failed_send_s: Option<f64>,
+    /// Why that send died: `silence` or `peer_closed` (the keep-alive race).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_send_cause: Option<classify::StaleCause>,
     pub lifetime_s: Option<f64>,
     /// The state it left ESTABLISHED for.
     pub first_close_state: &'static str,
@@ -389,6 +392,10 @@ pub struct EndView {
     pub rst_sent: bool,
     pub errno: u32,
     pub error: &'static str,
+    /// The last ICMP error the connection had survived (detail: a timeout
+    /// after one is still a timeout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_error: Option<&'static str>,
     pub bytes_received: u64,
     pub bytes_acked: u64,
 }
@@ -402,12 +409,14 @@ impl EndView {
             timeout_cause: e.timeout_cause,
             idle_s: e.idle_at_end.map(|d| d.as_secs_f64()),
             silence_before_failed_send_s: e.silence_before_failed_send.map(|d| d.as_secs_f64()),
+            failed_send_cause: e.failed_send_cause,
             lifetime_s: e.lifetime.map(|d| d.as_secs_f64()),
             first_close_state: state_name(c.first_close_state),
             rst_received: c.flags & tracer_common::close_flags::RST_RECEIVED != 0,
             rst_sent: c.flags & tracer_common::close_flags::RST_SENT != 0,
             errno: c.errno,
             error: errno_name(c.errno),
+            soft_error: (c.soft_errno != 0).then(|| errno_name(c.soft_errno)),
             bytes_received: c.bytes_received,
             bytes_acked: c.bytes_acked,
         }
@@ -897,6 +906,7 @@ mod fuzz {
                 first_close_state: b[0], flags: b[1], retransmits: b[2], probes_out: b[3],
                 jiffies, last_send_j: last[0], last_recv_j: last[1], last_ack_j: last[2],
                 errno: j[3], first_tx_us: tail[0], bytes_received: tail[1], bytes_acked: tail[2],
+                soft_errno: last[0] ^ j[0], snd_wnd: last[1] ^ j[1],
             }
         }
     }

@@ -143,8 +143,9 @@ impl Metrics {
             stale_reuse: counter(
                 &r,
                 "conntracer_stale_reuse_total",
-                "First sends after at least the idle threshold of silence answered by a reset or \
-                 never acknowledged.",
+                "Sends answered by a reset or never acknowledged: the first send after at least \
+                 the idle threshold of silence (cause silence), or a send after the peer's FIN \
+                 or crossing it (cause peer_closed: the keep-alive race).",
                 &[
                     "namespace",
                     "pod",
@@ -153,6 +154,7 @@ impl Metrics {
                     "direction",
                     "peer",
                     "outcome",
+                    "cause",
                 ],
             )?,
             sidecar_chain_kills: counter(
