@@ -7,7 +7,10 @@
 //!   timeout, no stale reuse (only the pool's FIN met the server's reset);
 //! - the keep-alive race against a real Node.js `http` server: every reuse
 //!   that meets the server's close is one stale reuse of cause
-//!   `peer_closed`, whatever the idle threshold.
+//!   `peer_closed`, whatever the idle threshold;
+//! - an ICMP reject on the path (a deleted pod, a reject policy): the
+//!   timeouts that follow are timeouts, not resets, though the kernel
+//!   reports them as EHOSTUNREACH.
 //!
 //! Every test holds `serial()` (each daemon sees every namespace) and
 //! compares metric deltas over label sets unique to its scenario.
@@ -28,6 +31,7 @@ use std::{
 use integration_tests::{
     NetNs, Peer,
     daemon::{Daemon, Metrics, serial},
+    netlab::{InvalidAction, NetLab, SERVER_IP},
     require_program_or_skip, require_root_or_skip,
     servers::{Redis, in_netns},
 };
@@ -272,6 +276,149 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
         delta(&before, &m2, KILLS, &[("peer", "127.0.0.1:18080")]),
         0.0,
         "{}",
+        m2.dump(KILLS)
+    );
+}
+
+#[test]
+fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
+    let test = "root_icmp_reject_on_the_path_turns_timeouts_into_timeouts";
+    if !require_root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    // Conntrack keeps the flows (an hour): only the reject rule acts.
+    let lab = NetLab::new(InvalidAction::Drop, 3600);
+    let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
+    let daemon = Daemon::start("1s", &[]);
+    let before = daemon.scrape();
+    let spawn = |label: &str, extra: &[&str]| {
+        let mut cmd = lab.client().command(CLIENT);
+        cmd.args(["redis", "--addr", &SERVER_IP.to_string(), "--port", "6379"])
+            .args(extra);
+        Peer::spawn(label, cmd)
+    };
+    // A client with TCP_USER_TIMEOUT 2 s that sends after 2 s of silence,
+    // and one with keepalive 1/1/3 that never sends.
+    let mut sender = spawn(
+        "ct-client redis user timeout",
+        &[
+            "--idle-secs",
+            "2",
+            "--pause-before-then",
+            "--then",
+            "send",
+            "--user-timeout-ms",
+            "2000",
+        ],
+    );
+    let mut prober = spawn(
+        "ct-client redis keepalive",
+        &[
+            "--keepalive",
+            "--keepidle",
+            "1",
+            "--keepintvl",
+            "1",
+            "--keepcnt",
+            "3",
+            "--idle-secs",
+            "9",
+            "--then",
+            "close",
+        ],
+    );
+    sender.expect_port("connected");
+    prober.expect_port("connected");
+    assert_eq!(sender.expect_line("reply"), ["ok"]);
+    assert_eq!(prober.expect_line("reply"), ["ok"]);
+    // The path now rejects the flows with ICMP admin-prohibited.
+    let status = lab
+        .router()
+        .command("iptables")
+        .args([
+            "-w",
+            "5",
+            "-I",
+            "FORWARD",
+            "1",
+            "-d",
+            &SERVER_IP.to_string(),
+        ])
+        .args([
+            "-p",
+            "tcp",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "icmp-admin-prohibited",
+        ])
+        .status()
+        .expect("iptables");
+    assert!(status.success(), "reject rule");
+    sender.go();
+    let err = sender.expect_line("error");
+    assert_eq!(
+        err[0], "EHOSTUNREACH",
+        "the kernel reports the ICMP error: {err:?}"
+    );
+    sender.expect_line("closed");
+    sender.wait_success();
+    prober.expect_line("closed");
+    prober.wait_success();
+
+    let server = [("peer", "10.231.2.2:6379")];
+    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
+        delta(&before, m, KILLS, &server) >= 2.0
+    });
+    thread::sleep(Duration::from_millis(1000));
+    let m2 = daemon.scrape();
+    let stale = [
+        ("peer", "10.231.2.2:6379"),
+        ("outcome", "timeout"),
+        ("cause", "silence"),
+    ];
+    assert_eq!(
+        delta(&before, &m2, STALE, &stale),
+        1.0,
+        "{}",
+        m2.dump(STALE)
+    );
+    assert_eq!(
+        delta(&before, &m2, STALE, &server),
+        1.0,
+        "{}",
+        m2.dump(STALE)
+    );
+    for keepalive in ["off", "on"] {
+        let kill = [
+            ("peer", "10.231.2.2:6379"),
+            ("closed_by", "local"),
+            ("close_kind", "timeout"),
+            ("keepalive", keepalive),
+        ];
+        assert_eq!(
+            delta(&before, &m, KILLS, &kill),
+            1.0,
+            "keepalive {keepalive}: {}",
+            m.dump(KILLS)
+        );
+    }
+    assert_eq!(
+        delta(&before, &m2, KILLS, &server),
+        2.0,
+        "{}",
+        m2.dump(KILLS)
+    );
+    assert_eq!(
+        delta(
+            &before,
+            &m2,
+            KILLS,
+            &[("peer", "10.231.2.2:6379"), ("close_kind", "rst")]
+        ),
+        0.0,
+        "never a reset: {}",
         m2.dump(KILLS)
     );
 }
