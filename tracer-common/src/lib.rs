@@ -82,10 +82,15 @@ pub mod close_flags {
     pub const RST_RECEIVED: u8 = 1;
     /// The socket sent a RST.
     pub const RST_SENT: u8 = 1 << 1;
-    /// Sent data was still unacknowledged when the socket closed.
+    /// Payload sent and still unacknowledged when the socket closed. A FIN
+    /// is not payload: a socket that closed and whose FIN went unanswered
+    /// does not have it.
     pub const UNACKED: u8 = 1 << 2;
     /// The tracer saw the socket leave ESTABLISHED (the `end_*` fields are set).
     pub const END_SEEN: u8 = 1 << 3;
+    /// Payload written but not sent yet when the socket closed (e.g. the
+    /// peer's window was closed).
+    pub const UNSENT: u8 = 1 << 4;
 }
 
 /// Bits of [`Keepalive::from_socket`]: which values the socket set itself
@@ -259,13 +264,21 @@ pub struct CloseData {
     pub last_send_j: u32,
     pub last_recv_j: u32,
     pub last_ack_j: u32,
-    /// `sk_err` (or `sk_err_soft`) at the end: ECONNRESET, ETIMEDOUT, EPIPE, ...
+    /// `sk_err` at the final transition: ETIMEDOUT (or the soft error an
+    /// ICMP left, for a timeout), ECONNRESET, EPIPE, ...; 0 for a clean end.
     pub errno: u32,
     /// When the last flight of data began (tcp clock, microseconds of
     /// CLOCK_MONOTONIC): the send that went unanswered, if one did.
     pub first_tx_us: u64,
     pub bytes_received: u64,
     pub bytes_acked: u64,
+    /// `sk_err_soft`: the last ICMP error (EHOSTUNREACH, ...) the
+    /// connection survived, if any. The kernel reports a timeout after one
+    /// as that error in `errno`.
+    pub soft_errno: u32,
+    /// The peer's receive window at the end (0: closed; a zero-window
+    /// probe timeout).
+    pub snd_wnd: u32,
 }
 
 /// Data of a [`kind::SNAPSHOT`] record: a live socket's keepalive settings,
@@ -369,6 +382,9 @@ pub struct KernelOffsets {
     pub tp_rcv_tstamp: u32,
     pub tp_snd_una: u32,
     pub tp_snd_nxt: u32,
+    /// `write_seq`: the end of what the owner wrote (FIN included once queued).
+    pub tp_write_seq: u32,
+    pub tp_snd_wnd: u32,
     pub tp_first_tx_mstamp: u32,
     pub tp_keepalive_time: u32,
     pub tp_keepalive_intvl: u32,
@@ -485,10 +501,10 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
-const _: () = assert!(size_of::<CloseData>() == 96);
+const _: () = assert!(size_of::<CloseData>() == 104);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 48);

@@ -121,6 +121,8 @@ pub fn close(close_ns: u64, outbound: bool, port: u16, idle_kill: bool) -> Event
             first_tx_us: 0,
             bytes_received: 8,
             bytes_acked: 9,
+            soft_errno: 0,
+            snd_wnd: 65_535,
         },
     }
 }

@@ -79,6 +79,7 @@ prop_compose! {
             first_close_state: b[0], flags: b[1], retransmits: b[2], probes_out: b[3],
             jiffies, last_send_j: last[0], last_recv_j: last[1], last_ack_j: last[2],
             errno: j[3], first_tx_us: tail[0], bytes_received: tail[1], bytes_acked: tail[2],
+            soft_errno: last[0] ^ j[0], snd_wnd: last[1] ^ j[1],
         }
     }
 }

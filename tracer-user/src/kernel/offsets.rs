@@ -346,6 +346,8 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         tp_rcv_tstamp: sized(btf, "tcp_sock", &["rcv_tstamp"], 4)?,
         tp_snd_una: sized(btf, "tcp_sock", &["snd_una"], 4)?,
         tp_snd_nxt: sized(btf, "tcp_sock", &["snd_nxt"], 4)?,
+        tp_write_seq: sized(btf, "tcp_sock", &["write_seq"], 4)?,
+        tp_snd_wnd: sized(btf, "tcp_sock", &["snd_wnd"], 4)?,
         tp_first_tx_mstamp: sized(btf, "tcp_sock", &["first_tx_mstamp"], 8)?,
         tp_keepalive_time: sized(btf, "tcp_sock", &["keepalive_time"], 4)?,
         tp_keepalive_intvl: sized(btf, "tcp_sock", &["keepalive_intvl"], 4)?,

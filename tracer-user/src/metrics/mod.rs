@@ -42,7 +42,7 @@ label_set!(
 );
 label_set!(
     /// `conntracer_stale_reuse_total`.
-    StaleReuse { namespace, pod, container, role, direction, peer, outcome }
+    StaleReuse { namespace, pod, container, role, direction, peer, outcome, cause }
 );
 label_set!(
     /// `conntracer_sidecar_chain_kills_total`.
@@ -130,8 +130,9 @@ impl Metrics {
             stale_reuse: Counter::register(
                 &r,
                 "conntracer_stale_reuse_total",
-                "First sends after at least the idle threshold of silence answered by a reset or \
-                 never acknowledged.",
+                "Sends answered by a reset or never acknowledged: the first send after at least \
+                 the idle threshold of silence (cause silence), or a send after the peer's FIN \
+                 or crossing it (cause peer_closed: the keep-alive race).",
             )?,
             sidecar_chain_kills: Counter::register(
                 &r,

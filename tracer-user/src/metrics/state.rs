@@ -133,7 +133,7 @@ impl State {
                 keepalive: on_off(ending.keepalive),
             });
         }
-        if let Some(outcome) = verdict.stale_reuse {
+        if let (Some(outcome), Some(cause)) = (verdict.stale_reuse, verdict.stale_cause) {
             self.metrics.stale_reuse.inc(&StaleReuse {
                 namespace: &attr.namespace,
                 pod: &attr.pod,
@@ -142,6 +142,7 @@ impl State {
                 direction: dir.as_str(),
                 peer: &peer,
                 outcome: outcome.as_str(),
+                cause: cause.as_str(),
             });
         }
     }

@@ -4,15 +4,23 @@
 //! Definitions (the metrics' contract, see README):
 //! - idle at the end: time since the last payload byte either way when the
 //!   connection left ESTABLISHED (first FIN, RST or timeout). Keepalive
-//!   probes and bare ACKs are not payload (the kernel's `lsndtime` and
+//!   probes, bare ACKs and FINs are not payload (the kernel's `lsndtime` and
 //!   `icsk_ack.lrcvtime` only move for data).
-//! - stale reuse: the connection died on a send (data unacknowledged at the
-//!   end) answered by a reset or never acknowledged (timeout), and that send
-//!   came after at least the threshold of silence. For those, the silence
-//!   before the send is the idle time that killed the connection.
+//! - who ended it: the side whose FIN came first, whatever followed (a late
+//!   reset, the orphan's timeout); a reset received while established is the
+//!   peer's; a timeout while established (keepalive, TCP_USER_TIMEOUT,
+//!   retransmissions, zero-window probes) is a timeout, whatever soft error
+//!   (ICMP) the kernel reports it with.
+//! - stale reuse: the connection died on a send (payload unacknowledged at
+//!   the end: the FIN does not count) answered by a reset or never
+//!   acknowledged (timeout). Cause `silence`: the send came after at least
+//!   the threshold of silence; its idle time is that silence. Cause
+//!   `peer_closed`: the peer's FIN had arrived before the send or crossed it
+//!   (the keep-alive race), whatever the threshold; its idle time is from
+//!   the FIN to the send.
 //! - idle kill: idle at the end >= threshold, and the end came from the peer
-//!   (FIN or RST) or from a timeout; or a stale reuse. A local close or a
-//!   local abort is the owner's own decision, never a kill.
+//!   (FIN or RST) or from a timeout; or a stale reuse of cause `silence`. A
+//!   local close or a local abort is the owner's own decision, never a kill.
 
 use std::time::Duration;
 
@@ -48,6 +56,38 @@ pub enum TimeoutCause {
     UserTimeout,
     /// The retransmission limit (tcp_retries2) was reached.
     Retransmission,
+    /// Zero-window probes went unanswered (the peer's window stayed closed).
+    ZeroWindow,
+}
+
+impl TimeoutCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Keepalive => "keepalive",
+            Self::UserTimeout => "user_timeout",
+            Self::Retransmission => "retransmission",
+            Self::ZeroWindow => "zero_window",
+        }
+    }
+}
+
+/// Why a send died (a stale reuse's `cause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StaleCause {
+    /// The first send after a silence.
+    Silence,
+    /// A send after the peer's FIN, or crossing it (the keep-alive race).
+    PeerClosed,
+}
+
+impl StaleCause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Silence => "silence",
+            Self::PeerClosed => "peer_closed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,12 +130,17 @@ impl StaleOutcome {
 pub struct Ending {
     pub closed_by: ClosedBy,
     pub close_kind: CloseKind,
+    /// What ran out, when the connection timed out (also after the owner's
+    /// FIN, where the close kind stays `fin`).
     pub timeout_cause: Option<TimeoutCause>,
     /// Idle time when the connection left ESTABLISHED (None: the tracer did
     /// not see it leave).
     pub idle_at_end: Option<Duration>,
-    /// Silence before the send that died unanswered (stale reuse candidate).
+    /// Silence before the send that died unanswered (stale reuse
+    /// candidate); for a send after the peer's FIN, the time from the FIN.
     pub silence_before_failed_send: Option<Duration>,
+    /// Why that send died, when one did.
+    pub failed_send_cause: Option<StaleCause>,
     /// ESTABLISHED to the end; None for connections older than the tracer.
     pub lifetime: Option<Duration>,
     pub keepalive: bool,
@@ -114,54 +159,77 @@ impl Ending {
 pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
     let rst_received = c.flags & close_flags::RST_RECEIVED != 0;
     let unacked = c.flags & close_flags::UNACKED != 0;
+    let unsent = c.flags & close_flags::UNSENT != 0;
     let end_seen = c.flags & close_flags::END_SEEN != 0;
     let first = c.first_close_state;
 
-    let (closed_by, close_kind, timeout_cause) = if c.errno == ETIMEDOUT && !rst_received {
-        let cause = if !unacked && c.probes_out > 0 {
+    // The kernel ends a timed-out connection (tcp_write_err) with ETIMEDOUT,
+    // or with the soft error an ICMP left (EHOSTUNREACH, ...) in its place.
+    let timed_out =
+        !rst_received && (c.errno == ETIMEDOUT || (c.errno != 0 && c.errno == c.soft_errno));
+    let timeout_cause = timed_out.then_some(
+        if c.probes_out > 0 && !unacked && unsent && c.snd_wnd == 0 {
+            TimeoutCause::ZeroWindow
+        } else if c.probes_out > 0 && !unacked {
             TimeoutCause::Keepalive
         } else if c.ka.user_timeout_ms > 0 {
             TimeoutCause::UserTimeout
         } else {
             TimeoutCause::Retransmission
-        };
-        (ClosedBy::Local, CloseKind::Timeout, Some(cause))
-    } else if first == tcp_state::CLOSE_WAIT {
+        },
+    );
+
+    let (closed_by, close_kind) = if first == tcp_state::CLOSE_WAIT {
         // The peer's FIN came first, whatever followed.
-        (ClosedBy::Peer, CloseKind::Fin, None)
-    } else if rst_received && first != tcp_state::FIN_WAIT1 {
-        (ClosedBy::Peer, CloseKind::Rst, None)
+        (ClosedBy::Peer, CloseKind::Fin)
+    } else if first == tcp_state::FIN_WAIT1 {
+        // The owner's FIN came first; a reset or a timeout of the orphan
+        // after it is detail.
+        (ClosedBy::Local, CloseKind::Fin)
+    } else if timed_out {
+        (ClosedBy::Local, CloseKind::Timeout)
+    } else if rst_received {
+        (ClosedBy::Peer, CloseKind::Rst)
     } else if first == tcp_state::CLOSE {
         // Straight from ESTABLISHED to CLOSE with no reset received and no
-        // timeout: the owner aborted (SO_LINGER 0, unread data at close).
-        (ClosedBy::Local, CloseKind::Rst, None)
+        // timeout: the owner aborted (SO_LINGER 0, unread data at close,
+        // `ss -K`).
+        (ClosedBy::Local, CloseKind::Rst)
     } else {
-        (ClosedBy::Local, CloseKind::Fin, None)
+        (ClosedBy::Local, CloseKind::Fin)
     };
 
     let idle_at_end = end_seen.then(|| {
         let last = later(c.end_last_send_j, c.end_last_recv_j);
-        Duration::from_nanos(hz.ns(elapsed(c.end_j, last)))
+        Duration::from_nanos(hz.ns(idle_ticks(c.end_j, last)))
     });
 
-    // A send that died: data in flight at the end, answered by a reset or
-    // by nothing at all.
+    // A send that died: payload in flight at the end, answered by a reset
+    // or by nothing at all (probes of an idle connection are not a send).
     let died_on_send = unacked
-        && (rst_received || close_kind == CloseKind::Timeout)
-        && timeout_cause != Some(TimeoutCause::Keepalive);
-    let silence_before_failed_send = (died_on_send && c.first_tx_us > 0).then(|| {
-        // Last sign of life from the peer before the send: data or ACK when
-        // the connection died while established; payload only when the
-        // peer had already sent its FIN (the FIN is not payload).
-        let final_j = c.jiffies as u32;
-        let last_j = if first == tcp_state::CLOSE_WAIT && end_seen {
-            later(c.end_last_send_j, c.end_last_recv_j)
+        && (rst_received || timed_out)
+        && !matches!(
+            timeout_cause,
+            Some(TimeoutCause::Keepalive | TimeoutCause::ZeroWindow)
+        );
+    let failed_send_cause =
+        (died_on_send && c.first_tx_us > 0).then_some(if first == tcp_state::CLOSE_WAIT {
+            StaleCause::PeerClosed
         } else {
-            later(c.last_recv_j, c.last_ack_j)
+            StaleCause::Silence
+        });
+    let send_ns = c.first_tx_us.saturating_mul(1000);
+    let silence_before_failed_send = failed_send_cause.map(|cause| {
+        let since_ns = if cause == StaleCause::PeerClosed && end_seen {
+            // From the peer's FIN (0 when the send crossed it).
+            c.end_ns
+        } else {
+            // Last sign of life from the peer before the send: data or ACK.
+            let final_j = c.jiffies as u32;
+            let last_j = later(c.last_recv_j, c.last_ack_j);
+            ts_ns.saturating_sub(hz.ns(elapsed(final_j, last_j)))
         };
-        let last_ns = ts_ns.saturating_sub(hz.ns(elapsed(final_j, last_j)));
-        let send_ns = c.first_tx_us.saturating_mul(1000);
-        Duration::from_nanos(send_ns.saturating_sub(last_ns))
+        Duration::from_nanos(send_ns.saturating_sub(since_ns))
     });
 
     let lifetime = (c.established_ns > 0 && end_seen && c.end_ns >= c.established_ns)
@@ -178,9 +246,19 @@ pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
         timeout_cause,
         idle_at_end,
         silence_before_failed_send,
+        failed_send_cause,
         lifetime,
         keepalive: c.ka.enabled != 0,
     }
+}
+
+/// Ticks from `then` to `now`: the whole 32-bit difference (up to 2^32
+/// ticks, 49 days at HZ 1000), except a few ticks "in the future", which
+/// are stamps taken a moment apart (read as 0). The caller bounds it by the
+/// connection's lifetime.
+fn idle_ticks(now: u32, then: u32) -> u32 {
+    let d = now.wrapping_sub(then);
+    if d > u32::MAX - 1024 { 0 } else { d }
 }
 
 /// The verdict against an idle threshold.
@@ -188,24 +266,30 @@ pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
 pub struct Verdict {
     pub idle_kill: bool,
     pub stale_reuse: Option<StaleOutcome>,
+    /// Why the stale reuse happened, with `stale_reuse`.
+    pub stale_cause: Option<StaleCause>,
 }
 
 pub fn verdict(e: &Ending, threshold: Duration) -> Verdict {
-    let stale_reuse = e
-        .silence_before_failed_send
-        .filter(|s| *s >= threshold)
-        .map(|_| {
-            if e.close_kind == CloseKind::Timeout {
-                StaleOutcome::Timeout
-            } else {
-                StaleOutcome::Rst
-            }
-        });
+    let stale_cause = match (e.failed_send_cause, e.silence_before_failed_send) {
+        (Some(StaleCause::PeerClosed), _) => Some(StaleCause::PeerClosed),
+        (Some(StaleCause::Silence), Some(s)) if s >= threshold => Some(StaleCause::Silence),
+        _ => None,
+    };
+    // A timeout (also of an orphan after the owner's close) or a reset.
+    let stale_reuse = stale_cause.map(|_| {
+        if e.timeout_cause.is_some() {
+            StaleOutcome::Timeout
+        } else {
+            StaleOutcome::Rst
+        }
+    });
     let idle_end = e.idle_at_end.is_some_and(|i| i >= threshold)
         && (e.closed_by == ClosedBy::Peer || e.close_kind == CloseKind::Timeout);
     Verdict {
-        idle_kill: idle_end || stale_reuse.is_some(),
+        idle_kill: idle_end || stale_cause == Some(StaleCause::Silence),
         stale_reuse,
+        stale_cause,
     }
 }
 
@@ -384,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn send_into_a_half_closed_connection_is_stale_reuse_after_the_fin() {
+    fn send_into_a_half_closed_connection_is_a_peer_closed_reuse() {
         // Peer FIN at 23 s (idle since 20 s); the app sends at 26 s; RST.
         let (mut c, ts) = close(20.0, 23.0, tcp_state::CLOSE_WAIT, 26.01);
         c.flags |= close_flags::UNACKED | close_flags::RST_RECEIVED;
@@ -396,15 +480,179 @@ mod tests {
             (e.closed_by, e.close_kind),
             (ClosedBy::Peer, CloseKind::Fin)
         );
-        let silence = e.silence_before_failed_send.unwrap().as_secs_f64();
+        assert_eq!(e.failed_send_cause, Some(StaleCause::PeerClosed));
+        let since_fin = e.silence_before_failed_send.unwrap().as_secs_f64();
         assert!(
-            (silence - 6.0).abs() <= 0.008,
-            "silence since the last payload: {silence}"
+            (since_fin - 3.0).abs() <= 0.001,
+            "from the FIN: {since_fin}"
         );
+        // Whatever the threshold: the keep-alive race.
+        let v = verdict(&e, Duration::from_mins(1));
+        assert_eq!(v.stale_reuse, Some(StaleOutcome::Rst));
+        assert_eq!(v.stale_cause, Some(StaleCause::PeerClosed));
+        assert!(!v.idle_kill, "3 s idle is no kill at a 60 s threshold");
+        assert!(
+            verdict(&e, Duration::from_secs(2)).idle_kill,
+            "the FIN after 3 s idle is"
+        );
+    }
+
+    #[test]
+    fn request_crossing_the_peers_fin_is_a_peer_closed_reuse() {
+        // Idle 1 s, the app sends at 21.000 s, the server's FIN (sent
+        // before it saw the request) arrives at 21.0002 s, then its RST.
+        let (mut c, ts) = close(20.0, 21.0002, tcp_state::CLOSE_WAIT, 21.0004);
+        c.flags |= close_flags::UNACKED | close_flags::RST_RECEIVED;
+        c.errno = libc::ECONNRESET as u32;
+        c.first_tx_us = 21_000_000;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(e.failed_send_cause, Some(StaleCause::PeerClosed));
+        assert_eq!(e.silence_before_failed_send, Some(Duration::ZERO));
+        let v = verdict(&e, Duration::from_mins(1));
         assert_eq!(
-            verdict(&e, Duration::from_secs(1)).stale_reuse,
-            Some(StaleOutcome::Rst)
+            (v.stale_reuse, v.stale_cause),
+            (Some(StaleOutcome::Rst), Some(StaleCause::PeerClosed))
         );
+    }
+
+    #[test]
+    fn late_close_of_a_close_wait_socket_is_the_peers_idle_kill() {
+        // MariaDB's wait_timeout closed at 22 s after 2 s idle; the pool
+        // closes its CLOSE_WAIT socket 5 s later; the server's kernel, whose
+        // orphan expired, answers the pool's FIN with a RST. Only the FIN
+        // was unacknowledged: no UNACKED (the kernel leaves the FIN out).
+        let (mut c, ts) = close(20.0, 22.0, tcp_state::CLOSE_WAIT, 27.0);
+        c.flags |= close_flags::RST_RECEIVED;
+        c.errno = libc::ECONNRESET as u32;
+        c.first_tx_us = 27_000_000;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(
+            (e.closed_by, e.close_kind),
+            (ClosedBy::Peer, CloseKind::Fin)
+        );
+        let idle = e.idle_at_end.unwrap().as_secs_f64();
+        assert!((idle - 2.0).abs() <= 0.004, "idle before the FIN: {idle}");
+        let v = verdict(&e, Duration::from_secs(1));
+        assert!(v.idle_kill);
+        assert_eq!((v.stale_reuse, v.stale_cause), (None, None));
+    }
+
+    #[test]
+    fn owners_close_after_a_path_expiry_is_no_kill() {
+        // Idle past a NAT's expiry, then the owner closes: its FIN meets a
+        // black hole and the orphan times out, or a reset.
+        for (errno, flags) in [
+            (ETIMEDOUT, 0),
+            (libc::ECONNRESET as u32, close_flags::RST_RECEIVED),
+        ] {
+            let (mut c, ts) = close(20.0, 90.0, tcp_state::FIN_WAIT1, 100.0);
+            c.errno = errno;
+            c.flags |= flags;
+            let e = ending(&c, ts, HZ);
+            assert_eq!(
+                (e.closed_by, e.close_kind),
+                (ClosedBy::Local, CloseKind::Fin)
+            );
+            let v = verdict(&e, Duration::from_secs(1));
+            assert!(!v.idle_kill, "{errno}");
+            assert_eq!(v.stale_reuse, None, "{errno}");
+        }
+    }
+
+    #[test]
+    fn timeouts_after_an_icmp_error_are_timeouts() {
+        const EHOSTUNREACH: u32 = libc::EHOSTUNREACH as u32;
+        // TCP_USER_TIMEOUT on a send after the silence, an ICMP
+        // admin-prohibited (EHOSTUNREACH) on the way.
+        let (mut c, ts) = close(20.0, 27.0, tcp_state::CLOSE, 27.0);
+        c.errno = EHOSTUNREACH;
+        c.soft_errno = EHOSTUNREACH;
+        c.flags |= close_flags::UNACKED;
+        c.ka.user_timeout_ms = 2000;
+        c.first_tx_us = 25_000_000;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(
+            (e.closed_by, e.close_kind, e.timeout_cause),
+            (
+                ClosedBy::Local,
+                CloseKind::Timeout,
+                Some(TimeoutCause::UserTimeout)
+            )
+        );
+        let v = verdict(&e, Duration::from_secs(1));
+        assert_eq!(
+            (v.stale_reuse, v.stale_cause),
+            (Some(StaleOutcome::Timeout), Some(StaleCause::Silence))
+        );
+        assert!(v.idle_kill);
+        // Keepalive 1/1/3 with no send: a timeout kill, keepalive on.
+        let (mut c, ts) = close(20.0, 24.0, tcp_state::CLOSE, 24.0);
+        c.errno = EHOSTUNREACH;
+        c.soft_errno = EHOSTUNREACH;
+        c.probes_out = 3;
+        c.ka.enabled = 1;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(
+            (e.close_kind, e.timeout_cause),
+            (CloseKind::Timeout, Some(TimeoutCause::Keepalive))
+        );
+        assert!(verdict(&e, Duration::from_secs(1)).idle_kill);
+        // The owner's abort after an ICMP error is still the owner's abort:
+        // sk_err is not set yet at that CLOSE.
+        let (mut c, ts) = close(20.0, 24.0, tcp_state::CLOSE, 24.0);
+        c.soft_errno = EHOSTUNREACH;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(
+            (e.closed_by, e.close_kind, e.timeout_cause),
+            (ClosedBy::Local, CloseKind::Rst, None)
+        );
+    }
+
+    #[test]
+    fn zero_window_probe_timeout_is_not_keepalive() {
+        let (mut c, ts) = close(20.0, 90.0, tcp_state::CLOSE, 90.0);
+        c.errno = ETIMEDOUT;
+        c.probes_out = 15;
+        c.flags |= close_flags::UNSENT;
+        c.snd_wnd = 0;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(e.timeout_cause, Some(TimeoutCause::ZeroWindow));
+        assert_eq!(e.failed_send_cause, None);
+        assert_eq!(TimeoutCause::ZeroWindow.as_str(), "zero_window");
+    }
+
+    #[test]
+    fn close_wait_socket_that_times_out_was_closed_by_the_peer() {
+        let (mut c, ts) = close(20.0, 23.0, tcp_state::CLOSE_WAIT, 40.0);
+        c.errno = ETIMEDOUT;
+        let e = ending(&c, ts, HZ);
+        assert_eq!(
+            (e.closed_by, e.close_kind),
+            (ClosedBy::Peer, CloseKind::Fin)
+        );
+        assert_eq!(e.timeout_cause, Some(TimeoutCause::Retransmission));
+    }
+
+    #[test]
+    fn idle_longer_than_2_pow_31_ticks_is_not_zero() {
+        // HZ 1000: 2^31 ticks are 24.9 days. Open 40 days, idle 30 days.
+        let hz = Hz(1000);
+        let day = 86_400_000_000_000u64;
+        let j = |ns: u64| (1_000_000 + ns / 1_000_000) as u32;
+        let c = CloseData {
+            established_ns: day,
+            end_ns: 41 * day,
+            end_j: j(41 * day),
+            end_last_send_j: j(11 * day),
+            end_last_recv_j: j(11 * day),
+            first_close_state: tcp_state::CLOSE_WAIT,
+            flags: close_flags::END_SEEN,
+            jiffies: u64::from(j(41 * day)),
+            ..CloseData::default()
+        };
+        let e = ending(&c, 41 * day, hz);
+        let idle = e.idle_at_end.unwrap().as_secs();
+        assert_eq!(idle, 30 * 86_400, "{idle}");
     }
 
     #[test]

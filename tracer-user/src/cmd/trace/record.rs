@@ -71,6 +71,9 @@ pub struct EndView {
     /// Silence before the send that died unanswered, if it died on one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub silence_before_failed_send_s: Option<f64>,
+    /// Why that send died: `silence` or `peer_closed` (the keep-alive race).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_send_cause: Option<classify::StaleCause>,
     pub lifetime_s: Option<f64>,
     /// The state it left ESTABLISHED for.
     pub first_close_state: &'static str,
@@ -78,6 +81,10 @@ pub struct EndView {
     pub rst_sent: bool,
     pub errno: u32,
     pub error: &'static str,
+    /// The last ICMP error the connection had survived (detail: a timeout
+    /// after one is still a timeout).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_error: Option<&'static str>,
     pub bytes_received: u64,
     pub bytes_acked: u64,
 }
@@ -91,12 +98,14 @@ impl EndView {
             timeout_cause: e.timeout_cause,
             idle_s: e.idle_at_end.map(|d| d.as_secs_f64()),
             silence_before_failed_send_s: e.silence_before_failed_send.map(|d| d.as_secs_f64()),
+            failed_send_cause: e.failed_send_cause,
             lifetime_s: e.lifetime.map(|d| d.as_secs_f64()),
             first_close_state: state_name(c.first_close_state),
             rst_received: c.flags & close_flags::RST_RECEIVED != 0,
             rst_sent: c.flags & close_flags::RST_SENT != 0,
             errno: c.errno,
             error: errno_name(c.errno),
+            soft_error: (c.soft_errno != 0).then(|| errno_name(c.soft_errno)),
             bytes_received: c.bytes_received,
             bytes_acked: c.bytes_acked,
         }

@@ -257,6 +257,8 @@ fn fake_kernel() -> Btf {
             ("rcv_tstamp", u32t, 672, 0),
             ("snd_una", u32t, 704, 0),
             ("snd_nxt", u32t, 736, 0),
+            ("write_seq", u32t, 928, 0),
+            ("snd_wnd", u32t, 960, 0),
             ("first_tx_mstamp", u64t, 768, 0),
             ("keepalive_time", u32t, 832, 0),
             ("keepalive_intvl", u32t, 864, 0),
