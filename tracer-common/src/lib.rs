@@ -48,7 +48,8 @@ pub mod kind {
     pub const SOCK_ERROR: u16 = 4;
     /// A connection reached ESTABLISHED. Data: [`super::OpenData`].
     pub const OPEN: u16 = 5;
-    /// A connection that was established ended (-> CLOSE). Data: [`super::CloseData`].
+    /// A connection that was established ended (-> CLOSE), or a connect
+    /// failed ([`super::close_flags::CONNECT_FAILED`]). Data: [`super::CloseData`].
     pub const CLOSE: u16 = 6;
     /// A process set a keepalive socket option. Data: [`super::SockoptData`].
     pub const SOCKOPT: u16 = 7;
@@ -91,6 +92,9 @@ pub mod close_flags {
     /// Payload written but not sent yet when the socket closed (e.g. the
     /// peer's window was closed).
     pub const UNSENT: u8 = 1 << 4;
+    /// The connect failed: SYN_SENT -> CLOSE (refused, timed out, or an
+    /// ICMP error); the summary carries the error.
+    pub const CONNECT_FAILED: u8 = 1 << 5;
 }
 
 /// Bits of [`Keepalive::from_socket`]: which values the socket set itself

@@ -180,10 +180,15 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
         emit_open(sk, addr, tp, state, now);
     } else if new == tcp_state::CLOSE {
         // SAFETY: NULL-checked storage of this socket.
-        if let Some(st) = unsafe { state.as_ref() }
-            && st.flags & close_flags::END_SEEN != 0
-        {
-            emit_close(sk, addr, tp, st, now, old);
+        if let Some(st) = unsafe { state.as_mut() } {
+            if old == tcp_state::SYN_SENT {
+                // A failed connect (never established): one summary with
+                // its error, for the connect-failure count.
+                st.flags |= close_flags::CONNECT_FAILED;
+                emit_close(sk, addr, tp, st, now, old);
+            } else if st.flags & close_flags::END_SEEN != 0 {
+                emit_close(sk, addr, tp, st, now, old);
+            }
         }
         if old == tcp_state::LISTEN {
             unregister_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr);

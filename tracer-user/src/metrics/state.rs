@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use tracer_common::EventInfo;
 
 use super::{
-    ChainKill, ChainPeer, ConnectionsOpen, EventKind, IdleBeforeClose, IdleKill, KeepaliveSockopt,
-    LabelName, Metrics, PeerConnectionsOpen, StaleReuse, labels::LabelCap,
+    ChainKill, ChainPeer, ConnectFailure, ConnectionsOpen, EventKind, IdleBeforeClose, IdleKill,
+    KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse, labels::LabelCap,
 };
 use crate::{
     config::Config,
@@ -62,6 +62,25 @@ impl State {
         match self.tracker.handle(ev) {
             Outcome::Nothing => {}
             Outcome::Closed(closed) => self.on_close(&closed),
+            Outcome::ConnectFailed { info, attr, reason } => {
+                let peer = self.peer(&info, Direction::Outbound);
+                let peer_state = self.tracker.peer_state(&info);
+                log::debug!(
+                    "connect failure: {} -> {peer} ({peer_state}) pid {}: {}",
+                    info.sock.sport,
+                    info.owner.pid,
+                    reason.as_str()
+                );
+                self.metrics.connect_failures.inc(&ConnectFailure {
+                    namespace: &attr.namespace,
+                    pod: &attr.pod,
+                    container: &attr.container,
+                    role: attr.role.as_str(),
+                    peer: &peer,
+                    peer_state,
+                    reason: reason.as_str(),
+                });
+            }
             Outcome::Sockopt { attr, option } => {
                 let value = self.admit(Cap::SockoptValue, option.value.to_string());
                 self.metrics.keepalive_sockopts.inc(&KeepaliveSockopt {

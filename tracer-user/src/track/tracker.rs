@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive, time::Duration};
 
-use tracer_common::{CloseData, EventInfo, Owner, SockoptData, owner_flags};
+use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
 use super::{
     Direction,
@@ -42,6 +42,12 @@ pub enum Outcome {
     Nothing,
     /// A connection ended.
     Closed(Box<Closed>),
+    /// A connect failed (never established).
+    ConnectFailed {
+        info: EventInfo,
+        attr: Attribution,
+        reason: classify::ConnectFailure,
+    },
     /// A process set a keepalive option.
     Sockopt {
         attr: Attribution,
@@ -106,6 +112,16 @@ impl Tracker {
                 self.chains.on_open(leg);
                 Outcome::Nothing
             }
+            EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
+                match classify::connect_failure(&c) {
+                    Some(reason) => Outcome::ConnectFailed {
+                        info: ev.info,
+                        attr: self.attr.attribute(&ev.info.owner),
+                        reason,
+                    },
+                    None => Outcome::Nothing,
+                }
+            }
             EventData::Close(c) => Outcome::Closed(Box::new(self.on_close(&ev.info, &c))),
             EventData::Sockopt(o) => {
                 if ev.info.cookie != 0 {
@@ -162,6 +178,17 @@ impl Tracker {
         self.attr
             .peer_pod(remote)
             .unwrap_or_else(|| peer_label(remote, info.sock.dport, dir))
+    }
+
+    /// `deleted` when the remote address is a pod deleted from the API
+    /// (within `deleted_pod_grace`), else `live`.
+    pub fn peer_state(&self, info: &EventInfo) -> &'static str {
+        let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if self.attr.peer_deleted(remote) {
+            "deleted"
+        } else {
+            "live"
+        }
     }
 
     /// What the chain tracker needs of a connection.
