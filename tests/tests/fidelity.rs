@@ -40,6 +40,7 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 const KILLS: &str = "conntracer_idle_kills_total";
 const STALE: &str = "conntracer_stale_reuse_total";
 const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
+const FAILS: &str = "conntracer_connect_failures_total";
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
@@ -508,7 +509,6 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
         server.join().expect("server thread");
     });
 
-    const FAILS: &str = "conntracer_connect_failures_total";
     let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
         delta(&before, m, FAILS, &[]) >= 2.0
     });
