@@ -460,10 +460,13 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
     };
     router(&["--dport", "7001", "-j", "DROP"]);
     // Not yet asserted: a SYN rejected with ICMP admin-prohibited (port
-    // 7002). The client sees EHOSTUNREACH, but at its SYN_SENT -> CLOSE the
-    // socket's sk_err and sk_err_soft read 0, so the tracer cannot tell it
-    // from an owner's abort and counts nothing (no wrong answer, a missing
-    // one: see the closing note of the fidelity work).
+    // 7002). The ICMP arrives while the connecting thread holds the socket
+    // (loopback and veth deliver it inside the connect's own send), so the
+    // kernel only records a soft error and keeps retrying; the client reads
+    // it with SO_ERROR (which clears it), gives up with EHOSTUNREACH and
+    // closes. The kernel never ends the connect itself: at SYN_SENT -> CLOSE
+    // (the owner's close) nothing on the socket says why, and the tracer
+    // counts nothing. No wrong answer, a missing one.
     router(&[
         "--dport",
         "7002",
