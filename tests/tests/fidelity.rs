@@ -41,6 +41,7 @@ const KILLS: &str = "conntracer_idle_kills_total";
 const STALE: &str = "conntracer_stale_reuse_total";
 const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 const FAILS: &str = "conntracer_connect_failures_total";
+const GAUGE: &str = "conntracer_close_wait_connections";
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
@@ -538,5 +539,78 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
         delta(&before, &m2, FAILS, &[("peer", "127.0.0.1:17000")]),
         0.0,
         "successful connections are never failures"
+    );
+}
+
+#[test]
+fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
+    let test = "root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged";
+    if !require_root_or_skip(test) {
+        return;
+    }
+    let _serial = serial();
+    let ns = NetNs::new();
+    let redis = Redis::start(&ns, local(16399), 2);
+    let daemon = Daemon::start("1s", &["--close-wait-threshold", "2s"]);
+    let closes = redis.idle_closes();
+    let before = daemon.scrape();
+    let leak = [("direction", "outbound"), ("role", "host")];
+    let gauge_before = before.sum(GAUGE, &leak);
+
+    // The app never reads and does not close until told to.
+    let mut app = Peer::spawn("ct-client redis never closes", {
+        let mut cmd = ns.command(CLIENT);
+        cmd.args(["redis", "--addr", "127.0.0.1", "--port", "16399"])
+            .args(["--idle-secs", "0", "--pause-before-then", "--then", "close"]);
+        cmd
+    });
+    app.expect_port("connected");
+    assert_eq!(app.expect_line("reply"), ["ok"]);
+    // Ground truth: Redis counts its idle close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.idle_closes() == closes {
+        assert!(Instant::now() < deadline, "Redis never closed the client");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let fin_seen = Instant::now();
+    let peer = [("peer", "127.0.0.1:16399"), ("closed_by", "peer")];
+    let m = daemon.wait_metrics(Duration::from_secs(5), |m| {
+        delta(&before, m, KILLS, &peer) >= 1.0
+    });
+    let took = fin_seen.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "the kill is on /metrics {took:?} after Redis's close (target 1 s), while the app still \
+         holds the socket"
+    );
+    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    // Past the threshold, the leak shows.
+    thread::sleep(Duration::from_secs(3).saturating_sub(fin_seen.elapsed()));
+    let m = daemon.scrape();
+    assert_eq!(m.sum(GAUGE, &leak) - gauge_before, 1.0, "{}", m.dump(GAUGE));
+    // The app closes at last: the gauge drops, nothing is counted twice.
+    app.go();
+    app.expect_line("closed");
+    app.wait_success();
+    let m = daemon.wait_metrics(Duration::from_secs(5), |m| {
+        m.sum(GAUGE, &leak) <= gauge_before
+    });
+    thread::sleep(Duration::from_millis(500));
+    let m2 = daemon.scrape();
+    assert_eq!(m2.sum(GAUGE, &leak), gauge_before, "{}", m.dump(GAUGE));
+    assert_eq!(
+        delta(&before, &m2, KILLS, &[("peer", "127.0.0.1:16399")]),
+        1.0,
+        "{}",
+        m2.dump(KILLS)
+    );
+    assert_eq!(
+        delta(
+            &before,
+            &m2,
+            &format!("{IDLE_HIST}_count"),
+            &[("closed_by", "peer"), ("direction", "outbound")]
+        ),
+        1.0
     );
 }

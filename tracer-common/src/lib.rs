@@ -56,6 +56,10 @@ pub mod kind {
     /// One socket as the TCP iterator sees it (not sent through the ring
     /// buffer: read from the iterator's file). Data: [`super::SnapshotData`].
     pub const SNAPSHOT: u16 = 8;
+    /// The peer closed an established connection (ESTABLISHED -> CLOSE_WAIT):
+    /// the end facts at that moment, as a [`super::CloseData`], so the kill
+    /// is counted then, however long the owner keeps the socket.
+    pub const END: u16 = 9;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
     pub const SLOTS: u32 = 16;
     /// Loss-counter slot (not an event kind): a socket whose state could

@@ -45,6 +45,10 @@ label_set!(
     StaleReuse { namespace, pod, container, role, direction, peer, outcome, cause }
 );
 label_set!(
+    /// `conntracer_close_wait_connections`.
+    CloseWait { namespace, pod, container, role, direction }
+);
+label_set!(
     /// `conntracer_connect_failures_total`.
     ConnectFailure { namespace, pod, container, role, peer, peer_state, reason }
 );
@@ -82,6 +86,7 @@ pub struct Metrics {
     pub keepalive_sockopts: Counter<KeepaliveSockopt<'static>>,
     pub stale_reuse: Counter<StaleReuse<'static>>,
     pub connect_failures: Counter<ConnectFailure<'static>>,
+    pub close_wait: Gauge<CloseWait<'static>>,
     pub sidecar_chain_kills: Counter<ChainKill<'static>>,
     pub sidecar_keepalive_mismatch: Gauge<ChainPeer<'static>>,
     pub events: Counter<EventKind<'static>>,
@@ -138,6 +143,12 @@ impl Metrics {
                 "Sends answered by a reset or never acknowledged: the first send after at least \
                  the idle threshold of silence (cause silence), or a send after the peer's FIN \
                  or crossing it (cause peer_closed: the keep-alive race).",
+            )?,
+            close_wait: Gauge::register(
+                &r,
+                "conntracer_close_wait_connections",
+                "Connections the peer closed more than close_wait_threshold ago that their owner \
+                 has not closed (CLOSE_WAIT: a leak of the owner's).",
             )?,
             connect_failures: Counter::register(
                 &r,

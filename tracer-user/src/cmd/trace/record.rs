@@ -167,7 +167,7 @@ impl TraceRecord {
                 hz.observe(o.jiffies, i.ts_ns);
                 rec.keepalive = Some(KeepaliveView::new(&o.ka, hz.get()));
             }
-            EventData::Close(c) => {
+            EventData::Close(c) | EventData::End(c) => {
                 hz.observe(c.jiffies, i.ts_ns);
                 let hz = hz.get();
                 rec.keepalive = Some(KeepaliveView::new(&c.ka, hz));
