@@ -1,10 +1,11 @@
 //! What a run writes: docs/benchmarks.md (`markdown`), docs/bench/*.svg
-//! (`charts`) and docs/bench/summary.json, from the scenarios' results, with
-//! the verdicts against the targets (`targets`).
+//! (`charts` says what each shows, `plot` draws them with plotters) and
+//! docs/bench/summary.json, from the scenarios' results, with the verdicts
+//! against the targets (`targets`).
 
 mod charts;
 mod markdown;
-mod svg;
+mod plot;
 mod targets;
 
 use std::{collections::BTreeMap, fs, path::Path, process::Command, time::Duration};
@@ -161,7 +162,7 @@ pub struct Report<'a> {
 pub fn write(rep: &Report<'_>) -> Result<()> {
     let dir = rep.out.join("bench");
     fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    let charts = charts::charts(rep.results);
+    let charts = charts::charts(rep.results)?;
     for (name, svg) in &charts {
         fs::write(dir.join(name), svg)?;
     }
@@ -206,4 +207,54 @@ fn levels(runs: &[ChurnRun]) -> Vec<(usize, Vec<ConfigSummary>)> {
             (l, summarize(&at))
         })
         .collect()
+}
+
+/// A short human form: 1234 -> "1234", 45678 -> "45.7k", 2500000 -> "2.5M",
+/// 0.981 -> "0.981" (axis ticks, bar values, chart and target names).
+pub fn short(v: f64) -> String {
+    let a = v.abs();
+    let (scaled, suffix) = if a >= 1e9 {
+        (v / 1e9, "G")
+    } else if a >= 1e6 {
+        (v / 1e6, "M")
+    } else if a >= 1e4 {
+        (v / 1e3, "k")
+    } else {
+        (v, "")
+    };
+    let digits = if scaled.abs() >= 100.0 || scaled.fract() == 0.0 {
+        0
+    } else if scaled.abs() >= 10.0 {
+        1
+    } else if scaled.abs() >= 1.0 {
+        2
+    } else {
+        3
+    };
+    let text = format!("{scaled:.digits$}");
+    // 2.50 -> 2.5, 3.00 -> 3
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    };
+    format!("{text}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_numbers() {
+        assert_eq!(short(0.0), "0");
+        assert_eq!(short(0.981), "0.981");
+        assert_eq!(short(2.5), "2.5");
+        assert_eq!(short(64.0), "64");
+        assert_eq!(short(1234.0), "1234");
+        assert_eq!(short(45_000.0), "45k");
+        assert_eq!(short(45_678.0), "45.7k");
+        assert_eq!(short(2_500_000.0), "2.5M");
+        assert_eq!(short(-12_000.0), "-12k");
+    }
 }

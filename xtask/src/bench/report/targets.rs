@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use super::{ratio_of, summarize, svg::short};
+use super::{ratio_of, short, summarize};
 use crate::bench::{
     procs::tracer::Config,
     scenario::{Results, memory::mib},
