@@ -545,4 +545,4 @@ pub fn spawn(
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
