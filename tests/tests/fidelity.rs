@@ -32,8 +32,9 @@ use integration_tests::{
     NetNs, Peer,
     daemon::{Daemon, Metrics, serial},
     netlab::{InvalidAction, NetLab, SERVER_IP},
-    require_program_or_skip, require_root_or_skip,
+    require_program_or_skip, serial_unless_skipped,
     servers::{Redis, in_netns},
+    skip_unless_root, test_name,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -60,11 +61,8 @@ fn sysctl(ns: &NetNs, key: &str, value: &str) {
 
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
-    let test = "root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _test = test_name!();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The server's orphaned FIN_WAIT2 expires 1 s after its close: the
     // pool's late FIN is then answered with a reset. (Redis closes idle
@@ -188,10 +186,8 @@ fn request(conn: &mut TcpStream) -> bool {
 
 #[test]
 fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse() {
-    let test = "root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse";
-    if !require_root_or_skip(test) {
-        return;
-    }
+    let test = test_name!();
+    skip_unless_root!();
     let Some(node) = require_program_or_skip(test, "node", "Node.js (npm's Debian package)") else {
         return;
     };
@@ -287,11 +283,8 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     reason = "one scenario: two clients, the reject, and the ground truth of each"
 )]
 fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
-    let test = "root_icmp_reject_on_the_path_turns_timeouts_into_timeouts";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _test = test_name!();
+    let _serial = serial_unless_skipped!();
     // Conntrack keeps the flows (an hour): only the reject rule acts.
     let lab = NetLab::new(InvalidAction::Drop, 3600);
     let _redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);

@@ -20,9 +20,9 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer,
-    daemon::{Daemon, Metrics, serial},
+    daemon::{Daemon, Metrics},
     netlab::{InvalidAction, NetLab},
-    require_root_or_skip,
+    serial_unless_skipped,
     servers::{EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis},
     wait_counter,
 };
@@ -69,10 +69,7 @@ fn settle(
 
 #[test]
 fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
-    if !require_root_or_skip("root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let db = MariaDb::start(&ns, local(13306), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
@@ -173,10 +170,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
 
 #[test]
 fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
-    if !require_root_or_skip("root_redis_timeout_is_an_idle_kill_with_keepalive_off") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16379), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
@@ -215,10 +209,7 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
 
 #[test]
 fn root_memcached_idle_kicks_are_idle_kills() {
-    if !require_root_or_skip("root_memcached_idle_kicks_are_idle_kills") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11311), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
@@ -260,10 +251,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
 
 #[test]
 fn root_envoy_idle_timeout_is_measured_to_the_tick() {
-    if !require_root_or_skip("root_envoy_idle_timeout_is_measured_to_the_tick") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // Redis without a timeout of its own behind Envoy's tcp_proxy.
     let redis = Redis::start(&ns, local(16380), 0);
@@ -328,12 +316,7 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
 
 #[test]
 fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
-    if !require_root_or_skip(
-        "root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let daemon = Daemon::start("1s", &[]);
@@ -418,10 +401,7 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
 
 #[test]
 fn root_expired_path_reject_is_stale_reuse_by_reset() {
-    if !require_root_or_skip("root_expired_path_reject_is_stale_reuse_by_reset") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
     let daemon = Daemon::start("1s", &[]);
@@ -476,10 +456,7 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
 
 #[test]
 fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
-    if !require_root_or_skip("root_busy_connection_closed_by_its_owner_is_never_a_kill") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     // Across the lab's router, so that both sides have addresses no other
     // test uses (conntrack there remembers flows for far longer).
     let lab = NetLab::new(InvalidAction::Drop, 300);

@@ -24,8 +24,8 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
-    daemon::{DAEMONSET_CAPS, Daemon, Metrics, capabilities_of, capability_bit, http_get, serial},
-    require_root_or_skip,
+    daemon::{DAEMONSET_CAPS, Daemon, Metrics, capabilities_of, capability_bit, http_get},
+    serial_unless_skipped,
     servers::in_netns,
     unique_suffix,
 };
@@ -105,10 +105,7 @@ fn mask(caps: &[&str]) -> u64 {
 
 #[test]
 fn root_daemonset_capabilities_are_enough_for_every_feature() {
-    if !require_root_or_skip("root_daemonset_capabilities_are_enough_for_every_feature") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (mut pod, old_port) = pod_process(17_471);
     let daemon =
         Daemon::start_with_caps(&DAEMONSET_CAPS, "1s", &["--no-kube"]).unwrap_or_else(|stderr| {
@@ -208,10 +205,7 @@ fn run_with(caps: &[&str], old_port: u16) -> Result<(String, Option<String>), St
 
 #[test]
 fn root_each_missing_capability_is_fatal_or_named() {
-    if !require_root_or_skip("root_each_missing_capability_is_fatal_or_named") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (pod, old_port) = pod_process(17_472);
     let without = |cap: &str| -> Vec<&str> {
         DAEMONSET_CAPS
@@ -281,10 +275,7 @@ fn root_each_missing_capability_is_fatal_or_named() {
 /// the DaemonSet runs as uid 0).
 #[test]
 fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
-    if !require_root_or_skip("root_daemonset_capabilities_also_work_for_a_non_root_uid") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (pod, old_port) = pod_process(17_474);
     let daemon = Daemon::start_as_user_with_caps(65_532, &DAEMONSET_CAPS, "1s", &["--no-kube"])
         .unwrap_or_else(|stderr| panic!("did not start as uid 65532:\n{stderr}"));
@@ -310,10 +301,7 @@ fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
 
 #[test]
 fn root_metrics_and_connections_expose_no_payload() {
-    if !require_root_or_skip("root_metrics_and_connections_expose_no_payload") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let daemon = Daemon::start_with_caps(&DAEMONSET_CAPS, "1s", &["--no-kube"])
         .unwrap_or_else(|stderr| panic!("the daemon did not start:\n{stderr}"));

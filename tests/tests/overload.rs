@@ -25,8 +25,8 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get, serial},
-    require_root_or_skip,
+    daemon::{Daemon, Metrics, http_get},
+    serial_unless_skipped,
 };
 
 const PORT: u16 = 16393;
@@ -78,12 +78,7 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) {
 
 #[test]
 fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
-    if !require_root_or_skip(
-        "root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The smallest ring the kernel takes: one page, a few dozen records.
     let daemon = Daemon::start(

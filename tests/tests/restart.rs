@@ -18,8 +18,9 @@ use integration_tests::{
     NetNs, Peer,
     bpf::{Objects, PROGRAMS, pins},
     daemon::{Daemon, serial},
-    require_program_or_skip, require_root_or_skip,
+    require_program_or_skip,
     servers::Redis,
+    skip_unless_root,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -50,9 +51,7 @@ fn loaded_by_daemon(before: &Objects) -> Objects {
 
 #[test]
 fn root_sigterm_detaches_every_program_and_exits_within_5_s() {
-    if !require_root_or_skip("root_sigterm_detaches_every_program_and_exits_within_5_s") {
-        return;
-    }
+    skip_unless_root!();
     if require_program_or_skip(
         "root_sigterm_detaches_every_program_and_exits_within_5_s",
         "bpftool",
@@ -92,10 +91,7 @@ fn root_sigterm_detaches_every_program_and_exits_within_5_s() {
 
 #[test]
 fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
-    if !require_root_or_skip("root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on")
-    {
-        return;
-    }
+    skip_unless_root!();
     if require_program_or_skip(
         "root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on",
         "bpftool",

@@ -14,12 +14,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{
-    NetNs, Peer,
-    daemon::{Daemon, serial},
-    require_root_or_skip,
-    servers::Redis,
-};
+use integration_tests::{NetNs, Peer, daemon::Daemon, serial_unless_skipped, servers::Redis};
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 
@@ -33,12 +28,7 @@ fn find<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::
 
 #[test]
 fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classified() {
-    if !require_root_or_skip(
-        "root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classified",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // Server and client both before the daemon, as after a daemon restart.
     let redis = Redis::start(&ns, local(16390), 3);
@@ -115,10 +105,7 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
 
 #[test]
 fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
-    if !require_root_or_skip("root_accepts_of_a_listener_older_than_the_daemon_get_its_owner") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16391), 0);
     let daemon = Daemon::start("1s", &["--no-kube"]);

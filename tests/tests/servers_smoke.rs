@@ -17,12 +17,11 @@ use std::{
 use integration_tests::{
     NetNs, Peer,
     netlab::{InvalidAction, NetLab},
-    require_root_or_skip,
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns,
     },
-    wait_counter,
+    skip_unless_root, wait_counter,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -74,9 +73,7 @@ fn writeln_stderr(line: &str) -> std::io::Result<()> {
 
 #[test]
 fn root_mariadb_wait_timeout_kills_idle_session() {
-    if !require_root_or_skip("root_mariadb_wait_timeout_kills_idle_session") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let db = MariaDb::start(&ns, local(3306), IDLE_SECS);
     assert_eq!(db.aborted_clients(), 0);
@@ -118,9 +115,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
 
 #[test]
 fn root_redis_timeout_closes_idle_client() {
-    if !require_root_or_skip("root_redis_timeout_closes_idle_client") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(6379), IDLE_SECS);
     let mut idle = client(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
@@ -140,9 +135,7 @@ fn root_redis_timeout_closes_idle_client() {
 
 #[test]
 fn root_memcached_idle_timeout_kicks() {
-    if !require_root_or_skip("root_memcached_idle_timeout_kicks") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11211), IDLE_SECS);
     assert_eq!(mc.idle_kicks(), 0);
@@ -166,9 +159,7 @@ fn root_memcached_idle_timeout_kicks() {
 
 #[test]
 fn root_envoy_idle_timeout_closes_both_legs() {
-    if !require_root_or_skip("root_envoy_idle_timeout_closes_both_legs") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     // Redis without a timeout of its own as the upstream.
     let redis = Redis::start(&ns, local(6379), 0);
@@ -204,9 +195,7 @@ fn root_envoy_idle_timeout_closes_both_legs() {
 
 #[test]
 fn root_envoy_sidecar_proxies_transparently() {
-    if !require_root_or_skip("root_envoy_sidecar_proxies_transparently") {
-        return;
-    }
+    skip_unless_root!();
     // App and sidecar in the client namespace, Redis across the router
     // (conntrack there remembers flows far longer than this test runs).
     let lab = NetLab::new(InvalidAction::Drop, 300);
@@ -284,9 +273,7 @@ fn socket_table(ns: &NetNs) -> Vec<String> {
 
 #[test]
 fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
-    if !require_root_or_skip("root_netlab_drop_blackholes_expired_flow_and_keepalive_survives") {
-        return;
-    }
+    skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let idle_args = [
@@ -364,9 +351,7 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
 
 #[test]
 fn root_netlab_reject_resets_expired_flow() {
-    if !require_root_or_skip("root_netlab_reject_resets_expired_flow") {
-        return;
-    }
+    skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
     let mut silent = client(

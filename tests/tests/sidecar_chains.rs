@@ -15,10 +15,10 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    daemon::{Metrics, serial},
+    daemon::Metrics,
     mesh::{Mesh, NAMESPACE, PEER, POD, Setup, setup},
     netlab::InvalidAction,
-    require_root_or_skip,
+    serial_unless_skipped,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -120,10 +120,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
 
 #[test]
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
-    if !require_root_or_skip("root_case_a_envoy_idle_timeout_is_origin_sidecar") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let mut m = mesh(&setup(
         2,
         false,
@@ -190,10 +187,7 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
 
 #[test]
 fn root_case_b_server_timeout_is_origin_upstream() {
-    if !require_root_or_skip("root_case_b_server_timeout_is_origin_upstream") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let mut m = mesh(&setup(
         60,
         false,
@@ -257,12 +251,7 @@ fn root_case_b_server_timeout_is_origin_upstream() {
 /// expires the idle flow, and the app's next query fails.
 #[test]
 fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
-    if !require_root_or_skip(
-        "root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let app_args = [
         "--keepalive",
         "--keepidle",
@@ -353,10 +342,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
 /// flow stays alive, the query is answered, nothing is killed.
 #[test]
 fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
-    if !require_root_or_skip("root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let app_args = [
         "--keepalive",
         "--keepidle",

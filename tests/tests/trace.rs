@@ -16,7 +16,7 @@ use std::{
 use integration_tests::{
     Cgroup, ExpectedOwner, NetNs, Peer, STEP_TIMEOUT, Tracer, assert_owner, cgroup_inode_of,
     cookie, cookies, dump, find_cookie, has_closed, kind, pairs, parse_rfc3339_utc,
-    require_root_or_skip, socket_events, str_field, transitions, u64_field,
+    skip_unless_root, socket_events, str_field, transitions, u64_field,
 };
 use serde_json::{Value, json};
 
@@ -688,9 +688,7 @@ fn lifecycle(sc: &Lifecycle) {
 
 #[test]
 fn root_ipv4_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_ipv4_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "127.0.0.1",
         dual_stack: false,
@@ -703,9 +701,7 @@ fn root_ipv4_lifecycle_states_and_owners() {
 
 #[test]
 fn root_ipv6_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_ipv6_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "::1",
         dual_stack: false,
@@ -718,9 +714,7 @@ fn root_ipv6_lifecycle_states_and_owners() {
 
 #[test]
 fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_v4_mapped_ipv6_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "::",
         dual_stack: true,
@@ -733,9 +727,7 @@ fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
 
 #[test]
 fn root_ipv4_server_closes_first_states_and_owners() {
-    if !require_root_or_skip("root_ipv4_server_closes_first_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -844,9 +836,7 @@ fn root_ipv4_server_closes_first_states_and_owners() {
 
 #[test]
 fn root_connect_refused_reset_and_econnrefused() {
-    if !require_root_or_skip("root_connect_refused_reset_and_econnrefused") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -1074,9 +1064,7 @@ fn assert_linger0_accepted(
 
 #[test]
 fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
-    if !require_root_or_skip("root_linger0_close_sends_reset_and_peer_gets_econnreset") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -1147,9 +1135,7 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
 
 #[test]
 fn root_cgroup_id_is_the_client_cgroup_inode() {
-    if !require_root_or_skip("root_cgroup_id_is_the_client_cgroup_inode") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let cg = Cgroup::new();
@@ -1221,9 +1207,7 @@ fn assert_close_of_older_socket(
 
 #[test]
 fn root_sockets_older_than_the_tracer_have_unknown_owner() {
-    if !require_root_or_skip("root_sockets_older_than_the_tracer_have_unknown_owner") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let (mut srv, port) = server(&ns, "127.0.0.1", &[]);
@@ -1487,9 +1471,7 @@ fn assert_client_sockopts(
 
 #[test]
 fn root_keepalive_sockopts_are_traced_with_their_setter() {
-    if !require_root_or_skip("root_keepalive_sockopts_are_traced_with_their_setter") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let inode = ns.inode();
