@@ -250,6 +250,24 @@ impl Daemon {
         }
     }
 
+    /// Scrapes until `name{labels}` has risen by `want` since `before` (at
+    /// most 10 s), then once more `linger` later to catch any extra count:
+    /// (the scrape that saw it, the last one).
+    pub fn settle(
+        &self,
+        before: &Metrics,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        linger: Duration,
+    ) -> (Metrics, Metrics) {
+        let reached = self.wait_metrics(Duration::from_secs(10), |m| {
+            delta(before, m, name, labels) >= want
+        });
+        thread::sleep(linger);
+        (reached, self.scrape())
+    }
+
     /// SIGTERM and wait; returns whether it exited 0.
     pub fn stop(mut self) -> bool {
         self.terminate()
@@ -466,6 +484,33 @@ impl Metrics {
         self.samples.iter().any(|(n, _, _)| n == name)
     }
 
+    /// Asserts that `name{labels}` rose by exactly `want` since `before`;
+    /// a failure shows `name`'s samples.
+    #[track_caller]
+    #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
+    pub fn assert_delta(&self, before: &Self, name: &str, labels: &[(&str, &str)], want: f64) {
+        assert_eq!(
+            delta(before, self, name, labels),
+            want,
+            "{}",
+            self.dump(name)
+        );
+    }
+
+    /// (count, sum) of histogram `name`'s observations matching `labels`
+    /// since `before`.
+    pub fn histogram_delta(
+        &self,
+        before: &Self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> (f64, f64) {
+        (
+            delta(before, self, &format!("{name}_count"), labels),
+            delta(before, self, &format!("{name}_sum"), labels),
+        )
+    }
+
     /// Every sample of `name` as text, for failure messages.
     pub fn dump(&self, name: &str) -> String {
         use std::fmt::Write as _;
@@ -475,6 +520,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// `after - before` of the sum of `name`'s samples matching `labels`.
+pub fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    after.sum(name, labels) - before.sum(name, labels)
 }
 
 fn parse_labels(s: &str) -> BTreeMap<String, String> {

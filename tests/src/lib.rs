@@ -30,6 +30,7 @@ pub mod mesh;
 pub mod netlab;
 mod ns;
 pub mod prometheus;
+pub mod scenario;
 pub mod servers;
 mod tracer;
 

@@ -18,6 +18,7 @@ use crate::{
     daemon::Daemon,
     fake_kube::{FakeKube, pod_json},
     netlab::{InvalidAction, NetLab},
+    scenario::KEEPALIVE_1_1_3,
     servers::{
         Envoy, EnvoyOptions, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect, UpstreamKeepalive,
     },
@@ -233,6 +234,16 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
 }
 
 /// A [`Setup`] from its parts, in field order.
+/// Case C's app: keepalive 1/1/3 on its leg; its next query waits for
+/// [`crate::Peer::go`] after the idle time.
+pub fn keepalive_app_args() -> Vec<&'static str> {
+    [
+        &KEEPALIVE_1_1_3[..],
+        &["--pause-before-then", "--then", "send"],
+    ]
+    .concat()
+}
+
 pub fn setup(
     envoy_idle_s: u64,
     upstream_keepalive: bool,

@@ -21,7 +21,7 @@ use std::{
 
 use integration_tests::{
     deploy::{PanelQuery, dashboard, grafana_expr, panel_queries, rules, scaled_rules, yaml},
-    mesh::{NAMESPACE, NODE, PEER, POD, mesh, setup},
+    mesh::{NAMESPACE, NODE, PEER, POD, keepalive_app_args, mesh, setup},
     netlab::InvalidAction,
     prometheus::{Prometheus, unix_now},
     require_program_or_skip, require_root_or_skip,
@@ -134,20 +134,7 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
     let _serial = integration_tests::daemon::serial();
     let started = Instant::now();
     // The app waits for its go while Prometheus starts and scrapes a window.
-    let app_args = [
-        "--timeout-secs",
-        "40",
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
+    let app_args = [&["--timeout-secs", "40"][..], &keepalive_app_args()].concat();
     let mut m = mesh(
         CLIENT,
         &setup(60, false, 0, 2, InvalidAction::Reject, &app_args),

@@ -22,7 +22,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
@@ -30,9 +30,11 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer,
-    daemon::{Daemon, Metrics, serial},
+    daemon::{Daemon, delta, serial},
     netlab::{InvalidAction, NetLab, SERVER_IP},
-    require_program_or_skip, serial_unless_skipped,
+    require_program_or_skip,
+    scenario::{KEEPALIVE_1_1_3, local},
+    serial_unless_skipped,
     servers::{Redis, in_netns},
     skip_unless_root, test_name,
 };
@@ -42,23 +44,6 @@ const KILLS: &str = "conntracer_idle_kills_total";
 const STALE: &str = "conntracer_stale_reuse_total";
 const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
-
-fn sysctl(ns: &NetNs, key: &str, value: &str) {
-    let status = ns
-        .command("sysctl")
-        .args(["-q", "-w", &format!("{key}={value}")])
-        .status()
-        .expect("sysctl");
-    assert!(status.success(), "sysctl {key}={value} in {}", ns.name());
-}
-
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
     let _test = test_name!();
@@ -67,7 +52,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
     // The server's orphaned FIN_WAIT2 expires 1 s after its close: the
     // pool's late FIN is then answered with a reset. (Redis closes idle
     // clients with a FIN; MariaDB's wait_timeout resets them.)
-    sysctl(&ns, "net.ipv4.tcp_fin_timeout", "1");
+    ns.set_sysctl("net.ipv4.tcp_fin_timeout", "1");
     let redis = Redis::start(&ns, local(16389), 2);
     let daemon = Daemon::start("1s", &[]);
     let closes = redis.idle_closes();
@@ -81,8 +66,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
             .args(["--idle-secs", "7", "--then", "close"]);
         cmd
     });
-    pool.expect_port("connected");
-    assert_eq!(pool.expect_line("reply"), ["ok"]);
+    pool.expect_connected_ok();
     pool.expect_line("closed");
     pool.wait_success();
 
@@ -98,8 +82,8 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         ("closed_by", "peer"),
         ("close_kind", "fin"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m2, KILLS, &peer), 1.0, "{}", m2.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m2.assert_delta(&before, KILLS, &peer, 1.0);
     assert_eq!(
         delta(&before, &m2, STALE, &[("peer", "127.0.0.1:16389")]),
         0.0,
@@ -107,8 +91,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         m2.dump(STALE)
     );
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m2, &format!("{IDLE_HIST}_count"), &labels);
-    let sum = delta(&before, &m2, &format!("{IDLE_HIST}_sum"), &labels);
+    let (count, sum) = m2.histogram_delta(&before, IDLE_HIST, &labels);
     assert_eq!(count, 1.0, "{}", m2.dump(IDLE_HIST));
     // Redis checks client timeouts from its cron (10 times a second, a
     // slice of the clients each time): its close comes 0-1 s after the 2 s,
@@ -258,23 +241,15 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
         results.len(),
         m.dump(STALE)
     );
-    assert_eq!(
-        delta(
-            &before,
-            &m2,
-            STALE,
-            &[("peer", "127.0.0.1:18080"), ("cause", "silence")]
-        ),
-        0.0
+    m2.assert_delta(
+        &before,
+        STALE,
+        &[("peer", "127.0.0.1:18080"), ("cause", "silence")],
+        0.0,
     );
     // Node's closes were its idle timeout, 1 s: below the 60 s threshold,
     // no idle kill.
-    assert_eq!(
-        delta(&before, &m2, KILLS, &[("peer", "127.0.0.1:18080")]),
-        0.0,
-        "{}",
-        m2.dump(KILLS)
-    );
+    m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:18080")], 0.0);
 }
 
 #[test]
@@ -313,18 +288,10 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     let mut prober = spawn(
         "ct-client redis keepalive",
         &[
-            "--keepalive",
-            "--keepidle",
-            "1",
-            "--keepintvl",
-            "1",
-            "--keepcnt",
-            "3",
-            "--idle-secs",
-            "9",
-            "--then",
-            "close",
-        ],
+            &KEEPALIVE_1_1_3[..],
+            &["--idle-secs", "9", "--then", "close"],
+        ]
+        .concat(),
     );
     sender.expect_port("connected");
     prober.expect_port("connected");
@@ -376,18 +343,8 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
         ("outcome", "timeout"),
         ("cause", "silence"),
     ];
-    assert_eq!(
-        delta(&before, &m2, STALE, &stale),
-        1.0,
-        "{}",
-        m2.dump(STALE)
-    );
-    assert_eq!(
-        delta(&before, &m2, STALE, &server),
-        1.0,
-        "{}",
-        m2.dump(STALE)
-    );
+    m2.assert_delta(&before, STALE, &stale, 1.0);
+    m2.assert_delta(&before, STALE, &server, 1.0);
     for keepalive in ["off", "on"] {
         let kill = [
             ("peer", "10.231.2.2:6379"),
@@ -402,12 +359,7 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
             m.dump(KILLS)
         );
     }
-    assert_eq!(
-        delta(&before, &m2, KILLS, &server),
-        2.0,
-        "{}",
-        m2.dump(KILLS)
-    );
+    m2.assert_delta(&before, KILLS, &server, 2.0);
     assert_eq!(
         delta(
             &before,

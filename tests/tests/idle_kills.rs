@@ -12,16 +12,13 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs, Peer,
-    daemon::{Daemon, Metrics},
+    NetNs,
+    daemon::{Daemon, Metrics, delta},
     netlab::{InvalidAction, NetLab},
+    scenario::{KEEPALIVE_1_1_3, ct_client, local},
     serial_unless_skipped,
     servers::{EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis},
     wait_counter,
@@ -34,25 +31,8 @@ const KILLS: &str = "conntracer_idle_kills_total";
 const STALE: &str = "conntracer_stale_reuse_total";
 const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-fn client(ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([proto, "--addr", &addr.ip().to_string(), "--port"])
-        .arg(addr.port().to_string())
-        .args(extra);
-    Peer::spawn(&format!("ct-client {proto} {}", extra.join(" ")), cmd)
-}
-
-/// `after - before` of the sum of `name`'s samples matching `labels`.
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
-
-/// Scrapes until the delta of `name{labels}` reaches `want` (at most 10 s),
-/// then a little longer to catch any extra count; returns the last scrape.
+/// The scrape once `name{labels}` rose by `want` since `before`, half a
+/// second later (any extra count shows).
 fn settle(
     daemon: &Daemon,
     before: &Metrics,
@@ -60,11 +40,9 @@ fn settle(
     labels: &[(&str, &str)],
     want: f64,
 ) -> Metrics {
-    daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(before, m, name, labels) >= want
-    });
-    thread::sleep(Duration::from_millis(500));
-    daemon.scrape()
+    daemon
+        .settle(before, name, labels, want, Duration::from_millis(500))
+        .1
 }
 
 #[test]
@@ -78,7 +56,8 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
 
     // The client turns keepalive on, with a long idle time: it never probes
     // before the server's 2 s wait_timeout.
-    let mut idle = client(
+    let mut idle = ct_client(
+        CLIENT,
         &ns,
         "mysql",
         db.addr(),
@@ -115,7 +94,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         ("keepalive", "on"),
         ("role", "host"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     assert_eq!(
         delta(&before, &m, KILLS, &peer),
         1.0,
@@ -129,14 +108,11 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         || db.aborted_clients(),
     );
     // The server's own side of it was its decision: never a kill.
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("direction", "inbound"), ("peer", "127.0.0.1")]
-        ),
-        0.0
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("direction", "inbound"), ("peer", "127.0.0.1")],
+        0.0,
     );
     // The keepalive options the client set.
     for (option, value) in [
@@ -158,8 +134,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
     }
     // How long it was idle: one outbound connection closed by its peer.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let sum = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
+    let (count, sum) = m.histogram_delta(&before, IDLE_HIST, &labels);
     assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
     assert!(
         (1.95..2.6).contains(&sum),
@@ -176,12 +151,15 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
     let daemon = Daemon::start("1s", &[]);
     let closes = redis.idle_closes();
     let before = daemon.scrape();
-    let mut idle = client(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    let mut idle = ct_client(
+        CLIENT,
+        &ns,
+        "redis",
+        redis.addr(),
+        &["--then", "wait-close"],
+    );
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let peer = [("peer", "127.0.0.1:16379")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -192,8 +170,8 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(&before, KILLS, &peer, 1.0);
     wait_counter(
         "Redis idle closes",
         closes + 1,
@@ -215,17 +193,15 @@ fn root_memcached_idle_kicks_are_idle_kills() {
     let daemon = Daemon::start("1s", &[]);
     let kicks = mc.idle_kicks();
     let before = daemon.scrape();
-    let mut idle = client(
+    let mut idle = ct_client(
+        CLIENT,
         &ns,
         "memcached",
         mc.addr(),
         &["--then", "wait-close", "--timeout-secs", "15"],
     );
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let peer = [("peer", "127.0.0.1:11311")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -241,7 +217,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     assert_eq!(
         delta(&before, &m, KILLS, &peer),
         f64::from(u32::try_from(mc.idle_kicks() - kicks).expect("few kicks")),
@@ -266,12 +242,15 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
     let daemon = Daemon::start("1s", &[]);
     let timeouts = envoy.idle_timeouts();
     let before = daemon.scrape();
-    let mut idle = client(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    let mut idle = ct_client(
+        CLIENT,
+        &ns,
+        "redis",
+        envoy.listen_addr(),
+        &["--then", "wait-close"],
+    );
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let app = [("peer", "127.0.0.1:17000"), ("direction", "outbound")];
     let m = settle(&daemon, &before, KILLS, &app, 1.0);
@@ -287,26 +266,19 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     // Redis saw its (inbound) connection from Envoy killed by Envoy too;
     // Envoy's own upstream socket was closed by Envoy: not a kill.
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("direction", "inbound"), ("closed_by", "peer")]
-        ),
-        1.0
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("direction", "inbound"), ("closed_by", "peer")],
+        1.0,
     );
-    assert_eq!(
-        delta(&before, &m, KILLS, &[("peer", "127.0.0.1:16380")]),
-        0.0
-    );
+    m.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16380")], 0.0);
     // The client's idle time matches Envoy's idle_timeout within 100 ms.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let idle_s = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
+    let (count, idle_s) = m.histogram_delta(&before, IDLE_HIST, &labels);
     assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
     assert!(
         (idle_s - f64::from(IDLE_SECS)).abs() <= 0.1,
@@ -329,17 +301,10 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         "--user-timeout-ms",
         "2000",
     ];
-    let mut silent = client(lab.client(), "redis", redis.addr(), &idle_args);
-    let keepalive = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-    ];
-    let mut kept = client(
+    let mut silent = ct_client(CLIENT, lab.client(), "redis", redis.addr(), &idle_args);
+    let keepalive = KEEPALIVE_1_1_3;
+    let mut kept = ct_client(
+        CLIENT,
         lab.client(),
         "redis",
         redis.addr(),
@@ -371,7 +336,7 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         ("outcome", "timeout"),
         ("direction", "outbound"),
     ];
-    assert_eq!(delta(&before, &m, STALE, &stale), 1.0, "{}", m.dump(STALE));
+    m.assert_delta(&before, STALE, &stale, 1.0);
     assert_eq!(
         delta(&before, &m, STALE, &peer),
         1.0,
@@ -384,19 +349,14 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         ("close_kind", "timeout"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("peer", "10.231.2.2:6379"), ("keepalive", "on")]
-        ),
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("peer", "10.231.2.2:6379"), ("keepalive", "on")],
         0.0,
-        "{}",
-        m.dump(KILLS)
     );
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &peer, 1.0);
 }
 
 #[test]
@@ -406,14 +366,14 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let mut silent = client(
+    let mut silent = ct_client(
+        CLIENT,
         lab.client(),
         "raw",
         echo.addr(),
         &["--idle-secs", "4", "--then", "send"],
     );
-    silent.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
+    silent.expect_connected_ok();
     assert_eq!(silent.expect_line("error")[0], "ECONNRESET");
     silent.expect_line("closed");
     silent.wait_success();
@@ -424,16 +384,11 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
 
     let peer = [("peer", "10.231.2.2:7")];
     let m = settle(&daemon, &before, STALE, &peer, 1.0);
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            STALE,
-            &[("peer", "10.231.2.2:7"), ("outcome", "rst")]
-        ),
+    m.assert_delta(
+        &before,
+        STALE,
+        &[("peer", "10.231.2.2:7"), ("outcome", "rst")],
         1.0,
-        "{}",
-        m.dump(STALE)
     );
     let kill = [
         ("peer", "10.231.2.2:7"),
@@ -441,12 +396,11 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
         ("close_kind", "rst"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(&before, KILLS, &peer, 1.0);
     // The kill's idle time is the 4 s of silence before the send.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let idle_s = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
+    let (count, idle_s) = m.histogram_delta(&before, IDLE_HIST, &labels);
     assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
     assert!(
         (3.9..4.5).contains(&idle_s),
@@ -464,7 +418,8 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
     // A request every 200 ms for 10 s, then the client closes.
-    let mut chatty = client(
+    let mut chatty = ct_client(
+        CLIENT,
         lab.client(),
         "raw",
         echo.addr(),
@@ -494,18 +449,8 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
         1.0,
     );
     for peer in ["10.231.2.2:7007", "10.231.1.2"] {
-        assert_eq!(
-            delta(&before, &m, KILLS, &[("peer", peer)]),
-            0.0,
-            "{}",
-            m.dump(KILLS)
-        );
-        assert_eq!(
-            delta(&before, &m, STALE, &[("peer", peer)]),
-            0.0,
-            "{}",
-            m.dump(STALE)
-        );
+        m.assert_delta(&before, KILLS, &[("peer", peer)], 0.0);
+        m.assert_delta(&before, STALE, &[("peer", peer)], 0.0);
     }
     // The chatty connection (and this test's own scrapes, which close
     // first too) ended with well under a second of idle time.

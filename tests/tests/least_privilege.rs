@@ -24,7 +24,7 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
-    daemon::{DAEMONSET_CAPS, Daemon, Metrics, capabilities_of, capability_bit, http_get},
+    daemon::{DAEMONSET_CAPS, Daemon, capabilities_of, capability_bit, delta, http_get},
     serial_unless_skipped,
     servers::in_netns,
     unique_suffix,
@@ -89,10 +89,6 @@ fn pod_process(port: u16) -> (Peer, u16) {
     let mut peer = Peer::spawn("pod process", cmd);
     let client_port = peer.expect_port("ready");
     (peer, client_port)
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
 }
 
 fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {

@@ -15,10 +15,11 @@ use std::{
 };
 
 use integration_tests::{
-    NetNs, Peer,
+    NetNs,
     bpf::{Objects, PROGRAMS, pins},
     daemon::{Daemon, serial},
     require_program_or_skip,
+    scenario::ct_client,
     servers::Redis,
     skip_unless_root,
 };
@@ -112,24 +113,22 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
     let mine = loaded_by_daemon(&before);
 
     // A client with keepalive connects while the first daemon runs.
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client(
+        CLIENT,
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16392",
-        "--keepalive",
-        "--keepidle",
-        "60",
-        "--then",
-        "wait-close",
-        "--timeout-secs",
-        "30",
-    ]);
-    let mut client = Peer::spawn("client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
+        server,
+        &[
+            "--keepalive",
+            "--keepidle",
+            "60",
+            "--then",
+            "wait-close",
+            "--timeout-secs",
+            "30",
+        ],
+    );
+    let port = client.expect_connected_ok();
     let listed = first.connections();
     assert!(
         listed

@@ -8,19 +8,17 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    thread,
-    time::Duration,
+use std::{thread, time::Duration};
+
+use integration_tests::{
+    NetNs,
+    daemon::Daemon,
+    scenario::{ct_client, local},
+    serial_unless_skipped,
+    servers::Redis,
 };
 
-use integration_tests::{NetNs, Peer, daemon::Daemon, serial_unless_skipped, servers::Redis};
-
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
 
 fn find<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
     list.as_array()?.iter().find(|c| c["local"] == local)
@@ -32,24 +30,22 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
     let ns = NetNs::new();
     // Server and client both before the daemon, as after a daemon restart.
     let redis = Redis::start(&ns, local(16390), 3);
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client(
+        CLIENT,
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16390",
-        "--keepalive",
-        "--keepidle",
-        "60",
-        "--then",
-        "wait-close",
-        "--timeout-secs",
-        "15",
-    ]);
-    let mut client = Peer::spawn("old client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
+        redis.addr(),
+        &[
+            "--keepalive",
+            "--keepidle",
+            "60",
+            "--then",
+            "wait-close",
+            "--timeout-secs",
+            "15",
+        ],
+    );
+    let port = client.expect_connected_ok();
 
     let daemon = Daemon::start("1s", &["--no-kube"]);
     let before = daemon.scrape();
@@ -109,20 +105,14 @@ fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16391), 0);
     let daemon = Daemon::start("1s", &["--no-kube"]);
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client(
+        CLIENT,
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16391",
-        "--pause-before-then",
-        "--then",
-        "close",
-    ]);
-    let mut client = Peer::spawn("new client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
+        redis.addr(),
+        &["--pause-before-then", "--then", "close"],
+    );
+    let port = client.expect_connected_ok();
     let list = daemon.connections();
     let accepted = list
         .as_array()

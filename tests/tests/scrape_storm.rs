@@ -23,7 +23,7 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get, serial},
+    daemon::{Daemon, delta, http_get, serial},
     require_program_or_skip, require_root_or_skip,
     servers::in_netns,
 };
@@ -44,11 +44,6 @@ const SERVER_IDLE: Duration = Duration::from_millis(1300);
 /// The workload's connects are spread over this much of the storm, so that
 /// the last is closed by its server well before the storm ends.
 const WORKLOAD_SPREAD: Duration = Duration::from_millis(7_500);
-
-/// `after - before` of the sum of `name`'s samples matching `labels`.
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
 
 /// What `wrk` printed, the figures the test asserts on.
 #[derive(Debug, Default)]

@@ -8,15 +8,12 @@
 //!
 //! Timings are printed on stderr (`--nocapture` shows them).
 
-use std::{
-    fs,
-    net::{Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs, Peer,
+    NetNs,
     netlab::{InvalidAction, NetLab},
+    scenario::{KEEPALIVE_1_1_3, ct_client, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns,
@@ -28,19 +25,6 @@ const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// The idle timeout every server gets here.
 const IDLE_SECS: u32 = 2;
 const IDLE_MS: u64 = 2000;
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-/// `ct-client PROTO --addr --port EXTRA...` inside `ns`.
-fn client(ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([proto, "--addr", &addr.ip().to_string(), "--port"])
-        .arg(addr.port().to_string())
-        .args(extra);
-    Peer::spawn(&format!("ct-client {proto} {}", extra.join(" ")), cmd)
-}
 
 /// The milliseconds on an outcome line (`peer-closed MS`, `error ERRNO MS`).
 fn ms_of(words: &[String]) -> u64 {
@@ -79,7 +63,8 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     assert_eq!(db.aborted_clients(), 0);
 
     // A polite client (COM_QUIT) is not an aborted client.
-    let mut polite = client(
+    let mut polite = ct_client(
+        CLIENT,
         &ns,
         "mysql",
         db.addr(),
@@ -92,7 +77,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     polite.expect_line("closed");
     polite.wait_success();
 
-    let mut idle = client(&ns, "mysql", db.addr(), &["--then", "wait-close"]);
+    let mut idle = ct_client(CLIENT, &ns, "mysql", db.addr(), &["--then", "wait-close"]);
     idle.expect_port("connected");
     assert_eq!(idle.expect_line("auth"), ["ok"]);
     assert_eq!(idle.expect_line("reply"), ["ok"]);
@@ -118,9 +103,14 @@ fn root_redis_timeout_closes_idle_client() {
     skip_unless_root!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(6379), IDLE_SECS);
-    let mut idle = client(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    let mut idle = ct_client(
+        CLIENT,
+        &ns,
+        "redis",
+        redis.addr(),
+        &["--then", "wait-close"],
+    );
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // The check runs in serverCron on whole seconds (`now - last > timeout`).
     assert_fired("Redis --timeout", ms_of(&words), 1500);
@@ -139,14 +129,14 @@ fn root_memcached_idle_timeout_kicks() {
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11211), IDLE_SECS);
     assert_eq!(mc.idle_kicks(), 0);
-    let mut idle = client(
+    let mut idle = ct_client(
+        CLIENT,
         &ns,
         "memcached",
         mc.addr(),
         &["--then", "wait-close", "--timeout-secs", "15"],
     );
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // Coarse: a once-a-second check on a once-a-second clock.
     assert_fired("memcached idle_timeout", ms_of(&words), 8000);
@@ -172,9 +162,14 @@ fn root_envoy_idle_timeout_closes_both_legs() {
         ),
     );
     assert_eq!(envoy.idle_timeouts(), 0);
-    let mut idle = client(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    let mut idle = ct_client(
+        CLIENT,
+        &ns,
+        "redis",
+        envoy.listen_addr(),
+        &["--then", "wait-close"],
+    );
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     assert_fired("Envoy tcp_proxy idle_timeout", ms_of(&words), 500);
     idle.expect_line("closed");
@@ -217,14 +212,14 @@ fn root_envoy_sidecar_proxies_transparently() {
     );
     let _redirect = SidecarRedirect::install(lab.client(), SIDECAR_UID, &[upstream], SIDECAR_PORT);
 
-    let mut app = client(
+    let mut app = ct_client(
+        CLIENT,
         lab.client(),
         "redis",
         upstream,
         &["--keepalive", "--keepidle", "30", "--then", "wait-close"],
     );
-    let app_port = app.expect_port("connected");
-    assert_eq!(app.expect_line("reply"), ["ok"]);
+    let app_port = app.expect_connected_ok();
     // The three sockets of the chain, seen from the client namespace.
     let sockets = socket_table(lab.client());
     let app_leg = format!("127.0.0.1:{SIDECAR_PORT} 10.231.1.2:{app_port}");
@@ -284,24 +279,13 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
         "--user-timeout-ms",
         "2000",
     ];
-    let mut silent = client(lab.client(), "redis", redis.addr(), &idle_args);
-    let mut kept = client(
+    let mut silent = ct_client(CLIENT, lab.client(), "redis", redis.addr(), &idle_args);
+    let mut kept = ct_client(
+        CLIENT,
         lab.client(),
         "redis",
         redis.addr(),
-        &[
-            &idle_args[..],
-            &[
-                "--keepalive",
-                "--keepidle",
-                "1",
-                "--keepintvl",
-                "1",
-                "--keepcnt",
-                "3",
-            ],
-        ]
-        .concat(),
+        &[&idle_args[..], &KEEPALIVE_1_1_3[..]].concat(),
     );
     let silent_port = silent.expect_port("connected");
     kept.expect_port("connected");
@@ -354,7 +338,8 @@ fn root_netlab_reject_resets_expired_flow() {
     skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
-    let mut silent = client(
+    let mut silent = ct_client(
+        CLIENT,
         lab.client(),
         "raw",
         echo.addr(),
@@ -367,8 +352,7 @@ fn root_netlab_reject_resets_expired_flow() {
             "2000",
         ],
     );
-    silent.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
+    silent.expect_connected_ok();
     let words = silent.expect_line("error");
     assert_eq!(words[0], "ECONNRESET", "client after the expiry: {words:?}");
     assert!(ms_of(&words) < 1000, "RST after {} ms", ms_of(&words));
@@ -378,9 +362,8 @@ fn root_netlab_reject_resets_expired_flow() {
 
     // Switching to Drop keeps conntrack on: a new flow is tracked.
     lab.set_action(InvalidAction::Drop);
-    let mut fresh = client(lab.client(), "raw", echo.addr(), &["--count", "2"]);
-    let port = fresh.expect_port("connected");
-    assert_eq!(fresh.expect_line("reply"), ["ok"]);
+    let mut fresh = ct_client(CLIENT, lab.client(), "raw", echo.addr(), &["--count", "2"]);
+    let port = fresh.expect_connected_ok();
     assert_eq!(fresh.expect_line("reply"), ["ok"]);
     fresh.expect_line("closed");
     fresh.wait_success();

@@ -15,8 +15,8 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    daemon::Metrics,
-    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, setup},
+    daemon::{Metrics, delta},
+    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
     netlab::InvalidAction,
     serial_unless_skipped,
 };
@@ -30,10 +30,6 @@ const STALE: &str = "conntracer_stale_reuse_total";
 /// The mesh with this test binary's `ct-client` as the app.
 fn mesh(s: &Setup) -> Mesh {
     integration_tests::mesh::mesh(CLIENT, s)
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
 }
 
 fn chain(origin: &str, upstream_keepalive: &str) -> [(&'static str, String); 5] {
@@ -97,7 +93,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         "{}",
         now.dump("conntracer_peer_connections_open")
     );
-    assert_eq!(delta(before, &now, CHAIN_KILLS, &[]), 0.0);
+    now.assert_delta(before, CHAIN_KILLS, &[], 0.0);
     let list = m.daemon.connections();
     let app_conn = list
         .as_array()
@@ -138,23 +134,8 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     });
     thread::sleep(Duration::from_millis(500));
     let after = m.daemon.scrape();
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("sidecar", "off"))
-        ),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("sidecar", "off")), 1.0);
+    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
     assert_eq!(
         m.envoy.idle_timeouts(),
         1,
@@ -169,19 +150,9 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
         ("closed_by", "peer"),
         ("peer", PEER),
     ];
-    assert_eq!(
-        delta(&before, &after, KILLS, &app_kill),
-        1.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, KILLS, &app_kill, 1.0);
     // Envoy closed its legs itself: no kill on the sidecar's sockets.
-    assert_eq!(
-        delta(&before, &after, KILLS, &[("pod", POD), ("role", "sidecar")]),
-        0.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, KILLS, &[("pod", POD), ("role", "sidecar")], 0.0);
     assert_eq!(m.redis.idle_closes(), 0);
 }
 
@@ -205,23 +176,13 @@ fn root_case_b_server_timeout_is_origin_upstream() {
     });
     thread::sleep(Duration::from_millis(500));
     let after = m.daemon.scrape();
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("upstream", "off"))
-        ),
+    after.assert_delta(
+        &before,
+        CHAIN_KILLS,
+        &labels(&chain("upstream", "off")),
         1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
     );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
     assert_eq!(
         m.envoy.idle_timeouts(),
         0,
@@ -239,12 +200,7 @@ fn root_case_b_server_timeout_is_origin_upstream() {
         ("keepalive", "off"),
         ("peer", PEER),
     ];
-    assert_eq!(
-        delta(&before, &after, KILLS, &sidecar_kill),
-        1.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, KILLS, &sidecar_kill, 1.0);
 }
 
 /// Case C: the app has keepalive, Envoy's upstream leg has none, the path
@@ -252,18 +208,7 @@ fn root_case_b_server_timeout_is_origin_upstream() {
 #[test]
 fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let app_args = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
+    let app_args = keepalive_app_args();
     let mut m = mesh(&setup(60, false, 0, 2, InvalidAction::Reject, &app_args));
     let before = m.daemon.scrape();
     assert_open_chain(&m, &before);
@@ -306,29 +251,14 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
         ("peer", PEER),
         ("outcome", "rst"),
     ];
-    assert_eq!(
-        delta(&before, &after, STALE, &stale),
+    after.assert_delta(&before, STALE, &stale, 1.0);
+    after.assert_delta(
+        &before,
+        CHAIN_KILLS,
+        &labels(&chain("upstream", "off")),
         1.0,
-        "{}",
-        after.dump(STALE)
     );
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("upstream", "off"))
-        ),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
     assert_eq!(
         after.sum(MISMATCH, &[("pod", POD)]),
         0.0,
@@ -343,18 +273,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
 #[test]
 fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
     let _serial = serial_unless_skipped!();
-    let app_args = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
+    let app_args = keepalive_app_args();
     let mut m = mesh(&setup(60, true, 0, 2, InvalidAction::Reject, &app_args));
     let before = m.daemon.scrape();
     assert_open_chain(&m, &before);
@@ -379,37 +298,17 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
     });
     thread::sleep(Duration::from_millis(500));
     let after = m.daemon.scrape();
-    assert_eq!(
-        delta(&before, &after, STALE, &[("pod", POD)]),
-        0.0,
-        "{}",
-        after.dump(STALE)
-    );
-    assert_eq!(
-        delta(&before, &after, KILLS, &[("pod", POD)]),
-        0.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, STALE, &[("pod", POD)], 0.0);
+    after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
     for origin in ["upstream", "sidecar"] {
-        assert_eq!(
-            delta(
-                &before,
-                &after,
-                CHAIN_KILLS,
-                &[("pod", POD), ("origin", origin)]
-            ),
+        after.assert_delta(
+            &before,
+            CHAIN_KILLS,
+            &[("pod", POD), ("origin", origin)],
             0.0,
-            "{}",
-            after.dump(CHAIN_KILLS)
         );
     }
     // The app closed its connection itself at the end.
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &labels(&chain("app", "on"))),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("app", "on")), 1.0);
     assert_eq!(m.lab.invalid_packets(), 0, "nothing expired on the path");
 }

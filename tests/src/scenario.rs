@@ -1,0 +1,55 @@
+//! What the scenario tests share: loopback addresses, `ct-client` runs and
+//! the keepalive settings they use.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::{NetNs, Peer};
+
+/// `127.0.0.1:port`.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+}
+
+/// `ct-client`'s keepalive flags for a probe a second after a second of
+/// silence, the connection dead after 3 unanswered: faster than any idle
+/// expiry in the tests (2 s and more).
+pub const KEEPALIVE_1_1_3: [&str; 7] = [
+    "--keepalive",
+    "--keepidle",
+    "1",
+    "--keepintvl",
+    "1",
+    "--keepcnt",
+    "3",
+];
+
+/// `ct-client PROTO --addr --port EXTRA...` inside `ns`; `program` is the
+/// test binary's `CARGO_BIN_EXE_ct-client`.
+pub fn ct_client(program: &str, ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {
+    let mut cmd = ns.command(program);
+    cmd.args([proto, "--addr", &addr.ip().to_string(), "--port"])
+        .arg(addr.port().to_string())
+        .args(extra);
+    Peer::spawn(&format!("ct-client {proto} {}", extra.join(" ")), cmd)
+}
+
+impl Peer {
+    /// The start of a `ct-client` run: `connected PORT`, then its first
+    /// reply, `ok`. Returns the port.
+    #[track_caller]
+    pub fn expect_connected_ok(&mut self) -> u16 {
+        let port = self.expect_port("connected");
+        assert_eq!(self.expect_line("reply"), ["ok"]);
+        port
+    }
+
+    /// The end of a `ct-client --then wait-close` run: the server closed
+    /// (`peer-closed MS`, whose words it returns), then `closed`, exit 0.
+    #[track_caller]
+    pub fn expect_peer_close(&mut self) -> Vec<String> {
+        let words = self.expect_line("peer-closed");
+        self.expect_line("closed");
+        self.wait_success();
+        words
+    }
+}
