@@ -437,6 +437,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body))
 }
 
+/// Names of the contract's metrics that the tests count (README.md).
+pub mod names {
+    pub const KILLS: &str = "conntracer_idle_kills_total";
+    pub const STALE: &str = "conntracer_stale_reuse_total";
+    pub const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
+    pub const CHAIN_KILLS: &str = "conntracer_sidecar_chain_kills_total";
+    pub const MISMATCH: &str = "conntracer_sidecar_keepalive_mismatch";
+    pub const LOST: &str = "conntracer_events_lost_total";
+}
+
 /// One Prometheus text exposition, parsed.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {

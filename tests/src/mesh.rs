@@ -136,6 +136,20 @@ pub struct Mesh {
     pub lab: NetLab,
 }
 
+impl Mesh {
+    /// Case C's end: the app's next query (on [`Peer::go`]) fails, met by
+    /// the server's close or a reset, and the app closes.
+    pub fn expect_next_query_fails(&mut self) {
+        self.app.go();
+        let outcome = self.app.expect_line_any(&["peer-closed", "error"]);
+        assert!(
+            outcome[0] == "peer-closed" || outcome[1] == "ECONNRESET",
+            "the app's next query fails: {outcome:?}"
+        );
+        self.app.expect_line("closed");
+    }
+}
+
 /// What differs between the scenarios.
 pub struct Setup {
     /// Envoy's tcp_proxy idle_timeout.

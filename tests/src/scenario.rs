@@ -23,6 +23,12 @@ pub const KEEPALIVE_1_1_3: [&str; 7] = [
     "3",
 ];
 
+/// Arguments written as one line, split at spaces:
+/// `args("--then wait-close")`.
+pub fn args(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 /// `ct-client PROTO --addr --port EXTRA...` inside `ns`; `program` is the
 /// test binary's `CARGO_BIN_EXE_ct-client`.
 pub fn ct_client(program: &str, ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {

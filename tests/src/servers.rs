@@ -853,6 +853,21 @@ pub struct EnvoyOptions {
     pub cgroup: Option<PathBuf>,
 }
 
+/// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
+/// Envoy's tcp_proxy on 127.0.0.1:`envoy_port`, idle timeout `idle_secs`.
+pub fn redis_behind_envoy(
+    ns: &NetNs,
+    envoy_port: u16,
+    redis_port: u16,
+    idle_secs: u32,
+) -> (Redis, Envoy) {
+    let redis = Redis::start(ns, crate::scenario::local(redis_port), 0);
+    let idle = Duration::from_secs(idle_secs.into());
+    let options = EnvoyOptions::tcp_proxy(crate::scenario::local(envoy_port), redis.addr(), idle);
+    let envoy = Envoy::start(ns, options);
+    (redis, envoy)
+}
+
 impl EnvoyOptions {
     /// A plain TCP proxy: `listen` -> `upstream`, as root.
     pub fn tcp_proxy(listen: SocketAddr, upstream: SocketAddr, idle_timeout: Duration) -> Self {

@@ -30,7 +30,11 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer,
-    daemon::{Daemon, delta, serial},
+    daemon::{
+        Daemon, delta,
+        names::{IDLE_HIST, KILLS, STALE},
+        serial,
+    },
     netlab::{InvalidAction, NetLab, SERVER_IP},
     require_program_or_skip,
     scenario::{KEEPALIVE_1_1_3, local},
@@ -40,13 +44,9 @@ use integration_tests::{
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
-const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
-    let _test = test_name!();
     let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The server's orphaned FIN_WAIT2 expires 1 s after its close: the
@@ -71,11 +71,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
     pool.wait_success();
 
     let peer = [("peer", "127.0.0.1:16389"), ("direction", "outbound")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &peer) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(1500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &peer, 1.0, Duration::from_millis(1500));
     let kill = [
         ("peer", "127.0.0.1:16389"),
         ("direction", "outbound"),
@@ -229,11 +225,7 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     );
 
     let peer = [("peer", "127.0.0.1:18080"), ("cause", "peer_closed")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, STALE, &peer) >= failed_f
-    });
-    thread::sleep(Duration::from_millis(1500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, STALE, &peer, failed_f, Duration::from_millis(1500));
     assert_eq!(
         delta(&before, &m2, STALE, &peer),
         failed_f,
@@ -258,7 +250,6 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     reason = "one scenario: two clients, the reject, and the ground truth of each"
 )]
 fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
-    let _test = test_name!();
     let _serial = serial_unless_skipped!();
     // Conntrack keeps the flows (an hour): only the reject rule acts.
     let lab = NetLab::new(InvalidAction::Drop, 3600);
@@ -333,11 +324,7 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     prober.wait_success();
 
     let server = [("peer", "10.231.2.2:6379")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &server) >= 2.0
-    });
-    thread::sleep(Duration::from_secs(1));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &server, 2.0, Duration::from_secs(1));
     let stale = [
         ("peer", "10.231.2.2:6379"),
         ("outcome", "timeout"),

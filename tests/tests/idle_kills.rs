@@ -16,20 +16,20 @@ use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, delta},
+    daemon::{
+        Daemon, Metrics, delta,
+        names::{IDLE_HIST, KILLS, STALE},
+    },
     netlab::{InvalidAction, NetLab},
     scenario::{KEEPALIVE_1_1_3, ct_client, local},
     serial_unless_skipped,
-    servers::{EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis},
+    servers::{EchoServer, MariaDb, Memcached, Redis, redis_behind_envoy},
     wait_counter,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// Every server's idle timeout, and the path's conntrack expiry.
 const IDLE_SECS: u32 = 2;
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
-const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 
 /// The scrape once `name{labels}` rose by `want` since `before`, half a
 /// second later (any extra count shows).
@@ -229,16 +229,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
 fn root_envoy_idle_timeout_is_measured_to_the_tick() {
     let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
-    // Redis without a timeout of its own behind Envoy's tcp_proxy.
-    let redis = Redis::start(&ns, local(16380), 0);
-    let envoy = Envoy::start(
-        &ns,
-        EnvoyOptions::tcp_proxy(
-            local(17000),
-            redis.addr(),
-            Duration::from_secs(IDLE_SECS.into()),
-        ),
-    );
+    let (_redis, envoy) = redis_behind_envoy(&ns, 17000, 16380, IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
     let timeouts = envoy.idle_timeouts();
     let before = daemon.scrape();

@@ -24,13 +24,14 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
-    daemon::{DAEMONSET_CAPS, Daemon, capabilities_of, capability_bit, delta, http_get},
+    daemon::{
+        DAEMONSET_CAPS, Daemon, capabilities_of, capability_bit, delta, http_get, names::KILLS,
+    },
     serial_unless_skipped,
     servers::in_netns,
     unique_suffix,
 };
 
-const KILLS: &str = "conntracer_idle_kills_total";
 const SOCKOPTS: &str = "conntracer_keepalive_sockopts_total";
 /// Not root, not the test's user: the pods' processes.
 const POD_UID: u32 = 4321;

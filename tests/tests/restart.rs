@@ -19,7 +19,7 @@ use integration_tests::{
     bpf::{Objects, PROGRAMS, pins},
     daemon::{Daemon, serial},
     require_program_or_skip,
-    scenario::ct_client,
+    scenario::{args, ct_client},
     servers::Redis,
     skip_unless_root,
 };
@@ -118,15 +118,7 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
         &ns,
         "redis",
         server,
-        &[
-            "--keepalive",
-            "--keepidle",
-            "60",
-            "--then",
-            "wait-close",
-            "--timeout-secs",
-            "30",
-        ],
+        &args("--keepalive --keepidle 60 --then wait-close --timeout-secs 30"),
     );
     let port = client.expect_connected_ok();
     let listed = first.connections();

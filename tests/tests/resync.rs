@@ -13,7 +13,7 @@ use std::{thread, time::Duration};
 use integration_tests::{
     NetNs,
     daemon::Daemon,
-    scenario::{ct_client, local},
+    scenario::{args, ct_client, local},
     serial_unless_skipped,
     servers::Redis,
 };
@@ -35,15 +35,7 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
         &ns,
         "redis",
         redis.addr(),
-        &[
-            "--keepalive",
-            "--keepidle",
-            "60",
-            "--then",
-            "wait-close",
-            "--timeout-secs",
-            "15",
-        ],
+        &args("--keepalive --keepidle 60 --then wait-close --timeout-secs 15"),
     );
     let port = client.expect_connected_ok();
 

@@ -23,13 +23,15 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, delta, http_get, serial},
+    daemon::{
+        Daemon, delta, http_get,
+        names::{KILLS, LOST},
+        serial,
+    },
     require_program_or_skip, require_root_or_skip,
     servers::in_netns,
 };
 
-const KILLS: &str = "conntracer_idle_kills_total";
-const LOST: &str = "conntracer_events_lost_total";
 /// The storm's length, and the scrape rate it must sustain.
 const STORM_SECS: u64 = 10;
 const MIN_REQUESTS: u64 = 10_000;
@@ -250,11 +252,7 @@ fn root_scrape_storm_keeps_answering_and_loses_no_events() {
         ("close_kind", "fin"),
     ];
     let want = f64::from(u32::try_from(WORKLOAD_CONNS).expect("fits"));
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &kill) >= want
-    });
-    thread::sleep(Duration::from_millis(500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &kill, want, Duration::from_millis(500));
     assert_eq!(
         delta(&before, &m2, KILLS, &kill),
         want,

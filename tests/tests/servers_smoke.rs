@@ -16,7 +16,7 @@ use integration_tests::{
     scenario::{KEEPALIVE_1_1_3, ct_client, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
-        SidecarRedirect, UpstreamKeepalive, in_netns,
+        SidecarRedirect, UpstreamKeepalive, in_netns, redis_behind_envoy,
     },
     skip_unless_root, wait_counter,
 };
@@ -151,16 +151,7 @@ fn root_memcached_idle_timeout_kicks() {
 fn root_envoy_idle_timeout_closes_both_legs() {
     skip_unless_root!();
     let ns = NetNs::new();
-    // Redis without a timeout of its own as the upstream.
-    let redis = Redis::start(&ns, local(6379), 0);
-    let envoy = Envoy::start(
-        &ns,
-        EnvoyOptions::tcp_proxy(
-            local(7000),
-            redis.addr(),
-            Duration::from_secs(IDLE_SECS.into()),
-        ),
-    );
+    let (redis, envoy) = redis_behind_envoy(&ns, 7000, 6379, IDLE_SECS);
     assert_eq!(envoy.idle_timeouts(), 0);
     let mut idle = ct_client(
         CLIENT,

@@ -15,17 +15,16 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    daemon::{Metrics, delta},
+    daemon::{
+        Metrics,
+        names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
+    },
     mesh::{Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
     netlab::InvalidAction,
     serial_unless_skipped,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-const CHAIN_KILLS: &str = "conntracer_sidecar_chain_kills_total";
-const MISMATCH: &str = "conntracer_sidecar_keepalive_mismatch";
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
 
 /// The mesh with this test binary's `ct-client` as the app.
 fn mesh(s: &Setup) -> Mesh {
@@ -44,6 +43,12 @@ fn chain(origin: &str, upstream_keepalive: &str) -> [(&'static str, String); 5] 
 
 fn labels<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// The scrape half a second after the chain's end was counted.
+fn chain_ended(m: &Mesh, before: &Metrics) -> Metrics {
+    let linger = Duration::from_millis(500);
+    m.daemon.settle(before, CHAIN_KILLS, &[], 1.0, linger).1
 }
 
 /// While the chain is open: each leg carries its pod, container and role,
@@ -129,11 +134,7 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     assert_open_chain(&m, &before);
     m.app.expect_line("peer-closed");
     m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
+    let after = chain_ended(&m, &before);
     after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("sidecar", "off")), 1.0);
     after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
     assert_eq!(
@@ -171,11 +172,7 @@ fn root_case_b_server_timeout_is_origin_upstream() {
     assert_open_chain(&m, &before);
     m.app.expect_line("peer-closed");
     m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
+    let after = chain_ended(&m, &before);
     after.assert_delta(
         &before,
         CHAIN_KILLS,
@@ -227,18 +224,8 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
     );
     // Past the router's conntrack expiry.
     thread::sleep(Duration::from_secs(4));
-    m.app.go();
-    let outcome = m.app.expect_line_any(&["peer-closed", "error"]);
-    assert!(
-        outcome[0] == "peer-closed" || outcome[1] == "ECONNRESET",
-        "the app's next query fails: {outcome:?}"
-    );
-    m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
+    m.expect_next_query_fails();
+    let after = chain_ended(&m, &before);
     assert!(
         m.lab.invalid_packets() >= 1,
         "the router reset the expired flow"
@@ -293,11 +280,7 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
         "keepalive kept the upstream flow alive"
     );
     m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
+    let after = chain_ended(&m, &before);
     after.assert_delta(&before, STALE, &[("pod", POD)], 0.0);
     after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
     for origin in ["upstream", "sidecar"] {
