@@ -507,6 +507,16 @@ impl Metrics {
         );
     }
 
+    /// The sum of the one observation of histogram `name{labels}` since
+    /// `before`, asserting that there was exactly one.
+    #[track_caller]
+    #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
+    pub fn sole_observation(&self, before: &Self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (count, sum) = self.histogram_delta(before, name, labels);
+        assert_eq!(count, 1.0, "{}", self.dump(name));
+        sum
+    }
+
     /// (count, sum) of histogram `name`'s observations matching `labels`
     /// since `before`.
     pub fn histogram_delta(

@@ -29,6 +29,15 @@ pub fn args(line: &str) -> Vec<&str> {
     line.split_whitespace().collect()
 }
 
+/// [`ct_client`] with this package's `ct-client`:
+/// `ct_client!(&ns, "redis", addr, &["--then", "wait-close"])`.
+#[macro_export]
+macro_rules! ct_client {
+    ($ns:expr, $proto:expr, $addr:expr, $extra:expr $(,)?) => {
+        $crate::scenario::ct_client(env!("CARGO_BIN_EXE_ct-client"), $ns, $proto, $addr, $extra)
+    };
+}
+
 /// `ct-client PROTO --addr --port EXTRA...` inside `ns`; `program` is the
 /// test binary's `CARGO_BIN_EXE_ct-client`.
 pub fn ct_client(program: &str, ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {

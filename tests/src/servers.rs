@@ -30,12 +30,12 @@ use std::{
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
     panic,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, unique_suffix};
+use crate::{NetNs, unique_suffix, wait_child};
 
 /// Bound on a server's start, from spawn to accepting connections.
 pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -133,18 +133,6 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
         }
         _ => addr,
-    }
-}
-
-/// Polls `child` until it exits, at most `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) | Err(_) => return None,
-        }
     }
 }
 

@@ -87,8 +87,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         m2.dump(STALE)
     );
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let (count, sum) = m2.histogram_delta(&before, IDLE_HIST, &labels);
-    assert_eq!(count, 1.0, "{}", m2.dump(IDLE_HIST));
+    let sum = m2.sole_observation(&before, IDLE_HIST, &labels);
     // Redis checks client timeouts from its cron (10 times a second, a
     // slice of the clients each time): its close comes 0-1 s after the 2 s,
     // more on a loaded machine. Never the 7 s the socket sat in CLOSE_WAIT.

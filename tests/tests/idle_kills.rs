@@ -15,19 +15,18 @@
 use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs,
+    NetNs, ct_client,
     daemon::{
         Daemon, Metrics, delta,
         names::{IDLE_HIST, KILLS, STALE},
     },
     netlab::{InvalidAction, NetLab},
-    scenario::{KEEPALIVE_1_1_3, ct_client, local},
+    scenario::{KEEPALIVE_1_1_3, args, local},
     serial_unless_skipped,
     servers::{EchoServer, MariaDb, Memcached, Redis, redis_behind_envoy},
     wait_counter,
 };
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// Every server's idle timeout, and the path's conntrack expiry.
 const IDLE_SECS: u32 = 2;
 
@@ -56,8 +55,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
 
     // The client turns keepalive on, with a long idle time: it never probes
     // before the server's 2 s wait_timeout.
-    let mut idle = ct_client(
-        CLIENT,
+    let mut idle = ct_client!(
         &ns,
         "mysql",
         db.addr(),
@@ -134,8 +132,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
     }
     // How long it was idle: one outbound connection closed by its peer.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let (count, sum) = m.histogram_delta(&before, IDLE_HIST, &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let sum = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (1.95..2.6).contains(&sum),
         "idle before the kill {sum} s, wait_timeout {IDLE_SECS} s"
@@ -151,13 +148,7 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
     let daemon = Daemon::start("1s", &[]);
     let closes = redis.idle_closes();
     let before = daemon.scrape();
-    let mut idle = ct_client(
-        CLIENT,
-        &ns,
-        "redis",
-        redis.addr(),
-        &["--then", "wait-close"],
-    );
+    let mut idle = ct_client!(&ns, "redis", redis.addr(), &["--then", "wait-close"],);
     idle.expect_connected_ok();
     idle.expect_peer_close();
 
@@ -193,8 +184,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
     let daemon = Daemon::start("1s", &[]);
     let kicks = mc.idle_kicks();
     let before = daemon.scrape();
-    let mut idle = ct_client(
-        CLIENT,
+    let mut idle = ct_client!(
         &ns,
         "memcached",
         mc.addr(),
@@ -233,13 +223,7 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
     let daemon = Daemon::start("1s", &[]);
     let timeouts = envoy.idle_timeouts();
     let before = daemon.scrape();
-    let mut idle = ct_client(
-        CLIENT,
-        &ns,
-        "redis",
-        envoy.listen_addr(),
-        &["--then", "wait-close"],
-    );
+    let mut idle = ct_client!(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"],);
     idle.expect_connected_ok();
     idle.expect_peer_close();
 
@@ -269,8 +253,7 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
     m.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16380")], 0.0);
     // The client's idle time matches Envoy's idle_timeout within 100 ms.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let (count, idle_s) = m.histogram_delta(&before, IDLE_HIST, &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let idle_s = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (idle_s - f64::from(IDLE_SECS)).abs() <= 0.1,
         "measured {idle_s} s, Envoy's idle_timeout {IDLE_SECS} s"
@@ -284,18 +267,10 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let idle_args = [
-        "--idle-secs",
-        "4",
-        "--then",
-        "send",
-        "--user-timeout-ms",
-        "2000",
-    ];
-    let mut silent = ct_client(CLIENT, lab.client(), "redis", redis.addr(), &idle_args);
+    let idle_args = args("--idle-secs 4 --then send --user-timeout-ms 2000");
+    let mut silent = ct_client!(lab.client(), "redis", redis.addr(), &idle_args);
     let keepalive = KEEPALIVE_1_1_3;
-    let mut kept = ct_client(
-        CLIENT,
+    let mut kept = ct_client!(
         lab.client(),
         "redis",
         redis.addr(),
@@ -357,8 +332,7 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let mut silent = ct_client(
-        CLIENT,
+    let mut silent = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),
@@ -391,8 +365,7 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
     m.assert_delta(&before, KILLS, &peer, 1.0);
     // The kill's idle time is the 4 s of silence before the send.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let (count, idle_s) = m.histogram_delta(&before, IDLE_HIST, &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let idle_s = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (3.9..4.5).contains(&idle_s),
         "silence before the send {idle_s} s"
@@ -409,8 +382,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
     // A request every 200 ms for 10 s, then the client closes.
-    let mut chatty = ct_client(
-        CLIENT,
+    let mut chatty = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),

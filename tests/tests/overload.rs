@@ -7,10 +7,6 @@
     clippy::cast_precision_loss,
     reason = "connection counts, far below 2^52, compared with metric values (f64)"
 )]
-#![expect(
-    clippy::too_many_lines,
-    reason = "the test is one scenario told from start to end"
-)]
 
 use std::{
     io::{Read as _, Write as _},
@@ -77,6 +73,7 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario told from start to end")]
 fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
     let _serial = serial_unless_skipped!();
     let ns = NetNs::new();

@@ -17,14 +17,13 @@ use std::{
 use integration_tests::{
     NetNs,
     bpf::{Objects, PROGRAMS, pins},
+    ct_client,
     daemon::{Daemon, serial},
     require_program_or_skip,
-    scenario::{args, ct_client},
+    scenario::args,
     servers::Redis,
     skip_unless_root,
 };
-
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 
 /// What the kernel may take to free a program or map after its last
 /// reference is gone (RCU grace periods, a work queue): generous.
@@ -113,8 +112,7 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
     let mine = loaded_by_daemon(&before);
 
     // A client with keepalive connects while the first daemon runs.
-    let mut client = ct_client(
-        CLIENT,
+    let mut client = ct_client!(
         &ns,
         "redis",
         server,

@@ -11,14 +11,12 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    NetNs,
+    NetNs, ct_client,
     daemon::Daemon,
-    scenario::{args, ct_client, local},
+    scenario::{args, local},
     serial_unless_skipped,
     servers::Redis,
 };
-
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 
 fn find<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
     list.as_array()?.iter().find(|c| c["local"] == local)
@@ -30,8 +28,7 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
     let ns = NetNs::new();
     // Server and client both before the daemon, as after a daemon restart.
     let redis = Redis::start(&ns, local(16390), 3);
-    let mut client = ct_client(
-        CLIENT,
+    let mut client = ct_client!(
         &ns,
         "redis",
         redis.addr(),
@@ -97,8 +94,7 @@ fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16391), 0);
     let daemon = Daemon::start("1s", &["--no-kube"]);
-    let mut client = ct_client(
-        CLIENT,
+    let mut client = ct_client!(
         &ns,
         "redis",
         redis.addr(),

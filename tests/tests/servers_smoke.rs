@@ -11,9 +11,9 @@
 use std::{fs, net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs,
+    NetNs, ct_client,
     netlab::{InvalidAction, NetLab},
-    scenario::{KEEPALIVE_1_1_3, ct_client, local},
+    scenario::{KEEPALIVE_1_1_3, args, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns, redis_behind_envoy,
@@ -21,7 +21,6 @@ use integration_tests::{
     skip_unless_root, wait_counter,
 };
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// The idle timeout every server gets here.
 const IDLE_SECS: u32 = 2;
 const IDLE_MS: u64 = 2000;
@@ -63,8 +62,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     assert_eq!(db.aborted_clients(), 0);
 
     // A polite client (COM_QUIT) is not an aborted client.
-    let mut polite = ct_client(
-        CLIENT,
+    let mut polite = ct_client!(
         &ns,
         "mysql",
         db.addr(),
@@ -77,7 +75,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     polite.expect_line("closed");
     polite.wait_success();
 
-    let mut idle = ct_client(CLIENT, &ns, "mysql", db.addr(), &["--then", "wait-close"]);
+    let mut idle = ct_client!(&ns, "mysql", db.addr(), &["--then", "wait-close"]);
     idle.expect_port("connected");
     assert_eq!(idle.expect_line("auth"), ["ok"]);
     assert_eq!(idle.expect_line("reply"), ["ok"]);
@@ -103,13 +101,7 @@ fn root_redis_timeout_closes_idle_client() {
     skip_unless_root!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(6379), IDLE_SECS);
-    let mut idle = ct_client(
-        CLIENT,
-        &ns,
-        "redis",
-        redis.addr(),
-        &["--then", "wait-close"],
-    );
+    let mut idle = ct_client!(&ns, "redis", redis.addr(), &["--then", "wait-close"],);
     idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // The check runs in serverCron on whole seconds (`now - last > timeout`).
@@ -129,8 +121,7 @@ fn root_memcached_idle_timeout_kicks() {
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11211), IDLE_SECS);
     assert_eq!(mc.idle_kicks(), 0);
-    let mut idle = ct_client(
-        CLIENT,
+    let mut idle = ct_client!(
         &ns,
         "memcached",
         mc.addr(),
@@ -153,13 +144,7 @@ fn root_envoy_idle_timeout_closes_both_legs() {
     let ns = NetNs::new();
     let (redis, envoy) = redis_behind_envoy(&ns, 7000, 6379, IDLE_SECS);
     assert_eq!(envoy.idle_timeouts(), 0);
-    let mut idle = ct_client(
-        CLIENT,
-        &ns,
-        "redis",
-        envoy.listen_addr(),
-        &["--then", "wait-close"],
-    );
+    let mut idle = ct_client!(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"],);
     idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     assert_fired("Envoy tcp_proxy idle_timeout", ms_of(&words), 500);
@@ -203,8 +188,7 @@ fn root_envoy_sidecar_proxies_transparently() {
     );
     let _redirect = SidecarRedirect::install(lab.client(), SIDECAR_UID, &[upstream], SIDECAR_PORT);
 
-    let mut app = ct_client(
-        CLIENT,
+    let mut app = ct_client!(
         lab.client(),
         "redis",
         upstream,
@@ -262,17 +246,9 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
     skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
-    let idle_args = [
-        "--idle-secs",
-        "4",
-        "--then",
-        "send",
-        "--user-timeout-ms",
-        "2000",
-    ];
-    let mut silent = ct_client(CLIENT, lab.client(), "redis", redis.addr(), &idle_args);
-    let mut kept = ct_client(
-        CLIENT,
+    let idle_args = args("--idle-secs 4 --then send --user-timeout-ms 2000");
+    let mut silent = ct_client!(lab.client(), "redis", redis.addr(), &idle_args);
+    let mut kept = ct_client!(
         lab.client(),
         "redis",
         redis.addr(),
@@ -329,8 +305,7 @@ fn root_netlab_reject_resets_expired_flow() {
     skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
-    let mut silent = ct_client(
-        CLIENT,
+    let mut silent = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),
@@ -353,7 +328,7 @@ fn root_netlab_reject_resets_expired_flow() {
 
     // Switching to Drop keeps conntrack on: a new flow is tracked.
     lab.set_action(InvalidAction::Drop);
-    let mut fresh = ct_client(CLIENT, lab.client(), "raw", echo.addr(), &["--count", "2"]);
+    let mut fresh = ct_client!(lab.client(), "raw", echo.addr(), &["--count", "2"]);
     let port = fresh.expect_connected_ok();
     assert_eq!(fresh.expect_line("reply"), ["ok"]);
     fresh.expect_line("closed");

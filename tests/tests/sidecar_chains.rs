@@ -45,10 +45,38 @@ fn labels<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
+/// Cases A and B: the app idles (Envoy's idle timeout `envoy_idle_s`,
+/// Redis's `redis_timeout_secs`) until its connection is closed. Returns
+/// the mesh and the scrape before, the open chain checked.
+fn idle_until_closed(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metrics) {
+    let app = ["--then", "wait-close"];
+    let s = setup(
+        envoy_idle_s,
+        false,
+        redis_timeout_secs,
+        300,
+        InvalidAction::Drop,
+        &app,
+    );
+    let mut m = mesh(&s);
+    let before = m.daemon.scrape();
+    assert_open_chain(&m, &before);
+    m.app.expect_line("peer-closed");
+    m.app.expect_line("closed");
+    (m, before)
+}
+
 /// The scrape half a second after the chain's end was counted.
 fn chain_ended(m: &Mesh, before: &Metrics) -> Metrics {
     let linger = Duration::from_millis(500);
     m.daemon.settle(before, CHAIN_KILLS, &[], 1.0, linger).1
+}
+
+/// The one chain kill since `before`: its origin and upstream keepalive.
+#[track_caller]
+fn assert_sole_chain_kill(after: &Metrics, before: &Metrics, origin: &str, keepalive: &str) {
+    after.assert_delta(before, CHAIN_KILLS, &labels(&chain(origin, keepalive)), 1.0);
+    after.assert_delta(before, CHAIN_KILLS, &[], 1.0);
 }
 
 /// While the chain is open: each leg carries its pod, container and role,
@@ -122,21 +150,9 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
 #[test]
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     let _serial = serial_unless_skipped!();
-    let mut m = mesh(&setup(
-        2,
-        false,
-        0,
-        300,
-        InvalidAction::Drop,
-        &["--then", "wait-close"],
-    ));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
-    m.app.expect_line("peer-closed");
-    m.app.expect_line("closed");
+    let (m, before) = idle_until_closed(2, 0);
     let after = chain_ended(&m, &before);
-    after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("sidecar", "off")), 1.0);
-    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
+    assert_sole_chain_kill(&after, &before, "sidecar", "off");
     assert_eq!(
         m.envoy.idle_timeouts(),
         1,
@@ -160,26 +176,9 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
 #[test]
 fn root_case_b_server_timeout_is_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let mut m = mesh(&setup(
-        60,
-        false,
-        2,
-        300,
-        InvalidAction::Drop,
-        &["--then", "wait-close"],
-    ));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
-    m.app.expect_line("peer-closed");
-    m.app.expect_line("closed");
+    let (m, before) = idle_until_closed(60, 2);
     let after = chain_ended(&m, &before);
-    after.assert_delta(
-        &before,
-        CHAIN_KILLS,
-        &labels(&chain("upstream", "off")),
-        1.0,
-    );
-    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
+    assert_sole_chain_kill(&after, &before, "upstream", "off");
     assert_eq!(
         m.envoy.idle_timeouts(),
         0,
@@ -239,13 +238,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
         ("outcome", "rst"),
     ];
     after.assert_delta(&before, STALE, &stale, 1.0);
-    after.assert_delta(
-        &before,
-        CHAIN_KILLS,
-        &labels(&chain("upstream", "off")),
-        1.0,
-    );
-    after.assert_delta(&before, CHAIN_KILLS, &[], 1.0);
+    assert_sole_chain_kill(&after, &before, "upstream", "off");
     assert_eq!(
         after.sum(MISMATCH, &[("pod", POD)]),
         0.0,
