@@ -3,11 +3,62 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::{NetNs, Peer};
+use crate::{NetNs, Peer, netlab::NetLab};
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+}
+
+/// Two Redis clients across the lab that idle 4 s, then send with a 2 s
+/// user timeout: `silent`, and `kept`, which has keepalive 1/1/3 as well.
+pub struct IdleClients {
+    pub silent: Peer,
+    pub kept: Peer,
+    /// The silent client's port.
+    pub silent_port: u16,
+}
+
+impl IdleClients {
+    /// Both connected, their first replies `ok`; `program` is the test
+    /// binary's `CARGO_BIN_EXE_ct-client`.
+    #[track_caller]
+    pub fn start(program: &str, lab: &NetLab, redis: SocketAddr) -> Self {
+        let idle = args("--idle-secs 4 --then send --user-timeout-ms 2000");
+        let mut silent = ct_client(program, lab.client(), "redis", redis, &idle);
+        let kept_args = [&idle[..], &KEEPALIVE_1_1_3[..]].concat();
+        let mut kept = ct_client(program, lab.client(), "redis", redis, &kept_args);
+        let silent_port = silent.expect_port("connected");
+        kept.expect_port("connected");
+        assert_eq!(silent.expect_line("reply"), ["ok"]);
+        assert_eq!(kept.expect_line("reply"), ["ok"]);
+        Self {
+            silent,
+            kept,
+            silent_port,
+        }
+    }
+
+    /// The end on a path that drops expired flows: the silent client's
+    /// send fails (its `error` words, returned) and it closes; keepalive
+    /// kept the other's flow alive (its next reply `ok`); the router dropped
+    /// packets of the expired one.
+    #[track_caller]
+    pub fn expect_drop_outcome(mut self, lab: &NetLab) -> Vec<String> {
+        let words = self.silent.expect_line("error");
+        self.silent.expect_closed_then_exit();
+        assert_eq!(
+            self.kept.expect_line("reply"),
+            ["ok"],
+            "keepalive kept the flow alive"
+        );
+        self.kept.expect_closed_then_exit();
+        assert!(
+            lab.invalid_packets() >= 1,
+            "the router dropped the expired flow's packets"
+        );
+        words
+    }
 }
 
 /// `ct-client`'s keepalive flags for a probe a second after a second of
@@ -63,8 +114,14 @@ impl Peer {
     #[track_caller]
     pub fn expect_peer_close(&mut self) -> Vec<String> {
         let words = self.expect_line("peer-closed");
+        self.expect_closed_then_exit();
+        words
+    }
+
+    /// The end of a `ct-client` run: `closed`, then exit 0.
+    #[track_caller]
+    pub fn expect_closed_then_exit(&mut self) {
         self.expect_line("closed");
         self.wait_success();
-        words
     }
 }

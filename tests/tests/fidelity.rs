@@ -67,8 +67,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         cmd
     });
     pool.expect_connected_ok();
-    pool.expect_line("closed");
-    pool.wait_success();
+    pool.expect_closed_then_exit();
 
     let peer = [("peer", "127.0.0.1:16389"), ("direction", "outbound")];
     let (m, m2) = daemon.settle(&before, KILLS, &peer, 1.0, Duration::from_millis(1500));
@@ -317,10 +316,8 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
         err[0], "EHOSTUNREACH",
         "the kernel reports the ICMP error: {err:?}"
     );
-    sender.expect_line("closed");
-    sender.wait_success();
-    prober.expect_line("closed");
-    prober.wait_success();
+    sender.expect_closed_then_exit();
+    prober.expect_closed_then_exit();
 
     let server = [("peer", "10.231.2.2:6379")];
     let (m, m2) = daemon.settle(&before, KILLS, &server, 2.0, Duration::from_secs(1));

@@ -21,7 +21,7 @@ use integration_tests::{
         names::{IDLE_HIST, KILLS, STALE},
     },
     netlab::{InvalidAction, NetLab},
-    scenario::{KEEPALIVE_1_1_3, args, local},
+    scenario::{IdleClients, local},
     serial_unless_skipped,
     servers::{EchoServer, MariaDb, Memcached, Redis, redis_behind_envoy},
     wait_counter,
@@ -79,8 +79,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         "ECONNRESET",
         "MariaDB resets timed-out sessions"
     );
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
 
     let peer = [("peer", "127.0.0.1:13306"), ("direction", "outbound")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -267,33 +266,9 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let idle_args = args("--idle-secs 4 --then send --user-timeout-ms 2000");
-    let mut silent = ct_client!(lab.client(), "redis", redis.addr(), &idle_args);
-    let keepalive = KEEPALIVE_1_1_3;
-    let mut kept = ct_client!(
-        lab.client(),
-        "redis",
-        redis.addr(),
-        &[&idle_args[..], &keepalive[..]].concat(),
-    );
-    silent.expect_port("connected");
-    kept.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
-    assert_eq!(kept.expect_line("reply"), ["ok"]);
-    assert_eq!(silent.expect_line("error")[0], "ETIMEDOUT");
-    silent.expect_line("closed");
-    silent.wait_success();
-    assert_eq!(
-        kept.expect_line("reply"),
-        ["ok"],
-        "keepalive kept the flow alive"
-    );
-    kept.expect_line("closed");
-    kept.wait_success();
-    assert!(
-        lab.invalid_packets() >= 1,
-        "the router dropped the expired flow's packets"
-    );
+    let clients = IdleClients::start(env!("CARGO_BIN_EXE_ct-client"), &lab, redis.addr());
+    let words = clients.expect_drop_outcome(&lab);
+    assert_eq!(words[0], "ETIMEDOUT");
 
     let peer = [("peer", "10.231.2.2:6379")];
     let m = settle(&daemon, &before, STALE, &peer, 1.0);
@@ -340,8 +315,7 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
     );
     silent.expect_connected_ok();
     assert_eq!(silent.expect_line("error")[0], "ECONNRESET");
-    silent.expect_line("closed");
-    silent.wait_success();
+    silent.expect_closed_then_exit();
     assert!(
         lab.invalid_packets() >= 1,
         "the router rejected the expired flow"
@@ -401,8 +375,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     for _ in 0..50 {
         assert_eq!(chatty.expect_line("reply"), ["ok"]);
     }
-    chatty.expect_line("closed");
-    chatty.wait_success();
+    chatty.expect_closed_then_exit();
     let outbound = [("direction", "outbound"), ("closed_by", "local")];
     let m = settle(
         &daemon,

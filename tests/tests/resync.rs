@@ -118,6 +118,5 @@ fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
     let mine = find(&list, &format!("127.0.0.1:{port}")).expect("client listed");
     assert_eq!(mine["owner"], "known", "opened after the daemon: {mine}");
     client.go();
-    client.expect_line("closed");
-    client.wait_success();
+    client.expect_closed_then_exit();
 }

@@ -13,7 +13,7 @@ use std::{fs, net::SocketAddr, time::Duration};
 use integration_tests::{
     NetNs, ct_client,
     netlab::{InvalidAction, NetLab},
-    scenario::{KEEPALIVE_1_1_3, args, local},
+    scenario::{IdleClients, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns, redis_behind_envoy,
@@ -72,8 +72,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     polite.expect_line("auth");
     polite.expect_line("reply");
     polite.expect_line("reply");
-    polite.expect_line("closed");
-    polite.wait_success();
+    polite.expect_closed_then_exit();
 
     let mut idle = ct_client!(&ns, "mysql", db.addr(), &["--then", "wait-close"]);
     idle.expect_port("connected");
@@ -86,8 +85,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
         "MariaDB's wait_timeout close: {words:?}"
     );
     assert_fired("MariaDB wait_timeout", ms_of(&words), 500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
 
     wait_counter("Aborted_clients", 1, Duration::from_secs(5), || {
         db.aborted_clients()
@@ -106,8 +104,7 @@ fn root_redis_timeout_closes_idle_client() {
     let words = idle.expect_line("peer-closed");
     // The check runs in serverCron on whole seconds (`now - last > timeout`).
     assert_fired("Redis --timeout", ms_of(&words), 1500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter("Redis idle closes", 1, Duration::from_secs(2), || {
         redis.idle_closes()
     });
@@ -131,8 +128,7 @@ fn root_memcached_idle_timeout_kicks() {
     let words = idle.expect_line("peer-closed");
     // Coarse: a once-a-second check on a once-a-second clock.
     assert_fired("memcached idle_timeout", ms_of(&words), 8000);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter("memcached idle_kicks", 1, Duration::from_secs(2), || {
         mc.idle_kicks()
     });
@@ -148,8 +144,7 @@ fn root_envoy_idle_timeout_closes_both_legs() {
     idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     assert_fired("Envoy tcp_proxy idle_timeout", ms_of(&words), 500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter(
         "Envoy tcp.ctproxy.idle_timeout",
         1,
@@ -213,8 +208,7 @@ fn root_envoy_sidecar_proxies_transparently() {
     );
     let words = app.expect_line("peer-closed");
     assert_fired("Envoy sidecar idle_timeout", ms_of(&words), 500);
-    app.expect_line("closed");
-    app.wait_success();
+    app.expect_closed_then_exit();
     wait_counter(
         "Envoy tcp.outbound.idle_timeout",
         1,
@@ -246,18 +240,8 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
     skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
-    let idle_args = args("--idle-secs 4 --then send --user-timeout-ms 2000");
-    let mut silent = ct_client!(lab.client(), "redis", redis.addr(), &idle_args);
-    let mut kept = ct_client!(
-        lab.client(),
-        "redis",
-        redis.addr(),
-        &[&idle_args[..], &KEEPALIVE_1_1_3[..]].concat(),
-    );
-    let silent_port = silent.expect_port("connected");
-    kept.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
-    assert_eq!(kept.expect_line("reply"), ["ok"]);
+    let clients = IdleClients::start(env!("CARGO_BIN_EXE_ct-client"), &lab, redis.addr());
+    let silent_port = clients.silent_port;
     // Conntrack in the router tracks both flows.
     let entries = lab.conntrack_entries();
     let mine: Vec<&String> = entries
@@ -272,8 +256,9 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
     );
     assert_eq!(lab.invalid_packets(), 0);
 
-    // Idle 4 s > 2 s: the silent flow is forgotten, its next request black-holed.
-    let words = silent.expect_line("error");
+    // Idle 4 s > 2 s: the silent flow is forgotten, its next request
+    // black-holed; keepalive every second kept the other's entry alive.
+    let words = clients.expect_drop_outcome(&lab);
     assert_eq!(
         words[0], "ETIMEDOUT",
         "silent client after the expiry: {words:?}"
@@ -283,20 +268,6 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
         "drop: ETIMEDOUT {ms} ms after the send (user timeout 2000 ms)"
     ));
     assert!((2000..=4000).contains(&ms), "ETIMEDOUT after {ms} ms");
-    silent.expect_line("closed");
-    silent.wait_success();
-    // Keepalive every second kept its entry alive.
-    assert_eq!(
-        kept.expect_line("reply"),
-        ["ok"],
-        "keepalive client after the idle period"
-    );
-    kept.expect_line("closed");
-    kept.wait_success();
-    assert!(
-        lab.invalid_packets() >= 1,
-        "the router dropped no INVALID packet"
-    );
     assert_eq!(redis.idle_closes(), 0);
 }
 
@@ -322,8 +293,7 @@ fn root_netlab_reject_resets_expired_flow() {
     let words = silent.expect_line("error");
     assert_eq!(words[0], "ECONNRESET", "client after the expiry: {words:?}");
     assert!(ms_of(&words) < 1000, "RST after {} ms", ms_of(&words));
-    silent.expect_line("closed");
-    silent.wait_success();
+    silent.expect_closed_then_exit();
     assert_eq!(lab.invalid_packets(), 1);
 
     // Switching to Drop keeps conntrack on: a new flow is tracked.
@@ -331,8 +301,7 @@ fn root_netlab_reject_resets_expired_flow() {
     let mut fresh = ct_client!(lab.client(), "raw", echo.addr(), &["--count", "2"]);
     let port = fresh.expect_connected_ok();
     assert_eq!(fresh.expect_line("reply"), ["ok"]);
-    fresh.expect_line("closed");
-    fresh.wait_success();
+    fresh.expect_closed_then_exit();
     let entries = lab.conntrack_entries();
     assert!(
         entries

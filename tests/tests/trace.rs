@@ -607,8 +607,7 @@ fn lifecycle(sc: &Lifecycle) {
     let (mut srv, port) = server(&ns, sc.server_addr, extra);
     let mut cli = client(&ns, sc.connect_addr, port, &[]);
     let cport = cli.expect_port("connected");
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("accepted"),
         [sc.addr.to_owned(), cport.to_string()]
@@ -733,8 +732,7 @@ fn root_ipv4_server_closes_first_states_and_owners() {
     srv.expect_line("done");
     srv.wait_success();
     assert_eq!(cli.expect_line("eof"), ["0"]);
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
 
     let (events, s) = wait_closed(&tracer, &ns, port, cport, |_, _| true);
     assert_well_formed(&events, ns.inode(), started);
@@ -1046,8 +1044,7 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
         ["127.0.0.1".to_owned(), cport.to_string()]
     );
     cli.go();
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("read-error"),
         [
@@ -1111,8 +1108,7 @@ fn root_cgroup_id_is_the_client_cgroup_inode() {
     assert_eq!(cg.pids(), [cli.pid()], "{}", cg.path().display());
     cli.go();
     let cport = cli.expect_port("connected");
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     srv.expect_line("accepted");
     srv.expect_line("eof");
     srv.expect_line("done");
@@ -1207,8 +1203,7 @@ fn root_sockets_older_than_the_tracer_have_unknown_owner() {
     // All three sockets exist (and the connection is up) before the tracer.
     let tracer = Tracer::start();
     cli.go();
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("eof"),
         [cport.to_string(), PAYLOAD_LEN.to_string()]
@@ -1480,8 +1475,7 @@ fn root_keepalive_sockopts_are_traced_with_their_setter() {
         srv.expect_line("accepted"),
         ["127.0.0.1".to_owned(), cport.to_string()]
     );
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("eof"),
         [cport.to_string(), PAYLOAD_LEN.to_string()]

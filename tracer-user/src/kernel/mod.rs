@@ -331,41 +331,42 @@ fn load_object(
 
 /// Whether feature probe `program` loads on this kernel (then unloads it).
 fn probe(ebpf: &mut Ebpf, program: &str, btf: &Btf) -> bool {
-    let Some(prog) = ebpf.program_mut(program) else {
-        log::warn!("feature probe {program} missing from the object (build mismatch)");
-        return false;
-    };
-    let prog: Result<&mut BtfTracePoint, _> = prog.try_into();
-    let Ok(prog) = prog else {
-        return false;
-    };
-    match prog.load("inet_sock_set_state", btf) {
-        Ok(()) => {
-            let _ = prog.unload();
-            true
-        }
-        Err(e) => {
-            log::debug!("feature probe {program}: not on this kernel: {e}");
-            false
-        }
-    }
+    probe_with(ebpf, program, |prog: &mut BtfTracePoint| {
+        prog.load("inet_sock_set_state", btf)?;
+        let _ = prog.unload();
+        Ok(())
+    })
 }
 
 /// Whether the cgroup setsockopt feature probe `program` loads (then unloads it).
 fn probe_sockopt(ebpf: &mut Ebpf, program: &str) -> bool {
+    probe_with(ebpf, program, |prog: &mut CgroupSockopt| {
+        prog.load()?;
+        let _ = prog.unload();
+        Ok(())
+    })
+}
+
+/// Whether `load` succeeds on feature probe `program` as its kind `T`.
+fn probe_with<'a, T>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+    load: impl FnOnce(&mut T) -> Result<(), aya::programs::ProgramError>,
+) -> bool
+where
+    T: 'a,
+    &'a mut T: TryFrom<&'a mut Program>,
+{
     let Some(prog) = ebpf.program_mut(program) else {
         log::warn!("feature probe {program} missing from the object (build mismatch)");
         return false;
     };
-    let prog: Result<&mut CgroupSockopt, _> = prog.try_into();
+    let prog: Result<&mut T, _> = prog.try_into();
     let Ok(prog) = prog else {
         return false;
     };
-    match prog.load() {
-        Ok(()) => {
-            let _ = prog.unload();
-            true
-        }
+    match load(prog) {
+        Ok(()) => true,
         Err(e) => {
             log::debug!("feature probe {program}: not on this kernel: {e}");
             false

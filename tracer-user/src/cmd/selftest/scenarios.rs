@@ -249,13 +249,7 @@ pub(super) fn refused_connect(ctx: &mut Ctx<'_>) -> Vec<Check> {
         Ok(v) => v,
         Err(e) => return c.setup_failed(&e),
     };
-    c.equal(
-        "connect fails",
-        "ECONNREFUSED",
-        errno
-            .map(|e| errno_name(e as u32))
-            .ok_or_else(|| "connected".to_string()),
-    );
+    errno_check(&mut c, "connect fails", "ECONNREFUSED", errno, "connected");
     // The only socket of the namespace that connects to the closed port.
     let socket = |evs: &[ConnEvent]| {
         evs.iter()
@@ -389,11 +383,19 @@ fn after_exchange<R: Send + 'static>(
 
 /// The client's read after the peer's reset failed with ECONNRESET.
 fn client_read_reset(c: &mut Checks, read_errno: Option<i32>) {
-    c.equal(
+    errno_check(
+        c,
         "client's read fails",
         "ECONNRESET",
-        read_errno
-            .map(|e| errno_name(e as u32))
-            .ok_or_else(|| "no error".to_string()),
+        read_errno,
+        "no error",
     );
+}
+
+/// Check `what`: the socket call failed with `want` (`none`: it did not).
+fn errno_check(c: &mut Checks, what: &str, want: &str, errno: Option<i32>, none: &str) {
+    let got = errno
+        .map(|e| errno_name(e as u32))
+        .ok_or_else(|| none.to_string());
+    c.equal(what, want, got);
 }
