@@ -255,6 +255,28 @@ struct Spawn<'a> {
     cgroup: Option<PathBuf>,
 }
 
+impl<'a> Spawn<'a> {
+    /// `program` as root, in no cgroup of its own; `group`: as a
+    /// process-group leader.
+    fn root(
+        label: &'a str,
+        ns: &'a NetNs,
+        program: &str,
+        args: Vec<OsString>,
+        group: bool,
+    ) -> Self {
+        Self {
+            label,
+            ns,
+            program: program.into(),
+            args,
+            user: None,
+            group,
+            cgroup: None,
+        }
+    }
+}
+
 impl ServerProcess {
     fn spawn(how: &Spawn<'_>, dir: TempDir) -> Self {
         let log = dir.path().join(format!("{}.log", how.label));
@@ -393,6 +415,23 @@ const MARIADB_SMALL: [&str; 2] = ["--innodb-log-file-size=8M", "--innodb-buffer-
 /// (and clients that vanished without `COM_QUIT`); the timeout applies
 /// only to authenticated sessions. MariaDB closes a timed-out session with
 /// a RST (SO_LINGER 0), not a FIN.
+/// `addr()` and `pid()` of servers that keep their `ServerProcess` in
+/// `server` and their address in `addr`.
+macro_rules! served {
+    ($($server:ty),+) => {
+        $(impl $server {
+            pub fn addr(&self) -> SocketAddr {
+                self.addr
+            }
+
+            pub fn pid(&self) -> u32 {
+                self.server.pid()
+            }
+        })+
+    };
+}
+served!(MariaDb, Redis, Memcached, EchoServer);
+
 pub struct MariaDb {
     server: ServerProcess,
     addr: SocketAddr,
@@ -440,18 +479,8 @@ impl MariaDb {
             "--log-warnings=2".into(),
         ];
         args.extend(MARIADB_SMALL.iter().map(OsString::from));
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "mariadbd",
-                ns,
-                program: "mariadbd".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
-            dir,
-        );
+        let server =
+            ServerProcess::spawn(&Spawn::root("mariadbd", ns, "mariadbd", args, false), dir);
         let mut db = Self {
             server,
             addr,
@@ -468,14 +497,6 @@ impl MariaDb {
             "mariadbd ignored --wait-timeout"
         );
         db
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
     }
 
     /// The unix socket the ground-truth queries use (no TCP, so they are
@@ -581,29 +602,12 @@ impl Redis {
             "--dir".into(),
             dir.path().into(),
         ];
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "redis-server",
-                ns,
-                program: "redis-server".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
+        let mut server = ServerProcess::spawn(
+            &Spawn::root("redis-server", ns, "redis-server", args, false),
             dir,
         );
-        let mut redis = Self { server, addr };
-        redis.server.wait_accepting(addr);
-        redis
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 
     /// Clients closed for idling past `--timeout` so far (log lines).
@@ -690,29 +694,10 @@ impl Memcached {
             "-o".into(),
             format!("idle_timeout={idle_timeout_secs}").into(),
         ];
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "memcached",
-                ns,
-                program: "memcached".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
-            dir,
-        );
-        let mut mc = Self { server, addr };
-        mc.server.wait_accepting(addr);
-        mc
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        let mut server =
+            ServerProcess::spawn(&Spawn::root("memcached", ns, "memcached", args, false), dir);
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 
     /// `stats` as key -> value, over a new TCP connection from inside the namespace.
@@ -758,29 +743,18 @@ impl EchoServer {
             IpAddr::V4(ip) => format!("TCP4-LISTEN:{},bind={ip},reuseaddr,fork", addr.port()),
             IpAddr::V6(ip) => format!("TCP6-LISTEN:{},bind=[{ip}],reuseaddr,fork", addr.port()),
         };
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "socat-echo",
+        let mut server = ServerProcess::spawn(
+            &Spawn::root(
+                "socat-echo",
                 ns,
-                program: "socat".into(),
-                args: vec![listen.into(), "PIPE".into()],
-                user: None,
-                group: true,
-                cgroup: None,
-            },
+                "socat",
+                vec![listen.into(), "PIPE".into()],
+                true,
+            ),
             dir,
         );
-        let mut echo = Self { server, addr };
-        echo.server.wait_accepting(addr);
-        echo
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 }
 
@@ -1129,6 +1103,11 @@ impl SidecarRedirect {
         .iter()
         .map(|r| r.iter().map(|s| (*s).to_owned()).collect())
         .collect();
+        Self::with_rules(ns, rules)
+    }
+
+    /// Appends `rules` to nat OUTPUT in `ns`, each taken out again on drop.
+    fn with_rules(ns: &NetNs, rules: Vec<Vec<String>>) -> Self {
         let mut guard = Self {
             ns: ns.name().to_owned(),
             rules: Vec::new(),
@@ -1172,17 +1151,7 @@ impl SidecarRedirect {
                 .to_vec(),
             );
         }
-        let mut guard = Self {
-            ns: ns.name().to_owned(),
-            rules: Vec::new(),
-        };
-        for rule in rules {
-            let mut args = vec!["-w", "5", "-t", "nat", "-A", "OUTPUT"];
-            args.extend(rule.iter().map(String::as_str));
-            run_in(&guard.ns, "iptables", &args);
-            guard.rules.push(rule);
-        }
-        guard
+        Self::with_rules(ns, rules)
     }
 }
 
