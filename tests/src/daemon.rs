@@ -542,6 +542,33 @@ impl Metrics {
     }
 }
 
+/// The entry of a `/connections` list whose local end is `local`.
+pub fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|c| c["local"] == local)
+}
+
+/// The entry of a `/connections` list from `local` to `remote`.
+#[track_caller]
+pub fn find_conn<'a>(
+    list: &'a serde_json::Value,
+    local: &str,
+    remote: &str,
+) -> &'a serde_json::Value {
+    list.as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["local"] == local && c["remote"] == remote)
+        .unwrap_or_else(|| panic!("{local} -> {remote} not in {list:#}"))
+}
+
+/// Asserts the owner kind (`known`, `inherited`, `proc`) and pid of a
+/// `/connections` entry.
+#[track_caller]
+pub fn assert_owned(conn: &serde_json::Value, owner: &str, pid: u32) {
+    assert_eq!(conn["owner"], owner, "{conn}");
+    assert_eq!(conn["pid"].as_u64(), Some(u64::from(pid)), "{conn}");
+}
+
 /// `after - before` of the sum of `name`'s samples matching `labels`.
 pub fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
     after.sum(name, labels) - before.sum(name, labels)

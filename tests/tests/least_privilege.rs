@@ -25,7 +25,8 @@ use std::{
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
     daemon::{
-        DAEMONSET_CAPS, Daemon, capabilities_of, capability_bit, delta, http_get, names::KILLS,
+        DAEMONSET_CAPS, Daemon, assert_owned, capabilities_of, capability_bit, delta, find_local,
+        http_get, names::KILLS,
     },
     serial_unless_skipped,
     servers::in_netns,
@@ -92,10 +93,6 @@ fn pod_process(port: u16) -> (Peer, u16) {
     (peer, client_port)
 }
 
-fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
-    list.as_array()?.iter().find(|c| c["local"] == local)
-}
-
 fn mask(caps: &[&str]) -> u64 {
     caps.iter().map(|c| capability_bit(c)).fold(0, |a, b| a | b)
 }
@@ -126,8 +123,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     let list = daemon.connections();
     let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}\n{stderr}"));
-    assert_eq!(old["owner"], "proc", "{old}");
-    assert_eq!(old["pid"].as_u64(), Some(u64::from(pod.pid())), "{old}");
+    assert_owned(old, "proc", pod.pid());
     assert_eq!(old["uid"].as_u64(), Some(u64::from(POD_UID)), "{old}");
     assert_eq!(old["comm"], "python3", "{old}");
     assert_eq!(old["direction"], "outbound", "{old}");
@@ -142,8 +138,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     let list = daemon.connections();
     let new = find_local(&list, &format!("127.0.0.1:{new_port}"))
         .unwrap_or_else(|| panic!("new connection :{new_port} not in {list:#}"));
-    assert_eq!(new["owner"], "known", "{new}");
-    assert_eq!(new["pid"].as_u64(), Some(u64::from(pod.pid())), "{new}");
+    assert_owned(new, "known", pod.pid());
     assert_eq!(new["uid"].as_u64(), Some(u64::from(POD_UID)), "{new}");
     pod.expect_line("closed");
 
@@ -286,8 +281,7 @@ fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
     let list = daemon.connections();
     let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}"));
-    assert_eq!(old["owner"], "proc", "{old}");
-    assert_eq!(old["pid"].as_u64(), Some(u64::from(pod.pid())), "{old}");
+    assert_owned(old, "proc", pod.pid());
     assert!(
         !daemon.stderr().contains("is missing"),
         "{}",

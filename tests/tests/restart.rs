@@ -18,7 +18,7 @@ use integration_tests::{
     NetNs,
     bpf::{Objects, PROGRAMS, pins},
     ct_client,
-    daemon::{Daemon, serial},
+    daemon::{Daemon, assert_owned, serial},
     require_program_or_skip,
     scenario::args,
     servers::Redis,
@@ -141,12 +141,7 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
         .and_then(|l| l.iter().find(|c| c["local"] == format!("127.0.0.1:{port}")))
         .unwrap_or_else(|| panic!("restarted daemon does not list :{port}: {list:#}"))
         .clone();
-    assert_eq!(found["owner"], "proc", "{found}");
-    assert_eq!(
-        found["pid"].as_u64(),
-        Some(u64::from(client.pid())),
-        "{found}"
-    );
+    assert_owned(&found, "proc", client.pid());
     assert_eq!(found["keepalive"]["enabled"], true, "{found}");
     let before_kill = second.scrape();
     client.expect_line("peer-closed");

@@ -12,15 +12,11 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     NetNs, ct_client,
-    daemon::Daemon,
+    daemon::{Daemon, assert_owned, find_conn, find_local},
     scenario::{args, local},
     serial_unless_skipped,
     servers::Redis,
 };
-
-fn find<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
-    list.as_array()?.iter().find(|c| c["local"] == local)
-}
 
 #[test]
 fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classified() {
@@ -39,24 +35,14 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
     let daemon = Daemon::start("1s", &["--no-kube"]);
     let before = daemon.scrape();
     let list = daemon.connections();
-    let mine = find(&list, &format!("127.0.0.1:{port}"))
+    let mine = find_local(&list, &format!("127.0.0.1:{port}"))
         .unwrap_or_else(|| panic!("client :{port} not in {list:#}"));
-    assert_eq!(mine["owner"], "proc", "{mine}");
-    assert_eq!(
-        mine["pid"].as_u64(),
-        Some(u64::from(client.pid())),
-        "{mine}"
-    );
+    assert_owned(mine, "proc", client.pid());
     assert_eq!(mine["comm"], "ct-client", "{mine}");
     assert_eq!(mine["direction"], "outbound", "{mine}");
     assert_eq!(mine["keepalive"]["enabled"], true, "{mine}");
     assert_eq!(mine["keepalive"]["idle_s"].as_f64(), Some(60.0), "{mine}");
-    let server_side = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["local"] == "127.0.0.1:16390" && c["remote"] == format!("127.0.0.1:{port}"))
-        .unwrap_or_else(|| panic!("accepted side not in {list:#}"));
+    let server_side = find_conn(&list, "127.0.0.1:16390", &format!("127.0.0.1:{port}"));
     assert_eq!(
         server_side["pid"].as_u64(),
         Some(u64::from(redis.pid())),
@@ -102,20 +88,10 @@ fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
     );
     let port = client.expect_connected_ok();
     let list = daemon.connections();
-    let accepted = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["local"] == "127.0.0.1:16391" && c["remote"] == format!("127.0.0.1:{port}"))
-        .unwrap_or_else(|| panic!("accepted side not in {list:#}"));
-    assert_eq!(accepted["owner"], "inherited", "{accepted}");
-    assert_eq!(
-        accepted["pid"].as_u64(),
-        Some(u64::from(redis.pid())),
-        "{accepted}"
-    );
+    let accepted = find_conn(&list, "127.0.0.1:16391", &format!("127.0.0.1:{port}"));
+    assert_owned(accepted, "inherited", redis.pid());
     assert_eq!(accepted["comm"], "redis-server", "{accepted}");
-    let mine = find(&list, &format!("127.0.0.1:{port}")).expect("client listed");
+    let mine = find_local(&list, &format!("127.0.0.1:{port}")).expect("client listed");
     assert_eq!(mine["owner"], "known", "opened after the daemon: {mine}");
     client.go();
     client.expect_closed_then_exit();

@@ -47,8 +47,9 @@ fn labels<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str
 
 /// Cases A and B: the app idles (Envoy's idle timeout `envoy_idle_s`,
 /// Redis's `redis_timeout_secs`) until its connection is closed. Returns
-/// the mesh and the scrape before, the open chain checked.
-fn idle_until_closed(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metrics) {
+/// the mesh, the scrape before (the open chain checked) and the scrape
+/// after the chain's end.
+fn idle_until_chain_ended(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metrics, Metrics) {
     let app = ["--then", "wait-close"];
     let s = setup(
         envoy_idle_s,
@@ -63,6 +64,26 @@ fn idle_until_closed(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metri
     assert_open_chain(&m, &before);
     m.app.expect_line("peer-closed");
     m.app.expect_line("closed");
+    let after = chain_ended(&m, &before);
+    (m, before, after)
+}
+
+/// Case C: the app with keepalive, Envoy's upstream leg with keepalive or
+/// not, a path that resets expired flows. Returns the mesh and the scrape
+/// before, the open chain checked.
+fn case_c(upstream_keepalive: bool) -> (Mesh, Metrics) {
+    let app_args = keepalive_app_args();
+    let s = setup(
+        60,
+        upstream_keepalive,
+        0,
+        2,
+        InvalidAction::Reject,
+        &app_args,
+    );
+    let m = mesh(&s);
+    let before = m.daemon.scrape();
+    assert_open_chain(&m, &before);
     (m, before)
 }
 
@@ -150,9 +171,9 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
 #[test]
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     let _serial = serial_unless_skipped!();
-    let (m, before) = idle_until_closed(2, 0);
-    let after = chain_ended(&m, &before);
+    let (m, before, after) = idle_until_chain_ended(2, 0);
     assert_sole_chain_kill(&after, &before, "sidecar", "off");
+    assert_eq!(m.redis.idle_closes(), 0);
     assert_eq!(
         m.envoy.idle_timeouts(),
         1,
@@ -170,14 +191,12 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     after.assert_delta(&before, KILLS, &app_kill, 1.0);
     // Envoy closed its legs itself: no kill on the sidecar's sockets.
     after.assert_delta(&before, KILLS, &[("pod", POD), ("role", "sidecar")], 0.0);
-    assert_eq!(m.redis.idle_closes(), 0);
 }
 
 #[test]
 fn root_case_b_server_timeout_is_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let (m, before) = idle_until_closed(60, 2);
-    let after = chain_ended(&m, &before);
+    let (m, before, after) = idle_until_chain_ended(60, 2);
     assert_sole_chain_kill(&after, &before, "upstream", "off");
     assert_eq!(
         m.envoy.idle_timeouts(),
@@ -204,10 +223,7 @@ fn root_case_b_server_timeout_is_origin_upstream() {
 #[test]
 fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let app_args = keepalive_app_args();
-    let mut m = mesh(&setup(60, false, 0, 2, InvalidAction::Reject, &app_args));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
+    let (mut m, before) = case_c(false);
     // While it idles: keepalive on the app's leg, off upstream.
     let mm = m.daemon.wait_metrics(Duration::from_secs(5), |x| {
         x.sum(MISMATCH, &[("pod", POD), ("peer", PEER)]) == 1.0
@@ -253,10 +269,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
 #[test]
 fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
     let _serial = serial_unless_skipped!();
-    let app_args = keepalive_app_args();
-    let mut m = mesh(&setup(60, true, 0, 2, InvalidAction::Reject, &app_args));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
+    let (mut m, before) = case_c(true);
     thread::sleep(Duration::from_secs(1));
     let mid = m.daemon.scrape();
     assert_eq!(
