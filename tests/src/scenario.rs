@@ -61,6 +61,9 @@ impl IdleClients {
     }
 }
 
+/// A `ct-client` that waits (15 s at most) for the server to close.
+pub const WAIT_CLOSE_15S: [&str; 4] = ["--then", "wait-close", "--timeout-secs", "15"];
+
 /// `ct-client`'s keepalive flags for a probe a second after a second of
 /// silence, the connection dead after 3 unanswered: faster than any idle
 /// expiry in the tests (2 s and more).

@@ -718,21 +718,14 @@ fn dockerfile_uses_the_toolchain_of_setup() {
     let docker = read("Dockerfile");
     let setup =
         std::fs::read_to_string(deploy_dir().join("../xtask/src/setup.rs")).expect("setup.rs");
-    let linker = setup
-        .lines()
-        .find_map(|l| l.strip_prefix("const BPF_LINKER_VERSION: &str = \""))
-        .and_then(|l| l.strip_suffix("\";"))
+    let linker = line_value(&setup, "const BPF_LINKER_VERSION: &str = \"", "\";")
         .expect("BPF_LINKER_VERSION in setup.rs");
     assert!(
         docker.contains(&format!("bpf-linker@{linker} --locked")),
         "Dockerfile installs bpf-linker {linker}"
     );
     let manifest = std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).expect("Cargo.toml");
-    let rust = manifest
-        .lines()
-        .find_map(|l| l.strip_prefix("rust-version = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("rust-version");
+    let rust = line_value(&manifest, "rust-version = \"", "\"").expect("rust-version");
     assert!(
         docker.contains(&format!("ARG RUST_VERSION={rust}")),
         "Dockerfile builds with Rust {rust}"
@@ -751,4 +744,12 @@ fn dockerfile_uses_the_toolchain_of_setup() {
         deploy_dir().join("Dockerfile.dockerignore").is_file(),
         "the build context leaves target/ out"
     );
+}
+
+/// The part between `prefix` and `suffix` of the first line of `text` that
+/// starts with `prefix`.
+fn line_value<'a>(text: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|l| l.strip_suffix(suffix))
 }

@@ -21,7 +21,7 @@ use integration_tests::{
         names::{IDLE_HIST, KILLS, STALE},
     },
     netlab::{InvalidAction, NetLab},
-    scenario::{IdleClients, local},
+    scenario::{IdleClients, WAIT_CLOSE_15S, local},
     serial_unless_skipped,
     servers::{EchoServer, MariaDb, Memcached, Redis, redis_behind_envoy},
     wait_counter,
@@ -183,12 +183,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
     let daemon = Daemon::start("1s", &[]);
     let kicks = mc.idle_kicks();
     let before = daemon.scrape();
-    let mut idle = ct_client!(
-        &ns,
-        "memcached",
-        mc.addr(),
-        &["--then", "wait-close", "--timeout-secs", "15"],
-    );
+    let mut idle = ct_client!(&ns, "memcached", mc.addr(), &WAIT_CLOSE_15S);
     idle.expect_connected_ok();
     idle.expect_peer_close();
 

@@ -13,7 +13,7 @@ use std::{fs, net::SocketAddr, time::Duration};
 use integration_tests::{
     NetNs, ct_client,
     netlab::{InvalidAction, NetLab},
-    scenario::{IdleClients, local},
+    scenario::{IdleClients, WAIT_CLOSE_15S, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns, redis_behind_envoy,
@@ -118,12 +118,7 @@ fn root_memcached_idle_timeout_kicks() {
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11211), IDLE_SECS);
     assert_eq!(mc.idle_kicks(), 0);
-    let mut idle = ct_client!(
-        &ns,
-        "memcached",
-        mc.addr(),
-        &["--then", "wait-close", "--timeout-secs", "15"],
-    );
+    let mut idle = ct_client!(&ns, "memcached", mc.addr(), &WAIT_CLOSE_15S);
     idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // Coarse: a once-a-second check on a once-a-second clock.
