@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{conn_tracer_bin, skip_unless_root};
+use integration_tests::{conn_tracer_bin, skip_unless_root, str_values};
 use serde_json::Value;
 
 /// Every scenario the selftest runs.
@@ -188,12 +188,7 @@ fn root_selftest_passes_with_the_old_kernel_fallbacks() {
         "the fallbacks were not used: {}",
         run.stderr
     );
-    let ran: BTreeSet<&str> = report["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .filter_map(|c| c["scenario"].as_str())
-        .collect();
+    let ran: BTreeSet<&str> = str_values(&report["checks"], "scenario", "checks").collect();
     assert_eq!(ran, SCENARIOS.into_iter().collect());
 }
 

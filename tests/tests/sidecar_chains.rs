@@ -21,7 +21,7 @@ use integration_tests::{
     },
     mesh::{Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
     netlab::InvalidAction,
-    serial_unless_skipped,
+    serial_unless_skipped, str_values,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -155,12 +155,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         .iter()
         .find(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
         .unwrap_or_else(|| panic!("no app connection of {POD} in {list:#}"));
-    let legs: Vec<&str> = app_conn["chain"]
-        .as_array()
-        .expect("chain legs")
-        .iter()
-        .filter_map(|l| l["leg"].as_str())
-        .collect();
+    let legs: Vec<&str> = str_values(&app_conn["chain"], "leg", "chain legs").collect();
     assert_eq!(
         legs,
         ["app", "sidecar-app-side", "sidecar-upstream"],
