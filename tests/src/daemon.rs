@@ -250,6 +250,24 @@ impl Daemon {
         }
     }
 
+    /// Scrapes until `name{labels}` has risen by `want` since `before` (at
+    /// most 10 s), then once more `linger` later to catch any extra count:
+    /// (the scrape that saw it, the last one).
+    pub fn settle(
+        &self,
+        before: &Metrics,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        linger: Duration,
+    ) -> (Metrics, Metrics) {
+        let reached = self.wait_metrics(Duration::from_secs(10), |m| {
+            delta(before, m, name, labels) >= want
+        });
+        thread::sleep(linger);
+        (reached, self.scrape())
+    }
+
     /// SIGTERM and wait; returns whether it exited 0.
     pub fn stop(mut self) -> bool {
         self.terminate()
@@ -419,6 +437,16 @@ pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> 
     Ok((status, body))
 }
 
+/// Names of the contract's metrics that the tests count (README.md).
+pub mod names {
+    pub const KILLS: &str = "conntracer_idle_kills_total";
+    pub const STALE: &str = "conntracer_stale_reuse_total";
+    pub const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
+    pub const CHAIN_KILLS: &str = "conntracer_sidecar_chain_kills_total";
+    pub const MISMATCH: &str = "conntracer_sidecar_keepalive_mismatch";
+    pub const LOST: &str = "conntracer_events_lost_total";
+}
+
 /// One Prometheus text exposition, parsed.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
@@ -466,6 +494,43 @@ impl Metrics {
         self.samples.iter().any(|(n, _, _)| n == name)
     }
 
+    /// Asserts that `name{labels}` rose by exactly `want` since `before`;
+    /// a failure shows `name`'s samples.
+    #[track_caller]
+    #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
+    pub fn assert_delta(&self, before: &Self, name: &str, labels: &[(&str, &str)], want: f64) {
+        assert_eq!(
+            delta(before, self, name, labels),
+            want,
+            "{}",
+            self.dump(name)
+        );
+    }
+
+    /// The sum of the one observation of histogram `name{labels}` since
+    /// `before`, asserting that there was exactly one.
+    #[track_caller]
+    #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
+    pub fn sole_observation(&self, before: &Self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let (count, sum) = self.histogram_delta(before, name, labels);
+        assert_eq!(count, 1.0, "{}", self.dump(name));
+        sum
+    }
+
+    /// (count, sum) of histogram `name`'s observations matching `labels`
+    /// since `before`.
+    pub fn histogram_delta(
+        &self,
+        before: &Self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> (f64, f64) {
+        (
+            delta(before, self, &format!("{name}_count"), labels),
+            delta(before, self, &format!("{name}_sum"), labels),
+        )
+    }
+
     /// Every sample of `name` as text, for failure messages.
     pub fn dump(&self, name: &str) -> String {
         use std::fmt::Write as _;
@@ -475,6 +540,38 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The entry of a `/connections` list whose local end is `local`.
+pub fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
+    list.as_array()?.iter().find(|c| c["local"] == local)
+}
+
+/// The entry of a `/connections` list from `local` to `remote`.
+#[track_caller]
+pub fn find_conn<'a>(
+    list: &'a serde_json::Value,
+    local: &str,
+    remote: &str,
+) -> &'a serde_json::Value {
+    list.as_array()
+        .expect("array")
+        .iter()
+        .find(|c| c["local"] == local && c["remote"] == remote)
+        .unwrap_or_else(|| panic!("{local} -> {remote} not in {list:#}"))
+}
+
+/// Asserts the owner kind (`known`, `inherited`, `proc`) and pid of a
+/// `/connections` entry.
+#[track_caller]
+pub fn assert_owned(conn: &serde_json::Value, owner: &str, pid: u32) {
+    assert_eq!(conn["owner"], owner, "{conn}");
+    assert_eq!(conn["pid"].as_u64(), Some(u64::from(pid)), "{conn}");
+}
+
+/// `after - before` of the sum of `name`'s samples matching `labels`.
+pub fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
+    after.sum(name, labels) - before.sum(name, labels)
 }
 
 fn parse_labels(s: &str) -> BTreeMap<String, String> {

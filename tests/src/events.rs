@@ -13,6 +13,16 @@ pub fn in_netns(events: &[Value], inode: u64) -> Vec<Value> {
         .collect()
 }
 
+/// The string values of `key` in the objects of JSON array `list`
+/// (`what` names the array in the failure when it is none).
+#[track_caller]
+pub fn str_values<'a>(list: &'a Value, key: &'a str, what: &str) -> impl Iterator<Item = &'a str> {
+    list.as_array()
+        .unwrap_or_else(|| panic!("{what} is not an array: {list}"))
+        .iter()
+        .filter_map(move |v| v[key].as_str())
+}
+
 /// The string field `key` of `ev`; panics, showing the event, if absent.
 #[track_caller]
 pub fn str_field<'a>(ev: &'a Value, key: &str) -> &'a str {

@@ -30,6 +30,7 @@ pub mod mesh;
 pub mod netlab;
 mod ns;
 pub mod prometheus;
+pub mod scenario;
 pub mod servers;
 mod tracer;
 
@@ -56,6 +57,38 @@ pub fn require_root_or_skip(name: &str) -> bool {
     // Straight to fd 2: libtest would swallow eprintln! of a passing test.
     let _ = writeln!(std::io::stderr(), "skipping {name}: needs root");
     false
+}
+
+/// The name of the enclosing function: in a test, the test's name.
+#[macro_export]
+macro_rules! test_name {
+    () => {{
+        fn f() {}
+        let path = ::std::any::type_name_of_val(&f);
+        let path = path.strip_suffix("::f").unwrap_or(path);
+        path.rsplit("::").next().unwrap_or(path)
+    }};
+}
+
+/// Returns from the enclosing test, saying why, when it needs root and
+/// runs without ([`require_root_or_skip`] under the test's own name).
+#[macro_export]
+macro_rules! skip_unless_root {
+    () => {
+        if !$crate::require_root_or_skip($crate::test_name!()) {
+            return;
+        }
+    };
+}
+
+/// [`skip_unless_root!`], then [`daemon::serial`]: for the tests that read
+/// daemon metrics, `let _serial = serial_unless_skipped!();`.
+#[macro_export]
+macro_rules! serial_unless_skipped {
+    () => {{
+        $crate::skip_unless_root!();
+        $crate::daemon::serial()
+    }};
 }
 
 /// Whether this is a CI run (env `CI` set, and not to `false` or `0`).
@@ -233,6 +266,11 @@ mod tests {
         );
         assert_eq!(parse_rfc3339_utc("2024-02-29 12:00:00Z"), None);
         assert_eq!(parse_rfc3339_utc("2024-02-29T12:00:00+01:00"), None);
+    }
+
+    #[test]
+    fn test_name_is_the_enclosing_functions() {
+        assert_eq!(test_name!(), "test_name_is_the_enclosing_functions");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::{
     daemon::Daemon,
     fake_kube::{FakeKube, pod_json},
     netlab::{InvalidAction, NetLab},
+    scenario::KEEPALIVE_1_1_3,
     servers::{
         Envoy, EnvoyOptions, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect, UpstreamKeepalive,
     },
@@ -135,6 +136,20 @@ pub struct Mesh {
     pub lab: NetLab,
 }
 
+impl Mesh {
+    /// Case C's end: the app's next query (on [`Peer::go`]) fails, met by
+    /// the server's close or a reset, and the app closes.
+    pub fn expect_next_query_fails(&mut self) {
+        self.app.go();
+        let outcome = self.app.expect_line_any(&["peer-closed", "error"]);
+        assert!(
+            outcome[0] == "peer-closed" || outcome[1] == "ECONNRESET",
+            "the app's next query fails: {outcome:?}"
+        );
+        self.app.expect_line("closed");
+    }
+}
+
 /// What differs between the scenarios.
 pub struct Setup {
     /// Envoy's tcp_proxy idle_timeout.
@@ -233,6 +248,16 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
 }
 
 /// A [`Setup`] from its parts, in field order.
+/// Case C's app: keepalive 1/1/3 on its leg; its next query waits for
+/// [`crate::Peer::go`] after the idle time.
+pub fn keepalive_app_args() -> Vec<&'static str> {
+    [
+        &KEEPALIVE_1_1_3[..],
+        &["--pause-before-then", "--then", "send"],
+    ]
+    .concat()
+}
+
 pub fn setup(
     envoy_idle_s: u64,
     upstream_keepalive: bool,

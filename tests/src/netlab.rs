@@ -80,15 +80,14 @@ impl NetLab {
         // From here on, drop deletes all three namespaces whatever fails next.
         lab.link(&lab.client, CLIENT_IP, ROUTER_CLIENT_SIDE_IP, "ct-c");
         lab.link(&lab.server, SERVER_IP, ROUTER_SERVER_SIDE_IP, "ct-s");
-        let r = lab.router.name();
-        run_in(r, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+        lab.router.set_sysctl("net.ipv4.ip_forward", "1");
         // No mid-stream pickup: a packet of a forgotten flow is INVALID.
         lab.set_sysctl("net.netfilter.nf_conntrack_tcp_loose", "0");
         lab.set_established_timeout(established_timeout_secs);
         // The rule's conntrack match turns conntrack on in this namespace.
         let mut args = vec!["-w", "5", "-A", "FORWARD"];
         args.extend(action.rule());
-        run_in(r, "iptables", &args);
+        run_in(lab.router.name(), "iptables", &args);
         lab
     }
 
@@ -137,8 +136,7 @@ impl NetLab {
 
     /// Sets a sysctl in the router's namespace and checks it took.
     pub fn set_sysctl(&self, key: &str, value: &str) {
-        let r = self.router.name();
-        run_in(r, "sysctl", &["-q", "-w", &format!("{key}={value}")]);
+        self.router.set_sysctl(key, value);
         let got = self.sysctl(key);
         assert_eq!(got, value, "sysctl {key} in the router's namespace");
     }

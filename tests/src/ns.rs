@@ -68,6 +68,13 @@ impl NetNs {
 
     /// `program` run inside the namespace. `ip netns exec` execs it in place,
     /// so the spawned child's pid is the program's pid.
+    /// Sets sysctl `key` to `value` in this namespace (the `net.*` ones
+    /// are the namespace's own).
+    pub fn set_sysctl(&self, key: &str, value: &str) {
+        let assignment = format!("{key}={value}");
+        crate::servers::run_in(self.name(), "sysctl", &["-q", "-w", &assignment]);
+    }
+
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);

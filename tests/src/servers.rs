@@ -30,12 +30,12 @@ use std::{
     os::{fd::AsRawFd, unix::fs::PermissionsExt},
     panic,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, Command, Output, Stdio},
     thread,
     time::{Duration, Instant},
 };
 
-use crate::{NetNs, unique_suffix};
+use crate::{NetNs, unique_suffix, wait_child};
 
 /// Bound on a server's start, from spawn to accepting connections.
 pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -133,18 +133,6 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
             SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
         }
         _ => addr,
-    }
-}
-
-/// Polls `child` until it exits, at most `timeout`.
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(10)),
-            Ok(None) | Err(_) => return None,
-        }
     }
 }
 
@@ -265,6 +253,28 @@ struct Spawn<'a> {
     /// Start it inside this cgroup v2 directory (so that every socket it
     /// ever opens is owned by that cgroup, as in a container).
     cgroup: Option<PathBuf>,
+}
+
+impl<'a> Spawn<'a> {
+    /// `program` as root, in no cgroup of its own; `group`: as a
+    /// process-group leader.
+    fn root(
+        label: &'a str,
+        ns: &'a NetNs,
+        program: &str,
+        args: Vec<OsString>,
+        group: bool,
+    ) -> Self {
+        Self {
+            label,
+            ns,
+            program: program.into(),
+            args,
+            user: None,
+            group,
+            cgroup: None,
+        }
+    }
 }
 
 impl ServerProcess {
@@ -405,6 +415,23 @@ const MARIADB_SMALL: [&str; 2] = ["--innodb-log-file-size=8M", "--innodb-buffer-
 /// (and clients that vanished without `COM_QUIT`); the timeout applies
 /// only to authenticated sessions. MariaDB closes a timed-out session with
 /// a RST (SO_LINGER 0), not a FIN.
+/// `addr()` and `pid()` of servers that keep their `ServerProcess` in
+/// `server` and their address in `addr`.
+macro_rules! served {
+    ($($server:ty),+) => {
+        $(impl $server {
+            pub fn addr(&self) -> SocketAddr {
+                self.addr
+            }
+
+            pub fn pid(&self) -> u32 {
+                self.server.pid()
+            }
+        })+
+    };
+}
+served!(MariaDb, Redis, Memcached, EchoServer);
+
 pub struct MariaDb {
     server: ServerProcess,
     addr: SocketAddr,
@@ -452,18 +479,8 @@ impl MariaDb {
             "--log-warnings=2".into(),
         ];
         args.extend(MARIADB_SMALL.iter().map(OsString::from));
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "mariadbd",
-                ns,
-                program: "mariadbd".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
-            dir,
-        );
+        let server =
+            ServerProcess::spawn(&Spawn::root("mariadbd", ns, "mariadbd", args, false), dir);
         let mut db = Self {
             server,
             addr,
@@ -480,14 +497,6 @@ impl MariaDb {
             "mariadbd ignored --wait-timeout"
         );
         db
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
     }
 
     /// The unix socket the ground-truth queries use (no TCP, so they are
@@ -593,29 +602,12 @@ impl Redis {
             "--dir".into(),
             dir.path().into(),
         ];
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "redis-server",
-                ns,
-                program: "redis-server".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
+        let mut server = ServerProcess::spawn(
+            &Spawn::root("redis-server", ns, "redis-server", args, false),
             dir,
         );
-        let mut redis = Self { server, addr };
-        redis.server.wait_accepting(addr);
-        redis
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 
     /// Clients closed for idling past `--timeout` so far (log lines).
@@ -702,29 +694,10 @@ impl Memcached {
             "-o".into(),
             format!("idle_timeout={idle_timeout_secs}").into(),
         ];
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "memcached",
-                ns,
-                program: "memcached".into(),
-                args,
-                user: None,
-                group: false,
-                cgroup: None,
-            },
-            dir,
-        );
-        let mut mc = Self { server, addr };
-        mc.server.wait_accepting(addr);
-        mc
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        let mut server =
+            ServerProcess::spawn(&Spawn::root("memcached", ns, "memcached", args, false), dir);
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 
     /// `stats` as key -> value, over a new TCP connection from inside the namespace.
@@ -770,29 +743,18 @@ impl EchoServer {
             IpAddr::V4(ip) => format!("TCP4-LISTEN:{},bind={ip},reuseaddr,fork", addr.port()),
             IpAddr::V6(ip) => format!("TCP6-LISTEN:{},bind=[{ip}],reuseaddr,fork", addr.port()),
         };
-        let server = ServerProcess::spawn(
-            &Spawn {
-                label: "socat-echo",
+        let mut server = ServerProcess::spawn(
+            &Spawn::root(
+                "socat-echo",
                 ns,
-                program: "socat".into(),
-                args: vec![listen.into(), "PIPE".into()],
-                user: None,
-                group: true,
-                cgroup: None,
-            },
+                "socat",
+                vec![listen.into(), "PIPE".into()],
+                true,
+            ),
             dir,
         );
-        let mut echo = Self { server, addr };
-        echo.server.wait_accepting(addr);
-        echo
-    }
-
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.server.pid()
+        server.wait_accepting(addr);
+        Self { server, addr }
     }
 }
 
@@ -851,6 +813,21 @@ pub struct EnvoyOptions {
     pub gid: u32,
     /// Start Envoy inside this cgroup v2 directory (a container's).
     pub cgroup: Option<PathBuf>,
+}
+
+/// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
+/// Envoy's tcp_proxy on 127.0.0.1:`envoy_port`, idle timeout `idle_secs`.
+pub fn redis_behind_envoy(
+    ns: &NetNs,
+    envoy_port: u16,
+    redis_port: u16,
+    idle_secs: u32,
+) -> (Redis, Envoy) {
+    let redis = Redis::start(ns, crate::scenario::local(redis_port), 0);
+    let idle = Duration::from_secs(idle_secs.into());
+    let options = EnvoyOptions::tcp_proxy(crate::scenario::local(envoy_port), redis.addr(), idle);
+    let envoy = Envoy::start(ns, options);
+    (redis, envoy)
 }
 
 impl EnvoyOptions {
@@ -1126,6 +1103,11 @@ impl SidecarRedirect {
         .iter()
         .map(|r| r.iter().map(|s| (*s).to_owned()).collect())
         .collect();
+        Self::with_rules(ns, rules)
+    }
+
+    /// Appends `rules` to nat OUTPUT in `ns`, each taken out again on drop.
+    fn with_rules(ns: &NetNs, rules: Vec<Vec<String>>) -> Self {
         let mut guard = Self {
             ns: ns.name().to_owned(),
             rules: Vec::new(),
@@ -1169,17 +1151,7 @@ impl SidecarRedirect {
                 .to_vec(),
             );
         }
-        let mut guard = Self {
-            ns: ns.name().to_owned(),
-            rules: Vec::new(),
-        };
-        for rule in rules {
-            let mut args = vec!["-w", "5", "-t", "nat", "-A", "OUTPUT"];
-            args.extend(rule.iter().map(String::as_str));
-            run_in(&guard.ns, "iptables", &args);
-            guard.rules.push(rule);
-        }
-        guard
+        Self::with_rules(ns, rules)
     }
 }
 

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{conn_tracer_bin, in_ci, unique_suffix};
+use integration_tests::{conn_tracer_bin, in_ci, test_name, unique_suffix};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -121,8 +121,9 @@ fn assert_refused(btf: &Path, needles: &[&str]) -> Vec<String> {
 }
 
 /// The kernel's BTF with one name in its string table changed, so that the
-/// type of that name is gone and nothing else moves.
-fn vmlinux_without(scratch: &Scratch, name: &str, test: &str) -> Option<PathBuf> {
+/// type of that name is gone and nothing else moves; in a scratch dir of
+/// its own, removed when the `Scratch` is dropped.
+fn vmlinux_without(name: &str, test: &str) -> Option<(Scratch, PathBuf)> {
     let Ok(mut bytes) = std::fs::read(VMLINUX) else {
         assert!(!in_ci(), "{test}: no {VMLINUX}, and CI is set");
         eprintln!("skipping {test}: no {VMLINUX}");
@@ -135,7 +136,9 @@ fn vmlinux_without(scratch: &Scratch, name: &str, test: &str) -> Option<PathBuf>
         .unwrap_or_else(|| panic!("{name} is not in {VMLINUX}"));
     // Upper case: still a name, but no longer the one the tracer looks for.
     bytes[at + 1..at + needle.len() - 1].make_ascii_uppercase();
-    Some(scratch.file(&format!("vmlinux-without-{name}"), &bytes))
+    let scratch = Scratch::new();
+    let path = scratch.file(&format!("vmlinux-without-{name}"), &bytes);
+    Some((scratch, path))
 }
 
 #[test]
@@ -177,9 +180,7 @@ fn btf_without_the_kernel_types_names_the_missing_struct() {
 
 #[test]
 fn btf_without_struct_tcp_sock_names_it() {
-    let test = "btf_without_struct_tcp_sock_names_it";
-    let scratch = Scratch::new();
-    let Some(path) = vmlinux_without(&scratch, "tcp_sock", test) else {
+    let Some((_scratch, path)) = vmlinux_without("tcp_sock", test_name!()) else {
         return;
     };
     assert_refused(&path, &["struct tcp_sock", "--btf"]);
@@ -187,10 +188,9 @@ fn btf_without_struct_tcp_sock_names_it() {
 
 #[test]
 fn btf_without_a_tracepoint_names_the_missing_hook() {
-    let test = "btf_without_a_tracepoint_names_the_missing_hook";
-    let scratch = Scratch::new();
     // The one tracepoint the tracer cannot run without.
-    let Some(path) = vmlinux_without(&scratch, "btf_trace_inet_sock_set_state", test) else {
+    let hook = "btf_trace_inet_sock_set_state";
+    let Some((_scratch, path)) = vmlinux_without(hook, test_name!()) else {
         return;
     };
     let missing = assert_refused(
@@ -224,8 +224,7 @@ fn root_btf_without_an_optional_tracepoint_degrades_and_runs() {
     if !integration_tests::require_root_or_skip(test) {
         return;
     }
-    let scratch = Scratch::new();
-    let Some(path) = vmlinux_without(&scratch, "btf_trace_tcp_send_reset", test) else {
+    let Some((_scratch, path)) = vmlinux_without("btf_trace_tcp_send_reset", test) else {
         return;
     };
     let out = conn_tracer(&["check", "--btf", path.to_str().expect("utf-8 path")]);

@@ -28,8 +28,8 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, serial},
-    require_root_or_skip,
+    daemon::{Daemon, Metrics},
+    serial_unless_skipped,
 };
 
 /// Distinct peers (destination address and port) of the first test.
@@ -118,11 +118,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 
 #[test]
 fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
-    if !require_root_or_skip("root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped")
-    {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     // Both ends of a connection are in this process: batches fit the
     // open-file limit.
     let batch = usize::try_from(raise_fd_limit().saturating_sub(500) / 2)
@@ -286,12 +282,7 @@ fn root_100k_distinct_peers_fold_into_other_and_the_table_stays_capped() {
 
 #[test]
 fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
-    if !require_root_or_skip(
-        "root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let daemon = Daemon::start("1s", &["--no-kube"]);
     let port = 16395;

@@ -12,9 +12,9 @@ use std::{fs, net::TcpListener, process::Command, thread, time::Duration};
 
 use integration_tests::{
     Cgroup, NetNs, Peer,
-    daemon::{Daemon, serial},
+    daemon::Daemon,
     mesh::{PodCgroups, hex_id},
-    require_root_or_skip,
+    serial_unless_skipped,
 };
 
 /// A pod UID of this test only (the pod's cgroup directories are fixed).
@@ -28,12 +28,7 @@ fn cgroup_ns(pid: &str) -> std::path::PathBuf {
 
 #[test]
 fn root_a_daemon_in_its_own_cgroup_namespace_joins_the_hosts_and_names_pods_directly() {
-    if !require_root_or_skip(
-        "root_a_daemon_in_its_own_cgroup_namespace_joins_the_hosts_and_names_pods_directly",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The daemon's cgroup becomes the root of its own cgroup namespace.
     let own = Cgroup::new();

@@ -14,11 +14,7 @@ use std::{
     time::Duration,
 };
 
-use integration_tests::{
-    NetNs, conn_tracer_bin,
-    daemon::{Daemon, serial},
-    require_root_or_skip,
-};
+use integration_tests::{NetNs, conn_tracer_bin, daemon::Daemon, serial_unless_skipped};
 
 /// A Python client in `ns` that connects to a local listener with the given
 /// keepalive settings (set before connecting), prints its ports, and holds
@@ -53,10 +49,7 @@ fn find_conn(list: &serde_json::Value, local_port: u16) -> Option<serde_json::Va
 
 #[test]
 fn root_connections_older_than_the_daemon_show_their_true_keepalive() {
-    if !require_root_or_skip("root_connections_older_than_the_daemon_show_their_true_keepalive") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let mut holder = ns
         .command("python3")
@@ -164,10 +157,7 @@ fn root_connections_older_than_the_daemon_show_their_true_keepalive() {
 
 #[test]
 fn root_daemon_serves_health_and_contract_metrics() {
-    if !require_root_or_skip("root_daemon_serves_health_and_contract_metrics") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let daemon = Daemon::start("1s", &[]);
     let (status, body) =
         integration_tests::daemon::http_get(daemon.addr, "/healthz").expect("healthz");

@@ -21,7 +21,7 @@ use std::{
 
 use integration_tests::{
     deploy::{PanelQuery, dashboard, grafana_expr, panel_queries, rules, scaled_rules, yaml},
-    mesh::{NAMESPACE, NODE, PEER, POD, mesh, setup},
+    mesh::{NAMESPACE, NODE, PEER, POD, keepalive_app_args, mesh, setup},
     netlab::InvalidAction,
     prometheus::{Prometheus, unix_now},
     require_program_or_skip, require_root_or_skip,
@@ -134,20 +134,7 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
     let _serial = integration_tests::daemon::serial();
     let started = Instant::now();
     // The app waits for its go while Prometheus starts and scrapes a window.
-    let app_args = [
-        "--timeout-secs",
-        "40",
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
+    let app_args = [&["--timeout-secs", "40"][..], &keepalive_app_args()].concat();
     let mut m = mesh(
         CLIENT,
         &setup(60, false, 0, 2, InvalidAction::Reject, &app_args),
@@ -204,13 +191,7 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
     let ready = (scraping_since + WINDOW_SECS + 1.0 - unix_now()).max(0.0);
     thread::sleep(Duration::from_secs_f64(ready));
     thread::sleep(Duration::from_secs(4).saturating_sub(app_connected.elapsed()));
-    m.app.go();
-    let outcome = m.app.expect_line_any(&["peer-closed", "error"]);
-    assert!(
-        outcome[0] == "peer-closed" || outcome[1] == "ECONNRESET",
-        "the app's next query fails: {outcome:?}"
-    );
-    m.app.expect_line("closed");
+    m.expect_next_query_fails();
 
     // The kill of the sidecar's upstream leg (keepalive off) on the panel...
     let by_pod = panel(&queries, "Idle kills by pod", "A");

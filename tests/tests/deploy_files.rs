@@ -15,7 +15,7 @@ use std::{
 use integration_tests::{
     daemon::DAEMONSET_CAPS,
     deploy::{dashboard, deploy_dir, panel_queries, panels, read, rules, yaml, yaml_docs},
-    require_program_or_skip, unique_suffix,
+    require_program_or_skip, test_name, unique_suffix,
 };
 use serde_yaml::Value as Yaml;
 
@@ -71,12 +71,8 @@ fn kubernetes_validate(bin: &Path, files: &[(&Path, usize)]) {
 
 #[test]
 fn manifests_are_valid_kubernetes_objects() {
-    let name = "manifests_are_valid_kubernetes_objects";
-    let Some(bin) = require_program_or_skip(
-        name,
-        "kubernetes-validate",
-        "pip install kubernetes-validate",
-    ) else {
+    let name = test_name!();
+    let Some(bin) = kubernetes_validate_bin(name) else {
         return;
     };
     let dir = deploy_dir();
@@ -123,12 +119,8 @@ fn object_ids(docs: &[Yaml]) -> Vec<String> {
 /// non-CRD ones valid.
 #[test]
 fn kustomizations_render_the_whole_install() {
-    let name = "kustomizations_render_the_whole_install";
-    let Some(validate) = require_program_or_skip(
-        name,
-        "kubernetes-validate",
-        "pip install kubernetes-validate",
-    ) else {
+    let name = test_name!();
+    let Some(validate) = kubernetes_validate_bin(name) else {
         return;
     };
     // kubectl is not a Debian package setup could install; without it the
@@ -718,21 +710,14 @@ fn dockerfile_uses_the_toolchain_of_setup() {
     let docker = read("Dockerfile");
     let setup =
         std::fs::read_to_string(deploy_dir().join("../xtask/src/setup.rs")).expect("setup.rs");
-    let linker = setup
-        .lines()
-        .find_map(|l| l.strip_prefix("const BPF_LINKER_VERSION: &str = \""))
-        .and_then(|l| l.strip_suffix("\";"))
+    let linker = line_value(&setup, "const BPF_LINKER_VERSION: &str = \"", "\";")
         .expect("BPF_LINKER_VERSION in setup.rs");
     assert!(
         docker.contains(&format!("bpf-linker@{linker} --locked")),
         "Dockerfile installs bpf-linker {linker}"
     );
     let manifest = std::fs::read_to_string(deploy_dir().join("../Cargo.toml")).expect("Cargo.toml");
-    let rust = manifest
-        .lines()
-        .find_map(|l| l.strip_prefix("rust-version = \""))
-        .and_then(|l| l.strip_suffix('"'))
-        .expect("rust-version");
+    let rust = line_value(&manifest, "rust-version = \"", "\"").expect("rust-version");
     assert!(
         docker.contains(&format!("ARG RUST_VERSION={rust}")),
         "Dockerfile builds with Rust {rust}"
@@ -751,4 +736,22 @@ fn dockerfile_uses_the_toolchain_of_setup() {
         deploy_dir().join("Dockerfile.dockerignore").is_file(),
         "the build context leaves target/ out"
     );
+}
+
+/// The part between `prefix` and `suffix` of the first line of `text` that
+/// starts with `prefix`.
+fn line_value<'a>(text: &'a str, prefix: &str, suffix: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|l| l.strip_suffix(suffix))
+}
+
+/// The `kubernetes-validate` program, if installed (see
+/// [`require_program_or_skip`]).
+fn kubernetes_validate_bin(test: &str) -> Option<std::path::PathBuf> {
+    require_program_or_skip(
+        test,
+        "kubernetes-validate",
+        "pip install kubernetes-validate",
+    )
 }

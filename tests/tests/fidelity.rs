@@ -22,7 +22,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
@@ -30,48 +30,31 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer,
-    daemon::{Daemon, Metrics, serial},
+    daemon::{
+        Daemon, delta,
+        names::{IDLE_HIST, KILLS, STALE},
+        serial,
+    },
     netlab::{InvalidAction, NetLab, SERVER_IP},
-    require_program_or_skip, require_root_or_skip,
+    require_program_or_skip,
+    scenario::{KEEPALIVE_1_1_3, local},
+    serial_unless_skipped,
     servers::{Redis, in_netns},
+    skip_unless_root, test_name,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
-const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 const FAILS: &str = "conntracer_connect_failures_total";
 const GAUGE: &str = "conntracer_close_wait_connections";
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
-
-fn sysctl(ns: &NetNs, key: &str, value: &str) {
-    let status = ns
-        .command("sysctl")
-        .args(["-q", "-w", &format!("{key}={value}")])
-        .status()
-        .expect("sysctl");
-    assert!(status.success(), "sysctl {key}={value} in {}", ns.name());
-}
-
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
-    let test = "root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The server's orphaned FIN_WAIT2 expires 1 s after its close: the
     // pool's late FIN is then answered with a reset. (Redis closes idle
     // clients with a FIN; MariaDB's wait_timeout resets them.)
-    sysctl(&ns, "net.ipv4.tcp_fin_timeout", "1");
+    ns.set_sysctl("net.ipv4.tcp_fin_timeout", "1");
     let redis = Redis::start(&ns, local(16389), 2);
     let daemon = Daemon::start("1s", &[]);
     let closes = redis.idle_closes();
@@ -85,25 +68,19 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
             .args(["--idle-secs", "7", "--then", "close"]);
         cmd
     });
-    pool.expect_port("connected");
-    assert_eq!(pool.expect_line("reply"), ["ok"]);
-    pool.expect_line("closed");
-    pool.wait_success();
+    pool.expect_connected_ok();
+    pool.expect_closed_then_exit();
 
     let peer = [("peer", "127.0.0.1:16389"), ("direction", "outbound")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &peer) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(1500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &peer, 1.0, Duration::from_millis(1500));
     let kill = [
         ("peer", "127.0.0.1:16389"),
         ("direction", "outbound"),
         ("closed_by", "peer"),
         ("close_kind", "fin"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m2, KILLS, &peer), 1.0, "{}", m2.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m2.assert_delta(&before, KILLS, &peer, 1.0);
     assert_eq!(
         delta(&before, &m2, STALE, &[("peer", "127.0.0.1:16389")]),
         0.0,
@@ -111,9 +88,7 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         m2.dump(STALE)
     );
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m2, &format!("{IDLE_HIST}_count"), &labels);
-    let sum = delta(&before, &m2, &format!("{IDLE_HIST}_sum"), &labels);
-    assert_eq!(count, 1.0, "{}", m2.dump(IDLE_HIST));
+    let sum = m2.sole_observation(&before, IDLE_HIST, &labels);
     // Redis checks client timeouts from its cron (10 times a second, a
     // slice of the clients each time): its close comes 0-1 s after the 2 s,
     // more on a loaded machine. Never the 7 s the socket sat in CLOSE_WAIT.
@@ -190,10 +165,8 @@ fn request(conn: &mut TcpStream) -> bool {
 
 #[test]
 fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse() {
-    let test = "root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse";
-    if !require_root_or_skip(test) {
-        return;
-    }
+    let test = test_name!();
+    skip_unless_root!();
     let Some(node) = require_program_or_skip(test, "node", "Node.js (npm's Debian package)") else {
         return;
     };
@@ -252,11 +225,7 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     );
 
     let peer = [("peer", "127.0.0.1:18080"), ("cause", "peer_closed")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, STALE, &peer) >= failed_f
-    });
-    thread::sleep(Duration::from_millis(1500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, STALE, &peer, failed_f, Duration::from_millis(1500));
     assert_eq!(
         delta(&before, &m2, STALE, &peer),
         failed_f,
@@ -264,23 +233,15 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
         results.len(),
         m.dump(STALE)
     );
-    assert_eq!(
-        delta(
-            &before,
-            &m2,
-            STALE,
-            &[("peer", "127.0.0.1:18080"), ("cause", "silence")]
-        ),
-        0.0
+    m2.assert_delta(
+        &before,
+        STALE,
+        &[("peer", "127.0.0.1:18080"), ("cause", "silence")],
+        0.0,
     );
     // Node's closes were its idle timeout, 1 s: below the 60 s threshold,
     // no idle kill.
-    assert_eq!(
-        delta(&before, &m2, KILLS, &[("peer", "127.0.0.1:18080")]),
-        0.0,
-        "{}",
-        m2.dump(KILLS)
-    );
+    m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:18080")], 0.0);
 }
 
 #[test]
@@ -289,11 +250,7 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     reason = "one scenario: two clients, the reject, and the ground truth of each"
 )]
 fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
-    let test = "root_icmp_reject_on_the_path_turns_timeouts_into_timeouts";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     // Conntrack keeps the flows (an hour): only the reject rule acts.
     let lab = NetLab::new(InvalidAction::Drop, 3600);
     let _redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
@@ -322,18 +279,10 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     let mut prober = spawn(
         "ct-client redis keepalive",
         &[
-            "--keepalive",
-            "--keepidle",
-            "1",
-            "--keepintvl",
-            "1",
-            "--keepcnt",
-            "3",
-            "--idle-secs",
-            "9",
-            "--then",
-            "close",
-        ],
+            &KEEPALIVE_1_1_3[..],
+            &["--idle-secs", "9", "--then", "close"],
+        ]
+        .concat(),
     );
     sender.expect_port("connected");
     prober.expect_port("connected");
@@ -369,34 +318,18 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
         err[0], "EHOSTUNREACH",
         "the kernel reports the ICMP error: {err:?}"
     );
-    sender.expect_line("closed");
-    sender.wait_success();
-    prober.expect_line("closed");
-    prober.wait_success();
+    sender.expect_closed_then_exit();
+    prober.expect_closed_then_exit();
 
     let server = [("peer", "10.231.2.2:6379")];
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &server) >= 2.0
-    });
-    thread::sleep(Duration::from_secs(1));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &server, 2.0, Duration::from_secs(1));
     let stale = [
         ("peer", "10.231.2.2:6379"),
         ("outcome", "timeout"),
         ("cause", "silence"),
     ];
-    assert_eq!(
-        delta(&before, &m2, STALE, &stale),
-        1.0,
-        "{}",
-        m2.dump(STALE)
-    );
-    assert_eq!(
-        delta(&before, &m2, STALE, &server),
-        1.0,
-        "{}",
-        m2.dump(STALE)
-    );
+    m2.assert_delta(&before, STALE, &stale, 1.0);
+    m2.assert_delta(&before, STALE, &server, 1.0);
     for keepalive in ["off", "on"] {
         let kill = [
             ("peer", "10.231.2.2:6379"),
@@ -411,12 +344,7 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
             m.dump(KILLS)
         );
     }
-    assert_eq!(
-        delta(&before, &m2, KILLS, &server),
-        2.0,
-        "{}",
-        m2.dump(KILLS)
-    );
+    m2.assert_delta(&before, KILLS, &server, 2.0);
     assert_eq!(
         delta(
             &before,
@@ -432,14 +360,10 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
 
 #[test]
 fn root_connect_failures_are_counted_by_reason_and_successes_never() {
-    let test = "root_connect_failures_are_counted_by_reason_and_successes_never";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Drop, 3600);
     // One SYN retransmission: a dropped SYN times out in ~3 s.
-    sysctl(lab.client(), "net.ipv4.tcp_syn_retries", "1");
+    lab.client().set_sysctl("net.ipv4.tcp_syn_retries", "1");
     let router = |args: &[&str]| {
         let status = lab
             .router()
@@ -544,11 +468,7 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
 
 #[test]
 fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
-    let test = "root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged";
-    if !require_root_or_skip(test) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16399), 2);
     let daemon = Daemon::start("1s", &["--close-wait-threshold", "2s"]);

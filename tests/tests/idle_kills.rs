@@ -12,47 +12,26 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    thread,
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs, Peer,
-    daemon::{Daemon, Metrics, serial},
+    NetNs, ct_client,
+    daemon::{
+        Daemon, Metrics, delta,
+        names::{IDLE_HIST, KILLS, STALE},
+    },
     netlab::{InvalidAction, NetLab},
-    require_root_or_skip,
-    servers::{EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis},
+    scenario::{IdleClients, WAIT_CLOSE_15S, local},
+    serial_unless_skipped,
+    servers::{EchoServer, MariaDb, Memcached, Redis, redis_behind_envoy},
     wait_counter,
 };
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// Every server's idle timeout, and the path's conntrack expiry.
 const IDLE_SECS: u32 = 2;
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
-const IDLE_HIST: &str = "conntracer_idle_before_close_seconds";
 
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-fn client(ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([proto, "--addr", &addr.ip().to_string(), "--port"])
-        .arg(addr.port().to_string())
-        .args(extra);
-    Peer::spawn(&format!("ct-client {proto} {}", extra.join(" ")), cmd)
-}
-
-/// `after - before` of the sum of `name`'s samples matching `labels`.
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
-
-/// Scrapes until the delta of `name{labels}` reaches `want` (at most 10 s),
-/// then a little longer to catch any extra count; returns the last scrape.
+/// The scrape once `name{labels}` rose by `want` since `before`, half a
+/// second later (any extra count shows).
 fn settle(
     daemon: &Daemon,
     before: &Metrics,
@@ -60,19 +39,14 @@ fn settle(
     labels: &[(&str, &str)],
     want: f64,
 ) -> Metrics {
-    daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(before, m, name, labels) >= want
-    });
-    thread::sleep(Duration::from_millis(500));
-    daemon.scrape()
+    daemon
+        .settle(before, name, labels, want, Duration::from_millis(500))
+        .1
 }
 
 #[test]
 fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
-    if !require_root_or_skip("root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let db = MariaDb::start(&ns, local(13306), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
@@ -81,7 +55,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
 
     // The client turns keepalive on, with a long idle time: it never probes
     // before the server's 2 s wait_timeout.
-    let mut idle = client(
+    let mut idle = ct_client!(
         &ns,
         "mysql",
         db.addr(),
@@ -105,8 +79,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         "ECONNRESET",
         "MariaDB resets timed-out sessions"
     );
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
 
     let peer = [("peer", "127.0.0.1:13306"), ("direction", "outbound")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -118,7 +91,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         ("keepalive", "on"),
         ("role", "host"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     assert_eq!(
         delta(&before, &m, KILLS, &peer),
         1.0,
@@ -132,14 +105,11 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
         || db.aborted_clients(),
     );
     // The server's own side of it was its decision: never a kill.
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("direction", "inbound"), ("peer", "127.0.0.1")]
-        ),
-        0.0
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("direction", "inbound"), ("peer", "127.0.0.1")],
+        0.0,
     );
     // The keepalive options the client set.
     for (option, value) in [
@@ -161,9 +131,7 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
     }
     // How long it was idle: one outbound connection closed by its peer.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let sum = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let sum = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (1.95..2.6).contains(&sum),
         "idle before the kill {sum} s, wait_timeout {IDLE_SECS} s"
@@ -173,21 +141,15 @@ fn root_mariadb_wait_timeout_is_an_idle_kill_by_the_peer() {
 
 #[test]
 fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
-    if !require_root_or_skip("root_redis_timeout_is_an_idle_kill_with_keepalive_off") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16379), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
     let closes = redis.idle_closes();
     let before = daemon.scrape();
-    let mut idle = client(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    let mut idle = ct_client!(&ns, "redis", redis.addr(), &["--then", "wait-close"],);
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let peer = [("peer", "127.0.0.1:16379")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -198,8 +160,8 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(&before, KILLS, &peer, 1.0);
     wait_counter(
         "Redis idle closes",
         closes + 1,
@@ -215,26 +177,15 @@ fn root_redis_timeout_is_an_idle_kill_with_keepalive_off() {
 
 #[test]
 fn root_memcached_idle_kicks_are_idle_kills() {
-    if !require_root_or_skip("root_memcached_idle_kicks_are_idle_kills") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11311), IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
     let kicks = mc.idle_kicks();
     let before = daemon.scrape();
-    let mut idle = client(
-        &ns,
-        "memcached",
-        mc.addr(),
-        &["--then", "wait-close", "--timeout-secs", "15"],
-    );
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    let mut idle = ct_client!(&ns, "memcached", mc.addr(), &WAIT_CLOSE_15S);
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let peer = [("peer", "127.0.0.1:11311")];
     let m = settle(&daemon, &before, KILLS, &peer, 1.0);
@@ -250,7 +201,7 @@ fn root_memcached_idle_kicks_are_idle_kills() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     assert_eq!(
         delta(&before, &m, KILLS, &peer),
         f64::from(u32::try_from(mc.idle_kicks() - kicks).expect("few kicks")),
@@ -260,30 +211,15 @@ fn root_memcached_idle_kicks_are_idle_kills() {
 
 #[test]
 fn root_envoy_idle_timeout_is_measured_to_the_tick() {
-    if !require_root_or_skip("root_envoy_idle_timeout_is_measured_to_the_tick") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
-    // Redis without a timeout of its own behind Envoy's tcp_proxy.
-    let redis = Redis::start(&ns, local(16380), 0);
-    let envoy = Envoy::start(
-        &ns,
-        EnvoyOptions::tcp_proxy(
-            local(17000),
-            redis.addr(),
-            Duration::from_secs(IDLE_SECS.into()),
-        ),
-    );
+    let (_redis, envoy) = redis_behind_envoy(&ns, 17000, 16380, IDLE_SECS);
     let daemon = Daemon::start("1s", &[]);
     let timeouts = envoy.idle_timeouts();
     let before = daemon.scrape();
-    let mut idle = client(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
+    let mut idle = ct_client!(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"],);
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
 
     let app = [("peer", "127.0.0.1:17000"), ("direction", "outbound")];
     let m = settle(&daemon, &before, KILLS, &app, 1.0);
@@ -299,27 +235,19 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
         ("close_kind", "fin"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
     // Redis saw its (inbound) connection from Envoy killed by Envoy too;
     // Envoy's own upstream socket was closed by Envoy: not a kill.
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("direction", "inbound"), ("closed_by", "peer")]
-        ),
-        1.0
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("direction", "inbound"), ("closed_by", "peer")],
+        1.0,
     );
-    assert_eq!(
-        delta(&before, &m, KILLS, &[("peer", "127.0.0.1:16380")]),
-        0.0
-    );
+    m.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16380")], 0.0);
     // The client's idle time matches Envoy's idle_timeout within 100 ms.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let idle_s = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let idle_s = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (idle_s - f64::from(IDLE_SECS)).abs() <= 0.1,
         "measured {idle_s} s, Envoy's idle_timeout {IDLE_SECS} s"
@@ -328,58 +256,14 @@ fn root_envoy_idle_timeout_is_measured_to_the_tick() {
 
 #[test]
 fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
-    if !require_root_or_skip(
-        "root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let idle_args = [
-        "--idle-secs",
-        "4",
-        "--then",
-        "send",
-        "--user-timeout-ms",
-        "2000",
-    ];
-    let mut silent = client(lab.client(), "redis", redis.addr(), &idle_args);
-    let keepalive = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-    ];
-    let mut kept = client(
-        lab.client(),
-        "redis",
-        redis.addr(),
-        &[&idle_args[..], &keepalive[..]].concat(),
-    );
-    silent.expect_port("connected");
-    kept.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
-    assert_eq!(kept.expect_line("reply"), ["ok"]);
-    assert_eq!(silent.expect_line("error")[0], "ETIMEDOUT");
-    silent.expect_line("closed");
-    silent.wait_success();
-    assert_eq!(
-        kept.expect_line("reply"),
-        ["ok"],
-        "keepalive kept the flow alive"
-    );
-    kept.expect_line("closed");
-    kept.wait_success();
-    assert!(
-        lab.invalid_packets() >= 1,
-        "the router dropped the expired flow's packets"
-    );
+    let clients = IdleClients::start(env!("CARGO_BIN_EXE_ct-client"), &lab, redis.addr());
+    let words = clients.expect_drop_outcome(&lab);
+    assert_eq!(words[0], "ETIMEDOUT");
 
     let peer = [("peer", "10.231.2.2:6379")];
     let m = settle(&daemon, &before, STALE, &peer, 1.0);
@@ -388,7 +272,7 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         ("outcome", "timeout"),
         ("direction", "outbound"),
     ];
-    assert_eq!(delta(&before, &m, STALE, &stale), 1.0, "{}", m.dump(STALE));
+    m.assert_delta(&before, STALE, &stale, 1.0);
     assert_eq!(
         delta(&before, &m, STALE, &peer),
         1.0,
@@ -401,42 +285,32 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         ("close_kind", "timeout"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            KILLS,
-            &[("peer", "10.231.2.2:6379"), ("keepalive", "on")]
-        ),
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(
+        &before,
+        KILLS,
+        &[("peer", "10.231.2.2:6379"), ("keepalive", "on")],
         0.0,
-        "{}",
-        m.dump(KILLS)
     );
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &peer, 1.0);
 }
 
 #[test]
 fn root_expired_path_reject_is_stale_reuse_by_reset() {
-    if !require_root_or_skip("root_expired_path_reject_is_stale_reuse_by_reset") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
-    let mut silent = client(
+    let mut silent = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),
         &["--idle-secs", "4", "--then", "send"],
     );
-    silent.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
+    silent.expect_connected_ok();
     assert_eq!(silent.expect_line("error")[0], "ECONNRESET");
-    silent.expect_line("closed");
-    silent.wait_success();
+    silent.expect_closed_then_exit();
     assert!(
         lab.invalid_packets() >= 1,
         "the router rejected the expired flow"
@@ -444,16 +318,11 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
 
     let peer = [("peer", "10.231.2.2:7")];
     let m = settle(&daemon, &before, STALE, &peer, 1.0);
-    assert_eq!(
-        delta(
-            &before,
-            &m,
-            STALE,
-            &[("peer", "10.231.2.2:7"), ("outcome", "rst")]
-        ),
+    m.assert_delta(
+        &before,
+        STALE,
+        &[("peer", "10.231.2.2:7"), ("outcome", "rst")],
         1.0,
-        "{}",
-        m.dump(STALE)
     );
     let kill = [
         ("peer", "10.231.2.2:7"),
@@ -461,13 +330,11 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
         ("close_kind", "rst"),
         ("keepalive", "off"),
     ];
-    assert_eq!(delta(&before, &m, KILLS, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    m.assert_delta(&before, KILLS, &peer, 1.0);
     // The kill's idle time is the 4 s of silence before the send.
     let labels = [("direction", "outbound"), ("closed_by", "peer")];
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &labels);
-    let idle_s = delta(&before, &m, &format!("{IDLE_HIST}_sum"), &labels);
-    assert_eq!(count, 1.0, "{}", m.dump(IDLE_HIST));
+    let idle_s = m.sole_observation(&before, IDLE_HIST, &labels);
     assert!(
         (3.9..4.5).contains(&idle_s),
         "silence before the send {idle_s} s"
@@ -476,10 +343,7 @@ fn root_expired_path_reject_is_stale_reuse_by_reset() {
 
 #[test]
 fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
-    if !require_root_or_skip("root_busy_connection_closed_by_its_owner_is_never_a_kill") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     // Across the lab's router, so that both sides have addresses no other
     // test uses (conntrack there remembers flows for far longer).
     let lab = NetLab::new(InvalidAction::Drop, 300);
@@ -487,7 +351,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     let daemon = Daemon::start("1s", &[]);
     let before = daemon.scrape();
     // A request every 200 ms for 10 s, then the client closes.
-    let mut chatty = client(
+    let mut chatty = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),
@@ -506,8 +370,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     for _ in 0..50 {
         assert_eq!(chatty.expect_line("reply"), ["ok"]);
     }
-    chatty.expect_line("closed");
-    chatty.wait_success();
+    chatty.expect_closed_then_exit();
     let outbound = [("direction", "outbound"), ("closed_by", "local")];
     let m = settle(
         &daemon,
@@ -517,18 +380,8 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
         1.0,
     );
     for peer in ["10.231.2.2:7007", "10.231.1.2"] {
-        assert_eq!(
-            delta(&before, &m, KILLS, &[("peer", peer)]),
-            0.0,
-            "{}",
-            m.dump(KILLS)
-        );
-        assert_eq!(
-            delta(&before, &m, STALE, &[("peer", peer)]),
-            0.0,
-            "{}",
-            m.dump(STALE)
-        );
+        m.assert_delta(&before, KILLS, &[("peer", peer)], 0.0);
+        m.assert_delta(&before, STALE, &[("peer", peer)], 0.0);
     }
     // The chatty connection (and this test's own scrapes, which close
     // first too) ended with well under a second of idle time.

@@ -24,13 +24,15 @@ use std::{
 
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
-    daemon::{DAEMONSET_CAPS, Daemon, Metrics, capabilities_of, capability_bit, http_get, serial},
-    require_root_or_skip,
+    daemon::{
+        DAEMONSET_CAPS, Daemon, assert_owned, capabilities_of, capability_bit, delta, find_local,
+        http_get, names::KILLS,
+    },
+    serial_unless_skipped,
     servers::in_netns,
     unique_suffix,
 };
 
-const KILLS: &str = "conntracer_idle_kills_total";
 const SOCKOPTS: &str = "conntracer_keepalive_sockopts_total";
 /// Not root, not the test's user: the pods' processes.
 const POD_UID: u32 = 4321;
@@ -91,24 +93,13 @@ fn pod_process(port: u16) -> (Peer, u16) {
     (peer, client_port)
 }
 
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
-
-fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
-    list.as_array()?.iter().find(|c| c["local"] == local)
-}
-
 fn mask(caps: &[&str]) -> u64 {
     caps.iter().map(|c| capability_bit(c)).fold(0, |a, b| a | b)
 }
 
 #[test]
 fn root_daemonset_capabilities_are_enough_for_every_feature() {
-    if !require_root_or_skip("root_daemonset_capabilities_are_enough_for_every_feature") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (mut pod, old_port) = pod_process(17_471);
     let daemon =
         Daemon::start_with_caps(&DAEMONSET_CAPS, "1s", &["--no-kube"]).unwrap_or_else(|stderr| {
@@ -132,8 +123,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     let list = daemon.connections();
     let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}\n{stderr}"));
-    assert_eq!(old["owner"], "proc", "{old}");
-    assert_eq!(old["pid"].as_u64(), Some(u64::from(pod.pid())), "{old}");
+    assert_owned(old, "proc", pod.pid());
     assert_eq!(old["uid"].as_u64(), Some(u64::from(POD_UID)), "{old}");
     assert_eq!(old["comm"], "python3", "{old}");
     assert_eq!(old["direction"], "outbound", "{old}");
@@ -148,8 +138,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     let list = daemon.connections();
     let new = find_local(&list, &format!("127.0.0.1:{new_port}"))
         .unwrap_or_else(|| panic!("new connection :{new_port} not in {list:#}"));
-    assert_eq!(new["owner"], "known", "{new}");
-    assert_eq!(new["pid"].as_u64(), Some(u64::from(pod.pid())), "{new}");
+    assert_owned(new, "known", pod.pid());
     assert_eq!(new["uid"].as_u64(), Some(u64::from(POD_UID)), "{new}");
     pod.expect_line("closed");
 
@@ -208,10 +197,7 @@ fn run_with(caps: &[&str], old_port: u16) -> Result<(String, Option<String>), St
 
 #[test]
 fn root_each_missing_capability_is_fatal_or_named() {
-    if !require_root_or_skip("root_each_missing_capability_is_fatal_or_named") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (pod, old_port) = pod_process(17_472);
     let without = |cap: &str| -> Vec<&str> {
         DAEMONSET_CAPS
@@ -281,10 +267,7 @@ fn root_each_missing_capability_is_fatal_or_named() {
 /// the DaemonSet runs as uid 0).
 #[test]
 fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
-    if !require_root_or_skip("root_daemonset_capabilities_also_work_for_a_non_root_uid") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let (pod, old_port) = pod_process(17_474);
     let daemon = Daemon::start_as_user_with_caps(65_532, &DAEMONSET_CAPS, "1s", &["--no-kube"])
         .unwrap_or_else(|stderr| panic!("did not start as uid 65532:\n{stderr}"));
@@ -298,8 +281,7 @@ fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
     let list = daemon.connections();
     let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}"));
-    assert_eq!(old["owner"], "proc", "{old}");
-    assert_eq!(old["pid"].as_u64(), Some(u64::from(pod.pid())), "{old}");
+    assert_owned(old, "proc", pod.pid());
     assert!(
         !daemon.stderr().contains("is missing"),
         "{}",
@@ -310,10 +292,7 @@ fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
 
 #[test]
 fn root_metrics_and_connections_expose_no_payload() {
-    if !require_root_or_skip("root_metrics_and_connections_expose_no_payload") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let daemon = Daemon::start_with_caps(&DAEMONSET_CAPS, "1s", &["--no-kube"])
         .unwrap_or_else(|stderr| panic!("the daemon did not start:\n{stderr}"));

@@ -7,10 +7,6 @@
     clippy::cast_precision_loss,
     reason = "connection counts, far below 2^52, compared with metric values (f64)"
 )]
-#![expect(
-    clippy::too_many_lines,
-    reason = "the test is one scenario told from start to end"
-)]
 
 use std::{
     io::{Read as _, Write as _},
@@ -25,8 +21,8 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get, serial},
-    require_root_or_skip,
+    daemon::{Daemon, Metrics, http_get},
+    serial_unless_skipped,
 };
 
 const PORT: u16 = 16393;
@@ -77,13 +73,9 @@ fn serve(listener: &TcpListener, stop: &AtomicBool) {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario told from start to end")]
 fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
-    if !require_root_or_skip(
-        "root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // The smallest ring the kernel takes: one page, a few dozen records.
     let daemon = Daemon::start(

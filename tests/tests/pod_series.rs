@@ -9,10 +9,10 @@ use std::{fs, process::Command, time::Duration};
 
 use integration_tests::{
     Peer,
-    daemon::{Daemon, Metrics, serial},
+    daemon::{Daemon, Metrics},
     fake_kube::{FakeKube, pod_json},
     mesh::{PodCgroups, hex_id},
-    require_root_or_skip, unique_suffix,
+    serial_unless_skipped, unique_suffix,
 };
 
 const NODE: &str = "node-forget";
@@ -22,10 +22,7 @@ const POD: &str = "batch-job-29a7x";
 
 #[test]
 fn root_a_deleted_pods_series_are_removed_after_two_grace_periods() {
-    if !require_root_or_skip("root_a_deleted_pods_series_are_removed_after_two_grace_periods") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let kube = FakeKube::start(NODE);
     let id = hex_id(0xd1);
     let cgroups = PodCgroups::new(POD_UID, &[("job", &id)]);

@@ -15,14 +15,15 @@ use std::{
 };
 
 use integration_tests::{
-    NetNs, Peer,
+    NetNs,
     bpf::{Objects, PROGRAMS, pins},
-    daemon::{Daemon, serial},
-    require_program_or_skip, require_root_or_skip,
+    ct_client,
+    daemon::{Daemon, assert_owned, serial},
+    require_program_or_skip,
+    scenario::args,
     servers::Redis,
+    skip_unless_root,
 };
-
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 
 /// What the kernel may take to free a program or map after its last
 /// reference is gone (RCU grace periods, a work queue): generous.
@@ -50,9 +51,7 @@ fn loaded_by_daemon(before: &Objects) -> Objects {
 
 #[test]
 fn root_sigterm_detaches_every_program_and_exits_within_5_s() {
-    if !require_root_or_skip("root_sigterm_detaches_every_program_and_exits_within_5_s") {
-        return;
-    }
+    skip_unless_root!();
     if require_program_or_skip(
         "root_sigterm_detaches_every_program_and_exits_within_5_s",
         "bpftool",
@@ -92,10 +91,7 @@ fn root_sigterm_detaches_every_program_and_exits_within_5_s() {
 
 #[test]
 fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
-    if !require_root_or_skip("root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on")
-    {
-        return;
-    }
+    skip_unless_root!();
     if require_program_or_skip(
         "root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on",
         "bpftool",
@@ -116,24 +112,13 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
     let mine = loaded_by_daemon(&before);
 
     // A client with keepalive connects while the first daemon runs.
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client!(
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16392",
-        "--keepalive",
-        "--keepidle",
-        "60",
-        "--then",
-        "wait-close",
-        "--timeout-secs",
-        "30",
-    ]);
-    let mut client = Peer::spawn("client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
+        server,
+        &args("--keepalive --keepidle 60 --then wait-close --timeout-secs 30"),
+    );
+    let port = client.expect_connected_ok();
     let listed = first.connections();
     assert!(
         listed
@@ -156,12 +141,7 @@ fn root_sigkill_leaves_nothing_behind_and_a_restarted_daemon_carries_on() {
         .and_then(|l| l.iter().find(|c| c["local"] == format!("127.0.0.1:{port}")))
         .unwrap_or_else(|| panic!("restarted daemon does not list :{port}: {list:#}"))
         .clone();
-    assert_eq!(found["owner"], "proc", "{found}");
-    assert_eq!(
-        found["pid"].as_u64(),
-        Some(u64::from(client.pid())),
-        "{found}"
-    );
+    assert_owned(&found, "proc", client.pid());
     assert_eq!(found["keepalive"]["enabled"], true, "{found}");
     let before_kill = second.scrape();
     client.expect_line("peer-closed");

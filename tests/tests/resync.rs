@@ -8,80 +8,41 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{
-    net::{Ipv4Addr, SocketAddr},
-    thread,
-    time::Duration,
-};
+use std::{thread, time::Duration};
 
 use integration_tests::{
-    NetNs, Peer,
-    daemon::{Daemon, serial},
-    require_root_or_skip,
+    NetNs, ct_client,
+    daemon::{Daemon, assert_owned, find_conn, find_local},
+    scenario::{args, local},
+    serial_unless_skipped,
     servers::Redis,
 };
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-fn find<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a serde_json::Value> {
-    list.as_array()?.iter().find(|c| c["local"] == local)
-}
-
 #[test]
 fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classified() {
-    if !require_root_or_skip(
-        "root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classified",
-    ) {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     // Server and client both before the daemon, as after a daemon restart.
     let redis = Redis::start(&ns, local(16390), 3);
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client!(
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16390",
-        "--keepalive",
-        "--keepidle",
-        "60",
-        "--then",
-        "wait-close",
-        "--timeout-secs",
-        "15",
-    ]);
-    let mut client = Peer::spawn("old client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
+        redis.addr(),
+        &args("--keepalive --keepidle 60 --then wait-close --timeout-secs 15"),
+    );
+    let port = client.expect_connected_ok();
 
     let daemon = Daemon::start("1s", &["--no-kube"]);
     let before = daemon.scrape();
     let list = daemon.connections();
-    let mine = find(&list, &format!("127.0.0.1:{port}"))
+    let mine = find_local(&list, &format!("127.0.0.1:{port}"))
         .unwrap_or_else(|| panic!("client :{port} not in {list:#}"));
-    assert_eq!(mine["owner"], "proc", "{mine}");
-    assert_eq!(
-        mine["pid"].as_u64(),
-        Some(u64::from(client.pid())),
-        "{mine}"
-    );
+    assert_owned(mine, "proc", client.pid());
     assert_eq!(mine["comm"], "ct-client", "{mine}");
     assert_eq!(mine["direction"], "outbound", "{mine}");
     assert_eq!(mine["keepalive"]["enabled"], true, "{mine}");
     assert_eq!(mine["keepalive"]["idle_s"].as_f64(), Some(60.0), "{mine}");
-    let server_side = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["local"] == "127.0.0.1:16390" && c["remote"] == format!("127.0.0.1:{port}"))
-        .unwrap_or_else(|| panic!("accepted side not in {list:#}"));
+    let server_side = find_conn(&list, "127.0.0.1:16390", &format!("127.0.0.1:{port}"));
     assert_eq!(
         server_side["pid"].as_u64(),
         Some(u64::from(redis.pid())),
@@ -115,44 +76,23 @@ fn root_connections_older_than_the_daemon_get_owners_and_their_kill_is_classifie
 
 #[test]
 fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
-    if !require_root_or_skip("root_accepts_of_a_listener_older_than_the_daemon_get_its_owner") {
-        return;
-    }
-    let _serial = serial();
+    let _serial = serial_unless_skipped!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(16391), 0);
     let daemon = Daemon::start("1s", &["--no-kube"]);
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([
+    let mut client = ct_client!(
+        &ns,
         "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16391",
-        "--pause-before-then",
-        "--then",
-        "close",
-    ]);
-    let mut client = Peer::spawn("new client", cmd);
-    let port = client.expect_port("connected");
-    assert_eq!(client.expect_line("reply"), ["ok"]);
-    let list = daemon.connections();
-    let accepted = list
-        .as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["local"] == "127.0.0.1:16391" && c["remote"] == format!("127.0.0.1:{port}"))
-        .unwrap_or_else(|| panic!("accepted side not in {list:#}"));
-    assert_eq!(accepted["owner"], "inherited", "{accepted}");
-    assert_eq!(
-        accepted["pid"].as_u64(),
-        Some(u64::from(redis.pid())),
-        "{accepted}"
+        redis.addr(),
+        &["--pause-before-then", "--then", "close"],
     );
+    let port = client.expect_connected_ok();
+    let list = daemon.connections();
+    let accepted = find_conn(&list, "127.0.0.1:16391", &format!("127.0.0.1:{port}"));
+    assert_owned(accepted, "inherited", redis.pid());
     assert_eq!(accepted["comm"], "redis-server", "{accepted}");
-    let mine = find(&list, &format!("127.0.0.1:{port}")).expect("client listed");
+    let mine = find_local(&list, &format!("127.0.0.1:{port}")).expect("client listed");
     assert_eq!(mine["owner"], "known", "opened after the daemon: {mine}");
     client.go();
-    client.expect_line("closed");
-    client.wait_success();
+    client.expect_closed_then_exit();
 }

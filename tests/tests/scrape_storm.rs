@@ -23,13 +23,15 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get, serial},
+    daemon::{
+        Daemon, delta, http_get,
+        names::{KILLS, LOST},
+        serial,
+    },
     require_program_or_skip, require_root_or_skip,
     servers::in_netns,
 };
 
-const KILLS: &str = "conntracer_idle_kills_total";
-const LOST: &str = "conntracer_events_lost_total";
 /// The storm's length, and the scrape rate it must sustain.
 const STORM_SECS: u64 = 10;
 const MIN_REQUESTS: u64 = 10_000;
@@ -44,11 +46,6 @@ const SERVER_IDLE: Duration = Duration::from_millis(1300);
 /// The workload's connects are spread over this much of the storm, so that
 /// the last is closed by its server well before the storm ends.
 const WORKLOAD_SPREAD: Duration = Duration::from_millis(7_500);
-
-/// `after - before` of the sum of `name`'s samples matching `labels`.
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
-}
 
 /// What `wrk` printed, the figures the test asserts on.
 #[derive(Debug, Default)]
@@ -255,11 +252,7 @@ fn root_scrape_storm_keeps_answering_and_loses_no_events() {
         ("close_kind", "fin"),
     ];
     let want = f64::from(u32::try_from(WORKLOAD_CONNS).expect("fits"));
-    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, KILLS, &kill) >= want
-    });
-    thread::sleep(Duration::from_millis(500));
-    let m2 = daemon.scrape();
+    let (m, m2) = daemon.settle(&before, KILLS, &kill, want, Duration::from_millis(500));
     assert_eq!(
         delta(&before, &m2, KILLS, &kill),
         want,

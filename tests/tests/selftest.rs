@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{conn_tracer_bin, require_root_or_skip};
+use integration_tests::{conn_tracer_bin, skip_unless_root, str_values};
 use serde_json::Value;
 
 /// Every scenario the selftest runs.
@@ -82,9 +82,7 @@ fn selftest_env(args: &[&str], env: &[(&str, &str)]) -> Run {
 
 #[test]
 fn root_selftest_passes_every_check_of_every_scenario() {
-    if !require_root_or_skip("root_selftest_passes_every_check_of_every_scenario") {
-        return;
-    }
+    skip_unless_root!();
     let run = selftest(&[]);
     let (checks, rest): (Vec<&str>, Vec<&str>) = run
         .stdout
@@ -139,9 +137,7 @@ fn root_selftest_passes_every_check_of_every_scenario() {
 
 #[test]
 fn root_selftest_json_has_every_check_ok() {
-    if !require_root_or_skip("root_selftest_json_has_every_check_ok") {
-        return;
-    }
+    skip_unless_root!();
     let run = selftest(&["--json"]);
     let report: Value = serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", run.stdout, run.stderr));
@@ -172,9 +168,7 @@ fn root_selftest_json_has_every_check_ok() {
 /// in setsockopt events), forced on this kernel, give the same answers.
 #[test]
 fn root_selftest_passes_with_the_old_kernel_fallbacks() {
-    if !require_root_or_skip("root_selftest_passes_with_the_old_kernel_fallbacks") {
-        return;
-    }
+    skip_unless_root!();
     let run = selftest_env(&["--json"], &[("CONN_TRACER_OLD_HELPERS", "1")]);
     let report: Value = serde_json::from_str(&run.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}\nstderr: {}", run.stdout, run.stderr));
@@ -194,20 +188,13 @@ fn root_selftest_passes_with_the_old_kernel_fallbacks() {
         "the fallbacks were not used: {}",
         run.stderr
     );
-    let ran: BTreeSet<&str> = report["checks"]
-        .as_array()
-        .expect("checks")
-        .iter()
-        .filter_map(|c| c["scenario"].as_str())
-        .collect();
+    let ran: BTreeSet<&str> = str_values(&report["checks"], "scenario", "checks").collect();
     assert_eq!(ran, SCENARIOS.into_iter().collect());
 }
 
 #[test]
 fn root_selftest_that_cannot_load_the_programs_exits_2_and_says_why() {
-    if !require_root_or_skip("root_selftest_that_cannot_load_the_programs_exits_2_and_says_why") {
-        return;
-    }
+    skip_unless_root!();
     let run = selftest(&["--btf", "/nonexistent/vmlinux"]);
     assert_eq!(
         run.code,

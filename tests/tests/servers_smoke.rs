@@ -8,40 +8,22 @@
 //!
 //! Timings are printed on stderr (`--nocapture` shows them).
 
-use std::{
-    fs,
-    net::{Ipv4Addr, SocketAddr},
-    time::Duration,
-};
+use std::{fs, net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs, Peer,
+    NetNs, ct_client,
     netlab::{InvalidAction, NetLab},
-    require_root_or_skip,
+    scenario::{IdleClients, WAIT_CLOSE_15S, local},
     servers::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
-        SidecarRedirect, UpstreamKeepalive, in_netns,
+        SidecarRedirect, UpstreamKeepalive, in_netns, redis_behind_envoy,
     },
-    wait_counter,
+    skip_unless_root, wait_counter,
 };
 
-const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 /// The idle timeout every server gets here.
 const IDLE_SECS: u32 = 2;
 const IDLE_MS: u64 = 2000;
-
-fn local(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-/// `ct-client PROTO --addr --port EXTRA...` inside `ns`.
-fn client(ns: &NetNs, proto: &str, addr: SocketAddr, extra: &[&str]) -> Peer {
-    let mut cmd = ns.command(CLIENT);
-    cmd.args([proto, "--addr", &addr.ip().to_string(), "--port"])
-        .arg(addr.port().to_string())
-        .args(extra);
-    Peer::spawn(&format!("ct-client {proto} {}", extra.join(" ")), cmd)
-}
 
 /// The milliseconds on an outcome line (`peer-closed MS`, `error ERRNO MS`).
 fn ms_of(words: &[String]) -> u64 {
@@ -74,15 +56,13 @@ fn writeln_stderr(line: &str) -> std::io::Result<()> {
 
 #[test]
 fn root_mariadb_wait_timeout_kills_idle_session() {
-    if !require_root_or_skip("root_mariadb_wait_timeout_kills_idle_session") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let db = MariaDb::start(&ns, local(3306), IDLE_SECS);
     assert_eq!(db.aborted_clients(), 0);
 
     // A polite client (COM_QUIT) is not an aborted client.
-    let mut polite = client(
+    let mut polite = ct_client!(
         &ns,
         "mysql",
         db.addr(),
@@ -92,10 +72,9 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
     polite.expect_line("auth");
     polite.expect_line("reply");
     polite.expect_line("reply");
-    polite.expect_line("closed");
-    polite.wait_success();
+    polite.expect_closed_then_exit();
 
-    let mut idle = client(&ns, "mysql", db.addr(), &["--then", "wait-close"]);
+    let mut idle = ct_client!(&ns, "mysql", db.addr(), &["--then", "wait-close"]);
     idle.expect_port("connected");
     assert_eq!(idle.expect_line("auth"), ["ok"]);
     assert_eq!(idle.expect_line("reply"), ["ok"]);
@@ -106,8 +85,7 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
         "MariaDB's wait_timeout close: {words:?}"
     );
     assert_fired("MariaDB wait_timeout", ms_of(&words), 500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
 
     wait_counter("Aborted_clients", 1, Duration::from_secs(5), || {
         db.aborted_clients()
@@ -118,19 +96,15 @@ fn root_mariadb_wait_timeout_kills_idle_session() {
 
 #[test]
 fn root_redis_timeout_closes_idle_client() {
-    if !require_root_or_skip("root_redis_timeout_closes_idle_client") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let redis = Redis::start(&ns, local(6379), IDLE_SECS);
-    let mut idle = client(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    let mut idle = ct_client!(&ns, "redis", redis.addr(), &["--then", "wait-close"],);
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // The check runs in serverCron on whole seconds (`now - last > timeout`).
     assert_fired("Redis --timeout", ms_of(&words), 1500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter("Redis idle closes", 1, Duration::from_secs(2), || {
         redis.idle_closes()
     });
@@ -140,25 +114,16 @@ fn root_redis_timeout_closes_idle_client() {
 
 #[test]
 fn root_memcached_idle_timeout_kicks() {
-    if !require_root_or_skip("root_memcached_idle_timeout_kicks") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
     let mc = Memcached::start(&ns, local(11211), IDLE_SECS);
     assert_eq!(mc.idle_kicks(), 0);
-    let mut idle = client(
-        &ns,
-        "memcached",
-        mc.addr(),
-        &["--then", "wait-close", "--timeout-secs", "15"],
-    );
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    let mut idle = ct_client!(&ns, "memcached", mc.addr(), &WAIT_CLOSE_15S);
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     // Coarse: a once-a-second check on a once-a-second clock.
     assert_fired("memcached idle_timeout", ms_of(&words), 8000);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter("memcached idle_kicks", 1, Duration::from_secs(2), || {
         mc.idle_kicks()
     });
@@ -166,28 +131,15 @@ fn root_memcached_idle_timeout_kicks() {
 
 #[test]
 fn root_envoy_idle_timeout_closes_both_legs() {
-    if !require_root_or_skip("root_envoy_idle_timeout_closes_both_legs") {
-        return;
-    }
+    skip_unless_root!();
     let ns = NetNs::new();
-    // Redis without a timeout of its own as the upstream.
-    let redis = Redis::start(&ns, local(6379), 0);
-    let envoy = Envoy::start(
-        &ns,
-        EnvoyOptions::tcp_proxy(
-            local(7000),
-            redis.addr(),
-            Duration::from_secs(IDLE_SECS.into()),
-        ),
-    );
+    let (redis, envoy) = redis_behind_envoy(&ns, 7000, 6379, IDLE_SECS);
     assert_eq!(envoy.idle_timeouts(), 0);
-    let mut idle = client(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"]);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    let mut idle = ct_client!(&ns, "redis", envoy.listen_addr(), &["--then", "wait-close"],);
+    idle.expect_connected_ok();
     let words = idle.expect_line("peer-closed");
     assert_fired("Envoy tcp_proxy idle_timeout", ms_of(&words), 500);
-    idle.expect_line("closed");
-    idle.wait_success();
+    idle.expect_closed_then_exit();
     wait_counter(
         "Envoy tcp.ctproxy.idle_timeout",
         1,
@@ -204,9 +156,7 @@ fn root_envoy_idle_timeout_closes_both_legs() {
 
 #[test]
 fn root_envoy_sidecar_proxies_transparently() {
-    if !require_root_or_skip("root_envoy_sidecar_proxies_transparently") {
-        return;
-    }
+    skip_unless_root!();
     // App and sidecar in the client namespace, Redis across the router
     // (conntrack there remembers flows far longer than this test runs).
     let lab = NetLab::new(InvalidAction::Drop, 300);
@@ -228,14 +178,13 @@ fn root_envoy_sidecar_proxies_transparently() {
     );
     let _redirect = SidecarRedirect::install(lab.client(), SIDECAR_UID, &[upstream], SIDECAR_PORT);
 
-    let mut app = client(
+    let mut app = ct_client!(
         lab.client(),
         "redis",
         upstream,
         &["--keepalive", "--keepidle", "30", "--then", "wait-close"],
     );
-    let app_port = app.expect_port("connected");
-    assert_eq!(app.expect_line("reply"), ["ok"]);
+    let app_port = app.expect_connected_ok();
     // The three sockets of the chain, seen from the client namespace.
     let sockets = socket_table(lab.client());
     let app_leg = format!("127.0.0.1:{SIDECAR_PORT} 10.231.1.2:{app_port}");
@@ -254,8 +203,7 @@ fn root_envoy_sidecar_proxies_transparently() {
     );
     let words = app.expect_line("peer-closed");
     assert_fired("Envoy sidecar idle_timeout", ms_of(&words), 500);
-    app.expect_line("closed");
-    app.wait_success();
+    app.expect_closed_then_exit();
     wait_counter(
         "Envoy tcp.outbound.idle_timeout",
         1,
@@ -284,42 +232,11 @@ fn socket_table(ns: &NetNs) -> Vec<String> {
 
 #[test]
 fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
-    if !require_root_or_skip("root_netlab_drop_blackholes_expired_flow_and_keepalive_survives") {
-        return;
-    }
+    skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
-    let idle_args = [
-        "--idle-secs",
-        "4",
-        "--then",
-        "send",
-        "--user-timeout-ms",
-        "2000",
-    ];
-    let mut silent = client(lab.client(), "redis", redis.addr(), &idle_args);
-    let mut kept = client(
-        lab.client(),
-        "redis",
-        redis.addr(),
-        &[
-            &idle_args[..],
-            &[
-                "--keepalive",
-                "--keepidle",
-                "1",
-                "--keepintvl",
-                "1",
-                "--keepcnt",
-                "3",
-            ],
-        ]
-        .concat(),
-    );
-    let silent_port = silent.expect_port("connected");
-    kept.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
-    assert_eq!(kept.expect_line("reply"), ["ok"]);
+    let clients = IdleClients::start(env!("CARGO_BIN_EXE_ct-client"), &lab, redis.addr());
+    let silent_port = clients.silent_port;
     // Conntrack in the router tracks both flows.
     let entries = lab.conntrack_entries();
     let mine: Vec<&String> = entries
@@ -334,8 +251,9 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
     );
     assert_eq!(lab.invalid_packets(), 0);
 
-    // Idle 4 s > 2 s: the silent flow is forgotten, its next request black-holed.
-    let words = silent.expect_line("error");
+    // Idle 4 s > 2 s: the silent flow is forgotten, its next request
+    // black-holed; keepalive every second kept the other's entry alive.
+    let words = clients.expect_drop_outcome(&lab);
     assert_eq!(
         words[0], "ETIMEDOUT",
         "silent client after the expiry: {words:?}"
@@ -345,31 +263,15 @@ fn root_netlab_drop_blackholes_expired_flow_and_keepalive_survives() {
         "drop: ETIMEDOUT {ms} ms after the send (user timeout 2000 ms)"
     ));
     assert!((2000..=4000).contains(&ms), "ETIMEDOUT after {ms} ms");
-    silent.expect_line("closed");
-    silent.wait_success();
-    // Keepalive every second kept its entry alive.
-    assert_eq!(
-        kept.expect_line("reply"),
-        ["ok"],
-        "keepalive client after the idle period"
-    );
-    kept.expect_line("closed");
-    kept.wait_success();
-    assert!(
-        lab.invalid_packets() >= 1,
-        "the router dropped no INVALID packet"
-    );
     assert_eq!(redis.idle_closes(), 0);
 }
 
 #[test]
 fn root_netlab_reject_resets_expired_flow() {
-    if !require_root_or_skip("root_netlab_reject_resets_expired_flow") {
-        return;
-    }
+    skip_unless_root!();
     let lab = NetLab::new(InvalidAction::Reject, IDLE_SECS);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
-    let mut silent = client(
+    let mut silent = ct_client!(
         lab.client(),
         "raw",
         echo.addr(),
@@ -382,23 +284,19 @@ fn root_netlab_reject_resets_expired_flow() {
             "2000",
         ],
     );
-    silent.expect_port("connected");
-    assert_eq!(silent.expect_line("reply"), ["ok"]);
+    silent.expect_connected_ok();
     let words = silent.expect_line("error");
     assert_eq!(words[0], "ECONNRESET", "client after the expiry: {words:?}");
     assert!(ms_of(&words) < 1000, "RST after {} ms", ms_of(&words));
-    silent.expect_line("closed");
-    silent.wait_success();
+    silent.expect_closed_then_exit();
     assert_eq!(lab.invalid_packets(), 1);
 
     // Switching to Drop keeps conntrack on: a new flow is tracked.
     lab.set_action(InvalidAction::Drop);
-    let mut fresh = client(lab.client(), "raw", echo.addr(), &["--count", "2"]);
-    let port = fresh.expect_port("connected");
+    let mut fresh = ct_client!(lab.client(), "raw", echo.addr(), &["--count", "2"]);
+    let port = fresh.expect_connected_ok();
     assert_eq!(fresh.expect_line("reply"), ["ok"]);
-    assert_eq!(fresh.expect_line("reply"), ["ok"]);
-    fresh.expect_line("closed");
-    fresh.wait_success();
+    fresh.expect_closed_then_exit();
     let entries = lab.conntrack_entries();
     assert!(
         entries

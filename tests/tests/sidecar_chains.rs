@@ -15,25 +15,20 @@
 use std::{thread, time::Duration};
 
 use integration_tests::{
-    daemon::{Metrics, serial},
-    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, setup},
+    daemon::{
+        Metrics,
+        names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
+    },
+    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
     netlab::InvalidAction,
-    require_root_or_skip,
+    serial_unless_skipped, str_values,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
-const CHAIN_KILLS: &str = "conntracer_sidecar_chain_kills_total";
-const MISMATCH: &str = "conntracer_sidecar_keepalive_mismatch";
-const KILLS: &str = "conntracer_idle_kills_total";
-const STALE: &str = "conntracer_stale_reuse_total";
 
 /// The mesh with this test binary's `ct-client` as the app.
 fn mesh(s: &Setup) -> Mesh {
     integration_tests::mesh::mesh(CLIENT, s)
-}
-
-fn delta(before: &Metrics, after: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
-    after.sum(name, labels) - before.sum(name, labels)
 }
 
 fn chain(origin: &str, upstream_keepalive: &str) -> [(&'static str, String); 5] {
@@ -48,6 +43,61 @@ fn chain(origin: &str, upstream_keepalive: &str) -> [(&'static str, String); 5] 
 
 fn labels<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
     pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Cases A and B: the app idles (Envoy's idle timeout `envoy_idle_s`,
+/// Redis's `redis_timeout_secs`) until its connection is closed. Returns
+/// the mesh, the scrape before (the open chain checked) and the scrape
+/// after the chain's end.
+fn idle_until_chain_ended(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metrics, Metrics) {
+    let app = ["--then", "wait-close"];
+    let s = setup(
+        envoy_idle_s,
+        false,
+        redis_timeout_secs,
+        300,
+        InvalidAction::Drop,
+        &app,
+    );
+    let mut m = mesh(&s);
+    let before = m.daemon.scrape();
+    assert_open_chain(&m, &before);
+    m.app.expect_line("peer-closed");
+    m.app.expect_line("closed");
+    let after = chain_ended(&m, &before);
+    (m, before, after)
+}
+
+/// Case C: the app with keepalive, Envoy's upstream leg with keepalive or
+/// not, a path that resets expired flows. Returns the mesh and the scrape
+/// before, the open chain checked.
+fn case_c(upstream_keepalive: bool) -> (Mesh, Metrics) {
+    let app_args = keepalive_app_args();
+    let s = setup(
+        60,
+        upstream_keepalive,
+        0,
+        2,
+        InvalidAction::Reject,
+        &app_args,
+    );
+    let m = mesh(&s);
+    let before = m.daemon.scrape();
+    assert_open_chain(&m, &before);
+    (m, before)
+}
+
+/// The scrape half a second after the chain's end was counted.
+fn chain_ended(m: &Mesh, before: &Metrics) -> Metrics {
+    let linger = Duration::from_millis(500);
+    m.daemon.settle(before, CHAIN_KILLS, &[], 1.0, linger).1
+}
+
+/// The one chain kill since `before`: its origin and upstream keepalive.
+#[track_caller]
+fn assert_sole_chain_kill(after: &Metrics, before: &Metrics, origin: &str, keepalive: &str) {
+    after.assert_delta(before, CHAIN_KILLS, &labels(&chain(origin, keepalive)), 1.0);
+    after.assert_delta(before, CHAIN_KILLS, &[], 1.0);
 }
 
 /// While the chain is open: each leg carries its pod, container and role,
@@ -97,7 +147,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         "{}",
         now.dump("conntracer_peer_connections_open")
     );
-    assert_eq!(delta(before, &now, CHAIN_KILLS, &[]), 0.0);
+    now.assert_delta(before, CHAIN_KILLS, &[], 0.0);
     let list = m.daemon.connections();
     let app_conn = list
         .as_array()
@@ -105,12 +155,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         .iter()
         .find(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
         .unwrap_or_else(|| panic!("no app connection of {POD} in {list:#}"));
-    let legs: Vec<&str> = app_conn["chain"]
-        .as_array()
-        .expect("chain legs")
-        .iter()
-        .filter_map(|l| l["leg"].as_str())
-        .collect();
+    let legs: Vec<&str> = str_values(&app_conn["chain"], "leg", "chain legs").collect();
     assert_eq!(
         legs,
         ["app", "sidecar-app-side", "sidecar-upstream"],
@@ -120,44 +165,10 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
 
 #[test]
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
-    if !require_root_or_skip("root_case_a_envoy_idle_timeout_is_origin_sidecar") {
-        return;
-    }
-    let _serial = serial();
-    let mut m = mesh(&setup(
-        2,
-        false,
-        0,
-        300,
-        InvalidAction::Drop,
-        &["--then", "wait-close"],
-    ));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
-    m.app.expect_line("peer-closed");
-    m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("sidecar", "off"))
-        ),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    let _serial = serial_unless_skipped!();
+    let (m, before, after) = idle_until_chain_ended(2, 0);
+    assert_sole_chain_kill(&after, &before, "sidecar", "off");
+    assert_eq!(m.redis.idle_closes(), 0);
     assert_eq!(
         m.envoy.idle_timeouts(),
         1,
@@ -172,62 +183,16 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
         ("closed_by", "peer"),
         ("peer", PEER),
     ];
-    assert_eq!(
-        delta(&before, &after, KILLS, &app_kill),
-        1.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, KILLS, &app_kill, 1.0);
     // Envoy closed its legs itself: no kill on the sidecar's sockets.
-    assert_eq!(
-        delta(&before, &after, KILLS, &[("pod", POD), ("role", "sidecar")]),
-        0.0,
-        "{}",
-        after.dump(KILLS)
-    );
-    assert_eq!(m.redis.idle_closes(), 0);
+    after.assert_delta(&before, KILLS, &[("pod", POD), ("role", "sidecar")], 0.0);
 }
 
 #[test]
 fn root_case_b_server_timeout_is_origin_upstream() {
-    if !require_root_or_skip("root_case_b_server_timeout_is_origin_upstream") {
-        return;
-    }
-    let _serial = serial();
-    let mut m = mesh(&setup(
-        60,
-        false,
-        2,
-        300,
-        InvalidAction::Drop,
-        &["--then", "wait-close"],
-    ));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
-    m.app.expect_line("peer-closed");
-    m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("upstream", "off"))
-        ),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    let _serial = serial_unless_skipped!();
+    let (m, before, after) = idle_until_chain_ended(60, 2);
+    assert_sole_chain_kill(&after, &before, "upstream", "off");
     assert_eq!(
         m.envoy.idle_timeouts(),
         0,
@@ -245,39 +210,15 @@ fn root_case_b_server_timeout_is_origin_upstream() {
         ("keepalive", "off"),
         ("peer", PEER),
     ];
-    assert_eq!(
-        delta(&before, &after, KILLS, &sidecar_kill),
-        1.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    after.assert_delta(&before, KILLS, &sidecar_kill, 1.0);
 }
 
 /// Case C: the app has keepalive, Envoy's upstream leg has none, the path
 /// expires the idle flow, and the app's next query fails.
 #[test]
 fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
-    if !require_root_or_skip(
-        "root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream",
-    ) {
-        return;
-    }
-    let _serial = serial();
-    let app_args = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
-    let mut m = mesh(&setup(60, false, 0, 2, InvalidAction::Reject, &app_args));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
+    let _serial = serial_unless_skipped!();
+    let (mut m, before) = case_c(false);
     // While it idles: keepalive on the app's leg, off upstream.
     let mm = m.daemon.wait_metrics(Duration::from_secs(5), |x| {
         x.sum(MISMATCH, &[("pod", POD), ("peer", PEER)]) == 1.0
@@ -293,18 +234,8 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
     );
     // Past the router's conntrack expiry.
     thread::sleep(Duration::from_secs(4));
-    m.app.go();
-    let outcome = m.app.expect_line_any(&["peer-closed", "error"]);
-    assert!(
-        outcome[0] == "peer-closed" || outcome[1] == "ECONNRESET",
-        "the app's next query fails: {outcome:?}"
-    );
-    m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
+    m.expect_next_query_fails();
+    let after = chain_ended(&m, &before);
     assert!(
         m.lab.invalid_packets() >= 1,
         "the router reset the expired flow"
@@ -317,29 +248,8 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
         ("peer", PEER),
         ("outcome", "rst"),
     ];
-    assert_eq!(
-        delta(&before, &after, STALE, &stale),
-        1.0,
-        "{}",
-        after.dump(STALE)
-    );
-    assert_eq!(
-        delta(
-            &before,
-            &after,
-            CHAIN_KILLS,
-            &labels(&chain("upstream", "off"))
-        ),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &[]),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, STALE, &stale, 1.0);
+    assert_sole_chain_kill(&after, &before, "upstream", "off");
     assert_eq!(
         after.sum(MISMATCH, &[("pod", POD)]),
         0.0,
@@ -353,25 +263,8 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
 /// flow stays alive, the query is answered, nothing is killed.
 #[test]
 fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
-    if !require_root_or_skip("root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch") {
-        return;
-    }
-    let _serial = serial();
-    let app_args = [
-        "--keepalive",
-        "--keepidle",
-        "1",
-        "--keepintvl",
-        "1",
-        "--keepcnt",
-        "3",
-        "--pause-before-then",
-        "--then",
-        "send",
-    ];
-    let mut m = mesh(&setup(60, true, 0, 2, InvalidAction::Reject, &app_args));
-    let before = m.daemon.scrape();
-    assert_open_chain(&m, &before);
+    let _serial = serial_unless_skipped!();
+    let (mut m, before) = case_c(true);
     thread::sleep(Duration::from_secs(1));
     let mid = m.daemon.scrape();
     assert_eq!(
@@ -388,42 +281,18 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
         "keepalive kept the upstream flow alive"
     );
     m.app.expect_line("closed");
-    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
-        delta(&before, x, CHAIN_KILLS, &[]) >= 1.0
-    });
-    thread::sleep(Duration::from_millis(500));
-    let after = m.daemon.scrape();
-    assert_eq!(
-        delta(&before, &after, STALE, &[("pod", POD)]),
-        0.0,
-        "{}",
-        after.dump(STALE)
-    );
-    assert_eq!(
-        delta(&before, &after, KILLS, &[("pod", POD)]),
-        0.0,
-        "{}",
-        after.dump(KILLS)
-    );
+    let after = chain_ended(&m, &before);
+    after.assert_delta(&before, STALE, &[("pod", POD)], 0.0);
+    after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
     for origin in ["upstream", "sidecar"] {
-        assert_eq!(
-            delta(
-                &before,
-                &after,
-                CHAIN_KILLS,
-                &[("pod", POD), ("origin", origin)]
-            ),
+        after.assert_delta(
+            &before,
+            CHAIN_KILLS,
+            &[("pod", POD), ("origin", origin)],
             0.0,
-            "{}",
-            after.dump(CHAIN_KILLS)
         );
     }
     // The app closed its connection itself at the end.
-    assert_eq!(
-        delta(&before, &after, CHAIN_KILLS, &labels(&chain("app", "on"))),
-        1.0,
-        "{}",
-        after.dump(CHAIN_KILLS)
-    );
+    after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("app", "on")), 1.0);
     assert_eq!(m.lab.invalid_packets(), 0, "nothing expired on the path");
 }

@@ -16,7 +16,7 @@ use std::{
 use integration_tests::{
     Cgroup, ExpectedOwner, NetNs, Peer, STEP_TIMEOUT, Tracer, assert_owner, cgroup_inode_of,
     cookie, cookies, dump, find_cookie, has_closed, kind, pairs, parse_rfc3339_utc,
-    require_root_or_skip, socket_events, str_field, transitions, u64_field,
+    skip_unless_root, socket_events, str_field, transitions, u64_field,
 };
 use serde_json::{Value, json};
 
@@ -629,8 +629,7 @@ fn lifecycle(sc: &Lifecycle) {
     let (mut srv, port) = server(&ns, sc.server_addr, extra);
     let mut cli = client(&ns, sc.connect_addr, port, &[]);
     let cport = cli.expect_port("connected");
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("accepted"),
         [sc.addr.to_owned(), cport.to_string()]
@@ -649,9 +648,6 @@ fn lifecycle(sc: &Lifecycle) {
     let keepalive = default_keepalive(&ns);
 
     let client_evs = socket_events(&events, s.client);
-    assert_transitions(&client_evs, CLIENT_CLOSES_FIRST, "client socket");
-    assert_kinds(&client_evs, FIN_CLOSE_KINDS, "client socket");
-    assert_summaries_follow_their_transition(&client_evs, "client socket");
     let f = sc.family;
     // CLOSE->SYN_SENT fires before the kernel picks the source port.
     let want: Vec<_> = client_evs
@@ -663,34 +659,26 @@ fn lifecycle(sc: &Lifecycle) {
         })
         .collect();
     assert_endpoints(&client_evs, &want, "client socket");
-    let client_owner = ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup);
-    assert_owner(&client_evs, &client_owner, "client socket");
-    let open = sole(&client_evs, "open", "client socket");
-    assert_keepalive(open, &keepalive, "client socket");
-    let close = sole(&client_evs, "close", "client socket");
-    assert_keepalive(close, &keepalive, "client socket");
-    assert_fin_end(close, &CLIENT_CLOSED_FIRST, "client socket");
-    assert_idle(close, BUSY_IDLE, "client socket");
-    assert_short_lifetime(close, "client socket");
+    let client = FinSocket {
+        transitions: CLIENT_CLOSES_FIRST,
+        owner: ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup),
+        end: CLIENT_CLOSED_FIRST,
+    };
+    client.check(&client_evs, &keepalive, "client socket");
 
     let accepted_evs = socket_events(&events, s.accepted);
-    assert_transitions(&accepted_evs, ACCEPTED_CLOSES_SECOND, "accepted socket");
-    assert_kinds(&accepted_evs, FIN_CLOSE_KINDS, "accepted socket");
-    assert_summaries_follow_their_transition(&accepted_evs, "accepted socket");
     let want: Vec<_> = accepted_evs
         .iter()
         .map(|e| ep(kind(e), f, sc.addr, port, sc.addr, cport))
         .collect();
     assert_endpoints(&accepted_evs, &want, "accepted socket");
     let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
-    assert_owner(&accepted_evs, &server_owner, "accepted socket");
-    let open = sole(&accepted_evs, "open", "accepted socket");
-    assert_keepalive(open, &keepalive, "accepted socket");
-    let close = sole(&accepted_evs, "close", "accepted socket");
-    assert_keepalive(close, &keepalive, "accepted socket");
-    assert_fin_end(close, &ACCEPTED_CLOSED_SECOND, "accepted socket");
-    assert_idle(close, BUSY_IDLE, "accepted socket");
-    assert_short_lifetime(close, "accepted socket");
+    let accepted = FinSocket {
+        transitions: ACCEPTED_CLOSES_SECOND,
+        owner: server_owner.clone(),
+        end: ACCEPTED_CLOSED_SECOND,
+    };
+    accepted.check(&accepted_evs, &keepalive, "accepted socket");
 
     let listener_evs = socket_events(&events, s.listener);
     assert_transitions(&listener_evs, LISTENER, "listening socket");
@@ -710,9 +698,7 @@ fn lifecycle(sc: &Lifecycle) {
 
 #[test]
 fn root_ipv4_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_ipv4_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "127.0.0.1",
         dual_stack: false,
@@ -725,9 +711,7 @@ fn root_ipv4_lifecycle_states_and_owners() {
 
 #[test]
 fn root_ipv6_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_ipv6_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "::1",
         dual_stack: false,
@@ -740,9 +724,7 @@ fn root_ipv6_lifecycle_states_and_owners() {
 
 #[test]
 fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
-    if !require_root_or_skip("root_v4_mapped_ipv6_lifecycle_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     lifecycle(&Lifecycle {
         server_addr: "::",
         dual_stack: true,
@@ -755,9 +737,7 @@ fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
 
 #[test]
 fn root_ipv4_server_closes_first_states_and_owners() {
-    if !require_root_or_skip("root_ipv4_server_closes_first_states_and_owners") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -774,81 +754,53 @@ fn root_ipv4_server_closes_first_states_and_owners() {
     srv.expect_line("done");
     srv.wait_success();
     assert_eq!(cli.expect_line("eof"), ["0"]);
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
 
     let (events, s) = wait_closed(&tracer, &ns, port, cport, |_, _| true);
     assert_well_formed(&events, ns.inode(), started);
     assert_only_sockets(&events, &[s.client, s.accepted, s.listener]);
 
     let client_evs = socket_events(&events, s.client);
-    assert_transitions(
-        &client_evs,
-        &[
+    let keepalive = default_keepalive(&ns);
+    let client = FinSocket {
+        transitions: &[
             ("CLOSE", "SYN_SENT"),
             ("SYN_SENT", "ESTABLISHED"),
             ("ESTABLISHED", "CLOSE_WAIT"),
             ("CLOSE_WAIT", "LAST_ACK"),
             ("LAST_ACK", "CLOSE"),
         ],
-        "client socket",
-    );
-    assert_kinds(&client_evs, FIN_CLOSE_KINDS, "client socket");
-    assert_summaries_follow_their_transition(&client_evs, "client socket");
-    let client_owner = ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup);
-    assert_owner(&client_evs, &client_owner, "client socket");
-    let keepalive = default_keepalive(&ns);
-    assert_keepalive(
-        sole(&client_evs, "open", "client socket"),
-        &keepalive,
-        "client socket",
-    );
-    let close = sole(&client_evs, "close", "client socket");
-    assert_keepalive(close, &keepalive, "client socket");
-    // The server sent no payload, only its FIN.
-    let want = FinEnd {
-        local: false,
-        payload_received: 0,
-        bytes_acked: SYN_PAYLOAD_AND_FIN,
+        owner: ExpectedOwner::process("known", cli.pid(), CLIENT_COMM, cgroup),
+        // The server sent no payload, only its FIN.
+        end: FinEnd {
+            local: false,
+            payload_received: 0,
+            bytes_acked: SYN_PAYLOAD_AND_FIN,
+        },
     };
-    assert_fin_end(close, &want, "client socket");
-    assert_idle(close, BUSY_IDLE, "client socket");
-    assert_short_lifetime(close, "client socket");
+    client.check(&client_evs, &keepalive, "client socket");
 
     // The server process closed (and exited) before this socket's
     // FIN_WAIT2->CLOSE: the orphaned socket keeps its owner.
     let accepted_evs = socket_events(&events, s.accepted);
-    assert_transitions(
-        &accepted_evs,
-        &[
+    let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
+    let accepted = FinSocket {
+        transitions: &[
             ("LISTEN", "SYN_RECV"),
             ("SYN_RECV", "ESTABLISHED"),
             ("ESTABLISHED", "FIN_WAIT1"),
             ("FIN_WAIT1", "FIN_WAIT2"),
             ("FIN_WAIT2", "CLOSE"),
         ],
-        "accepted socket",
-    );
-    assert_kinds(&accepted_evs, FIN_CLOSE_KINDS, "accepted socket");
-    assert_summaries_follow_their_transition(&accepted_evs, "accepted socket");
-    let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
-    assert_owner(&accepted_evs, &server_owner, "accepted socket");
-    assert_keepalive(
-        sole(&accepted_evs, "open", "accepted socket"),
-        &keepalive,
-        "accepted socket",
-    );
-    let close = sole(&accepted_evs, "close", "accepted socket");
-    assert_keepalive(close, &keepalive, "accepted socket");
-    // The client's FIN, which moves FIN_WAIT2 to CLOSE, is counted first.
-    let want = FinEnd {
-        local: true,
-        payload_received: PAYLOAD_LEN,
-        bytes_acked: FIN_ONLY,
+        owner: server_owner.clone(),
+        // The client's FIN, which moves FIN_WAIT2 to CLOSE, is counted first.
+        end: FinEnd {
+            local: true,
+            payload_received: PAYLOAD_LEN,
+            bytes_acked: FIN_ONLY,
+        },
     };
-    assert_fin_end(close, &want, "accepted socket");
-    assert_idle(close, BUSY_IDLE, "accepted socket");
-    assert_short_lifetime(close, "accepted socket");
+    accepted.check(&accepted_evs, &keepalive, "accepted socket");
 
     let listener_evs = socket_events(&events, s.listener);
     assert_transitions(&listener_evs, LISTENER, "listening socket");
@@ -866,9 +818,7 @@ fn root_ipv4_server_closes_first_states_and_owners() {
 
 #[test]
 fn root_connect_refused_reset_and_econnrefused() {
-    if !require_root_or_skip("root_connect_refused_reset_and_econnrefused") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -1103,9 +1053,7 @@ fn assert_linger0_accepted(
 
 #[test]
 fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
-    if !require_root_or_skip("root_linger0_close_sends_reset_and_peer_gets_econnreset") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let tracer = Tracer::start();
@@ -1125,8 +1073,7 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
         ["127.0.0.1".to_owned(), cport.to_string()]
     );
     cli.go();
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("read-error"),
         [
@@ -1176,9 +1123,7 @@ fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
 
 #[test]
 fn root_cgroup_id_is_the_client_cgroup_inode() {
-    if !require_root_or_skip("root_cgroup_id_is_the_client_cgroup_inode") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let cg = Cgroup::new();
@@ -1192,8 +1137,7 @@ fn root_cgroup_id_is_the_client_cgroup_inode() {
     assert_eq!(cg.pids(), [cli.pid()], "{}", cg.path().display());
     cli.go();
     let cport = cli.expect_port("connected");
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     srv.expect_line("accepted");
     srv.expect_line("eof");
     srv.expect_line("done");
@@ -1230,6 +1174,33 @@ fn root_cgroup_id_is_the_client_cgroup_inode() {
     stop_cleanly(tracer);
 }
 
+/// A socket of a connection both sides ended with a FIN, and what the
+/// trace must say of it.
+struct FinSocket {
+    transitions: &'static [(&'static str, &'static str)],
+    owner: ExpectedOwner,
+    end: FinEnd,
+}
+
+impl FinSocket {
+    /// Its state transitions, event kinds, each summary after its
+    /// transition; its owner on every event; its keepalive at open and at
+    /// close; how it ended; a busy, short life.
+    #[track_caller]
+    fn check(&self, evs: &[Value], keepalive: &Value, label: &str) {
+        assert_transitions(evs, self.transitions, label);
+        assert_kinds(evs, FIN_CLOSE_KINDS, label);
+        assert_summaries_follow_their_transition(evs, label);
+        assert_owner(evs, &self.owner, label);
+        assert_keepalive(sole(evs, "open", label), keepalive, label);
+        let close = sole(evs, "close", label);
+        assert_keepalive(close, keepalive, label);
+        assert_fin_end(close, &self.end, label);
+        assert_idle(close, BUSY_IDLE, label);
+        assert_short_lifetime(close, label);
+    }
+}
+
 /// The `close` of a connected socket older than the tracer.
 #[track_caller]
 fn assert_close_of_older_socket(
@@ -1250,9 +1221,7 @@ fn assert_close_of_older_socket(
 
 #[test]
 fn root_sockets_older_than_the_tracer_have_unknown_owner() {
-    if !require_root_or_skip("root_sockets_older_than_the_tracer_have_unknown_owner") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let (mut srv, port) = server(&ns, "127.0.0.1", &[]);
@@ -1263,8 +1232,7 @@ fn root_sockets_older_than_the_tracer_have_unknown_owner() {
     // All three sockets exist (and the connection is up) before the tracer.
     let tracer = Tracer::start();
     cli.go();
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("eof"),
         [cport.to_string(), PAYLOAD_LEN.to_string()]
@@ -1516,9 +1484,7 @@ fn assert_client_sockopts(
 
 #[test]
 fn root_keepalive_sockopts_are_traced_with_their_setter() {
-    if !require_root_or_skip("root_keepalive_sockopts_are_traced_with_their_setter") {
-        return;
-    }
+    skip_unless_root!();
     let started = now_secs();
     let ns = NetNs::new();
     let inode = ns.inode();
@@ -1538,8 +1504,7 @@ fn root_keepalive_sockopts_are_traced_with_their_setter() {
         srv.expect_line("accepted"),
         ["127.0.0.1".to_owned(), cport.to_string()]
     );
-    cli.expect_line("closed");
-    cli.wait_success();
+    cli.expect_closed_then_exit();
     assert_eq!(
         srv.expect_line("eof"),
         [cport.to_string(), PAYLOAD_LEN.to_string()]

@@ -105,27 +105,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Trace { json, kernel } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("conn-tracer: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+                .build();
             let opts = trace::TraceOptions {
                 kernel: kernel.into(),
                 json,
             };
-            match runtime.block_on(trace::run(opts)) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("conn-tracer: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            block_on(runtime, trace::run(opts))
         }
         Command::Run(flags) => run_daemon(&flags),
         Command::Connections { from, json } => {
@@ -180,19 +167,27 @@ fn run_daemon(flags: &Overrides) -> ExitCode {
              by walking the cgroup hierarchy instead (slower, rate-limited)"
         ),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()
-    {
+        .build();
+    block_on(runtime, conn_tracer::cmd::run::run(cfg))
+}
+
+/// Runs `task` on `runtime`; says what failed, if anything.
+fn block_on<T>(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    task: impl Future<Output = anyhow::Result<T>>,
+) -> ExitCode {
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             eprintln!("conn-tracer: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(conn_tracer::cmd::run::run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(task) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("conn-tracer: {e:#}");
             ExitCode::FAILURE

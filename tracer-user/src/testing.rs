@@ -3,9 +3,12 @@
 //! for both). Not part of the agent: nothing outside tests and benches uses
 //! it.
 
+#[cfg(test)]
+pub(crate) mod mesh;
+
 use tracer_common::{
-    AF_INET, CloseData, Event, EventInfo, Keepalive, OpenData, Owner, SockAddrs, close_flags, kind,
-    owner_flags, tcp_state,
+    AF_INET, CloseData, Event, EventInfo, Keepalive, OpenData, Owner, SnapshotData, SockAddrs,
+    close_flags, kind, owner_flags, tcp_state,
 };
 
 /// The kernel's HZ in these records.
@@ -157,5 +160,74 @@ pub fn client_info(kind: u16) -> EventInfo {
             flags: owner_flags::KNOWN,
             pad: 0,
         },
+    }
+}
+
+/// The SNAPSHOT record of one side (see [`info`]) at `ts_ns`, as the TCP
+/// iterator reads it: established, socket inode 0 (the owner is what the
+/// record says; no /proc lookup).
+pub fn snapshot(ts_ns: u64, outbound: bool, port: u16) -> Event<SnapshotData> {
+    let j = jiffies64(ts_ns);
+    Event {
+        info: info(ts_ns, kind::SNAPSHOT, outbound, port),
+        data: SnapshotData {
+            ka: keepalive(),
+            jiffies: j,
+            last_send_j: j as u32,
+            last_recv_j: j as u32,
+            last_ack_j: j as u32,
+            retransmits: 0,
+            probes_out: 0,
+            pad: 0,
+            bytes_received: 8,
+            bytes_acked: 9,
+            ino: 0,
+        },
+    }
+}
+
+/// A record as the daemon gets it: its bytes, decoded.
+#[cfg(test)]
+pub(crate) fn decoded<T: Copy>(record: &Event<T>) -> crate::event::ConnEvent {
+    crate::event::decode(&bytes_of(record)).expect("a kernel-exact record decodes")
+}
+
+/// A directory tree under the temp dir, removed on drop.
+#[cfg(test)]
+pub(crate) struct TempTree(pub(crate) std::path::PathBuf);
+
+#[cfg(test)]
+impl TempTree {
+    pub(crate) fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let root = std::env::temp_dir().join(format!(
+            "conn-tracer-podid-{tag}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&root).unwrap();
+        Self(root)
+    }
+
+    /// Makes `rel` (and its parents); returns its inode number.
+    pub(crate) fn mkdir(&self, rel: &str) -> u64 {
+        let p = self.0.join(rel.trim_start_matches('/'));
+        std::fs::create_dir_all(&p).unwrap();
+        self.ino(rel)
+    }
+
+    pub(crate) fn ino(&self, rel: &str) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(
+            &std::fs::metadata(self.0.join(rel.trim_start_matches('/'))).unwrap(),
+        )
+    }
+}
+
+#[cfg(test)]
+impl Drop for TempTree {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -55,13 +55,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
     caps::warn_gaps();
-    let mut ring = kernel
-        .take_events()?
-        .into_async()
-        .context("cannot poll the event ring buffer")?;
-    let mut log = kernel
-        .take_log()
-        .context("cannot poll the kernel log buffer")?;
+    let (mut ring, mut log) = super::streams(&mut kernel)?;
     let attr = Attributor::from_config(&cfg);
     let mut state = State::new(&cfg, attr)?;
     let started = monotonic_ns();

@@ -19,7 +19,7 @@ use std::ptr;
 
 use tracer_common::{
     CloseData, Event, EventInfo, OpenData, ResetData, SnapshotData, SockError, SockoptData,
-    StateChange, kind,
+    StateChange, kind, tcp_state,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -66,6 +66,17 @@ pub enum EventData {
 pub struct ConnEvent {
     pub info: EventInfo,
     pub data: EventData,
+}
+
+/// The connections of a TCP iterator snapshot: its records of sockets
+/// other than listeners, with their snapshot data.
+pub fn snapshot_connections(
+    snapshot: &[ConnEvent],
+) -> impl Iterator<Item = (&ConnEvent, SnapshotData)> {
+    snapshot.iter().filter_map(|ev| match ev.data {
+        EventData::Snapshot(s) if ev.info.sock.state != tcp_state::LISTEN => Some((ev, s)),
+        _ => None,
+    })
 }
 
 /// Reads a `T` from the front of `bytes`; the caller checked the length.

@@ -23,7 +23,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, MapType, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter, Program},
 };
 use tracer_common::{
     CONFIG_GLOBAL, DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, EVENTS_MAP, KernelOffsets,
@@ -213,17 +213,8 @@ impl Kernel {
         };
         for hook in &shape.hooks {
             let (program, tracepoint) = (hook.program, hook.tracepoint);
-            let err = |source| KernelError::Program {
-                program,
-                tracepoint,
-                source: Box::new(source),
-                hint: PRIVILEGE_HINT,
-            };
-            let prog: &mut BtfTracePoint = ebpf
-                .program_mut(program)
-                .ok_or(KernelError::MissingMap(program))?
-                .try_into()
-                .map_err(err)?;
+            let (prog, err) =
+                program_of::<BtfTracePoint>(&mut ebpf, program, tracepoint, PRIVILEGE_HINT)?;
             prog.load(tracepoint, &aya_btf).map_err(err)?;
             prog.attach().map_err(err)?;
             log::debug!("attached {program} to tp_btf/{tracepoint}");
@@ -233,20 +224,8 @@ impl Kernel {
         } else {
             None
         };
-        {
-            let err = |source| KernelError::Program {
-                program: ITER_PROGRAM,
-                tracepoint: "iter/tcp",
-                source: Box::new(source),
-                hint: PRIVILEGE_HINT,
-            };
-            let prog: &mut Iter = ebpf
-                .program_mut(ITER_PROGRAM)
-                .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
-                .try_into()
-                .map_err(err)?;
-            prog.load("tcp", &aya_btf).map_err(err)?;
-        }
+        let (prog, err) = program_of::<Iter>(&mut ebpf, ITER_PROGRAM, "iter/tcp", PRIVILEGE_HINT)?;
+        prog.load("tcp", &aya_btf).map_err(err)?;
         Ok(Self {
             ebpf,
             sockopt_cgroup,
@@ -352,41 +331,42 @@ fn load_object(
 
 /// Whether feature probe `program` loads on this kernel (then unloads it).
 fn probe(ebpf: &mut Ebpf, program: &str, btf: &Btf) -> bool {
-    let Some(prog) = ebpf.program_mut(program) else {
-        log::warn!("feature probe {program} missing from the object (build mismatch)");
-        return false;
-    };
-    let prog: Result<&mut BtfTracePoint, _> = prog.try_into();
-    let Ok(prog) = prog else {
-        return false;
-    };
-    match prog.load("inet_sock_set_state", btf) {
-        Ok(()) => {
-            let _ = prog.unload();
-            true
-        }
-        Err(e) => {
-            log::debug!("feature probe {program}: not on this kernel: {e}");
-            false
-        }
-    }
+    probe_with(ebpf, program, |prog: &mut BtfTracePoint| {
+        prog.load("inet_sock_set_state", btf)?;
+        let _ = prog.unload();
+        Ok(())
+    })
 }
 
 /// Whether the cgroup setsockopt feature probe `program` loads (then unloads it).
 fn probe_sockopt(ebpf: &mut Ebpf, program: &str) -> bool {
+    probe_with(ebpf, program, |prog: &mut CgroupSockopt| {
+        prog.load()?;
+        let _ = prog.unload();
+        Ok(())
+    })
+}
+
+/// Whether `load` succeeds on feature probe `program` as its kind `T`.
+fn probe_with<'a, T>(
+    ebpf: &'a mut Ebpf,
+    program: &str,
+    load: impl FnOnce(&mut T) -> Result<(), aya::programs::ProgramError>,
+) -> bool
+where
+    T: 'a,
+    &'a mut T: TryFrom<&'a mut Program>,
+{
     let Some(prog) = ebpf.program_mut(program) else {
         log::warn!("feature probe {program} missing from the object (build mismatch)");
         return false;
     };
-    let prog: Result<&mut CgroupSockopt, _> = prog.try_into();
+    let prog: Result<&mut T, _> = prog.try_into();
     let Ok(prog) = prog else {
         return false;
     };
-    match prog.load() {
-        Ok(()) => {
-            let _ = prog.unload();
-            true
-        }
+    match load(prog) {
+        Ok(()) => true,
         Err(e) => {
             log::debug!("feature probe {program}: not on this kernel: {e}");
             false
@@ -412,6 +392,37 @@ fn random_u64() -> u64 {
 
 /// Attaches the setsockopt observer at the cgroup v2 root, alongside any
 /// other programs there: it sees every process's options.
+/// Program `program` of the object as its kind `T`, and what its failures
+/// (loading it where `tracepoint` says, attaching it) are reported as.
+pub(super) fn program_of<'a, T>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+    tracepoint: &'static str,
+    hint: &'static str,
+) -> Result<
+    (
+        &'a mut T,
+        impl Fn(aya::programs::ProgramError) -> KernelError + Copy,
+    ),
+    KernelError,
+>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = aya::programs::ProgramError>,
+{
+    let err = move |source| KernelError::Program {
+        program,
+        tracepoint,
+        source: Box::new(source),
+        hint,
+    };
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or(KernelError::MissingMap(program))?
+        .try_into()
+        .map_err(err)?;
+    Ok((prog, err))
+}
+
 fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
     let root = sys::cgroup::cgroup2_mount()
         .ok()
@@ -421,18 +432,10 @@ fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
         path: root.display().to_string(),
         source,
     })?;
-    let err = |source| KernelError::Program {
-        program: SOCKOPT_PROGRAM,
-        tracepoint: "cgroup/setsockopt",
-        source: Box::new(source),
-        hint: "loading a cgroup/setsockopt program needs CAP_NET_ADMIN (or CAP_SYS_ADMIN) \
-               besides CAP_BPF; or run with --no-sockopts",
-    };
-    let prog: &mut CgroupSockopt = ebpf
-        .program_mut(SOCKOPT_PROGRAM)
-        .ok_or(KernelError::MissingMap(SOCKOPT_PROGRAM))?
-        .try_into()
-        .map_err(err)?;
+    let hint = "loading a cgroup/setsockopt program needs CAP_NET_ADMIN (or CAP_SYS_ADMIN) \
+                besides CAP_BPF; or run with --no-sockopts";
+    let (prog, err) =
+        program_of::<CgroupSockopt>(ebpf, SOCKOPT_PROGRAM, "cgroup/setsockopt", hint)?;
     prog.load().map_err(err)?;
     // On 5.7+ aya attaches with a bpf_link, which always coexists with other
     // programs on the cgroup and refuses attach flags: `Single` means "no

@@ -189,16 +189,20 @@ pub fn field(btf: &Btf, strukt: &str, path: &[&str]) -> Result<Field, OffsetsErr
     })
 }
 
+fn size_error(strukt: &str, path: &[&str], found: usize, want: usize) -> OffsetsError {
+    OffsetsError::Size {
+        strukt: strukt.to_string(),
+        field: path.join("."),
+        found,
+        want,
+    }
+}
+
 /// Like [`field`], and checks that the field is `want` bytes wide.
 fn sized(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, OffsetsError> {
     let f = field(btf, strukt, path)?;
     if f.size != want {
-        return Err(OffsetsError::Size {
-            strukt: strukt.to_string(),
-            field: path.join("."),
-            found: f.size,
-            want,
-        });
+        return Err(size_error(strukt, path, f.size, want));
     }
     Ok(f.offset)
 }
@@ -210,12 +214,7 @@ fn sized(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, Off
 fn sized_low(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32, OffsetsError> {
     let f = field(btf, strukt, path)?;
     if f.size < want || !matches!(f.size, 1 | 2 | 4 | 8) {
-        return Err(OffsetsError::Size {
-            strukt: strukt.to_string(),
-            field: path.join("."),
-            found: f.size,
-            want,
-        });
+        return Err(size_error(strukt, path, f.size, want));
     }
     Ok(f.offset)
 }

@@ -17,18 +17,8 @@ impl Kernel {
     /// from a short-lived thread that enters each namespace in turn (the
     /// iterator walks the namespace its reader is created in).
     pub fn snapshot(&mut self) -> Result<Vec<ConnEvent>, KernelError> {
-        let err = |source| KernelError::Program {
-            program: ITER_PROGRAM,
-            tracepoint: "iter/tcp",
-            source: Box::new(source),
-            hint: PRIVILEGE_HINT,
-        };
-        let prog: &mut Iter = self
-            .ebpf
-            .program_mut(ITER_PROGRAM)
-            .ok_or(KernelError::MissingMap(ITER_PROGRAM))?
-            .try_into()
-            .map_err(err)?;
+        let (prog, err) =
+            super::program_of::<Iter>(&mut self.ebpf, ITER_PROGRAM, "iter/tcp", PRIVILEGE_HINT)?;
         // Our own namespace first, without setns (which needs CAP_SYS_ADMIN
         // even there): then a tracer without it still sees the host's.
         let own = std::fs::read_link("/proc/self/ns/net")

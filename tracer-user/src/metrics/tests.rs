@@ -111,3 +111,132 @@ fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
     assert_eq!(m.forget_pod("shop", "cart-1"), 0, "nothing left");
     assert_eq!(m.forget_pod("other", "cart-2"), 0, "namespace must match");
 }
+
+/// `conntracer_connections_open` of (namespace, pod, container, role,
+/// direction, keepalive).
+fn open_gauge(
+    m: &Metrics,
+    [namespace, pod, container, role, direction, keepalive]: [&str; 6],
+) -> i64 {
+    m.connections_open
+        .of(&ConnectionsOpen {
+            namespace,
+            pod,
+            container,
+            role,
+            direction,
+            keepalive,
+        })
+        .get()
+}
+
+/// `conntracer_peer_connections_open` of (namespace, pod, role, direction, peer).
+fn peer_gauge(m: &Metrics, [namespace, pod, role, direction, peer]: [&str; 5]) -> i64 {
+    m.peer_connections_open
+        .of(&PeerConnectionsOpen {
+            namespace,
+            pod,
+            role,
+            direction,
+            peer,
+        })
+        .get()
+}
+
+#[test]
+fn gauges_count_the_table_by_owner_direction_keepalive_and_peer() {
+    use crate::testing::{
+        self, T0_NS, decoded,
+        mesh::{DB_IP, MeshPod},
+    };
+    let mesh = MeshPod::new("gauges");
+    let mut st = State::new(&Config::default(), mesh.attributor()).expect("state");
+    let [app, accept, upstream] = mesh.outbound_chain(0, 40000, DB_IP);
+    let mut app_open = app.open(T0_NS);
+    app_open.data.ka.enabled = 1;
+    st.handle(&decoded(&app_open));
+    for sock in [accept, upstream] {
+        st.handle(&decoded(&sock.open(T0_NS)));
+    }
+    // A host connection over loopback: its client and server sockets.
+    for (cookie, outbound) in [(7, true), (8, false)] {
+        let mut open = testing::open(T0_NS, outbound, 50000);
+        open.info.cookie = cookie;
+        st.handle(&decoded(&open));
+    }
+    st.render_metrics(0);
+    let m = &st.metrics;
+    assert_eq!(m.tracked_connections.get(), 5);
+    assert_eq!(
+        open_gauge(m, ["shop", "cart-1", "app", "app", "outbound", "on"]),
+        1
+    );
+    assert_eq!(
+        open_gauge(
+            m,
+            ["shop", "cart-1", "istio-proxy", "sidecar", "inbound", "off"]
+        ),
+        1
+    );
+    assert_eq!(
+        open_gauge(
+            m,
+            [
+                "shop",
+                "cart-1",
+                "istio-proxy",
+                "sidecar",
+                "outbound",
+                "off"
+            ]
+        ),
+        1
+    );
+    assert_eq!(open_gauge(m, ["", "", "", "host", "outbound", "off"]), 1);
+    assert_eq!(open_gauge(m, ["", "", "", "host", "inbound", "off"]), 1);
+    assert_eq!(
+        peer_gauge(m, ["shop", "cart-1", "app", "outbound", "db/redis-0"]),
+        1
+    );
+    assert_eq!(
+        peer_gauge(m, ["shop", "cart-1", "sidecar", "outbound", "db/redis-0"]),
+        1
+    );
+    assert_eq!(
+        peer_gauge(m, ["shop", "cart-1", "sidecar", "inbound", "shop/cart-1"]),
+        1
+    );
+    assert_eq!(
+        peer_gauge(m, ["", "", "host", "outbound", "127.0.0.1:8080"]),
+        1
+    );
+    assert_eq!(peer_gauge(m, ["", "", "host", "inbound", "127.0.0.1"]), 1);
+    assert_eq!(m.chains_open.get(), 1);
+    let mismatch = || {
+        m.sidecar_keepalive_mismatch
+            .of(&ChainPeer {
+                namespace: "shop",
+                pod: "cart-1",
+                peer: "db/redis-0",
+            })
+            .get()
+    };
+    assert_eq!(mismatch(), 1, "keepalive on the app leg, off upstream");
+
+    // The chain's legs close: the pod's gauges are gone, the host's stay.
+    for (i, sock) in [upstream, accept, app].into_iter().enumerate() {
+        st.handle(&decoded(&sock.close(T0_NS + 1_000 + i as u64, i != 1)));
+    }
+    let text = st.render_metrics(0);
+    assert_eq!(st.metrics.tracked_connections.get(), 2);
+    assert_eq!(st.metrics.chains_open.get(), 0);
+    let open_lines: Vec<_> = text
+        .lines()
+        .filter(|l| l.starts_with("conntracer_connections_open{"))
+        .collect();
+    assert_eq!(open_lines.len(), 2, "{open_lines:?}");
+    assert!(
+        open_lines.iter().all(|l| l.contains("role=\"host\"")),
+        "{open_lines:?}"
+    );
+}

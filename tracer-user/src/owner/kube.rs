@@ -556,4 +556,4 @@ pub fn spawn(
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

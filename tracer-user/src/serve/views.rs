@@ -8,11 +8,12 @@ use tracer_common::{EventInfo, owner_flags, tcp_state};
 
 use crate::{
     event::{
-        ConnEvent, EventData,
+        ConnEvent,
         addr::Endpoint,
         clock::{WallClock, monotonic_ns},
         jiffies::{Hz, elapsed, later},
         names::state_name,
+        snapshot_connections,
     },
     owner::attribute::Attribution,
     track::{Tracker, classify::KeepaliveView, table::Conn},
@@ -87,13 +88,7 @@ pub fn connections(
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let listening = listeners(snapshot);
-    for ev in snapshot {
-        let EventData::Snapshot(s) = ev.data else {
-            continue;
-        };
-        if ev.info.sock.state == tcp_state::LISTEN {
-            continue;
-        }
+    for (ev, s) in snapshot_connections(snapshot) {
         seen.insert(ev.info.cookie);
         let known = tracker.table.get(ev.info.cookie).cloned();
         let mut info = known

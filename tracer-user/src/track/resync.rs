@@ -6,7 +6,7 @@ use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
 use super::{Tracker, table::Conn};
 use crate::{
-    event::{ConnEvent, EventData},
+    event::{ConnEvent, EventData, snapshot_connections},
     owner::procfs,
     sys,
 };
@@ -57,13 +57,7 @@ impl Tracker {
             }
         }
         let mut alive = HashSet::new();
-        for ev in snapshot {
-            let EventData::Snapshot(s) = ev.data else {
-                continue;
-            };
-            if ev.info.sock.state == tcp_state::LISTEN {
-                continue;
-            }
+        for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
             let mut owner = owner_of(ev, &s);
             if self

@@ -36,3 +36,216 @@ fn peer_labels_are_bounded_by_construction() {
         "[fd00::1]:80"
     );
 }
+
+/// Tracker tests: kernel-exact records (see [`crate::testing`]), decoded
+/// as the daemon decodes them.
+mod tracker {
+    use std::time::Duration;
+
+    use tracer_common::{owner_flags, tcp_state};
+
+    use super::super::{Direction, Outcome, Tracker, chains::Origin};
+    use crate::{
+        config::Config,
+        owner::attribute::Attributor,
+        testing::{
+            self, NETNS, T0_NS, decoded,
+            mesh::{DB_IP, MeshPod},
+        },
+    };
+
+    const S: u64 = 1_000_000_000;
+
+    fn host_tracker(cfg: &Config) -> Tracker {
+        Tracker::new(cfg, Attributor::host_only())
+    }
+
+    fn closed(outcome: Outcome) -> Box<super::super::Closed> {
+        match outcome {
+            Outcome::Closed(c) => c,
+            other => panic!("not a close: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepted_sockets_inherit_the_owner_of_a_listener_older_than_the_daemon() {
+        let mut t = host_tracker(&Config::default());
+        // The listener on 8080 predates the daemon: the snapshot names its owner.
+        let mut listener = testing::snapshot(T0_NS, false, 0);
+        listener.info.sock.state = tcp_state::LISTEN;
+        listener.info.owner.flags = owner_flags::KNOWN | owner_flags::LISTENER;
+        listener.info.cookie = 10;
+        assert_eq!(t.resync(&[decoded(&listener)], T0_NS), 0);
+
+        // An accept whose socket carries no owner: the kernel had none for
+        // the listener. In the listener's netns it inherits; in another not.
+        let mut accepted = testing::open(T0_NS + S, false, 40000);
+        accepted.info.cookie = 11;
+        accepted.info.owner = tracer_common::Owner::default();
+        let mut elsewhere = accepted;
+        elsewhere.info.cookie = 12;
+        elsewhere.info.netns = NETNS + 1;
+        t.handle(&decoded(&accepted));
+        t.handle(&decoded(&elsewhere));
+
+        let owner = t.table.get(11).expect("tracked").info.owner;
+        assert_eq!((owner.pid, owner.comm_str().as_str()), (4343, "server"));
+        assert!(owner.is_known() && owner.is_inherited());
+        assert!(!t.table.get(12).expect("tracked").info.owner.is_known());
+        let info = t.table.get(11).unwrap().info;
+        assert_eq!(t.direction(&info), Direction::Inbound);
+        assert_eq!(t.peer(&info, Direction::Inbound), "127.0.0.1");
+
+        // Its close is attributed with the owner as at open, though the
+        // close record has none either.
+        let mut close = testing::close(T0_NS + 2 * S, false, 40000, false);
+        close.info.cookie = 11;
+        close.info.owner = tracer_common::Owner::default();
+        let c = closed(t.handle(&decoded(&close)));
+        assert_eq!((c.info.owner.pid, c.dir), (4343, Direction::Inbound));
+        assert!(t.table.get(11).is_none());
+    }
+
+    #[test]
+    fn sockets_the_kernel_saw_accepted_keep_their_inherited_owner() {
+        let mut t = host_tracker(&Config::default());
+        for (cookie, outbound) in [(1, true), (2, false)] {
+            let mut open = testing::open(T0_NS, outbound, 40000);
+            open.info.cookie = cookie;
+            t.handle(&decoded(&open));
+        }
+        let client = t.table.get(1).unwrap().info;
+        let server = t.table.get(2).unwrap().info;
+        assert_eq!(t.direction(&client), Direction::Outbound);
+        assert_eq!(t.peer(&client, Direction::Outbound), "127.0.0.1:8080");
+        assert_eq!(t.direction(&server), Direction::Inbound);
+        assert_eq!(
+            (server.owner.pid, server.owner.is_inherited()),
+            (4343, true)
+        );
+    }
+
+    #[test]
+    fn resync_drops_missed_closes_and_re_adds_evicted_connections() {
+        let cfg = Config {
+            max_connections: 3,
+            ..Config::default()
+        };
+        let mut t = host_tracker(&cfg);
+        let open = |cookie: u64, ns: u64| {
+            let mut open = testing::open(ns, true, 40000 + cookie as u16);
+            open.info.cookie = cookie;
+            decoded(&open)
+        };
+        for cookie in 1..=4 {
+            t.handle(&open(cookie, T0_NS));
+        }
+        assert_eq!((t.table.len(), t.table.evicted), (3, 1));
+        assert!(t.table.get(1).is_none(), "the oldest was evicted");
+        let mut close4 = testing::close(T0_NS, true, 40004, false);
+        close4.info.cookie = 4;
+        t.handle(&decoded(&close4));
+
+        // The kernel still has 1 and 2; 3's close was lost.
+        let snap: Vec<_> = [1, 2]
+            .map(|cookie| {
+                let mut s = testing::snapshot(T0_NS + S, true, 40000 + cookie as u16);
+                s.info.cookie = cookie;
+                s.data.ka.enabled = 1;
+                decoded(&s)
+            })
+            .into();
+        assert_eq!(t.resync(&snap, T0_NS + S), 1, "3 was gone");
+        assert!(t.table.get(3).is_none());
+        let readded = t.table.get(1).expect("re-added from the snapshot");
+        assert!(!readded.opened);
+        assert_eq!(readded.info.sock.sport, 40001);
+        assert_eq!((readded.info.owner.pid, readded.ka.enabled), (4242, 1));
+        let kept = t.table.get(2).expect("kept");
+        assert!(kept.opened, "what the daemon saw open stays as it saw it");
+        assert_eq!(kept.ka.enabled, 0);
+
+        // 5 opens while the next snapshot is taken: it is not in it, and stays.
+        t.handle(&open(5, T0_NS + 3 * S));
+        assert_eq!(t.resync(&snap, T0_NS + 2 * S), 0);
+        assert!(t.table.get(5).is_some(), "opened after the snapshot began");
+        assert_eq!(t.table.len(), 3);
+
+        // 3's close arriving after all is still classified, from its own record.
+        let mut close3 = testing::close(T0_NS + 3 * S, true, 40003, false);
+        close3.info.cookie = 3;
+        let c = closed(t.handle(&decoded(&close3)));
+        assert_eq!((c.info.sock.sport, c.dir), (40003, Direction::Outbound));
+    }
+
+    #[test]
+    fn chain_links_the_app_sidecar_and_upstream_legs_and_labels_the_apps_pod() {
+        let mesh = MeshPod::new("chain");
+        let cfg = Config {
+            idle_threshold: Duration::from_mins(1),
+            ..Config::default()
+        };
+        let mut t = Tracker::new(&cfg, mesh.attributor());
+        let [app, accept, upstream] = mesh.outbound_chain(0, 40000, DB_IP);
+        for sock in [app, accept, upstream] {
+            t.handle(&decoded(&sock.open(T0_NS)));
+        }
+        let chain = t.chains.chain_of(upstream.cookie).expect("linked").clone();
+        assert_eq!(
+            (chain.app, chain.sidecar_app_side, chain.sidecar_net_side),
+            (1, Some(2), Some(3))
+        );
+        assert_eq!(chain.direction, Direction::Outbound);
+        assert_eq!(
+            t.chain_labels(&chain),
+            Some(("shop".into(), "cart-1".into(), "db/redis-0".into()))
+        );
+
+        // The database closes the upstream leg first; the sidecar then
+        // closes the app's connection.
+        assert!(
+            closed(t.handle(&decoded(&upstream.close(T0_NS + S, true))))
+                .chain_end
+                .is_none()
+        );
+        assert!(
+            closed(t.handle(&decoded(&accept.close(T0_NS + 2 * S, false))))
+                .chain_end
+                .is_none()
+        );
+        let last = closed(t.handle(&decoded(&app.close(T0_NS + 3 * S, true))));
+        let end = last.chain_end.expect("the chain ended with its last leg");
+        assert_eq!(
+            (end.origin, end.upstream_keepalive),
+            (Origin::Upstream, false)
+        );
+        assert_eq!(
+            (last.attr.pod.as_str(), last.attr.container.as_str()),
+            ("cart-1", "app")
+        );
+        assert!(t.chains.is_empty() && t.table.is_empty());
+    }
+
+    #[test]
+    fn chains_to_an_address_outside_the_pods_are_labelled_with_it() {
+        let mesh = MeshPod::new("chain-ip");
+        let mut t = Tracker::new(&Config::default(), mesh.attributor());
+        let far = std::net::Ipv4Addr::new(192, 0, 2, 9);
+        for sock in mesh.outbound_chain(10, 40100, far) {
+            t.handle(&decoded(&sock.open(T0_NS)));
+        }
+        let chain = t.chains.chain_of(11).expect("linked").clone();
+        assert_eq!(
+            t.chain_labels(&chain).map(|(_, _, peer)| peer).as_deref(),
+            Some("192.0.2.9:6379")
+        );
+
+        // Without pods, the same sockets make no chain.
+        let mut host = host_tracker(&Config::default());
+        for sock in mesh.outbound_chain(10, 40100, far) {
+            host.handle(&decoded(&sock.open(T0_NS)));
+        }
+        assert!(host.chains.is_empty());
+        assert_eq!(host.table.len(), 3);
+    }
+}

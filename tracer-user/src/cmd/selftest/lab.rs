@@ -151,31 +151,13 @@ impl Pair {
             ..
         } = self;
         // TCP_REPAIR (include/uapi/linux/tcp.h); needs CAP_NET_ADMIN.
-        set_int_opt(&server, libc::IPPROTO_TCP, 19, 1)?;
+        setsockopt_int(server.as_raw_fd(), libc::IPPROTO_TCP as u32, 19, 1)?;
         drop(server);
         thread::sleep(silence);
         client.write_all(b"late\n")?;
         let read = client.read(&mut [0u8; 8]);
         drop(listener);
         Ok((ports, read.err().and_then(|e| e.raw_os_error())))
-    }
-}
-
-pub(super) fn set_int_opt(s: &TcpStream, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: a valid fd and a pointer to an int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (&raw const value).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

@@ -152,22 +152,12 @@ pub(super) fn idle_peer_close(ctx: &mut Ctx<'_>) -> Vec<Check> {
 /// connection): a stale reuse, counted as an idle kill too.
 pub(super) fn stale_reuse(ctx: &mut Ctx<'_>) -> Vec<Check> {
     let mut c = Checks::new("stale-reuse");
-    let done = ctx.in_lab(|| {
-        let mut p = Pair::open()?;
-        p.exchange()?;
-        p.peer_vanishes_then_send(SILENCE)
-    });
+    let done = after_exchange(ctx, move |p| p.peer_vanishes_then_send(SILENCE));
     let ((cport, sport), read_errno) = match done {
         Ok(v) => v,
         Err(e) => return c.setup_failed(&e),
     };
-    c.equal(
-        "client's read fails",
-        "ECONNRESET",
-        read_errno
-            .map(|e| errno_name(e as u32))
-            .ok_or_else(|| "no error".to_string()),
-    );
+    client_read_reset(&mut c, read_errno);
     let cookie = ctx.events.opened(cport, sport);
     let end = ctx.events.end_of(cookie);
     c.owner(&end, ctx.pid);
@@ -194,11 +184,7 @@ pub(super) fn stale_reuse(ctx: &mut Ctx<'_>) -> Vec<Check> {
 /// The client closes right after the exchange: its own close, no kill.
 pub(super) fn owner_close(ctx: &mut Ctx<'_>) -> Vec<Check> {
     let mut c = Checks::new("owner-close");
-    let ports = ctx.in_lab(|| {
-        let mut p = Pair::open()?;
-        p.exchange()?;
-        p.owner_closes()
-    });
+    let ports = after_exchange(ctx, Pair::owner_closes);
     let (cport, sport) = match ports {
         Ok(v) => v,
         Err(e) => return c.setup_failed(&e),
@@ -213,22 +199,12 @@ pub(super) fn owner_close(ctx: &mut Ctx<'_>) -> Vec<Check> {
 /// The server aborts (SO_LINGER {on, 0}): a reset by the peer.
 pub(super) fn peer_reset(ctx: &mut Ctx<'_>) -> Vec<Check> {
     let mut c = Checks::new("peer-reset");
-    let done = ctx.in_lab(|| {
-        let mut p = Pair::open()?;
-        p.exchange()?;
-        p.peer_aborts()
-    });
+    let done = after_exchange(ctx, Pair::peer_aborts);
     let ((cport, sport), read_errno) = match done {
         Ok(v) => v,
         Err(e) => return c.setup_failed(&e),
     };
-    c.equal(
-        "client's read fails",
-        "ECONNRESET",
-        read_errno
-            .map(|e| errno_name(e as u32))
-            .ok_or_else(|| "no error".to_string()),
-    );
+    client_read_reset(&mut c, read_errno);
     let cookie = ctx.events.opened(cport, sport);
     let end = ctx.events.end_of(cookie.clone());
     c.end(&end, "peer", "rst", false);
@@ -291,13 +267,7 @@ pub(super) fn refused_connect(ctx: &mut Ctx<'_>) -> Vec<Check> {
         Ok(v) => v,
         Err(e) => return c.setup_failed(&e),
     };
-    c.equal(
-        "connect fails",
-        "ECONNREFUSED",
-        errno
-            .map(|e| errno_name(e as u32))
-            .ok_or_else(|| "connected".to_string()),
-    );
+    errno_check(&mut c, "connect fails", "ECONNREFUSED", errno, "connected");
     // The only socket of the namespace that connects to the closed port.
     let socket = |evs: &[ConnEvent]| {
         evs.iter()
@@ -438,4 +408,35 @@ pub(super) fn keepalive_sockopt(ctx: &mut Ctx<'_>) -> Vec<Check> {
     );
     c.end(&end, "local", "fin", false);
     c.list
+}
+
+/// In the lab: a connection, one exchange, then `then`.
+fn after_exchange<R: Send + 'static>(
+    ctx: &Ctx<'_>,
+    then: impl FnOnce(Pair) -> std::io::Result<R> + Send + 'static,
+) -> Seen<R> {
+    ctx.in_lab(|| {
+        let mut p = Pair::open()?;
+        p.exchange()?;
+        then(p)
+    })
+}
+
+/// The client's read after the peer's reset failed with ECONNRESET.
+fn client_read_reset(c: &mut Checks, read_errno: Option<i32>) {
+    errno_check(
+        c,
+        "client's read fails",
+        "ECONNRESET",
+        read_errno,
+        "no error",
+    );
+}
+
+/// Check `what`: the socket call failed with `want` (`none`: it did not).
+fn errno_check(c: &mut Checks, what: &str, want: &str, errno: Option<i32>, none: &str) {
+    let got = errno
+        .map(|e| errno_name(e as u32))
+        .ok_or_else(|| none.to_string());
+    c.equal(what, want, got);
 }

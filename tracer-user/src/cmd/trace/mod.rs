@@ -47,13 +47,7 @@ pub struct TraceStats {
 
 pub async fn run(opts: TraceOptions) -> anyhow::Result<TraceStats> {
     let mut kernel = Kernel::load(&opts.kernel).context("cannot start tracing")?;
-    let mut ring = kernel
-        .take_events()?
-        .into_async()
-        .context("cannot poll the event ring buffer")?;
-    let mut log = kernel
-        .take_log()
-        .context("cannot poll the kernel log buffer")?;
+    let (mut ring, mut log) = super::streams(&mut kernel)?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -1,52 +1,14 @@
 use std::{fs, os::unix::fs::MetadataExt, path::PathBuf};
 
 use super::*;
-use crate::owner::kubelet::{
-    Qos::Guaranteed,
-    Runtime::CriO,
-    tests::{CID, UID, expected, uid_},
+use crate::{
+    owner::kubelet::{
+        Qos::Guaranteed,
+        Runtime::CriO,
+        tests::{CID, UID, expected, uid_},
+    },
+    testing::TempTree,
 };
-
-/// A directory tree under the temp dir, removed on drop.
-struct TempTree(PathBuf);
-
-impl TempTree {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let root = std::env::temp_dir().join(format!(
-            "conn-tracer-podid-{tag}-{}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&root).unwrap();
-        Self(root)
-    }
-
-    /// Makes `rel` (and its parents); returns its inode number.
-    fn mkdir(&self, rel: &str) -> u64 {
-        let p = self.0.join(rel.trim_start_matches('/'));
-        fs::create_dir_all(&p).unwrap();
-        fs::metadata(&p).unwrap().ino()
-    }
-
-    fn ino(&self, rel: &str) -> u64 {
-        fs::metadata(self.0.join(rel.trim_start_matches('/')))
-            .unwrap()
-            .ino()
-    }
-
-    fn paths(&self) -> CgroupPaths {
-        CgroupPaths::new(self.0.clone())
-    }
-}
-
-impl Drop for TempTree {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn resolves_ids_of_a_directory_tree() {
@@ -63,7 +25,7 @@ fn resolves_ids_of_a_directory_tree() {
     fs::write(&file, "1\n").unwrap();
     let file_id = fs::metadata(&file).unwrap().ino();
 
-    let mut paths = tree.paths();
+    let mut paths = CgroupPaths::new(tree.0.clone());
     assert_eq!(
         paths.rescans(),
         0,
@@ -86,7 +48,7 @@ fn resolves_ids_of_a_directory_tree() {
 fn unknown_ids_rescan_at_most_once_per_interval() {
     let tree = TempTree::new("ratelimit");
     let known = tree.mkdir("/system.slice");
-    let mut paths = tree.paths();
+    let mut paths = CgroupPaths::new(tree.0.clone());
     let t0 = Instant::now();
     assert_eq!(
         paths.resolve_at(known, t0).as_deref(),
@@ -139,7 +101,7 @@ fn rescan_replaces_the_cache() {
     let tree = TempTree::new("replace");
     let gone = tree.mkdir("/kubepods/pod-gone");
     let stays = tree.mkdir("/kubepods/stays");
-    let mut paths = tree.paths();
+    let mut paths = CgroupPaths::new(tree.0.clone());
     let t0 = Instant::now();
     assert_eq!(
         paths.resolve_at(gone, t0).as_deref(),
@@ -172,7 +134,7 @@ fn walk_is_bounded_by_depth_and_directory_count() {
     let deep: Vec<String> = (1..=18).map(|d| format!("d{d}")).collect();
     let rel = |depth: usize| format!("/{}", deep[..depth].join("/"));
     tree.mkdir(&rel(18));
-    let mut paths = tree.paths();
+    let mut paths = CgroupPaths::new(tree.0.clone());
     assert_eq!(paths.resolve(tree.ino(&rel(16))), Some(rel(16)));
     assert_eq!(
         paths.resolve_at(tree.ino(&rel(17)), Instant::now() + Duration::from_secs(5)),
@@ -214,7 +176,7 @@ fn resolve_pod_reads_the_tree() {
     let ctr = tree.mkdir(&format!("{pod}/crio-{CID}.scope/container"));
     let conmon = tree.mkdir(&format!("{pod}/crio-conmon-{CID}.scope"));
     let sshd = tree.mkdir("/system.slice/sshd.service");
-    let mut paths = tree.paths();
+    let mut paths = CgroupPaths::new(tree.0.clone());
     assert_eq!(
         resolve_pod(&mut paths, ctr),
         Some(expected((UID, Some(CID), Some(CriO), Guaranteed)))

@@ -4,7 +4,7 @@ use serde_json::{Value, json};
 
 use super::*;
 
-fn pod(ns: &str, name: &str, uid: &str, ip: &str, containers: &[(&str, &str)]) -> Value {
+pub(crate) fn pod(ns: &str, name: &str, uid: &str, ip: &str, containers: &[(&str, &str)]) -> Value {
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -33,7 +33,7 @@ fn typed(v: &Value) -> Pod {
     serde_json::from_value(v.clone()).expect("valid Pod JSON")
 }
 
-fn apply(index: &PodIndex, v: &Value) {
+pub(crate) fn apply(index: &PodIndex, v: &Value) {
     index.apply(Event::Apply(typed(v)), Instant::now());
 }
 
