@@ -28,9 +28,11 @@ use std::{
 use serde_json::Value;
 
 pub mod bpf;
+pub mod container;
 pub mod daemon;
 pub mod deploy;
 pub mod fake_kube;
+pub mod image;
 pub mod mesh;
 pub mod netlab;
 pub mod prometheus;
