@@ -395,6 +395,7 @@ mod tests {
             name: "libc6".into(),
             version: "2".into(),
             source: "glibc".into(),
+            source_version: "2".into(),
             license: "LGPL-2.1-or-later",
             files: Vec::new(),
         };

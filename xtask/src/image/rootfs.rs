@@ -40,6 +40,7 @@ pub struct DebianPackage {
     pub name: String,
     pub version: String,
     pub source: String,
+    pub source_version: String,
     pub license: &'static str,
     pub files: Vec<PathBuf>,
 }
@@ -229,12 +230,14 @@ fn debian_packages(libs: &[PathBuf]) -> Result<Vec<DebianPackage>> {
         };
         let version = query("${Version}")?;
         let source = query("${source:Package}")?;
+        let source_version = query("${source:Version}")?;
         by_name.insert(
             name.clone(),
             DebianPackage {
                 name,
                 version,
                 source,
+                source_version,
                 license,
                 files: vec![lib.clone()],
             },
@@ -404,10 +407,10 @@ fn notice(
     let _ = writeln!(s, "What is here, and under which licence:\n");
     let _ = writeln!(
         s,
-        "/{BINARY}\n    conn-tracer {v}: {}. Built from source/{tarball} (the complete\n    \
-         source; its Cargo.lock pins every crate). The {} crates compiled into it\n    \
-         (the daemon and its embedded kernel programs) and their licence texts:\n    \
-         THIRD-PARTY-LICENSES.txt.",
+        "/{BINARY}\n    conn-tracer {v}: {}.\n    \
+         Built from source/{tarball} (the complete source; its Cargo.lock pins\n    \
+         every crate). The {} crates compiled into it (the daemon and its embedded\n    \
+         kernel programs) and their licence texts: THIRD-PARTY-LICENSES.txt.",
         project.license,
         crates.count
     );
@@ -418,8 +421,8 @@ fn notice(
             .expect("every library has its package");
         let _ = writeln!(
             s,
-            "{}\n    From Debian package {} {} (source package {}), unmodified: {}.\n    \
-             Licence and copyright: /usr/share/doc/{}/copyright.",
+            "{}\n    From Debian package {} {} (source package {}), unmodified.\n    \
+             {}; licence and copyright: /usr/share/doc/{}/copyright.",
             lib.display(),
             pkg.name,
             pkg.version,
@@ -457,14 +460,14 @@ fn notice(
     }
     let sources: Vec<String> = packages
         .iter()
-        .map(|p| format!("apt-get source {}={}", p.source, p.version))
+        .map(|p| format!("apt-get source {}={}", p.source, p.source_version))
         .collect();
     let _ = writeln!(
         s,
         "The shared libraries are Debian's, as its packages above ship them; their\n\
-         source is Debian's source package of the same version ({}).\n\
+         source is Debian's source package of the same version:\n    {}\n\
          deploy/README.md (\"Licences\") says what redistributing this image asks of you.",
-        sources.join("; ")
+        sources.join("\n    ")
     );
     s
 }
