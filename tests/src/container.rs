@@ -206,10 +206,9 @@ fn strings(v: &Yaml) -> Vec<String> {
     v.as_sequence()
         .into_iter()
         .flatten()
-        .map(|s| {
-            s.as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| panic!("not a string: {s:?}"))
+        .map(|s| match s.as_str() {
+            Some(s) => s.to_owned(),
+            None => panic!("not a string: {s:?}"),
         })
         .collect()
 }
@@ -235,8 +234,34 @@ pub fn from_pod(
         Some(true),
         "a privileged container is not run by this helper"
     );
+    let env = env_of(c, image, ctx);
+    let (uid, gid) = user_of(sc, image);
+    ContainerSpec {
+        rootfs: rootfs.to_owned(),
+        join: None,
+        argv: argv_of(c, image, &env),
+        env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cwd: c["workingDir"]
+            .as_str()
+            .map(str::to_owned)
+            .or_else(|| (!image.working_dir.is_empty()).then(|| image.working_dir.clone()))
+            .unwrap_or_else(|| "/".to_owned()),
+        uid,
+        gid,
+        caps: caps_of(sc),
+        // Kubernetes sets no_new_privs unless privilege escalation is allowed.
+        no_new_privs: sc["allowPrivilegeEscalation"].as_bool() == Some(false),
+        read_only_root: sc["readOnlyRootFilesystem"].as_bool() == Some(true),
+        host_pid: pod["hostPID"].as_bool() == Some(true),
+        netns: (pod["hostNetwork"].as_bool() != Some(true)).then(|| ctx.pod_netns.to_owned()),
+        cgroup: Some(ctx.cgroup.to_owned()),
+        mounts: mounts_of(pod, c, ctx),
+        hostname: format!("{name}-{}", ctx.node_name),
+    }
+}
 
-    // Environment: the image's, then the container's.
+/// The image's environment, then the container's.
+fn env_of(c: &Yaml, image: &ImageConfig, ctx: &PodContext<'_>) -> BTreeMap<String, String> {
     let mut env: BTreeMap<String, String> = image
         .env
         .iter()
@@ -257,24 +282,30 @@ pub fn from_pod(
         };
         env.insert(key, value);
     }
+    env
+}
 
-    // Kubernetes: `command` replaces the ENTRYPOINT, `args` the CMD.
+/// Kubernetes: `command` replaces the ENTRYPOINT, `args` the CMD (a
+/// `command` alone drops the CMD).
+fn argv_of(c: &Yaml, image: &ImageConfig, env: &BTreeMap<String, String>) -> Vec<String> {
     let command = strings(&c["command"]);
-    let args = strings(&c["args"]);
-    let mut argv = if command.is_empty() {
+    let arguments = strings(&c["args"]);
+    let mut out = if command.is_empty() {
         image.entrypoint.clone()
     } else {
         command
     };
-    argv.extend(if args.is_empty() && c["command"].is_null() {
+    out.extend(if arguments.is_empty() && c["command"].is_null() {
         image.cmd.clone()
     } else {
-        args
+        arguments
     });
-    let argv: Vec<String> = argv.iter().map(|a| expand(a, &env)).collect();
+    out.iter().map(|a| expand(a, env)).collect()
+}
 
-    // The user: runAsUser/runAsGroup, else the image's USER (numeric here).
-    let (image_uid, image_gid) = match image.user.split_once(':') {
+/// runAsUser/runAsGroup, else the image's USER (numeric here).
+fn user_of(sc: &Yaml, image: &ImageConfig) -> (u32, u32) {
+    let (user, group) = match image.user.split_once(':') {
         Some((u, g)) => (u.parse().ok(), g.parse().ok()),
         None => (image.user.parse().ok(), None),
     };
@@ -285,19 +316,22 @@ pub fn from_pod(
             .or(fallback)
             .unwrap_or(0)
     };
-    let uid = id("runAsUser", image_uid);
+    let uid = id("runAsUser", user);
     // A runAsUser replaces the image's USER group too (0 without an
     // /etc/passwd entry, as this image has none).
     let gid = if sc["runAsUser"].is_null() {
-        id("runAsGroup", image_gid)
+        id("runAsGroup", group)
     } else {
         id("runAsGroup", Some(0))
     };
     if sc["runAsNonRoot"].as_bool() == Some(true) {
         assert_ne!(uid, 0, "runAsNonRoot with uid 0 would not start");
     }
+    (uid, gid)
+}
 
-    // Capabilities: the runtime's default set, minus drop, plus add.
+/// The runtime's default set, minus `drop`, plus `add`.
+fn caps_of(sc: &Yaml) -> Vec<u32> {
     let drop = strings(&sc["capabilities"]["drop"]);
     let mut caps: Vec<u32> = if drop.iter().any(|d| d == "ALL") {
         Vec::new()
@@ -315,15 +349,18 @@ pub fn from_pod(
         }
     }
     caps.sort_unstable();
+    caps
+}
 
-    // Volumes: hostPath as is, configMap from the test's directory.
+/// The volume mounts: hostPath as is, configMap from the test's directory.
+fn mounts_of(pod: &Yaml, c: &Yaml, ctx: &PodContext<'_>) -> Vec<BindMount> {
     let volumes: BTreeMap<String, &Yaml> = pod["volumes"]
         .as_sequence()
         .into_iter()
         .flatten()
         .map(|v| (v["name"].as_str().expect("volume name").to_owned(), v))
         .collect();
-    let mounts = c["volumeMounts"]
+    c["volumeMounts"]
         .as_sequence()
         .into_iter()
         .flatten()
@@ -335,7 +372,11 @@ pub fn from_pod(
             let source = if let Some(path) = v["hostPath"]["path"].as_str() {
                 let path = PathBuf::from(path);
                 if v["hostPath"]["type"] == "Directory" {
-                    assert!(path.is_dir(), "hostPath {} is not a directory", path.display());
+                    assert!(
+                        path.is_dir(),
+                        "hostPath {} is not a directory",
+                        path.display()
+                    );
                 }
                 path
             } else if let Some(cm) = v["configMap"]["name"].as_str() {
@@ -356,35 +397,13 @@ pub fn from_pod(
                 read_only: m["readOnly"].as_bool().unwrap_or(false),
             }
         })
-        .collect();
-
-    ContainerSpec {
-        rootfs: rootfs.to_owned(),
-        join: None,
-        argv,
-        env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        cwd: c["workingDir"]
-            .as_str()
-            .map(str::to_owned)
-            .or_else(|| (!image.working_dir.is_empty()).then(|| image.working_dir.clone()))
-            .unwrap_or_else(|| "/".to_owned()),
-        uid,
-        gid,
-        caps,
-        // Kubernetes sets no_new_privs unless privilege escalation is allowed.
-        no_new_privs: sc["allowPrivilegeEscalation"].as_bool() == Some(false),
-        read_only_root: sc["readOnlyRootFilesystem"].as_bool() == Some(true),
-        host_pid: pod["hostPID"].as_bool() == Some(true),
-        netns: (pod["hostNetwork"].as_bool() != Some(true)).then(|| ctx.pod_netns.to_owned()),
-        cgroup: Some(ctx.cgroup.to_owned()),
-        mounts,
-        hostname: format!("{name}-{}", ctx.node_name),
-    }
+        .collect()
 }
 
 impl ContainerSpec {
     /// `kubectl exec` of `argv` into the running container `pid` (same user,
     /// capabilities and no_new_privs; the container's namespaces and cgroup).
+    #[must_use]
     pub fn exec_in(&self, pid: u32, argv: &[&str]) -> Self {
         let mut spec = self.clone();
         spec.join = Some(pid);
@@ -398,7 +417,7 @@ impl ContainerSpec {
 pub struct Container {
     child: Child,
     stderr: Arc<Mutex<String>>,
-    _spec_file: PathBuf,
+    spec_file: PathBuf,
 }
 
 impl Container {
@@ -406,7 +425,8 @@ impl Container {
     /// integration test's `env!("CARGO_BIN_EXE_ct-container")`); stdout is
     /// discarded.
     pub fn start(helper: &Path, spec: &ContainerSpec) -> Self {
-        let file = std::env::temp_dir().join(format!("ct-container-{}.json", crate::unique_suffix()));
+        let file =
+            std::env::temp_dir().join(format!("ct-container-{}.json", crate::unique_suffix()));
         std::fs::write(&file, serde_json::to_vec_pretty(spec).expect("spec JSON"))
             .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
         let mut child = Command::new(helper)
@@ -434,7 +454,7 @@ impl Container {
         Self {
             child,
             stderr,
-            _spec_file: file,
+            spec_file: file,
         }
     }
 
@@ -495,7 +515,7 @@ impl Drop for Container {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = std::fs::remove_file(&self._spec_file);
+        let _ = std::fs::remove_file(&self.spec_file);
     }
 }
 
@@ -507,7 +527,10 @@ mod tests {
     fn kubelet_expands_dollar_parentheses() {
         let env: BTreeMap<String, String> = [("NODE_NAME".to_owned(), "n1".to_owned())].into();
         assert_eq!(expand("--node-name=$(NODE_NAME)", &env), "--node-name=n1");
-        assert_eq!(expand("$$(NODE_NAME) $(OTHER) $", &env), "$(NODE_NAME) $(OTHER) $");
+        assert_eq!(
+            expand("$$(NODE_NAME) $(OTHER) $", &env),
+            "$(NODE_NAME) $(OTHER) $"
+        );
     }
 
     #[test]

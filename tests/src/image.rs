@@ -139,7 +139,9 @@ impl Archive {
         let blob = |d: &str| dir.path().join(blob_path(d));
         let manifest = read_json(&blob(&digest));
         let config = read_json(&blob(
-            manifest["config"]["digest"].as_str().expect("config digest"),
+            manifest["config"]["digest"]
+                .as_str()
+                .expect("config digest"),
         ));
         let docker = read_json(&dir.path().join("manifest.json"));
         Self {
@@ -203,7 +205,9 @@ impl Archive {
             let blob = self.blob(&digest);
             let list = run(Command::new("tar").arg("-tzf").arg(&blob));
             assert!(
-                !list.lines().any(|l| l.rsplit('/').next().is_some_and(|n| n.starts_with(".wh."))),
+                !list
+                    .lines()
+                    .any(|l| l.rsplit('/').next().is_some_and(|n| n.starts_with(".wh."))),
                 "layer {digest} has whiteouts"
             );
             run(Command::new("tar")

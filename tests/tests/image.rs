@@ -25,7 +25,7 @@ use std::{
 
 use integration_tests::{
     Cgroup, NetNs, Peer,
-    container::{Container, ImageConfig, PodContext, capability_number, from_pod},
+    container::{Container, ContainerSpec, ImageConfig, PodContext, capability_number, from_pod},
     daemon::{Metrics, capabilities_of, http_get, serial},
     deploy::{deploy_dir, read, yaml},
     image::{Archive, TempDir, archive_or_skip, du},
@@ -88,7 +88,10 @@ fn image_archive_is_an_oci_layout_and_a_docker_archive() {
         format!("docker.io/library/conn-tracer:{VERSION}"),
         "ctr import and podman load name the image by it"
     );
-    assert_eq!(entry["annotations"]["org.opencontainers.image.ref.name"], VERSION);
+    assert_eq!(
+        entry["annotations"]["org.opencontainers.image.ref.name"],
+        VERSION
+    );
     let manifest_blob = a.blob(entry["digest"].as_str().unwrap());
     assert_eq!(
         fs::metadata(&manifest_blob).unwrap().len(),
@@ -139,7 +142,15 @@ fn image_archive_is_an_oci_layout_and_a_docker_archive() {
         docker["RepoTags"],
         serde_json::json!([format!("conn-tracer:{VERSION}")])
     );
+}
 
+#[test]
+#[expect(clippy::too_many_lines, reason = "one promise after another")]
+fn image_has_the_labels_files_and_licences_it_promises() {
+    let Some(path) = archive_or_skip("image_has_the_labels_files_and_licences_it_promises") else {
+        return;
+    };
+    let a = Archive::open(&path);
     // What the Dockerfile's final stage says, and what the DaemonSet uses.
     let cfg = a.image_config();
     assert_eq!(cfg.entrypoint, ["/usr/local/bin/conn-tracer"]);
@@ -154,7 +165,9 @@ fn image_archive_is_an_oci_layout_and_a_docker_archive() {
         a.label("org.opencontainers.image.licenses"),
         Some(dockerfile_label("licenses").as_str())
     );
-    let revision = a.label("org.opencontainers.image.revision").unwrap_or_default();
+    let revision = a
+        .label("org.opencontainers.image.revision")
+        .unwrap_or_default();
     if let Ok(out) = Command::new("git")
         .arg("-C")
         .arg(workspace())
@@ -204,15 +217,24 @@ fn image_archive_is_an_oci_layout_and_a_docker_archive() {
         "aya-ebpf 0.2.1",
         "tokio ",
     ] {
-        assert!(licences.contains(needle), "THIRD-PARTY-LICENSES.txt names {needle}");
+        assert!(
+            licences.contains(needle),
+            "THIRD-PARTY-LICENSES.txt names {needle}"
+        );
     }
     let notice = fs::read_to_string(doc.join("README")).unwrap();
-    assert!(notice.contains("btf-rs 2.0.0 (LGPL-2.1-or-later)"), "{notice}");
+    assert!(
+        notice.contains("btf-rs 2.0.0 (LGPL-2.1-or-later)"),
+        "{notice}"
+    );
     for source in [
         "btf-rs-2.0.0.crate".to_owned(),
         format!("conn-tracer-{VERSION}.tar.gz"),
     ] {
-        assert!(doc.join("source").join(&source).is_file(), "source/{source}");
+        assert!(
+            doc.join("source").join(&source).is_file(),
+            "source/{source}"
+        );
     }
     let listed = String::from_utf8(
         Command::new("tar")
@@ -223,7 +245,12 @@ fn image_archive_is_an_oci_layout_and_a_docker_archive() {
             .stdout,
     )
     .unwrap();
-    for f in ["Cargo.lock", "deny.toml", "tracer-user/Cargo.toml", "deploy/Dockerfile"] {
+    for f in [
+        "Cargo.lock",
+        "deny.toml",
+        "tracer-user/Cargo.toml",
+        "deploy/Dockerfile",
+    ] {
         assert!(
             listed.contains(&format!("conn-tracer-{VERSION}/{f}\n")),
             "the source tarball has {f}"
@@ -242,11 +269,18 @@ fn dockerfile_builds_the_rootfs_as_cargo_xtask_image() {
         .and_then(|l| l.strip_suffix("\";"))
         .expect("CARGO_ABOUT_VERSION in setup.rs");
     assert!(
-        docker.contains(&format!("cargo install cargo-about@{about} --locked --features cli")),
+        docker.contains(&format!(
+            "cargo install cargo-about@{about} --locked --features cli"
+        )),
         "deploy/Dockerfile installs cargo-about {about}"
     );
-    assert!(docker.contains("cargo xtask image --bin target/release/conn-tracer --rootfs /out/rootfs"));
-    assert!(docker.contains("\nFROM scratch\n"), "the final stage is FROM scratch");
+    assert!(
+        docker.contains("cargo xtask image --bin target/release/conn-tracer --rootfs /out/rootfs")
+    );
+    assert!(
+        docker.contains("\nFROM scratch\n"),
+        "the final stage is FROM scratch"
+    );
     assert!(docker.contains("COPY --from=build /out/rootfs/ /"));
 }
 
@@ -293,7 +327,10 @@ fn root_podman_loads_the_archive_in_both_formats() {
     let file = path.to_str().unwrap();
     let loaded = podman(&["load", "--input", file]);
     let name = format!("docker.io/library/conn-tracer:{VERSION}");
-    assert!(loaded.contains(&format!("Loaded image: {name}")), "{loaded}");
+    assert!(
+        loaded.contains(&format!("Loaded image: {name}")),
+        "{loaded}"
+    );
     let id = |reference: &str| podman(&["image", "inspect", "--format", "{{.Id}}", reference]);
     assert_eq!(id(&name).trim(), config, "podman load: the archive's image");
     // Each side alone, as loaders that know only one of them read it.
@@ -365,7 +402,65 @@ fn ns_of(pid: &str, ns: &str) -> PathBuf {
     fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap()
 }
 
+/// The container's process has what `spec` (from the manifest's
+/// `container`) says: capabilities, no_new_privs, uid, namespaces, and
+/// read-only mounts.
+fn assert_runs_as_declared(pid: u32, spec: &ContainerSpec, container: &Yaml, pod_ns: &NetNs) {
+    let want: u64 = spec.caps.iter().fold(0, |m, c| m | (1 << c));
+    let sc = &container["securityContext"];
+    let named: u64 = sc["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .fold(0, |m, c| m | (1 << capability_number(c.as_str().unwrap())));
+    assert_eq!(want, named, "exactly the added capabilities (drop: ALL)");
+    assert_eq!(
+        capabilities_of(pid),
+        (want, want, want, 0),
+        "CapPrm, CapEff, CapBnd, CapAmb"
+    );
+    assert_eq!(status_field(pid, "CapInh:"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
+    let uid = sc["runAsUser"].as_u64().unwrap().to_string();
+    assert_eq!(
+        status_field(pid, "Uid:").split_whitespace().next(),
+        Some(uid.as_str())
+    );
+    let me = std::process::id().to_string();
+    let pid_s = pid.to_string();
+    assert_eq!(ns_of(&pid_s, "pid"), ns_of(&me, "pid"), "hostPID");
+    assert_eq!(
+        ns_of(&pid_s, "net"),
+        PathBuf::from(format!("net:[{}]", pod_ns.inode())),
+        "the pod's network namespace"
+    );
+    assert_ne!(ns_of(&pid_s, "mnt"), ns_of(&me, "mnt"));
+    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let options_of = |target: &str| {
+        mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(target))
+            .and_then(|l| l.split(' ').nth(5))
+            .unwrap_or_else(|| panic!("no mount at {target} in:\n{mountinfo}"))
+            .to_owned()
+    };
+    assert!(
+        options_of("/").split(',').any(|o| o == "ro"),
+        "readOnlyRootFilesystem: {}",
+        options_of("/")
+    );
+    for m in &spec.mounts {
+        assert_eq!(
+            options_of(&m.target).split(',').any(|o| o == "ro"),
+            m.read_only,
+            "{}",
+            m.target
+        );
+    }
+}
+
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, checked step by step")]
 fn root_image_runs_as_the_daemonset_runs_it() {
     const TEST: &str = "root_image_runs_as_the_daemonset_runs_it";
     if !require_root_or_skip(TEST) {
@@ -418,7 +513,10 @@ fn root_image_runs_as_the_daemonset_runs_it() {
     eprintln!("container spec: {spec:#?}");
     let targets: Vec<&str> = spec.mounts.iter().map(|m| m.target.as_str()).collect();
     for needed in ["/sys/fs/cgroup", "/sys/kernel/btf", "/etc/conn-tracer"] {
-        assert!(targets.contains(&needed), "the manifest mounts {needed}: {targets:?}");
+        assert!(
+            targets.contains(&needed),
+            "the manifest mounts {needed}: {targets:?}"
+        );
     }
     let mut daemon = Container::start(Path::new(HELPER), &spec);
 
@@ -445,52 +543,8 @@ fn root_image_runs_as_the_daemonset_runs_it() {
     }
 
     // The process is what the manifest asked for.
+    assert_runs_as_declared(daemon.pid(), &spec, container, &pod_ns);
     let pid = daemon.pid();
-    let want: u64 = spec.caps.iter().fold(0, |m, c| m | (1 << c));
-    let sc = &container["securityContext"];
-    let named: u64 = sc["capabilities"]["add"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .fold(0, |m, c| m | (1 << capability_number(c.as_str().unwrap())));
-    assert_eq!(want, named, "exactly the added capabilities (drop: ALL)");
-    assert_eq!(capabilities_of(pid), (want, want, want, 0), "CapPrm, CapEff, CapBnd, CapAmb");
-    assert_eq!(status_field(pid, "CapInh:"), "0000000000000000");
-    assert_eq!(status_field(pid, "NoNewPrivs:"), "1");
-    let uid = sc["runAsUser"].as_u64().unwrap().to_string();
-    assert_eq!(
-        status_field(pid, "Uid:").split_whitespace().next(),
-        Some(uid.as_str())
-    );
-    let me = std::process::id().to_string();
-    let pid_s = pid.to_string();
-    assert_eq!(ns_of(&pid_s, "pid"), ns_of(&me, "pid"), "hostPID");
-    assert_eq!(ns_of(&pid_s, "net"), fs::read_link(&netns_path).unwrap_or_else(|_| {
-        PathBuf::from(format!("net:[{}]", pod_ns.inode()))
-    }), "the pod's network namespace");
-    assert_ne!(ns_of(&pid_s, "mnt"), ns_of(&me, "mnt"));
-    let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
-    let options_of = |target: &str| {
-        mountinfo
-            .lines()
-            .find(|l| l.split(' ').nth(4) == Some(target))
-            .and_then(|l| l.split(' ').nth(5))
-            .unwrap_or_else(|| panic!("no mount at {target} in:\n{mountinfo}"))
-            .to_owned()
-    };
-    assert!(
-        options_of("/").split(',').any(|o| o == "ro"),
-        "readOnlyRootFilesystem: {}",
-        options_of("/")
-    );
-    for m in &spec.mounts {
-        assert_eq!(
-            options_of(&m.target).split(',').any(|o| o == "ro"),
-            m.read_only,
-            "{}",
-            m.target
-        );
-    }
 
     // `kubectl exec ... -- conn-tracer check` (deploy/README.md, "Check").
     let (code, out) = Container::run(
@@ -511,7 +565,15 @@ fn root_image_runs_as_the_daemonset_runs_it() {
     };
     let before = scrape();
     let mut cmd = node.command(CLIENT);
-    cmd.args(["redis", "--addr", "127.0.0.1", "--port", "16389", "--then", "wait-close"]);
+    cmd.args([
+        "redis",
+        "--addr",
+        "127.0.0.1",
+        "--port",
+        "16389",
+        "--then",
+        "wait-close",
+    ]);
     let mut idle = Peer::spawn("ct-client redis", cmd);
     idle.expect_port("connected");
     assert_eq!(idle.expect_line("reply"), ["ok"]);

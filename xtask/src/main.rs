@@ -57,9 +57,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, then fmt, clippy, build, the whole test suite and the kernel
-    /// matrix (`kernels` on the debug build). The
-    /// integration tests need root; without it (and without CI) they skip.
+    /// Set up, then fmt, clippy, the licence check (cargo deny), build, the
+    /// image (`image`), the whole test suite and the kernel matrix
+    /// (`kernels` on the debug build). The integration tests need root;
+    /// without it (and without CI) they skip.
     Test,
     /// Benchmarks (as root): churn overhead against no tracer and a bpftrace
     /// peer, scaling, memory, userspace throughput, detection latency, lost

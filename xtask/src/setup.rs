@@ -309,7 +309,12 @@ pub fn ensure_cargo_tool(tool: &CargoTool) -> Result<bool> {
         cmd.arg(format!("+{toolchain}"));
     }
     // --force: replace a different version, even one cargo did not install.
-    cmd.args(["install", &format!("{name}@{pinned}"), "--locked", "--force"]);
+    cmd.args([
+        "install",
+        &format!("{name}@{pinned}"),
+        "--locked",
+        "--force",
+    ]);
     if !tool.features.is_empty() {
         cmd.args(["--features", &tool.features.join(",")]);
     }

@@ -20,8 +20,7 @@
 
 use std::{
     ffi::CString,
-    fs,
-    io,
+    fs, io,
     os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -226,8 +225,13 @@ fn create(spec: &ContainerSpec) -> Result<()> {
         },
         "unshare",
     )?;
-    let none = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
     let root = &spec.rootfs;
     mount(Some(root), root, None, libc::MS_BIND | libc::MS_REC, None)?;
     // Mount points, made in the container's own copy of the image as a
@@ -241,6 +245,42 @@ fn create(spec: &ContainerSpec) -> Result<()> {
             fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
         }
     }
+    runtime_mounts(root)?;
+    for m in &spec.mounts {
+        let target = inside(root, &m.target);
+        mount(
+            Some(&m.source),
+            &target,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        )?;
+        if m.read_only {
+            read_only_recursive(&target)?;
+        }
+    }
+    if spec.read_only_root {
+        mount(
+            None,
+            root,
+            None,
+            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+            None,
+        )?;
+    }
+    pivot(root)?;
+    let name = spec.hostname.as_bytes();
+    // SAFETY: a buffer of the length passed.
+    check(
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
+        "sethostname",
+    )
+}
+
+/// What every runtime mounts: /proc, /dev (the usual devices, /dev/shm),
+/// a read-only /sys, and runc's masked and read-only paths.
+fn runtime_mounts(root: &Path) -> Result<()> {
+    let none = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(
         Some(Path::new("proc")),
         &root.join("proc"),
@@ -257,11 +297,11 @@ fn create(spec: &ContainerSpec) -> Result<()> {
         Some("mode=755,size=65536k"),
     )?;
     for name in DEVICES {
-        let node = dev.join(name);
-        fs::write(&node, b"").map_err(|e| format!("create {}: {e}", node.display()))?;
+        let device = dev.join(name);
+        fs::write(&device, b"").map_err(|e| format!("create {}: {e}", device.display()))?;
         mount(
             Some(&Path::new("/dev").join(name)),
-            &node,
+            &device,
             None,
             libc::MS_BIND,
             None,
@@ -308,22 +348,11 @@ fn create(spec: &ContainerSpec) -> Result<()> {
             )?;
         }
     }
-    for m in &spec.mounts {
-        let target = inside(root, &m.target);
-        mount(Some(&m.source), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
-        if m.read_only {
-            read_only_recursive(&target)?;
-        }
-    }
-    if spec.read_only_root {
-        mount(
-            None,
-            root,
-            None,
-            libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
-            None,
-        )?;
-    }
+    Ok(())
+}
+
+/// `root` becomes the root; the old one is detached.
+fn pivot(root: &Path) -> Result<()> {
     std::env::set_current_dir(root).map_err(|e| format!("chdir {}: {e}", root.display()))?;
     let dot = c".";
     // SAFETY: pivot_root(".", ".") stacks the old root under the new one;
@@ -333,15 +362,11 @@ fn create(spec: &ContainerSpec) -> Result<()> {
         "pivot_root",
     )?;
     // SAFETY: unmounting the old root stacked on ".".
-    check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) }, "umount old root")?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    let name = spec.hostname.as_bytes();
-    // SAFETY: a buffer of the length passed.
     check(
-        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
-        "sethostname",
+        unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
+        "umount old root",
     )?;
-    Ok(())
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))
 }
 
 /// The namespaces of the container whose process is `pid`, mount last
@@ -372,13 +397,6 @@ fn identity(uid: u32, gid: u32) -> Result<()> {
 /// Exactly `keep` in the bounding, permitted and effective sets; the
 /// inheritable and ambient sets empty.
 fn capabilities(keep: &[u32], last_cap: u32) -> Result<()> {
-    for cap in (0..=last_cap).filter(|c| !keep.contains(c)) {
-        // SAFETY: prctl with integer arguments only.
-        check(
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) },
-            &format!("drop capability {cap} from the bounding set"),
-        )?;
-    }
     #[repr(C)]
     struct Header {
         version: u32,
@@ -392,6 +410,13 @@ fn capabilities(keep: &[u32], last_cap: u32) -> Result<()> {
         inheritable: u32,
     }
     const VERSION_3: u32 = 0x2008_0522;
+    for cap in (0..=last_cap).filter(|c| !keep.contains(c)) {
+        // SAFETY: prctl with integer arguments only.
+        check(
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) },
+            &format!("drop capability {cap} from the bounding set"),
+        )?;
+    }
     let mask: u64 = keep.iter().fold(0, |m, c| m | (1 << c));
     let half = |shift: u32| Data {
         effective: (mask >> shift) as u32,

@@ -64,7 +64,7 @@ pub fn write(saved: &Path, work: &Path, out: &Path, project: &Project) -> Result
         .map(|l| {
             l["digest"]
                 .as_str()
-                .map(|d| blob_name(d))
+                .map(blob_name)
                 .context("layer without digest")?
         })
         .collect::<Result<_>>()?;

@@ -90,7 +90,11 @@ pub fn accepted(root: &Path) -> Result<Vec<String>> {
             }
         }
     }
-    ensure!(!out.is_empty(), "{}: no [licenses] allow list", path.display());
+    ensure!(
+        !out.is_empty(),
+        "{}: no [licenses] allow list",
+        path.display()
+    );
     Ok(out)
 }
 
@@ -128,8 +132,8 @@ pub fn third_party(project: &Project) -> Result<Crates> {
             .arg(&config)
             .args(["--manifest-path", manifest, "--output-file"])
             .arg(&out))?;
-        let text = fs::read_to_string(&out)
-            .with_context(|| format!("cannot read {}", out.display()))?;
+        let text =
+            fs::read_to_string(&out).with_context(|| format!("cannot read {}", out.display()))?;
         reports.push(
             serde_json::from_str::<Value>(&text)
                 .with_context(|| format!("{} is not JSON", out.display()))?,
@@ -360,7 +364,10 @@ mod tests {
         assert!(ids.iter().any(|i| i == "MIT"), "{ids:?}");
         assert!(ids.iter().any(|i| i == "LGPL-2.1-or-later"), "{ids:?}");
         let config = about_config(&ids);
-        assert!(config.contains("\"Apache-2.0 WITH LLVM-exception\""), "{config}");
+        assert!(
+            config.contains("\"Apache-2.0 WITH LLVM-exception\""),
+            "{config}"
+        );
         assert!(config.contains("ignore-build-dependencies = true"));
     }
 

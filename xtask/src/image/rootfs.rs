@@ -108,7 +108,10 @@ pub fn assemble(bin: &Path, dir: &Path, project: &Project) -> Result<Rootfs> {
     let sources = doc.join("source");
     fs::create_dir_all(&sources).with_context(|| format!("cannot create {}", sources.display()))?;
     let crates = licences::third_party(project)?;
-    write(&doc.join("THIRD-PARTY-LICENSES.txt"), &crates.render(project))?;
+    write(
+        &doc.join("THIRD-PARTY-LICENSES.txt"),
+        &crates.render(project),
+    )?;
     for krate in &crates.copyleft {
         copy(&krate.archive, &sources.join(krate.archive_name()))?;
     }
@@ -365,10 +368,7 @@ fn source_tarball(project: &Project, out: &Path) -> Result<()> {
             "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
         ])
         .arg(format!("--mtime=@{}", project.epoch))
-        .arg(format!(
-            "--transform=s,^,conn-tracer-{}/,",
-            project.version
-        ))
+        .arg(format!("--transform=s,^,conn-tracer-{}/,", project.version))
         .args(["--no-recursion", "--null", "--files-from=-"])
         .stdin(Stdio::piped());
     println!("$ {} <<< ({} files)", display(&cmd), files.len());
@@ -411,8 +411,7 @@ fn notice(
          Built from source/{tarball} (the complete source; its Cargo.lock pins\n    \
          every crate). The {} crates compiled into it (the daemon and its embedded\n    \
          kernel programs) and their licence texts: THIRD-PARTY-LICENSES.txt.",
-        project.license,
-        crates.count
+        project.license, crates.count
     );
     for lib in libs {
         let pkg = packages
@@ -491,7 +490,11 @@ mod tests {
             ]
             .map(PathBuf::from)
         );
-        assert!(parse_ldd("\tnot a dynamic executable\n").unwrap().is_empty());
+        assert!(
+            parse_ldd("\tnot a dynamic executable\n")
+                .unwrap()
+                .is_empty()
+        );
         assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
         assert!(parse_ldd("\tlibbpf.so.1 => not found\n").is_err());
     }
@@ -504,8 +507,14 @@ mod tests {
             Path::new("deploy/typecheck/node_modules/a.js"),
             "**/node_modules"
         ));
-        assert!(ignored(Path::new("deploy/typecheck/gen/x.ts"), "deploy/typecheck/gen"));
-        assert!(!ignored(Path::new("deploy/typecheck/src.ts"), "deploy/typecheck/gen"));
+        assert!(ignored(
+            Path::new("deploy/typecheck/gen/x.ts"),
+            "deploy/typecheck/gen"
+        ));
+        assert!(!ignored(
+            Path::new("deploy/typecheck/src.ts"),
+            "deploy/typecheck/gen"
+        ));
         assert!(!ignored(Path::new("xtask/src/targets.rs"), "target"));
     }
 }
