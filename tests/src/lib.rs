@@ -31,6 +31,7 @@ pub mod bpf;
 pub mod container;
 pub mod daemon;
 pub mod deploy;
+pub mod docker;
 pub mod fake_kube;
 pub mod image;
 pub mod mesh;

@@ -6,7 +6,9 @@
 //! network namespace and host mounts the manifest declares (read from the
 //! manifest, `container::from_pod`). Inside: `conn-tracer check` exits 0,
 //! the readiness probe's /healthz answers, and a Redis idle kill is counted
-//! with the right labels.
+//! with the right labels. The same again under a real runtime (Docker 20.10
+//! and runc, with the default seccomp profile), after `docker load` and
+//! `ctr import` of the archive.
 
 #![expect(
     clippy::float_cmp,
@@ -17,6 +19,7 @@ use std::{
     collections::BTreeMap,
     fs,
     net::{Ipv4Addr, SocketAddr},
+    os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
     thread,
@@ -27,7 +30,8 @@ use integration_tests::{
     Cgroup, NetNs, Peer,
     container::{Container, ContainerSpec, ImageConfig, PodContext, capability_number, from_pod},
     daemon::{Metrics, capabilities_of, http_get, serial},
-    deploy::{deploy_dir, read, yaml},
+    deploy::{read, yaml},
+    docker::{Dockerd, run_args},
     image::{Archive, TempDir, archive_or_skip, du},
     require_program_or_skip, require_root_or_skip,
     servers::Redis,
@@ -40,6 +44,8 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The size deploy/README.md promises.
 const SIZE_LIMIT: u64 = 30 * 1000 * 1000;
 const KILLS: &str = "conntracer_idle_kills_total";
+/// The Redis of the idle-kill scenario (unique among the tests' servers).
+const REDIS_PORT: u16 = 16_389;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -357,19 +363,29 @@ fn container_port(container: &Yaml, name: &Yaml) -> u16 {
         .unwrap_or_else(|| panic!("no container port {name:?}"))
 }
 
-/// GET `path` on `port` from inside the pod's network namespace (where the
-/// kubelet's probes and Prometheus reach the pod IP).
-fn get_in(pod: &NetNs, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+/// GET `path` on `port` from inside network namespace `netns` (a
+/// /run/netns or /proc/PID/ns/net path), where the kubelet's probes and
+/// Prometheus reach the pod IP.
+fn get_in(netns: &Path, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let ns = fs::File::open(netns)?;
     let path = path.to_owned();
-    pod.spawn_in(move || http_get(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), &path))
-        .join()
-        .expect("probe thread")
+    thread::spawn(move || {
+        // SAFETY: setns on a namespace fd we own; affects this thread only.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        http_get(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port), &path)
+    })
+    .join()
+    .expect("probe thread")
 }
 
 /// The ConfigMaps of deploy/kubernetes/kustomization.yaml's
-/// configMapGenerator, each as a directory of its files; `edit` may change
-/// a file's text (name, text) -> text.
-fn config_maps(dir: &Path, edit: impl Fn(&str, &str) -> String) -> BTreeMap<String, PathBuf> {
+/// configMapGenerator, each as a directory of its files, with the shipped
+/// config's idle threshold lowered to 1 s (so that the test waits 2 s for
+/// an idle kill, not a minute); nothing else is changed.
+fn config_maps(dir: &Path) -> BTreeMap<String, PathBuf> {
     let k = yaml("kubernetes/kustomization.yaml");
     let mut out = BTreeMap::new();
     for generator in k["configMapGenerator"].as_sequence().unwrap() {
@@ -378,12 +394,109 @@ fn config_maps(dir: &Path, edit: impl Fn(&str, &str) -> String) -> BTreeMap<Stri
         fs::create_dir_all(&to).unwrap();
         for file in generator["files"].as_sequence().unwrap() {
             let file = file.as_str().unwrap();
-            let text = read(&format!("kubernetes/{file}"));
-            fs::write(to.join(file), edit(file, &text)).unwrap();
+            let mut text = read(&format!("kubernetes/{file}"));
+            if file == "config.toml" {
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with("idle_threshold = "))
+                    .expect("config.toml sets idle_threshold")
+                    .to_owned();
+                text = text.replace(&line, "idle_threshold = \"1s\"");
+            }
+            fs::write(to.join(file), text).unwrap();
         }
         out.insert(name.to_owned(), to);
     }
     out
+}
+
+/// The DaemonSet's pod and its container, and what a runtime makes of it.
+struct Pod {
+    ds: Yaml,
+    spec: ContainerSpec,
+    /// The readiness probe's port and path.
+    port: u16,
+    probe: String,
+    _work: TempDir,
+}
+
+impl Pod {
+    fn container(&self) -> &Yaml {
+        &self.ds["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    fn grace(&self) -> Duration {
+        Duration::from_secs(
+            self.ds["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+                .as_u64()
+                .unwrap_or(30),
+        )
+    }
+
+    /// deploy/kubernetes/daemonset.yaml for `archive`'s image, unpacked in a
+    /// directory of its own when `unpack`.
+    fn new(archive: &Archive, unpack: bool, netns: &Path, cgroup: &Path) -> Self {
+        let work = TempDir::new("image-run");
+        let rootfs = work.path().join("rootfs");
+        fs::create_dir(&rootfs).unwrap();
+        if unpack {
+            archive.unpack(&rootfs);
+        }
+        let ds = yaml("kubernetes/daemonset.yaml");
+        let pod = &ds["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let maps = config_maps(work.path());
+        let spec = from_pod(
+            pod,
+            container["name"].as_str().unwrap(),
+            &ImageConfig::from_oci(&archive.config),
+            &rootfs,
+            &PodContext {
+                node_name: "image-test-node",
+                pod_netns: netns,
+                cgroup,
+                config_maps: &maps,
+            },
+        );
+        eprintln!("container spec: {spec:#?}");
+        let targets: Vec<&str> = spec.mounts.iter().map(|m| m.target.as_str()).collect();
+        for needed in ["/sys/fs/cgroup", "/sys/kernel/btf", "/etc/conn-tracer"] {
+            assert!(
+                targets.contains(&needed),
+                "the manifest mounts {needed}: {targets:?}"
+            );
+        }
+        let probe = &container["readinessProbe"]["httpGet"];
+        let port = container_port(container, &probe["port"]);
+        let probe = probe["path"].as_str().unwrap().to_owned();
+        Self {
+            ds: ds.clone(),
+            spec,
+            port,
+            probe,
+            _work: work,
+        }
+    }
+
+    /// Waits (bounded) until the readiness probe's GET answers 200 in
+    /// `netns`; `alive` says why not when the container died.
+    fn wait_ready(&self, netns: &Path, mut alive: impl FnMut() -> Result<(), String>) {
+        let deadline = Instant::now() + Duration::from_mins(1);
+        loop {
+            if let Ok((200, _)) = get_in(netns, self.port, &self.probe) {
+                return;
+            }
+            if let Err(why) = alive() {
+                panic!("the daemon exited before it was ready:\n{why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not answer 200 in 60 s",
+                self.probe
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 fn delta(before: &Metrics, after: &Metrics, labels: &[(&str, &str)]) -> f64 {
@@ -403,11 +516,13 @@ fn ns_of(pid: &str, ns: &str) -> PathBuf {
 }
 
 /// The container's process has what `spec` (from the manifest's
-/// `container`) says: capabilities, no_new_privs, uid, namespaces, and
+/// `container`) says: capabilities, no_new_privs, uid, the host's PID
+/// namespace, a network namespace of its own (`netns`, if known), and
 /// read-only mounts.
-fn assert_runs_as_declared(pid: u32, spec: &ContainerSpec, container: &Yaml, pod_ns: &NetNs) {
+fn assert_runs_as_declared(pid: u32, pod: &Pod, netns: Option<u64>) {
+    let spec = &pod.spec;
     let want: u64 = spec.caps.iter().fold(0, |m, c| m | (1 << c));
-    let sc = &container["securityContext"];
+    let sc = &pod.container()["securityContext"];
     let named: u64 = sc["capabilities"]["add"]
         .as_sequence()
         .unwrap()
@@ -429,17 +544,26 @@ fn assert_runs_as_declared(pid: u32, spec: &ContainerSpec, container: &Yaml, pod
     let me = std::process::id().to_string();
     let pid_s = pid.to_string();
     assert_eq!(ns_of(&pid_s, "pid"), ns_of(&me, "pid"), "hostPID");
-    assert_eq!(
+    assert_ne!(
         ns_of(&pid_s, "net"),
-        PathBuf::from(format!("net:[{}]", pod_ns.inode())),
-        "the pod's network namespace"
+        ns_of(&me, "net"),
+        "hostNetwork: false"
     );
+    if let Some(inode) = netns {
+        assert_eq!(
+            ns_of(&pid_s, "net"),
+            PathBuf::from(format!("net:[{inode}]")),
+            "the pod's network namespace"
+        );
+    }
     assert_ne!(ns_of(&pid_s, "mnt"), ns_of(&me, "mnt"));
+    assert_ne!(ns_of(&pid_s, "cgroup"), ns_of(&me, "cgroup"));
     let mountinfo = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    // The top one of the mounts at `target` (mountinfo lists them in order).
     let options_of = |target: &str| {
         mountinfo
             .lines()
-            .find(|l| l.split(' ').nth(4) == Some(target))
+            .rfind(|l| l.split(' ').nth(4) == Some(target))
             .and_then(|l| l.split(' ').nth(5))
             .unwrap_or_else(|| panic!("no mount at {target} in:\n{mountinfo}"))
             .to_owned()
@@ -459,8 +583,61 @@ fn assert_runs_as_declared(pid: u32, spec: &ContainerSpec, container: &Yaml, pod
     }
 }
 
+/// A Redis `timeout` kill of an idle client in another namespace of the
+/// node is counted once by the daemon serving on `port` in `netns`, with
+/// the labels the contract gives it.
+fn assert_redis_idle_kill_is_counted(netns: &Path, port: u16) {
+    let node = NetNs::new();
+    let redis = Redis::start(
+        &node,
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), REDIS_PORT),
+        2,
+    );
+    let scrape = || {
+        let (status, body) = get_in(netns, port, "/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        Metrics::parse(&body)
+    };
+    let before = scrape();
+    let mut cmd = node.command(CLIENT);
+    cmd.args(["redis", "--addr", "127.0.0.1", "--port"])
+        .arg(REDIS_PORT.to_string())
+        .args(["--then", "wait-close"]);
+    let mut idle = Peer::spawn("ct-client redis", cmd);
+    idle.expect_port("connected");
+    assert_eq!(idle.expect_line("reply"), ["ok"]);
+    idle.expect_line("peer-closed");
+    idle.expect_line("closed");
+    idle.wait_success();
+    let peer = format!("127.0.0.1:{REDIS_PORT}");
+    let kill = [
+        ("peer", peer.as_str()),
+        ("direction", "outbound"),
+        ("closed_by", "peer"),
+        ("close_kind", "fin"),
+        ("keepalive", "off"),
+        ("role", "host"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while delta(&before, &scrape(), &kill) < 1.0 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    thread::sleep(Duration::from_millis(500));
+    let m = scrape();
+    assert_eq!(delta(&before, &m, &kill), 1.0, "{}", m.dump(KILLS));
+    assert_eq!(
+        delta(&before, &m, &[("peer", peer.as_str())]),
+        1.0,
+        "exactly one kill: {}",
+        m.dump(KILLS)
+    );
+    assert!(redis.idle_closes() >= 1, "Redis closed the idle client");
+    assert_eq!(m.sum("conntracer_events_lost_total", &[]), 0.0);
+}
+
+/// The run test: the image's files, unpacked, run by `ct-container`
+/// exactly as the manifest says.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, checked step by step")]
 fn root_image_runs_as_the_daemonset_runs_it() {
     const TEST: &str = "root_image_runs_as_the_daemonset_runs_it";
     if !require_root_or_skip(TEST) {
@@ -474,146 +651,154 @@ fn root_image_runs_as_the_daemonset_runs_it() {
     }
     let _serial = serial();
     let archive = Archive::open(&path);
-    let work = TempDir::new("image-run");
-    let rootfs = work.path().join("rootfs");
-    fs::create_dir(&rootfs).unwrap();
-    archive.unpack(&rootfs);
-
-    // The DaemonSet's pod, as the kubelet and the runtime would start it.
-    let ds = yaml("kubernetes/daemonset.yaml");
-    let pod = &ds["spec"]["template"]["spec"];
-    let container = &pod["containers"][0];
-    let name = container["name"].as_str().unwrap();
-    // The shipped config, with a threshold this test can wait for.
-    let maps = config_maps(work.path(), |file, text| {
-        if file != "config.toml" {
-            return text.to_owned();
-        }
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("idle_threshold = "))
-            .expect("config.toml sets idle_threshold");
-        text.replace(line, "idle_threshold = \"1s\"")
-    });
     let pod_ns = NetNs::new();
+    let netns = PathBuf::from(format!("/run/netns/{}", pod_ns.name()));
     let cgroup = Cgroup::new();
-    let netns_path = PathBuf::from(format!("/run/netns/{}", pod_ns.name()));
-    let spec = from_pod(
-        pod,
-        name,
-        &ImageConfig::from_oci(&archive.config),
-        &rootfs,
-        &PodContext {
-            node_name: "image-test-node",
-            pod_netns: &netns_path,
-            cgroup: cgroup.path(),
-            config_maps: &maps,
-        },
-    );
-    eprintln!("container spec: {spec:#?}");
-    let targets: Vec<&str> = spec.mounts.iter().map(|m| m.target.as_str()).collect();
-    for needed in ["/sys/fs/cgroup", "/sys/kernel/btf", "/etc/conn-tracer"] {
-        assert!(
-            targets.contains(&needed),
-            "the manifest mounts {needed}: {targets:?}"
-        );
-    }
-    let mut daemon = Container::start(Path::new(HELPER), &spec);
-
-    // Ready as the kubelet sees it: the readiness probe's GET.
-    let probe = &container["readinessProbe"]["httpGet"];
-    let port = container_port(container, &probe["port"]);
-    let probe_path = probe["path"].as_str().unwrap();
-    let deadline = Instant::now() + Duration::from_mins(1);
-    loop {
-        if let Ok((200, _)) = get_in(&pod_ns, port, probe_path) {
-            break;
+    let pod = Pod::new(&archive, true, &netns, cgroup.path());
+    let mut daemon = Container::start(Path::new(HELPER), &pod.spec);
+    pod.wait_ready(&netns, || {
+        if daemon.is_running() {
+            Ok(())
+        } else {
+            Err(daemon.stderr())
         }
-        assert!(
-            daemon.is_running(),
-            "the daemon exited before it was ready:\n{}",
-            daemon.stderr()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "{probe_path} did not answer 200 in 60 s:\n{}",
-            daemon.stderr()
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-
-    // The process is what the manifest asked for.
-    assert_runs_as_declared(daemon.pid(), &spec, container, &pod_ns);
+    });
     let pid = daemon.pid();
+    assert_runs_as_declared(pid, &pod, Some(pod_ns.inode()));
 
     // `kubectl exec ... -- conn-tracer check` (deploy/README.md, "Check").
     let (code, out) = Container::run(
         Path::new(HELPER),
-        &spec.exec_in(pid, &["conn-tracer", "check"]),
+        &pod.spec.exec_in(pid, &["conn-tracer", "check"]),
         Duration::from_mins(1),
     );
     assert_eq!(code, Some(0), "conn-tracer check in the container:\n{out}");
 
-    // A Redis idle kill in another namespace of the node.
-    let node = NetNs::new();
-    let redis_addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 16_389);
-    let redis = Redis::start(&node, redis_addr, 2);
-    let scrape = || {
-        let (status, body) = get_in(&pod_ns, port, "/metrics").expect("GET /metrics");
-        assert_eq!(status, 200, "{body}");
-        Metrics::parse(&body)
-    };
-    let before = scrape();
-    let mut cmd = node.command(CLIENT);
-    cmd.args([
-        "redis",
-        "--addr",
-        "127.0.0.1",
-        "--port",
-        "16389",
-        "--then",
-        "wait-close",
-    ]);
-    let mut idle = Peer::spawn("ct-client redis", cmd);
-    idle.expect_port("connected");
-    assert_eq!(idle.expect_line("reply"), ["ok"]);
-    idle.expect_line("peer-closed");
-    idle.expect_line("closed");
-    idle.wait_success();
-    let kill = [
-        ("peer", "127.0.0.1:16389"),
-        ("direction", "outbound"),
-        ("closed_by", "peer"),
-        ("close_kind", "fin"),
-        ("keepalive", "off"),
-        ("role", "host"),
-    ];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut m = scrape();
-    while delta(&before, &m, &kill) < 1.0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-        m = scrape();
-    }
-    thread::sleep(Duration::from_millis(500));
-    let m = scrape();
-    assert_eq!(delta(&before, &m, &kill), 1.0, "{}", m.dump(KILLS));
-    assert_eq!(
-        delta(&before, &m, &[("peer", "127.0.0.1:16389")]),
-        1.0,
-        "exactly one kill: {}",
-        m.dump(KILLS)
-    );
-    assert!(redis.idle_closes() >= 1, "Redis closed the idle client");
-    assert_eq!(m.sum("conntracer_events_lost_total", &[]), 0.0);
+    assert_redis_idle_kill_is_counted(&netns, pod.port);
 
     // SIGTERM, as the kubelet stops it, within the grace period.
-    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
     let stderr = daemon.stderr();
     assert_eq!(
-        daemon.stop(Duration::from_secs(grace)),
+        daemon.stop(pod.grace()),
         Some(0),
         "exits 0 on SIGTERM:\n{stderr}"
     );
-    // The mounts went with the container's mount namespace: nothing to undo.
-    let _ = deploy_dir();
+}
+
+/// The archive loaded by the real loaders (Docker 20.10's reads only its
+/// `manifest.json`; containerd's `ctr import` its OCI index), and the image
+/// run by a real runtime (runc, with Docker's default seccomp profile) with
+/// the manifest's privileges and mounts.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, checked step by step")]
+fn root_image_loads_and_runs_under_docker_and_containerd() {
+    const TEST: &str = "root_image_loads_and_runs_under_docker_and_containerd";
+    if !require_root_or_skip(TEST) {
+        return;
+    }
+    let Some(path) = archive_or_skip(TEST) else {
+        return;
+    };
+    for (program, package) in [
+        ("dockerd", "docker.io"),
+        ("ctr", "containerd"),
+        ("redis-server", "redis-server"),
+    ] {
+        if require_program_or_skip(TEST, program, &format!("Debian package {package}")).is_none() {
+            return;
+        }
+    }
+    let _serial = serial();
+    let archive = Archive::open(&path);
+    let config = archive.manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let engine = Dockerd::start();
+
+    let loaded = engine.ok(&["load", "--input", path.to_str().unwrap()]);
+    let tag = format!("conn-tracer:{VERSION}");
+    assert!(loaded.contains(&format!("Loaded image: {tag}")), "{loaded}");
+    assert_eq!(
+        engine
+            .ok(&["image", "inspect", "--format", "{{.Id}}", &tag])
+            .trim(),
+        config,
+        "docker load: the archive's image"
+    );
+    let ctr = |args: &[&str]| {
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(engine.containerd_socket())
+            .args(["--namespace", "k8s.io"])
+            .args(args)
+            .output()
+            .expect("run ctr");
+        assert!(
+            out.status.success(),
+            "ctr {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ctr(&["images", "import", path.to_str().unwrap()]);
+    let name = format!("docker.io/library/conn-tracer:{VERSION}");
+    assert!(
+        ctr(&["images", "list", "--quiet"])
+            .lines()
+            .any(|l| l == name),
+        "ctr import names it {name}, the DaemonSet's image: conn-tracer:{VERSION}"
+    );
+
+    let cgroup = Cgroup::new();
+    let pod = Pod::new(&archive, false, Path::new("/nonexistent"), cgroup.path());
+    let args = run_args(&pod.spec, &tag, "conn-tracer-image-test");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    eprintln!("docker {}", args.join(" "));
+    let id = engine.ok(&args).trim().to_owned();
+    let pid: u32 = engine
+        .ok(&["inspect", "--format", "{{.State.Pid}}", &id])
+        .trim()
+        .parse()
+        .unwrap();
+    let netns = PathBuf::from(format!("/proc/{pid}/ns/net"));
+    pod.wait_ready(&netns, || {
+        let running = engine.ok(&["inspect", "--format", "{{.State.Running}}", &id]);
+        if running.trim() == "true" {
+            Ok(())
+        } else {
+            Err(engine.ok(&["logs", &id]))
+        }
+    });
+    assert_runs_as_declared(pid, &pod, None);
+    assert_eq!(
+        status_field(pid, "Seccomp:"),
+        "2",
+        "a seccomp filter (the runtime's default profile)"
+    );
+
+    let out = engine
+        .docker()
+        .args(["exec", &id, "conn-tracer", "check"])
+        .output()
+        .expect("docker exec");
+    assert!(
+        out.status.success(),
+        "conn-tracer check under runc and the default seccomp profile:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    assert_redis_idle_kill_is_counted(&netns, pod.port);
+
+    let grace = pod.grace().as_secs().to_string();
+    engine.ok(&["stop", "--time", &grace, &id]);
+    assert_eq!(
+        engine
+            .ok(&["inspect", "--format", "{{.State.ExitCode}}", &id])
+            .trim(),
+        "0",
+        "exits 0 on SIGTERM:\n{}",
+        engine.ok(&["logs", &id])
+    );
 }

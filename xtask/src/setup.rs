@@ -140,6 +140,18 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
     // The image (cargo xtask image): built offline from scratch, saved as
     // an archive, loaded again by the image tests.
     PODMAN,
+    // The image tests' real loaders and runtime: Docker 20.10 (docker load
+    // of the archive's manifest.json, runc with the default seccomp
+    // profile) and containerd's ctr (import of its OCI index). Only private
+    // instances run, with no iptables or bridge.
+    DebianPackage {
+        name: "docker.io",
+        command: "dockerd",
+    },
+    DebianPackage {
+        name: "containerd",
+        command: "ctr",
+    },
     // The kernel matrix (cargo xtask kernels): Debian kernels booted under
     // qemu TCG, with a static busybox as the initramfs's userland.
     DebianPackage {
