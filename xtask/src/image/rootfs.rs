@@ -124,6 +124,12 @@ pub fn assemble(bin: &Path, dir: &Path, project: &Project) -> Result<Rootfs> {
     licences::check_label(project, &crates, &packages)?;
 
     let (files, bytes) = du(dir)?;
+    ensure!(
+        bytes <= super::SIZE_LIMIT,
+        "the image's files take {:.1} MB, over the {:.0} MB this project promises",
+        super::mb(bytes),
+        super::mb(super::SIZE_LIMIT)
+    );
     Ok(Rootfs { files, bytes })
 }
 
@@ -291,7 +297,7 @@ fn dpkg_status(package: &str) -> Result<String> {
 /// tree's content, so a dirty build ships what it was built from), else every
 /// file but what deploy/Dockerfile.dockerignore leaves out of a build
 /// context (a Docker build has no .git).
-fn source_files(root: &Path) -> Result<Vec<PathBuf>> {
+fn source_files(root: &Path, target: &Path) -> Result<Vec<PathBuf>> {
     if let Some(out) = probe(Command::new("git").arg("-C").arg(root).args([
         "ls-files",
         "-z",
@@ -311,12 +317,18 @@ fn source_files(root: &Path) -> Result<Vec<PathBuf>> {
     }
     let ignore = fs::read_to_string(root.join("deploy/Dockerfile.dockerignore"))
         .context("cannot read deploy/Dockerfile.dockerignore")?;
-    // `target` is the build's own output inside a Docker build.
+    // Cargo's target directory is the build's own output (`target` in a
+    // Docker build, or wherever CARGO_TARGET_DIR points inside the tree).
+    let own = target
+        .strip_prefix(root)
+        .ok()
+        .map(|rel| rel.to_string_lossy().into_owned());
     let patterns: Vec<&str> = ignore
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .chain(["target"])
+        .chain(own.as_deref())
         .collect();
     let mut files = Vec::new();
     walk(root, Path::new(""), &patterns, &mut files)?;
@@ -353,7 +365,7 @@ fn walk(root: &Path, rel: &Path, patterns: &[&str], out: &mut Vec<PathBuf>) -> R
 /// conn-tracer's complete source as `conn-tracer-VERSION/...` in a
 /// reproducible tar.gz (sorted, root-owned, the commit's time).
 fn source_tarball(project: &Project, out: &Path) -> Result<()> {
-    let files = source_files(&project.root)?;
+    let files = source_files(&project.root, &project.target)?;
     let mut cmd = Command::new("tar");
     cmd.args(["--create", "--gzip", "--file"])
         .arg(out)
