@@ -189,12 +189,17 @@ fn btf_without_struct_tcp_sock_names_it() {
 fn btf_without_a_tracepoint_names_the_missing_hook() {
     let test = "btf_without_a_tracepoint_names_the_missing_hook";
     let scratch = Scratch::new();
-    let Some(path) = vmlinux_without(&scratch, "btf_trace_tcp_send_reset", test) else {
+    // The one tracepoint the tracer cannot run without.
+    let Some(path) = vmlinux_without(&scratch, "btf_trace_inet_sock_set_state", test) else {
         return;
     };
     let missing = assert_refused(
         &path,
-        &["btf_trace_tcp_send_reset", "tcp_send_reset", "resets sent"],
+        &[
+            "btf_trace_inet_sock_set_state",
+            "inet_sock_set_state",
+            "TCP state transitions",
+        ],
     );
     // Only that hook is missing: the BTF, its struct offsets and the other
     // hooks are fine (privileges, maps or cgroup v2 may be missing besides,
@@ -208,4 +213,37 @@ fn btf_without_a_tracepoint_names_the_missing_hook() {
         })
         .collect();
     assert_eq!(btf_lines.len(), 1, "{missing:?}");
+}
+
+/// An optional hook the kernel lacks (as 5.10 lacks inet_sk_error_report)
+/// degrades the tracer instead of stopping it: `check` says what is lost
+/// and exits 0, having loaded and attached the other programs.
+#[test]
+fn root_btf_without_an_optional_tracepoint_degrades_and_runs() {
+    let test = "root_btf_without_an_optional_tracepoint_degrades_and_runs";
+    if !integration_tests::require_root_or_skip(test) {
+        return;
+    }
+    let scratch = Scratch::new();
+    let Some(path) = vmlinux_without(&scratch, "btf_trace_tcp_send_reset", test) else {
+        return;
+    };
+    let out = conn_tracer(&["check", "--btf", path.to_str().expect("utf-8 path")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "check: {out:?}");
+    let degraded: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("degraded") && l.contains("tcp_send_reset"))
+        .collect();
+    assert_eq!(degraded.len(), 1, "{stdout}");
+    assert!(
+        degraded[0].contains("resets this host sends are not seen"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("ok")
+            && l.contains("load and attach")
+            && l.contains("5 programs")),
+        "the other programs load: {stdout}"
+    );
 }

@@ -15,7 +15,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -24,6 +24,7 @@ use integration_tests::{
     netlab::{InvalidAction, NetLab},
     require_root_or_skip,
     servers::{EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis},
+    wait_counter,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -64,22 +65,6 @@ fn settle(
     });
     thread::sleep(Duration::from_millis(500));
     daemon.scrape()
-}
-
-#[track_caller]
-fn wait_counter(what: &str, want: u64, timeout: Duration, read: impl Fn() -> u64) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = read();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} is {got}, expected {want}"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

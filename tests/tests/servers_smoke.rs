@@ -11,8 +11,7 @@
 use std::{
     fs,
     net::{Ipv4Addr, SocketAddr},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use integration_tests::{
@@ -23,6 +22,7 @@ use integration_tests::{
         EchoServer, Envoy, EnvoyOptions, MariaDb, Memcached, Redis, SIDECAR_PORT, SIDECAR_UID,
         SidecarRedirect, UpstreamKeepalive, in_netns,
     },
+    wait_counter,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -49,24 +49,6 @@ fn ms_of(words: &[String]) -> u64 {
         .last()
         .and_then(|w| w.parse().ok())
         .unwrap_or_else(|| panic!("no milliseconds in {words:?}"))
-}
-
-/// Waits until `read()` returns `want`, at most `timeout`; panics with the
-/// last value otherwise.
-#[track_caller]
-fn wait_counter(what: &str, want: u64, timeout: Duration, read: impl Fn() -> u64) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let got = read();
-        if got == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} is {got}, expected {want} (waited {timeout:?})"
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// The server's idle timer starts at its own last I/O, a few ms before the

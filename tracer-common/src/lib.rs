@@ -7,6 +7,9 @@
 //! and the userspace decoder can check sizes exactly.
 #![no_std]
 
+#[cfg(feature = "user")]
+extern crate std;
+
 /// Length of `task_struct::comm` (TASK_COMM_LEN in the kernel).
 pub const COMM_LEN: usize = 16;
 
@@ -45,13 +48,18 @@ pub mod kind {
     pub const SOCK_ERROR: u16 = 4;
     /// A connection reached ESTABLISHED. Data: [`super::OpenData`].
     pub const OPEN: u16 = 5;
-    /// A connection that was established ended (-> CLOSE). Data: [`super::CloseData`].
+    /// A connection that was established ended (-> CLOSE), or a connect
+    /// failed ([`super::close_flags::CONNECT_FAILED`]). Data: [`super::CloseData`].
     pub const CLOSE: u16 = 6;
     /// A process set a keepalive socket option. Data: [`super::SockoptData`].
     pub const SOCKOPT: u16 = 7;
     /// One socket as the TCP iterator sees it (not sent through the ring
     /// buffer: read from the iterator's file). Data: [`super::SnapshotData`].
     pub const SNAPSHOT: u16 = 8;
+    /// The peer closed an established connection (ESTABLISHED -> CLOSE_WAIT):
+    /// the end facts at that moment, as a [`super::CloseData`], so the kill
+    /// is counted then, however long the owner keeps the socket.
+    pub const END: u16 = 9;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
     pub const SLOTS: u32 = 16;
     /// Loss-counter slot (not an event kind): a socket whose state could
@@ -79,10 +87,18 @@ pub mod close_flags {
     pub const RST_RECEIVED: u8 = 1;
     /// The socket sent a RST.
     pub const RST_SENT: u8 = 1 << 1;
-    /// Sent data was still unacknowledged when the socket closed.
+    /// Payload sent and still unacknowledged when the socket closed. A FIN
+    /// is not payload: a socket that closed and whose FIN went unanswered
+    /// does not have it.
     pub const UNACKED: u8 = 1 << 2;
     /// The tracer saw the socket leave ESTABLISHED (the `end_*` fields are set).
     pub const END_SEEN: u8 = 1 << 3;
+    /// Payload written but not sent yet when the socket closed (e.g. the
+    /// peer's window was closed).
+    pub const UNSENT: u8 = 1 << 4;
+    /// The connect failed: SYN_SENT -> CLOSE (refused, timed out, or an
+    /// ICMP error); the summary carries the error.
+    pub const CONNECT_FAILED: u8 = 1 << 5;
 }
 
 /// Bits of [`Keepalive::from_socket`]: which values the socket set itself
@@ -256,13 +272,21 @@ pub struct CloseData {
     pub last_send_j: u32,
     pub last_recv_j: u32,
     pub last_ack_j: u32,
-    /// `sk_err` (or `sk_err_soft`) at the end: ECONNRESET, ETIMEDOUT, EPIPE, ...
+    /// `sk_err` at the final transition: ETIMEDOUT (or the soft error an
+    /// ICMP left, for a timeout), ECONNRESET, EPIPE, ...; 0 for a clean end.
     pub errno: u32,
     /// When the last flight of data began (tcp clock, microseconds of
     /// CLOCK_MONOTONIC): the send that went unanswered, if one did.
     pub first_tx_us: u64,
     pub bytes_received: u64,
     pub bytes_acked: u64,
+    /// `sk_err_soft`: the last ICMP error (EHOSTUNREACH, ...) the
+    /// connection survived, if any. The kernel reports a timeout after one
+    /// as that error in `errno`.
+    pub soft_errno: u32,
+    /// The peer's receive window at the end (0: closed; a zero-window
+    /// probe timeout).
+    pub snd_wnd: u32,
 }
 
 /// Data of a [`kind::SNAPSHOT`] record: a live socket's keepalive settings,
@@ -366,6 +390,9 @@ pub struct KernelOffsets {
     pub tp_rcv_tstamp: u32,
     pub tp_snd_una: u32,
     pub tp_snd_nxt: u32,
+    /// `write_seq`: the end of what the owner wrote (FIN included once queued).
+    pub tp_write_seq: u32,
+    pub tp_snd_wnd: u32,
     pub tp_first_tx_mstamp: u32,
     pub tp_keepalive_time: u32,
     pub tp_keepalive_intvl: u32,
@@ -482,16 +509,96 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 38 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
-const _: () = assert!(size_of::<CloseData>() == 96);
+const _: () = assert!(size_of::<CloseData>() == 104);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 48);
 const _: () = assert!(size_of::<TracerConfig>() == 32);
 const _: () = assert!(size_of::<ListenKey>() == 8);
 const _: () = assert!(size_of::<ListenOwner>() == 56);
+
+/// Userspace helpers on the shared types (kunai's `TaskInfo::comm_str`
+/// habit): what every reader of an event asks of its addresses and owner.
+#[cfg(feature = "user")]
+mod user {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::string::String;
+
+    use super::{AF_INET, AF_INET6, Owner, SockAddrs, owner_flags};
+
+    impl SockAddrs {
+        /// The local address; `None` for a family other than IPv4 or IPv6.
+        pub fn local(&self) -> Option<IpAddr> {
+            addr(self.family, &self.saddr)
+        }
+
+        /// The remote address, as [`Self::local`].
+        pub fn remote(&self) -> Option<IpAddr> {
+            addr(self.family, &self.daddr)
+        }
+
+        /// `ipv4`, `ipv6` or `other`.
+        pub fn family_name(&self) -> &'static str {
+            match self.family {
+                AF_INET => "ipv4",
+                AF_INET6 => "ipv6",
+                _ => "other",
+            }
+        }
+    }
+
+    fn addr(family: u16, raw: &[u8; 16]) -> Option<IpAddr> {
+        match family {
+            AF_INET => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+            AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(*raw))),
+            _ => None,
+        }
+    }
+
+    impl Owner {
+        /// Captured in process context, inherited, or found in /proc.
+        pub fn is_known(&self) -> bool {
+            self.flags & owner_flags::KNOWN != 0
+        }
+
+        /// Taken from the listener that accepted the socket (inbound).
+        pub fn is_inherited(&self) -> bool {
+            self.flags & owner_flags::INHERITED != 0
+        }
+
+        /// How the owner is known: `unknown`, `inherited`, `proc` (the socket
+        /// is older than the tracer; the process holding it, found in /proc)
+        /// or `known`.
+        pub fn kind(&self) -> &'static str {
+            if !self.is_known() {
+                "unknown"
+            } else if self.is_inherited() {
+                "inherited"
+            } else if self.flags & owner_flags::FROM_PROC != 0 {
+                "proc"
+            } else {
+                "known"
+            }
+        }
+
+        /// The thread name.
+        pub fn comm_str(&self) -> String {
+            comm_str(&self.comm)
+        }
+    }
+
+    /// `comm` up to its first NUL, lossily as UTF-8.
+    pub fn comm_str(comm: &[u8]) -> String {
+        let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+        String::from_utf8_lossy(&comm[..end]).into_owned()
+    }
+}
+
+#[cfg(feature = "user")]
+pub use user::comm_str;
 
 #[cfg(feature = "user")]
 mod pod {

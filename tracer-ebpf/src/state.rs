@@ -178,12 +178,24 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     if new == tcp_state::ESTABLISHED {
         emit_open(sk, addr, tp, state, now);
+    } else if old == tcp_state::ESTABLISHED && new == tcp_state::CLOSE_WAIT {
+        // The peer's FIN: the end is known now, the owner may keep the
+        // socket for hours (or for ever: a CLOSE_WAIT leak).
+        // SAFETY: NULL-checked storage of this socket.
+        if let Some(st) = unsafe { state.as_ref() } {
+            emit_close(sk, addr, tp, st, now, old, kind::END);
+        }
     } else if new == tcp_state::CLOSE {
         // SAFETY: NULL-checked storage of this socket.
-        if let Some(st) = unsafe { state.as_ref() }
-            && st.flags & close_flags::END_SEEN != 0
-        {
-            emit_close(sk, addr, tp, st, now);
+        if let Some(st) = unsafe { state.as_mut() } {
+            if old == tcp_state::SYN_SENT {
+                // A failed connect (never established): one summary with
+                // its error, for the connect-failure count.
+                st.flags |= close_flags::CONNECT_FAILED;
+                emit_close(sk, addr, tp, st, now, old, kind::CLOSE);
+            } else if st.flags & close_flags::END_SEEN != 0 {
+                emit_close(sk, addr, tp, st, now, old, kind::CLOSE);
+            }
         }
         if old == tcp_state::LISTEN {
             unregister_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr);
@@ -254,25 +266,59 @@ fn emit_open(sk: *const c_void, addr: u64, tp: *const c_void, state: *const Sock
     entry.submit(0);
 }
 
+/// Payload (not the FIN) in flight and queued unsent at the final
+/// transition from `old`, as [`close_flags`] bits. In FIN_WAIT1, CLOSING
+/// and LAST_ACK the socket's own FIN is the last sequence number written
+/// and not acknowledged: it is taken off, so a socket whose only
+/// unanswered segment is its FIN has no unacknowledged data.
 #[inline(always)]
-fn emit_close(sk: *const c_void, addr: u64, tp: *const c_void, st: &SockState, now: u64) {
-    let Some(mut entry) = reserve::<CloseData>(kind::CLOSE) else {
+fn pending_flags(tp: *const c_void, old: u8) -> u8 {
+    let snd_una: u32 = Btf::get(tp, off!(tp_snd_una));
+    let snd_nxt: u32 = Btf::get(tp, off!(tp_snd_nxt));
+    let write_seq: u32 = Btf::get(tp, off!(tp_write_seq));
+    let fin = u32::from(
+        old == tcp_state::FIN_WAIT1 || old == tcp_state::CLOSING || old == tcp_state::LAST_ACK,
+    );
+    let mut in_flight = snd_nxt.wrapping_sub(snd_una);
+    let mut unsent = write_seq.wrapping_sub(snd_nxt);
+    if fin == 1 {
+        if unsent == 0 {
+            in_flight = in_flight.saturating_sub(1);
+        } else {
+            unsent -= 1;
+        }
+    }
+    let mut flags = 0;
+    // Differences over 2^31 are sequence noise (not yet initialised).
+    if in_flight != 0 && in_flight < 1 << 31 {
+        flags |= close_flags::UNACKED;
+    }
+    if unsent != 0 && unsent < 1 << 31 {
+        flags |= close_flags::UNSENT;
+    }
+    flags
+}
+
+#[inline(always)]
+fn emit_close(
+    sk: *const c_void,
+    addr: u64,
+    tp: *const c_void,
+    st: &SockState,
+    now: u64,
+    old: u8,
+    event_kind: u16,
+) {
+    let Some(mut entry) = reserve::<CloseData>(event_kind) else {
         return;
     };
     let ev = entry.as_mut_ptr();
-    let snd_una: u32 = Btf::get(tp, off!(tp_snd_una));
-    let snd_nxt: u32 = Btf::get(tp, off!(tp_snd_nxt));
-    let mut flags = st.flags;
-    if snd_nxt != snd_una {
-        flags |= close_flags::UNACKED;
-    }
-    let mut errno: i32 = Btf::get(tp, off!(sk_err));
-    if errno == 0 {
-        errno = Btf::get(tp, off!(sk_err_soft));
-    }
+    let flags = st.flags | pending_flags(tp, old);
+    let errno: i32 = Btf::get(tp, off!(sk_err));
+    let soft_errno: i32 = Btf::get(tp, off!(sk_err_soft));
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::CLOSE, now, st);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, event_kind, now, st);
         (*ev).data = CloseData {
             ka: keepalive::<Btf>(tp),
             established_ns: st.established_ns,
@@ -292,6 +338,8 @@ fn emit_close(sk: *const c_void, addr: u64, tp: *const c_void, st: &SockState, n
             first_tx_us: Btf::get(tp, off!(tp_first_tx_mstamp)),
             bytes_received: Btf::get(tp, off!(tp_bytes_received)),
             bytes_acked: Btf::get(tp, off!(tp_bytes_acked)),
+            soft_errno: soft_errno.unsigned_abs(),
+            snd_wnd: Btf::get(tp, off!(tp_snd_wnd)),
         };
     }
     entry.submit(0);

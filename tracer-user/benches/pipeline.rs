@@ -21,18 +21,13 @@ use std::{
 
 use conn_tracer::{
     config::Config,
-    daemon::State,
     event::{self, ConnEvent},
-    labels::Attributor,
+    metrics::State,
+    owner::attribute::Attributor,
+    testing::{self, T0_NS, bytes_of},
 };
-use tracer_common::{
-    AF_INET, CloseData, DEFAULT_RING_BYTES, Event, EventInfo, Keepalive, OpenData, Owner,
-    SockAddrs, close_flags, kind, owner_flags, tcp_state,
-};
+use tracer_common::{DEFAULT_RING_BYTES, EventInfo};
 
-const HZ: u64 = 250;
-/// Monotonic time of the first event (an uptime of 1000 s).
-const T0_NS: u64 = 1_000_000_000_000;
 /// Where the cookie sits in a record.
 const COOKIE_AT: usize = std::mem::offset_of!(EventInfo, cookie);
 
@@ -68,62 +63,6 @@ fn opts() -> Opts {
     o
 }
 
-fn jiffies64(ns: u64) -> u64 {
-    (1u64 << 32).wrapping_sub(300 * HZ) + ns / (1_000_000_000 / HZ)
-}
-
-fn as_bytes<T: Copy>(ev: &Event<T>) -> Vec<u8> {
-    // SAFETY: Event<T> is repr(C) and padding-free (asserted in tracer-common).
-    unsafe {
-        std::slice::from_raw_parts(std::ptr::from_ref(ev).cast::<u8>(), size_of::<Event<T>>())
-    }
-    .to_vec()
-}
-
-fn info(ts_ns: u64, event_kind: u16, outbound: bool, port: u16) -> EventInfo {
-    let lo = [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    let mut comm = [0; 16];
-    comm[..6].copy_from_slice(if outbound { b"client" } else { b"server" });
-    EventInfo {
-        ts_ns,
-        cookie: 0,
-        kind: event_kind,
-        pad: 0,
-        netns: 4_026_531_833,
-        sock: SockAddrs {
-            saddr: lo,
-            daddr: lo,
-            sport: if outbound { port } else { 8080 },
-            dport: if outbound { 8080 } else { port },
-            family: AF_INET,
-            state: tcp_state::ESTABLISHED,
-            pad: 0,
-        },
-        owner: Owner {
-            pid: if outbound { 4242 } else { 4343 },
-            tid: 4242,
-            uid: 1000,
-            gid: 1000,
-            cgroup_id: 0,
-            comm,
-            flags: owner_flags::KNOWN | if outbound { 0 } else { owner_flags::INHERITED },
-            pad: 0,
-        },
-    }
-}
-
-fn keepalive() -> Keepalive {
-    Keepalive {
-        time_j: 7200 * HZ as u32,
-        intvl_j: 75 * HZ as u32,
-        user_timeout_ms: 0,
-        probes: 9,
-        enabled: 0,
-        from_socket: 0,
-        pad: 0,
-    }
-}
-
 /// The records of step `t` of the template: the opens of its connection's
 /// client and server sockets, then the closes of both sockets of the
 /// connection that opened `window` steps earlier (cookies written later).
@@ -132,50 +71,12 @@ fn step_records(t: usize, window: usize) -> [Vec<u8>; 4] {
     let open_ns = close_ns - window as u64 * 10_000;
     let port = 32_768 + (t % 28_000) as u16;
     let idle_kill = t.is_multiple_of(10);
-    let open = |outbound| {
-        as_bytes(&Event {
-            info: info(open_ns, kind::OPEN, outbound, port),
-            data: OpenData {
-                ka: keepalive(),
-                jiffies: jiffies64(open_ns),
-            },
-        })
-    };
-    let close = |outbound: bool| {
-        // An idle kill: the server closed a client that had been silent for
-        // 90 s. Otherwise the client closes right after its request.
-        let end_j = jiffies64(close_ns) as u32;
-        let silent_j = if idle_kill { 90 * HZ as u32 } else { 0 };
-        let first_close_state = if idle_kill == outbound {
-            tcp_state::CLOSE_WAIT
-        } else {
-            tcp_state::FIN_WAIT1
-        };
-        as_bytes(&Event {
-            info: info(close_ns, kind::CLOSE, outbound, port),
-            data: CloseData {
-                ka: keepalive(),
-                established_ns: close_ns.saturating_sub(100_000_000_000),
-                end_ns: close_ns,
-                end_j,
-                end_last_send_j: end_j - silent_j,
-                end_last_recv_j: end_j - silent_j,
-                first_close_state,
-                flags: close_flags::END_SEEN,
-                retransmits: 0,
-                probes_out: 0,
-                jiffies: jiffies64(close_ns),
-                last_send_j: end_j - silent_j,
-                last_recv_j: end_j - silent_j,
-                last_ack_j: end_j,
-                errno: 0,
-                first_tx_us: 0,
-                bytes_received: 8,
-                bytes_acked: 9,
-            },
-        })
-    };
-    [open(true), open(false), close(true), close(false)]
+    [
+        bytes_of(&testing::open(open_ns, true, port)),
+        bytes_of(&testing::open(open_ns, false, port)),
+        bytes_of(&testing::close(close_ns, true, port, idle_kill)),
+        bytes_of(&testing::close(close_ns, false, port, idle_kill)),
+    ]
 }
 
 /// Template steps back to back in one buffer of about the default ring
@@ -293,7 +194,7 @@ fn main() {
         black_box(event::decode(black_box(r)).ok());
     });
     let (events, took) = timed(&mut ring, &mut g, o.window, o.seconds, &mut handle);
-    let tracked = state.table.len();
+    let tracked = state.tracker.table.len();
     let render_start = Instant::now();
     let text = state.render_metrics(0);
     let render = render_start.elapsed();

@@ -6,7 +6,11 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use serde::{Deserialize, Deserializer};
 use tracer_common::DEFAULT_RING_BYTES;
 
-use crate::{kernel, offsets::VMLINUX_BTF};
+use crate::sys::{VMLINUX_BTF, valid_ring_size};
+
+/// How long a deleted pod keeps its labels: long enough for the connections
+/// it had open to be reported closed.
+pub const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -51,6 +55,12 @@ pub struct Config {
     /// either way, by the peer or by a timeout, is an idle kill. Default 60s.
     #[serde(deserialize_with = "duration")]
     pub idle_threshold: Duration,
+    /// A connection whose peer closed it this long ago and whose owner has
+    /// not closed it counts in `conntracer_close_wait_connections` (the
+    /// leak). Default 60s: conntrack's CLOSE_WAIT expiry, after which the
+    /// owner's own FIN no longer reaches a NAT'd peer.
+    #[serde(deserialize_with = "duration")]
+    pub close_wait_threshold: Duration,
     /// Most connections tracked at once (~300 bytes each); past it the
     /// oldest are dropped from the table and counted. Default 262144.
     pub max_connections: usize,
@@ -104,6 +114,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             idle_threshold: Duration::from_mins(1),
+            close_wait_threshold: Duration::from_mins(1),
             max_connections: 262_144,
             max_peers: 500,
             max_sockopt_values: 100,
@@ -120,7 +131,7 @@ impl Default for Config {
             inbound_capture_port: 15006,
             resync_interval: Duration::from_secs(30),
             cgroupns_pid: 1,
-            deleted_pod_grace: crate::kube::DEFAULT_DELETE_GRACE,
+            deleted_pod_grace: DEFAULT_DELETE_GRACE,
         }
     }
 }
@@ -146,27 +157,73 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 500ms, 1m"))
 }
 
-/// Flags that override the file.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The flags of `conn-tracer run`: each overrides its key of the file
+/// (declared once: clap derives the flags from this struct).
+#[derive(Debug, Clone, Default, PartialEq, clap::Args)]
 pub struct Overrides {
+    /// Address for /metrics, /healthz and /connections [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Idle time after which a connection ended by its peer or by a
+    /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_threshold: Option<Duration>,
+    /// How long after the peer closed a connection its owner may keep it
+    /// before it counts as a CLOSE_WAIT leak, e.g. 2s, 5m [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_threshold: Option<Duration>,
+    /// TOML configuration file (see README); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Most connections tracked at once [default: 262144].
+    #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Most distinct `peer` label values before folding into "other" [default: 500].
+    #[arg(long, value_name = "N")]
     pub max_peers: Option<usize>,
-    pub ring_bytes: Option<u32>,
-    pub btf: Option<PathBuf>,
-    pub max_sockopt_values: Option<usize>,
-    pub kernel_hz: Option<u32>,
-    /// `--no-sockopts`: do not attach the setsockopt observer.
-    pub no_sockopts: bool,
-    pub kube_api: Option<String>,
-    pub no_kube: bool,
-    pub node_name: Option<String>,
-    /// Replace the sidecar uids / names when non-empty.
-    pub sidecar_uids: Vec<u32>,
-    pub sidecar_names: Vec<String>,
+    /// How often the connection table is reconciled with the kernel's
+    /// sockets (closes the daemon missed are dropped and counted), e.g. 30s
+    /// [default: 30s, at least 1s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub resync_interval: Option<Duration>,
+    /// At start, join this process's cgroup namespace so that cgroup paths
+    /// in /proc are host paths (a container has its own); 0: stay
+    /// [default: 1, the host's init when run with hostPID].
+    #[arg(long, value_name = "PID")]
     pub cgroupns_pid: Option<u32>,
+    /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
+    pub ring_bytes: Option<u32>,
+    /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
+    /// Most distinct `value` label values of the sockopt metric [default: 100].
+    #[arg(long, value_name = "N")]
+    pub max_sockopt_values: Option<usize>,
+    /// The kernel's HZ, only if it cannot be detected (it normally is).
+    #[arg(long, value_name = "HZ")]
+    pub kernel_hz: Option<u32>,
+    /// Do not watch keepalive socket options (no cgroup program at the
+    /// cgroup v2 root; the sockopt metric stays empty).
+    #[arg(long)]
+    pub no_sockopts: bool,
+    /// Kubernetes API URL (plain http, no auth, e.g. `kubectl proxy`)
+    /// [default: in-cluster service account].
+    #[arg(long, value_name = "URL", conflicts_with = "no_kube")]
+    pub kube_api: Option<String>,
+    /// Run without pod metadata: host and container-ID labels only.
+    #[arg(long)]
+    pub no_kube: bool,
+    /// This node's name for the pod watch [default: $NODE_NAME, else the hostname].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Owner uid of the mesh sidecar; repeat for several [default: 1337].
+    #[arg(long = "sidecar-uid", value_name = "UID")]
+    pub sidecar_uids: Vec<u32>,
+    /// Container or process name of the mesh sidecar; repeat for several
+    /// [default: istio-proxy, envoy].
+    #[arg(long = "sidecar-name", value_name = "NAME")]
+    pub sidecar_names: Vec<String>,
 }
 
 impl Config {
@@ -212,9 +269,10 @@ impl Config {
             })
     }
 
-    /// Reads `path` if given (else defaults), applies `flags`, validates.
-    pub fn load(path: Option<&std::path::Path>, flags: &Overrides) -> Result<Self, ConfigError> {
-        let mut cfg = match path {
+    /// Reads the file `flags.config` names, if any (else defaults), applies
+    /// the other flags, validates.
+    pub fn load(flags: &Overrides) -> Result<Self, ConfigError> {
+        let mut cfg = match flags.config.as_deref() {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
                     path: p.display().to_string(),
@@ -235,6 +293,9 @@ impl Config {
         }
         if let Some(v) = f.idle_threshold {
             self.idle_threshold = v;
+        }
+        if let Some(v) = f.close_wait_threshold {
+            self.close_wait_threshold = v;
         }
         if let Some(v) = f.max_connections {
             self.max_connections = v;
@@ -282,6 +343,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
+        if self.close_wait_threshold.is_zero() {
+            return bad("close_wait_threshold", "0".into(), "must be more than zero");
+        }
         if self.idle_threshold.is_zero() {
             return bad("idle_threshold", "0".into(), "must be more than zero");
         }
@@ -294,7 +358,7 @@ impl Config {
         if self.max_sockopt_values == 0 {
             return bad("max_sockopt_values", "0".into(), "must be at least 1");
         }
-        if !kernel::valid_ring_size(self.ring_bytes) {
+        if !valid_ring_size(self.ring_bytes) {
             return bad(
                 "ring_bytes",
                 self.ring_bytes.to_string(),
@@ -430,12 +494,61 @@ mod tests {
 
     #[test]
     fn missing_file_is_named() {
-        let err = Config::load(
-            Some(std::path::Path::new("/nope/x.toml")),
-            &Overrides::default(),
-        )
+        let err = Config::load(&Overrides {
+            config: Some("/nope/x.toml".into()),
+            ..Overrides::default()
+        })
         .unwrap_err();
         assert!(err.to_string().contains("/nope/x.toml"), "{err}");
+    }
+
+    /// Every `[default: X]` that `run --help` shows is what `Config::default()`
+    /// has: passing X as the flag changes nothing. Defaults that are not
+    /// values (the in-cluster config, the node name) are named here.
+    #[test]
+    fn help_defaults_equal_config_default() {
+        use clap::{Args as _, FromArgMatches as _};
+        const NOT_VALUES: [&str; 2] = ["kube_api", "node_name"];
+        let cmd = Overrides::augment_args(clap::Command::new("run").no_binary_name(true));
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some((_, rest)) = help.split_once("[default: ") else {
+                continue;
+            };
+            let id = arg.get_id().as_str();
+            if NOT_VALUES.contains(&id) {
+                continue;
+            }
+            let shown = rest.split(']').next().unwrap_or_default();
+            let long = format!("--{}", arg.get_long().expect("a long flag"));
+            let mut argv = Vec::new();
+            if matches!(arg.get_action(), clap::ArgAction::Append) {
+                for v in shown.split(", ") {
+                    argv.extend([long.clone(), v.to_string()]);
+                }
+            } else {
+                // `30s, at least 1s`: the value is before the comma.
+                argv.extend([
+                    long,
+                    shown.split(',').next().unwrap_or_default().to_string(),
+                ]);
+            }
+            let matches = cmd
+                .clone()
+                .try_get_matches_from(&argv)
+                .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let flags = Overrides::from_arg_matches(&matches).expect("flags");
+            let mut cfg = Config::default();
+            cfg.apply(&flags);
+            assert_eq!(
+                cfg,
+                Config::default(),
+                "{id}: --help says [default: {shown}]"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10, "only {checked} defaults found in --help");
     }
 }
 
@@ -459,7 +572,7 @@ mod fuzz {
         let int = |lo: i64, hi: i64| (lo..=hi).prop_map(Value::Integer).boxed();
         match key {
             "listen" => s(&["127.0.0.1:9090", "0.0.0.0:9102", "[::1]:80"]),
-            "idle_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
+            "idle_threshold" | "close_wait_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
             "resync_interval" => s(&["1s", "30s", "2m"]),
             "max_connections" => int(1, 1 << 24),
             "max_peers" | "max_sockopt_values" => int(1, 100_000),
@@ -490,6 +603,7 @@ mod fuzz {
     const KEYS: &[&str] = &[
         "listen",
         "idle_threshold",
+        "close_wait_threshold",
         "max_connections",
         "max_peers",
         "max_sockopt_values",

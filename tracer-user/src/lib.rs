@@ -1,28 +1,39 @@
-//! conn-tracer's userspace agent: loads the kernel programs, decodes their
-//! events and presents them. The pure parts (decoding, offsets from BTF,
-//! mount parsing) are unit-tested without root.
+//! conn-tracer's userspace agent, as a pipeline. The stages, in the order
+//! data flows (a stage imports only earlier ones and the leaves below):
+//!
+//! 1. [`event`]: ring buffer bytes -> typed events (pure).
+//! 2. [`kernel`]: the only user of aya: loading, attaching, the event ring,
+//!    the TCP iterator snapshot.
+//! 3. [`owner`]: socket -> process -> cgroup -> pod.
+//! 4. [`track`]: the connection table, classification, chains, resync.
+//! 5. [`metrics`]: the Prometheus contract, fed by the tracker.
+//! 6. [`serve`]: HTTP (`/metrics`, `/healthz`, `/connections`).
+//! 7. [`cmd`]: one module per subcommand, wiring the stages.
+//!
+//! Leaves every stage may use: [`sys`] (capabilities, namespaces, the
+//! cgroup mount) and [`config`] (the daemon's settings, declared once).
 
-pub mod caps;
-pub mod cgroup;
-pub mod chains;
-pub mod check;
-pub mod classify;
-pub mod clock;
+// The leaves.
+pub mod sys;
+// (imports only `sys`)
 pub mod config;
-pub mod connections;
-pub mod daemon;
+
+// The stages, in data-flow order.
 pub mod event;
+// 2.
+pub mod kernel;
+// 3.
+pub mod owner;
+// 4.
+pub mod track;
+// 5.
+pub mod metrics;
+// 6.
+pub mod serve;
+// 7.
+pub mod cmd;
+
 #[cfg(test)]
 mod fuzzing;
-pub mod jiffies;
-pub mod kernel;
-pub mod kube;
-pub mod labels;
-pub mod metrics;
-pub mod netns;
-pub mod offsets;
-pub mod podid;
-pub mod procfs;
-pub mod selftest;
-pub mod table;
-pub mod trace;
+#[doc(hidden)]
+pub mod testing;

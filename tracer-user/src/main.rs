@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use conn_tracer::{check, kernel::KernelOptions, offsets::VMLINUX_BTF, selftest, trace};
+use conn_tracer::{
+    cmd::{check, selftest, trace},
+    config::{Config, Overrides},
+    kernel::KernelOptions,
+    sys::VMLINUX_BTF,
+};
 use tracer_common::DEFAULT_RING_BYTES;
 
 /// Node-level eBPF TCP connection tracer: which connections were killed for
@@ -32,7 +37,7 @@ enum Command {
     /// /metrics, /healthz and /connections (JSON). Needs root (or CAP_BPF,
     /// CAP_PERFMON and CAP_SYS_ADMIN for the cgroup program). Stops on
     /// SIGTERM / Ctrl-C. Flags override the config file.
-    Run(Box<RunArgs>),
+    Run(Box<Overrides>),
     /// Show a running daemon's connections: state, direction, owner,
     /// keepalive settings, idle seconds and bytes each way.
     Connections {
@@ -69,69 +74,6 @@ enum Command {
         #[arg(long, value_name = "PATH", default_value = VMLINUX_BTF)]
         btf: PathBuf,
     },
-}
-
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// Address for /metrics, /healthz and /connections [default: 127.0.0.1:9090].
-    #[arg(long, value_name = "ADDR")]
-    listen: Option<std::net::SocketAddr>,
-    /// Idle time after which a connection ended by its peer or by a
-    /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
-    #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
-    idle_threshold: Option<std::time::Duration>,
-    /// TOML configuration file (see README); flags override it.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Most connections tracked at once [default: 262144].
-    #[arg(long, value_name = "N")]
-    max_connections: Option<usize>,
-    /// Most distinct `peer` label values before folding into "other" [default: 500].
-    #[arg(long, value_name = "N")]
-    max_peers: Option<usize>,
-    /// How often the connection table is reconciled with the kernel's
-    /// sockets (closes the daemon missed are dropped and counted), e.g. 30s
-    /// [default: 30s, at least 1s].
-    #[arg(long, value_name = "DURATION", value_parser = conn_tracer::config::parse_duration)]
-    resync_interval: Option<std::time::Duration>,
-    /// At start, join this process's cgroup namespace so that cgroup paths
-    /// in /proc are host paths (a container has its own); 0: stay
-    /// [default: 1, the host's init when run with hostPID].
-    #[arg(long, value_name = "PID")]
-    cgroupns_pid: Option<u32>,
-    /// Kernel event ring buffer size in bytes (power of two) [default: 4194304].
-    #[arg(long, value_name = "BYTES")]
-    ring_bytes: Option<u32>,
-    /// Kernel BTF [default: /sys/kernel/btf/vmlinux].
-    #[arg(long, value_name = "PATH")]
-    btf: Option<PathBuf>,
-    /// Most distinct `value` label values of the sockopt metric [default: 100].
-    #[arg(long, value_name = "N")]
-    max_sockopt_values: Option<usize>,
-    /// The kernel's HZ, only if it cannot be detected (it normally is).
-    #[arg(long, value_name = "HZ")]
-    kernel_hz: Option<u32>,
-    /// Do not watch keepalive socket options (no cgroup program at the
-    /// cgroup v2 root; the sockopt metric stays empty).
-    #[arg(long)]
-    no_sockopts: bool,
-    /// Kubernetes API URL (plain http, no auth, e.g. `kubectl proxy`)
-    /// [default: in-cluster service account].
-    #[arg(long, value_name = "URL", conflicts_with = "no_kube")]
-    kube_api: Option<String>,
-    /// Run without pod metadata: host and container-ID labels only.
-    #[arg(long)]
-    no_kube: bool,
-    /// This node's name for the pod watch [default: $NODE_NAME, else the hostname].
-    #[arg(long, value_name = "NAME")]
-    node_name: Option<String>,
-    /// Owner uid of the mesh sidecar; repeat for several [default: 1337].
-    #[arg(long = "sidecar-uid", value_name = "UID")]
-    sidecar_uids: Vec<u32>,
-    /// Container or process name of the mesh sidecar; repeat for several
-    /// [default: istio-proxy, envoy].
-    #[arg(long = "sidecar-name", value_name = "NAME")]
-    sidecar_names: Vec<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -185,14 +127,16 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run(args) => run_daemon(*args),
-        Command::Connections { from, json } => match conn_tracer::connections::run(&from, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("conn-tracer: {e:#}");
-                ExitCode::FAILURE
+        Command::Run(flags) => run_daemon(&flags),
+        Command::Connections { from, json } => {
+            match conn_tracer::cmd::connections::run(&from, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("conn-tracer: {e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
         Command::Check { btf } => {
             let probes = check::run_probes(&btf);
             for p in &probes {
@@ -216,26 +160,8 @@ fn main() -> ExitCode {
 }
 
 /// `conn-tracer run`: settings from the file and flags, then the daemon.
-fn run_daemon(a: RunArgs) -> ExitCode {
-    let flags = conn_tracer::config::Overrides {
-        listen: a.listen,
-        idle_threshold: a.idle_threshold,
-        max_connections: a.max_connections,
-        max_peers: a.max_peers,
-        ring_bytes: a.ring_bytes,
-        btf: a.btf,
-        max_sockopt_values: a.max_sockopt_values,
-        kernel_hz: a.kernel_hz,
-        no_sockopts: a.no_sockopts,
-        kube_api: a.kube_api,
-        no_kube: a.no_kube,
-        node_name: a.node_name,
-        sidecar_uids: a.sidecar_uids,
-        sidecar_names: a.sidecar_names,
-        resync_interval: a.resync_interval,
-        cgroupns_pid: a.cgroupns_pid,
-    };
-    let cfg = match conn_tracer::config::Config::load(a.config.as_deref(), &flags) {
+fn run_daemon(flags: &Overrides) -> ExitCode {
+    let cfg = match Config::load(flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("conn-tracer: {e}");
@@ -243,13 +169,13 @@ fn run_daemon(a: RunArgs) -> ExitCode {
         }
     };
     // Before any thread exists (see there).
-    match conn_tracer::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
-        conn_tracer::cgroup::CgroupNsJoin::AlreadyShared => {}
-        conn_tracer::cgroup::CgroupNsJoin::Joined => log::info!(
+    match conn_tracer::sys::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
+        conn_tracer::sys::cgroup::CgroupNsJoin::AlreadyShared => {}
+        conn_tracer::sys::cgroup::CgroupNsJoin::Joined => log::info!(
             "joined the cgroup namespace of pid {}: cgroup paths in /proc are host paths",
             cfg.cgroupns_pid
         ),
-        conn_tracer::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
+        conn_tracer::sys::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
             "staying in this process's own cgroup namespace ({why}): owners' cgroups are found \
              by walking the cgroup hierarchy instead (slower, rate-limited)"
         ),
@@ -265,7 +191,7 @@ fn run_daemon(a: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(conn_tracer::daemon::run(cfg)) {
+    match runtime.block_on(conn_tracer::cmd::run::run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("conn-tracer: {e:#}");

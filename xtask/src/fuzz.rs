@@ -22,7 +22,7 @@ pub const TARGETS: &[(&str, &str, &str)] = &[
     ),
     (
         "podid",
-        "podid::fuzz::",
+        "owner::kubelet::fuzz::",
         "cgroup paths: arbitrary strings; kubelet paths of every driver, runtime and QoS \
          class with random ids, and edited",
     ),
@@ -34,13 +34,13 @@ pub const TARGETS: &[(&str, &str, &str)] = &[
     ),
     (
         "procfs",
-        "procfs::fuzz::",
+        "owner::procfs::fuzz::",
         "/proc contents: fd links (socket:[N]), status Uid/Gid/CapEff, cgroup files, the \
          port range; well-formed, edited and arbitrary",
     ),
     (
         "kube",
-        "kube::fuzz::",
+        "owner::kube::fuzz::",
         "Kubernetes Pod objects with missing, empty or odd fields, and arbitrary JSON",
     ),
 ];

@@ -12,17 +12,15 @@
 //! `refused`; `eof BYTES` with `--wait-eof`; `closed`.
 
 use std::{
-    ffi::CString,
     io::{self, BufRead, BufReader, Read, Write},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    sync::mpsc,
-    thread,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use integration_tests::helper::{say, set_comm, wait_go};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// What the client writes after connecting: one line, so a server that closes
@@ -107,39 +105,6 @@ fn main() -> Result<()> {
     match cli.role {
         Role::Server(args) => server(&args, timeout),
         Role::Client(args) => client(&args, timeout),
-    }
-}
-
-fn say(line: &str) {
-    let mut out = io::stdout().lock();
-    // The tests wait for these lines; a closed stdout only means nobody waits.
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-fn set_comm(comm: &str) -> Result<()> {
-    let name = CString::new(comm).context("--comm must not contain NUL")?;
-    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15
-    // bytes by the kernel) that outlives the call.
-    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error()).context("prctl(PR_SET_NAME)");
-    }
-    Ok(())
-}
-
-/// Blocks until a line arrives on stdin, at most `timeout`.
-fn wait_go(timeout: Duration) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = tx.send(io::stdin().lock().read_line(&mut line));
-    });
-    match rx.recv_timeout(timeout) {
-        Ok(Ok(n)) if n > 0 => Ok(()),
-        Ok(Ok(_)) => bail!("stdin closed before the go line"),
-        Ok(Err(e)) => Err(e).context("reading the go line from stdin"),
-        Err(_) => bail!("no go line on stdin within {timeout:?}"),
     }
 }
 

@@ -1,0 +1,47 @@
+//! What the helper processes `ct-client` and `ct-peer` share: the lines
+//! tests wait for, the thread name, the go line on stdin.
+
+use std::{
+    ffi::CString,
+    io::{self, BufRead as _, Write as _},
+    sync::mpsc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// Prints a line the tests wait for, at once.
+pub fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    // The tests wait for these lines; a closed stdout only means nobody waits.
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Names this thread (the kernel's `comm`, as owners are reported).
+pub fn set_comm(comm: &str) -> Result<()> {
+    let name = CString::new(comm).context("--comm must not contain NUL")?;
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string (truncated to 15
+    // bytes by the kernel) that outlives the call.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr() as libc::c_ulong, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).context("prctl(PR_SET_NAME)");
+    }
+    Ok(())
+}
+
+/// Blocks until a line arrives on stdin, at most `timeout`.
+pub fn wait_go(timeout: Duration) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(io::stdin().lock().read_line(&mut line));
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(n)) if n > 0 => Ok(()),
+        Ok(Ok(_)) => bail!("stdin closed before the go line"),
+        Ok(Err(e)) => Err(e).context("reading the go line from stdin"),
+        Err(_) => bail!("no go line on stdin within {timeout:?}"),
+    }
+}

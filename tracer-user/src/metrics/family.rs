@@ -1,0 +1,169 @@
+//! Metric families whose label values come from a typed label set: the
+//! label names and their order are written once, in the set's declaration,
+//! and every call site names each value.
+
+use std::marker::PhantomData;
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, MetricVec, MetricVecBuilder},
+    proto::MetricFamily,
+};
+
+/// A set of label values, in the order of [`Self::NAMES`].
+pub trait LabelSet {
+    const NAMES: &'static [&'static str];
+    /// Calls `f` with the values, in the order of [`Self::NAMES`].
+    fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R;
+}
+
+/// The label set of a family, at any lifetime of its values.
+pub trait Labels {
+    type Of<'a>: LabelSet;
+}
+
+/// Declares a label set: a struct of `&str` fields whose names are the
+/// label names, in order.
+macro_rules! label_set {
+    ($(#[$doc:meta])* $name:ident { $($field:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub struct $name<'a> {
+            $(pub $field: &'a str),+
+        }
+
+        impl $crate::metrics::family::LabelSet for $name<'_> {
+            const NAMES: &'static [&'static str] = &[$(stringify!($field)),+];
+
+            fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+                f(&[$(self.$field),+])
+            }
+        }
+
+        impl $crate::metrics::family::Labels for $name<'static> {
+            type Of<'a> = $name<'a>;
+        }
+    };
+}
+pub(crate) use label_set;
+
+/// A family of metrics of kind `M`, labelled by the set `L`.
+pub struct Family<L, M: MetricVecBuilder> {
+    vec: MetricVec<M>,
+    labels: PhantomData<L>,
+}
+
+/// The builder of a metric vector (prometheus does not export them by name).
+pub trait Builder {
+    type B: MetricVecBuilder;
+}
+
+impl<B: MetricVecBuilder> Builder for MetricVec<B> {
+    type B = B;
+}
+
+pub type Counter<L> = Family<L, <IntCounterVec as Builder>::B>;
+pub type Gauge<L> = Family<L, <IntGaugeVec as Builder>::B>;
+pub type Histogram<L> = Family<L, <HistogramVec as Builder>::B>;
+
+impl<L: Labels, M: MetricVecBuilder> Family<L, M> {
+    /// The metric of these label values (created at 0 on first use).
+    pub fn of(&self, labels: &L::Of<'_>) -> M::M {
+        labels.with(|values| self.vec.with_label_values(values))
+    }
+
+    /// Removes every series.
+    pub fn reset(&self) {
+        self.vec.reset();
+    }
+
+    /// Removes the series whose labels (name -> value) satisfy `belongs`;
+    /// returns how many.
+    pub fn remove_where(
+        &self,
+        belongs: &dyn Fn(&std::collections::HashMap<&str, &str>) -> bool,
+    ) -> usize {
+        let mut removed = 0;
+        for family in self.collect() {
+            for metric in family.get_metric() {
+                let labels: std::collections::HashMap<&str, &str> = metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name(), l.value()))
+                    .collect();
+                if belongs(&labels) && self.vec.remove(&labels).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// A copy of every series.
+    pub fn collect(&self) -> Vec<MetricFamily> {
+        self.vec.collect()
+    }
+}
+
+impl<L: Labels> Counter<L> {
+    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+        let vec = IntCounterVec::new(Opts::new(name, help), L::Of::NAMES)?;
+        r.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            vec,
+            labels: PhantomData,
+        })
+    }
+
+    pub fn inc(&self, labels: &L::Of<'_>) {
+        self.of(labels).inc();
+    }
+}
+
+impl<L: Labels> Gauge<L> {
+    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+        let vec = IntGaugeVec::new(Opts::new(name, help), L::Of::NAMES)?;
+        r.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            vec,
+            labels: PhantomData,
+        })
+    }
+
+    pub fn set(&self, labels: &L::Of<'_>, v: i64) {
+        self.of(labels).set(v);
+    }
+}
+
+impl<L: Labels> Histogram<L> {
+    pub fn register(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        buckets: &[f64],
+    ) -> prometheus::Result<Self> {
+        let vec = HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            L::Of::NAMES,
+        )?;
+        r.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            vec,
+            labels: PhantomData,
+        })
+    }
+
+    pub fn observe(&self, labels: &L::Of<'_>, v: f64) {
+        self.of(labels).observe(v);
+    }
+}
+
+/// Registers a metric without labels and returns it.
+pub fn plain<C: Collector + Clone + 'static>(
+    r: &Registry,
+    metric: prometheus::Result<C>,
+) -> prometheus::Result<C> {
+    let metric = metric?;
+    r.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}

@@ -1,0 +1,14 @@
+//! Stage 3, owner: socket -> process -> cgroup -> pod. Takes the owner the
+//! kernel captured with a socket (pid, uid, comm, cgroup id), or finds it
+//! in /proc for sockets older than the tracer ([`procfs`]), and gives its
+//! pod, container and role ([`attribute`]): cgroup id -> cgroup path (the
+//! path cache, [`cgroup`]) -> pod UID and container ID (the kubelet path
+//! parser, [`kubelet`]) -> namespace, pod and container names (the
+//! Kubernetes index and watch, [`kube`]) -> app, sidecar or host (the
+//! sidecar rules).
+
+pub mod attribute;
+pub mod cgroup;
+pub mod kube;
+pub mod kubelet;
+pub mod procfs;
