@@ -21,11 +21,14 @@ use std::{
 };
 
 pub mod bpf;
+pub mod container;
 pub mod daemon;
 pub mod deploy;
+pub mod docker;
 mod events;
 pub mod fake_kube;
 pub mod helper;
+pub mod image;
 pub mod mesh;
 pub mod netlab;
 mod ns;

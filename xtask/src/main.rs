@@ -1,5 +1,5 @@
 //! `cargo xtask`: conn-tracer chores (toolchain setup, build, run, test,
-//! bench, fuzz, the kernel matrix).
+//! bench, fuzz, the kernel matrix, the container image).
 //!
 //! Not a second build system: every step is a plain rustup, cargo or apt-get
 //! command, printed before it runs, so any of them can be run by hand.
@@ -7,6 +7,7 @@
 mod bench;
 mod cmd;
 mod fuzz;
+mod image;
 mod kernels;
 mod setup;
 mod test;
@@ -31,7 +32,7 @@ const DEFAULT_RUN_ARGS: &[&str] = &[
 #[command(
     name = "cargo xtask",
     bin_name = "cargo xtask",
-    about = "conn-tracer chores: setup, build, run, test, bench, fuzz, kernels"
+    about = "conn-tracer chores: setup, build, run, test, bench, fuzz, kernels, image"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -56,9 +57,10 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Set up, then fmt, clippy, build, the whole test suite and the kernel
-    /// matrix (`kernels` on the debug build). The
-    /// integration tests need root; without it (and without CI) they skip.
+    /// Set up, then fmt, clippy, the licence check (cargo deny), build, the
+    /// image (`image`), the whole test suite and the kernel matrix
+    /// (`kernels` on the debug build). The integration tests need root;
+    /// without it (and without CI) they skip.
     Test,
     /// Benchmarks (as root): churn overhead against no tracer and a bpftrace
     /// peer, scaling, memory, userspace throughput, detection latency, lost
@@ -74,6 +76,12 @@ enum Task {
     /// loopback connection on each. Images are cached under
     /// target/kernels/; the matrix goes to target/kernels/matrix.txt.
     Kernels(kernels::Args),
+    /// Build the container image offline (podman, FROM scratch: the release
+    /// binary, the shared libraries it loads, their licences and sources;
+    /// labels, user and entrypoint from deploy/Dockerfile's final stage) and
+    /// write target/image/conn-tracer-VERSION.tar, an OCI archive with a
+    /// Docker manifest that docker load, podman load and ctr import accept.
+    Image(image::Args),
 }
 
 fn main() -> ExitCode {
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::bench(&args),
         Task::Fuzz(args) => fuzz::fuzz(&args),
         Task::Kernels(args) => kernels::kernels(&args),
+        Task::Image(args) => image::image(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

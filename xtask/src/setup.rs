@@ -14,12 +14,59 @@ const NIGHTLY: &str = "nightly";
 /// 0.10.3 brings its own (rust-llvm-22 feature).
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
+/// The licence check of `cargo xtask test` (`cargo deny check licenses`).
+const CARGO_DENY_VERSION: &str = "0.20.2";
+
+/// The third-party licence texts the image ships (`cargo about generate`).
+const CARGO_ABOUT_VERSION: &str = "0.9.3";
+
+/// A tool installed with `cargo install NAME@VERSION --locked`, present when
+/// `NAME --version` says `NAME VERSION`.
+pub struct CargoTool {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// The toolchain to build it with (`cargo +nightly`), else the default.
+    toolchain: Option<&'static str>,
+    features: &'static [&'static str],
+}
+
+const BPF_LINKER: CargoTool = CargoTool {
+    name: "bpf-linker",
+    version: BPF_LINKER_VERSION,
+    toolchain: Some(NIGHTLY),
+    features: &[],
+};
+
+pub const CARGO_DENY: CargoTool = CargoTool {
+    name: "cargo-deny",
+    version: CARGO_DENY_VERSION,
+    toolchain: None,
+    features: &[],
+};
+
+pub const CARGO_ABOUT: CargoTool = CargoTool {
+    name: "cargo-about",
+    version: CARGO_ABOUT_VERSION,
+    toolchain: None,
+    // The binary needs it (required-features).
+    features: &["cli"],
+};
+
+/// Every cargo tool the tests need besides bpf-linker (which the build needs).
+const CARGO_TOOLS: &[CargoTool] = &[CARGO_DENY, CARGO_ABOUT];
+
 /// A Debian package the tests (or the benchmarks) need, and a command whose
 /// presence shows it is installed.
 pub struct DebianPackage {
     pub name: &'static str,
     pub command: &'static str,
 }
+
+/// What `cargo xtask image` builds the image with.
+pub const PODMAN: DebianPackage = DebianPackage {
+    name: "podman",
+    command: "podman",
+};
 
 /// Every Debian package the tests need, in one place: the servers the later
 /// end-to-end tests drive (mariadb-server, redis-server, ...) go here.
@@ -90,6 +137,21 @@ const DEBIAN_PACKAGES: &[DebianPackage] = &[
         name: "wrk",
         command: "wrk",
     },
+    // The image (cargo xtask image): built offline from scratch, saved as
+    // an archive, loaded again by the image tests.
+    PODMAN,
+    // The image tests' real loaders and runtime: Docker 20.10 (docker load
+    // of the archive's manifest.json, runc with the default seccomp
+    // profile) and containerd's ctr (import of its OCI index). Only private
+    // instances run, with no iptables or bridge.
+    DebianPackage {
+        name: "docker.io",
+        command: "dockerd",
+    },
+    DebianPackage {
+        name: "containerd",
+        command: "ctr",
+    },
     // The kernel matrix (cargo xtask kernels): Debian kernels booted under
     // qemu TCG, with a static busybox as the initramfs's userland.
     DebianPackage {
@@ -139,6 +201,11 @@ pub fn setup() -> Result<()> {
 /// Checks every piece and installs the missing ones, saying which.
 pub fn ensure_all() -> Result<()> {
     let mut done = ensure_toolchain()?;
+    for tool in CARGO_TOOLS {
+        if ensure_cargo_tool(tool)? {
+            done.push(tool.name);
+        }
+    }
     if ensure_packages(DEBIAN_PACKAGES)? {
         done.push("Debian packages");
     }
@@ -164,7 +231,7 @@ pub fn ensure_toolchain() -> Result<Vec<&'static str>> {
     if ensure_rust_src()? {
         done.push("rust-src");
     }
-    if ensure_bpf_linker()? {
+    if ensure_cargo_tool(&BPF_LINKER)? {
         done.push("bpf-linker");
     }
     Ok(done)
@@ -226,9 +293,9 @@ fn ensure_rust_src() -> Result<bool> {
     Ok(true)
 }
 
-/// The bpf-linker version on PATH, e.g. `Some("0.10.3")`.
-fn bpf_linker_version() -> Option<String> {
-    let out = probe(Command::new("bpf-linker").arg("--version"))?;
+/// The version `NAME --version` reports, e.g. `Some("0.10.3")`.
+fn tool_version(name: &str) -> Option<String> {
+    let out = probe(Command::new(name).arg("--version"))?;
     parse_version(&out).map(str::to_owned)
 }
 
@@ -237,30 +304,38 @@ fn parse_version(out: &str) -> Option<&str> {
     out.split_whitespace().nth(1)
 }
 
-/// Installs bpf-linker unless the one on PATH is the pinned version. Returns
+/// Installs `tool` unless the one on PATH is the pinned version. Returns
 /// whether it installed it.
-fn ensure_bpf_linker() -> Result<bool> {
-    match bpf_linker_version() {
-        Some(version) if version == BPF_LINKER_VERSION => {
-            println!("bpf-linker: {version} present, skipped");
+pub fn ensure_cargo_tool(tool: &CargoTool) -> Result<bool> {
+    let (name, pinned) = (tool.name, tool.version);
+    match tool_version(name) {
+        Some(version) if version == pinned => {
+            println!("{name}: {version} present, skipped");
             return Ok(false);
         }
-        Some(version) => println!("bpf-linker: {version} found, {BPF_LINKER_VERSION} needed"),
-        None => println!("bpf-linker: not found, installing {BPF_LINKER_VERSION}"),
+        Some(version) => println!("{name}: {version} found, {pinned} needed"),
+        None => println!("{name}: not found, installing {pinned}"),
+    }
+    let mut cmd = Command::new("cargo");
+    if let Some(toolchain) = tool.toolchain {
+        cmd.arg(format!("+{toolchain}"));
     }
     // --force: replace a different version, even one cargo did not install.
-    run(Command::new("cargo").args([
-        "+nightly",
+    cmd.args([
         "install",
-        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        &format!("{name}@{pinned}"),
         "--locked",
         "--force",
-    ]))?;
-    match bpf_linker_version() {
-        Some(version) if version == BPF_LINKER_VERSION => Ok(true),
+    ]);
+    if !tool.features.is_empty() {
+        cmd.args(["--features", &tool.features.join(",")]);
+    }
+    run(&mut cmd)?;
+    match tool_version(name) {
+        Some(version) if version == pinned => Ok(true),
         found => bail!(
-            "installed bpf-linker {BPF_LINKER_VERSION}, but `bpf-linker --version` now reports \
-             {found:?}: put cargo's bin directory (~/.cargo/bin) first on PATH"
+            "installed {name} {pinned}, but `{name} --version` now reports {found:?}: put \
+             cargo's bin directory (~/.cargo/bin) first on PATH"
         ),
     }
 }

@@ -1,10 +1,11 @@
-//! `cargo xtask test`: what CI runs (`.ci/run`). A failed format check or
-//! lint does not stop the run, nor does one failed test binary the others
-//! (`--no-fail-fast`), so one run reports everything; only a failed build
-//! skips the tests and the kernel matrix.
+//! `cargo xtask test`: what CI runs (`.ci/run`). A failed format check,
+//! lint or licence check does not stop the run, nor does one failed test
+//! binary the others (`--no-fail-fast`), so one run reports everything;
+//! only a failed build skips the image, the tests and the kernel matrix.
 
 use std::{
     env,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -12,7 +13,7 @@ use anyhow::{Error, Result};
 
 use crate::{
     cmd::{cargo, is_root, probe, run, target_dir},
-    kernels, setup,
+    image, kernels, setup,
 };
 
 enum Outcome {
@@ -76,6 +77,37 @@ fn fmt_step() -> Step {
     })
 }
 
+/// `cargo deny check licenses` (deny.toml) over what the binary is built
+/// from, offline: only the crates' own metadata and licence files.
+fn licences() -> Result<()> {
+    // cargo-deny reads every package of the lock file from the local
+    // registry; this fetches the missing ones (crates.io only).
+    run(cargo().args(["fetch", "--locked", "--quiet"]))?;
+    run(cargo().args([
+        "deny",
+        "--offline",
+        "--manifest-path",
+        "tracer-user/Cargo.toml",
+        "check",
+        "licenses",
+    ]))
+}
+
+/// `cargo xtask image` (its own release build); the archive's path.
+fn image_step(archive: &mut Option<PathBuf>) -> Result<()> {
+    let project = image::Project::read(None)?;
+    let bin = image::build_release(&project)?;
+    let built = image::build(&bin, &project)?;
+    println!(
+        "image: {} ({:.1} MB unpacked) in {}",
+        built.reference,
+        image::mb(built.rootfs_bytes),
+        built.archive.display()
+    );
+    *archive = Some(built.archive);
+    Ok(())
+}
+
 pub fn test() -> Result<()> {
     let ci = env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
     let root = is_root();
@@ -94,19 +126,31 @@ pub fn test() -> Result<()> {
                 "warnings",
             ]))
         }));
+        steps.push(step("licenses", licences));
         let build_step = step("build", || {
             run(cargo().args(["build", "-p", "tracer-user"]))
         });
         let built = matches!(build_step.outcome, Outcome::Passed);
         steps.push(build_step);
+        // The image users deploy (its own release build); the image tests
+        // unpack and run it.
+        let mut archive = None;
+        steps.push(if built {
+            step("image", || image_step(&mut archive))
+        } else {
+            skipped("image", "the build failed")
+        });
         steps.push(if built {
             step("test", || {
                 let bin = target_dir()?.join("debug").join("conn-tracer");
                 // CI (and the rest of the environment) is inherited: the
-                // integration tests must not skip in CI.
+                // integration tests must not skip in CI. Without a fresh
+                // image the image tests find none (and fail in CI) rather
+                // than test an old one.
                 run(cargo()
                     .args(["test", "--workspace", "--no-fail-fast"])
-                    .env("CONN_TRACER_BIN", bin))
+                    .env("CONN_TRACER_BIN", bin)
+                    .env("CONN_TRACER_IMAGE", archive.unwrap_or_default()))
             })
         } else {
             skipped("test", "the build failed")
