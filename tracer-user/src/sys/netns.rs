@@ -79,9 +79,13 @@ mod tests {
 
     #[test]
     fn parses_namespace_links() {
-        assert_eq!(parse_ns_link("net:[4026531833]"), Some(4_026_531_833));
-        assert_eq!(parse_ns_link("mnt:[4026531833]"), None);
-        assert_eq!(parse_ns_link("net:[x]"), None);
+        for (link, want) in [
+            ("net:[4026531833]", Some(4_026_531_833)),
+            ("mnt:[4026531833]", None),
+            ("net:[x]", None),
+        ] {
+            assert_eq!(parse_ns_link(link), want, "{link}");
+        }
     }
 
     /// A namespace that only a non-main thread is in.
