@@ -44,6 +44,8 @@ use integration_tests::{
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
+const FAILS: &str = "conntracer_connect_failures_total";
+const GAUGE: &str = "conntracer_close_wait_connections";
 
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
@@ -353,5 +355,182 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
         0.0,
         "never a reset: {}",
         m2.dump(KILLS)
+    );
+}
+
+#[test]
+fn root_connect_failures_are_counted_by_reason_and_successes_never() {
+    let _serial = serial_unless_skipped!();
+    let lab = NetLab::new(InvalidAction::Drop, 3600);
+    // One SYN retransmission: a dropped SYN times out in ~3 s.
+    lab.client().set_sysctl("net.ipv4.tcp_syn_retries", "1");
+    let router = |args: &[&str]| {
+        let status = lab
+            .router()
+            .command("iptables")
+            .args([
+                "-w",
+                "5",
+                "-I",
+                "FORWARD",
+                "1",
+                "-d",
+                &SERVER_IP.to_string(),
+            ])
+            .args(["-p", "tcp"])
+            .args(args)
+            .status()
+            .expect("iptables");
+        assert!(status.success(), "iptables {args:?}");
+    };
+    router(&["--dport", "7001", "-j", "DROP"]);
+    // Not yet asserted: a SYN rejected with ICMP admin-prohibited (port
+    // 7002). The ICMP arrives while the connecting thread holds the socket
+    // (loopback and veth deliver it inside the connect's own send), so the
+    // kernel only records a soft error and keeps retrying; the client reads
+    // it with SO_ERROR (which clears it), gives up with EHOSTUNREACH and
+    // closes. The kernel never ends the connect itself: at SYN_SENT -> CLOSE
+    // (the owner's close) nothing on the socket says why, and the tracer
+    // counts nothing. No wrong answer, a missing one.
+    router(&[
+        "--dport",
+        "7002",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        "icmp-admin-prohibited",
+    ]);
+    let daemon = Daemon::start("60s", &[]);
+    let before = daemon.scrape();
+
+    // Nothing listens on 7003: the server's kernel answers with a reset.
+    let errors: Vec<String> = in_netns(lab.client(), || {
+        [7001_u16, 7002, 7003]
+            .iter()
+            .map(|&port| {
+                let addr = SocketAddr::new(SERVER_IP.into(), port);
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(20)) {
+                    Ok(_) => "connected".to_string(),
+                    Err(e) => e.kind().to_string(),
+                }
+            })
+            .collect()
+    });
+    assert_eq!(
+        errors,
+        ["timed out", "host unreachable", "connection refused"],
+        "what the client saw"
+    );
+    // 1,000 short connections that work, on the client's loopback.
+    in_netns(lab.client(), || {
+        let listener = std::net::TcpListener::bind(local(17000)).expect("listen");
+        let server = thread::spawn(move || {
+            for _ in 0..1000 {
+                let (mut s, _) = listener.accept().expect("accept");
+                let _ = s.write_all(b"x");
+            }
+        });
+        for _ in 0..1000 {
+            let mut c = TcpStream::connect(local(17000)).expect("connect");
+            let _ = c.read(&mut [0u8; 1]);
+        }
+        server.join().expect("server thread");
+    });
+
+    let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
+        delta(&before, m, FAILS, &[]) >= 2.0
+    });
+    thread::sleep(Duration::from_secs(1));
+    let m2 = daemon.scrape();
+    for (port, reason) in [(7001, "timeout"), (7003, "refused")] {
+        let peer = format!("10.231.2.2:{port}");
+        let want = [
+            ("peer", peer.as_str()),
+            ("reason", reason),
+            ("peer_state", "live"),
+            ("role", "host"),
+        ];
+        assert_eq!(delta(&before, &m, FAILS, &want), 1.0, "{}", m.dump(FAILS));
+    }
+    assert_eq!(
+        delta(&before, &m2, FAILS, &[("peer", "10.231.2.2:7002")]),
+        0.0,
+        "never a wrong reason for the ICMP reject: {}",
+        m2.dump(FAILS)
+    );
+    assert_eq!(delta(&before, &m2, FAILS, &[]), 2.0, "{}", m2.dump(FAILS));
+    assert_eq!(
+        delta(&before, &m2, FAILS, &[("peer", "127.0.0.1:17000")]),
+        0.0,
+        "successful connections are never failures"
+    );
+}
+
+#[test]
+fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let redis = Redis::start(&ns, local(16399), 2);
+    let daemon = Daemon::start("1s", &["--close-wait-threshold", "2s"]);
+    let closes = redis.idle_closes();
+    let before = daemon.scrape();
+    let leak = [("direction", "outbound"), ("role", "host")];
+    let gauge_before = before.sum(GAUGE, &leak);
+
+    // The app never reads and does not close until told to.
+    let mut app = Peer::spawn("ct-client redis never closes", {
+        let mut cmd = ns.command(CLIENT);
+        cmd.args(["redis", "--addr", "127.0.0.1", "--port", "16399"])
+            .args(["--idle-secs", "0", "--pause-before-then", "--then", "close"]);
+        cmd
+    });
+    app.expect_port("connected");
+    assert_eq!(app.expect_line("reply"), ["ok"]);
+    // Ground truth: Redis counts its idle close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.idle_closes() == closes {
+        assert!(Instant::now() < deadline, "Redis never closed the client");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let fin_seen = Instant::now();
+    let peer = [("peer", "127.0.0.1:16399"), ("closed_by", "peer")];
+    let m = daemon.wait_metrics(Duration::from_secs(5), |m| {
+        delta(&before, m, KILLS, &peer) >= 1.0
+    });
+    let took = fin_seen.elapsed();
+    assert!(
+        took <= Duration::from_secs(1),
+        "the kill is on /metrics {took:?} after Redis's close (target 1 s), while the app still \
+         holds the socket"
+    );
+    assert_eq!(delta(&before, &m, KILLS, &peer), 1.0, "{}", m.dump(KILLS));
+    // Past the threshold, the leak shows.
+    thread::sleep(Duration::from_secs(3).saturating_sub(fin_seen.elapsed()));
+    let m = daemon.scrape();
+    assert_eq!(m.sum(GAUGE, &leak) - gauge_before, 1.0, "{}", m.dump(GAUGE));
+    // The app closes at last: the gauge drops, nothing is counted twice.
+    app.go();
+    app.expect_line("closed");
+    app.wait_success();
+    let m = daemon.wait_metrics(Duration::from_secs(5), |m| {
+        m.sum(GAUGE, &leak) <= gauge_before
+    });
+    thread::sleep(Duration::from_millis(500));
+    let m2 = daemon.scrape();
+    assert_eq!(m2.sum(GAUGE, &leak), gauge_before, "{}", m.dump(GAUGE));
+    assert_eq!(
+        delta(&before, &m2, KILLS, &[("peer", "127.0.0.1:16399")]),
+        1.0,
+        "{}",
+        m2.dump(KILLS)
+    );
+    assert_eq!(
+        delta(
+            &before,
+            &m2,
+            &format!("{IDLE_HIST}_count"),
+            &[("closed_by", "peer"), ("direction", "outbound")]
+        ),
+        1.0
     );
 }

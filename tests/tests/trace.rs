@@ -216,9 +216,18 @@ fn assert_well_formed(events: &[Value], netns: u64, started: f64) {
                 assert_keepalive_shape(ev);
                 assert!(ev.get("end").is_none(), "{ev}");
             }
-            "close" => {
+            "close" | "end" => {
                 assert_keepalive_shape(ev);
                 assert_end_shape(ev);
+            }
+            "connect_failed" => {
+                assert_keepalive_shape(ev);
+                assert!(ev.get("end").is_none(), "{ev}");
+                assert!(
+                    ["refused", "timeout", "unreachable", "given_up"]
+                        .contains(&str_field(ev, "failure")),
+                    "{ev}"
+                );
             }
             "sockopt" => {
                 assert!(KEEPALIVE_OPTIONS.contains(&str_field(ev, "option")), "{ev}");
@@ -320,9 +329,20 @@ fn sole<'a>(events: &'a [Value], k: &str, label: &str) -> &'a Value {
 #[track_caller]
 fn assert_summaries_follow_their_transition(events: &[Value], label: &str) {
     for (i, ev) in events.iter().enumerate() {
+        if kind(ev) == "state"
+            && ev["old_state"] == "ESTABLISHED"
+            && ev["new_state"] == "CLOSE_WAIT"
+        {
+            assert!(
+                events.get(i + 1).is_some_and(|next| kind(next) == "end"),
+                "{label}: the peer's FIN must be followed by `end`:\n{}",
+                dump(events)
+            );
+        }
         let into = match kind(ev) {
             "open" => "ESTABLISHED",
             "close" => "CLOSE",
+            "end" => "CLOSE_WAIT",
             _ => continue,
         };
         let Some(prev) = i.checked_sub(1).map(|p| &events[p]) else {
@@ -376,10 +396,12 @@ fn assert_endpoints(events: &[Value], want: &[Endpoints], label: &str) {
     );
 }
 
-/// The kinds of a socket's events, in `ts_ns` order.
+/// The kinds of a socket's events, in `ts_ns` order. `end` (the peer's
+/// FIN) is left out here: [`assert_summaries_follow_their_transition`]
+/// checks that it comes exactly after each ESTABLISHED -> CLOSE_WAIT.
 #[track_caller]
 fn assert_kinds(events: &[Value], want: &[&str], label: &str) {
-    let kinds: Vec<&str> = events.iter().map(kind).collect();
+    let kinds: Vec<&str> = events.iter().map(kind).filter(|k| *k != "end").collect();
     assert_eq!(
         kinds,
         want,
@@ -832,10 +854,16 @@ fn root_connect_refused_reset_and_econnrefused() {
         &[("CLOSE", "SYN_SENT"), ("SYN_SENT", "CLOSE")],
         "client socket",
     );
-    // Never established: neither `open` nor `close`.
+    // Never established: no `open` or `close`, one `connect_failed`.
     assert_kinds(
         &evs,
-        &["state", "reset_received", "state", "error"],
+        &[
+            "state",
+            "reset_received",
+            "state",
+            "connect_failed",
+            "error",
+        ],
         "client socket",
     );
     let reset = &evs[1];
@@ -843,7 +871,8 @@ fn root_connect_refused_reset_and_econnrefused() {
         reset["state"], "SYN_SENT",
         "the RST arrives in SYN_SENT: {reset}"
     );
-    let error = &evs[3];
+    assert_eq!(evs[3]["failure"], "refused", "{}", evs[3]);
+    let error = &evs[4];
     assert_error(error, "ECONNREFUSED", libc::ECONNREFUSED);
     assert_eq!(
         error["state"], "CLOSE",

@@ -48,13 +48,18 @@ pub mod kind {
     pub const SOCK_ERROR: u16 = 4;
     /// A connection reached ESTABLISHED. Data: [`super::OpenData`].
     pub const OPEN: u16 = 5;
-    /// A connection that was established ended (-> CLOSE). Data: [`super::CloseData`].
+    /// A connection that was established ended (-> CLOSE), or a connect
+    /// failed ([`super::close_flags::CONNECT_FAILED`]). Data: [`super::CloseData`].
     pub const CLOSE: u16 = 6;
     /// A process set a keepalive socket option. Data: [`super::SockoptData`].
     pub const SOCKOPT: u16 = 7;
     /// One socket as the TCP iterator sees it (not sent through the ring
     /// buffer: read from the iterator's file). Data: [`super::SnapshotData`].
     pub const SNAPSHOT: u16 = 8;
+    /// The peer closed an established connection (ESTABLISHED -> CLOSE_WAIT):
+    /// the end facts at that moment, as a [`super::CloseData`], so the kill
+    /// is counted then, however long the owner keeps the socket.
+    pub const END: u16 = 9;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
     pub const SLOTS: u32 = 16;
     /// Loss-counter slot (not an event kind): a socket whose state could
@@ -91,6 +96,9 @@ pub mod close_flags {
     /// Payload written but not sent yet when the socket closed (e.g. the
     /// peer's window was closed).
     pub const UNSENT: u8 = 1 << 4;
+    /// The connect failed: SYN_SENT -> CLOSE (refused, timed out, or an
+    /// ICMP error); the summary carries the error.
+    pub const CONNECT_FAILED: u8 = 1 << 5;
 }
 
 /// Bits of [`Keepalive::from_socket`]: which values the socket set itself

@@ -178,12 +178,24 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     if new == tcp_state::ESTABLISHED {
         emit_open(sk, addr, tp, state, now);
+    } else if old == tcp_state::ESTABLISHED && new == tcp_state::CLOSE_WAIT {
+        // The peer's FIN: the end is known now, the owner may keep the
+        // socket for hours (or for ever: a CLOSE_WAIT leak).
+        // SAFETY: NULL-checked storage of this socket.
+        if let Some(st) = unsafe { state.as_ref() } {
+            emit_close(sk, addr, tp, st, now, old, kind::END);
+        }
     } else if new == tcp_state::CLOSE {
         // SAFETY: NULL-checked storage of this socket.
-        if let Some(st) = unsafe { state.as_ref() }
-            && st.flags & close_flags::END_SEEN != 0
-        {
-            emit_close(sk, addr, tp, st, now, old);
+        if let Some(st) = unsafe { state.as_mut() } {
+            if old == tcp_state::SYN_SENT {
+                // A failed connect (never established): one summary with
+                // its error, for the connect-failure count.
+                st.flags |= close_flags::CONNECT_FAILED;
+                emit_close(sk, addr, tp, st, now, old, kind::CLOSE);
+            } else if st.flags & close_flags::END_SEEN != 0 {
+                emit_close(sk, addr, tp, st, now, old, kind::CLOSE);
+            }
         }
         if old == tcp_state::LISTEN {
             unregister_listener(netns_of::<Btf>(tp), local_port::<Btf>(tp), addr);
@@ -288,8 +300,16 @@ fn pending_flags(tp: *const c_void, old: u8) -> u8 {
 }
 
 #[inline(always)]
-fn emit_close(sk: *const c_void, addr: u64, tp: *const c_void, st: &SockState, now: u64, old: u8) {
-    let Some(mut entry) = reserve::<CloseData>(kind::CLOSE) else {
+fn emit_close(
+    sk: *const c_void,
+    addr: u64,
+    tp: *const c_void,
+    st: &SockState,
+    now: u64,
+    old: u8,
+    event_kind: u16,
+) {
+    let Some(mut entry) = reserve::<CloseData>(event_kind) else {
         return;
     };
     let ev = entry.as_mut_ptr();
@@ -298,7 +318,7 @@ fn emit_close(sk: *const c_void, addr: u64, tp: *const c_void, st: &SockState, n
     let soft_errno: i32 = Btf::get(tp, off!(sk_err_soft));
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::CLOSE, now, st);
+        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, event_kind, now, st);
         (*ev).data = CloseData {
             ka: keepalive::<Btf>(tp),
             established_ns: st.established_ns,

@@ -55,6 +55,12 @@ pub struct Config {
     /// either way, by the peer or by a timeout, is an idle kill. Default 60s.
     #[serde(deserialize_with = "duration")]
     pub idle_threshold: Duration,
+    /// A connection whose peer closed it this long ago and whose owner has
+    /// not closed it counts in `conntracer_close_wait_connections` (the
+    /// leak). Default 60s: conntrack's CLOSE_WAIT expiry, after which the
+    /// owner's own FIN no longer reaches a NAT'd peer.
+    #[serde(deserialize_with = "duration")]
+    pub close_wait_threshold: Duration,
     /// Most connections tracked at once (~300 bytes each); past it the
     /// oldest are dropped from the table and counted. Default 262144.
     pub max_connections: usize,
@@ -108,6 +114,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             idle_threshold: Duration::from_mins(1),
+            close_wait_threshold: Duration::from_mins(1),
             max_connections: 262_144,
             max_peers: 500,
             max_sockopt_values: 100,
@@ -161,6 +168,10 @@ pub struct Overrides {
     /// timeout counts as an idle kill, e.g. 30s, 5m [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub idle_threshold: Option<Duration>,
+    /// How long after the peer closed a connection its owner may keep it
+    /// before it counts as a CLOSE_WAIT leak, e.g. 2s, 5m [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub close_wait_threshold: Option<Duration>,
     /// TOML configuration file (see README); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -283,6 +294,9 @@ impl Config {
         if let Some(v) = f.idle_threshold {
             self.idle_threshold = v;
         }
+        if let Some(v) = f.close_wait_threshold {
+            self.close_wait_threshold = v;
+        }
         if let Some(v) = f.max_connections {
             self.max_connections = v;
         }
@@ -329,6 +343,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
+        if self.close_wait_threshold.is_zero() {
+            return bad("close_wait_threshold", "0".into(), "must be more than zero");
+        }
         if self.idle_threshold.is_zero() {
             return bad("idle_threshold", "0".into(), "must be more than zero");
         }
@@ -555,7 +572,7 @@ mod fuzz {
         let int = |lo: i64, hi: i64| (lo..=hi).prop_map(Value::Integer).boxed();
         match key {
             "listen" => s(&["127.0.0.1:9090", "0.0.0.0:9102", "[::1]:80"]),
-            "idle_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
+            "idle_threshold" | "close_wait_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
             "resync_interval" => s(&["1s", "30s", "2m"]),
             "max_connections" => int(1, 1 << 24),
             "max_peers" | "max_sockopt_values" => int(1, 100_000),
@@ -586,6 +603,7 @@ mod fuzz {
     const KEYS: &[&str] = &[
         "listen",
         "idle_threshold",
+        "close_wait_threshold",
         "max_connections",
         "max_peers",
         "max_sockopt_values",

@@ -247,6 +247,7 @@ mod tests {
             ],
             opened_at: None,
             age_s: None,
+            close_wait_s: None,
         };
         let t = render_table(&[c]);
         let line = t.lines().nth(1).unwrap();

@@ -168,6 +168,7 @@ fn arb_record() -> impl Strategy<Value = (Vec<u8>, ConnEvent)> {
             rec(i, kind::OPEN, d, EventData::Open(d))
         }),
         (arb_info(), arb_close()).prop_map(|(i, d)| rec(i, kind::CLOSE, d, EventData::Close(d))),
+        (arb_info(), arb_close()).prop_map(|(i, d)| rec(i, kind::END, d, EventData::End(d))),
         (arb_info(), array::uniform4(any::<u32>())).prop_map(
             |(i, [level, optname, value, optlen])| {
                 let d = SockoptData {
@@ -194,7 +195,7 @@ fn need(kind: u16) -> Option<usize> {
                 kind::RESET_RECEIVED | kind::RESET_SENT => size_of::<ResetData>(),
                 kind::SOCK_ERROR => size_of::<SockError>(),
                 kind::OPEN => size_of::<OpenData>(),
-                kind::CLOSE => size_of::<CloseData>(),
+                kind::CLOSE | kind::END => size_of::<CloseData>(),
                 kind::SOCKOPT => size_of::<SockoptData>(),
                 kind::SNAPSHOT => size_of::<SnapshotData>(),
                 _ => return None,

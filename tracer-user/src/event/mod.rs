@@ -41,12 +41,22 @@ pub enum DecodeError {
 /// What happened, per event kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventData {
-    State { old: u8, new: u8 },
+    State {
+        old: u8,
+        new: u8,
+    },
     ResetReceived,
-    ResetSent { reason: u32 },
-    Error { errno: u32 },
+    ResetSent {
+        reason: u32,
+    },
+    Error {
+        errno: u32,
+    },
     Open(OpenData),
     Close(CloseData),
+    /// The peer closed an established connection (its FIN): the end facts
+    /// at that moment; the socket's own `Close` comes when it is freed.
+    End(CloseData),
     Sockopt(SockoptData),
     Snapshot(SnapshotData),
 }
@@ -121,6 +131,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
         }
         kind::OPEN => EventData::Open(body(bytes, "open")?),
         kind::CLOSE => EventData::Close(body(bytes, "close")?),
+        kind::END => EventData::End(body(bytes, "end")?),
         kind::SOCKOPT => EventData::Sockopt(body(bytes, "sockopt")?),
         kind::SNAPSHOT => EventData::Snapshot(body(bytes, "snapshot")?),
         other => return Err(DecodeError::UnknownKind { kind: other }),
@@ -138,6 +149,7 @@ impl ConnEvent {
             EventData::Error { .. } => "error",
             EventData::Open(_) => "open",
             EventData::Close(_) => "close",
+            EventData::End(_) => "end",
             EventData::Sockopt(_) => "sockopt",
             EventData::Snapshot(_) => "snapshot",
         }

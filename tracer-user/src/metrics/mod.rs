@@ -45,6 +45,14 @@ label_set!(
     StaleReuse { namespace, pod, container, role, direction, peer, outcome, cause }
 );
 label_set!(
+    /// `conntracer_close_wait_connections`.
+    CloseWait { namespace, pod, container, role, direction }
+);
+label_set!(
+    /// `conntracer_connect_failures_total`.
+    ConnectFailure { namespace, pod, container, role, peer, peer_state, reason }
+);
+label_set!(
     /// `conntracer_sidecar_chain_kills_total`.
     ChainKill { namespace, pod, peer, origin, upstream_keepalive }
 );
@@ -77,6 +85,8 @@ pub struct Metrics {
     pub connections_open: Gauge<ConnectionsOpen<'static>>,
     pub keepalive_sockopts: Counter<KeepaliveSockopt<'static>>,
     pub stale_reuse: Counter<StaleReuse<'static>>,
+    pub connect_failures: Counter<ConnectFailure<'static>>,
+    pub close_wait: Gauge<CloseWait<'static>>,
     pub sidecar_chain_kills: Counter<ChainKill<'static>>,
     pub sidecar_keepalive_mismatch: Gauge<ChainPeer<'static>>,
     pub events: Counter<EventKind<'static>>,
@@ -133,6 +143,19 @@ impl Metrics {
                 "Sends answered by a reset or never acknowledged: the first send after at least \
                  the idle threshold of silence (cause silence), or a send after the peer's FIN \
                  or crossing it (cause peer_closed: the keep-alive race).",
+            )?,
+            close_wait: Gauge::register(
+                &r,
+                "conntracer_close_wait_connections",
+                "Connections the peer closed more than close_wait_threshold ago that their owner \
+                 has not closed (CLOSE_WAIT: a leak of the owner's).",
+            )?,
+            connect_failures: Counter::register(
+                &r,
+                "conntracer_connect_failures_total",
+                "Connects that failed: refused (a reset answered the SYN), timeout (the SYN went \
+                 unanswered) or unreachable (an ICMP error). peer_state=deleted: the peer is a pod \
+                 deleted from the API less than deleted_pod_grace ago.",
             )?,
             sidecar_chain_kills: Counter::register(
                 &r,
@@ -271,6 +294,7 @@ impl Metrics {
             + self.idle_before_close.remove_where(&belongs)
             + self.keepalive_sockopts.remove_where(&belongs)
             + self.stale_reuse.remove_where(&belongs)
+            + self.connect_failures.remove_where(&belongs)
             + self.sidecar_chain_kills.remove_where(&belongs)
     }
 

@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use tracer_common::EventInfo;
 
 use super::{
-    ChainKill, ChainPeer, ConnectionsOpen, EventKind, IdleBeforeClose, IdleKill, KeepaliveSockopt,
-    LabelName, Metrics, PeerConnectionsOpen, StaleReuse, labels::LabelCap,
+    ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, IdleBeforeClose,
+    IdleKill, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
+    labels::LabelCap,
 };
 use crate::{
     config::Config,
@@ -62,6 +63,25 @@ impl State {
         match self.tracker.handle(ev) {
             Outcome::Nothing => {}
             Outcome::Closed(closed) => self.on_close(&closed),
+            Outcome::ConnectFailed { info, attr, reason } => {
+                let peer = self.peer(&info, Direction::Outbound);
+                let peer_state = self.tracker.peer_state(&info);
+                log::debug!(
+                    "connect failure: {} -> {peer} ({peer_state}) pid {}: {}",
+                    info.sock.sport,
+                    info.owner.pid,
+                    reason.as_str()
+                );
+                self.metrics.connect_failures.inc(&ConnectFailure {
+                    namespace: &attr.namespace,
+                    pod: &attr.pod,
+                    container: &attr.container,
+                    role: attr.role.as_str(),
+                    peer: &peer,
+                    peer_state,
+                    reason: reason.as_str(),
+                });
+            }
             Outcome::Sockopt { attr, option } => {
                 let value = self.admit(Cap::SockoptValue, option.value.to_string());
                 self.metrics.keepalive_sockopts.inc(&KeepaliveSockopt {
@@ -83,7 +103,13 @@ impl State {
         let (attr, dir, ending, verdict) = (&c.attr, c.dir, &c.ending, &c.verdict);
         let role = attr.role.as_str();
         let closed_by = ending.closed_by.as_str();
-        if let Some(idle) = ending.idle() {
+        // Counted at the peer's FIN already: only a failed send into the
+        // half-closed connection (a stale reuse) is left to count.
+        let verdict = &crate::track::classify::Verdict {
+            idle_kill: verdict.idle_kill && !c.end_counted,
+            ..*verdict
+        };
+        if let Some(idle) = ending.idle().filter(|_| !c.end_counted) {
             self.metrics.idle_before_close.observe(
                 &IdleBeforeClose {
                     namespace: &attr.namespace,
@@ -234,7 +260,31 @@ impl State {
                 *open.entry((a, dir, c.ka.enabled != 0)).or_default() += 1;
             }
         }
+        let mut close_wait: HashMap<(Attribution, Direction), i64> = HashMap::new();
+        let now = crate::event::clock::monotonic_ns();
+        let after = u64::try_from(self.tracker.close_wait_threshold.as_nanos()).unwrap_or(u64::MAX);
+        for c in self.tracker.table.iter() {
+            if c.peer_closed_ns != 0 && now.saturating_sub(c.peer_closed_ns) >= after {
+                let a = self.tracker.attr.attribute(&c.info.owner);
+                *close_wait
+                    .entry((a, self.tracker.direction(&c.info)))
+                    .or_default() += 1;
+            }
+        }
         let m = &self.metrics;
+        m.close_wait.reset();
+        for ((a, dir), n) in close_wait {
+            m.close_wait.set(
+                &CloseWait {
+                    namespace: &a.namespace,
+                    pod: &a.pod,
+                    container: &a.container,
+                    role: a.role.as_str(),
+                    direction: dir.as_str(),
+                },
+                n,
+            );
+        }
         m.connections_open.reset();
         m.peer_connections_open.reset();
         for ((a, dir, keepalive), n) in open {

@@ -216,6 +216,14 @@ impl Attributor {
         a
     }
 
+    /// Whether `ip` is the address of a pod deleted from the API (still in
+    /// its grace period): traffic to a terminated endpoint.
+    pub fn peer_deleted(&self, ip: IpAddr) -> bool {
+        self.pods
+            .as_ref()
+            .is_some_and(|p| p.ip_deleted(canonical(ip)))
+    }
+
     /// `namespace/pod` of a pod IP of this node, if known.
     pub fn peer_pod(&self, ip: IpAddr) -> Option<String> {
         let (ns, pod) = self.pods.as_ref()?.lookup_ip(canonical(ip))?;

@@ -151,6 +151,17 @@ impl PodIndex {
         Some((pod.namespace.clone(), pod.name.clone()))
     }
 
+    /// Whether the pod holding `ip` was deleted (and is in its grace
+    /// period); false for unknown addresses and running pods.
+    pub fn ip_deleted(&self, ip: IpAddr) -> bool {
+        let index = self.read();
+        index
+            .by_ip
+            .get(&canonical(ip))
+            .and_then(|uid| index.pods.get(uid))
+            .is_some_and(|p| p.deleted_at.is_some())
+    }
+
     /// Names of the pod's containers: init containers, then the app
     /// containers, then ephemeral ones, each in spec order. Empty for an
     /// unknown pod.

@@ -50,6 +50,10 @@ pub struct ConnView {
     pub chain: Vec<ChainLegView>,
     pub opened_at: Option<String>,
     pub age_s: Option<f64>,
+    /// Seconds since the peer closed it (its FIN), for a connection its
+    /// owner has not closed yet (CLOSE_WAIT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub close_wait_s: Option<f64>,
 }
 
 /// One leg of a chain, as `/connections` shows it.
@@ -170,6 +174,9 @@ fn view(
         age_s: known
             .filter(|c| c.opened)
             .map(|c| Duration::from_nanos(now.saturating_sub(c.seen_ns)).as_secs_f64()),
+        close_wait_s: known
+            .filter(|c| c.peer_closed_ns != 0)
+            .map(|c| Duration::from_nanos(now.saturating_sub(c.peer_closed_ns)).as_secs_f64()),
     }
 }
 

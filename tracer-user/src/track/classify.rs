@@ -252,6 +252,58 @@ pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
     }
 }
 
+/// Why a connect failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectFailure {
+    /// The peer answered the SYN with a reset (nothing listens there).
+    Refused,
+    /// The SYN retransmissions (tcp_syn_retries) or TCP_USER_TIMEOUT ran
+    /// out unanswered.
+    Timeout,
+    /// An ICMP error said the peer cannot be reached (a deleted pod, a gone
+    /// node, a reject policy), at once or after the retransmissions.
+    Unreachable,
+}
+
+impl ConnectFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// Why the connect of a [`close_flags::CONNECT_FAILED`] summary failed;
+/// `None` when it was not a failure (the owner gave up first: closed the
+/// socket before the answer, with no error on it).
+pub fn connect_failure(c: &CloseData) -> Option<ConnectFailure> {
+    if c.flags & close_flags::CONNECT_FAILED == 0 {
+        return None;
+    }
+    let unreachable = [
+        libc::EHOSTUNREACH,
+        libc::ENETUNREACH,
+        libc::EHOSTDOWN,
+        libc::ENETDOWN,
+        libc::EPROTO,
+    ];
+    // An ICMP error that arrived while the connecting process held the
+    // socket is only a soft error; the connect then fails with it.
+    let errno = if c.errno == 0 { c.soft_errno } else { c.errno };
+    if c.flags & close_flags::RST_RECEIVED != 0 || errno == libc::ECONNREFUSED as u32 {
+        Some(ConnectFailure::Refused)
+    } else if errno == ETIMEDOUT {
+        Some(ConnectFailure::Timeout)
+    } else if unreachable.iter().any(|&e| errno == e as u32) {
+        Some(ConnectFailure::Unreachable)
+    } else {
+        None
+    }
+}
+
 /// Ticks from `then` to `now`: the whole 32-bit difference (up to 2^32
 /// ticks, 49 days at HZ 1000), except a few ticks "in the future", which
 /// are stamps taken a moment apart (read as 0). The caller bounds it by the
@@ -606,6 +658,33 @@ mod tests {
             (e.closed_by, e.close_kind, e.timeout_cause),
             (ClosedBy::Local, CloseKind::Rst, None)
         );
+    }
+
+    #[test]
+    fn connect_failures_by_reason() {
+        let failed = |errno: i32, flags: u8| CloseData {
+            errno: errno as u32,
+            flags: close_flags::CONNECT_FAILED | flags,
+            ..CloseData::default()
+        };
+        assert_eq!(
+            connect_failure(&failed(libc::ECONNREFUSED, close_flags::RST_RECEIVED)),
+            Some(ConnectFailure::Refused)
+        );
+        assert_eq!(
+            connect_failure(&failed(libc::ETIMEDOUT, 0)),
+            Some(ConnectFailure::Timeout)
+        );
+        assert_eq!(
+            connect_failure(&failed(libc::EHOSTUNREACH, 0)),
+            Some(ConnectFailure::Unreachable)
+        );
+        // The owner closed a connecting socket: no error, no failure.
+        assert_eq!(connect_failure(&failed(0, 0)), None);
+        // A connection that was established and ended is never one.
+        let mut ended = failed(libc::ECONNREFUSED, 0);
+        ended.flags = close_flags::END_SEEN;
+        assert_eq!(connect_failure(&ended), None);
     }
 
     #[test]

@@ -81,6 +81,14 @@ impl Tracker {
                 opened: false,
                 ka: s.ka,
                 hz,
+                // Found waiting for its owner's close: since when is not
+                // known, so from now.
+                peer_closed_ns: if ev.info.sock.state == tcp_state::CLOSE_WAIT {
+                    ev.info.ts_ns
+                } else {
+                    0
+                },
+                end_counted: false,
             });
         }
         let gone: Vec<u64> = self

@@ -21,6 +21,13 @@ pub struct Conn {
     pub ka: Keepalive,
     /// jiffies per second used to store option values given in seconds.
     pub hz: u32,
+    /// CLOCK_MONOTONIC of the peer's FIN (the socket is in CLOSE_WAIT, or
+    /// later; for one found in CLOSE_WAIT by a snapshot, when it was found);
+    /// 0 while the peer has not closed.
+    pub peer_closed_ns: u64,
+    /// Its end was classified and counted at the peer's FIN: the final
+    /// close only adds what it alone can tell (a send into it that failed).
+    pub end_counted: bool,
 }
 
 /// Hashes socket cookies. The kernel hands them out from a counter, so
@@ -162,6 +169,8 @@ mod tests {
             opened: true,
             ka: Keepalive::default(),
             hz: 250,
+            peer_closed_ns: 0,
+            end_counted: false,
         }
     }
 

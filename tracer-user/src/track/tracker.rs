@@ -3,7 +3,7 @@
 
 use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive, time::Duration};
 
-use tracer_common::{CloseData, EventInfo, Owner, SockoptData, owner_flags};
+use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
 use super::{
     Direction,
@@ -25,6 +25,8 @@ use crate::{
 /// each ends.
 pub struct Tracker {
     pub threshold: Duration,
+    /// After how long a connection the peer closed counts as a CLOSE_WAIT leak.
+    pub close_wait_threshold: Duration,
     pub table: ConnTable,
     pub hz: HzTracker,
     pub attr: Attributor,
@@ -42,6 +44,12 @@ pub enum Outcome {
     Nothing,
     /// A connection ended.
     Closed(Box<Closed>),
+    /// A connect failed (never established).
+    ConnectFailed {
+        info: EventInfo,
+        attr: Attribution,
+        reason: classify::ConnectFailure,
+    },
     /// A process set a keepalive option.
     Sockopt {
         attr: Attribution,
@@ -60,12 +68,15 @@ pub struct Closed {
     pub verdict: Verdict,
     /// The chain it ended, if it was the first of its chain's legs to end.
     pub chain_end: Option<ChainEnd>,
+    /// Its end (idle kill, idle time) was counted at the peer's FIN already.
+    pub end_counted: bool,
 }
 
 impl Tracker {
     pub fn new(cfg: &Config, attr: Attributor) -> Self {
         Self {
             threshold: cfg.idle_threshold,
+            close_wait_threshold: cfg.close_wait_threshold,
             table: ConnTable::new(cfg.max_connections),
             hz: HzTracker::new(cfg.kernel_hz),
             attr,
@@ -101,12 +112,25 @@ impl Tracker {
                     opened: true,
                     ka: o.ka,
                     hz,
+                    peer_closed_ns: 0,
+                    end_counted: false,
                 });
                 let leg = self.leg(&info);
                 self.chains.on_open(leg);
                 Outcome::Nothing
             }
+            EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
+                match classify::connect_failure(&c) {
+                    Some(reason) => Outcome::ConnectFailed {
+                        info: ev.info,
+                        attr: self.attr.attribute(&ev.info.owner),
+                        reason,
+                    },
+                    None => Outcome::Nothing,
+                }
+            }
             EventData::Close(c) => Outcome::Closed(Box::new(self.on_close(&ev.info, &c))),
+            EventData::End(c) => self.on_peer_fin(&ev.info, &c),
             EventData::Sockopt(o) => {
                 if ev.info.cookie != 0 {
                     self.table.apply_sockopt(ev.info.cookie, &o);
@@ -120,11 +144,56 @@ impl Tracker {
         }
     }
 
+    /// The peer's FIN on an established connection: its end is classified
+    /// and counted now (an idle kill by the peer is known at this moment),
+    /// and the connection stays in the table until its owner closes it.
+    fn on_peer_fin(&mut self, info: &EventInfo, c: &CloseData) -> Outcome {
+        self.hz.observe(c.jiffies, info.ts_ns);
+        let hz = self.hz.get();
+        let at_open = if let Some(conn) = self.table.get_mut(info.cookie) {
+            conn.peer_closed_ns = info.ts_ns;
+            conn.end_counted = true;
+            let mut at_open = conn.info;
+            if !at_open.owner.is_known() {
+                at_open.owner = info.owner;
+            }
+            at_open
+        } else {
+            // Not in the table (evicted, or lost open): remember it now,
+            // so that its close does not count it again.
+            self.table.insert(Conn {
+                info: *info,
+                seen_ns: info.ts_ns,
+                opened: false,
+                ka: c.ka,
+                hz: hz.0,
+                peer_closed_ns: info.ts_ns,
+                end_counted: true,
+            });
+            *info
+        };
+        let ending = classify::ending(c, info.ts_ns, hz);
+        let verdict = classify::verdict(&ending, self.threshold);
+        let attr = self.attr.attribute(&at_open.owner);
+        let dir = self.direction(&at_open);
+        Outcome::Closed(Box::new(Closed {
+            info: at_open,
+            attr,
+            dir,
+            ending,
+            verdict,
+            chain_end: None,
+            end_counted: false,
+        }))
+    }
+
     fn on_close(&mut self, info: &EventInfo, c: &CloseData) -> Closed {
         self.hz.observe(c.jiffies, info.ts_ns);
         let hz = self.hz.get();
         // The table's copy has the addresses and owner as they were at open.
-        let known = self.table.remove(info.cookie).map(|conn| conn.info);
+        let known = self.table.remove(info.cookie);
+        let end_counted = known.as_ref().is_some_and(|k| k.end_counted);
+        let known = known.map(|conn| conn.info);
         let mut at_open = known.unwrap_or(*info);
         if !at_open.owner.is_known() {
             at_open.owner = info.owner;
@@ -147,6 +216,7 @@ impl Tracker {
             ending,
             verdict,
             chain_end,
+            end_counted,
         }
     }
 
@@ -162,6 +232,17 @@ impl Tracker {
         self.attr
             .peer_pod(remote)
             .unwrap_or_else(|| peer_label(remote, info.sock.dport, dir))
+    }
+
+    /// `deleted` when the remote address is a pod deleted from the API
+    /// (within `deleted_pod_grace`), else `live`.
+    pub fn peer_state(&self, info: &EventInfo) -> &'static str {
+        let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        if self.attr.peer_deleted(remote) {
+            "deleted"
+        } else {
+            "live"
+        }
     }
 
     /// What the chain tracker needs of a connection.

@@ -237,8 +237,26 @@ pub(super) fn peer_reset(ctx: &mut Ctx<'_>) -> Vec<Check> {
 
 /// A connect to a port nobody listens on: refused, SYN_SENT -> CLOSE on a
 /// received reset, owned by this process.
+/// `conntracer_connect_failures_total{reason}` in the selftest's state.
+pub(super) fn connect_failures(state: &crate::metrics::State, reason: &str) -> u64 {
+    state
+        .metrics
+        .connect_failures
+        .collect()
+        .iter()
+        .flat_map(prometheus::proto::MetricFamily::get_metric)
+        .filter(|m| {
+            m.get_label()
+                .iter()
+                .any(|l| l.name() == "reason" && l.value() == reason)
+        })
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
 pub(super) fn refused_connect(ctx: &mut Ctx<'_>) -> Vec<Check> {
     let mut c = Checks::new("refused-connect");
+    let refused_before = connect_failures(&ctx.events.state, "refused");
     let done = ctx.in_lab(|| {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, CLOSED_PORT));
         Ok(TcpStream::connect_timeout(&addr, STEP_TIMEOUT)
@@ -282,15 +300,38 @@ pub(super) fn refused_connect(ctx: &mut Ctx<'_>) -> Vec<Check> {
         }),
     );
     c.equal(
-        "open/close summaries",
+        "open summaries",
         0,
         seen(&cookie, |&k| {
             evs.iter()
-                .filter(|e| {
-                    e.info.cookie == k && matches!(e.data, EventData::Open(_) | EventData::Close(_))
-                })
+                .filter(|e| e.info.cookie == k && matches!(e.data, EventData::Open(_)))
                 .count()
         }),
+    );
+    // One summary of the failed connect, with its reason.
+    c.equal(
+        "connect failure",
+        "1 refused".to_string(),
+        seen(&cookie, |&k| {
+            let reasons: Vec<&str> = evs
+                .iter()
+                .filter_map(|e| match e.data {
+                    EventData::Close(d) if e.info.cookie == k => {
+                        Some(classify::connect_failure(&d).map_or("not a failure", |r| r.as_str()))
+                    }
+                    _ => None,
+                })
+                .collect();
+            format!("{} {}", reasons.len(), reasons.join(","))
+        }),
+    );
+    c.equal(
+        "connect failures counted",
+        "+1 reason=refused".to_string(),
+        Ok(format!(
+            "+{} reason=refused",
+            connect_failures(&ctx.events.state, "refused") - refused_before
+        )),
     );
     c.list
 }

@@ -49,9 +49,12 @@ pub struct TraceRecord {
     /// open, close: the socket's keepalive settings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keepalive: Option<KeepaliveView>,
-    /// close: how it ended.
+    /// close (and end: the peer's FIN): how it ended.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub end: Option<EndView>,
+    /// connect_failed: refused, timeout or unreachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure: Option<&'static str>,
     /// sockopt: the option and the value set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub option: Option<&'static str>,
@@ -149,6 +152,7 @@ impl TraceRecord {
             error: None,
             keepalive: None,
             end: None,
+            failure: None,
             option: None,
             value: None,
         };
@@ -167,7 +171,19 @@ impl TraceRecord {
                 hz.observe(o.jiffies, i.ts_ns);
                 rec.keepalive = Some(KeepaliveView::new(&o.ka, hz.get()));
             }
-            EventData::Close(c) => {
+            EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
+                // A connect that never got established: why, not how it ended.
+                hz.observe(c.jiffies, i.ts_ns);
+                rec.kind = "connect_failed";
+                rec.keepalive = Some(KeepaliveView::new(&c.ka, hz.get()));
+                rec.failure = Some(
+                    classify::connect_failure(&c)
+                        .map_or("given_up", classify::ConnectFailure::as_str),
+                );
+                rec.errno = Some(c.errno);
+                rec.error = Some(errno_name(c.errno));
+            }
+            EventData::Close(c) | EventData::End(c) => {
                 hz.observe(c.jiffies, i.ts_ns);
                 let hz = hz.get();
                 rec.keepalive = Some(KeepaliveView::new(&c.ka, hz));

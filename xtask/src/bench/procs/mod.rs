@@ -1,5 +1,10 @@
 //! The processes a benchmark starts, and what /proc says about them: CPU
-//! time, resident memory, the eBPF maps they hold.
+//! time, resident memory, the eBPF maps they hold. `tracer` starts and stops
+//! the tracers under test, `loadgen` the load generator; both through
+//! `Proc`, which ends its child by pid.
+
+pub mod loadgen;
+pub mod tracer;
 
 use std::{
     fs,

@@ -1,0 +1,122 @@
+//! The targets the numbers are held against, and how a run did.
+
+use serde::Serialize;
+
+use super::{ratio_of, short, summarize};
+use crate::bench::{
+    procs::tracer::Config,
+    scenario::{Results, memory::mib},
+};
+
+/// Target: churn throughput with conn-tracer, as a fraction of no tracer.
+pub const CHURN_RATIO_TARGET: f64 = 0.98;
+/// Target: daemon RSS with this many tracked connections...
+pub const RSS_AT: usize = 100_000;
+/// ... at most this many bytes.
+pub const RSS_TARGET: u64 = 64 * 1024 * 1024;
+/// Target: userspace pipeline events per second on one core.
+pub const PIPELINE_TARGET: f64 = 2e6;
+/// Target: detection latency of an idle kill, milliseconds.
+pub const LATENCY_TARGET_MS: f64 = 1000.0;
+
+/// A target and how this run did against it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    pub name: String,
+    pub target: String,
+    pub value: String,
+    pub pass: bool,
+}
+
+/// Every target, with this run's value.
+pub fn verdicts(r: &Results) -> Vec<Verdict> {
+    let mut v = Vec::new();
+    let churn = summarize(&r.churn);
+    if !r.churn.is_empty() {
+        let ct = ratio_of(&churn, Config::ConnTracer);
+        let bt = ratio_of(&churn, Config::Bpftrace);
+        v.push(Verdict {
+            name: "churn throughput with conn-tracer / no tracer (median of rounds)".into(),
+            target: format!(">= {CHURN_RATIO_TARGET}"),
+            value: ct.map_or("-".into(), |x| format!("{x:.3}")),
+            pass: ct.is_some_and(|x| x >= CHURN_RATIO_TARGET),
+        });
+        v.push(Verdict {
+            name: "churn throughput, conn-tracer vs the bpftrace peer".into(),
+            target: ">= bpftrace".into(),
+            value: format!(
+                "{} vs {}",
+                ct.map_or("-".into(), |x| format!("{x:.3}")),
+                bt.map_or("-".into(), |x| format!("{x:.3}"))
+            ),
+            pass: ct.zip(bt).is_some_and(|(c, b)| c >= b),
+        });
+        let ct_runs = r
+            .churn
+            .iter()
+            .chain(&r.scaling)
+            .filter(|x| x.config == Config::ConnTracer);
+        let (events, lost) = ct_runs.fold((0, 0), |(e, l), x| {
+            (e + x.events.unwrap_or(0), l + x.lost.unwrap_or(0))
+        });
+        v.push(Verdict {
+            name: "events lost at the highest churn, default ring (all churn and scaling runs)"
+                .into(),
+            target: "0".into(),
+            value: format!("{lost} of {events}"),
+            pass: lost == 0 && events > 0,
+        });
+    }
+    if let Some(t) = &r.tiny_ring {
+        v.push(Verdict {
+            name: format!("every loss counted with a {}-byte ring", t.ring_bytes),
+            target: "lost > 0 and received + lost >= expected".into(),
+            value: format!(
+                "lost {} (counted), received {} + lost - expected {} = {:+}",
+                t.lost, t.received, t.expected, t.excess
+            ),
+            pass: t.pass,
+        });
+    }
+    if let Some(m) = &r.memory {
+        let at = m
+            .points
+            .iter()
+            .filter(|p| p.tracked_target >= RSS_AT)
+            .min_by_key(|p| p.tracked_target);
+        v.push(Verdict {
+            name: format!(
+                "daemon RSS with {} tracked connections",
+                short(RSS_AT as f64)
+            ),
+            target: format!("<= {} MiB", RSS_TARGET / 1024 / 1024),
+            value: at.map_or("-".into(), |p| {
+                format!("{:.1} MiB ({} tracked)", mib(p.rss_bytes), p.tracked)
+            }),
+            pass: at.is_some_and(|p| p.rss_bytes <= RSS_TARGET),
+        });
+    }
+    if !r.pipeline.is_empty() {
+        let worst = r
+            .pipeline
+            .iter()
+            .map(|p| p.events_per_s)
+            .fold(f64::INFINITY, f64::min);
+        v.push(Verdict {
+            name: "userspace pipeline on one core (slowest table size)".into(),
+            target: ">= 2M events/s".into(),
+            value: format!("{:.2}M events/s", worst / 1e6),
+            pass: worst >= PIPELINE_TARGET,
+        });
+    }
+    if let Some(l) = &r.latency {
+        let max = l.summary.map_or(f64::INFINITY, |s| s.max);
+        v.push(Verdict {
+            name: "idle-kill detection latency (worst sample)".into(),
+            target: "<= 1 s".into(),
+            value: format!("{max:.1} ms, {} missed", l.missed),
+            pass: max <= LATENCY_TARGET_MS && l.missed == 0,
+        });
+    }
+    v
+}
