@@ -170,6 +170,25 @@ pub(crate) fn run_checked(cmd: &mut Command) {
     );
 }
 
+/// Spawns `cmd` with `stdin` and its stdout and stderr piped; `what` names
+/// it if it cannot start.
+pub(crate) fn spawn_piped(
+    cmd: &mut Command,
+    stdin: std::process::Stdio,
+    what: &str,
+) -> (Child, std::process::ChildStdout, std::process::ChildStderr) {
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what} ({cmd:?}): {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let stderr = child.stderr.take().expect("piped stderr");
+    (child, stdout, stderr)
+}
+
 /// Polls `child` until it exits, at most `timeout`.
 pub(crate) fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;

@@ -119,14 +119,7 @@ pub struct Peer {
 impl Peer {
     /// Spawns `cmd` with stdin, stdout and stderr piped; `label` names it in failures.
     pub fn spawn(label: &str, mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {label} ({cmd:?}): {e}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr_pipe = child.stderr.take().expect("piped stderr");
+        let (mut child, stdout, stderr_pipe) = crate::spawn_piped(&mut cmd, Stdio::piped(), label);
         let (tx, lines) = mpsc::channel();
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {

@@ -139,14 +139,7 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
 /// Runs `cmd` to completion, at most `timeout` (then SIGKILL), and returns
 /// its output; panics if it cannot start or does not finish in time.
 pub(crate) fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
+    let (mut child, mut stdout, mut stderr) = crate::spawn_piped(cmd, Stdio::null(), "a command");
     let out_reader = thread::spawn(move || {
         let mut buf = Vec::new();
         let _ = stdout.read_to_end(&mut buf);

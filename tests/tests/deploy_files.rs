@@ -545,9 +545,8 @@ fn daemonset_config_ports_and_probes_agree_with_the_daemon() {
         kustomization["configMapGenerator"][0]["files"][0], "config.toml",
         "the config ConfigMap is generated from deploy/kubernetes/config.toml"
     );
-    let cfg =
-        conn_tracer::config::Config::from_toml(&read("kubernetes/config.toml"), "config.toml")
-            .expect("deploy/kubernetes/config.toml parses");
+    let cfg = conn_tracer::Config::from_toml(&read("kubernetes/config.toml"), "config.toml")
+        .expect("deploy/kubernetes/config.toml parses");
     cfg.validate()
         .expect("deploy/kubernetes/config.toml is valid");
     assert!(

@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use conn_tracer::owner::kube::{KubeSource, PodIndex, PodRef, run};
+use conn_tracer::{KubeSource, PodIndex, PodRef, watch_pods as run};
 use integration_tests::fake_kube::{FakeKube, pod_json};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;

@@ -20,10 +20,7 @@ use std::{
 };
 
 use conn_tracer::{
-    config::Config,
-    event::{self, ConnEvent},
-    metrics::State,
-    owner::attribute::Attributor,
+    Attributor, Config, ConnEvent, State, decode,
     testing::{self, T0_NS, bytes_of},
 };
 use tracer_common::{DEFAULT_RING_BYTES, EventInfo};
@@ -181,7 +178,7 @@ fn main() {
     };
     let mut state = State::new(&cfg, Attributor::host_only()).expect("metrics registry");
     let mut handle = |r: &[u8]| {
-        let ev: ConnEvent = event::decode(r).expect("synthetic records decode");
+        let ev: ConnEvent = decode(r).expect("synthetic records decode");
         state.handle(&ev);
     };
     // Fill the table to its steady size (the first `window` steps only open).
@@ -191,13 +188,17 @@ fn main() {
         g += 1;
     }
     let (decode_n, decode_t) = timed(&mut ring, &mut 0, 0, o.seconds / 3.0, |r| {
-        black_box(event::decode(black_box(r)).ok());
+        black_box(decode(black_box(r)).ok());
     });
     let (events, took) = timed(&mut ring, &mut g, o.window, o.seconds, &mut handle);
-    let tracked = state.tracker.table.len();
     let render_start = Instant::now();
     let text = state.render_metrics(0);
     let render = render_start.elapsed();
+    let tracked = text
+        .lines()
+        .find_map(|l| l.strip_prefix("conntracer_tracked_connections "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("the tracked connections gauge");
     let kills = text
         .lines()
         .filter(|l| l.starts_with("conntracer_idle_kills_total{"))

@@ -10,7 +10,7 @@ use crate::sys::{VMLINUX_BTF, valid_ring_size};
 
 /// How long a deleted pod keeps its labels: long enough for the connections
 /// it had open to be reported closed.
-pub const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
+pub(crate) const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -152,7 +152,7 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
 }
 
 /// "30s", "1m30s", "500ms", "2h".
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration ({e}); write e.g. 30s, 500ms, 1m"))
 }

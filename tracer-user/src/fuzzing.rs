@@ -10,10 +10,10 @@
 use proptest::test_runner::Config;
 
 /// The environment variable proptest reads its case count from.
-pub const CASES_ENV: &str = "PROPTEST_CASES";
+pub(crate) const CASES_ENV: &str = "PROPTEST_CASES";
 
 /// `default_cases` cases, unless `PROPTEST_CASES` says otherwise.
-pub fn config(default_cases: u32) -> Config {
+pub(crate) fn config(default_cases: u32) -> Config {
     let from_env = std::env::var(CASES_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u32>().ok());

@@ -13,23 +13,25 @@
 //! Leaves every stage may use: [`sys`] (capabilities, namespaces, the
 //! cgroup mount) and [`config`] (the daemon's settings, declared once).
 
+#![warn(unreachable_pub)]
+
 // The leaves.
-pub mod sys;
+pub(crate) mod sys;
 // (imports only `sys`)
-pub mod config;
+pub(crate) mod config;
 
 // The stages, in data-flow order.
-pub mod event;
+pub(crate) mod event;
 // 2.
-pub mod kernel;
+pub(crate) mod kernel;
 // 3.
-pub mod owner;
+pub(crate) mod owner;
 // 4.
-pub mod track;
+pub(crate) mod track;
 // 5.
-pub mod metrics;
+pub(crate) mod metrics;
 // 6.
-pub mod serve;
+pub(crate) mod serve;
 // 7.
 pub mod cmd;
 
@@ -37,3 +39,22 @@ pub mod cmd;
 mod fuzzing;
 #[doc(hidden)]
 pub mod testing;
+
+// The public surface: what the binary (`main.rs`: the subcommands in
+// [`cmd`], the settings), the pipeline benchmark (decode, the daemon's
+// state) and the tests outside the crate (the pod index, the config file)
+// use. Everything else is crate-private.
+pub use self::{
+    config::{Config, Overrides},
+    event::{ConnEvent, decode},
+    kernel::KernelOptions,
+    metrics::State,
+    owner::{
+        attribute::Attributor,
+        kube::{KubeSource, PodIndex, PodRef, run as watch_pods},
+    },
+    sys::{
+        VMLINUX_BTF,
+        cgroup::{CgroupNsJoin, join_host_cgroup_namespace},
+    },
+};

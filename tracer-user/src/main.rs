@@ -4,10 +4,9 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use conn_tracer::{
+    CgroupNsJoin, Config, KernelOptions, Overrides, VMLINUX_BTF,
     cmd::{check, selftest, trace},
-    config::{Config, Overrides},
-    kernel::KernelOptions,
-    sys::VMLINUX_BTF,
+    join_host_cgroup_namespace,
 };
 use tracer_common::DEFAULT_RING_BYTES;
 
@@ -156,13 +155,13 @@ fn run_daemon(flags: &Overrides) -> ExitCode {
         }
     };
     // Before any thread exists (see there).
-    match conn_tracer::sys::cgroup::join_host_cgroup_namespace(cfg.cgroupns_pid) {
-        conn_tracer::sys::cgroup::CgroupNsJoin::AlreadyShared => {}
-        conn_tracer::sys::cgroup::CgroupNsJoin::Joined => log::info!(
+    match join_host_cgroup_namespace(cfg.cgroupns_pid) {
+        CgroupNsJoin::AlreadyShared => {}
+        CgroupNsJoin::Joined => log::info!(
             "joined the cgroup namespace of pid {}: cgroup paths in /proc are host paths",
             cfg.cgroupns_pid
         ),
-        conn_tracer::sys::cgroup::CgroupNsJoin::Failed(why) => log::warn!(
+        CgroupNsJoin::Failed(why) => log::warn!(
             "staying in this process's own cgroup namespace ({why}): owners' cgroups are found \
              by walking the cgroup hierarchy instead (slower, rate-limited)"
         ),

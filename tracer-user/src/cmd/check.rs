@@ -57,7 +57,7 @@ impl fmt::Display for Probe {
 }
 
 /// Whether a capability set can load and attach the tracer's programs.
-pub fn privileges_probe(caps: Option<u64>) -> Probe {
+pub(crate) fn privileges_probe(caps: Option<u64>) -> Probe {
     let name = "privileges";
     let Some(caps) = caps else {
         return Probe::new(

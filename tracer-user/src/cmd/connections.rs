@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use crate::serve::views::ConnView;
 
 /// Splits `http://host:port[/prefix]` into (host:port, path prefix).
-pub fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
+pub(crate) fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
     let rest = url
         .strip_prefix("http://")
         .with_context(|| format!("`{url}` is not an http:// URL (e.g. http://127.0.0.1:9090)"))?;
@@ -30,7 +30,7 @@ pub fn parse_url(url: &str) -> anyhow::Result<(String, String)> {
 }
 
 /// GETs `path` from a daemon (plain HTTP/1.0, which needs no client library).
-pub fn get(url: &str, path: &str) -> anyhow::Result<String> {
+pub(crate) fn get(url: &str, path: &str) -> anyhow::Result<String> {
     let (host, prefix) = parse_url(url)?;
     let addr = host
         .to_socket_addrs()
@@ -94,7 +94,7 @@ fn chain_cell(c: &ConnView) -> String {
 }
 
 /// The table, one line per connection.
-pub fn render_table(conns: &[ConnView]) -> String {
+pub(crate) fn render_table(conns: &[ConnView]) -> String {
     let mut rows = vec![
         [
             "STATE",

@@ -5,7 +5,7 @@ use std::{fmt, net::IpAddr};
 
 /// v4-mapped IPv6 addresses (`::ffff:a.b.c.d`) as the IPv4 address they
 /// carry; a dual-stack socket reports its IPv4 peers that way.
-pub fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 @ IpAddr::V4(_) => v4,
@@ -14,13 +14,13 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 
 /// `ip:port`, IPv6 in brackets (`[::1]:80`), `?:port` without an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoint {
+pub(crate) struct Endpoint {
     pub ip: Option<IpAddr>,
     pub port: u16,
 }
 
 impl Endpoint {
-    pub fn new(ip: impl Into<Option<IpAddr>>, port: u16) -> Self {
+    pub(crate) fn new(ip: impl Into<Option<IpAddr>>, port: u16) -> Self {
         Self {
             ip: ip.into(),
             port,
@@ -29,7 +29,7 @@ impl Endpoint {
 
     /// The endpoint with its address in [`canonical`] form.
     #[must_use]
-    pub fn canonical(self) -> Self {
+    pub(crate) fn canonical(self) -> Self {
         Self {
             ip: self.ip.map(canonical),
             ..self

@@ -13,19 +13,19 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 }
 
 /// Current CLOCK_MONOTONIC in nanoseconds (what `bpf_ktime_get_ns` returns).
-pub fn monotonic_ns() -> u64 {
+pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
 /// Maps monotonic timestamps to wall-clock time, with the offset measured once.
 #[derive(Debug, Clone, Copy)]
-pub struct WallClock {
+pub(crate) struct WallClock {
     /// CLOCK_REALTIME - CLOCK_MONOTONIC, in nanoseconds.
     offset_ns: i128,
 }
 
 impl WallClock {
-    pub fn now() -> Self {
+    pub(crate) fn now() -> Self {
         let mono = monotonic_ns();
         let real = clock_ns(libc::CLOCK_REALTIME);
         Self {
@@ -33,17 +33,18 @@ impl WallClock {
         }
     }
 
-    pub fn with_offset(offset_ns: i128) -> Self {
+    #[cfg(test)]
+    pub(crate) fn with_offset(offset_ns: i128) -> Self {
         Self { offset_ns }
     }
 
-    pub fn system_time(&self, mono_ns: u64) -> SystemTime {
+    pub(crate) fn system_time(&self, mono_ns: u64) -> SystemTime {
         let ns = (i128::from(mono_ns) + self.offset_ns).max(0);
         SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// RFC 3339 UTC with nanoseconds.
-    pub fn rfc3339(&self, mono_ns: u64) -> String {
+    pub(crate) fn rfc3339(&self, mono_ns: u64) -> String {
         humantime::format_rfc3339_nanos(self.system_time(mono_ns)).to_string()
     }
 }

@@ -15,7 +15,7 @@ const CANDIDATES: [u32; 4] = [100, 250, 300, 1000];
     clippy::cast_precision_loss,
     reason = "uptimes and tick counts stay far below 2^52"
 )]
-pub fn detect_hz(jiffies_64: u64, mono_ns: u64) -> Option<u32> {
+pub(crate) fn detect_hz(jiffies_64: u64, mono_ns: u64) -> Option<u32> {
     let uptime = mono_ns as f64 / 1e9;
     if uptime < 1.0 {
         return None;
@@ -35,29 +35,29 @@ pub fn detect_hz(jiffies_64: u64, mono_ns: u64) -> Option<u32> {
 
 /// Converts jiffies to time, once HZ is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hz(pub u32);
+pub(crate) struct Hz(pub u32);
 
 impl Hz {
     /// Seconds in `ticks` jiffies.
-    pub fn secs(self, ticks: u32) -> f64 {
+    pub(crate) fn secs(self, ticks: u32) -> f64 {
         f64::from(ticks) / f64::from(self.0)
     }
 
     /// Nanoseconds in `ticks` jiffies.
-    pub fn ns(self, ticks: u32) -> u64 {
+    pub(crate) fn ns(self, ticks: u32) -> u64 {
         u64::from(ticks) * 1_000_000_000 / u64::from(self.0)
     }
 }
 
 /// `now - then` for 32-bit jiffies stamps as TCP keeps them, wrap-safe;
 /// 0 when `then` is after `now` (a stamp written after our snapshot).
-pub fn elapsed(now: u32, then: u32) -> u32 {
+pub(crate) fn elapsed(now: u32, then: u32) -> u32 {
     let d = now.wrapping_sub(then);
     if d > u32::MAX / 2 { 0 } else { d }
 }
 
 /// The later of two 32-bit jiffies stamps, wrap-safe.
-pub fn later(a: u32, b: u32) -> u32 {
+pub(crate) fn later(a: u32, b: u32) -> u32 {
     if b.wrapping_sub(a) < u32::MAX / 2 {
         b
     } else {
@@ -134,14 +134,14 @@ mod tests {
 /// build config, else 250 (the most common distribution setting) with a
 /// warning.
 #[derive(Debug, Clone, Copy)]
-pub struct HzTracker {
+pub(crate) struct HzTracker {
     hz: Option<Hz>,
     fallback: Option<Hz>,
     fixed: bool,
 }
 
 impl HzTracker {
-    pub fn new(override_hz: Option<u32>) -> Self {
+    pub(crate) fn new(override_hz: Option<u32>) -> Self {
         Self {
             hz: override_hz.map(Hz),
             fallback: None,
@@ -150,7 +150,7 @@ impl HzTracker {
     }
 
     /// Learns HZ from a kernel (jiffies_64, CLOCK_MONOTONIC ns) pair.
-    pub fn observe(&mut self, jiffies_64: u64, mono_ns: u64) {
+    pub(crate) fn observe(&mut self, jiffies_64: u64, mono_ns: u64) {
         if self.hz.is_none()
             && !self.fixed
             && let Some(hz) = detect_hz(jiffies_64, mono_ns)
@@ -160,7 +160,7 @@ impl HzTracker {
         }
     }
 
-    pub fn get(&mut self) -> Hz {
+    pub(crate) fn get(&mut self) -> Hz {
         if let Some(hz) = self.hz {
             return hz;
         }

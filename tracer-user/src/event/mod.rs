@@ -6,12 +6,12 @@
 //! ([`clock`], [`jiffies`]). Address and owner helpers live on the shared
 //! types themselves (`SockAddrs::local`, `Owner::kind`, ...).
 
-pub mod addr;
-pub mod clock;
+pub(crate) mod addr;
+pub(crate) mod clock;
 #[cfg(test)]
 mod fuzz;
-pub mod jiffies;
-pub mod names;
+pub(crate) mod jiffies;
+pub(crate) mod names;
 #[cfg(test)]
 mod tests;
 
@@ -70,7 +70,7 @@ pub struct ConnEvent {
 
 /// The connections of a TCP iterator snapshot: its records of sockets
 /// other than listeners, with their snapshot data.
-pub fn snapshot_connections(
+pub(crate) fn snapshot_connections(
     snapshot: &[ConnEvent],
 ) -> impl Iterator<Item = (&ConnEvent, SnapshotData)> {
     snapshot.iter().filter_map(|ev| match ev.data {

@@ -3,7 +3,7 @@
 use tracer_common::{sockopt, tcp_state};
 
 /// Name of a watched socket option.
-pub fn sockopt_name(level: u32, optname: u32) -> &'static str {
+pub(crate) fn sockopt_name(level: u32, optname: u32) -> &'static str {
     match (level, optname) {
         (sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE) => "SO_KEEPALIVE",
         (sockopt::SOL_TCP, sockopt::TCP_KEEPIDLE) => "TCP_KEEPIDLE",
@@ -15,7 +15,7 @@ pub fn sockopt_name(level: u32, optname: u32) -> &'static str {
 }
 
 /// The kernel's name of a TCP state.
-pub fn state_name(state: u8) -> &'static str {
+pub(crate) fn state_name(state: u8) -> &'static str {
     match state {
         tcp_state::ESTABLISHED => "ESTABLISHED",
         tcp_state::SYN_SENT => "SYN_SENT",
@@ -35,7 +35,7 @@ pub fn state_name(state: u8) -> &'static str {
 }
 
 /// Symbolic name of the errno values a TCP socket reports.
-pub fn errno_name(errno: u32) -> &'static str {
+pub(crate) fn errno_name(errno: u32) -> &'static str {
     match errno as i32 {
         libc::ECONNRESET => "ECONNRESET",
         libc::ECONNREFUSED => "ECONNREFUSED",

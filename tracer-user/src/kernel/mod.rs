@@ -10,9 +10,9 @@
 //! `tcp_send_reset` and `inet_sk_error_report`. Programs stay attached for as
 //! long as [`Kernel`] lives; dropping it detaches everything.
 
-pub mod offsets;
-pub mod ring;
-pub mod shape;
+pub(crate) mod offsets;
+pub(crate) mod ring;
+pub(crate) mod shape;
 mod snapshot;
 
 use std::{
@@ -38,10 +38,10 @@ use self::{
 use crate::sys::{self, VMLINUX_BTF};
 
 /// The TCP socket iterator.
-pub const ITER_PROGRAM: &str = "dump_tcp";
+pub(crate) const ITER_PROGRAM: &str = "dump_tcp";
 
 /// The setsockopt observer (cgroup program).
-pub const SOCKOPT_PROGRAM: &str = "setsockopt";
+pub(crate) const SOCKOPT_PROGRAM: &str = "setsockopt";
 
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -58,7 +58,7 @@ const PRIVILEGE_HINT: &str = "run as root, or grant CAP_SYS_ADMIN (it covers CAP
                               CAP_SYS_RESOURCE";
 
 #[derive(Debug, thiserror::Error)]
-pub enum KernelError {
+pub(crate) enum KernelError {
     #[error(transparent)]
     Offsets(#[from] OffsetsError),
     /// The BTF file read, but lacks something (not a `source`: the message
@@ -135,15 +135,13 @@ impl Default for KernelOptions {
 }
 
 /// The loaded and attached kernel side.
-pub struct Kernel {
+pub(crate) struct Kernel {
     ebpf: Ebpf,
     /// Where the setsockopt program is attached (the cgroup v2 root).
     pub sockopt_cgroup: Option<PathBuf>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Names of the kernel's reset reasons, by value.
     pub reset_reasons: HashMap<u32, String>,
-    /// The offsets handed to the programs.
-    pub offsets: KernelOffsets,
     /// The kernel's shape the programs were built for.
     pub shape: KernelShape,
     /// Undecodable TCP iterator records not yet counted in the metrics.
@@ -154,7 +152,7 @@ impl Kernel {
     /// Resolves offsets and the kernel's shape from BTF, probes which
     /// helpers tracing programs may call, loads the programs built for that
     /// shape and attaches them all.
-    pub fn load(opts: &KernelOptions) -> Result<Self, KernelError> {
+    pub(crate) fn load(opts: &KernelOptions) -> Result<Self, KernelError> {
         if !sys::valid_ring_size(opts.ring_bytes) {
             return Err(KernelError::RingSize(opts.ring_bytes));
         }
@@ -231,7 +229,6 @@ impl Kernel {
             sockopt_cgroup,
             logger,
             reset_reasons,
-            offsets,
             shape,
             decode_errors: 0,
         })
@@ -239,12 +236,12 @@ impl Kernel {
 
     /// Programs loaded: the BTF tracepoints this kernel has, the
     /// setsockopt observer (unless disabled) and the TCP iterator.
-    pub fn program_count(&self) -> usize {
+    pub(crate) fn program_count(&self) -> usize {
         self.shape.hooks.len() + usize::from(self.sockopt_cgroup.is_some()) + 1
     }
 
     /// The event ring buffer; can be taken once.
-    pub fn take_events(&mut self) -> Result<EventRing, KernelError> {
+    pub(crate) fn take_events(&mut self) -> Result<EventRing, KernelError> {
         let map = self
             .ebpf
             .take_map(EVENTS_MAP)
@@ -259,13 +256,13 @@ impl Kernel {
 
     /// The kernel log stream (aya-log), registered with tokio; can be taken
     /// once (later it is empty).
-    pub fn take_log(&mut self) -> std::io::Result<KernelLog> {
+    pub(crate) fn take_log(&mut self) -> std::io::Result<KernelLog> {
         KernelLog::new(self.logger.take())
     }
 
     /// Events the kernel could not put in the ring buffer, per kind (index =
     /// kind number), summed over CPUs.
-    pub fn lost_events(&self) -> Result<Vec<u64>, KernelError> {
+    pub(crate) fn lost_events(&self) -> Result<Vec<u64>, KernelError> {
         let map = self
             .ebpf
             .map(LOST_MAP)
@@ -284,13 +281,13 @@ impl Kernel {
     }
 
     /// Total of [`Self::lost_events`].
-    pub fn lost_total(&self) -> Result<u64, KernelError> {
+    pub(crate) fn lost_total(&self) -> Result<u64, KernelError> {
         Ok(self.lost_events()?.iter().sum())
     }
 
     /// Name of a reset reason value, or the number when BTF has no name;
     /// empty when the kernel gave none.
-    pub fn reset_reason_name(&self, reason: u32) -> String {
+    pub(crate) fn reset_reason_name(&self, reason: u32) -> String {
         if reason == tracer_common::NO_RESET_REASON {
             return String::new();
         }
@@ -473,7 +470,7 @@ fn raise_memlock_limit() {
 
 /// Whether this kernel has the map types the programs need: (name, the
 /// kernel that brought it, supported or why the probe failed).
-pub fn map_support() -> [(&'static str, &'static str, Result<bool, String>); 2] {
+pub(crate) fn map_support() -> [(&'static str, &'static str, Result<bool, String>); 2] {
     [
         (MapType::RingBuf, "ring buffer", "Linux 5.8+"),
         (

@@ -10,7 +10,7 @@ use btf_rs::{Btf, Type};
 use tracer_common::KernelOffsets;
 
 #[derive(Debug, thiserror::Error)]
-pub enum OffsetsError {
+pub(crate) enum OffsetsError {
     #[error(
         "cannot read kernel BTF at {path}: {error}. conn-tracer reads the kernel's struct \
          layouts and tracepoint types from it: a kernel built with CONFIG_DEBUG_INFO_BTF=y (most \
@@ -62,7 +62,7 @@ pub enum OffsetsError {
 }
 
 /// Reads the BTF file at `path`.
-pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
+pub(crate) fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
     Btf::from_file(path).map_err(|error| OffsetsError::Read {
         path: path.display().to_string(),
         error,
@@ -72,7 +72,7 @@ pub fn load_btf(path: &Path) -> Result<Btf, OffsetsError> {
 /// A field found by [`field`]: its byte offset from the start of the outer
 /// struct and its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Field {
+pub(crate) struct Field {
     pub offset: u32,
     pub size: usize,
 }
@@ -139,7 +139,7 @@ fn find_member(
 
 /// Byte offset and size of `path` (e.g. `["ns", "inum"]`) inside struct
 /// `strukt`.
-pub fn field(btf: &Btf, strukt: &str, path: &[&str]) -> Result<Field, OffsetsError> {
+pub(crate) fn field(btf: &Btf, strukt: &str, path: &[&str]) -> Result<Field, OffsetsError> {
     let types = btf.resolve_types_by_name(strukt).unwrap_or_default();
     // Several types may share a name (a struct and a function, say); take
     // the first struct that has a body.
@@ -221,7 +221,7 @@ fn sized_low(btf: &Btf, strukt: &str, path: &[&str], want: usize) -> Result<u32,
 
 /// One argument of a BTF tracepoint as its prototype declares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TpArg {
+pub(crate) enum TpArg {
     /// A pointer to the named struct (empty for `void *` or an unnamed type).
     Ptr(String),
     /// An integer of this many bytes.
@@ -260,7 +260,7 @@ fn describe_arg(btf: &Btf, ty: Type) -> Result<TpArg, OffsetsError> {
 /// The arguments of BTF tracepoint `tp` (what a `tp_btf` program can read
 /// as `ctx.arg(0..)`), from the prototype of `btf_trace_<tp>` minus its
 /// leading `void *__data`. `None` when the kernel lacks the tracepoint.
-pub fn tracepoint_args(btf: &Btf, tp: &str) -> Result<Option<Vec<TpArg>>, OffsetsError> {
+pub(crate) fn tracepoint_args(btf: &Btf, tp: &str) -> Result<Option<Vec<TpArg>>, OffsetsError> {
     let typedef = format!("btf_trace_{tp}");
     let Some(ty) = btf
         .resolve_types_by_name(&typedef)
@@ -287,28 +287,8 @@ pub fn tracepoint_args(btf: &Btf, tp: &str) -> Result<Option<Vec<TpArg>>, Offset
     Ok(Some(args))
 }
 
-/// Checks that BTF has the type of each BTF tracepoint in `tracepoints`
-/// (`(tracepoint, what it is for)`): `btf_trace_<tracepoint>`, which
-/// `tp_btf` programs attach through.
-pub fn check_tracepoints(btf: &Btf, tracepoints: &[(&str, &str)]) -> Result<(), OffsetsError> {
-    for &(tp, what) in tracepoints {
-        let typedef = format!("btf_trace_{tp}");
-        if !btf
-            .resolve_ids_by_name(&typedef)
-            .is_ok_and(|ids| !ids.is_empty())
-        {
-            return Err(OffsetsError::NoTracepoint {
-                typedef,
-                tracepoint: tp.to_string(),
-                what: what.to_string(),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Resolves every offset the kernel programs use.
-pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
+pub(crate) fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
     // struct sock begins with its sock_common, but do not assume where.
     let common = field(btf, "sock", &["__sk_common"])?.offset;
     let skc = |name: &str, want: usize| -> Result<u32, OffsetsError> {
@@ -367,7 +347,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
 }
 
 /// The value of enumerator `name` of `enum enum_name`.
-pub fn enum_value(btf: &Btf, enum_name: &str, name: &str) -> Result<u32, OffsetsError> {
+pub(crate) fn enum_value(btf: &Btf, enum_name: &str, name: &str) -> Result<u32, OffsetsError> {
     for ty in btf.resolve_types_by_name(enum_name).unwrap_or_default() {
         if let Type::Enum(e) = ty {
             for m in &e.members {
@@ -385,7 +365,7 @@ pub fn enum_value(btf: &Btf, enum_name: &str, name: &str) -> Result<u32, Offsets
 
 /// Names of `enum sk_rst_reason` values (why the kernel sent a reset), by
 /// value. Empty when the kernel has no such enum (before 6.10).
-pub fn reset_reasons(btf: &Btf) -> HashMap<u32, String> {
+pub(crate) fn reset_reasons(btf: &Btf) -> HashMap<u32, String> {
     let mut names = HashMap::new();
     for ty in btf
         .resolve_types_by_name("sk_rst_reason")

@@ -14,7 +14,7 @@ use tokio::io::{Interest, unix::AsyncFd};
 use crate::event::{ConnEvent, DecodeError, decode};
 
 /// The kernel programs' event ring buffer.
-pub struct EventRing(RingBuf<MapData>);
+pub(crate) struct EventRing(RingBuf<MapData>);
 
 impl EventRing {
     pub(super) fn new(rb: RingBuf<MapData>) -> Self {
@@ -22,7 +22,7 @@ impl EventRing {
     }
 
     /// Hands every record waiting now to `f`, decoded.
-    pub fn drain(&mut self, mut f: impl FnMut(Result<ConnEvent, DecodeError>)) {
+    pub(crate) fn drain(&mut self, mut f: impl FnMut(Result<ConnEvent, DecodeError>)) {
         while let Some(item) = self.0.next() {
             f(decode(&item));
         }
@@ -30,7 +30,7 @@ impl EventRing {
 
     /// Blocks until records wait or `timeout` passes (for a thread without
     /// an async runtime).
-    pub fn wait(&self, timeout: Duration) {
+    pub(crate) fn wait(&self, timeout: Duration) {
         let mut pfd = libc::pollfd {
             fd: self.as_raw_fd(),
             events: libc::POLLIN,
@@ -42,7 +42,7 @@ impl EventRing {
     }
 
     /// Registers the ring with tokio, to be drained when the kernel writes.
-    pub fn into_async(self) -> io::Result<AsyncRing> {
+    pub(crate) fn into_async(self) -> io::Result<AsyncRing> {
         readable(self).map(AsyncRing)
     }
 }
@@ -54,12 +54,15 @@ impl AsRawFd for EventRing {
 }
 
 /// The event ring, registered with tokio.
-pub struct AsyncRing(AsyncFd<EventRing>);
+pub(crate) struct AsyncRing(AsyncFd<EventRing>);
 
 impl AsyncRing {
     /// Waits until the kernel has written records, then gives `f` the ring
     /// to drain.
-    pub async fn when_ready<R>(&mut self, f: impl FnOnce(&mut EventRing) -> R) -> io::Result<R> {
+    pub(crate) async fn when_ready<R>(
+        &mut self,
+        f: impl FnOnce(&mut EventRing) -> R,
+    ) -> io::Result<R> {
         let mut guard = self.0.readable_mut().await?;
         let out = f(guard.get_inner_mut());
         guard.clear_ready();
@@ -67,13 +70,13 @@ impl AsyncRing {
     }
 
     /// The ring, to drain what waits now without waiting.
-    pub fn get_mut(&mut self) -> &mut EventRing {
+    pub(crate) fn get_mut(&mut self) -> &mut EventRing {
         self.0.get_mut()
     }
 }
 
 /// The kernel programs' log (aya-log), forwarded to `log` as it fills.
-pub struct KernelLog(Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>);
+pub(crate) struct KernelLog(Option<AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>>);
 
 impl KernelLog {
     pub(super) fn new(
@@ -84,7 +87,7 @@ impl KernelLog {
 
     /// Forwards the log's records once it has some; never completes when
     /// the kernel side has no log.
-    pub async fn flush_when_ready(&mut self) -> io::Result<()> {
+    pub(crate) async fn flush_when_ready(&mut self) -> io::Result<()> {
         let Some(fd) = &mut self.0 else {
             return std::future::pending().await;
         };

@@ -10,7 +10,7 @@ use super::offsets::{self, OffsetsError, TpArg};
 
 /// What a tracepoint program reads of its tracepoint's arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArgUse {
+pub(crate) enum ArgUse {
     /// Argument 0 is the socket (`struct sock *`).
     Sock,
     /// Argument 0 is the socket, 1 and 2 the old and new state (`int`).
@@ -19,7 +19,7 @@ pub enum ArgUse {
 
 /// One BTF tracepoint program.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hook {
+pub(crate) struct Hook {
     pub program: &'static str,
     pub tracepoint: &'static str,
     pub what: &'static str,
@@ -31,7 +31,7 @@ pub struct Hook {
 }
 
 /// The BTF tracepoint programs.
-pub const PROGRAMS: &[Hook] = &[
+pub(crate) const PROGRAMS: &[Hook] = &[
     Hook {
         program: "inet_sock_set_state",
         tracepoint: "inet_sock_set_state",
@@ -71,12 +71,12 @@ pub const PROGRAMS: &[Hook] = &[
 /// Set to 1, the programs use what kernels before 5.11 offer (no socket
 /// storage or cookies in tracing programs) on any kernel: for tests of
 /// those fallbacks on a newer kernel.
-pub const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
+pub(crate) const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
 
 /// What the running kernel offers the programs, from its BTF and from
 /// feature probes. The programs branch on it (the `CONFIG` global).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KernelShape {
+pub(crate) struct KernelShape {
     /// Hooks whose tracepoint exists with the arguments the program reads.
     pub hooks: Vec<Hook>,
     /// Hooks left out, with why.
@@ -93,7 +93,7 @@ pub struct KernelShape {
 
 /// One way this kernel makes the tracer see less, and what is lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Degradation {
+pub(crate) struct Degradation {
     pub feature: String,
     pub lost: String,
 }
@@ -101,7 +101,7 @@ pub struct Degradation {
 impl KernelShape {
     /// Reads the tracepoints' prototypes from BTF. Fails when a required
     /// one is missing or has other arguments than the program reads.
-    pub fn from_btf(btf: &btf_rs::Btf) -> Result<Self, OffsetsError> {
+    pub(crate) fn from_btf(btf: &btf_rs::Btf) -> Result<Self, OffsetsError> {
         let mut shape = Self {
             hooks: Vec::new(),
             missing_hooks: Vec::new(),
@@ -162,7 +162,7 @@ impl KernelShape {
     }
 
     /// What this kernel costs the tracer, feature by feature.
-    pub fn degradations(&self) -> Vec<Degradation> {
+    pub(crate) fn degradations(&self) -> Vec<Degradation> {
         let mut out = Vec::new();
         for (hook, why) in &self.missing_hooks {
             out.push(Degradation {

@@ -16,7 +16,7 @@ impl Kernel {
     /// sees it right now: one pass over each network namespace's sockets,
     /// from a short-lived thread that enters each namespace in turn (the
     /// iterator walks the namespace its reader is created in).
-    pub fn snapshot(&mut self) -> Result<Vec<ConnEvent>, KernelError> {
+    pub(crate) fn snapshot(&mut self) -> Result<Vec<ConnEvent>, KernelError> {
         let (prog, err) =
             super::program_of::<Iter>(&mut self.ebpf, ITER_PROGRAM, "iter/tcp", PRIVILEGE_HINT)?;
         // Our own namespace first, without setns (which needs CAP_SYS_ADMIN
@@ -81,7 +81,7 @@ impl Kernel {
 
     /// Records of the TCP iterator that could not be decoded since the last
     /// call (they count in `conntracer_decode_errors_total`).
-    pub fn take_decode_errors(&mut self) -> u64 {
+    pub(crate) fn take_decode_errors(&mut self) -> u64 {
         std::mem::take(&mut self.decode_errors)
     }
 }

@@ -11,14 +11,14 @@ use prometheus::{
 };
 
 /// A set of label values, in the order of [`Self::NAMES`].
-pub trait LabelSet {
+pub(crate) trait LabelSet {
     const NAMES: &'static [&'static str];
     /// Calls `f` with the values, in the order of [`Self::NAMES`].
     fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R;
 }
 
 /// The label set of a family, at any lifetime of its values.
-pub trait Labels {
+pub(crate) trait Labels {
     type Of<'a>: LabelSet;
 }
 
@@ -28,8 +28,8 @@ macro_rules! label_set {
     ($(#[$doc:meta])* $name:ident { $($field:ident),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub struct $name<'a> {
-            $(pub $field: &'a str),+
+        pub(crate) struct $name<'a> {
+            $(pub(crate) $field: &'a str),+
         }
 
         impl $crate::metrics::family::LabelSet for $name<'_> {
@@ -48,13 +48,13 @@ macro_rules! label_set {
 pub(crate) use label_set;
 
 /// A family of metrics of kind `M`, labelled by the set `L`.
-pub struct Family<L, M: MetricVecBuilder> {
+pub(crate) struct Family<L, M: MetricVecBuilder> {
     vec: MetricVec<M>,
     labels: PhantomData<L>,
 }
 
 /// The builder of a metric vector (prometheus does not export them by name).
-pub trait Builder {
+pub(crate) trait Builder {
     type B: MetricVecBuilder;
 }
 
@@ -62,24 +62,24 @@ impl<B: MetricVecBuilder> Builder for MetricVec<B> {
     type B = B;
 }
 
-pub type Counter<L> = Family<L, <IntCounterVec as Builder>::B>;
-pub type Gauge<L> = Family<L, <IntGaugeVec as Builder>::B>;
-pub type Histogram<L> = Family<L, <HistogramVec as Builder>::B>;
+pub(crate) type Counter<L> = Family<L, <IntCounterVec as Builder>::B>;
+pub(crate) type Gauge<L> = Family<L, <IntGaugeVec as Builder>::B>;
+pub(crate) type Histogram<L> = Family<L, <HistogramVec as Builder>::B>;
 
 impl<L: Labels, M: MetricVecBuilder> Family<L, M> {
     /// The metric of these label values (created at 0 on first use).
-    pub fn of(&self, labels: &L::Of<'_>) -> M::M {
+    pub(crate) fn of(&self, labels: &L::Of<'_>) -> M::M {
         labels.with(|values| self.vec.with_label_values(values))
     }
 
     /// Removes every series.
-    pub fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.vec.reset();
     }
 
     /// Removes the series whose labels (name -> value) satisfy `belongs`;
     /// returns how many.
-    pub fn remove_where(
+    pub(crate) fn remove_where(
         &self,
         belongs: &dyn Fn(&std::collections::HashMap<&str, &str>) -> bool,
     ) -> usize {
@@ -100,13 +100,13 @@ impl<L: Labels, M: MetricVecBuilder> Family<L, M> {
     }
 
     /// A copy of every series.
-    pub fn collect(&self) -> Vec<MetricFamily> {
+    pub(crate) fn collect(&self) -> Vec<MetricFamily> {
         self.vec.collect()
     }
 }
 
 impl<L: Labels> Counter<L> {
-    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+    pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
         let vec = IntCounterVec::new(Opts::new(name, help), L::Of::NAMES)?;
         r.register(Box::new(vec.clone()))?;
         Ok(Self {
@@ -115,13 +115,13 @@ impl<L: Labels> Counter<L> {
         })
     }
 
-    pub fn inc(&self, labels: &L::Of<'_>) {
+    pub(crate) fn inc(&self, labels: &L::Of<'_>) {
         self.of(labels).inc();
     }
 }
 
 impl<L: Labels> Gauge<L> {
-    pub fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
+    pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
         let vec = IntGaugeVec::new(Opts::new(name, help), L::Of::NAMES)?;
         r.register(Box::new(vec.clone()))?;
         Ok(Self {
@@ -130,13 +130,13 @@ impl<L: Labels> Gauge<L> {
         })
     }
 
-    pub fn set(&self, labels: &L::Of<'_>, v: i64) {
+    pub(crate) fn set(&self, labels: &L::Of<'_>, v: i64) {
         self.of(labels).set(v);
     }
 }
 
 impl<L: Labels> Histogram<L> {
-    pub fn register(
+    pub(crate) fn register(
         r: &Registry,
         name: &str,
         help: &str,
@@ -153,13 +153,13 @@ impl<L: Labels> Histogram<L> {
         })
     }
 
-    pub fn observe(&self, labels: &L::Of<'_>, v: f64) {
+    pub(crate) fn observe(&self, labels: &L::Of<'_>, v: f64) {
         self.of(labels).observe(v);
     }
 }
 
 /// Registers a metric without labels and returns it.
-pub fn plain<C: Collector + Clone + 'static>(
+pub(crate) fn plain<C: Collector + Clone + 'static>(
     r: &Registry,
     metric: prometheus::Result<C>,
 ) -> prometheus::Result<C> {

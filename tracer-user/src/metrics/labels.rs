@@ -5,17 +5,17 @@ use std::collections::HashSet;
 /// Caps the distinct values of one label: the first `max` values pass,
 /// later new ones fold into "other".
 #[derive(Debug)]
-pub struct LabelCap {
+pub(crate) struct LabelCap {
     seen: HashSet<String>,
     max: usize,
     /// Values folded into "other" so far.
     pub overflowed: u64,
 }
 
-pub const OTHER: &str = "other";
+pub(crate) const OTHER: &str = "other";
 
 impl LabelCap {
-    pub fn new(max: usize) -> Self {
+    pub(crate) fn new(max: usize) -> Self {
         Self {
             seen: HashSet::new(),
             max,
@@ -24,7 +24,7 @@ impl LabelCap {
     }
 
     /// The value to use for `value`.
-    pub fn admit(&mut self, value: String) -> String {
+    pub(crate) fn admit(&mut self, value: String) -> String {
         if self.seen.contains(&value) {
             return value;
         }
@@ -38,7 +38,7 @@ impl LabelCap {
 
     /// Frees `value`'s place (a deleted pod's peer name): a later value can
     /// take it. Returns whether it was admitted.
-    pub fn forget(&mut self, value: &str) -> bool {
+    pub(crate) fn forget(&mut self, value: &str) -> bool {
         self.seen.remove(value)
     }
 }

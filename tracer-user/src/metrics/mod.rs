@@ -6,8 +6,8 @@
 //! written once; open-ended labels are capped ([`labels`]). [`State`] is
 //! the daemon's whole state: the tracker and the metrics it feeds.
 
-pub mod family;
-pub mod labels;
+pub(crate) mod family;
+pub(crate) mod labels;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -19,7 +19,7 @@ pub use self::state::State;
 
 /// Buckets of `conntracer_idle_before_close_seconds`: from sub-second to a
 /// day, dense around the usual idle timeouts (30 s, 1 m, 5 m, 15 m, 1 h).
-pub const IDLE_BUCKETS: &[f64] = &[
+pub(crate) const IDLE_BUCKETS: &[f64] = &[
     0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0,
     14400.0, 43200.0, 86400.0,
 ];
@@ -78,7 +78,7 @@ label_set!(
 );
 
 /// Every metric of the contract, registered in [`Self::registry`].
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     pub idle_kills: Counter<IdleKill<'static>>,
     pub idle_before_close: Histogram<IdleBeforeClose<'static>>,
@@ -111,7 +111,7 @@ impl Metrics {
         clippy::too_many_lines,
         reason = "one registration per contract metric"
     )]
-    pub fn new() -> prometheus::Result<Self> {
+    pub(crate) fn new() -> prometheus::Result<Self> {
         let r = Registry::new();
         let m = Self {
             idle_kills: Counter::register(
@@ -283,7 +283,7 @@ impl Metrics {
     /// whose `namespace` and `pod` labels name it, and those whose `peer` is
     /// it (`namespace/pod`). Gauges need nothing: every scrape rebuilds
     /// them from the open connections. Returns the series removed.
-    pub fn forget_pod(&self, namespace: &str, pod: &str) -> usize {
+    pub(crate) fn forget_pod(&self, namespace: &str, pod: &str) -> usize {
         let peer = format!("{namespace}/{pod}");
         let belongs = |labels: &std::collections::HashMap<&str, &str>| {
             let get = |name: &str| labels.get(name).copied();
@@ -299,13 +299,14 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of everything.
-    pub fn render(&self) -> String {
+    #[cfg(test)]
+    pub(crate) fn render(&self) -> String {
         encode(&self.registry.gather())
     }
 }
 
 /// Gathered metrics in the Prometheus text format.
-pub fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
+pub(crate) fn encode(families: &[prometheus::proto::MetricFamily]) -> String {
     TextEncoder::new()
         .encode_to_string(families)
         .unwrap_or_else(|e| {

@@ -22,8 +22,8 @@ use crate::{
 
 /// Everything the event loop and the HTTP handlers share.
 pub struct State {
-    pub tracker: Tracker,
-    pub metrics: Metrics,
+    pub(crate) tracker: Tracker,
+    pub(crate) metrics: Metrics,
     peers: LabelCap,
     sockopt_values: LabelCap,
     /// `conntracer_events_total` for open, close and sockopt.
@@ -218,7 +218,7 @@ impl State {
     /// Removes the series of pods deleted two grace periods ago (see
     /// [`crate::owner::kube::PodIndex::take_forgotten`]) and frees their
     /// places in the `peer` label cap.
-    pub fn forget_deleted_pods(&mut self, now: std::time::Instant) {
+    pub(crate) fn forget_deleted_pods(&mut self, now: std::time::Instant) {
         let Some(pods) = self.tracker.attr.pods() else {
             return;
         };
@@ -231,7 +231,7 @@ impl State {
     }
 
     /// [`Tracker::resync`], counted.
-    pub fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) {
+    pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) {
         let gone = self.tracker.resync(snapshot, started_ns);
         self.metrics.table_reconciled.inc_by(gone as u64);
     }
@@ -323,7 +323,10 @@ impl State {
     /// part of a scrape that needs the state. Encoding the copy as text
     /// ([`super::encode`]) does not, so concurrent scrapes encode in
     /// parallel outside the state lock.
-    pub fn gather_metrics(&mut self, lost_total: u64) -> Vec<prometheus::proto::MetricFamily> {
+    pub(crate) fn gather_metrics(
+        &mut self,
+        lost_total: u64,
+    ) -> Vec<prometheus::proto::MetricFamily> {
         let m = &self.metrics;
         catch_up(&m.events_lost, lost_total);
         catch_up(&m.table_evictions, self.tracker.table.evicted);

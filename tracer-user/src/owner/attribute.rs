@@ -14,7 +14,7 @@ use crate::{config::Config, event::addr::canonical, sys};
 
 /// The pod, container and role of a socket's owner.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Attribution {
+pub(crate) struct Attribution {
     pub namespace: String,
     pub pod: String,
     pub container: String,
@@ -25,7 +25,7 @@ pub struct Attribution {
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum Role {
+pub(crate) enum Role {
     App,
     Sidecar,
     /// Not in a pod.
@@ -34,7 +34,7 @@ pub enum Role {
 }
 
 impl Role {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::App => "app",
             Self::Sidecar => "sidecar",
@@ -45,7 +45,7 @@ impl Role {
 
 /// What makes a process in a pod the mesh sidecar.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SidecarRules {
+pub(crate) struct SidecarRules {
     /// Owner uids of sidecars (Istio runs its proxy as 1337).
     pub uids: Vec<u32>,
     /// Container names or process names (thread names as the kernel keeps
@@ -84,7 +84,11 @@ pub struct Attributor {
 const PARSED_CAP: usize = 65_536;
 
 impl Attributor {
-    pub fn new(cgroups: Option<CgroupPaths>, pods: Option<PodIndex>, rules: SidecarRules) -> Self {
+    pub(crate) fn new(
+        cgroups: Option<CgroupPaths>,
+        pods: Option<PodIndex>,
+        rules: SidecarRules,
+    ) -> Self {
         Self {
             cgroups,
             pods,
@@ -96,7 +100,7 @@ impl Attributor {
     /// Attribution as configured: the cgroup v2 hierarchy for pod and
     /// container IDs, and (unless disabled) a pod watch for their names,
     /// spawned on the tokio runtime.
-    pub fn from_config(cfg: &Config) -> Self {
+    pub(crate) fn from_config(cfg: &Config) -> Self {
         let cgroups = if let Ok(Some(mount)) = sys::cgroup::cgroup2_mount() {
             Some(CgroupPaths::new(mount))
         } else {
@@ -132,11 +136,11 @@ impl Attributor {
         Self::new(None, None, SidecarRules::default())
     }
 
-    pub fn pods(&self) -> Option<&PodIndex> {
+    pub(crate) fn pods(&self) -> Option<&PodIndex> {
         self.pods.as_ref()
     }
 
-    pub fn cgroup_rescans(&self) -> u64 {
+    pub(crate) fn cgroup_rescans(&self) -> u64 {
         self.cgroups.as_ref().map_or(0, CgroupPaths::rescans)
     }
 
@@ -178,7 +182,7 @@ impl Attributor {
     }
 
     /// The owner's pod, container and role.
-    pub fn attribute(&mut self, owner: &Owner) -> Attribution {
+    pub(crate) fn attribute(&mut self, owner: &Owner) -> Attribution {
         let Some(pc) = self.pod_container(owner) else {
             return Attribution::default();
         };
@@ -225,7 +229,7 @@ impl Attributor {
     }
 
     /// `namespace/pod` of a pod IP of this node, if known.
-    pub fn peer_pod(&self, ip: IpAddr) -> Option<String> {
+    pub(crate) fn peer_pod(&self, ip: IpAddr) -> Option<String> {
         let (ns, pod) = self.pods.as_ref()?.lookup_ip(canonical(ip))?;
         Some(format!("{ns}/{pod}"))
     }

@@ -9,11 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::kubelet::{PodContainer, parse_cgroup_path};
-
 /// Bounds on [`CgroupPaths`] rescans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ScanLimits {
+pub(crate) struct ScanLimits {
     /// Misses within this long of the last rescan return `None` rather than
     /// rescan, so a flood of unknown ids cannot keep the walker busy.
     pub min_interval: Duration,
@@ -41,7 +39,7 @@ impl Default for ScanLimits {
 /// last walk of the hierarchy, replaced wholesale by the next one. Cgroup ids
 /// are not reused, so an entry never goes wrong, only stale.
 #[derive(Debug)]
-pub struct CgroupPaths {
+pub(crate) struct CgroupPaths {
     mount: PathBuf,
     limits: ScanLimits,
     by_id: HashMap<u64, String>,
@@ -54,11 +52,11 @@ impl CgroupPaths {
     /// For the cgroup2 hierarchy mounted at `mount` (see
     /// [`crate::sys::cgroup::cgroup2_mount`]), with the default limits. Nothing is
     /// read until the first [`resolve`](Self::resolve).
-    pub fn new(mount: PathBuf) -> Self {
+    pub(crate) fn new(mount: PathBuf) -> Self {
         Self::with_limits(mount, ScanLimits::default())
     }
 
-    pub fn with_limits(mount: PathBuf, limits: ScanLimits) -> Self {
+    pub(crate) fn with_limits(mount: PathBuf, limits: ScanLimits) -> Self {
         Self {
             mount,
             limits,
@@ -72,12 +70,12 @@ impl CgroupPaths {
     /// The path of cgroup `id` relative to the mount. A miss rescans the
     /// hierarchy unless the last rescan was less than `min_interval` ago, in
     /// which case it returns `None` and a later call may find it.
-    pub fn resolve(&mut self, id: u64) -> Option<String> {
+    pub(crate) fn resolve(&mut self, id: u64) -> Option<String> {
         self.resolve_at(id, Instant::now())
     }
 
     /// [`resolve`](Self::resolve) with the caller's clock (tests drive it).
-    pub fn resolve_at(&mut self, id: u64, now: Instant) -> Option<String> {
+    pub(crate) fn resolve_at(&mut self, id: u64, now: Instant) -> Option<String> {
         if let Some(path) = self.by_id.get(&id) {
             return Some(path.clone());
         }
@@ -92,17 +90,18 @@ impl CgroupPaths {
     }
 
     /// The cgroup2 mount this resolves ids under.
-    pub fn mount(&self) -> &Path {
+    pub(crate) fn mount(&self) -> &Path {
         &self.mount
     }
 
     /// How many times the hierarchy was walked (a metric).
-    pub fn rescans(&self) -> u64 {
+    pub(crate) fn rescans(&self) -> u64 {
         self.rescans
     }
 
     /// Whether the last walk stopped at `max_dirs` before seeing everything.
-    pub fn truncated(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn truncated(&self) -> bool {
         self.truncated
     }
 
@@ -165,8 +164,12 @@ fn scan(mount: &Path, limits: ScanLimits) -> (HashMap<u64, String>, bool) {
 }
 
 /// The pod and container of cgroup `cgroup_id`, if it is a pod's.
-pub fn resolve_pod(paths: &mut CgroupPaths, cgroup_id: u64) -> Option<PodContainer> {
-    parse_cgroup_path(&paths.resolve(cgroup_id)?)
+#[cfg(test)]
+pub(crate) fn resolve_pod(
+    paths: &mut CgroupPaths,
+    cgroup_id: u64,
+) -> Option<super::kubelet::PodContainer> {
+    super::kubelet::parse_cgroup_path(&paths.resolve(cgroup_id)?)
 }
 
 #[cfg(test)]

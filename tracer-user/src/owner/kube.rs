@@ -30,7 +30,7 @@ use kube::{
     },
 };
 
-pub use crate::config::DEFAULT_DELETE_GRACE;
+pub(crate) use crate::config::DEFAULT_DELETE_GRACE;
 use crate::event::addr::canonical;
 
 /// Most dropped pods queued for [`PodIndex::take_forgotten`]; the daemon
@@ -476,14 +476,14 @@ fn status_container_ids(cs: &ContainerStatus) -> impl Iterator<Item = &str> {
 }
 
 /// `containerd://abc` -> `abc`; a bare id is returned as it is.
-pub fn bare_container_id(id: &str) -> &str {
+pub(crate) fn bare_container_id(id: &str) -> &str {
     id.split_once("://").map_or(id, |(_, bare)| bare)
 }
 
 /// The node this daemon runs on: `NODE_NAME` (set it from the downward API,
 /// `spec.nodeName`), else the hostname, which is the node name on most but
 /// not all clusters.
-pub fn default_node_name() -> String {
+pub(crate) fn default_node_name() -> String {
     if let Some(name) = std::env::var("NODE_NAME")
         .ok()
         .filter(|n| !n.trim().is_empty())
@@ -498,7 +498,7 @@ pub fn default_node_name() -> String {
 /// The watcher settings: pods of `node_name`, classic paginated list then
 /// watch (every apiserver and `kubectl proxy` serve it; streaming lists need
 /// a feature gate on older clusters), with watch bookmarks.
-pub fn watcher_config(node_name: &str) -> watcher::Config {
+pub(crate) fn watcher_config(node_name: &str) -> watcher::Config {
     watcher::Config {
         initial_list_strategy: InitialListStrategy::ListWatch,
         ..watcher::Config::default()
@@ -541,7 +541,7 @@ pub async fn run(source: KubeSource, node_name: String, index: PodIndex) -> Resu
 
 /// Runs [`run`] on the tokio runtime; a failure to start is logged and the
 /// daemon goes on without pod labels.
-pub fn spawn(
+pub(crate) fn spawn(
     source: KubeSource,
     node_name: String,
     index: PodIndex,

@@ -44,7 +44,7 @@
 
 /// The container runtime that named a container cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Runtime {
+pub(crate) enum Runtime {
     Containerd,
     CriO,
     Docker,
@@ -52,7 +52,8 @@ pub enum Runtime {
 
 impl Runtime {
     /// Label value.
-    pub fn as_str(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Containerd => "containerd",
             Self::CriO => "cri-o",
@@ -63,7 +64,7 @@ impl Runtime {
 
 /// A pod's QoS class, as the kubelet's cgroup layout encodes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Qos {
+pub(crate) enum Qos {
     Guaranteed,
     Burstable,
     BestEffort,
@@ -71,7 +72,8 @@ pub enum Qos {
 
 impl Qos {
     /// Label value, as Kubernetes spells the class.
-    pub fn as_str(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Guaranteed => "Guaranteed",
             Self::Burstable => "Burstable",
@@ -82,7 +84,7 @@ impl Qos {
 
 /// What a cgroup path says about the pod and container it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct PodContainer {
+pub(crate) struct PodContainer {
     /// Lowercase UUID with dashes, or a static pod's 32-hex config hash.
     pub pod_uid: String,
     /// Bare 64-hex container id, no runtime prefix. `None` for the pod-level
@@ -96,7 +98,7 @@ pub struct PodContainer {
 
 /// Pod and container of a cgroup v2 path (relative to the cgroup2 mount, or
 /// with any prefix before the kubepods part). `None` if it is not a pod's.
-pub fn parse_cgroup_path(path: &str) -> Option<PodContainer> {
+pub(crate) fn parse_cgroup_path(path: &str) -> Option<PodContainer> {
     let mut comps = path.split('/').filter(|c| !c.is_empty());
     let (mut parent, mut grandparent) = (None, None);
     while let Some(comp) = comps.next() {

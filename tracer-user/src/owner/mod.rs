@@ -7,8 +7,8 @@
 //! Kubernetes index and watch, [`kube`]) -> app, sidecar or host (the
 //! sidecar rules).
 
-pub mod attribute;
-pub mod cgroup;
-pub mod kube;
-pub mod kubelet;
-pub mod procfs;
+pub(crate) mod attribute;
+pub(crate) mod cgroup;
+pub(crate) mod kube;
+pub(crate) mod kubelet;
+pub(crate) mod procfs;

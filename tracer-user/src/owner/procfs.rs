@@ -18,7 +18,7 @@ use crate::sys::caps;
 /// Bounds on one scan of /proc: a node with more open files than this is
 /// only partly resolved (and says so in the log).
 #[derive(Debug, Clone, Copy)]
-pub struct ScanBudget {
+pub(crate) struct ScanBudget {
     pub max_fds: usize,
     pub max_time: Duration,
 }
@@ -37,13 +37,13 @@ impl Default for ScanBudget {
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
 
 /// How many `/proc` entries could not be parsed so far.
-pub fn malformed_total() -> u64 {
+pub(crate) fn malformed_total() -> u64 {
     MALFORMED.load(Ordering::Relaxed)
 }
 
 /// Counts a `/proc` file whose content does not parse (the entry is skipped)
 /// and logs it: the first 10, then every 1000th.
-pub fn malformed(file: &str, what: &str, content: &str) {
+pub(crate) fn malformed(file: &str, what: &str, content: &str) {
     let n = MALFORMED.fetch_add(1, Ordering::Relaxed) + 1;
     if n <= 10 || n.is_multiple_of(1000) {
         let shown: String = content.chars().take(120).collect();
@@ -55,7 +55,7 @@ pub fn malformed(file: &str, what: &str, content: &str) {
 }
 
 /// `socket:[12345]` -> 12345 (decimal digits only, as the kernel writes it).
-pub fn socket_inode(link: &str) -> Option<u64> {
+pub(crate) fn socket_inode(link: &str) -> Option<u64> {
     let digits = link.strip_prefix("socket:[")?.strip_suffix(']')?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -65,7 +65,7 @@ pub fn socket_inode(link: &str) -> Option<u64> {
 
 /// The real uid and gid from `/proc/<pid>/status` text (what
 /// `bpf_get_current_uid_gid` reports).
-pub fn uid_gid(status: &str) -> Option<(u32, u32)> {
+pub(crate) fn uid_gid(status: &str) -> Option<(u32, u32)> {
     let field = |name: &str| -> Option<u32> {
         status
             .lines()
@@ -80,7 +80,7 @@ pub fn uid_gid(status: &str) -> Option<(u32, u32)> {
 /// process found wins (a socket shared after fork has several).
 /// `cgroup_mount` turns `/proc/<pid>/cgroup` into the cgroup id (the
 /// directory's inode), as the kernel programs report it.
-pub fn socket_owners<S: std::hash::BuildHasher>(
+pub(crate) fn socket_owners<S: std::hash::BuildHasher>(
     wanted: &HashSet<u64, S>,
     cgroup_mount: Option<&Path>,
     budget: ScanBudget,
@@ -164,7 +164,7 @@ pub fn socket_owners<S: std::hash::BuildHasher>(
 }
 
 /// What the kernel programs would have captured for `pid`, from /proc.
-pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
+pub(crate) fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
     let base = Path::new("/proc").join(pid.to_string());
     // A process that is gone is no error; one whose status does not parse is.
     let status = fs::read_to_string(base.join("status")).ok()?;
@@ -210,7 +210,7 @@ pub fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Owner> {
 }
 
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
-pub fn cgroup_v2_path(text: &str) -> Option<&str> {
+pub(crate) fn cgroup_v2_path(text: &str) -> Option<&str> {
     text.lines()
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::trim)
@@ -218,14 +218,14 @@ pub fn cgroup_v2_path(text: &str) -> Option<&str> {
 }
 
 /// The local ephemeral port range (`net.ipv4.ip_local_port_range`).
-pub fn ephemeral_ports() -> RangeInclusive<u16> {
+pub(crate) fn ephemeral_ports() -> RangeInclusive<u16> {
     fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| parse_port_range(&s))
         .unwrap_or(32768..=60999)
 }
 
-pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
+pub(crate) fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
     let mut it = s.split_whitespace().map(str::parse::<u16>);
     let (lo, hi) = (it.next()?.ok()?, it.next()?.ok()?);
     (lo <= hi).then_some(lo..=hi)

@@ -4,7 +4,7 @@
 //! `/connections` ([`views`]: the tracked connections merged with a live
 //! snapshot; the `connections` client reads the same types back).
 
-pub mod views;
+pub(crate) mod views;
 
 use std::{
     convert::Infallible,
@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Shared between the event loop and the HTTP server.
-pub struct Shared {
+pub(crate) struct Shared {
     pub state: Mutex<State>,
     pub kernel: Mutex<Kernel>,
     pub healthy: AtomicBool,
@@ -50,7 +50,7 @@ impl Shared {
     }
 
     /// A fresh kernel snapshot; its undecodable records count as decode errors.
-    pub fn snapshot(&self) -> Result<Vec<ConnEvent>, KernelError> {
+    pub(crate) fn snapshot(&self) -> Result<Vec<ConnEvent>, KernelError> {
         let (snap, bad) = {
             let mut kernel = self.kernel.lock().expect("kernel lock");
             let snap = kernel.snapshot();
@@ -69,7 +69,7 @@ impl Shared {
 }
 
 /// Serves HTTP on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,

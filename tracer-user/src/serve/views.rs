@@ -21,7 +21,7 @@ use crate::{
 
 /// One connection as `/connections` reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConnView {
+pub(crate) struct ConnView {
     pub cookie: u64,
     pub state: String,
     pub direction: String,
@@ -58,7 +58,7 @@ pub struct ConnView {
 
 /// One leg of a chain, as `/connections` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainLegView {
+pub(crate) struct ChainLegView {
     pub cookie: u64,
     /// `app`, `sidecar-app-side` (the sidecar's socket facing the app) or
     /// `sidecar-upstream` (its socket facing the network).
@@ -78,7 +78,7 @@ fn endpoints(info: &EventInfo) -> (String, String) {
 
 /// The tracked connections, merged with a fresh kernel snapshot (live
 /// state, keepalive, idle time and bytes).
-pub fn connections(
+pub(crate) fn connections(
     tracker: &mut Tracker,
     snapshot: &[ConnEvent],
     hz: Hz,

@@ -7,29 +7,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Capability numbers (include/uapi/linux/capability.h): the one table of
 /// them, for `check` (can the programs load?) and `run` (what is lost?).
-pub const CAP_DAC_READ_SEARCH: u32 = 2;
-pub const CAP_NET_ADMIN: u32 = 12;
-pub const CAP_SYS_PTRACE: u32 = 19;
-pub const CAP_SYS_ADMIN: u32 = 21;
-pub const CAP_SYS_RESOURCE: u32 = 24;
-pub const CAP_PERFMON: u32 = 38;
-pub const CAP_BPF: u32 = 39;
+pub(crate) const CAP_DAC_READ_SEARCH: u32 = 2;
+#[cfg(test)]
+pub(crate) const CAP_NET_ADMIN: u32 = 12;
+pub(crate) const CAP_SYS_PTRACE: u32 = 19;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_SYS_RESOURCE: u32 = 24;
+pub(crate) const CAP_PERFMON: u32 = 38;
+pub(crate) const CAP_BPF: u32 = 39;
 
 /// What is lost without `CAP_SYS_ADMIN` once the programs are loaded (by
 /// `CAP_BPF` + `CAP_PERFMON` + `CAP_NET_ADMIN`).
-pub const NO_SYS_ADMIN: &str = "CAP_SYS_ADMIN is missing: setns() into other network namespaces \
+pub(crate) const NO_SYS_ADMIN: &str = "CAP_SYS_ADMIN is missing: setns() into other network namespaces \
     is refused, so connections older than the tracer in other namespaces (pods) are not found \
     at start-up or by the resync, and /connections lists other namespaces' connections only \
     once they have an event; grant CAP_SYS_ADMIN";
 
 /// What is lost without `CAP_SYS_PTRACE`.
-pub const NO_SYS_PTRACE: &str = "CAP_SYS_PTRACE is missing: the links /proc/<pid>/ns/net and \
+pub(crate) const NO_SYS_PTRACE: &str = "CAP_SYS_PTRACE is missing: the links /proc/<pid>/ns/net and \
     /proc/<pid>/fd/* of processes of other users (or with capabilities the tracer lacks, which \
     includes most root daemons) cannot be read, so their network namespaces are skipped and \
     the owners of connections older than the tracer stay unknown; grant CAP_SYS_PTRACE";
 
 /// What is lost without `CAP_DAC_READ_SEARCH`.
-pub const NO_DAC_READ_SEARCH: &str = "CAP_DAC_READ_SEARCH is missing: the directories \
+pub(crate) const NO_DAC_READ_SEARCH: &str = "CAP_DAC_READ_SEARCH is missing: the directories \
     /proc/<pid>/fd of processes of other users (mode 0500) cannot be listed, so the owners of \
     their connections older than the tracer stay unknown (\"owner\": \"unknown\"); grant \
     CAP_DAC_READ_SEARCH";
@@ -43,24 +44,24 @@ const GAPS: [(u32, &str); 3] = [
 ];
 
 /// The effective capability mask of this process (`CapEff`), if readable.
-pub fn effective() -> Option<u64> {
+pub(crate) fn effective() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     parse_cap_eff(&status)
 }
 
 /// The effective capability set (`CapEff`) from `/proc/<pid>/status` text.
-pub fn parse_cap_eff(status: &str) -> Option<u64> {
+pub(crate) fn parse_cap_eff(status: &str) -> Option<u64> {
     let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(hex.trim(), 16).ok()
 }
 
-pub fn has(mask: u64, cap: u32) -> bool {
+pub(crate) fn has(mask: u64, cap: u32) -> bool {
     mask & (1u64 << cap) != 0
 }
 
 /// The warnings for a process with effective capabilities `mask` that got
 /// its programs loaded: one line per missing capability, naming it.
-pub fn gaps(mask: u64) -> Vec<&'static str> {
+pub(crate) fn gaps(mask: u64) -> Vec<&'static str> {
     GAPS.iter()
         .filter(|(cap, _)| !has(mask, *cap))
         .map(|(_, why)| *why)
@@ -68,7 +69,7 @@ pub fn gaps(mask: u64) -> Vec<&'static str> {
 }
 
 /// Logs [`gaps`] of this process, once, at start-up.
-pub fn warn_gaps() {
+pub(crate) fn warn_gaps() {
     match effective() {
         Some(mask) => {
             for gap in gaps(mask) {
@@ -81,7 +82,7 @@ pub fn warn_gaps() {
 
 /// A refusal the kernel gave at run time, for [`denied`].
 #[derive(Debug, Clone, Copy)]
-pub enum Denied {
+pub(crate) enum Denied {
     /// `setns()` into a network namespace (EPERM).
     Setns,
     /// Reading another process's `/proc/<pid>/ns/net` or `/proc/<pid>/fd/N`
@@ -93,7 +94,7 @@ pub enum Denied {
 
 /// Reports a refusal: the first of each kind as a warning naming the
 /// capability, later ones at debug level (the resync repeats every 30 s).
-pub fn denied(what: Denied, detail: &str) {
+pub(crate) fn denied(what: Denied, detail: &str) {
     static SETNS: AtomicBool = AtomicBool::new(false);
     static PROC_LINK: AtomicBool = AtomicBool::new(false);
     static FD_DIR: AtomicBool = AtomicBool::new(false);
@@ -114,7 +115,7 @@ pub fn denied(what: Denied, detail: &str) {
 }
 
 /// Whether an I/O error is a permission refusal (EPERM or EACCES).
-pub fn is_denied(e: &std::io::Error) -> bool {
+pub(crate) fn is_denied(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES))
 }
 

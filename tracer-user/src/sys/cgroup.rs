@@ -5,7 +5,7 @@ use std::path::PathBuf;
 /// The first cgroup2 mount point in `/proc/mounts`-formatted text. Hybrid
 /// hosts mount it at /sys/fs/cgroup/unified, pure v2 hosts (most Kubernetes
 /// nodes) at /sys/fs/cgroup: never assume either.
-pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+pub(crate) fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
     mounts.lines().find_map(|line| {
         let mut f = line.split_whitespace();
         let (_dev, path, fstype) = (f.next()?, f.next()?, f.next()?);
@@ -14,7 +14,7 @@ pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
 }
 
 /// The cgroup2 mount of this host.
-pub fn cgroup2_mount() -> std::io::Result<Option<PathBuf>> {
+pub(crate) fn cgroup2_mount() -> std::io::Result<Option<PathBuf>> {
     Ok(cgroup2_mount_in(&std::fs::read_to_string("/proc/mounts")?))
 }
 

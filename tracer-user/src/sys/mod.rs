@@ -3,16 +3,16 @@
 //! and `run`), network namespaces ([`netns`]), the cgroup v2 mount and
 //! cgroup namespace ([`cgroup`]), and a few facts of the running system.
 
-pub mod caps;
-pub mod cgroup;
-pub mod netns;
+pub(crate) mod caps;
+pub(crate) mod cgroup;
+pub(crate) mod netns;
 
 /// Where the kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 /// Checks a ring buffer size the way the kernel will: a power of two and a
 /// multiple of the page size.
-pub fn valid_ring_size(bytes: u32) -> bool {
+pub(crate) fn valid_ring_size(bytes: u32) -> bool {
     let page = page_size();
     bytes.is_power_of_two() && bytes >= page && bytes.is_multiple_of(page)
 }

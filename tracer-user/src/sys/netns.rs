@@ -10,14 +10,14 @@ use std::{
 };
 
 /// "net:[4026531833]" -> 4026531833.
-pub fn parse_ns_link(link: &str) -> Option<u64> {
+pub(crate) fn parse_ns_link(link: &str) -> Option<u64> {
     link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
 }
 
 /// Every network namespace in use: one path per namespace inode, from the
 /// processes and threads in /proc (a DaemonSet needs hostPID to see pods
 /// here) and the named namespaces in /run/netns.
-pub fn list() -> BTreeMap<u64, PathBuf> {
+pub(crate) fn list() -> BTreeMap<u64, PathBuf> {
     let mut out = BTreeMap::new();
     let mut add = |path: PathBuf| match fs::read_link(&path) {
         Ok(link) => {
@@ -64,7 +64,7 @@ pub fn list() -> BTreeMap<u64, PathBuf> {
 }
 
 /// Moves the calling thread into the network namespace at `path`.
-pub fn enter(path: &Path) -> std::io::Result<()> {
+pub(crate) fn enter(path: &Path) -> std::io::Result<()> {
     let f = fs::File::open(path)?;
     // SAFETY: setns on a valid namespace fd; affects only this thread.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -79,9 +79,13 @@ mod tests {
 
     #[test]
     fn parses_namespace_links() {
-        assert_eq!(parse_ns_link("net:[4026531833]"), Some(4_026_531_833));
-        assert_eq!(parse_ns_link("mnt:[4026531833]"), None);
-        assert_eq!(parse_ns_link("net:[x]"), None);
+        for (link, want) in [
+            ("net:[4026531833]", Some(4_026_531_833)),
+            ("mnt:[4026531833]", None),
+            ("net:[x]", None),
+        ] {
+            assert_eq!(parse_ns_link(link), want, "{link}");
+        }
     }
 
     /// A namespace that only a non-main thread is in.

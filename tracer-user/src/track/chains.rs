@@ -16,16 +16,16 @@ use std::{
     net::IpAddr,
 };
 
-pub use super::Direction;
+pub(crate) use super::Direction;
 use super::classify::{CloseKind, ClosedBy};
 use crate::{event::addr::canonical, owner::attribute::Role};
 
 /// An endpoint, with v4-mapped IPv6 folded to IPv4.
-pub type Endpoint = (IpAddr, u16);
+pub(crate) type Endpoint = (IpAddr, u16);
 
 /// What the chain tracker needs of a connection when it opens.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Leg {
+pub(crate) struct Leg {
     pub cookie: u64,
     pub netns: u32,
     /// The pod (UID) the owner belongs to; chains never cross pods.
@@ -40,7 +40,7 @@ pub struct Leg {
 
 /// How a leg ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LegEnd {
+pub(crate) struct LegEnd {
     /// CLOCK_MONOTONIC when it left ESTABLISHED (0: unknown).
     pub end_ns: u64,
     pub closed_by: ClosedBy,
@@ -49,7 +49,7 @@ pub struct LegEnd {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Origin {
+pub(crate) enum Origin {
     /// The proxy closed the connection itself (e.g. Envoy's idle_timeout).
     Sidecar,
     /// The upstream leg was ended by the server or the network.
@@ -59,7 +59,7 @@ pub enum Origin {
 }
 
 impl Origin {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Sidecar => "sidecar",
             Self::Upstream => "upstream",
@@ -70,7 +70,7 @@ impl Origin {
 
 /// One chain; the legs are cookies.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Chain {
+pub(crate) struct Chain {
     pub direction: Direction,
     pub pod_uid: String,
     /// The app's socket.
@@ -89,7 +89,7 @@ pub struct Chain {
 }
 
 impl Chain {
-    pub fn legs(&self) -> Vec<u64> {
+    pub(crate) fn legs(&self) -> Vec<u64> {
         [Some(self.app), self.sidecar_app_side, self.sidecar_net_side]
             .into_iter()
             .flatten()
@@ -103,7 +103,7 @@ impl Chain {
 
 /// A chain that ended.
 #[derive(Debug, Clone, PartialEq)]
-pub struct ChainEnd {
+pub(crate) struct ChainEnd {
     pub chain: Chain,
     pub origin: Origin,
     /// Keepalive of the network-side (upstream) leg at its end.
@@ -112,7 +112,7 @@ pub struct ChainEnd {
 
 /// The capture ports of the mesh (Istio: 15001 outbound, 15006 inbound).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CapturePorts {
+pub(crate) struct CapturePorts {
     pub outbound: u16,
     pub inbound: u16,
 }
@@ -130,7 +130,7 @@ type Key = (u32, Endpoint);
 
 /// Open chains and the half-built ones.
 #[derive(Debug)]
-pub struct Chains {
+pub(crate) struct Chains {
     ports: CapturePorts,
     next_id: u64,
     open: HashMap<u64, Chain>,
@@ -158,7 +158,7 @@ fn ep((ip, port): Endpoint) -> Endpoint {
 impl Chains {
     /// `cap` bounds every pending map (oldest-first eviction is not needed:
     /// a full map stops taking new pending legs until closes drain it).
-    pub fn new(ports: CapturePorts, cap: usize) -> Self {
+    pub(crate) fn new(ports: CapturePorts, cap: usize) -> Self {
         Self {
             ports,
             next_id: 1,
@@ -174,20 +174,21 @@ impl Chains {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.open.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.open.is_empty()
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Chain> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Chain> {
         self.open.values()
     }
 
     /// The chain a socket belongs to.
-    pub fn chain_of(&self, cookie: u64) -> Option<&Chain> {
+    pub(crate) fn chain_of(&self, cookie: u64) -> Option<&Chain> {
         self.open.get(self.by_cookie.get(&cookie)?)
     }
 
@@ -211,7 +212,7 @@ impl Chains {
     }
 
     /// A connection reached ESTABLISHED.
-    pub fn on_open(&mut self, mut leg: Leg) {
+    pub(crate) fn on_open(&mut self, mut leg: Leg) {
         leg.local = ep(leg.local);
         leg.remote = ep(leg.remote);
         if leg.pod_uid.is_empty() || self.pending_full() {
@@ -314,7 +315,7 @@ impl Chains {
     }
 
     /// A connection ended. Returns the chain's end once all its legs did.
-    pub fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
+    pub(crate) fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
         self.forget_pending(cookie);
         let id = *self.by_cookie.get(&cookie)?;
         let chain = self.open.get_mut(&id)?;

@@ -33,14 +33,14 @@ const ETIMEDOUT: u32 = libc::ETIMEDOUT as u32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ClosedBy {
+pub(crate) enum ClosedBy {
     Local,
     Peer,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum CloseKind {
+pub(crate) enum CloseKind {
     Fin,
     Rst,
     Timeout,
@@ -49,7 +49,7 @@ pub enum CloseKind {
 /// What ran out, for a timeout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum TimeoutCause {
+pub(crate) enum TimeoutCause {
     /// Keepalive probes went unanswered.
     Keepalive,
     /// TCP_USER_TIMEOUT expired with data unacknowledged.
@@ -61,7 +61,11 @@ pub enum TimeoutCause {
 }
 
 impl TimeoutCause {
-    pub fn as_str(self) -> &'static str {
+    #[allow(
+        dead_code,
+        reason = "the label value of a timeout's cause; nothing labels by it yet"
+    )]
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Keepalive => "keepalive",
             Self::UserTimeout => "user_timeout",
@@ -74,7 +78,7 @@ impl TimeoutCause {
 /// Why a send died (a stale reuse's `cause`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum StaleCause {
+pub(crate) enum StaleCause {
     /// The first send after a silence.
     Silence,
     /// A send after the peer's FIN, or crossing it (the keep-alive race).
@@ -82,7 +86,7 @@ pub enum StaleCause {
 }
 
 impl StaleCause {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Silence => "silence",
             Self::PeerClosed => "peer_closed",
@@ -92,13 +96,13 @@ impl StaleCause {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum StaleOutcome {
+pub(crate) enum StaleOutcome {
     Rst,
     Timeout,
 }
 
 impl ClosedBy {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Local => "local",
             Self::Peer => "peer",
@@ -107,7 +111,7 @@ impl ClosedBy {
 }
 
 impl CloseKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Fin => "fin",
             Self::Rst => "rst",
@@ -117,7 +121,7 @@ impl CloseKind {
 }
 
 impl StaleOutcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Rst => "rst",
             Self::Timeout => "timeout",
@@ -127,7 +131,7 @@ impl StaleOutcome {
 
 /// The facts of one connection's end.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Ending {
+pub(crate) struct Ending {
     pub closed_by: ClosedBy,
     pub close_kind: CloseKind,
     /// What ran out, when the connection timed out (also after the owner's
@@ -149,14 +153,14 @@ pub struct Ending {
 impl Ending {
     /// Idle time as the metrics report it: the silence before a failed send
     /// when the connection died on one, else the idle time at the end.
-    pub fn idle(&self) -> Option<Duration> {
+    pub(crate) fn idle(&self) -> Option<Duration> {
         self.silence_before_failed_send.or(self.idle_at_end)
     }
 }
 
 /// Classifies the end of a connection. `ts_ns` is the CLOSE event's
 /// CLOCK_MONOTONIC time (it pairs with `c.jiffies`).
-pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
+pub(crate) fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
     let rst_received = c.flags & close_flags::RST_RECEIVED != 0;
     let unacked = c.flags & close_flags::UNACKED != 0;
     let unsent = c.flags & close_flags::UNSENT != 0;
@@ -255,7 +259,7 @@ pub fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
 /// Why a connect failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ConnectFailure {
+pub(crate) enum ConnectFailure {
     /// The peer answered the SYN with a reset (nothing listens there).
     Refused,
     /// The SYN retransmissions (tcp_syn_retries) or TCP_USER_TIMEOUT ran
@@ -267,7 +271,7 @@ pub enum ConnectFailure {
 }
 
 impl ConnectFailure {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Refused => "refused",
             Self::Timeout => "timeout",
@@ -279,7 +283,7 @@ impl ConnectFailure {
 /// Why the connect of a [`close_flags::CONNECT_FAILED`] summary failed;
 /// `None` when it was not a failure (the owner gave up first: closed the
 /// socket before the answer, with no error on it).
-pub fn connect_failure(c: &CloseData) -> Option<ConnectFailure> {
+pub(crate) fn connect_failure(c: &CloseData) -> Option<ConnectFailure> {
     if c.flags & close_flags::CONNECT_FAILED == 0 {
         return None;
     }
@@ -315,14 +319,14 @@ fn idle_ticks(now: u32, then: u32) -> u32 {
 
 /// The verdict against an idle threshold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     pub idle_kill: bool,
     pub stale_reuse: Option<StaleOutcome>,
     /// Why the stale reuse happened, with `stale_reuse`.
     pub stale_cause: Option<StaleCause>,
 }
 
-pub fn verdict(e: &Ending, threshold: Duration) -> Verdict {
+pub(crate) fn verdict(e: &Ending, threshold: Duration) -> Verdict {
     let stale_cause = match (e.failed_send_cause, e.silence_before_failed_send) {
         (Some(StaleCause::PeerClosed), _) => Some(StaleCause::PeerClosed),
         (Some(StaleCause::Silence), Some(s)) if s >= threshold => Some(StaleCause::Silence),
@@ -351,7 +355,7 @@ pub fn verdict(e: &Ending, threshold: Duration) -> Verdict {
     clippy::struct_excessive_bools,
     reason = "a flat JSON view of independent facts"
 )]
-pub struct KeepaliveView {
+pub(crate) struct KeepaliveView {
     pub enabled: bool,
     pub idle_s: f64,
     pub interval_s: f64,
@@ -366,7 +370,7 @@ pub struct KeepaliveView {
 }
 
 impl KeepaliveView {
-    pub fn new(ka: &Keepalive, hz: Hz) -> Self {
+    pub(crate) fn new(ka: &Keepalive, hz: Hz) -> Self {
         Self {
             enabled: ka.enabled != 0,
             idle_s: hz.secs(ka.time_j),
@@ -380,7 +384,7 @@ impl KeepaliveView {
     }
 
     /// Like `netstat -o`: `keepalive(idle/interval/probes)` or `off`.
-    pub fn short(&self) -> String {
+    pub(crate) fn short(&self) -> String {
         if self.enabled {
             format!(
                 "keepalive({}/{}/{})",

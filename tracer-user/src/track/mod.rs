@@ -7,10 +7,10 @@
 //! count. No I/O of its own beyond the owner lookups: tests drive it with
 //! synthetic kernel records.
 
-pub mod chains;
-pub mod classify;
+pub(crate) mod chains;
+pub(crate) mod classify;
 mod resync;
-pub mod table;
+pub(crate) mod table;
 #[cfg(test)]
 mod tests;
 mod tracker;
@@ -19,12 +19,12 @@ use std::{net::IpAddr, ops::RangeInclusive};
 
 use tracer_common::Owner;
 
-pub use self::tracker::{Closed, Outcome, Tracker};
+pub(crate) use self::tracker::{Closed, Outcome, Tracker};
 use crate::event::addr::{Endpoint, canonical};
 
 /// Which side opened a connection (or a chain).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Direction {
+pub(crate) enum Direction {
     /// This side connected (for a chain: app -> sidecar -> upstream server).
     Outbound,
     /// This side accepted (for a chain: client -> sidecar -> app).
@@ -32,7 +32,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
@@ -43,7 +43,11 @@ impl Direction {
 /// Accepted sockets are inbound, connecting ones outbound. For sockets
 /// older than the tracer (owner unknown), a local port in the ephemeral
 /// range means this side connected.
-pub fn direction(owner: &Owner, local_port: u16, ephemeral: &RangeInclusive<u16>) -> Direction {
+pub(crate) fn direction(
+    owner: &Owner,
+    local_port: u16,
+    ephemeral: &RangeInclusive<u16>,
+) -> Direction {
     if owner.is_inherited() {
         Direction::Inbound
     } else if owner.is_known() || ephemeral.contains(&local_port) {
@@ -56,7 +60,7 @@ pub fn direction(owner: &Owner, local_port: u16, ephemeral: &RangeInclusive<u16>
 /// The `peer` label: `ip:port` of the service for outbound connections;
 /// the client's `ip` alone for inbound ones (its port is ephemeral and
 /// would make the label unbounded).
-pub fn peer_label(remote: IpAddr, remote_port: u16, dir: Direction) -> String {
+pub(crate) fn peer_label(remote: IpAddr, remote_port: u16, dir: Direction) -> String {
     let ip = canonical(remote);
     match dir {
         Direction::Inbound => ip.to_string(),

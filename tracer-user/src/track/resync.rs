@@ -22,7 +22,7 @@ impl Tracker {
     ///   a lost event) are removed.
     ///
     /// Returns how many were removed.
-    pub fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) -> usize {
+    pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) -> usize {
         let mut wanted = HashSet::new();
         for ev in snapshot {
             if let EventData::Snapshot(s) = ev.data {

@@ -9,7 +9,7 @@ use tracer_common::{EventInfo, Keepalive, SockoptData, ka_source, sockopt};
 
 /// One tracked connection.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Conn {
+pub(crate) struct Conn {
     /// Socket identity, addresses and owner as of the OPEN event (or the
     /// first snapshot, for connections older than the tracer).
     pub info: EventInfo,
@@ -34,7 +34,7 @@ pub struct Conn {
 /// they cannot be chosen to collide; one multiply spreads them (SipHash,
 /// the default, costs more than the rest of a lookup).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct CookieHasher(u64);
+pub(crate) struct CookieHasher(u64);
 
 impl Hasher for CookieHasher {
     fn finish(&self) -> u64 {
@@ -55,11 +55,11 @@ impl Hasher for CookieHasher {
 }
 
 /// A map keyed by socket cookie.
-pub type CookieMap<V> = HashMap<u64, V, BuildHasherDefault<CookieHasher>>;
+pub(crate) type CookieMap<V> = HashMap<u64, V, BuildHasherDefault<CookieHasher>>;
 
 /// Connections by cookie, at most `cap`; past it the oldest are dropped.
 #[derive(Debug)]
-pub struct ConnTable {
+pub(crate) struct ConnTable {
     conns: CookieMap<Conn>,
     /// Insertion order, for eviction; may hold cookies already removed.
     order: VecDeque<u64>,
@@ -69,7 +69,7 @@ pub struct ConnTable {
 }
 
 impl ConnTable {
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             conns: CookieMap::default(),
             order: VecDeque::new(),
@@ -78,28 +78,29 @@ impl ConnTable {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.conns.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.conns.is_empty()
     }
 
-    pub fn get(&self, cookie: u64) -> Option<&Conn> {
+    pub(crate) fn get(&self, cookie: u64) -> Option<&Conn> {
         self.conns.get(&cookie)
     }
 
-    pub fn get_mut(&mut self, cookie: u64) -> Option<&mut Conn> {
+    pub(crate) fn get_mut(&mut self, cookie: u64) -> Option<&mut Conn> {
         self.conns.get_mut(&cookie)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Conn> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
 
     /// Adds (or refreshes) a connection.
-    pub fn insert(&mut self, conn: Conn) {
+    pub(crate) fn insert(&mut self, conn: Conn) {
         let cookie = conn.info.cookie;
         if self.conns.insert(cookie, conn).is_none() {
             self.order.push_back(cookie);
@@ -118,12 +119,12 @@ impl ConnTable {
         }
     }
 
-    pub fn remove(&mut self, cookie: u64) -> Option<Conn> {
+    pub(crate) fn remove(&mut self, cookie: u64) -> Option<Conn> {
         self.conns.remove(&cookie)
     }
 
     /// Applies a keepalive option a process set on a tracked connection.
-    pub fn apply_sockopt(&mut self, cookie: u64, o: &SockoptData) -> bool {
+    pub(crate) fn apply_sockopt(&mut self, cookie: u64, o: &SockoptData) -> bool {
         let Some(c) = self.conns.get_mut(&cookie) else {
             return false;
         };
@@ -134,7 +135,7 @@ impl ConnTable {
 
 /// What a keepalive option does to the socket's settings (values in
 /// seconds become jiffies, as the kernel keeps them).
-pub fn apply_sockopt(ka: &mut Keepalive, o: &SockoptData, hz: u32) {
+pub(crate) fn apply_sockopt(ka: &mut Keepalive, o: &SockoptData, hz: u32) {
     let secs = u32::try_from(o.value).unwrap_or(0);
     match (o.level, o.optname) {
         (sockopt::SOL_SOCKET, sockopt::SO_KEEPALIVE) => ka.enabled = u8::from(o.value != 0),

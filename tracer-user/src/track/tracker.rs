@@ -23,7 +23,7 @@ use crate::{
 
 /// The connections the daemon tracks, and everything needed to tell how
 /// each ends.
-pub struct Tracker {
+pub(crate) struct Tracker {
     pub threshold: Duration,
     /// After how long a connection the peer closed counts as a CLOSE_WAIT leak.
     pub close_wait_threshold: Duration,
@@ -39,7 +39,7 @@ pub struct Tracker {
 
 /// What an event changed that the metrics count.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Nothing to count beyond the event itself.
     Nothing,
     /// A connection ended.
@@ -59,7 +59,7 @@ pub enum Outcome {
 
 /// A connection that ended, attributed and classified.
 #[derive(Debug)]
-pub struct Closed {
+pub(crate) struct Closed {
     /// Its identity, addresses and owner as they were at open.
     pub info: EventInfo,
     pub attr: Attribution,
@@ -73,7 +73,7 @@ pub struct Closed {
 }
 
 impl Tracker {
-    pub fn new(cfg: &Config, attr: Attributor) -> Self {
+    pub(crate) fn new(cfg: &Config, attr: Attributor) -> Self {
         Self {
             threshold: cfg.idle_threshold,
             close_wait_threshold: cfg.close_wait_threshold,
@@ -93,7 +93,7 @@ impl Tracker {
     }
 
     /// Applies one kernel event.
-    pub fn handle(&mut self, ev: &ConnEvent) -> Outcome {
+    pub(crate) fn handle(&mut self, ev: &ConnEvent) -> Outcome {
         match ev.data {
             EventData::Open(o) => {
                 self.hz.observe(o.jiffies, ev.info.ts_ns);
@@ -221,13 +221,13 @@ impl Tracker {
     }
 
     /// Whether a connection is outbound or inbound.
-    pub fn direction(&self, info: &EventInfo) -> Direction {
+    pub(crate) fn direction(&self, info: &EventInfo) -> Direction {
         direction(&info.owner, info.sock.sport, &self.ephemeral)
     }
 
     /// The `peer` of a connection (before capping): the remote pod's
     /// `namespace/pod`, else its address.
-    pub fn peer(&self, info: &EventInfo, dir: Direction) -> String {
+    pub(crate) fn peer(&self, info: &EventInfo, dir: Direction) -> String {
         let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         self.attr
             .peer_pod(remote)
@@ -236,7 +236,7 @@ impl Tracker {
 
     /// `deleted` when the remote address is a pod deleted from the API
     /// (within `deleted_pod_grace`), else `live`.
-    pub fn peer_state(&self, info: &EventInfo) -> &'static str {
+    pub(crate) fn peer_state(&self, info: &EventInfo) -> &'static str {
         let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         if self.attr.peer_deleted(remote) {
             "deleted"
@@ -263,7 +263,7 @@ impl Tracker {
 
     /// (namespace, pod, peer before capping) of a chain: the app's pod and
     /// the far end; `None` outside pods.
-    pub fn chain_labels(&mut self, chain: &Chain) -> Option<(String, String, String)> {
+    pub(crate) fn chain_labels(&mut self, chain: &Chain) -> Option<(String, String, String)> {
         let attr = self.attr.attribute(&chain.app_owner);
         if attr.pod_uid.is_empty() {
             return None;

@@ -127,7 +127,7 @@ impl Collector {
 }
 
 /// The cookie of the OPEN event with these ports.
-pub fn find_open(events: &[ConnEvent], sport: u16, dport: u16) -> Option<u64> {
+pub(super) fn find_open(events: &[ConnEvent], sport: u16, dport: u16) -> Option<u64> {
     events.iter().find_map(|e| {
         (matches!(e.data, EventData::Open(_))
             && e.info.sock.sport == sport
@@ -137,7 +137,7 @@ pub fn find_open(events: &[ConnEvent], sport: u16, dport: u16) -> Option<u64> {
 }
 
 /// The CLOSE summary of socket `cookie`.
-pub fn find_close(events: &[ConnEvent], cookie: u64) -> Option<(EventInfo, CloseData)> {
+pub(super) fn find_close(events: &[ConnEvent], cookie: u64) -> Option<(EventInfo, CloseData)> {
     events.iter().find_map(|e| match e.data {
         EventData::Close(c) if e.info.cookie == cookie => Some((e.info, c)),
         _ => None,
@@ -145,7 +145,7 @@ pub fn find_close(events: &[ConnEvent], cookie: u64) -> Option<(EventInfo, Close
 }
 
 /// The state transitions of socket `cookie`, in order.
-pub fn transitions(events: &[ConnEvent], cookie: u64) -> Vec<(u8, u8)> {
+pub(super) fn transitions(events: &[ConnEvent], cookie: u64) -> Vec<(u8, u8)> {
     events
         .iter()
         .filter(|e| e.info.cookie == cookie)
@@ -198,7 +198,7 @@ pub(super) fn idle_kill_counts(state: &State) -> BTreeMap<String, u64> {
 }
 
 /// What went up between two counts: `+N labels` per series, or `+0`.
-pub fn increments(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
+pub(super) fn increments(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -> String {
     let ups: Vec<String> = after
         .iter()
         .filter_map(|(k, &v)| {
@@ -217,7 +217,7 @@ pub fn increments(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>)
 /// the last payload fell between `last_lo` and `last_hi`, the end between
 /// `end_lo` and `end_hi` (CLOCK_MONOTONIC ns); stamps are in jiffies, so
 /// a tick of rounding either way.
-pub fn idle_bounds(
+pub(super) fn idle_bounds(
     (last_lo, last_hi): (u64, u64),
     (end_lo, end_hi): (u64, u64),
     hz: u32,

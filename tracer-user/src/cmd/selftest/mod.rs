@@ -78,15 +78,15 @@ use crate::{
 };
 
 /// Idle threshold of the selftest's own daemon state.
-pub const THRESHOLD: Duration = Duration::from_secs(2);
+pub(crate) const THRESHOLD: Duration = Duration::from_secs(2);
 /// Silence of the idle scenario: past the threshold by a margin that a slow
 /// machine's scheduling cannot eat (the observed idle time is compared with
 /// the silence measured here, not with this constant).
 const SILENCE: Duration = Duration::from_secs(3);
 /// Bound on each wait: an event, a socket step.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Name of the scenario thread: the comm the kernel records as owner.
-pub const LAB_COMM: &str = "ct-selftest";
+pub(crate) const LAB_COMM: &str = "ct-selftest";
 /// Nothing listens on it in a fresh namespace.
 const CLOSED_PORT: u16 = 9;
 

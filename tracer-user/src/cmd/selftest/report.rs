@@ -7,7 +7,7 @@ use super::*;
     clippy::struct_field_names,
     reason = "`check` names the fact checked, as the report prints it"
 )]
-pub struct Check {
+pub(super) struct Check {
     pub scenario: &'static str,
     pub check: String,
     pub expected: String,
@@ -16,7 +16,7 @@ pub struct Check {
 }
 
 /// What was observed, or why nothing was.
-pub type Seen<T> = Result<T, String>;
+pub(super) type Seen<T> = Result<T, String>;
 
 impl Check {
     /// `observed` must equal `expected`.
@@ -24,7 +24,7 @@ impl Check {
         clippy::needless_pass_by_value,
         reason = "expectations are small values written at the call"
     )]
-    pub fn equal<T: PartialEq + fmt::Display>(
+    pub(super) fn equal<T: PartialEq + fmt::Display>(
         scenario: &'static str,
         check: &str,
         expected: T,
@@ -44,7 +44,7 @@ impl Check {
     }
 
     /// `observed` must lie in `lo..=hi`.
-    pub fn within(
+    pub(super) fn within(
         scenario: &'static str,
         check: &str,
         lo: Duration,
@@ -65,7 +65,7 @@ impl Check {
     }
 
     /// One line for people.
-    pub fn line(&self) -> String {
+    pub(super) fn line(&self) -> String {
         format!(
             "{:<4} {:<17} {:<24} expected {}; observed {}",
             if self.ok { "ok" } else { "FAIL" },
@@ -84,7 +84,7 @@ fn secs(d: Duration) -> String {
 
 /// Everything a run found.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Report {
+pub(super) struct Report {
     /// All checks ran and matched.
     pub ok: bool,
     /// The running kernel's release.
@@ -127,7 +127,7 @@ impl Report {
     }
 
     /// 0: every check matched; 1: some did not; 2: the selftest could not run.
-    pub fn exit_code(&self) -> u8 {
+    pub(super) fn exit_code(&self) -> u8 {
         match (&self.error, self.ok) {
             (Some(_), _) => 2,
             (None, true) => 0,
@@ -136,7 +136,7 @@ impl Report {
     }
 
     /// The closing line of the text output.
-    pub fn summary(&self) -> String {
+    pub(super) fn summary(&self) -> String {
         if let Some(e) = &self.error {
             return format!("conn-tracer selftest: cannot run: {e}");
         }

@@ -11,7 +11,7 @@ use crate::event::{ConnEvent, EventData};
 /// are filled from earlier events of the same socket. Bounded: at most `cap`
 /// sockets, and closed sockets are kept only for the `cap / 16` most recent.
 #[derive(Debug)]
-pub struct PortMemo {
+pub(crate) struct PortMemo {
     addrs: std::collections::HashMap<u64, Addrs>,
     closed: std::collections::VecDeque<u64>,
     cap: usize,
@@ -26,7 +26,7 @@ struct Addrs {
 }
 
 impl PortMemo {
-    pub fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize) -> Self {
         Self {
             addrs: std::collections::HashMap::new(),
             closed: std::collections::VecDeque::new(),
@@ -36,7 +36,7 @@ impl PortMemo {
 
     /// Fills zeroed address fields of `ev` from earlier events of its socket
     /// and remembers the non-zero ones.
-    pub fn apply(&mut self, ev: &mut ConnEvent) {
+    pub(crate) fn apply(&mut self, ev: &mut ConnEvent) {
         let cookie = ev.info.cookie;
         if cookie == 0 {
             return;
@@ -85,11 +85,8 @@ impl PortMemo {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.addrs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.addrs.is_empty()
     }
 }

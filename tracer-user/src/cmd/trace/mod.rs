@@ -15,10 +15,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
-pub use self::{
-    memo::PortMemo,
-    record::{EndView, TraceRecord},
-};
+pub(crate) use self::{memo::PortMemo, record::TraceRecord};
 use crate::{
     event::{clock::WallClock, jiffies::HzTracker},
     kernel::{Kernel, KernelOptions},
@@ -26,7 +23,7 @@ use crate::{
 
 /// Printed on stderr once every program is attached; tests and scripts wait
 /// for it before they make connections.
-pub const READY_LINE: &str = "conn-tracer: tracing";
+pub(crate) const READY_LINE: &str = "conn-tracer: tracing";
 
 /// Open sockets whose local port `trace` remembers (~40 bytes each).
 const PORT_MEMO_CAP: usize = 1 << 18;

@@ -17,7 +17,7 @@ use crate::{
 
 /// One event as `trace --json` prints it: one object per line.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct TraceRecord {
+pub(crate) struct TraceRecord {
     pub time: String,
     pub ts_ns: u64,
     pub kind: &'static str,
@@ -64,7 +64,7 @@ pub struct TraceRecord {
 
 /// The end of a connection, for people (trace, /connections).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct EndView {
+pub(crate) struct EndView {
     pub closed_by: &'static str,
     pub close_kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,7 +93,7 @@ pub struct EndView {
 }
 
 impl EndView {
-    pub fn new(c: &CloseData, ts_ns: u64, hz: Hz) -> Self {
+    pub(crate) fn new(c: &CloseData, ts_ns: u64, hz: Hz) -> Self {
         let e = classify::ending(c, ts_ns, hz);
         Self {
             closed_by: e.closed_by.as_str(),
@@ -118,7 +118,7 @@ impl EndView {
 impl TraceRecord {
     /// `time` is the wall-clock rendering of the event's timestamp;
     /// `reason_name` maps a reset reason to its kernel name.
-    pub fn new(
+    pub(crate) fn new(
         ev: &ConnEvent,
         time: String,
         reason_name: impl Fn(u32) -> String,
@@ -202,7 +202,7 @@ impl TraceRecord {
     }
 
     /// One human-readable line.
-    pub fn to_line(&self) -> String {
+    pub(crate) fn to_line(&self) -> String {
         use std::fmt::Write as _;
         let local = format_endpoint(&self.saddr, self.sport);
         let remote = format_endpoint(&self.daddr, self.dport);
