@@ -524,13 +524,7 @@ fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
         "{}",
         m2.dump(KILLS)
     );
-    assert_eq!(
-        delta(
-            &before,
-            &m2,
-            &format!("{IDLE_HIST}_count"),
-            &[("closed_by", "peer"), ("direction", "outbound")]
-        ),
-        1.0
-    );
+    // (The idle histogram has no peer label: other outbound connections the
+    // peer closes meanwhile, such as the scrapes' own, move it too, so the
+    // once-only count is checked on the kill above.)
 }
