@@ -12,7 +12,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
@@ -436,21 +435,7 @@ impl Container {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn ct-container");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let _ = writeln!(std::io::stderr(), "[container] {line}");
-                let mut kept = sink
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if kept.len() < 1 << 20 {
-                    kept.push_str(&line);
-                    kept.push('\n');
-                }
-            }
-        });
+        let stderr = crate::tee_stderr(&mut child, "[container] ");
         Self {
             child,
             stderr,
@@ -486,10 +471,7 @@ impl Container {
     }
 
     pub fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::lock(&self.stderr).clone()
     }
 
     /// SIGTERM (what the kubelet sends), then waits at most `timeout`:

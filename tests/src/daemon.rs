@@ -6,7 +6,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Stdio},
     sync::{Arc, Mutex, MutexGuard},
@@ -164,22 +164,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn conn-tracer run");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&stderr);
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                // Straight to fd 2, as when it was inherited.
-                let _ = writeln!(std::io::stderr(), "{line}");
-                let mut kept = sink
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if kept.len() < 1 << 20 {
-                    kept.push_str(&line);
-                    kept.push('\n');
-                }
-            }
-        });
+        let stderr = crate::tee_stderr(&mut child, "");
         let mut daemon = Self {
             child,
             addr,
@@ -211,10 +196,7 @@ impl Daemon {
 
     /// Everything the daemon wrote on stderr so far (its log).
     pub fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::lock(&self.stderr).clone()
     }
 
     pub fn pid(&self) -> u32 {

@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -89,14 +89,7 @@ impl Dockerd {
 
     /// Runs `docker ARGS`; its stdout, or a panic with its stderr.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out: Output = self.docker().args(args).output().expect("run docker");
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::checked_output(self.docker().args(args), "")
     }
 
     /// The socket of the containerd dockerd started.
@@ -116,15 +109,8 @@ impl Drop for Dockerd {
                 let _ = self.docker().args(["rm", "--force", id]).output();
             }
         }
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-        // SAFETY: signalling our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let (grace, poll) = (Duration::from_secs(20), Duration::from_millis(100));
+        crate::terminate(&mut self.child, grace, poll);
     }
 }
 

@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus},
     sync::{
-        Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
     },
     thread,
@@ -158,16 +158,59 @@ pub fn conn_tracer_bin() -> PathBuf {
     path
 }
 
+/// Runs an `ip` command to its end, checked.
 pub(crate) fn run_checked(cmd: &mut Command) {
+    checked_output(cmd, " (is iproute2 installed?)");
+}
+
+/// Runs `cmd` to its end: its stdout, or a panic with its stderr (`hint`
+/// follows the error when it cannot start).
+pub fn checked_output(cmd: &mut Command, hint: &str) -> String {
     let out = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is iproute2 installed?)"));
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}{hint}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}",
         out.status,
         String::from_utf8_lossy(&out.stderr).trim()
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Stops `child`: SIGTERM, then SIGKILL if it has not exited within
+/// `grace` (polled every `poll`); reaped either way.
+pub(crate) fn terminate(child: &mut Child, grace: Duration, poll: Duration) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+    // SAFETY: signalling our own, not yet reaped, child by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + grace;
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        thread::sleep(poll);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Copies each line `child` writes on stderr to the test's stderr (after
+/// `prefix`) and keeps the first MiB of them.
+pub(crate) fn tee_stderr(child: &mut Child, prefix: &'static str) -> Arc<Mutex<String>> {
+    use std::io::{BufRead as _, BufReader};
+    let kept = Arc::new(Mutex::new(String::new()));
+    let pipe = child.stderr.take().expect("piped stderr");
+    let sink = Arc::clone(&kept);
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            // Straight to fd 2, as when it was inherited.
+            let _ = writeln!(std::io::stderr(), "{prefix}{line}");
+            let mut kept = lock(&sink);
+            if kept.len() < 1 << 20 {
+                kept.push_str(&line);
+                kept.push('\n');
+            }
+        }
+    });
+    kept
 }
 
 /// Spawns `cmd` with `stdin` and its stdout and stderr piped; `what` names

@@ -155,15 +155,8 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits");
-            // SAFETY: signalling our own, not yet reaped, child by pid.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let (grace, poll) = (Duration::from_secs(10), Duration::from_millis(50));
+            crate::terminate(&mut self.child, grace, poll);
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -27,7 +27,7 @@ use std::{
 };
 
 use integration_tests::{
-    Cgroup, NetNs, Peer,
+    Cgroup, NetNs, Peer, checked_output,
     container::{Container, ContainerSpec, ImageConfig, PodContext, capability_number, from_pod},
     daemon::{Metrics, capabilities_of, http_get, serial},
     deploy::{read, yaml},
@@ -314,21 +314,16 @@ fn root_podman_loads_the_archive_in_both_formats() {
     // A private store: the machine's images are neither used nor changed.
     let store = TempDir::new("podman-store");
     let podman = |args: &[&str]| {
-        let out = Command::new(&podman)
-            .arg("--root")
-            .arg(store.path().join("root"))
-            .arg("--runroot")
-            .arg(store.path().join("run"))
-            .args(["--storage-driver", "vfs"])
-            .args(args)
-            .output()
-            .expect("run podman");
-        assert!(
-            out.status.success(),
-            "podman {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        checked_output(
+            Command::new(&podman)
+                .arg("--root")
+                .arg(store.path().join("root"))
+                .arg("--runroot")
+                .arg(store.path().join("run"))
+                .args(["--storage-driver", "vfs"])
+                .args(args),
+            "",
+        )
     };
     let file = path.to_str().unwrap();
     let loaded = podman(&["load", "--input", file]);
@@ -690,7 +685,6 @@ fn root_image_runs_as_the_daemonset_runs_it() {
 /// run by a real runtime (runc, with Docker's default seccomp profile) with
 /// the manifest's privileges and mounts.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, checked step by step")]
 fn root_image_loads_and_runs_under_docker_and_containerd() {
     const TEST: &str = "root_image_loads_and_runs_under_docker_and_containerd";
     if !require_root_or_skip(TEST) {
@@ -727,19 +721,14 @@ fn root_image_loads_and_runs_under_docker_and_containerd() {
         "docker load: the archive's image"
     );
     let ctr = |args: &[&str]| {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(engine.containerd_socket())
-            .args(["--namespace", "k8s.io"])
-            .args(args)
-            .output()
-            .expect("run ctr");
-        assert!(
-            out.status.success(),
-            "ctr {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        checked_output(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(engine.containerd_socket())
+                .args(["--namespace", "k8s.io"])
+                .args(args),
+            "",
+        )
     };
     ctr(&["images", "import", path.to_str().unwrap()]);
     let name = format!("docker.io/library/conn-tracer:{VERSION}");

@@ -287,7 +287,7 @@ impl Config {
         Ok(cfg)
     }
 
-    pub fn apply(&mut self, f: &Overrides) {
+    pub(crate) fn apply(&mut self, f: &Overrides) {
         if let Some(v) = f.listen {
             self.listen = v;
         }

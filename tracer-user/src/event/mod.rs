@@ -141,7 +141,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
 
 impl ConnEvent {
     /// The event's name as `trace --json` prints it.
-    pub fn kind_name(&self) -> &'static str {
+    pub(crate) fn kind_name(&self) -> &'static str {
         match self.data {
             EventData::State { .. } => "state",
             EventData::ResetReceived => "reset_received",

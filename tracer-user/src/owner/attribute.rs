@@ -222,7 +222,7 @@ impl Attributor {
 
     /// Whether `ip` is the address of a pod deleted from the API (still in
     /// its grace period): traffic to a terminated endpoint.
-    pub fn peer_deleted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn peer_deleted(&self, ip: IpAddr) -> bool {
         self.pods
             .as_ref()
             .is_some_and(|p| p.ip_deleted(canonical(ip)))

@@ -153,7 +153,7 @@ impl PodIndex {
 
     /// Whether the pod holding `ip` was deleted (and is in its grace
     /// period); false for unknown addresses and running pods.
-    pub fn ip_deleted(&self, ip: IpAddr) -> bool {
+    pub(crate) fn ip_deleted(&self, ip: IpAddr) -> bool {
         let index = self.read();
         index
             .by_ip
@@ -266,7 +266,7 @@ impl PodIndex {
     /// period before `now`: their metric series can go. Each is returned
     /// once. The second grace period lets Prometheus scrape the counts of
     /// connections that closed while the pod was going away.
-    pub fn take_forgotten(&self, now: Instant) -> Vec<(String, String)> {
+    pub(crate) fn take_forgotten(&self, now: Instant) -> Vec<(String, String)> {
         let grace = self.shared.grace;
         let mut index = self.write();
         let mut out = Vec::new();
