@@ -12,7 +12,10 @@ use tracer_common::{
     SockState, kind,
 };
 
-use crate::sock::{reset_state, state_in_hash, zero};
+use crate::sock::{ZERO_MAX_BYTES, reset_state, state_in_hash, zero};
+
+// `zero` clears a whole fresh state at once.
+const _: () = assert!(size_of::<SockState>() <= ZERO_MAX_BYTES);
 
 /// Every event, in order of reservation. Userspace may resize it at load time.
 #[btf_map]
@@ -107,12 +110,7 @@ pub fn state_of(sk: *const c_void, addr: u64, create: bool) -> *mut SockState {
                 let mut fresh = core::mem::MaybeUninit::<SockState>::uninit();
                 let p = fresh.as_mut_ptr();
                 // Word stores, not a memset call (see `zero`).
-                zero(p.cast(), 64);
-                // SAFETY: within the 96-byte value.
-                zero(
-                    unsafe { p.cast::<u32>().add(16) },
-                    size_of::<SockState>() - 64,
-                );
+                zero(p.cast(), size_of::<SockState>());
                 // SAFETY: every byte was zeroed above.
                 let fresh = unsafe { fresh.assume_init_ref() };
                 if SOCK_STATES.insert(addr, fresh, BPF_NOEXIST).is_err() {

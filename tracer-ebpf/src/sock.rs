@@ -180,13 +180,16 @@ pub fn read<T: Copy + Default>(base: *const c_void, off: u32) -> T {
     Probe::get(base, off)
 }
 
-/// Zeroes `len` bytes (a multiple of 4, at most 64) at 4-aligned `dst` with
-/// word stores. The compiler would otherwise call a byte-by-byte `memset`
-/// subprogram on the hot path.
+/// The most [`zero`] writes (the loop must have a constant bound).
+pub const ZERO_MAX_BYTES: usize = 128;
+
+/// Zeroes `len` bytes (a multiple of 4, at most [`ZERO_MAX_BYTES`]) at
+/// 4-aligned `dst` with word stores. The compiler would otherwise call a
+/// byte-by-byte `memset` subprogram on the hot path.
 #[inline(always)]
 pub fn zero(dst: *mut u32, len: usize) {
     let mut i = 0;
-    while i < len / 4 && i < 16 {
+    while i < len / 4 && i < ZERO_MAX_BYTES / 4 {
         // SAFETY: the caller hands `len` writable, 4-aligned bytes.
         unsafe { ptr::write_volatile(dst.add(i), 0) };
         i += 1;
