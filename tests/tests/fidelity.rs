@@ -251,10 +251,6 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
 }
 
 #[test]
-#[expect(
-    clippy::too_many_lines,
-    reason = "one scenario: two clients, the reject, and the ground truth of each"
-)]
 fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     let _serial = serial_unless_skipped!();
     // Conntrack keeps the flows (an hour): only the reject rule acts.
@@ -295,29 +291,10 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     assert_eq!(sender.expect_line("reply"), ["ok"]);
     assert_eq!(prober.expect_line("reply"), ["ok"]);
     // The path now rejects the flows with ICMP admin-prohibited.
-    let status = lab
-        .router()
-        .command("iptables")
-        .args([
-            "-w",
-            "5",
-            "-I",
-            "FORWARD",
-            "1",
-            "-d",
-            &SERVER_IP.to_string(),
-        ])
-        .args([
-            "-p",
-            "tcp",
-            "-j",
-            "REJECT",
-            "--reject-with",
-            "icmp-admin-prohibited",
-        ])
-        .status()
-        .expect("iptables");
-    assert!(status.success(), "reject rule");
+    path_rule(
+        &lab,
+        &["-j", "REJECT", "--reject-with", "icmp-admin-prohibited"],
+    );
     sender.go();
     let err = sender.expect_line("error");
     assert_eq!(
@@ -364,31 +341,35 @@ fn root_icmp_reject_on_the_path_turns_timeouts_into_timeouts() {
     );
 }
 
+/// Inserts a rule first in the router's FORWARD chain for TCP towards the
+/// server, with `args` (match and target).
+fn path_rule(lab: &NetLab, args: &[&str]) {
+    let status = lab
+        .router()
+        .command("iptables")
+        .args([
+            "-w",
+            "5",
+            "-I",
+            "FORWARD",
+            "1",
+            "-d",
+            &SERVER_IP.to_string(),
+        ])
+        .args(["-p", "tcp"])
+        .args(args)
+        .status()
+        .expect("iptables");
+    assert!(status.success(), "iptables {args:?}");
+}
+
 #[test]
 fn root_connect_failures_are_counted_by_reason_and_successes_never() {
     let _serial = serial_unless_skipped!();
     let lab = NetLab::new(InvalidAction::Drop, 3600);
     // One SYN retransmission: a dropped SYN times out in ~3 s.
     lab.client().set_sysctl("net.ipv4.tcp_syn_retries", "1");
-    let router = |args: &[&str]| {
-        let status = lab
-            .router()
-            .command("iptables")
-            .args([
-                "-w",
-                "5",
-                "-I",
-                "FORWARD",
-                "1",
-                "-d",
-                &SERVER_IP.to_string(),
-            ])
-            .args(["-p", "tcp"])
-            .args(args)
-            .status()
-            .expect("iptables");
-        assert!(status.success(), "iptables {args:?}");
-    };
+    let router = |args: &[&str]| path_rule(&lab, args);
     router(&["--dport", "7001", "-j", "DROP"]);
     // Not yet asserted: a SYN rejected with ICMP admin-prohibited (port
     // 7002). The ICMP arrives while the connecting thread holds the socket

@@ -243,6 +243,9 @@ impl State {
         // connection, and no copy of the table (100k connections and more).
         let mut open: HashMap<(Attribution, Direction, bool), i64> = HashMap::new();
         let mut by_peer: HashMap<(String, String, Role, Direction, String), i64> = HashMap::new();
+        let mut close_wait: HashMap<(Attribution, Direction), i64> = HashMap::new();
+        let now = crate::event::clock::monotonic_ns();
+        let after = u64::try_from(self.tracker.close_wait_threshold.as_nanos()).unwrap_or(u64::MAX);
         {
             let Self {
                 tracker,
@@ -257,18 +260,10 @@ impl State {
                 *by_peer
                     .entry((a.namespace.clone(), a.pod.clone(), a.role, dir, peer))
                     .or_default() += 1;
+                if c.peer_closed_ns != 0 && now.saturating_sub(c.peer_closed_ns) >= after {
+                    *close_wait.entry((a.clone(), dir)).or_default() += 1;
+                }
                 *open.entry((a, dir, c.ka.enabled != 0)).or_default() += 1;
-            }
-        }
-        let mut close_wait: HashMap<(Attribution, Direction), i64> = HashMap::new();
-        let now = crate::event::clock::monotonic_ns();
-        let after = u64::try_from(self.tracker.close_wait_threshold.as_nanos()).unwrap_or(u64::MAX);
-        for c in self.tracker.table.iter() {
-            if c.peer_closed_ns != 0 && now.saturating_sub(c.peer_closed_ns) >= after {
-                let a = self.tracker.attr.attribute(&c.info.owner);
-                *close_wait
-                    .entry((a, self.tracker.direction(&c.info)))
-                    .or_default() += 1;
             }
         }
         let m = &self.metrics;
