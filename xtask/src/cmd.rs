@@ -148,6 +148,46 @@ pub fn target_dir() -> Result<PathBuf> {
         .context("`cargo metadata` output has no target_directory")
 }
 
+/// The shared libraries (the dynamic loader included) in `ldd` output;
+/// empty for a static binary.
+pub fn parse_ldd(output: &str) -> Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for line in output.lines().map(str::trim) {
+        if line.contains("not a dynamic executable") || line.contains("statically linked") {
+            return Ok(Vec::new());
+        }
+        if line.contains("=> not found") {
+            anyhow::bail!("a shared library is not found: {line}");
+        }
+        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`,
+        // `/lib64/ld-linux-x86-64.so.2 (0x...)`, `linux-vdso.so.1 (0x...)`.
+        let path = line
+            .split_once("=>")
+            .map_or(line, |(_, target)| target)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default();
+        if path.starts_with('/') {
+            libs.push(PathBuf::from(path));
+        }
+    }
+    Ok(libs)
+}
+
+/// The shared libraries `binary` loads (`ldd`, from libc-bin), to copy
+/// with it into an image or an initramfs.
+pub fn ldd(binary: &Path) -> Result<Vec<PathBuf>> {
+    let mut cmd = Command::new("ldd");
+    cmd.arg(binary);
+    // ldd exits 1 on a static binary ("not a dynamic executable").
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run `{}` (libc-bin)", display(&cmd)))?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    parse_ldd(&text).with_context(|| format!("`{}`", display(&cmd)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +212,30 @@ mod tests {
         };
         assert_eq!(failed(ExitStatus::from_raw(101 << 8)).exit_code(), 101);
         assert_eq!(failed(ExitStatus::from_raw(9)).exit_code(), 128 + 9);
+    }
+
+    #[test]
+    fn ldd_gives_libraries_and_the_loader_not_the_vdso() {
+        let out = "\tlinux-vdso.so.1 (0x00007ffc3b5f2000)\n\
+                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f0e1c000000)\n\
+                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0e1be00000)\n\
+                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f0e1c2a0000)\n";
+        assert_eq!(
+            parse_ldd(out).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+        assert!(
+            parse_ldd("\tnot a dynamic executable\n")
+                .unwrap()
+                .is_empty()
+        );
+        assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
+        let err = parse_ldd("\tlibbpf.so.1 => not found\n").unwrap_err();
+        assert!(err.to_string().contains("libbpf.so.1"), "{err}");
     }
 }

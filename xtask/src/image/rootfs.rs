@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 use super::{Project, licences};
-use crate::cmd::{display, find_program, probe, run};
+use crate::cmd::{display, find_program, ldd, probe, run};
 
 /// Where the binary is in the image (deploy/Dockerfile's ENTRYPOINT).
 pub const BINARY: &str = "usr/local/bin/conn-tracer";
@@ -170,43 +170,6 @@ fn du(dir: &Path) -> Result<(usize, u64)> {
         }
     }
     Ok((files, bytes))
-}
-
-/// The shared libraries (the dynamic loader included) in `ldd` output;
-/// empty for a static binary.
-pub fn parse_ldd(output: &str) -> Result<Vec<PathBuf>> {
-    let mut libs = Vec::new();
-    for line in output.lines().map(str::trim) {
-        if line.contains("not a dynamic executable") || line.contains("statically linked") {
-            return Ok(Vec::new());
-        }
-        if line.contains("=> not found") {
-            bail!("a shared library is not found: {line}");
-        }
-        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`,
-        // `/lib64/ld-linux-x86-64.so.2 (0x...)`, `linux-vdso.so.1 (0x...)`.
-        let path = line
-            .split_once("=>")
-            .map_or(line, |(_, target)| target)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default();
-        if path.starts_with('/') {
-            libs.push(PathBuf::from(path));
-        }
-    }
-    Ok(libs)
-}
-
-fn ldd(bin: &Path) -> Result<Vec<PathBuf>> {
-    let mut cmd = Command::new("ldd");
-    cmd.arg(bin);
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{}` (libc-bin)", display(&cmd)))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    parse_ldd(&text).with_context(|| format!("`{}`", display(&cmd)))
 }
 
 /// The Debian package of each library (`dpkg-query -S`), with its version
@@ -486,30 +449,6 @@ fn notice(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ldd_gives_libraries_and_the_loader_not_the_vdso() {
-        let out = "\tlinux-vdso.so.1 (0x00007ffd)\n\
-                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
-                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
-                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
-        assert_eq!(
-            parse_ldd(out).unwrap(),
-            [
-                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
-                "/lib/x86_64-linux-gnu/libc.so.6",
-                "/lib64/ld-linux-x86-64.so.2"
-            ]
-            .map(PathBuf::from)
-        );
-        assert!(
-            parse_ldd("\tnot a dynamic executable\n")
-                .unwrap()
-                .is_empty()
-        );
-        assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
-        assert!(parse_ldd("\tlibbpf.so.1 => not found\n").is_err());
-    }
 
     #[test]
     fn dockerignore_patterns_match_components_or_prefixes() {

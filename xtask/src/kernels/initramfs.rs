@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::console::MARK;
-use crate::cmd::display;
+use crate::cmd::ldd;
 
 /// Seconds each step may take inside the guest before busybox `timeout`
 /// kills it (exit 143).
@@ -199,47 +199,6 @@ impl Cpio {
     }
 }
 
-/// The shared libraries (the dynamic loader included) in `ldd` output;
-/// empty for a static binary.
-pub fn parse_ldd(output: &str) -> Result<Vec<PathBuf>> {
-    let mut libs = Vec::new();
-    for line in output.lines().map(str::trim) {
-        if line.is_empty() || line.contains("statically linked") {
-            continue;
-        }
-        if line.contains("not a dynamic executable") {
-            return Ok(Vec::new());
-        }
-        if line.contains("=> not found") {
-            bail!("a shared library is not found: {line}");
-        }
-        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)`,
-        // `/lib64/ld-linux-x86-64.so.2 (0x...)`, `linux-vdso.so.1 (0x...)`.
-        let path = line
-            .split_once("=>")
-            .map_or(line, |(_, target)| target)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default();
-        if path.starts_with('/') {
-            libs.push(PathBuf::from(path));
-        }
-    }
-    Ok(libs)
-}
-
-fn ldd(binary: &Path) -> Result<Vec<PathBuf>> {
-    let mut cmd = Command::new("ldd");
-    cmd.arg(binary);
-    // ldd exits 1 on a static binary ("not a dynamic executable").
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot run `{}`", display(&cmd)))?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    parse_ldd(&text).with_context(|| format!("`{}`", display(&cmd)))
-}
-
 /// Copies `bin` to `dir/conn-tracer` (a later build cannot change it under
 /// the boots), without debug info where binutils' strip is installed: a
 /// debug build's is most of its size, and the guest holds the whole
@@ -376,30 +335,6 @@ mod tests {
             (0o120_777, &b"busybox"[..])
         );
         assert_eq!((got[7].1, got[7].2, got[7].3), (0o020_600, 5, 1));
-    }
-
-    #[test]
-    fn ldd_gives_libraries_and_the_loader_not_the_vdso() {
-        let out = "\tlinux-vdso.so.1 (0x00007ffc3b5f2000)\n\
-                   \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f0e1c000000)\n\
-                   \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f0e1be00000)\n\
-                   \t/lib64/ld-linux-x86-64.so.2 (0x00007f0e1c2a0000)\n";
-        assert_eq!(
-            parse_ldd(out).unwrap(),
-            [
-                PathBuf::from("/lib/x86_64-linux-gnu/libgcc_s.so.1"),
-                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
-                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
-            ]
-        );
-        assert!(
-            parse_ldd("\tnot a dynamic executable\n")
-                .unwrap()
-                .is_empty()
-        );
-        assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
-        let err = parse_ldd("\tlibbpf.so.1 => not found\n").unwrap_err();
-        assert!(err.to_string().contains("libbpf.so.1"), "{err}");
     }
 
     #[test]

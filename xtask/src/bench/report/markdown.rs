@@ -261,8 +261,8 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
             s,
             "\n## 3. Userspace pipeline\n\n\
              `cargo bench -p tracer-user --bench pipeline` feeds the daemon's own code \
-             (`event::decode`, then `daemon::State::handle`: connection table, classification \
-             of every end, metric updates) with synthetic `open`/`close` records laid out \
+             (`event::decode`, then `metrics::State::handle`: `track`'s connection table and \
+             classification of every end, then the metric updates) with synthetic `open`/`close` records laid out \
              exactly as the kernel writes them, on one pinned core, for {} s: a cyclic stream \
              in which each connection (an outbound socket and the inbound one that accepted it) \
              closes a fixed number of connections after it opened, so the table stays at the \
