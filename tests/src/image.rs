@@ -13,6 +13,15 @@ use serde_json::Value;
 
 use crate::{container::ImageConfig, in_ci, unique_suffix};
 
+/// [`archive_or_skip`] for a test that also needs root (it says why it
+/// skips without either, except in CI).
+pub fn root_archive_or_skip(test: &str) -> Option<PathBuf> {
+    if !crate::require_root_or_skip(test) {
+        return None;
+    }
+    archive_or_skip(test)
+}
+
 /// The archive: `$CONN_TRACER_IMAGE`, else
 /// `<workspace>/target/image/conn-tracer-VERSION.tar` if it is there.
 /// Without one the test cannot run: it says why and gets `None`, except in

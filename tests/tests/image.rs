@@ -32,8 +32,8 @@ use integration_tests::{
     daemon::{Metrics, capabilities_of, http_get, serial},
     deploy::{read, yaml},
     docker::{Dockerd, run_args},
-    image::{Archive, TempDir, archive_or_skip, du},
-    require_program_or_skip, require_root_or_skip,
+    image::{Archive, TempDir, archive_or_skip, du, root_archive_or_skip},
+    require_program_or_skip,
     servers::Redis,
 };
 use serde_yaml::Value as Yaml;
@@ -292,10 +292,7 @@ fn dockerfile_builds_the_rootfs_as_cargo_xtask_image() {
 
 #[test]
 fn root_podman_loads_the_archive_in_both_formats() {
-    if !require_root_or_skip("root_podman_loads_the_archive_in_both_formats") {
-        return;
-    }
-    let Some(path) = archive_or_skip("root_podman_loads_the_archive_in_both_formats") else {
+    let Some(path) = root_archive_or_skip("root_podman_loads_the_archive_in_both_formats") else {
         return;
     };
     let Some(podman) = require_program_or_skip(
@@ -635,10 +632,7 @@ fn assert_redis_idle_kill_is_counted(netns: &Path, port: u16) {
 #[test]
 fn root_image_runs_as_the_daemonset_runs_it() {
     const TEST: &str = "root_image_runs_as_the_daemonset_runs_it";
-    if !require_root_or_skip(TEST) {
-        return;
-    }
-    let Some(path) = archive_or_skip(TEST) else {
+    let Some(path) = root_archive_or_skip(TEST) else {
         return;
     };
     if require_program_or_skip(TEST, "redis-server", "Debian package redis-server").is_none() {
@@ -687,10 +681,7 @@ fn root_image_runs_as_the_daemonset_runs_it() {
 #[test]
 fn root_image_loads_and_runs_under_docker_and_containerd() {
     const TEST: &str = "root_image_loads_and_runs_under_docker_and_containerd";
-    if !require_root_or_skip(TEST) {
-        return;
-    }
-    let Some(path) = archive_or_skip(TEST) else {
+    let Some(path) = root_archive_or_skip(TEST) else {
         return;
     };
     for (program, package) in [
