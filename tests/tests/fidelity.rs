@@ -46,6 +46,8 @@ use integration_tests::{
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 const FAILS: &str = "conntracer_connect_failures_total";
 const GAUGE: &str = "conntracer_close_wait_connections";
+/// ICMP-rejected connects in the connect-failure test.
+const ICMP_REJECTS: u16 = 20;
 
 #[test]
 fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
@@ -371,14 +373,13 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
     lab.client().set_sysctl("net.ipv4.tcp_syn_retries", "1");
     let router = |args: &[&str]| path_rule(&lab, args);
     router(&["--dport", "7001", "-j", "DROP"]);
-    // Not yet asserted: a SYN rejected with ICMP admin-prohibited (port
-    // 7002). The ICMP arrives while the connecting thread holds the socket
-    // (loopback and veth deliver it inside the connect's own send), so the
-    // kernel only records a soft error and keeps retrying; the client reads
-    // it with SO_ERROR (which clears it), gives up with EHOSTUNREACH and
-    // closes. The kernel never ends the connect itself: at SYN_SENT -> CLOSE
-    // (the owner's close) nothing on the socket says why, and the tracer
-    // counts nothing. No wrong answer, a missing one.
+    // A SYN rejected with ICMP admin-prohibited (port 7002), ICMP_REJECTS
+    // times. The first ICMP arrives while the connecting thread holds the
+    // socket (loopback and veth deliver it inside the connect's own send):
+    // only a soft error. The retransmitted SYN's ICMP ends the connect
+    // (sk_err, error report, SYN_SENT -> CLOSE) and the client's SO_ERROR
+    // may clear sk_err before that transition: the error the kernel
+    // reported is what the tracer keeps.
     router(&[
         "--dport",
         "7002",
@@ -391,10 +392,12 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
     let before = daemon.scrape();
 
     // Nothing listens on 7003: the server's kernel answers with a reset.
+    let ports = [7001_u16, 7003]
+        .into_iter()
+        .chain(std::iter::repeat_n(7002, usize::from(ICMP_REJECTS)));
     let errors: Vec<String> = in_netns(lab.client(), || {
-        [7001_u16, 7002, 7003]
-            .iter()
-            .map(|&port| {
+        ports
+            .map(|port| {
                 let addr = SocketAddr::new(SERVER_IP.into(), port);
                 match TcpStream::connect_timeout(&addr, Duration::from_secs(20)) {
                     Ok(_) => "connected".to_string(),
@@ -403,10 +406,14 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
             })
             .collect()
     });
+    let unreachable = errors.iter().filter(|e| *e == "host unreachable");
     assert_eq!(
-        errors,
-        ["timed out", "host unreachable", "connection refused"],
-        "what the client saw"
+        (&errors[..2], unreachable.count()),
+        (
+            &["timed out".to_string(), "connection refused".to_string()][..],
+            usize::from(ICMP_REJECTS)
+        ),
+        "what the client saw: {errors:?}"
     );
     // 1,000 short connections that work, on the client's loopback.
     in_netns(lab.client(), || {
@@ -425,7 +432,7 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
     });
 
     let m = daemon.wait_metrics(Duration::from_secs(10), |m| {
-        delta(&before, m, FAILS, &[]) >= 2.0
+        delta(&before, m, FAILS, &[("peer", "10.231.2.2:7002")]) >= f64::from(ICMP_REJECTS)
     });
     thread::sleep(Duration::from_secs(1));
     let m2 = daemon.scrape();
@@ -439,13 +446,27 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
         ];
         assert_eq!(delta(&before, &m, FAILS, &want), 1.0, "{}", m.dump(FAILS));
     }
+    let icmp = [("peer", "10.231.2.2:7002"), ("reason", "unreachable")];
     assert_eq!(
-        delta(&before, &m2, FAILS, &[("peer", "10.231.2.2:7002")]),
-        0.0,
-        "never a wrong reason for the ICMP reject: {}",
+        delta(&before, &m2, FAILS, &icmp),
+        f64::from(ICMP_REJECTS),
+        "every ICMP-rejected connect: {}",
         m2.dump(FAILS)
     );
-    assert_eq!(delta(&before, &m2, FAILS, &[]), 2.0, "{}", m2.dump(FAILS));
+    // The lab's server only (other traffic on the host may fail too).
+    let lab_failures: f64 = [7001, 7002, 7003]
+        .iter()
+        .map(|port| {
+            let peer = format!("10.231.2.2:{port}");
+            delta(&before, &m2, FAILS, &[("peer", peer.as_str())])
+        })
+        .sum();
+    assert_eq!(
+        lab_failures,
+        2.0 + f64::from(ICMP_REJECTS),
+        "{}",
+        m2.dump(FAILS)
+    );
     assert_eq!(
         delta(&before, &m2, FAILS, &[("peer", "127.0.0.1:17000")]),
         0.0,

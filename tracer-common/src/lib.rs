@@ -99,6 +99,12 @@ pub mod close_flags {
     /// The connect failed: SYN_SENT -> CLOSE (refused, timed out, or an
     /// ICMP error); the summary carries the error.
     pub const CONNECT_FAILED: u8 = 1 << 5;
+    /// An error report (`sock:inet_sk_error_report`, 5.14+) with no
+    /// socket error, for a message queued on the socket's error queue:
+    /// the ICMP error of an `IP_RECVERR` socket (`ip_icmp_error`). The
+    /// owner may read the ICMP's errno (`SO_ERROR` takes `sk_err_soft`)
+    /// and give up before the tracer sees any error on the socket.
+    pub const ERROR_QUEUED: u8 = 1 << 6;
 }
 
 /// Bits of [`Keepalive::from_socket`]: which values the socket set itself
@@ -340,7 +346,10 @@ pub struct SockState {
     pub pad: u16,
     /// The socket's network namespace inode (for programs that cannot read it).
     pub netns: u32,
-    pub pad2: u32,
+    /// The last error the kernel reported on the socket
+    /// (`sock:inet_sk_error_report`, 5.14+): the owner's `connect()` or
+    /// `SO_ERROR` may consume `sk_err` before the final transition reads it.
+    pub reported_err: u32,
 }
 
 /// One event as it sits in the ring buffer.
@@ -383,6 +392,9 @@ pub struct KernelOffsets {
     pub skc_flags: u32,
     pub sock_keepopen_bit: u32,
     pub sk_err_soft: u32,
+    /// `sk_error_queue.qlen`: messages queued for `MSG_ERRQUEUE` (ICMP
+    /// errors of an `IP_RECVERR` socket).
+    pub sk_error_queue_len: u32,
     // struct tcp_sock (inet_connection_sock fields included)
     pub tp_bytes_received: u32,
     pub tp_bytes_acked: u32,
@@ -509,7 +521,7 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 40 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
 const _: () = assert!(size_of::<CloseData>() == 104);

@@ -1,6 +1,9 @@
 //! Errors reported on TCP sockets (`sock:inet_sk_error_report`): ECONNRESET,
-//! ECONNREFUSED, ETIMEDOUT, EPIPE, ... as the owner will see them. Verbose
-//! mode only: the CLOSE summary reads `sk_err` itself.
+//! ECONNREFUSED, ETIMEDOUT, EPIPE, ... as the owner will see them. Kept in
+//! the socket's state for its CLOSE summary (the owner's `connect()` or
+//! `SO_ERROR` clears `sk_err`, and may do so before the kernel's
+//! SYN_SENT -> CLOSE: an ICMP-rejected connect); sent as events in verbose
+//! mode.
 
 use core::ffi::c_void;
 
@@ -8,7 +11,7 @@ use aya_ebpf::{
     EbpfContext as _, helpers::generated::bpf_ktime_get_ns, macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use tracer_common::{IPPROTO_TCP, SockError, kind};
+use tracer_common::{IPPROTO_TCP, SockError, close_flags, kind};
 
 use crate::{
     maps::{reserve, state_of},
@@ -23,9 +26,6 @@ pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
 }
 
 fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    if !verbose() {
-        return Ok(());
-    }
     if !ready() {
         return Err(());
     }
@@ -35,12 +35,26 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Err(());
     }
     let errno: i32 = read(sk, off!(sk_err));
+    let addr = addr_at(ctx.as_ptr());
+    let state = state_of(sk, addr, false);
+    // SAFETY: NULL-checked storage of this socket.
+    if let Some(st) = unsafe { state.as_mut() } {
+        if errno != 0 {
+            st.reported_err = errno.unsigned_abs();
+        } else {
+            let queued: u32 = read(sk, off!(sk_error_queue_len));
+            if queued != 0 {
+                st.flags |= close_flags::ERROR_QUEUED;
+            }
+        }
+    }
+    if !verbose() {
+        return Ok(());
+    }
     let Some(mut entry) = reserve::<SockError>(kind::SOCK_ERROR) else {
         return Err(());
     };
     let ev = entry.as_mut_ptr();
-    let addr = addr_at(ctx.as_ptr());
-    let state = state_of(sk, addr, false);
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
         fill_info::<Probe>(

@@ -314,7 +314,11 @@ fn emit_close(
     };
     let ev = entry.as_mut_ptr();
     let flags = st.flags | pending_flags(tp, old);
-    let errno: i32 = Btf::get(tp, off!(sk_err));
+    let mut errno: u32 = Btf::get::<i32>(tp, off!(sk_err)).unsigned_abs();
+    if errno == 0 && flags & close_flags::CONNECT_FAILED != 0 {
+        // The connect's error, which the owner may have consumed already.
+        errno = st.reported_err;
+    }
     let soft_errno: i32 = Btf::get(tp, off!(sk_err_soft));
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
@@ -334,7 +338,7 @@ fn emit_close(
             last_send_j: Btf::get(tp, off!(tp_lsndtime)),
             last_recv_j: Btf::get(tp, off!(icsk_lrcvtime)),
             last_ack_j: Btf::get(tp, off!(tp_rcv_tstamp)),
-            errno: errno.unsigned_abs(),
+            errno,
             first_tx_us: Btf::get(tp, off!(tp_first_tx_mstamp)),
             bytes_received: Btf::get(tp, off!(tp_bytes_received)),
             bytes_acked: Btf::get(tp, off!(tp_bytes_acked)),

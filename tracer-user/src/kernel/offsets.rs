@@ -319,6 +319,7 @@ pub(crate) fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         skc_flags: skc("skc_flags", 8)?,
         sock_keepopen_bit: enum_value(btf, "sock_flags", "SOCK_KEEPOPEN")?,
         sk_err_soft: sized(btf, "sock", &["sk_err_soft"], 4)?,
+        sk_error_queue_len: sized(btf, "sock", &["sk_error_queue", "qlen"], 4)?,
         tp_bytes_received: sized(btf, "tcp_sock", &["bytes_received"], 8)?,
         tp_bytes_acked: sized(btf, "tcp_sock", &["bytes_acked"], 8)?,
         tp_lsndtime: sized(btf, "tcp_sock", &["lsndtime"], 4)?,

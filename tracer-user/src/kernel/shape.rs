@@ -64,7 +64,9 @@ pub(crate) const PROGRAMS: &[Hook] = &[
         required: false,
         args: ArgUse::Sock,
         without: "`trace` shows no live socket-error events (the tracepoint is Linux 5.14+); \
-                  each connection's close summary still carries its error (sk_err)",
+                  each connection's close summary still carries its error (sk_err), but a \
+                  connect whose ICMP error the application read and cleared (SO_ERROR) \
+                  before giving up is not counted as a connect failure",
     },
 ];
 

@@ -303,6 +303,10 @@ pub(crate) fn connect_failure(c: &CloseData) -> Option<ConnectFailure> {
         Some(ConnectFailure::Timeout)
     } else if unreachable.iter().any(|&e| errno == e as u32) {
         Some(ConnectFailure::Unreachable)
+    } else if errno == 0 && c.flags & close_flags::ERROR_QUEUED != 0 {
+        // An ICMP error queued on an IP_RECVERR socket, whose errno the
+        // owner read (and so cleared) before giving up.
+        Some(ConnectFailure::Unreachable)
     } else {
         None
     }
@@ -685,6 +689,18 @@ mod tests {
         );
         // The owner closed a connecting socket: no error, no failure.
         assert_eq!(connect_failure(&failed(0, 0)), None);
+        // An ICMP error queued (IP_RECVERR) whose errno the owner read
+        // and cleared before it closed the socket.
+        let queued = close_flags::ERROR_QUEUED;
+        assert_eq!(
+            connect_failure(&failed(0, queued)),
+            Some(ConnectFailure::Unreachable)
+        );
+        // A reset stays a refusal.
+        assert_eq!(
+            connect_failure(&failed(0, queued | close_flags::RST_RECEIVED)),
+            Some(ConnectFailure::Refused)
+        );
         // A connection that was established and ended is never one.
         let mut ended = failed(libc::ECONNREFUSED, 0);
         ended.flags = close_flags::END_SEEN;

@@ -163,6 +163,12 @@ fn fake_kernel() -> Btf {
             ("skc_flags", u64t, 512, 0),
         ],
     );
+    let skb_head = b.composite(
+        KIND_STRUCT,
+        "sk_buff_head",
+        24,
+        &[("next", u64t, 0, 0), ("qlen", u32t, 128, 0)],
+    );
     b.composite(
         KIND_STRUCT,
         "sock",
@@ -175,6 +181,7 @@ fn fake_kernel() -> Btf {
             ("sk_err", u32t, 1056, 0),
             ("sk_err_soft", u32t, 1088, 0),
             ("sk_socket", u64t, 1152, 0),
+            ("sk_error_queue", skb_head, 1216, 0),
         ],
     );
     b.composite(
@@ -306,6 +313,7 @@ fn offsets_descend_into_anonymous_unions_and_nested_structs() {
     assert_eq!(off.skc_flags, 8 + 64);
     assert_eq!(off.sock_keepopen_bit, 3);
     assert_eq!(off.sk_err_soft, 136);
+    assert_eq!(off.sk_error_queue_len, 152 + 16);
     assert_eq!(off.icsk_retransmits, 8);
     assert_eq!(off.icsk_probes_out, 9);
     assert_eq!(off.icsk_lrcvtime, 16 + 4);
