@@ -54,7 +54,7 @@ label_set!(
 );
 label_set!(
     /// `conntracer_sidecar_chain_kills_total`.
-    ChainKill { namespace, pod, peer, origin, upstream_keepalive }
+    ChainKill { namespace, pod, peer, origin, upstream_keepalive, idle }
 );
 label_set!(
     /// `conntracer_sidecar_keepalive_mismatch`.
@@ -160,7 +160,8 @@ impl Metrics {
             sidecar_chain_kills: Counter::register(
                 &r,
                 "conntracer_sidecar_chain_kills_total",
-                "App connections through the pod's sidecar that ended, by the leg that ended first.",
+                "App connections through the pod's sidecar that ended, by the leg that ended first \
+                 (idle: idle at least the idle threshold before the end).",
             )?,
             sidecar_keepalive_mismatch: Gauge::register(
                 &r,

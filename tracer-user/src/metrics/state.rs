@@ -177,10 +177,12 @@ impl State {
         let Some((namespace, pod, peer)) = self.chain_labels(&end.chain) else {
             return;
         };
+        let idle = end.idle.is_some_and(|i| i >= self.tracker.threshold);
         log::debug!(
-            "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}",
+            "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}, idle {:?}",
             end.origin.as_str(),
-            end.upstream_keepalive
+            end.upstream_keepalive,
+            end.idle
         );
         self.metrics.sidecar_chain_kills.inc(&ChainKill {
             namespace: &namespace,
@@ -188,6 +190,7 @@ impl State {
             peer: &peer,
             origin: end.origin.as_str(),
             upstream_keepalive: on_off(end.upstream_keepalive),
+            idle: if idle { "true" } else { "false" },
         });
     }
 

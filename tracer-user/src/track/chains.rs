@@ -14,6 +14,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::IpAddr,
+    time::Duration,
 };
 
 pub(crate) use super::Direction;
@@ -46,7 +47,19 @@ pub(crate) struct LegEnd {
     pub closed_by: ClosedBy,
     pub close_kind: CloseKind,
     pub keepalive: bool,
+    /// Its idle time at the end, as the metrics report it (the silence
+    /// before a send that died, else the idle time when it left
+    /// ESTABLISHED).
+    pub idle: Option<Duration>,
+    /// When the flight of payload that died unanswered (a reset or a
+    /// timeout met it) began, CLOCK_MONOTONIC ns; 0: none did.
+    pub unanswered_since_ns: u64,
 }
+
+/// TCP's minimum retransmission timeout (`TCP_RTO_MIN`, 200 ms): payload
+/// unacknowledged for longer than that has been retransmitted at least
+/// once.
+const RTO_MIN_NS: u64 = 200_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Origin {
@@ -108,6 +121,9 @@ pub(crate) struct ChainEnd {
     pub origin: Origin,
     /// Keepalive of the network-side (upstream) leg at its end.
     pub upstream_keepalive: bool,
+    /// How long the chain had been idle when it ended: the idle time of
+    /// the leg whose end decided the origin.
+    pub idle: Option<Duration>,
 }
 
 /// The capture ports of the mesh (Istio: 15001 outbound, 15006 inbound).
@@ -335,7 +351,8 @@ impl Chains {
         if !chain.complete() {
             return None;
         }
-        let origin = origin(&chain);
+        let (origin, decided_by) = origin(&chain);
+        let idle = chain.ends.get(&decided_by).and_then(|e| e.idle);
         let upstream_keepalive = match chain.direction {
             Direction::Outbound => chain
                 .sidecar_net_side
@@ -347,6 +364,7 @@ impl Chains {
             chain,
             origin,
             upstream_keepalive,
+            idle,
         })
     }
 
@@ -363,16 +381,39 @@ impl Chains {
     }
 }
 
-/// Which leg ended first, and what that means.
-fn origin(chain: &Chain) -> Origin {
+/// Which leg ended first, what that means, and the leg that decided it.
+///
+/// The first leg to leave ESTABLISHED names the origin, with one
+/// exception: when the upstream-facing leg (outbound: the sidecar's socket
+/// to the server; inbound: its socket to the app) died on a send that had
+/// gone unanswered since at least one retransmission timeout before
+/// another leg ended, the path or the server had stopped answering first
+/// (a black hole: the app gave up waiting, and its close only looks first).
+fn origin(chain: &Chain) -> (Origin, u64) {
     let first = chain
         .legs()
         .into_iter()
         .filter_map(|c| chain.ends.get(&c).filter(|e| e.end_ns > 0).map(|e| (c, *e)))
         .min_by_key(|(_, e)| e.end_ns);
     let Some((cookie, end)) = first else {
-        return Origin::App;
+        return (Origin::App, chain.app);
     };
+    let upstream = match chain.direction {
+        Direction::Outbound => chain.sidecar_net_side,
+        Direction::Inbound => chain.sidecar_app_side,
+    };
+    if let Some(up) = upstream.filter(|u| *u != cookie)
+        && let Some(e) = chain.ends.get(&up)
+        && e.unanswered_since_ns > 0
+        && e.unanswered_since_ns.saturating_add(RTO_MIN_NS) <= end.end_ns
+    {
+        return (Origin::Upstream, up);
+    }
+    (first_leg_origin(chain, cookie, &end), cookie)
+}
+
+/// The origin named by the first leg to end.
+fn first_leg_origin(chain: &Chain, cookie: u64, end: &LegEnd) -> Origin {
     let by_peer = end.closed_by == ClosedBy::Peer || end.close_kind == CloseKind::Timeout;
     match chain.direction {
         Direction::Outbound => {
@@ -451,6 +492,8 @@ mod tests {
             closed_by,
             close_kind,
             keepalive,
+            idle: None,
+            unanswered_since_ns: 0,
         }
     }
 
@@ -575,6 +618,54 @@ mod tests {
                 "{closed_by:?} {kind:?}"
             );
         }
+    }
+
+    /// A black hole: the app's query went upstream, nothing answered, the
+    /// app gave up and closed first, Envoy closed both of its legs, and the
+    /// upstream leg's orphan timed out with the query unacknowledged.
+    #[test]
+    fn upstream_unanswered_before_the_app_gave_up_is_origin_upstream() {
+        let ms = 1_000_000;
+        for (sent_ms_before_app_end, want) in [(5_000, Origin::Upstream), (50, Origin::App)] {
+            let mut c = Chains::new(CapturePorts::default(), 1000);
+            outbound(&mut c, 0, 40000);
+            let app_end = 10_000 * ms;
+            let mut app = end(app_end, ClosedBy::Local, CloseKind::Fin, true);
+            app.idle = Some(Duration::from_millis(sent_ms_before_app_end));
+            c.on_close(1, app);
+            c.on_close(2, end(app_end + ms, ClosedBy::Peer, CloseKind::Fin, false));
+            let mut up = end(app_end + 2 * ms, ClosedBy::Local, CloseKind::Fin, false);
+            up.unanswered_since_ns = app_end - sent_ms_before_app_end * ms;
+            up.idle = Some(Duration::from_secs(3));
+            let e = c.on_close(3, up).expect("ended");
+            assert_eq!(e.origin, want, "sent {sent_ms_before_app_end} ms before");
+            // The idle time is the deciding leg's: the silence before the
+            // unanswered send, or the app's own.
+            let idle = if want == Origin::Upstream {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_millis(sent_ms_before_app_end)
+            };
+            assert_eq!(e.idle, Some(idle));
+        }
+    }
+
+    #[test]
+    fn the_chains_idle_time_is_that_of_the_leg_that_ended_first() {
+        let mut c = Chains::new(CapturePorts::default(), 1000);
+        outbound(&mut c, 0, 40000);
+        let mut up = end(100, ClosedBy::Peer, CloseKind::Fin, false);
+        up.idle = Some(Duration::from_millis(20));
+        c.on_close(3, up);
+        c.on_close(2, end(101, ClosedBy::Local, CloseKind::Fin, false));
+        let mut app = end(102, ClosedBy::Peer, CloseKind::Fin, true);
+        app.idle = Some(Duration::from_secs(9));
+        let e = c.on_close(1, app).expect("ended");
+        assert_eq!(
+            (e.origin, e.idle),
+            (Origin::Upstream, Some(Duration::from_millis(20))),
+            "a busy connection the server closed"
+        );
     }
 
     #[test]

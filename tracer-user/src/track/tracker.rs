@@ -207,6 +207,13 @@ impl Tracker {
             closed_by: ending.closed_by,
             close_kind: ending.close_kind,
             keepalive: ending.keepalive,
+            idle: ending.idle(),
+            // A send that died unanswered (reset or timeout): since when.
+            unanswered_since_ns: if ending.failed_send_cause.is_some() {
+                c.first_tx_us.saturating_mul(1000)
+            } else {
+                0
+            },
         };
         let chain_end = self.chains.on_close(info.cookie, leg_end);
         Closed {
