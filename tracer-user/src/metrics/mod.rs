@@ -98,6 +98,8 @@ pub(crate) struct Metrics {
     pub build_info: Gauge<Build<'static>>,
     pub peer_connections_open: Gauge<PeerConnectionsOpen<'static>>,
     pub chains_open: IntGauge,
+    pub chains_pending: IntGauge,
+    pub chain_pending_evicted: IntCounter,
     pub kube_pods: IntGauge,
     pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
@@ -222,6 +224,21 @@ impl Metrics {
                 IntGauge::new(
                     "conntracer_sidecar_chains_open",
                     "Open app -> sidecar -> upstream chains the tracer has linked.",
+                ),
+            )?,
+            chains_pending: plain(
+                &r,
+                IntGauge::new(
+                    "conntracer_sidecar_chains_pending",
+                    "Sockets and half-built chains waiting for the rest of their chain.",
+                ),
+            )?,
+            chain_pending_evicted: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_sidecar_chain_pending_evicted_total",
+                    "Waiting sockets and half-built chains dropped, oldest first, because their \
+                     pod's (or the node's) pending cap was reached.",
                 ),
             )?,
             table_reconciled: plain(

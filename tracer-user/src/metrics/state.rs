@@ -363,6 +363,9 @@ impl State {
         let m = &self.metrics;
         m.chains_open
             .set(i64::try_from(self.tracker.chains.len()).unwrap_or(i64::MAX));
+        m.chains_pending
+            .set(i64::try_from(self.tracker.chains.pending()).unwrap_or(i64::MAX));
+        catch_up(&m.chain_pending_evicted, self.tracker.chains.evicted);
         if let Some(pods) = self.tracker.attr.pods() {
             m.kube_pods
                 .set(i64::try_from(pods.pods()).unwrap_or(i64::MAX));

@@ -7,7 +7,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, NoRoutes, PendingCaps},
     classify::{self, Ending, Verdict},
     direction, peer_label,
     table::{Conn, ConnTable},
@@ -85,7 +85,7 @@ impl Tracker {
                     outbound: cfg.outbound_capture_port,
                     inbound: cfg.inbound_capture_port,
                 },
-                cfg.max_connections,
+                PendingCaps::new(cfg.max_connections),
             ),
             ephemeral: procfs::ephemeral_ports(),
             listener_owners: HashMap::new(),
@@ -116,7 +116,7 @@ impl Tracker {
                     end_counted: false,
                 });
                 let leg = self.leg(&info);
-                self.chains.on_open(leg);
+                self.chains.on_open(leg, &NoRoutes);
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
