@@ -161,6 +161,11 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         now.dump("conntracer_peer_connections_open")
     );
     now.assert_delta(before, CHAIN_KILLS, &[], 0.0);
+    assert_app_chain_legs(m);
+}
+
+/// /connections shows the app's connection with its three chain legs.
+fn assert_app_chain_legs(m: &Mesh) {
     let list = m.daemon.connections();
     let app_conn = list
         .as_array()
@@ -383,4 +388,32 @@ fn root_busy_connection_closed_by_the_server_is_origin_upstream_not_idle() {
     after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
     assert_eq!(m.redis.idle_closes(), 0);
     assert_eq!(m.envoy.idle_timeouts(), 0);
+}
+
+/// A daemon rollout mid-idle (case C): the new daemon finds the open chain
+/// again from the kernel's sockets at its resync, and the mismatch gauge is
+/// back within one resync interval of it knowing the pods.
+#[test]
+fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
+    let _serial = serial_unless_skipped!();
+    let (mut m, _) = case_c(false);
+    let mismatch = [("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)];
+    m.daemon.wait_metrics(Duration::from_secs(5), |x| {
+        x.sum(MISMATCH, &mismatch) == 1.0
+    });
+    let resync = Duration::from_secs(2);
+    m.restart_daemon(&["--resync-interval", "2s"]);
+    let started = std::time::Instant::now();
+    // One resync, plus its own duration and the scrape on a loaded machine.
+    let after = m.daemon.wait_metrics(resync + Duration::from_secs(3), |x| {
+        x.sum(MISMATCH, &mismatch) == 1.0
+    });
+    assert_eq!(
+        after.sum(MISMATCH, &mismatch),
+        1.0,
+        "{}",
+        after.dump(MISMATCH)
+    );
+    eprintln!("mismatch back {:?} after the restart", started.elapsed());
+    assert_app_chain_legs(&m);
 }

@@ -6,7 +6,7 @@
 
 use std::net::Ipv4Addr;
 
-use tracer_common::{CloseData, Event, OpenData, tcp_state};
+use tracer_common::{CloseData, Event, OpenData, SnapshotData, tcp_state};
 
 use super::TempTree;
 use crate::owner::{
@@ -119,6 +119,14 @@ pub(crate) struct Sock {
 impl Sock {
     pub(crate) fn open(&self, ns: u64) -> Event<OpenData> {
         self.place(super::open(ns, self.outbound, 0))
+    }
+
+    /// Its SNAPSHOT at `ns`, as the TCP iterator reads it (socket inode
+    /// `ino`: the order sockets were created in).
+    pub(crate) fn snapshot(&self, ns: u64, ino: u64) -> Event<SnapshotData> {
+        let mut ev = self.place(super::snapshot(ns, self.outbound, 0));
+        ev.data.ino = ino;
+        ev
     }
 
     /// Its CLOSE at `ns`, the peer's FIN first (`by_peer`) or its own.

@@ -741,6 +741,17 @@ impl Chains {
         });
     }
 
+    /// A connection the kernel no longer has, whose close was missed: its
+    /// pending leg, or its whole chain, is forgotten without an end.
+    pub(crate) fn forget(&mut self, cookie: u64) {
+        if let Some(p) = self.take_pending(cookie) {
+            self.forget_accept(accept_key(&p.leg), cookie);
+        }
+        if let Some(&id) = self.by_cookie.get(&cookie) {
+            self.drop_chain(id);
+        }
+    }
+
     /// A connection ended. Returns the chain's end once all its legs did.
     pub(crate) fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
         if let Some(p) = self.take_pending(cookie) {

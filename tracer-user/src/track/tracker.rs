@@ -253,7 +253,7 @@ impl Tracker {
     }
 
     /// What the chain tracker needs of a connection.
-    fn leg(&mut self, info: &EventInfo) -> Leg {
+    pub(super) fn leg(&mut self, info: &EventInfo) -> Leg {
         let attr = self.attr.attribute(&info.owner);
         let unspecified = IpAddr::from([0, 0, 0, 0]);
         Leg {
