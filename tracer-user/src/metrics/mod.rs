@@ -73,6 +73,10 @@ label_set!(
     LabelName { label }
 );
 label_set!(
+    /// `conntracer_kube_index_entries`.
+    IndexKind { kind }
+);
+label_set!(
     /// `conntracer_build_info`.
     Build { version }
 );
@@ -99,6 +103,7 @@ pub(crate) struct Metrics {
     pub peer_connections_open: Gauge<PeerConnectionsOpen<'static>>,
     pub chains_open: IntGauge,
     pub kube_pods: IntGauge,
+    pub kube_index: Gauge<IndexKind<'static>>,
     pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
@@ -238,11 +243,19 @@ impl Metrics {
                     "Pods of this node known from the Kubernetes API.",
                 ),
             )?,
+            kube_index: Gauge::register(
+                &r,
+                "conntracer_kube_index_entries",
+                "The cluster-wide Service and EndpointSlice index: ClusterIP:port entries \
+                 (kind=service_ports), endpoint addresses (endpoints), pod IPs of pods deleted \
+                 within deleted_pod_grace (deleted_pods).",
+            )?,
             kube_errors: plain(
                 &r,
                 IntCounter::new(
                     "conntracer_kube_errors_total",
-                    "Kubernetes API errors (the pod watch retries; known labels are kept).",
+                    "Kubernetes API errors (the pod, Service and EndpointSlice watches retry; known \
+                     labels are kept).",
                 ),
             )?,
             cgroup_rescans: plain(

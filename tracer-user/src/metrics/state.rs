@@ -7,7 +7,7 @@ use tracer_common::EventInfo;
 
 use super::{
     ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, IdleBeforeClose,
-    IdleKill, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
+    IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
     labels::LabelCap,
 };
 use crate::{
@@ -363,7 +363,18 @@ impl State {
         if let Some(pods) = self.tracker.attr.pods() {
             m.kube_pods
                 .set(i64::try_from(pods.pods()).unwrap_or(i64::MAX));
-            catch_up(&m.kube_errors, pods.errors());
+            let services = self.tracker.attr.services();
+            catch_up(&m.kube_errors, pods.errors() + services.errors());
+            let size = services.size();
+            let entries = [
+                ("service_ports", size.service_ports),
+                ("endpoints", size.endpoints),
+                ("deleted_pods", size.deleted),
+            ];
+            for (kind, n) in entries {
+                m.kube_index
+                    .set(&IndexKind { kind }, i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         catch_up(&m.proc_errors, procfs::malformed_total());
         catch_up(&m.cgroup_rescans, self.tracker.attr.cgroup_rescans());
