@@ -26,7 +26,7 @@ pub(crate) const IDLE_BUCKETS: &[f64] = &[
 
 label_set!(
     /// `conntracer_idle_kills_total`.
-    IdleKill { namespace, pod, container, role, direction, peer, closed_by, close_kind, keepalive }
+    IdleKill { namespace, pod, container, role, direction, peer, peer_state, closed_by, close_kind, keepalive }
 );
 label_set!(
     /// `conntracer_idle_before_close_seconds`.
@@ -305,6 +305,18 @@ impl Metrics {
         };
         self.idle_kills.remove_where(&belongs)
             + self.idle_before_close.remove_where(&belongs)
+            + self.keepalive_sockopts.remove_where(&belongs)
+            + self.stale_reuse.remove_where(&belongs)
+            + self.connect_failures.remove_where(&belongs)
+            + self.sidecar_chain_kills.remove_where(&belongs)
+    }
+
+    /// Removes the counter series whose `label` is `value` (a capped value
+    /// whose place another took); returns how many.
+    pub(crate) fn forget_label(&self, label: &str, value: &str) -> usize {
+        let belongs =
+            |labels: &std::collections::HashMap<&str, &str>| labels.get(label) == Some(&value);
+        self.idle_kills.remove_where(&belongs)
             + self.keepalive_sockopts.remove_where(&belongs)
             + self.stale_reuse.remove_where(&belongs)
             + self.connect_failures.remove_where(&belongs)
