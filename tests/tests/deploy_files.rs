@@ -703,7 +703,8 @@ fn daemonset_has_the_documented_privileges_and_mounts() {
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
 }
 
-/// The pod watch is all the tracer may do with the API; the Service selects
+/// The pod, Service and EndpointSlice watches are all the tracer may do
+/// with the API; the Service selects
 /// the tracer pods and the ServiceMonitor the Service.
 #[test]
 fn rbac_service_and_service_monitor_fit_together() {
@@ -718,8 +719,11 @@ fn rbac_service_and_service_monitor_fit_together() {
         .collect();
     assert_eq!(
         rules,
-        ["apiGroups: - '' resources: - pods verbs: - list - watch "],
-        "the ClusterRole grants list and watch on pods, nothing else"
+        [
+            "apiGroups: - '' resources: - pods - services verbs: - list - watch ",
+            "apiGroups: - discovery.k8s.io resources: - endpointslices verbs: - list - watch ",
+        ],
+        "the ClusterRole grants list and watch on pods, services and endpointslices, nothing else"
     );
     let binding = yaml("kubernetes/clusterrolebinding.yaml");
     assert_eq!(binding["subjects"][0]["name"], spec["serviceAccountName"]);

@@ -26,7 +26,7 @@ pub(crate) const IDLE_BUCKETS: &[f64] = &[
 
 label_set!(
     /// `conntracer_idle_kills_total`.
-    IdleKill { namespace, pod, container, role, direction, peer, closed_by, close_kind, keepalive }
+    IdleKill { namespace, pod, container, role, direction, peer, peer_state, closed_by, close_kind, keepalive }
 );
 label_set!(
     /// `conntracer_idle_before_close_seconds`.
@@ -73,6 +73,10 @@ label_set!(
     LabelName { label }
 );
 label_set!(
+    /// `conntracer_kube_index_entries`.
+    IndexKind { kind }
+);
+label_set!(
     /// `conntracer_build_info`.
     Build { version }
 );
@@ -101,6 +105,7 @@ pub(crate) struct Metrics {
     pub chains_pending: IntGauge,
     pub chain_pending_evicted: IntCounter,
     pub kube_pods: IntGauge,
+    pub kube_index: Gauge<IndexKind<'static>>,
     pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
@@ -256,11 +261,19 @@ impl Metrics {
                     "Pods of this node known from the Kubernetes API.",
                 ),
             )?,
+            kube_index: Gauge::register(
+                &r,
+                "conntracer_kube_index_entries",
+                "The cluster-wide Service and EndpointSlice index: ClusterIP:port entries \
+                 (kind=service_ports), endpoint addresses (endpoints), pod IPs of pods deleted \
+                 within deleted_pod_grace (deleted_pods).",
+            )?,
             kube_errors: plain(
                 &r,
                 IntCounter::new(
                     "conntracer_kube_errors_total",
-                    "Kubernetes API errors (the pod watch retries; known labels are kept).",
+                    "Kubernetes API errors (the pod, Service and EndpointSlice watches retry; known \
+                     labels are kept).",
                 ),
             )?,
             cgroup_rescans: plain(
@@ -310,6 +323,18 @@ impl Metrics {
         };
         self.idle_kills.remove_where(&belongs)
             + self.idle_before_close.remove_where(&belongs)
+            + self.keepalive_sockopts.remove_where(&belongs)
+            + self.stale_reuse.remove_where(&belongs)
+            + self.connect_failures.remove_where(&belongs)
+            + self.sidecar_chain_kills.remove_where(&belongs)
+    }
+
+    /// Removes the counter series whose `label` is `value` (a capped value
+    /// whose place another took); returns how many.
+    pub(crate) fn forget_label(&self, label: &str, value: &str) -> usize {
+        let belongs =
+            |labels: &std::collections::HashMap<&str, &str>| labels.get(label) == Some(&value);
+        self.idle_kills.remove_where(&belongs)
             + self.keepalive_sockopts.remove_where(&belongs)
             + self.stale_reuse.remove_where(&belongs)
             + self.connect_failures.remove_where(&belongs)

@@ -13,10 +13,11 @@ use crate::owner::{
     attribute::{Attributor, SidecarRules},
     cgroup::CgroupPaths,
     kube::{
-        PodIndex,
+        DEFAULT_DELETE_GRACE, PodIndex,
         tests::{apply, pod},
     },
     kubelet::tests::{CID, UID, uid_},
+    services::ServiceIndex,
 };
 
 pub(crate) const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 231, 1, 2);
@@ -69,6 +70,7 @@ impl MeshPod {
         Attributor::new(
             Some(CgroupPaths::new(self.tree.0.clone())),
             Some(self.pods.clone()),
+            ServiceIndex::new(Some(self.pods.clone()), DEFAULT_DELETE_GRACE),
             SidecarRules::default(),
         )
     }

@@ -232,13 +232,25 @@ impl Tracker {
         direction(&info.owner, info.sock.sport, &self.ephemeral)
     }
 
-    /// The `peer` of a connection (before capping): the remote pod's
-    /// `namespace/pod`, else its address.
+    /// The `peer` of a connection (before capping): see [`Self::peer_of`].
     pub(crate) fn peer(&self, info: &EventInfo, dir: Direction) -> String {
         let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        self.peer_of(remote, info.sock.dport, dir)
+    }
+
+    /// The `peer` of a remote address: `namespace/service` of a ClusterIP
+    /// port dialled (outbound), else `namespace/pod` of a pod IP of any
+    /// node, else the address.
+    pub(crate) fn peer_of(&self, remote: IpAddr, port: u16, dir: Direction) -> String {
+        let service = (dir == Direction::Outbound)
+            .then(|| self.attr.peer_service(remote, port))
+            .flatten();
+        if let Some(svc) = service {
+            return svc.label();
+        }
         self.attr
             .peer_pod(remote)
-            .unwrap_or_else(|| peer_label(remote, info.sock.dport, dir))
+            .unwrap_or_else(|| peer_label(remote, port, dir))
     }
 
     /// `deleted` when the remote address is a pod deleted from the API
@@ -275,10 +287,7 @@ impl Tracker {
         if attr.pod_uid.is_empty() {
             return None;
         }
-        let peer = self
-            .attr
-            .peer_pod(chain.peer.0)
-            .unwrap_or_else(|| peer_label(chain.peer.0, chain.peer.1, chain.direction));
+        let peer = self.peer_of(chain.peer.0, chain.peer.1, chain.direction);
         Some((attr.namespace, attr.pod, peer))
     }
 }
