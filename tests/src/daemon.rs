@@ -289,7 +289,8 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn terminate(&mut self) -> bool {
+    /// SIGTERM and wait (bounded; then SIGKILL); whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
         if let Ok(Some(status)) = self.child.try_wait() {
             return status.success();
         }

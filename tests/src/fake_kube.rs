@@ -1,14 +1,18 @@
-//! A fake Kubernetes API server for root-free tests of the pod watcher: the
-//! real client library reads it as it would an apiserver.
+//! A fake Kubernetes API server for root-free tests of the pod, Service and
+//! EndpointSlice watchers: the real client library reads it as it would an
+//! apiserver.
 //!
-//! It serves `GET /api/v1/pods` (and `/api/v1/namespaces/NS/pods`) as the
-//! apiserver does for a list (`PodList` with `metadata.resourceVersion`,
+//! It serves `GET /api/v1/pods`, `/api/v1/services` and
+//! `/apis/discovery.k8s.io/v1/endpointslices` (and their
+//! `.../namespaces/NS/...` forms) as the apiserver does for a list
+//! (`PodList`, `ServiceList`, `EndpointSliceList` with `metadata.resourceVersion`,
 //! `limit`/`continue` pagination, `fieldSelector=spec.nodeName=...`) and for
 //! a watch (`watch=true&resourceVersion=N`: chunked newline-delimited
 //! `WatchEvent`s from after N, kept open until `timeoutSeconds`, with
 //! `BOOKMARK`s when `allowWatchBookmarks=true`, and a 410 `ERROR` event for a
-//! resourceVersion older than the history it keeps). Tests change the pods
-//! with [`FakeKube::set_pods`] and inject faults with [`FakeKube::fail_next`],
+//! resourceVersion older than the history it keeps). Tests change the objects
+//! with [`FakeKube::set_pods`], [`FakeKube::set_services`] and
+//! [`FakeKube::set_endpoint_slices`] and inject faults with [`FakeKube::fail_next`],
 //! [`FakeKube::drop_watches`] and [`FakeKube::expire_history`].
 //!
 //! Plain threads and std sockets: it runs beside any async runtime.
@@ -41,10 +45,53 @@ struct Shared {
     changed: Condvar,
 }
 
+/// The resources the fake serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Resource {
+    Pods,
+    Services,
+    EndpointSlices,
+}
+
+impl Resource {
+    /// `(apiVersion, kind)` of its objects.
+    fn type_meta(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Pods => ("v1", "Pod"),
+            Self::Services => ("v1", "Service"),
+            Self::EndpointSlices => ("discovery.k8s.io/v1", "EndpointSlice"),
+        }
+    }
+
+    /// The resource and namespace ("" for all) a request path names.
+    fn route(path: &str) -> Option<(Self, String)> {
+        let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+            ("core", rest)
+        } else {
+            (
+                "discovery",
+                path.strip_prefix("/apis/discovery.k8s.io/v1/")?,
+            )
+        };
+        let (ns, plural) = match rest.strip_prefix("namespaces/") {
+            Some(r) => r.split_once('/')?,
+            None => ("", rest),
+        };
+        let resource = match (prefix, plural) {
+            ("core", "pods") => Self::Pods,
+            ("core", "services") => Self::Services,
+            ("discovery", "endpointslices") => Self::EndpointSlices,
+            _ => return None,
+        };
+        Some((resource, ns.to_owned()))
+    }
+}
+
 #[derive(Default)]
 struct State {
-    /// Current pods by (namespace, name), each with its resourceVersion.
-    pods: BTreeMap<(String, String), Value>,
+    /// Current objects by (resource, namespace, name), each with its
+    /// resourceVersion.
+    objects: BTreeMap<(Resource, String, String), Value>,
     /// Last resourceVersion handed out.
     rv: u64,
     /// Every change since `oldest_rv`, in order.
@@ -70,6 +117,7 @@ struct Conn {
 
 struct Change {
     rv: u64,
+    resource: Resource,
     kind: &'static str,
     object: Value,
 }
@@ -118,46 +166,66 @@ impl FakeKube {
     /// and DELETED for those left out; a pod re-created under the same name
     /// with a new uid is a DELETED then an ADDED.
     pub fn set_pods(&self, pods: Vec<Value>) {
+        self.set_objects(Resource::Pods, pods);
+    }
+
+    /// Makes `services` the cluster's Services (JSON as from
+    /// [`service_json`]), as [`set_pods`](Self::set_pods) does for pods.
+    pub fn set_services(&self, services: Vec<Value>) {
+        self.set_objects(Resource::Services, services);
+    }
+
+    /// Makes `slices` the cluster's EndpointSlices (JSON as from
+    /// [`endpoint_slice_json`]).
+    pub fn set_endpoint_slices(&self, slices: Vec<Value>) {
+        self.set_objects(Resource::EndpointSlices, slices);
+    }
+
+    /// Makes `objects` all the objects of `resource`.
+    pub fn set_objects(&self, resource: Resource, objects: Vec<Value>) {
         let mut st = self.lock();
         let mut wanted = BTreeMap::new();
-        for mut pod in pods {
+        for mut pod in objects {
             let meta = pod["metadata"]
                 .as_object_mut()
-                .expect("pod without metadata");
+                .expect("object without metadata");
             let ns = meta
                 .entry("namespace")
                 .or_insert_with(|| json!("default"))
                 .as_str()
                 .expect("string namespace")
                 .to_owned();
-            let name = meta["name"].as_str().expect("pod without name").to_owned();
-            wanted.insert((ns, name), pod);
+            let name = meta["name"]
+                .as_str()
+                .expect("object without name")
+                .to_owned();
+            wanted.insert((resource, ns, name), pod);
         }
         let gone: Vec<_> = st
-            .pods
+            .objects
             .keys()
-            .filter(|k| !wanted.contains_key(*k))
+            .filter(|k| k.0 == resource && !wanted.contains_key(*k))
             .cloned()
             .collect();
         for key in gone {
-            let old = st.pods.remove(&key).expect("listed key");
-            st.record("DELETED", old);
+            let old = st.objects.remove(&key).expect("listed key");
+            st.record(resource, "DELETED", old);
         }
         for (key, pod) in wanted {
-            match st.pods.get(&key) {
+            match st.objects.get(&key) {
                 None => {
-                    let pod = st.record("ADDED", pod);
-                    st.pods.insert(key, pod);
+                    let pod = st.record(resource, "ADDED", pod);
+                    st.objects.insert(key, pod);
                 }
                 Some(old) if old["metadata"]["uid"] != pod["metadata"]["uid"] => {
                     let old = old.clone();
-                    st.record("DELETED", old);
-                    let pod = st.record("ADDED", pod);
-                    st.pods.insert(key, pod);
+                    st.record(resource, "DELETED", old);
+                    let pod = st.record(resource, "ADDED", pod);
+                    st.objects.insert(key, pod);
                 }
                 Some(old) if without_rv(old) != without_rv(&pod) => {
-                    let pod = st.record("MODIFIED", pod);
-                    st.pods.insert(key, pod);
+                    let pod = st.record(resource, "MODIFIED", pod);
+                    st.objects.insert(key, pod);
                 }
                 Some(_) => {}
             }
@@ -168,7 +236,12 @@ impl FakeKube {
 
     /// The current pods, with the resourceVersions the server gave them.
     pub fn pods(&self) -> Vec<Value> {
-        self.lock().pods.values().cloned().collect()
+        let st = self.lock();
+        st.objects
+            .iter()
+            .filter(|(k, _)| k.0 == Resource::Pods)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// Answers the next `n` requests, whatever they are, with 500 and a
@@ -245,13 +318,15 @@ impl Shared {
 impl State {
     /// Stamps `object` with the next resourceVersion, adds the change to the
     /// history and returns the stamped object.
-    fn record(&mut self, kind: &'static str, mut object: Value) -> Value {
+    fn record(&mut self, resource: Resource, kind: &'static str, mut object: Value) -> Value {
         self.rv += 1;
+        let (api_version, object_kind) = resource.type_meta();
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        object["apiVersion"] = json!("v1");
-        object["kind"] = json!("Pod");
+        object["apiVersion"] = json!(api_version);
+        object["kind"] = json!(object_kind);
         self.history.push(Change {
             rv: self.rv,
+            resource,
             kind,
             object: object.clone(),
         });
@@ -332,16 +407,10 @@ fn serve_connection(shared: &Shared, id: u64, stream: TcpStream) {
         drop(st);
         let (path, query) = path_query.split_once('?').unwrap_or((&path_query, ""));
         let params = parse_query(query);
-        let namespace = match path.strip_prefix("/api/v1/namespaces/") {
-            Some(rest) => match rest.strip_suffix("/pods") {
-                Some(ns) if !ns.contains('/') => Some(ns.to_owned()),
-                _ => None,
-            },
-            None => (path == "/api/v1/pods").then(String::new),
-        };
-        let result = match (method.as_str(), namespace) {
-            ("GET", Some(ns)) => {
-                let filter = Filter::new(&ns, params.get("fieldSelector").map(String::as_str));
+        let result = match (method.as_str(), Resource::route(path)) {
+            ("GET", Some((resource, ns))) => {
+                let selector = params.get("fieldSelector").map(String::as_str);
+                let filter = Filter::new(resource, &ns, selector);
                 match filter {
                     Err(msg) => respond(&mut out, 400, &status_json(400, "BadRequest", &msg)),
                     Ok(filter) if params.get("watch").is_some_and(|w| w == "true" || w == "1") => {
@@ -359,7 +428,7 @@ fn serve_connection(shared: &Shared, id: u64, stream: TcpStream) {
                 &status_json(
                     404,
                     "NotFound",
-                    &format!("the fake serves only pods, not {path}"),
+                    &format!("the fake serves only pods, services and endpointslices, not {path}"),
                 ),
             ),
             _ => respond(
@@ -443,14 +512,19 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Which pods a request asks for.
+/// Which objects a request asks for.
 struct Filter {
+    resource: Resource,
     namespace: String,
     node: Option<String>,
 }
 
 impl Filter {
-    fn new(namespace: &str, field_selector: Option<&str>) -> Result<Self, String> {
+    fn new(
+        resource: Resource,
+        namespace: &str,
+        field_selector: Option<&str>,
+    ) -> Result<Self, String> {
         let mut node = None;
         for term in field_selector
             .unwrap_or("")
@@ -458,17 +532,18 @@ impl Filter {
             .filter(|t| !t.is_empty())
         {
             match term.split_once('=') {
-                Some(("spec.nodeName", value)) => {
+                Some(("spec.nodeName", value)) if resource == Resource::Pods => {
                     node = Some(value.trim_start_matches('=').to_owned());
                 }
                 _ => {
                     return Err(format!(
-                        "the fake supports only fieldSelector spec.nodeName=NODE, not {term:?}"
+                        "the fake supports only fieldSelector spec.nodeName=NODE on pods, not {term:?}"
                     ));
                 }
             }
         }
         Ok(Self {
+            resource,
             namespace: namespace.to_owned(),
             node,
         })
@@ -504,10 +579,10 @@ fn list(
         rest
     } else {
         let items = st
-            .pods
-            .values()
-            .filter(|p| filter.matches(p))
-            .map(|p| {
+            .objects
+            .iter()
+            .filter(|(k, p)| k.0 == filter.resource && filter.matches(p))
+            .map(|(_, p)| {
                 // Items of a list carry no apiVersion/kind, as from an apiserver.
                 let mut p = p.clone();
                 if let Some(obj) = p.as_object_mut() {
@@ -530,9 +605,10 @@ fn list(
         st.continues.insert(token, (rv, rest));
     }
     drop(st);
+    let (api_version, kind) = filter.resource.type_meta();
     let body = json!({
-        "apiVersion": "v1",
-        "kind": "PodList",
+        "apiVersion": api_version,
+        "kind": format!("{kind}List"),
         "metadata": metadata,
         "items": items,
     });
@@ -574,10 +650,10 @@ fn watch(
         // "Any version": the current pods as ADDED, then changes.
         "" | "0" => (
             st.rv,
-            st.pods
-                .values()
-                .filter(|p| filter.matches(p))
-                .map(|p| watch_event("ADDED", p))
+            st.objects
+                .iter()
+                .filter(|(k, p)| k.0 == filter.resource && filter.matches(p))
+                .map(|(_, p)| watch_event("ADDED", p))
                 .collect(),
         ),
         rv => match rv.parse::<u64>() {
@@ -644,7 +720,11 @@ impl WatchStream<'_> {
             batch.extend(
                 st.history
                     .iter()
-                    .filter(|c| c.rv > self.cursor && self.filter.matches(&c.object))
+                    .filter(|c| {
+                        c.rv > self.cursor
+                            && c.resource == self.filter.resource
+                            && self.filter.matches(&c.object)
+                    })
                     .map(|c| watch_event(c.kind, &c.object)),
             );
             let newest = st.history.last().map_or(0, |c| c.rv);
@@ -655,11 +735,12 @@ impl WatchStream<'_> {
                 let current = st.rv;
                 drop(st);
                 if self.bookmarks {
+                    let (api_version, kind) = self.filter.resource.type_meta();
                     batch.push(json!({
                         "type": "BOOKMARK",
                         "object": {
-                            "kind": "Pod",
-                            "apiVersion": "v1",
+                            "kind": kind,
+                            "apiVersion": api_version,
                             "metadata": {"resourceVersion": current.to_string(), "creationTimestamp": null},
                         },
                     }));
@@ -817,6 +898,131 @@ pub fn pod_json(
     })
 }
 
+/// A ClusterIP Service as the apiserver returns it: one TCP port per
+/// `(name, port, target_port)`, the last-applied annotation and
+/// managedFields included (the watcher must not keep them).
+pub fn service_json(
+    namespace: &str,
+    name: &str,
+    cluster_ip: &str,
+    ports: &[(&str, u16, u16)],
+) -> Value {
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(pname, port, target)| {
+            json!({"name": pname, "protocol": "TCP", "port": port, "targetPort": target})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": format!("svc-{namespace}-{name}"),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"app.kubernetes.io/name": name},
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration":
+                    format!("{{\"apiVersion\":\"v1\",\"kind\":\"Service\",\"metadata\":{{\"name\":\"{name}\"}}}}"),
+            },
+            "managedFields": [{
+                "manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
+                "time": "2025-01-01T00:00:00Z", "fieldsType": "FieldsV1",
+                "fieldsV1": {"f:spec": {"f:ports": {}, "f:selector": {}}},
+            }],
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": cluster_ip,
+            "clusterIPs": [cluster_ip],
+            "ipFamilies": [if cluster_ip.contains(':') { "IPv6" } else { "IPv4" }],
+            "ipFamilyPolicy": "SingleStack",
+            "internalTrafficPolicy": "Cluster",
+            "sessionAffinity": "None",
+            "selector": {"app.kubernetes.io/name": name},
+            "ports": ports,
+        },
+        "status": {"loadBalancer": {}},
+    })
+}
+
+/// One endpoint of an EndpointSlice: a pod's address on a node.
+#[derive(Clone, Debug)]
+pub struct SliceEndpoint<'a> {
+    pub ip: &'a str,
+    pub pod: &'a str,
+    pub node: &'a str,
+    pub ready: bool,
+    /// The pod is being deleted (its deletionTimestamp is set).
+    pub terminating: bool,
+}
+
+/// An EndpointSlice as the EndpointSlice controller writes it for
+/// `service` in `namespace`: ports `(name, port)` are the target ports.
+pub fn endpoint_slice_json(
+    namespace: &str,
+    name: &str,
+    service: &str,
+    ports: &[(&str, u16)],
+    endpoints: &[SliceEndpoint<'_>],
+) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "addresses": [e.ip],
+                "conditions": {
+                    "ready": e.ready,
+                    "serving": e.ready || e.terminating,
+                    "terminating": e.terminating,
+                },
+                "nodeName": e.node,
+                "targetRef": {
+                    "kind": "Pod",
+                    "namespace": namespace,
+                    "name": e.pod,
+                    "uid": format!("uid-{namespace}-{}", e.pod),
+                },
+                "zone": "zone-a",
+            })
+        })
+        .collect();
+    let ports: Vec<Value> = ports
+        .iter()
+        .map(|(pname, port)| json!({"name": pname, "port": port, "protocol": "TCP"}))
+        .collect();
+    json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": format!("eps-{namespace}-{name}"),
+            "generateName": format!("{service}-"),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2025-01-01T00:00:00Z"},
+            "ownerReferences": [{
+                "apiVersion": "v1", "kind": "Service", "name": service,
+                "uid": format!("svc-{namespace}-{service}"),
+                "controller": true, "blockOwnerDeletion": true,
+            }],
+            "managedFields": [{
+                "manager": "kube-controller-manager", "operation": "Update",
+                "apiVersion": "discovery.k8s.io/v1", "time": "2025-01-01T00:00:00Z",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:addressType": {}, "f:endpoints": {}},
+            }],
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -826,9 +1032,27 @@ mod tests {
         let q = parse_query("fieldSelector=spec.nodeName%3Dnode-a&watch=true&limit=500");
         assert_eq!(q["fieldSelector"], "spec.nodeName=node-a");
         assert_eq!(q["watch"], "true");
-        let filter = Filter::new("", Some("spec.nodeName=node-a")).unwrap();
+        let filter = Filter::new(Resource::Pods, "", Some("spec.nodeName=node-a")).unwrap();
         assert!(filter.matches(&pod_json("ns", "p", "u", "node-a", "10.0.0.1", &[])));
         assert!(!filter.matches(&pod_json("ns", "p", "u", "node-b", "10.0.0.1", &[])));
-        assert!(Filter::new("", Some("status.phase=Running")).is_err());
+        assert!(Filter::new(Resource::Pods, "", Some("status.phase=Running")).is_err());
+        assert!(Filter::new(Resource::Services, "", Some("spec.nodeName=node-a")).is_err());
+        let routes = [
+            ("/api/v1/pods", Some((Resource::Pods, ""))),
+            (
+                "/api/v1/namespaces/shop/services",
+                Some((Resource::Services, "shop")),
+            ),
+            (
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                Some((Resource::EndpointSlices, "")),
+            ),
+            ("/api/v1/endpointslices", None),
+            ("/api/v1/nodes", None),
+        ];
+        for (path, want) in routes {
+            let got = Resource::route(path);
+            assert_eq!(got, want.map(|(r, ns)| (r, ns.to_owned())), "{path}");
+        }
     }
 }

@@ -31,6 +31,26 @@ pub fn set_comm(comm: &str) -> Result<()> {
     Ok(())
 }
 
+/// Raises the soft open-file limit to the hard one (raising the hard limit
+/// needs CAP_SYS_RESOURCE, which CI may not have) and returns it.
+pub fn raise_fd_limit() -> Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) != 0 {
+            return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+            return Err(io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Blocks until a line arrives on stdin, at most `timeout`.
 pub fn wait_go(timeout: Duration) -> Result<()> {
     let (tx, rx) = mpsc::channel();

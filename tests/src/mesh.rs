@@ -137,6 +137,13 @@ pub struct Mesh {
 }
 
 impl Mesh {
+    /// Stops the daemon and starts a new one (a DaemonSet rollout) with
+    /// `extra` arguments; returns once the new one knows the pods.
+    pub fn restart_daemon(&mut self, extra: &[&str]) {
+        self.daemon.terminate();
+        self.daemon = start_daemon(&self.kube, extra);
+    }
+
     /// Case C's end: the app's next query (on [`Peer::go`]) fails, met by
     /// the server's close or a reset, and the app closes.
     pub fn expect_next_query_fails(&mut self) {
@@ -164,6 +171,18 @@ pub struct Setup {
     pub action: InvalidAction,
     /// `ct-client redis` arguments after the address.
     pub app_args: Vec<&'static str>,
+}
+
+/// The daemon, told the node and the fake API, with `extra` arguments;
+/// returns once it knows both pods.
+fn start_daemon(kube: &FakeKube, extra: &[&str]) -> Daemon {
+    let url = kube.url();
+    let args = [&["--kube-api", &url, "--node-name", NODE][..], extra].concat();
+    let daemon = Daemon::start("1s", &args);
+    daemon.wait_metrics(Duration::from_secs(20), |m| {
+        m.sum("conntracer_kube_pods", &[]) >= 2.0
+    });
+    daemon
 }
 
 /// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
@@ -199,10 +218,7 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     // The daemon runs before the pod's processes start, as a DaemonSet does
     // on a node: the owners of listeners opened before it are not known yet
     // (see the closing notes of the reliability work).
-    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
-    daemon.wait_metrics(Duration::from_secs(20), |m| {
-        m.sum("conntracer_kube_pods", &[]) >= 2.0
-    });
+    let daemon = start_daemon(&kube, &[]);
     let redis = Redis::start(lab.server(), upstream, s.redis_timeout_secs);
     let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
     if s.upstream_keepalive {

@@ -612,6 +612,23 @@ impl Redis {
             .count() as u64
     }
 
+    /// `CLIENT KILL TYPE normal`: closes every client connection now (busy
+    /// or idle), over a new connection that is itself spared; returns how
+    /// many were closed.
+    pub fn kill_clients(&self) -> u64 {
+        let reply = exchange(
+            &self.server.ns,
+            reachable(self.addr),
+            b"CLIENT KILL TYPE normal SKIPME yes\r\n",
+            |r| r.ends_with(b"\r\n"),
+        );
+        let text = String::from_utf8_lossy(&reply);
+        text.trim()
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("CLIENT KILL reply: {text:?}"))
+    }
+
     /// `INFO` (all default sections) as key -> value, over a new TCP
     /// connection from inside the namespace.
     pub fn info(&self) -> BTreeMap<String, String> {

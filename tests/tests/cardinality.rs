@@ -2,7 +2,8 @@
 //! processes must not grow the metric series or the daemon's table without
 //! bound. The `peer` label folds new values into `other` past `max_peers`
 //! and counts them; the table keeps at most `max_connections` entries and
-//! evicts the oldest (counted).
+//! evicts the oldest (counted). A flood of client IPs on an ingress node
+//! does not take the places of the peers that have kills.
 
 #![expect(
     clippy::cast_precision_loss,
@@ -27,9 +28,11 @@ use std::{
 };
 
 use integration_tests::{
-    NetNs,
-    daemon::{Daemon, Metrics},
+    NetNs, Peer, ct_client,
+    daemon::{Daemon, Metrics, names::KILLS},
+    scenario::local,
     serial_unless_skipped,
+    servers::Redis,
 };
 
 /// Distinct peers (destination address and port) of the first test.
@@ -48,25 +51,8 @@ fn peer_addr(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(127, hi, mid, last)
 }
 
-/// Raises the soft open-file limit to the hard one (raising the hard limit
-/// needs CAP_SYS_RESOURCE, which CI may not have) and returns it.
 fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid struct.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
-        lim.rlim_cur = lim.rlim_max;
-        assert_eq!(
-            libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim),
-            0,
-            "setrlimit: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    lim.rlim_cur
+    integration_tests::helper::raise_fd_limit().expect("open-file limit")
 }
 
 /// Every distinct value of `label` in the scrape, over all series.
@@ -395,5 +381,86 @@ fn root_a_storm_of_short_lived_processes_adds_no_series_and_no_table_entries() {
     stop.store(true, Ordering::Relaxed);
     let handled = server.join().expect("server");
     assert!(handled >= processes as u64, "server handled {handled}");
+    assert!(daemon.stop(), "daemon did not exit 0");
+}
+
+/// Client IPs of the ingress flood.
+const CLIENTS: usize = 10_000;
+
+/// An ingress node: 10,000 client IPs hold connections to one server, far
+/// more than `max_peers` (500). Their open-connection gauges fill every
+/// place; a database's idle kill that comes later still names its peer
+/// (Redis's own idle close is the ground truth), and keeps it while the
+/// clients stay connected.
+#[test]
+fn root_an_ingress_flood_of_client_ips_does_not_take_a_later_database_kills_peer() {
+    let _serial = serial_unless_skipped!();
+    assert!(
+        raise_fd_limit() >= CLIENTS as u64 + 500,
+        "open-file limit below {CLIENTS} + 500"
+    );
+    let ns = NetNs::new();
+    let daemon = Daemon::start("1s", &["--no-kube", "--max-peers", "500"]);
+    let mut server = ns.command(env!("CARGO_BIN_EXE_ct-peer"));
+    let count = CLIENTS.to_string();
+    server.args(["--timeout-secs", "120", "server", "--addr", "0.0.0.0"]);
+    server.args(["--count", &count, "--hold"]);
+    let mut ingress = Peer::spawn("ingress", server);
+    let port = ingress.expect_port("listening");
+    let started = Instant::now();
+    let clients: Vec<TcpStream> = ns
+        .spawn_in(move || {
+            (0..CLIENTS)
+                .map(|i| {
+                    let s =
+                        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                            .expect("socket");
+                    let from = SocketAddrV4::new(peer_addr(i), 0);
+                    s.bind(&from.into()).expect("bind a client address");
+                    let to = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+                    s.connect(&to.into())
+                        .unwrap_or_else(|e| panic!("connect from {from}: {e}"));
+                    s.into()
+                })
+                .collect()
+        })
+        .join()
+        .expect("client thread");
+    ingress.expect_line("held");
+    eprintln!("{CLIENTS} clients connected in {:?}", started.elapsed());
+
+    // The open-connection gauges claim every place and fold the rest.
+    let overflow = |m: &Metrics| m.sum("conntracer_label_overflow_total", &[("label", "peer")]);
+    let flooded = daemon.wait_metrics(Duration::from_secs(20), |m| {
+        m.sum("conntracer_connections_open", &[("direction", "inbound")]) >= CLIENTS as f64
+    });
+    assert!(
+        overflow(&flooded) >= (CLIENTS - 500) as f64,
+        "folds counted: {}",
+        overflow(&flooded)
+    );
+    assert!(label_values(&daemon.metrics_text(), "peer").len() <= 501);
+
+    let redis = Redis::start(&ns, local(16379), 2);
+    let closes = redis.idle_closes();
+    let before = daemon.scrape();
+    let mut idle = ct_client!(&ns, "redis", redis.addr(), &["--then", "wait-close"]);
+    idle.expect_connected_ok();
+    idle.expect_peer_close();
+    let kill = [("peer", "127.0.0.1:16379"), ("closed_by", "peer")];
+    let (m, _) = daemon.settle(&before, KILLS, &kill, 1.0, Duration::ZERO);
+    m.assert_delta(&before, KILLS, &kill, 1.0);
+    assert_eq!(redis.idle_closes(), closes + 1, "Redis's own idle close");
+
+    // Scrapes while the flood stays: the kill keeps its place and series.
+    for _ in 0..3 {
+        thread::sleep(Duration::from_millis(500));
+        let later = daemon.scrape();
+        later.assert_delta(&before, KILLS, &kill, 1.0);
+        assert!(label_values(&daemon.metrics_text(), "peer").len() <= 501);
+    }
+    ingress.go();
+    ingress.expect_line("done");
+    drop(clients);
     assert!(daemon.stop(), "daemon did not exit 0");
 }

@@ -297,6 +297,56 @@ fn alert_rules_pass_promtool_and_equal_the_prometheus_rule() {
     }
 }
 
+/// `promtool test rules` on the shipped rules: the sidecar upstream kill
+/// alert fires for a chain killed idle, not for a busy connection the
+/// server closed (`idle="false"`: a rollout, `Connection: close`).
+#[test]
+fn sidecar_upstream_idle_kill_alert_fires_only_for_idle_chains() {
+    let name = test_name!();
+    let Some(promtool) = require_program_or_skip(name, "promtool", "apt-get install prometheus")
+    else {
+        return;
+    };
+    let tmp = std::env::temp_dir().join(format!("ct-promtool-test-{}", unique_suffix()));
+    std::fs::create_dir_all(&tmp).expect("temp dir");
+    // The expressions as shipped; the annotations (checked elsewhere) left
+    // out, so that the expected alert is its labels.
+    let mut file = yaml("prometheus/conn-tracer.rules.yml");
+    for g in file["groups"].as_sequence_mut().expect("groups") {
+        for r in g["rules"].as_sequence_mut().expect("rules") {
+            r.as_mapping_mut().expect("rule").remove("annotations");
+        }
+    }
+    std::fs::write(
+        tmp.join("rules.yml"),
+        serde_yaml::to_string(&file).expect("YAML"),
+    )
+    .expect("write the rules");
+    let series = |pod: &str, idle: &str| {
+        format!(
+            "      - series: 'conntracer_sidecar_chain_kills_total{{job=\"conn-tracer\", \
+             instance=\"n1\", namespace=\"shop\", pod=\"{pod}\", peer=\"db/redis-0\", \
+             origin=\"upstream\", upstream_keepalive=\"off\", idle=\"{idle}\"}}'\n        \
+             values: '0x20 1x20'\n"
+        )
+    };
+    let test = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    \
+         input_series:\n      - series: 'up{{job=\"conn-tracer\", instance=\"n1\"}}'\n        \
+         values: '1x40'\n{}{}    alert_rule_test:\n      - eval_time: 25m\n        \
+         alertname: ConnTracerSidecarUpstreamIdleKills\n        exp_alerts:\n          \
+         - exp_labels: {{severity: warning, namespace: shop, pod: cart-idle, peer: db/redis-0}}\n",
+        series("cart-idle", "true"),
+        series("cart-busy", "false"),
+    );
+    std::fs::write(tmp.join("test.yml"), test).expect("write the test");
+    let (ok, out) = run(Command::new(&promtool)
+        .args(["test", "rules", "test.yml"])
+        .current_dir(&tmp));
+    let _ = std::fs::remove_dir_all(&tmp);
+    assert!(ok, "promtool test rules:\n{out}");
+}
+
 /// Metric names of the README's contract ("Metrics" table), with the
 /// histogram's series.
 fn contract_metrics() -> BTreeSet<String> {
@@ -653,7 +703,8 @@ fn daemonset_has_the_documented_privileges_and_mounts() {
     assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
 }
 
-/// The pod watch is all the tracer may do with the API; the Service selects
+/// The pod, Service and EndpointSlice watches are all the tracer may do
+/// with the API; the Service selects
 /// the tracer pods and the ServiceMonitor the Service.
 #[test]
 fn rbac_service_and_service_monitor_fit_together() {
@@ -668,8 +719,11 @@ fn rbac_service_and_service_monitor_fit_together() {
         .collect();
     assert_eq!(
         rules,
-        ["apiGroups: - '' resources: - pods verbs: - list - watch "],
-        "the ClusterRole grants list and watch on pods, nothing else"
+        [
+            "apiGroups: - '' resources: - pods - services verbs: - list - watch ",
+            "apiGroups: - discovery.k8s.io resources: - endpointslices verbs: - list - watch ",
+        ],
+        "the ClusterRole grants list and watch on pods, services and endpointslices, nothing else"
     );
     let binding = yaml("kubernetes/clusterrolebinding.yaml");
     assert_eq!(binding["subjects"][0]["name"], spec["serviceAccountName"]);

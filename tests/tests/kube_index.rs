@@ -1,10 +1,13 @@
 //! The pod index read by kube-rs from a fake apiserver (no root needed):
-//! listing, watching, deletion grace, and labels kept through API failures.
+//! listing, watching, deletion grace, and labels kept through API failures;
+//! the cluster-wide Service and EndpointSlice index the same way.
 
 use std::{net::IpAddr, time::Duration};
 
-use conn_tracer::{KubeSource, PodIndex, PodRef, watch_pods as run};
-use integration_tests::fake_kube::{FakeKube, pod_json};
+use conn_tracer::{KubeSource, PodIndex, PodRef, ServiceIndex, watch_pods as run, watch_services};
+use integration_tests::fake_kube::{
+    FakeKube, SliceEndpoint, endpoint_slice_json, pod_json, service_json,
+};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
@@ -302,4 +305,98 @@ fn lists(fake: &FakeKube) -> usize {
         .iter()
         .filter(|r| !r.contains("watch=true"))
         .count()
+}
+
+/// `shop/cart` (ClusterIP 10.96.0.10, port 80 "http" -> 8080) with two
+/// endpoints on another node, one of them terminating when `deleting`.
+fn cart_service(deleting: bool) -> (Value, Value) {
+    let svc = service_json("shop", "cart", "10.96.0.10", &[("http", 80, 8080)]);
+    let eps = [
+        SliceEndpoint {
+            ip: "10.244.2.5",
+            pod: "cart-7d9f-a",
+            node: "node-b",
+            ready: !deleting,
+            terminating: deleting,
+        },
+        SliceEndpoint {
+            ip: "10.244.3.6",
+            pod: "cart-7d9f-b",
+            node: "node-c",
+            ready: true,
+            terminating: false,
+        },
+    ];
+    let slice = endpoint_slice_json("shop", "cart-x1y2z", "cart", &[("http", 8080)], &eps);
+    (svc, slice)
+}
+
+#[tokio::test]
+async fn kube_index_names_services_and_pods_of_every_node() {
+    let fake = FakeKube::start(NODE);
+    let (svc, slice) = cart_service(false);
+    fake.set_services(vec![svc]);
+    fake.set_endpoint_slices(vec![slice]);
+    let index = ServiceIndex::new(None, Duration::from_secs(1));
+    let task = tokio::spawn(watch_services(KubeSource::Url(fake.url()), index.clone()));
+    wait_until(&fake, "the first lists", || index.synced()).await;
+
+    let http = index.service_at(ip("10.96.0.10"), 80);
+    let http = http.expect("ClusterIP:80");
+    assert_eq!(format!("{http:?}"), "shop/cart:80(http)");
+    assert!(index.is_backend(&http, ip("10.244.2.5"), 8080));
+    assert!(!index.is_backend(&http, ip("10.244.2.5"), 80));
+    assert_eq!(
+        index.pod_at(ip("10.244.3.6")),
+        nsname("shop", "cart-7d9f-b")
+    );
+
+    // cart-7d9f-a is deleted: terminating, then out of the slice; its IP
+    // is a deleted pod's for the grace period, then forgotten.
+    wait_until(&fake, "both watches", || fake.open_watches() == 2).await;
+    let (_, terminating) = cart_service(true);
+    fake.set_endpoint_slices(vec![terminating]);
+    wait_until(&fake, "the terminating endpoint", || {
+        index.ip_deleted(ip("10.244.2.5"))
+    })
+    .await;
+    let (svc, mut gone) = cart_service(false);
+    gone["endpoints"].as_array_mut().unwrap().remove(0);
+    fake.set_endpoint_slices(vec![gone]);
+    wait_until(&fake, "the removal", || index.size().endpoints == 1).await;
+    assert!(index.ip_deleted(ip("10.244.2.5")));
+    assert_eq!(
+        index.pod_at(ip("10.244.2.5")),
+        nsname("shop", "cart-7d9f-a")
+    );
+    wait_until(&fake, "the grace to pass", || {
+        !index.ip_deleted(ip("10.244.2.5"))
+    })
+    .await;
+
+    // A deleted Service's ClusterIP names nothing any more.
+    fake.set_services(vec![]);
+    wait_until(&fake, "the Service deletion", || {
+        index.service_at(ip("10.96.0.10"), 80).is_none()
+    })
+    .await;
+    fake.set_services(vec![svc]);
+    wait_until(&fake, "the Service again", || {
+        index.service_at(ip("10.96.0.10"), 80).is_some()
+    })
+    .await;
+    assert_eq!(index.errors(), 0, "the fake's format reads without error");
+    let requests = fake.requests();
+    for path in [
+        "/api/v1/services?",
+        "/apis/discovery.k8s.io/v1/endpointslices?",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(&format!("GET {path}"))),
+            "{path}: {requests:#?}"
+        );
+    }
+    task.abort();
 }

@@ -31,13 +31,14 @@ fn mesh(s: &Setup) -> Mesh {
     integration_tests::mesh::mesh(CLIENT, s)
 }
 
-fn chain(origin: &str, upstream_keepalive: &str) -> [(&'static str, String); 5] {
+fn chain(origin: &str, upstream_keepalive: &str, idle: bool) -> [(&'static str, String); 6] {
     [
         ("namespace", NAMESPACE.into()),
         ("pod", POD.into()),
         ("peer", PEER.into()),
         ("origin", origin.into()),
         ("upstream_keepalive", upstream_keepalive.into()),
+        ("idle", idle.to_string()),
     ]
 }
 
@@ -93,10 +94,22 @@ fn chain_ended(m: &Mesh, before: &Metrics) -> Metrics {
     m.daemon.settle(before, CHAIN_KILLS, &[], 1.0, linger).1
 }
 
-/// The one chain kill since `before`: its origin and upstream keepalive.
+/// The one chain kill since `before`: its origin, upstream keepalive and
+/// whether it was idle.
 #[track_caller]
-fn assert_sole_chain_kill(after: &Metrics, before: &Metrics, origin: &str, keepalive: &str) {
-    after.assert_delta(before, CHAIN_KILLS, &labels(&chain(origin, keepalive)), 1.0);
+fn assert_sole_chain_kill(
+    after: &Metrics,
+    before: &Metrics,
+    origin: &str,
+    keepalive: &str,
+    idle: bool,
+) {
+    after.assert_delta(
+        before,
+        CHAIN_KILLS,
+        &labels(&chain(origin, keepalive, idle)),
+        1.0,
+    );
     after.assert_delta(before, CHAIN_KILLS, &[], 1.0);
 }
 
@@ -148,6 +161,11 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         now.dump("conntracer_peer_connections_open")
     );
     now.assert_delta(before, CHAIN_KILLS, &[], 0.0);
+    assert_app_chain_legs(m);
+}
+
+/// /connections shows the app's connection with its three chain legs.
+fn assert_app_chain_legs(m: &Mesh) {
     let list = m.daemon.connections();
     let app_conn = list
         .as_array()
@@ -167,7 +185,7 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     let _serial = serial_unless_skipped!();
     let (m, before, after) = idle_until_chain_ended(2, 0);
-    assert_sole_chain_kill(&after, &before, "sidecar", "off");
+    assert_sole_chain_kill(&after, &before, "sidecar", "off", true);
     assert_eq!(m.redis.idle_closes(), 0);
     assert_eq!(
         m.envoy.idle_timeouts(),
@@ -192,7 +210,7 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
 fn root_case_b_server_timeout_is_origin_upstream() {
     let _serial = serial_unless_skipped!();
     let (m, before, after) = idle_until_chain_ended(60, 2);
-    assert_sole_chain_kill(&after, &before, "upstream", "off");
+    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
     assert_eq!(
         m.envoy.idle_timeouts(),
         0,
@@ -249,7 +267,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
         ("outcome", "rst"),
     ];
     after.assert_delta(&before, STALE, &stale, 1.0);
-    assert_sole_chain_kill(&after, &before, "upstream", "off");
+    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
     assert_eq!(
         after.sum(MISMATCH, &[("pod", POD)]),
         0.0,
@@ -293,6 +311,109 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
         );
     }
     // The app closed its connection itself at the end.
-    after.assert_delta(&before, CHAIN_KILLS, &labels(&chain("app", "on")), 1.0);
+    after.assert_delta(
+        &before,
+        CHAIN_KILLS,
+        &labels(&chain("app", "on", false)),
+        1.0,
+    );
     assert_eq!(m.lab.invalid_packets(), 0, "nothing expired on the path");
+}
+
+/// A black hole: the path drops the expired flow (conntrack, no reset).
+/// The app's query goes upstream and is never answered; the app gives up
+/// (its 5 s read timeout) and closes first; Envoy half-closes its upstream
+/// leg behind the query, which keeps being retransmitted until it times
+/// out (the pod's `tcp_retries2` is 4: 6.2 s instead of the default's
+/// ~15 min), then closes the app's side. The upstream leg had stopped
+/// answering first: origin upstream, idle.
+#[test]
+fn root_black_hole_upstream_is_origin_upstream_although_the_app_closed_first() {
+    let _serial = serial_unless_skipped!();
+    let app_args = [&keepalive_app_args()[..], &["--timeout-secs", "5"]].concat();
+    let s = setup(60, false, 0, 2, InvalidAction::Drop, &app_args);
+    let mut m = mesh(&s);
+    m.lab.client().set_sysctl("net.ipv4.tcp_retries2", "4");
+    let before = m.daemon.scrape();
+    assert_open_chain(&m, &before);
+    // Past the router's conntrack expiry.
+    thread::sleep(Duration::from_secs(3));
+    m.app.go();
+    m.app.expect_line("no-reply");
+    m.app.expect_line("closed");
+    let after = chain_ended(&m, &before);
+    assert!(
+        m.lab.invalid_packets() >= 1,
+        "the router dropped the query to the expired flow"
+    );
+    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
+    // The sidecar's upstream socket: its query never acknowledged.
+    let stale = [
+        ("pod", POD),
+        ("role", "sidecar"),
+        ("peer", PEER),
+        ("outcome", "timeout"),
+    ];
+    after.assert_delta(&before, STALE, &stale, 1.0);
+    assert_eq!(m.envoy.idle_timeouts(), 0);
+    assert_eq!(m.redis.idle_closes(), 0);
+}
+
+/// A busy connection the server closes (Redis `CLIENT KILL` right after a
+/// reply: a rollout, `Connection: close`): origin upstream, but not idle,
+/// so the shipped idle-kill alert (`idle="true"`) does not count it.
+#[test]
+fn root_busy_connection_closed_by_the_server_is_origin_upstream_not_idle() {
+    let _serial = serial_unless_skipped!();
+    let s = setup(
+        60,
+        false,
+        0,
+        300,
+        InvalidAction::Drop,
+        &["--then", "wait-close"],
+    );
+    let mut m = mesh(&s);
+    let before = m.daemon.scrape();
+    assert_eq!(
+        m.redis.kill_clients(),
+        1,
+        "Redis closed the app's connection"
+    );
+    m.app.expect_line("peer-closed");
+    m.app.expect_line("closed");
+    let after = chain_ended(&m, &before);
+    assert_sole_chain_kill(&after, &before, "upstream", "off", false);
+    after.assert_delta(&before, CHAIN_KILLS, &[("pod", POD), ("idle", "true")], 0.0);
+    after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
+    assert_eq!(m.redis.idle_closes(), 0);
+    assert_eq!(m.envoy.idle_timeouts(), 0);
+}
+
+/// A daemon rollout mid-idle (case C): the new daemon finds the open chain
+/// again from the kernel's sockets at its resync, and the mismatch gauge is
+/// back within one resync interval of it knowing the pods.
+#[test]
+fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
+    let _serial = serial_unless_skipped!();
+    let (mut m, _) = case_c(false);
+    let mismatch = [("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)];
+    m.daemon.wait_metrics(Duration::from_secs(5), |x| {
+        x.sum(MISMATCH, &mismatch) == 1.0
+    });
+    let resync = Duration::from_secs(2);
+    m.restart_daemon(&["--resync-interval", "2s"]);
+    let started = std::time::Instant::now();
+    // One resync, plus its own duration and the scrape on a loaded machine.
+    let after = m.daemon.wait_metrics(resync + Duration::from_secs(3), |x| {
+        x.sum(MISMATCH, &mismatch) == 1.0
+    });
+    assert_eq!(
+        after.sum(MISMATCH, &mismatch),
+        1.0,
+        "{}",
+        after.dump(MISMATCH)
+    );
+    eprintln!("mismatch back {:?} after the restart", started.elapsed());
+    assert_app_chain_legs(&m);
 }

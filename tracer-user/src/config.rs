@@ -67,6 +67,11 @@ pub struct Config {
     /// Most distinct `peer` label values; later peers are reported as
     /// `peer="other"` and counted. Default 500.
     pub max_peers: usize,
+    /// A `peer` value's place is freed when no open connection uses it and
+    /// no kill, stale reuse or connect failure named it for this long (its
+    /// series are removed then). Default 10m.
+    #[serde(deserialize_with = "duration")]
+    pub peer_hold: Duration,
     /// Most distinct `value` label values of the sockopt metric. Default 100.
     pub max_sockopt_values: usize,
     /// Kernel event ring buffer size in bytes (power of two). Default 4 MiB.
@@ -117,6 +122,7 @@ impl Default for Config {
             close_wait_threshold: Duration::from_mins(1),
             max_connections: 262_144,
             max_peers: 500,
+            peer_hold: Duration::from_mins(10),
             max_sockopt_values: 100,
             ring_bytes: DEFAULT_RING_BYTES,
             kernel_hz: None,
@@ -181,6 +187,11 @@ pub struct Overrides {
     /// Most distinct `peer` label values before folding into "other" [default: 500].
     #[arg(long, value_name = "N")]
     pub max_peers: Option<usize>,
+    /// How long a `peer` value keeps its place after its last kill, stale
+    /// reuse or connect failure once no open connection uses it, e.g. 10m
+    /// [default: 10m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub peer_hold: Option<Duration>,
     /// How often the connection table is reconciled with the kernel's
     /// sockets (closes the daemon missed are dropped and counted), e.g. 30s
     /// [default: 30s, at least 1s].
@@ -302,6 +313,9 @@ impl Config {
         }
         if let Some(v) = f.max_peers {
             self.max_peers = v;
+        }
+        if let Some(v) = f.peer_hold {
+            self.peer_hold = v;
         }
         if let Some(v) = f.ring_bytes {
             self.ring_bytes = v;
@@ -595,7 +609,7 @@ mod fuzz {
                 .boxed(),
             "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
             "cgroupns_pid" => int(0, 4_194_304),
-            "deleted_pod_grace" => s(&["1s", "2m", "1h"]),
+            "deleted_pod_grace" | "peer_hold" => s(&["1s", "2m", "1h"]),
             other => unreachable!("no valid value for {other}"),
         }
     }
@@ -606,6 +620,7 @@ mod fuzz {
         "close_wait_threshold",
         "max_connections",
         "max_peers",
+        "peer_hold",
         "max_sockopt_values",
         "ring_bytes",
         "kernel_hz",

@@ -52,6 +52,7 @@ pub use self::{
     owner::{
         attribute::Attributor,
         kube::{KubeSource, PodIndex, PodRef, run as watch_pods},
+        services::{IndexSize, ServiceIndex, ServiceRef, run as watch_services},
     },
     sys::{
         VMLINUX_BTF,

@@ -7,7 +7,9 @@
 //!
 //! Server lines: `listening PORT`, then per connection `accepted IP PORT` and
 //! one of `eof PEER_PORT BYTES`, `read-error PEER_PORT ERRNO_NAME BYTES` or
-//! (with `--close-first`) `closed PEER_PORT`; `done` at the end.
+//! (with `--close-first`) `closed PEER_PORT`; `done` at the end. With
+//! `--hold`: `held COUNT` once all are accepted (nothing per connection);
+//! they stay open until a line on stdin, then `done`.
 //! Client lines: `connected LOCAL_PORT` (after the payload is written) or
 //! `refused`; `eof BYTES` with `--wait-eof`; `closed`.
 
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use integration_tests::helper::{say, set_comm, wait_go};
+use integration_tests::helper::{raise_fd_limit, say, set_comm, wait_go};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// What the client writes after connecting: one line, so a server that closes
@@ -49,6 +51,10 @@ enum Role {
 }
 
 #[derive(Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line flags"
+)]
 struct ServerArgs {
     #[arg(long)]
     addr: IpAddr,
@@ -67,6 +73,10 @@ struct ServerArgs {
     /// Read the client's line and close at once, before the client closes.
     #[arg(long)]
     close_first: bool,
+    /// Accept `count` connections and hold them all open (reading nothing)
+    /// until a line on stdin; the open-file limit is raised to the hard one.
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Args)]
@@ -137,10 +147,25 @@ fn server(args: &ServerArgs, timeout: Duration) -> Result<()> {
     socket
         .bind(&addr.into())
         .with_context(|| format!("bind {addr}"))?;
-    socket.listen(16).context("listen")?;
+    socket
+        .listen(if args.hold { 4096 } else { 16 })
+        .context("listen")?;
     let listener: TcpListener = socket.into();
     let port = listener.local_addr()?.port();
+    if args.hold {
+        raise_fd_limit()?;
+    }
     say(&format!("listening {port}"));
+    if args.hold {
+        let held = (0..args.count)
+            .map(|_| accept_within(&listener, timeout).map(|(s, _)| s))
+            .collect::<Result<Vec<_>>>()?;
+        say(&format!("held {}", held.len()));
+        wait_go(timeout)?;
+        drop(held);
+        say("done");
+        return Ok(());
+    }
     for _ in 0..args.count {
         let (stream, peer) = accept_within(&listener, timeout)?;
         say(&format!("accepted {} {}", peer.ip(), peer.port()));

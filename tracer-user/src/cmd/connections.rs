@@ -83,7 +83,8 @@ fn chain_cell(c: &ConnView) -> String {
                 "sidecar-upstream" => "upstream",
                 other => other,
             };
-            format!("{name}:{}", l.local)
+            let inferred = if l.inferred { "(inferred)" } else { "" };
+            format!("{name}:{}{inferred}", l.local)
         })
         .collect();
     if others.is_empty() {
@@ -231,18 +232,21 @@ mod tests {
                     leg: "app".into(),
                     local: "127.0.0.1:40000".into(),
                     remote: "127.0.0.1:3306".into(),
+                    inferred: false,
                 },
                 ChainLegView {
                     cookie: 2,
                     leg: "sidecar-app-side".into(),
                     local: "127.0.0.1:15001".into(),
                     remote: "127.0.0.1:40000".into(),
+                    inferred: false,
                 },
                 ChainLegView {
                     cookie: 3,
                     leg: "sidecar-upstream".into(),
                     local: "10.0.0.2:41000".into(),
                     remote: "127.0.0.1:3306".into(),
+                    inferred: true,
                 },
             ],
             opened_at: None,
@@ -257,7 +261,7 @@ mod tests {
             "keepalive(30/5/3)",
             "12.2",
             "127.0.0.1:3306",
-            "sidecar:127.0.0.1:15001,upstream:10.0.0.2:41000",
+            "sidecar:127.0.0.1:15001,upstream:10.0.0.2:41000(inferred)",
         ] {
             assert!(line.contains(want), "{want} missing in {line}");
         }

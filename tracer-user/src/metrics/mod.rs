@@ -26,7 +26,7 @@ pub(crate) const IDLE_BUCKETS: &[f64] = &[
 
 label_set!(
     /// `conntracer_idle_kills_total`.
-    IdleKill { namespace, pod, container, role, direction, peer, closed_by, close_kind, keepalive }
+    IdleKill { namespace, pod, container, role, direction, peer, peer_state, closed_by, close_kind, keepalive }
 );
 label_set!(
     /// `conntracer_idle_before_close_seconds`.
@@ -54,7 +54,7 @@ label_set!(
 );
 label_set!(
     /// `conntracer_sidecar_chain_kills_total`.
-    ChainKill { namespace, pod, peer, origin, upstream_keepalive }
+    ChainKill { namespace, pod, peer, origin, upstream_keepalive, idle }
 );
 label_set!(
     /// `conntracer_sidecar_keepalive_mismatch`.
@@ -71,6 +71,10 @@ label_set!(
 label_set!(
     /// `conntracer_label_overflow_total`.
     LabelName { label }
+);
+label_set!(
+    /// `conntracer_kube_index_entries`.
+    IndexKind { kind }
 );
 label_set!(
     /// `conntracer_build_info`.
@@ -98,7 +102,10 @@ pub(crate) struct Metrics {
     pub build_info: Gauge<Build<'static>>,
     pub peer_connections_open: Gauge<PeerConnectionsOpen<'static>>,
     pub chains_open: IntGauge,
+    pub chains_pending: IntGauge,
+    pub chain_pending_evicted: IntCounter,
     pub kube_pods: IntGauge,
+    pub kube_index: Gauge<IndexKind<'static>>,
     pub table_reconciled: IntCounter,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
@@ -160,7 +167,8 @@ impl Metrics {
             sidecar_chain_kills: Counter::register(
                 &r,
                 "conntracer_sidecar_chain_kills_total",
-                "App connections through the pod's sidecar that ended, by the leg that ended first.",
+                "App connections through the pod's sidecar that ended, by the leg that ended first \
+                 (idle: idle at least the idle threshold before the end).",
             )?,
             sidecar_keepalive_mismatch: Gauge::register(
                 &r,
@@ -223,6 +231,21 @@ impl Metrics {
                     "Open app -> sidecar -> upstream chains the tracer has linked.",
                 ),
             )?,
+            chains_pending: plain(
+                &r,
+                IntGauge::new(
+                    "conntracer_sidecar_chains_pending",
+                    "Sockets and half-built chains waiting for the rest of their chain.",
+                ),
+            )?,
+            chain_pending_evicted: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_sidecar_chain_pending_evicted_total",
+                    "Waiting sockets and half-built chains dropped, oldest first, because their \
+                     pod's (or the node's) pending cap was reached.",
+                ),
+            )?,
             table_reconciled: plain(
                 &r,
                 IntCounter::new(
@@ -238,11 +261,19 @@ impl Metrics {
                     "Pods of this node known from the Kubernetes API.",
                 ),
             )?,
+            kube_index: Gauge::register(
+                &r,
+                "conntracer_kube_index_entries",
+                "The cluster-wide Service and EndpointSlice index: ClusterIP:port entries \
+                 (kind=service_ports), endpoint addresses (endpoints), pod IPs of pods deleted \
+                 within deleted_pod_grace (deleted_pods).",
+            )?,
             kube_errors: plain(
                 &r,
                 IntCounter::new(
                     "conntracer_kube_errors_total",
-                    "Kubernetes API errors (the pod watch retries; known labels are kept).",
+                    "Kubernetes API errors (the pod, Service and EndpointSlice watches retry; known \
+                     labels are kept).",
                 ),
             )?,
             cgroup_rescans: plain(
@@ -292,6 +323,18 @@ impl Metrics {
         };
         self.idle_kills.remove_where(&belongs)
             + self.idle_before_close.remove_where(&belongs)
+            + self.keepalive_sockopts.remove_where(&belongs)
+            + self.stale_reuse.remove_where(&belongs)
+            + self.connect_failures.remove_where(&belongs)
+            + self.sidecar_chain_kills.remove_where(&belongs)
+    }
+
+    /// Removes the counter series whose `label` is `value` (a capped value
+    /// whose place another took); returns how many.
+    pub(crate) fn forget_label(&self, label: &str, value: &str) -> usize {
+        let belongs =
+            |labels: &std::collections::HashMap<&str, &str>| labels.get(label) == Some(&value);
+        self.idle_kills.remove_where(&belongs)
             + self.keepalive_sockopts.remove_where(&belongs)
             + self.stale_reuse.remove_where(&belongs)
             + self.connect_failures.remove_where(&belongs)

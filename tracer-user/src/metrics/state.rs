@@ -7,8 +7,8 @@ use tracer_common::EventInfo;
 
 use super::{
     ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, IdleBeforeClose,
-    IdleKill, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
-    labels::LabelCap,
+    IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
+    labels::{LabelCap, Need},
 };
 use crate::{
     config::Config,
@@ -42,7 +42,7 @@ impl State {
         Ok(Self {
             tracker: Tracker::new(cfg, attr),
             metrics,
-            peers: LabelCap::new(cfg.max_peers),
+            peers: LabelCap::with_hold(cfg.max_peers, cfg.peer_hold),
             sockopt_values: LabelCap::new(cfg.max_sockopt_values),
             events_by_kind,
         })
@@ -83,7 +83,7 @@ impl State {
                 });
             }
             Outcome::Sockopt { attr, option } => {
-                let value = self.admit(Cap::SockoptValue, option.value.to_string());
+                let value = self.admit(Cap::SockoptValue, option.value.to_string(), Need::Event);
                 self.metrics.keepalive_sockopts.inc(&KeepaliveSockopt {
                     namespace: &attr.namespace,
                     pod: &attr.pod,
@@ -154,6 +154,7 @@ impl State {
                 role,
                 direction: dir.as_str(),
                 peer: &peer,
+                peer_state: self.tracker.peer_state(&c.info),
                 closed_by,
                 close_kind: ending.close_kind.as_str(),
                 keepalive: on_off(ending.keepalive),
@@ -174,13 +175,15 @@ impl State {
     }
 
     fn on_chain_end(&mut self, end: &ChainEnd) {
-        let Some((namespace, pod, peer)) = self.chain_labels(&end.chain) else {
+        let Some((namespace, pod, peer)) = self.chain_labels(&end.chain, Need::Event) else {
             return;
         };
+        let idle = end.idle.is_some_and(|i| i >= self.tracker.threshold);
         log::debug!(
-            "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}",
+            "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}, idle {:?}",
             end.origin.as_str(),
-            end.upstream_keepalive
+            end.upstream_keepalive,
+            end.idle
         );
         self.metrics.sidecar_chain_kills.inc(&ChainKill {
             namespace: &namespace,
@@ -188,31 +191,33 @@ impl State {
             peer: &peer,
             origin: end.origin.as_str(),
             upstream_keepalive: on_off(end.upstream_keepalive),
+            idle: if idle { "true" } else { "false" },
         });
     }
 
     /// The value to use for a capped label (overflow counted).
-    fn admit(&mut self, cap: Cap, value: String) -> String {
+    fn admit(&mut self, cap: Cap, value: String, need: Need) -> String {
         let (cap, label) = match cap {
             Cap::Peer => (&mut self.peers, "peer"),
             Cap::SockoptValue => (&mut self.sockopt_values, "value"),
         };
-        admit(cap, &self.metrics, label, value)
+        admit(cap, &self.metrics, label, value, need)
     }
 
-    /// The `peer` label of a connection, capped.
+    /// The `peer` label of a connection an event is about, capped.
     fn peer(&mut self, info: &EventInfo, dir: Direction) -> String {
         let peer = self.tracker.peer(info, dir);
-        self.admit(Cap::Peer, peer)
+        self.admit(Cap::Peer, peer, Need::Event)
     }
 
     /// (namespace, pod, peer) of a chain, the peer capped.
     fn chain_labels(
         &mut self,
         chain: &crate::track::chains::Chain,
+        need: Need,
     ) -> Option<(String, String, String)> {
         let (namespace, pod, peer) = self.tracker.chain_labels(chain)?;
-        Some((namespace, pod, self.admit(Cap::Peer, peer)))
+        Some((namespace, pod, self.admit(Cap::Peer, peer, need)))
     }
 
     /// Removes the series of pods deleted two grace periods ago (see
@@ -255,7 +260,8 @@ impl State {
             } = self;
             for c in tracker.table.iter() {
                 let dir = tracker.direction(&c.info);
-                let peer = admit(peers, metrics, "peer", tracker.peer(&c.info, dir));
+                let peer = tracker.peer(&c.info, dir);
+                let peer = admit(peers, metrics, "peer", peer, Need::Open);
                 let a = tracker.attr.attribute(&c.info.owner);
                 *by_peer
                     .entry((a.namespace.clone(), a.pod.clone(), a.role, dir, peer))
@@ -346,7 +352,7 @@ impl State {
                 continue;
             };
             let mismatch = app.ka.enabled != 0 && up.ka.enabled == 0;
-            if let Some((namespace, pod, peer)) = self.chain_labels(chain) {
+            if let Some((namespace, pod, peer)) = self.chain_labels(chain, Need::Open) {
                 let g = self.metrics.sidecar_keepalive_mismatch.of(&ChainPeer {
                     namespace: &namespace,
                     pod: &pod,
@@ -357,13 +363,29 @@ impl State {
                 }
             }
         }
+        // Every open connection and chain has claimed its peer now.
+        self.peers.end_walk();
         let m = &self.metrics;
         m.chains_open
             .set(i64::try_from(self.tracker.chains.len()).unwrap_or(i64::MAX));
+        m.chains_pending
+            .set(i64::try_from(self.tracker.chains.pending()).unwrap_or(i64::MAX));
+        catch_up(&m.chain_pending_evicted, self.tracker.chains.evicted);
         if let Some(pods) = self.tracker.attr.pods() {
             m.kube_pods
                 .set(i64::try_from(pods.pods()).unwrap_or(i64::MAX));
-            catch_up(&m.kube_errors, pods.errors());
+            let services = self.tracker.attr.services();
+            catch_up(&m.kube_errors, pods.errors() + services.errors());
+            let size = services.size();
+            let entries = [
+                ("service_ports", size.service_ports),
+                ("endpoints", size.endpoints),
+                ("deleted_pods", size.deleted),
+            ];
+            for (kind, n) in entries {
+                m.kube_index
+                    .set(&IndexKind { kind }, i64::try_from(n).unwrap_or(i64::MAX));
+            }
         }
         catch_up(&m.proc_errors, procfs::malformed_total());
         catch_up(&m.cgroup_rescans, self.tracker.attr.cgroup_rescans());
@@ -379,12 +401,17 @@ enum Cap {
 }
 
 /// `value` through `cap`; a value folded into "other" counts in
-/// `conntracer_label_overflow_total{label}`.
-fn admit(cap: &mut LabelCap, metrics: &Metrics, label: &str, value: String) -> String {
+/// `conntracer_label_overflow_total{label}`, and the series of a value
+/// whose place it took are removed.
+fn admit(cap: &mut LabelCap, metrics: &Metrics, label: &str, value: String, need: Need) -> String {
     let before = cap.overflowed;
-    let value = cap.admit(value);
+    let value = cap.admit_for(value, need, std::time::Instant::now());
     if cap.overflowed > before {
         metrics.label_overflow.inc(&LabelName { label });
+    }
+    for gone in cap.take_evicted() {
+        let removed = metrics.forget_label(label, &gone);
+        log::debug!("{label}={gone:?} gave its place to {value:?}: {removed} series removed");
     }
     value
 }

@@ -77,6 +77,7 @@ fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
             role: "app",
             direction: "outbound",
             peer,
+            peer_state: "live",
             closed_by: "peer",
             close_kind: "fin",
             keepalive: "on",
@@ -102,6 +103,7 @@ fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
         peer: "db/redis-0",
         origin: "upstream",
         upstream_keepalive: "off",
+        idle: "true",
     });
 
     assert_eq!(m.forget_pod("shop", "cart-1"), 4);

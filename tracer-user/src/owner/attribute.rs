@@ -9,6 +9,7 @@ use super::{
     kube::{KubeSource, PodIndex},
     kubelet::{self, PodContainer},
     procfs,
+    services::{ServiceIndex, ServiceRef},
 };
 use crate::{config::Config, event::addr::canonical, sys};
 
@@ -75,6 +76,8 @@ impl SidecarRules {
 pub struct Attributor {
     cgroups: Option<CgroupPaths>,
     pods: Option<PodIndex>,
+    /// The cluster's Services and endpoints (empty without the API).
+    services: ServiceIndex,
     rules: SidecarRules,
     /// cgroup id -> parsed path; bounded, rebuilt when full.
     parsed: HashMap<u64, Option<PodContainer>>,
@@ -87,19 +90,22 @@ impl Attributor {
     pub(crate) fn new(
         cgroups: Option<CgroupPaths>,
         pods: Option<PodIndex>,
+        services: ServiceIndex,
         rules: SidecarRules,
     ) -> Self {
         Self {
             cgroups,
             pods,
+            services,
             rules,
             parsed: HashMap::new(),
         }
     }
 
     /// Attribution as configured: the cgroup v2 hierarchy for pod and
-    /// container IDs, and (unless disabled) a pod watch for their names,
-    /// spawned on the tokio runtime.
+    /// container IDs, and (unless disabled) a pod watch for their names and
+    /// a cluster-wide Service and EndpointSlice watch for the peers, spawned
+    /// on the tokio runtime.
     pub(crate) fn from_config(cfg: &Config) -> Self {
         let cgroups = if let Ok(Some(mount)) = sys::cgroup::cgroup2_mount() {
             Some(CgroupPaths::new(mount))
@@ -121,23 +127,31 @@ impl Attributor {
                 .clone()
                 .unwrap_or_else(super::kube::default_node_name);
             log::info!("watching the pods of node {node:?} ({source:?})");
-            super::kube::spawn(source, node, index.clone());
+            super::kube::spawn(source.clone(), node, index.clone());
             index
         });
+        let services = ServiceIndex::new(pods.clone(), cfg.deleted_pod_grace);
+        if source != KubeSource::Disabled {
+            super::services::spawn(source, services.clone());
+        }
         let rules = SidecarRules {
             uids: cfg.sidecar_uids.clone(),
             names: cfg.sidecar_names.clone(),
         };
-        Self::new(cgroups, pods, rules)
+        Self::new(cgroups, pods, services, rules)
     }
 
     /// Every socket a host socket (no cgroup hierarchy to read).
     pub fn host_only() -> Self {
-        Self::new(None, None, SidecarRules::default())
+        Self::new(None, None, ServiceIndex::default(), SidecarRules::default())
     }
 
     pub(crate) fn pods(&self) -> Option<&PodIndex> {
         self.pods.as_ref()
+    }
+
+    pub(crate) fn services(&self) -> &ServiceIndex {
+        &self.services
     }
 
     pub(crate) fn cgroup_rescans(&self) -> u64 {
@@ -221,16 +235,20 @@ impl Attributor {
     }
 
     /// Whether `ip` is the address of a pod deleted from the API (still in
-    /// its grace period): traffic to a terminated endpoint.
+    /// its grace period): traffic to a terminated endpoint. This node's
+    /// pods from the pod watch, any other from the EndpointSlices.
     pub(crate) fn peer_deleted(&self, ip: IpAddr) -> bool {
-        self.pods
-            .as_ref()
-            .is_some_and(|p| p.ip_deleted(canonical(ip)))
+        self.services.ip_deleted(canonical(ip))
     }
 
-    /// `namespace/pod` of a pod IP of this node, if known.
+    /// `namespace/pod` of a pod IP anywhere in the cluster, if known.
     pub(crate) fn peer_pod(&self, ip: IpAddr) -> Option<String> {
-        let (ns, pod) = self.pods.as_ref()?.lookup_ip(canonical(ip))?;
+        let (ns, pod) = self.services.pod_at(canonical(ip))?;
         Some(format!("{ns}/{pod}"))
+    }
+
+    /// The Service port a ClusterIP:port is, if it is one.
+    pub(crate) fn peer_service(&self, ip: IpAddr, port: u16) -> Option<ServiceRef> {
+        self.services.service_at(ip, port)
     }
 }

@@ -14,7 +14,7 @@ use std::{
     net::IpAddr,
     pin::pin,
     sync::{
-        Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+        Arc, RwLock, RwLockReadGuard, RwLockWriteGuard,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -194,17 +194,11 @@ impl PodIndex {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Index> {
-        self.shared
-            .index
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
+        super::read(&self.shared.index)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Index> {
-        self.shared
-            .index
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
+        super::write(&self.shared.index)
     }
 
     fn apply(&self, event: Event<Pod>, now: Instant) {
@@ -289,11 +283,6 @@ impl PodIndex {
         log::warn!(
             "kubernetes API: {err} (error {n}); retrying with backoff, pod labels known so far are kept"
         );
-    }
-
-    /// How often deleted pods past their grace are dropped.
-    fn purge_interval(&self) -> Duration {
-        (self.shared.grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(10))
     }
 }
 
@@ -511,21 +500,15 @@ pub(crate) fn watcher_config(node_name: &str) -> watcher::Config {
 /// only when no client can be built; API errors once running are logged,
 /// counted in [`PodIndex::errors`] and retried.
 pub async fn run(source: KubeSource, node_name: String, index: PodIndex) -> Result<(), KubeError> {
-    let config = match source {
-        KubeSource::Disabled => return Ok(()),
-        KubeSource::InCluster => Config::incluster()?,
-        KubeSource::Url(url) => match url.parse() {
-            Ok(uri) => Config::new(uri),
-            Err(source) => return Err(KubeError::BadUrl { url, source }),
-        },
+    let Some(client) = client(source)? else {
+        return Ok(());
     };
     if node_name.trim().is_empty() {
         return Err(KubeError::NoNodeName);
     }
-    let api: Api<Pod> = Api::all(Client::try_from(config)?);
+    let api: Api<Pod> = Api::all(client);
     let mut events = pin!(watcher::watcher(api, watcher_config(&node_name)).default_backoff());
-    let mut purge = tokio::time::interval(index.purge_interval());
-    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut purge = super::purge_timer(index.shared.grace);
     loop {
         tokio::select! {
             event = events.next() => match event {
@@ -537,6 +520,19 @@ pub async fn run(source: KubeSource, node_name: String, index: PodIndex) -> Resu
             _ = purge.tick() => index.purge(Instant::now()),
         }
     }
+}
+
+/// The API client of a source; `None` for [`KubeSource::Disabled`].
+pub(crate) fn client(source: KubeSource) -> Result<Option<Client>, KubeError> {
+    let config = match source {
+        KubeSource::Disabled => return Ok(None),
+        KubeSource::InCluster => Config::incluster()?,
+        KubeSource::Url(url) => match url.parse() {
+            Ok(uri) => Config::new(uri),
+            Err(source) => return Err(KubeError::BadUrl { url, source }),
+        },
+    };
+    Ok(Some(Client::try_from(config)?))
 }
 
 /// Runs [`run`] on the tokio runtime; a failure to start is logged and the

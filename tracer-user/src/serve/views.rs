@@ -65,6 +65,12 @@ pub(crate) struct ChainLegView {
     pub leg: String,
     pub local: String,
     pub remote: String,
+    /// This leg's link to the chain is an inference, not a fact: the
+    /// oldest of several chains that fitted, or no Service index to say
+    /// whether its remote serves the app's destination (README, "Which
+    /// links are inferred").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inferred: bool,
 }
 
 /// A socket's local and remote endpoints, as `/connections` shows them.
@@ -199,6 +205,7 @@ fn chain_view(tracker: &Tracker, cookie: u64) -> Vec<ChainLegView> {
                 leg: (*name).to_string(),
                 local,
                 remote,
+                inferred: chain.inferred && Some(c) == chain.sidecar_net_side,
             })
         })
         .collect()

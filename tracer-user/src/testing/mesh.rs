@@ -6,17 +6,18 @@
 
 use std::net::Ipv4Addr;
 
-use tracer_common::{CloseData, Event, OpenData, tcp_state};
+use tracer_common::{CloseData, Event, OpenData, SnapshotData, tcp_state};
 
 use super::TempTree;
 use crate::owner::{
     attribute::{Attributor, SidecarRules},
     cgroup::CgroupPaths,
     kube::{
-        PodIndex,
+        DEFAULT_DELETE_GRACE, PodIndex,
         tests::{apply, pod},
     },
     kubelet::tests::{CID, UID, uid_},
+    services::ServiceIndex,
 };
 
 pub(crate) const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 231, 1, 2);
@@ -69,6 +70,7 @@ impl MeshPod {
         Attributor::new(
             Some(CgroupPaths::new(self.tree.0.clone())),
             Some(self.pods.clone()),
+            ServiceIndex::new(Some(self.pods.clone()), DEFAULT_DELETE_GRACE),
             SidecarRules::default(),
         )
     }
@@ -119,6 +121,14 @@ pub(crate) struct Sock {
 impl Sock {
     pub(crate) fn open(&self, ns: u64) -> Event<OpenData> {
         self.place(super::open(ns, self.outbound, 0))
+    }
+
+    /// Its SNAPSHOT at `ns`, as the TCP iterator reads it (socket inode
+    /// `ino`: the order sockets were created in).
+    pub(crate) fn snapshot(&self, ns: u64, ino: u64) -> Event<SnapshotData> {
+        let mut ev = self.place(super::snapshot(ns, self.outbound, 0));
+        ev.data.ino = ino;
+        ev
     }
 
     /// Its CLOSE at `ns`, the peer's FIN first (`by_peer`) or its own.

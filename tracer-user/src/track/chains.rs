@@ -4,16 +4,36 @@
 //! Outbound, with Istio's iptables REDIRECT: the app's socket A connects to
 //! the original destination D; the kernel redirects it to the sidecar's
 //! capture port (15001), so the sidecar accepts socket S1 whose remote end
-//! is A's local address (the app's source port links them); the sidecar
-//! then opens S2 to D. Inbound (capture port 15006): the sidecar accepts
-//! S1 from the client, opens S2 to the app's port, and the app accepts A
-//! whose remote end is S2's local address.
+//! is A's local address (the app's source port links them: a fact); the
+//! sidecar then opens S2 to D itself (passthrough) or, for a Kubernetes
+//! Service D, to one of its backends. Inbound (capture port 15006): the
+//! sidecar accepts S1 from the client, opens S2 to the app's port inside
+//! the pod, and the app accepts A whose remote end is S2's local address
+//! (a fact again).
 //!
-//! Everything here is plain data: the daemon feeds it open and close facts.
+//! The S1 -> S2 step is the one no address gives away. A proxy handles a
+//! connection on the thread that accepted it (Envoy's workers, nginx's and
+//! HAProxy's threads), so S2 is the next connection that thread opens to a
+//! destination that can carry D. The kernel programs say which thread
+//! accepted S1 ([`Chains::on_accept`]); the connect names S2's thread.
+//! Where that is not known (an accept older than the daemon, a kernel
+//! without the hook), the oldest waiting chain of the pod whose
+//! destination fits is taken, and the link is marked `inferred` when more
+//! than one chain could have had it, or when no Service index could say
+//! whether S2's remote serves D ([`Fit::Unknown`]).
+//!
+//! Pending legs live in per-pod queues, each leg found by its cookie (no
+//! scan per close), each pod capped (its oldest pending leg goes first), so
+//! a pod without a sidecar, whose app connections never link, cannot stop
+//! linking elsewhere.
+//!
+//! Everything here is plain data: the daemon feeds it open, accept and
+//! close facts.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
+    time::Duration,
 };
 
 pub(crate) use super::Direction;
@@ -34,7 +54,8 @@ pub(crate) struct Leg {
     pub inbound: bool,
     pub local: Endpoint,
     pub remote: Endpoint,
-    /// The owner, for the chain's labels after its sockets are gone.
+    /// The owner (its thread opened the connection, for connects), for the
+    /// chain's labels after its sockets are gone.
     pub owner: tracer_common::Owner,
 }
 
@@ -46,7 +67,19 @@ pub(crate) struct LegEnd {
     pub closed_by: ClosedBy,
     pub close_kind: CloseKind,
     pub keepalive: bool,
+    /// Its idle time at the end, as the metrics report it (the silence
+    /// before a send that died, else the idle time when it left
+    /// ESTABLISHED).
+    pub idle: Option<Duration>,
+    /// When the flight of payload that died unanswered (a reset or a
+    /// timeout met it) began, CLOCK_MONOTONIC ns; 0: none did.
+    pub unanswered_since_ns: u64,
 }
+
+/// TCP's minimum retransmission timeout (`TCP_RTO_MIN`, 200 ms): payload
+/// unacknowledged for longer than that has been retransmitted at least
+/// once.
+const RTO_MIN_NS: u64 = 200_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Origin {
@@ -68,6 +101,47 @@ impl Origin {
     }
 }
 
+/// Whether the sidecar's connection to `remote` can carry an app
+/// connection to `dialled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Fit {
+    /// It cannot (another destination, or not a backend of that Service).
+    No,
+    /// Nobody can tell: no Service index (`--no-kube`).
+    Unknown,
+    /// `remote` is a backend of the Service `dialled` is a ClusterIP of.
+    Service,
+    /// `remote` is `dialled` (passthrough).
+    Exact,
+}
+
+/// What the Kubernetes Services say about destinations.
+pub(crate) trait Routes {
+    /// Whether `remote` is a backend of the Service port at `dialled`:
+    /// `None` when there is no Service index to ask.
+    fn serves(&self, dialled: Endpoint, remote: Endpoint) -> Option<bool>;
+}
+
+/// No Service index: only passthrough links are facts.
+pub(crate) struct NoRoutes;
+
+impl Routes for NoRoutes {
+    fn serves(&self, _: Endpoint, _: Endpoint) -> Option<bool> {
+        None
+    }
+}
+
+fn fit(routes: &dyn Routes, dialled: Endpoint, remote: Endpoint) -> Fit {
+    if dialled == remote {
+        return Fit::Exact;
+    }
+    match routes.serves(dialled, remote) {
+        Some(true) => Fit::Service,
+        Some(false) => Fit::No,
+        None => Fit::Unknown,
+    }
+}
+
 /// One chain; the legs are cookies.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Chain {
@@ -79,12 +153,23 @@ pub(crate) struct Chain {
     /// capture port; inbound: the one it opened to the app).
     pub sidecar_app_side: Option<u64>,
     /// The sidecar's socket facing the network (outbound: to the original
-    /// destination; inbound: accepted from the client).
+    /// destination or a backend of its Service; inbound: accepted from the
+    /// client).
     pub sidecar_net_side: Option<u64>,
     /// The far end: the original destination (outbound) or the client.
     pub peer: Endpoint,
     /// The app's socket owner.
     pub app_owner: tracer_common::Owner,
+    /// The S1 <-> S2 link (the sidecar's two legs) is the oldest fitting
+    /// candidate of several, or rests on no Service fact.
+    pub inferred: bool,
+    /// The thread that accepted S1 (0: unknown).
+    worker: u32,
+    netns: u32,
+    /// Its place in its pod's queue while it waits for its net-side leg.
+    waiting: Option<u64>,
+    /// S1's entry in [`Chains::accepts`] while it waits.
+    accept_key: Option<AcceptKey>,
     ends: HashMap<u64, LegEnd>,
 }
 
@@ -96,7 +181,7 @@ impl Chain {
             .collect()
     }
 
-    fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         self.sidecar_app_side.is_some() && self.sidecar_net_side.is_some()
     }
 }
@@ -108,6 +193,9 @@ pub(crate) struct ChainEnd {
     pub origin: Origin,
     /// Keepalive of the network-side (upstream) leg at its end.
     pub upstream_keepalive: bool,
+    /// How long the chain had been idle when it ended: the idle time of
+    /// the leg whose end decided the origin.
+    pub idle: Option<Duration>,
 }
 
 /// The capture ports of the mesh (Istio: 15001 outbound, 15006 inbound).
@@ -126,56 +214,134 @@ impl Default for CapturePorts {
     }
 }
 
+/// How many legs and half-built chains may wait at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PendingCaps {
+    pub per_pod: usize,
+    pub total: usize,
+}
+
+impl PendingCaps {
+    /// `total` for the node (the connection table's size), and a pod's
+    /// share of it: at least 16, at most 4096.
+    pub(crate) fn new(total: usize) -> Self {
+        let total = total.max(16);
+        Self {
+            per_pod: (total / 16).clamp(16, 4096),
+            total,
+        }
+    }
+}
+
 type Key = (u32, Endpoint);
+type PodKey = (u32, String);
+/// (netns, local, remote) of an accepted socket.
+type AcceptKey = (u32, Endpoint, Endpoint);
+
+/// Where a pending leg waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Outbound app socket, by (netns, local), for the sidecar's accept.
+    App,
+    /// Outbound sidecar accept, by (netns, remote), for the app's socket.
+    Accept,
+    /// Inbound sidecar accept, in its pod's queue, for the sidecar's
+    /// socket to the app.
+    InboundAccept,
+    /// The sidecar's socket to the app, by (netns, local), for the app's
+    /// accept.
+    ToApp,
+    /// Inbound app accept, by (netns, remote), for the sidecar's socket.
+    AppAccept,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    leg: Leg,
+    slot: Slot,
+    /// Its place in its pod's queue.
+    seq: u64,
+    /// The thread that accepted it (sidecar accepts; 0: unknown).
+    worker: u32,
+}
+
+/// One pod's pending legs and half-built chains, oldest first.
+#[derive(Debug, Default)]
+struct PodQueue {
+    /// Every pending leg (cookie) and waiting chain (id), by age.
+    all: BTreeMap<u64, Waiting>,
+    /// Outbound chains waiting for their net-side leg.
+    chains: BTreeMap<u64, u64>,
+    /// Inbound sidecar accepts waiting for the sidecar's socket to the app.
+    inbound: BTreeMap<u64, u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Waiting {
+    Leg(u64),
+    Chain(u64),
+}
 
 /// Open chains and the half-built ones.
 #[derive(Debug)]
 pub(crate) struct Chains {
     ports: CapturePorts,
+    caps: PendingCaps,
     next_id: u64,
+    next_seq: u64,
     open: HashMap<u64, Chain>,
+    complete: usize,
     by_cookie: HashMap<u64, u64>,
-    /// Outbound: app sockets by (netns, local), waiting for the sidecar's accept.
-    apps_by_local: HashMap<Key, Leg>,
-    /// Outbound: sidecar accepts by (netns, remote), waiting for the app's open.
-    accepts_by_remote: HashMap<Key, Leg>,
-    /// Chains waiting for the sidecar's network-side leg, by (netns, far end).
-    awaiting_net: HashMap<Key, VecDeque<u64>>,
-    /// Inbound: sidecar accepts on the inbound port, per (netns, pod), waiting
-    /// for the sidecar's socket to the app.
-    inbound_accepts: HashMap<(u32, String), VecDeque<Leg>>,
-    /// Inbound: sidecar sockets to the app by (netns, local), waiting for the
-    /// app's accept; and app accepts by (netns, remote) waiting for those.
-    to_app_by_local: HashMap<Key, (u64, Leg)>,
-    app_accepts_by_remote: HashMap<Key, Leg>,
-    cap: usize,
+    pending: HashMap<u64, Pending>,
+    /// Pending legs by (netns, endpoint): [`Slot::App`] and [`Slot::ToApp`]
+    /// by local, [`Slot::Accept`] and [`Slot::AppAccept`] by remote.
+    by_local: HashMap<Key, u64>,
+    by_remote: HashMap<Key, u64>,
+    /// Sidecar accepts on a capture port by (netns, local, remote), pending
+    /// or in a chain waiting for its net side: where an accept names its
+    /// thread.
+    accepts: HashMap<AcceptKey, u64>,
+    pods: HashMap<PodKey, PodQueue>,
+    pending_total: usize,
+    /// Pending legs and half-built chains dropped for a full queue.
+    pub evicted: u64,
 }
 
 fn ep((ip, port): Endpoint) -> Endpoint {
     (canonical(ip), port)
 }
 
+fn pod_key(leg: &Leg) -> PodKey {
+    (leg.netns, leg.pod_uid.clone())
+}
+
+fn accept_key(leg: &Leg) -> AcceptKey {
+    (leg.netns, leg.local, leg.remote)
+}
+
 impl Chains {
-    /// `cap` bounds every pending map (oldest-first eviction is not needed:
-    /// a full map stops taking new pending legs until closes drain it).
-    pub(crate) fn new(ports: CapturePorts, cap: usize) -> Self {
+    pub(crate) fn new(ports: CapturePorts, caps: PendingCaps) -> Self {
         Self {
             ports,
+            caps,
             next_id: 1,
+            next_seq: 1,
             open: HashMap::new(),
+            complete: 0,
             by_cookie: HashMap::new(),
-            apps_by_local: HashMap::new(),
-            accepts_by_remote: HashMap::new(),
-            awaiting_net: HashMap::new(),
-            inbound_accepts: HashMap::new(),
-            to_app_by_local: HashMap::new(),
-            app_accepts_by_remote: HashMap::new(),
-            cap: cap.max(16),
+            pending: HashMap::new(),
+            by_local: HashMap::new(),
+            by_remote: HashMap::new(),
+            accepts: HashMap::new(),
+            pods: HashMap::new(),
+            pending_total: 0,
+            evicted: 0,
         }
     }
 
+    /// Complete chains (all three legs linked).
     pub(crate) fn len(&self) -> usize {
-        self.open.len()
+        self.complete
     }
 
     #[cfg(test)]
@@ -183,13 +349,130 @@ impl Chains {
         self.open.is_empty()
     }
 
+    /// Legs and half-built chains waiting.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending_total
+    }
+
+    /// Complete chains.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Chain> {
-        self.open.values()
+        self.open.values().filter(|c| c.complete())
     }
 
     /// The chain a socket belongs to.
     pub(crate) fn chain_of(&self, cookie: u64) -> Option<&Chain> {
         self.open.get(self.by_cookie.get(&cookie)?)
+    }
+
+    /// Whether a socket is linked or waiting already.
+    pub(crate) fn knows(&self, cookie: u64) -> bool {
+        self.by_cookie.contains_key(&cookie) || self.pending.contains_key(&cookie)
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Room for one more waiting item of `pod`: its oldest goes when the
+    /// pod is at its cap, or when the node is and the pod has any.
+    fn make_room(&mut self, pod: &PodKey) -> bool {
+        let len = self.pods.get(pod).map_or(0, |q| q.all.len());
+        if len < self.caps.per_pod && self.pending_total < self.caps.total {
+            return true;
+        }
+        let Some((_, oldest)) = self.pods.get(pod).and_then(|q| q.all.first_key_value()) else {
+            return false;
+        };
+        match *oldest {
+            Waiting::Leg(cookie) => {
+                if let Some(p) = self.take_pending(cookie) {
+                    self.forget_accept(accept_key(&p.leg), cookie);
+                }
+            }
+            Waiting::Chain(id) => self.drop_chain(id),
+        }
+        self.evicted += 1;
+        true
+    }
+
+    fn park(&mut self, leg: Leg, slot: Slot, worker: u32) {
+        let pod = pod_key(&leg);
+        if !self.make_room(&pod) {
+            self.evicted += 1;
+            return;
+        }
+        let seq = self.seq();
+        let q = self.pods.entry(pod).or_default();
+        q.all.insert(seq, Waiting::Leg(leg.cookie));
+        match slot {
+            Slot::App | Slot::ToApp => {
+                self.by_local.insert((leg.netns, leg.local), leg.cookie);
+            }
+            Slot::Accept | Slot::AppAccept => {
+                self.by_remote.insert((leg.netns, leg.remote), leg.cookie);
+            }
+            Slot::InboundAccept => {
+                q.inbound.insert(seq, leg.cookie);
+            }
+        }
+        self.pending_total += 1;
+        self.pending.insert(
+            leg.cookie,
+            Pending {
+                leg,
+                slot,
+                seq,
+                worker,
+            },
+        );
+    }
+
+    /// Removes a pending leg, wherever it waits.
+    fn take_pending(&mut self, cookie: u64) -> Option<Pending> {
+        let p = self.pending.remove(&cookie)?;
+        self.pending_total -= 1;
+        let pod = pod_key(&p.leg);
+        if let Some(q) = self.pods.get_mut(&pod) {
+            q.all.remove(&p.seq);
+            q.inbound.remove(&p.seq);
+            if q.all.is_empty() {
+                self.pods.remove(&pod);
+            }
+        }
+        let key = match p.slot {
+            Slot::App | Slot::ToApp => Some((&mut self.by_local, (p.leg.netns, p.leg.local))),
+            Slot::Accept | Slot::AppAccept => {
+                Some((&mut self.by_remote, (p.leg.netns, p.leg.remote)))
+            }
+            Slot::InboundAccept => None,
+        };
+        if let Some((map, key)) = key
+            && map.get(&key) == Some(&cookie)
+        {
+            map.remove(&key);
+        }
+        Some(p)
+    }
+
+    /// The pending leg waiting in `map` under `key` with slot `slot`.
+    fn take_at(&mut self, by_local: bool, key: Key, slot: Slot) -> Option<Pending> {
+        let map = if by_local {
+            &self.by_local
+        } else {
+            &self.by_remote
+        };
+        let cookie = *map.get(&key)?;
+        if self.pending.get(&cookie).map(|p| p.slot) != Some(slot) {
+            return None;
+        }
+        self.take_pending(cookie)
+    }
+
+    fn forget_accept(&mut self, key: AcceptKey, cookie: u64) {
+        if self.accepts.get(&key) == Some(&cookie) {
+            self.accepts.remove(&key);
+        }
     }
 
     fn insert(&mut self, chain: Chain) -> u64 {
@@ -198,96 +481,195 @@ impl Chains {
         for leg in chain.legs() {
             self.by_cookie.insert(leg, id);
         }
+        if chain.complete() {
+            self.complete += 1;
+        }
         self.open.insert(id, chain);
         id
     }
 
-    fn pending_full(&self) -> bool {
-        self.apps_by_local.len()
-            + self.accepts_by_remote.len()
-            + self.to_app_by_local.len()
-            + self.app_accepts_by_remote.len()
-            + self.open.len()
-            >= self.cap
+    /// Forgets a chain and its legs (a half-built chain evicted).
+    fn drop_chain(&mut self, id: u64) {
+        let Some(chain) = self.open.remove(&id) else {
+            return;
+        };
+        for leg in chain.legs() {
+            self.by_cookie.remove(&leg);
+        }
+        if chain.complete() {
+            self.complete -= 1;
+        }
+        self.unqueue(&chain);
+        self.forget_chain_accept(&chain);
     }
 
-    /// A connection reached ESTABLISHED.
-    pub(crate) fn on_open(&mut self, mut leg: Leg) {
+    fn forget_chain_accept(&mut self, chain: &Chain) {
+        if let (Some(key), Some(s1)) = (chain.accept_key, chain.sidecar_app_side) {
+            self.forget_accept(key, s1);
+        }
+    }
+
+    /// Takes a chain out of its pod's waiting queue.
+    fn unqueue(&mut self, chain: &Chain) {
+        let Some(seq) = chain.waiting else {
+            return;
+        };
+        let pod = (chain.netns, chain.pod_uid.clone());
+        if let Some(q) = self.pods.get_mut(&pod) {
+            q.all.remove(&seq);
+            q.chains.remove(&seq);
+            if q.all.is_empty() {
+                self.pods.remove(&pod);
+            }
+        }
+        self.pending_total -= 1;
+    }
+
+    /// A connection reached ESTABLISHED (`routes`: the Service index).
+    pub(crate) fn on_open(&mut self, mut leg: Leg, routes: &dyn Routes) {
         leg.local = ep(leg.local);
         leg.remote = ep(leg.remote);
-        if leg.pod_uid.is_empty() || self.pending_full() {
+        if leg.pod_uid.is_empty() || self.knows(leg.cookie) {
             return;
         }
         match (leg.role, leg.inbound) {
             // Outbound chain, app side: wait for (or find) the sidecar's accept.
             (Role::App, false) => {
                 let key = (leg.netns, leg.local);
-                if let Some(accept) = self.accepts_by_remote.remove(&key) {
-                    self.start_outbound(&leg, &accept);
+                if let Some(accept) = self.take_at(false, key, Slot::Accept) {
+                    self.start_outbound(&leg, &accept.leg, accept.worker);
                 } else {
-                    self.apps_by_local.insert(key, leg);
+                    self.park(leg, Slot::App, 0);
                 }
             }
             (Role::Sidecar, true) if leg.local.1 == self.ports.outbound => {
+                self.accepts.insert(accept_key(&leg), leg.cookie);
                 let key = (leg.netns, leg.remote);
-                if let Some(app) = self.apps_by_local.remove(&key) {
-                    self.start_outbound(&app, &leg);
+                if let Some(app) = self.take_at(true, key, Slot::App) {
+                    self.start_outbound(&app.leg, &leg, 0);
                 } else {
-                    self.accepts_by_remote.insert(key, leg);
+                    self.park(leg, Slot::Accept, 0);
                 }
             }
             (Role::Sidecar, true) if leg.local.1 == self.ports.inbound => {
-                self.inbound_accepts
-                    .entry((leg.netns, leg.pod_uid.clone()))
-                    .or_default()
-                    .push_back(leg);
+                self.accepts.insert(accept_key(&leg), leg.cookie);
+                self.park(leg, Slot::InboundAccept, 0);
             }
-            // The sidecar's socket to the network (outbound chain) or to
-            // the app (inbound chain).
+            // The sidecar's socket to the app (inbound chain), or to the
+            // network (outbound chain).
             (Role::Sidecar, false) => {
-                let key = (leg.netns, leg.remote);
-                if let Some(id) = self
-                    .awaiting_net
-                    .get_mut(&key)
-                    .and_then(VecDeque::pop_front)
-                {
-                    if let Some(chain) = self.open.get_mut(&id) {
-                        chain.sidecar_net_side = Some(leg.cookie);
-                        self.by_cookie.insert(leg.cookie, id);
+                if self.inside_pod(&leg) {
+                    let key = (leg.netns, leg.local);
+                    if let Some(app) = self.take_at(false, key, Slot::AppAccept) {
+                        self.start_inbound(&app.leg, &leg);
+                    } else {
+                        self.park(leg, Slot::ToApp, 0);
                     }
-                    return;
-                }
-                // Otherwise: toward the app, for an inbound chain.
-                let pod_key = (leg.netns, leg.pod_uid.clone());
-                let Some(accept) = self
-                    .inbound_accepts
-                    .get_mut(&pod_key)
-                    .and_then(VecDeque::pop_front)
-                else {
-                    return;
-                };
-                let local_key = (leg.netns, leg.local);
-                if let Some(app) = self.app_accepts_by_remote.remove(&local_key) {
-                    self.start_inbound(&app, leg.cookie, &accept);
                 } else {
-                    self.to_app_by_local.insert(local_key, (leg.cookie, accept));
+                    self.link_net_side(&leg, routes);
                 }
             }
             // Inbound chain, app side: the app accepted from the sidecar.
             (Role::App, true) => {
                 let key = (leg.netns, leg.remote);
-                if let Some((to_app, accept)) = self.to_app_by_local.remove(&key) {
-                    self.start_inbound(&leg, to_app, &accept);
+                if let Some(to_app) = self.take_at(true, key, Slot::ToApp) {
+                    self.start_inbound(&leg, &to_app.leg);
                 } else {
-                    self.app_accepts_by_remote.insert(key, leg);
+                    self.park(leg, Slot::AppAccept, 0);
                 }
             }
             _ => {}
         }
     }
 
-    fn start_outbound(&mut self, app: &Leg, accept: &Leg) {
-        let key = (app.netns, app.remote);
+    /// Whether the sidecar's connection goes to its own pod (the app):
+    /// loopback, its own address, or the address a client reached the pod
+    /// at (an inbound accept's local address).
+    fn inside_pod(&self, leg: &Leg) -> bool {
+        let ip = leg.remote.0;
+        if ip.is_loopback() || ip == leg.local.0 {
+            return true;
+        }
+        self.pods.get(&pod_key(leg)).is_some_and(|q| {
+            q.inbound
+                .values()
+                .any(|c| self.pending.get(c).is_some_and(|p| p.leg.local.0 == ip))
+        })
+    }
+
+    /// A sidecar thread accepted a connection (`local`, `remote`: the
+    /// accepted socket's addresses): the connection it opens next for it
+    /// comes from that thread.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "fed by the kernel's accept record, added next")
+    )]
+    pub(crate) fn on_accept(&mut self, netns: u32, local: Endpoint, remote: Endpoint, tid: u32) {
+        let Some(&cookie) = self.accepts.get(&(netns, ep(local), ep(remote))) else {
+            return;
+        };
+        if let Some(p) = self.pending.get_mut(&cookie) {
+            p.worker = tid;
+        } else if let Some(chain) = self
+            .by_cookie
+            .get(&cookie)
+            .and_then(|id| self.open.get_mut(id))
+        {
+            chain.worker = tid;
+        }
+    }
+
+    /// The sidecar's socket to the network: the net side of the pod's
+    /// waiting outbound chain it fits best (see the module's paragraph).
+    fn link_net_side(&mut self, leg: &Leg, routes: &dyn Routes) {
+        let Some(q) = self.pods.get(&pod_key(leg)) else {
+            return;
+        };
+        let tid = leg.owner.tid;
+        // (fit, same thread, -age) of the best so far, its id, and how many
+        // were as good.
+        let mut best: Option<((Fit, bool), u64, u64, usize)> = None;
+        for (&seq, &id) in &q.chains {
+            let Some(chain) = self.open.get(&id) else {
+                continue;
+            };
+            let f = fit(routes, chain.peer, leg.remote);
+            if f == Fit::No || (chain.worker != 0 && tid != 0 && chain.worker != tid) {
+                continue;
+            }
+            let score = (f, chain.worker != 0 && chain.worker == tid);
+            match &mut best {
+                Some((b, _, _, n)) if *b == score => *n += 1,
+                Some((b, ..)) if *b > score => {}
+                _ => best = Some((score, id, seq, 1)),
+            }
+        }
+        let Some(((f, same_thread), id, _, ties)) = best else {
+            return;
+        };
+        let inferred = f == Fit::Unknown || (!same_thread && ties > 1);
+        let Some(mut chain) = self.open.remove(&id) else {
+            return;
+        };
+        self.unqueue(&chain);
+        self.forget_chain_accept(&chain);
+        chain.waiting = None;
+        chain.accept_key = None;
+        chain.sidecar_net_side = Some(leg.cookie);
+        chain.inferred = inferred;
+        self.by_cookie.insert(leg.cookie, id);
+        self.complete += 1;
+        self.open.insert(id, chain);
+    }
+
+    fn start_outbound(&mut self, app: &Leg, accept: &Leg, worker: u32) {
+        let pod = pod_key(app);
+        if !self.make_room(&pod) {
+            self.evicted += 1;
+            self.forget_accept(accept_key(accept), accept.cookie);
+            return;
+        }
+        let seq = self.seq();
         let id = self.insert(Chain {
             direction: Direction::Outbound,
             pod_uid: app.pod_uid.clone(),
@@ -296,27 +678,85 @@ impl Chains {
             sidecar_net_side: None,
             peer: app.remote,
             app_owner: app.owner,
+            inferred: false,
+            worker,
+            netns: app.netns,
+            waiting: Some(seq),
+            accept_key: Some(accept_key(accept)),
             ends: HashMap::new(),
         });
-        self.awaiting_net.entry(key).or_default().push_back(id);
+        let q = self.pods.entry(pod).or_default();
+        q.all.insert(seq, Waiting::Chain(id));
+        q.chains.insert(seq, id);
+        self.pending_total += 1;
     }
 
-    fn start_inbound(&mut self, app: &Leg, to_app: u64, accept: &Leg) {
+    /// The app accepted the sidecar's socket `to_app`: the client side is
+    /// the pod's waiting inbound accept of the thread that opened
+    /// `to_app`, else its oldest.
+    fn start_inbound(&mut self, app: &Leg, to_app: &Leg) {
+        let Some(q) = self.pods.get(&pod_key(app)) else {
+            return;
+        };
+        let tid = to_app.owner.tid;
+        let mut oldest = None;
+        let mut same_thread = None;
+        for &cookie in q.inbound.values() {
+            let Some(p) = self.pending.get(&cookie) else {
+                continue;
+            };
+            if p.worker != 0 && tid != 0 && p.worker == tid {
+                same_thread = Some(cookie);
+                break;
+            }
+            if p.worker == 0 || tid == 0 {
+                oldest = oldest.or(Some(cookie));
+            }
+        }
+        let candidates = q.inbound.len();
+        let (Some(cookie), inferred) = (match same_thread {
+            Some(c) => (Some(c), false),
+            None => (oldest, candidates > 1),
+        }) else {
+            return;
+        };
+        let Some(accept) = self.take_pending(cookie) else {
+            return;
+        };
+        self.forget_accept(accept_key(&accept.leg), cookie);
         self.insert(Chain {
             direction: Direction::Inbound,
             pod_uid: app.pod_uid.clone(),
             app: app.cookie,
-            sidecar_app_side: Some(to_app),
-            sidecar_net_side: Some(accept.cookie),
-            peer: accept.remote,
+            sidecar_app_side: Some(to_app.cookie),
+            sidecar_net_side: Some(accept.leg.cookie),
+            peer: accept.leg.remote,
             app_owner: app.owner,
+            inferred,
+            worker: accept.worker,
+            netns: app.netns,
+            waiting: None,
+            accept_key: None,
             ends: HashMap::new(),
         });
     }
 
+    /// A connection the kernel no longer has, whose close was missed: its
+    /// pending leg, or its whole chain, is forgotten without an end.
+    pub(crate) fn forget(&mut self, cookie: u64) {
+        if let Some(p) = self.take_pending(cookie) {
+            self.forget_accept(accept_key(&p.leg), cookie);
+        }
+        if let Some(&id) = self.by_cookie.get(&cookie) {
+            self.drop_chain(id);
+        }
+    }
+
     /// A connection ended. Returns the chain's end once all its legs did.
     pub(crate) fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
-        self.forget_pending(cookie);
+        if let Some(p) = self.take_pending(cookie) {
+            self.forget_accept(accept_key(&p.leg), cookie);
+        }
         let id = *self.by_cookie.get(&cookie)?;
         let chain = self.open.get_mut(&id)?;
         chain.ends.insert(cookie, end);
@@ -328,14 +768,14 @@ impl Chains {
         for leg in &legs {
             self.by_cookie.remove(leg);
         }
-        for queue in self.awaiting_net.values_mut() {
-            queue.retain(|c| *c != id);
-        }
-        self.awaiting_net.retain(|_, q| !q.is_empty());
+        self.unqueue(&chain);
+        self.forget_chain_accept(&chain);
         if !chain.complete() {
             return None;
         }
-        let origin = origin(&chain);
+        self.complete -= 1;
+        let (origin, decided_by) = origin(&chain);
+        let idle = chain.ends.get(&decided_by).and_then(|e| e.idle);
         let upstream_keepalive = match chain.direction {
             Direction::Outbound => chain
                 .sidecar_net_side
@@ -347,32 +787,44 @@ impl Chains {
             chain,
             origin,
             upstream_keepalive,
+            idle,
         })
-    }
-
-    fn forget_pending(&mut self, cookie: u64) {
-        self.apps_by_local.retain(|_, l| l.cookie != cookie);
-        self.accepts_by_remote.retain(|_, l| l.cookie != cookie);
-        self.app_accepts_by_remote.retain(|_, l| l.cookie != cookie);
-        self.to_app_by_local
-            .retain(|_, (c, a)| *c != cookie && a.cookie != cookie);
-        for q in self.inbound_accepts.values_mut() {
-            q.retain(|l| l.cookie != cookie);
-        }
-        self.inbound_accepts.retain(|_, q| !q.is_empty());
     }
 }
 
-/// Which leg ended first, and what that means.
-fn origin(chain: &Chain) -> Origin {
+/// Which leg ended first, what that means, and the leg that decided it.
+///
+/// The first leg to leave ESTABLISHED names the origin, with one
+/// exception: when the upstream-facing leg (outbound: the sidecar's socket
+/// to the server; inbound: its socket to the app) died on a send that had
+/// gone unanswered since at least one retransmission timeout before
+/// another leg ended, the path or the server had stopped answering first
+/// (a black hole: the app gave up waiting, and its close only looks first).
+fn origin(chain: &Chain) -> (Origin, u64) {
     let first = chain
         .legs()
         .into_iter()
         .filter_map(|c| chain.ends.get(&c).filter(|e| e.end_ns > 0).map(|e| (c, *e)))
         .min_by_key(|(_, e)| e.end_ns);
     let Some((cookie, end)) = first else {
-        return Origin::App;
+        return (Origin::App, chain.app);
     };
+    let upstream = match chain.direction {
+        Direction::Outbound => chain.sidecar_net_side,
+        Direction::Inbound => chain.sidecar_app_side,
+    };
+    if let Some(up) = upstream.filter(|u| *u != cookie)
+        && let Some(e) = chain.ends.get(&up)
+        && e.unanswered_since_ns > 0
+        && e.unanswered_since_ns.saturating_add(RTO_MIN_NS) <= end.end_ns
+    {
+        return (Origin::Upstream, up);
+    }
+    (first_leg_origin(chain, cookie, &end), cookie)
+}
+
+/// The origin named by the first leg to end.
+fn first_leg_origin(chain: &Chain, cookie: u64, end: &LegEnd) -> Origin {
     let by_peer = end.closed_by == ClosedBy::Peer || end.close_kind == CloseKind::Timeout;
     match chain.direction {
         Direction::Outbound => {
@@ -445,33 +897,41 @@ mod tests {
         }
     }
 
+    impl Chains {
+        fn open(&mut self, leg: Leg) {
+            self.on_open(leg, &NoRoutes);
+        }
+    }
+
     fn end(end_ns: u64, closed_by: ClosedBy, close_kind: CloseKind, keepalive: bool) -> LegEnd {
         LegEnd {
             end_ns,
             closed_by,
             close_kind,
             keepalive,
+            idle: None,
+            unanswered_since_ns: 0,
         }
     }
 
     /// App 1 -> sidecar accept 2 -> sidecar upstream 3, in the order the
     /// kernel reports them.
     fn outbound(c: &mut Chains, base: u64, app_port: u16) {
-        c.on_open(leg(
+        c.open(leg(
             base + 1,
             Role::App,
             false,
             (POD_IP, app_port),
             (DST, 3306),
         ));
-        c.on_open(leg(
+        c.open(leg(
             base + 2,
             Role::Sidecar,
             true,
             (Ipv4Addr::LOCALHOST, 15001),
             (POD_IP, app_port),
         ));
-        c.on_open(leg(
+        c.open(leg(
             base + 3,
             Role::Sidecar,
             false,
@@ -482,7 +942,7 @@ mod tests {
 
     #[test]
     fn links_the_three_outbound_legs_by_source_port_and_destination() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound(&mut c, 0, 40000);
         let chain = c.chain_of(3).expect("chained");
         assert_eq!(
@@ -496,47 +956,227 @@ mod tests {
 
     #[test]
     fn accept_reported_before_the_app_open_still_links() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
-        c.on_open(leg(
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        c.open(leg(
             2,
             Role::Sidecar,
             true,
             (Ipv4Addr::LOCALHOST, 15001),
             (POD_IP, 40000),
         ));
-        c.on_open(leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306)));
-        c.on_open(leg(3, Role::Sidecar, false, (POD_IP, 41000), (DST, 3306)));
+        c.open(leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306)));
+        c.open(leg(3, Role::Sidecar, false, (POD_IP, 41000), (DST, 3306)));
         assert_eq!(c.chain_of(1).and_then(|ch| ch.sidecar_net_side), Some(3));
     }
 
     #[test]
     fn concurrent_chains_to_one_destination_pair_in_order() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
-        c.on_open(leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306)));
-        c.on_open(leg(
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        c.open(leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306)));
+        c.open(leg(
             2,
             Role::Sidecar,
             true,
             (Ipv4Addr::LOCALHOST, 15001),
             (POD_IP, 40000),
         ));
-        c.on_open(leg(11, Role::App, false, (POD_IP, 40001), (DST, 3306)));
-        c.on_open(leg(
+        c.open(leg(11, Role::App, false, (POD_IP, 40001), (DST, 3306)));
+        c.open(leg(
             12,
             Role::Sidecar,
             true,
             (Ipv4Addr::LOCALHOST, 15001),
             (POD_IP, 40001),
         ));
-        c.on_open(leg(3, Role::Sidecar, false, (POD_IP, 41000), (DST, 3306)));
-        c.on_open(leg(13, Role::Sidecar, false, (POD_IP, 41001), (DST, 3306)));
+        c.open(leg(3, Role::Sidecar, false, (POD_IP, 41000), (DST, 3306)));
+        c.open(leg(13, Role::Sidecar, false, (POD_IP, 41001), (DST, 3306)));
         assert_eq!(c.chain_of(1).and_then(|ch| ch.sidecar_net_side), Some(3));
         assert_eq!(c.chain_of(11).and_then(|ch| ch.sidecar_net_side), Some(13));
     }
 
+    const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 231, 9, 9);
+
+    /// The sidecar's accept of a client on the inbound capture port.
+    fn inbound_accept(cookie: u64) -> Leg {
+        leg(
+            cookie,
+            Role::Sidecar,
+            true,
+            (POD_IP, 15006),
+            (CLIENT, 50000),
+        )
+    }
+
+    /// App leg and sidecar accept of an outbound chain to `dst`, the
+    /// accept taken by thread `worker`.
+    fn outbound_half(c: &mut Chains, base: u64, app_port: u16, dst: Endpoint, worker: u32) {
+        let mut app = leg(base + 1, Role::App, false, (POD_IP, app_port), (DST, 1));
+        app.remote = dst;
+        c.open(app);
+        let accept_local = (Ipv4Addr::LOCALHOST, 15001);
+        c.open(leg(
+            base + 2,
+            Role::Sidecar,
+            true,
+            accept_local,
+            (POD_IP, app_port),
+        ));
+        if worker != 0 {
+            c.on_accept(
+                7,
+                (accept_local.0.into(), accept_local.1),
+                (POD_IP.into(), app_port),
+                worker,
+            );
+        }
+    }
+
+    /// The sidecar's upstream socket from thread `tid` to `remote`.
+    fn upstream(cookie: u64, local_port: u16, remote: Endpoint, tid: u32) -> Leg {
+        let mut l = leg(cookie, Role::Sidecar, false, (POD_IP, local_port), (DST, 1));
+        l.remote = remote;
+        l.owner.tid = tid;
+        l
+    }
+
+    #[test]
+    fn the_thread_that_accepted_s1_names_its_upstream_leg() {
+        let d = (IpAddr::from(DST), 3306);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, d, 101);
+        outbound_half(&mut c, 10, 40001, d, 102);
+        // Worker 102 connects first, then 101.
+        c.open(upstream(13, 41001, d, 102));
+        c.open(upstream(3, 41000, d, 101));
+        for (app, up) in [(1, 3), (11, 13)] {
+            let chain = c.chain_of(app).expect("chained");
+            assert_eq!(chain.sidecar_net_side, Some(up));
+            assert!(!chain.inferred, "the thread says it");
+        }
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn without_thread_or_service_facts_the_oldest_fitting_chain_is_inferred() {
+        let d = (IpAddr::from(DST), 3306);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, d, 0);
+        c.open(upstream(3, 41000, d, 0));
+        assert!(!c.chain_of(1).expect("chained").inferred, "one candidate");
+        outbound_half(&mut c, 10, 40001, d, 0);
+        outbound_half(&mut c, 20, 40002, d, 0);
+        c.open(upstream(13, 41001, d, 0));
+        let chain = c.chain_of(11).expect("chained");
+        assert_eq!(chain.sidecar_net_side, Some(13));
+        assert!(chain.inferred, "two chains to one destination");
+        // --no-kube: a ClusterIP dialled, a backend reached: the oldest
+        // waiting chain, inferred.
+        let cluster_ip = (IpAddr::from(Ipv4Addr::new(10, 96, 0, 9)), 6379);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, cluster_ip, 0);
+        c.open(upstream(3, 41000, d, 0));
+        assert!(c.chain_of(3).expect("chained").inferred);
+    }
+
+    /// A Service index: `cluster_ip` is served by `backend`.
+    struct OneService {
+        cluster_ip: Endpoint,
+        backend: Endpoint,
+    }
+
+    impl Routes for OneService {
+        fn serves(&self, dialled: Endpoint, remote: Endpoint) -> Option<bool> {
+            Some(dialled == self.cluster_ip && remote == self.backend)
+        }
+    }
+
+    #[test]
+    fn a_backend_of_the_dialled_service_links_and_others_do_not() {
+        let svc = OneService {
+            cluster_ip: (Ipv4Addr::new(10, 96, 0, 9).into(), 6379),
+            backend: (DST.into(), 16379),
+        };
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, svc.cluster_ip, 0);
+        // The sidecar's xDS connection: not a backend, no link.
+        let xds = (IpAddr::from(Ipv4Addr::new(10, 96, 0, 1)), 15012);
+        c.on_open(upstream(50, 41050, xds, 0), &svc);
+        assert_eq!(c.chain_of(1).and_then(|ch| ch.sidecar_net_side), None);
+        c.on_open(upstream(3, 41000, svc.backend, 0), &svc);
+        let chain = c.chain_of(3).expect("chained");
+        assert_eq!((chain.app, chain.inferred), (1, false));
+        assert_eq!(chain.peer, svc.cluster_ip);
+    }
+
+    #[test]
+    fn an_unrelated_sidecar_connection_does_not_take_a_waiting_inbound_accept() {
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        c.open(inbound_accept(21));
+        // Envoy's xDS connection opens meanwhile.
+        c.open(leg(
+            30,
+            Role::Sidecar,
+            false,
+            (POD_IP, 43000),
+            (Ipv4Addr::new(10, 96, 0, 1), 15012),
+        ));
+        // Then its socket to the app's port on the pod's address, which
+        // the app accepts.
+        c.open(leg(
+            22,
+            Role::Sidecar,
+            false,
+            (POD_IP, 42000),
+            (POD_IP, 8080),
+        ));
+        c.open(leg(23, Role::App, true, (POD_IP, 8080), (POD_IP, 42000)));
+        let chain = c.chain_of(23).expect("chained");
+        assert_eq!(
+            (chain.sidecar_app_side, chain.sidecar_net_side),
+            (Some(22), Some(21))
+        );
+        assert!(c.chain_of(30).is_none());
+        assert_eq!(c.pending(), 0);
+    }
+
+    #[test]
+    fn one_pod_at_its_cap_does_not_stop_linking_in_another() {
+        let caps = PendingCaps {
+            per_pod: 16,
+            total: 64,
+        };
+        let mut c = Chains::new(CapturePorts::default(), caps);
+        // A pod without a sidecar: its app connections never link.
+        for i in 0..1000u16 {
+            let mut l = leg(
+                10_000 + u64::from(i),
+                Role::App,
+                false,
+                (POD_IP, 10000 + i),
+                (DST, 3306),
+            );
+            l.pod_uid = "no-sidecar".into();
+            c.open(l);
+        }
+        assert_eq!(c.pending(), 16, "capped per pod, oldest first");
+        assert_eq!(c.evicted, 1000 - 16);
+        outbound(&mut c, 0, 40000);
+        assert!(c.chain_of(1).is_some_and(Chain::complete));
+        // Its closes find their legs without a scan, evicted or not.
+        for i in 0..1000u16 {
+            c.on_close(
+                10_000 + u64::from(i),
+                end(1, ClosedBy::Local, CloseKind::Fin, false),
+            );
+        }
+        assert_eq!(c.pending(), 0);
+        assert!(c.pods.len() <= 1, "empty pod queues are dropped");
+    }
+
     #[test]
     fn sidecar_idle_timeout_is_origin_sidecar() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound(&mut c, 0, 40000);
         // Envoy closes both of its legs; the app sees the peer's FIN.
         assert_eq!(
@@ -562,7 +1202,7 @@ mod tests {
             (ClosedBy::Peer, CloseKind::Rst),
             (ClosedBy::Local, CloseKind::Timeout),
         ] {
-            let mut c = Chains::new(CapturePorts::default(), 1000);
+            let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
             outbound(&mut c, 0, 40000);
             c.on_close(1, end(300, ClosedBy::Peer, CloseKind::Fin, true));
             c.on_close(2, end(200, ClosedBy::Local, CloseKind::Fin, false));
@@ -577,9 +1217,57 @@ mod tests {
         }
     }
 
+    /// A black hole: the app's query went upstream, nothing answered, the
+    /// app gave up and closed first, Envoy closed both of its legs, and the
+    /// upstream leg's orphan timed out with the query unacknowledged.
+    #[test]
+    fn upstream_unanswered_before_the_app_gave_up_is_origin_upstream() {
+        let ms = 1_000_000;
+        for (sent_ms_before_app_end, want) in [(5_000, Origin::Upstream), (50, Origin::App)] {
+            let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+            outbound(&mut c, 0, 40000);
+            let app_end = 10_000 * ms;
+            let mut app = end(app_end, ClosedBy::Local, CloseKind::Fin, true);
+            app.idle = Some(Duration::from_millis(sent_ms_before_app_end));
+            c.on_close(1, app);
+            c.on_close(2, end(app_end + ms, ClosedBy::Peer, CloseKind::Fin, false));
+            let mut up = end(app_end + 2 * ms, ClosedBy::Local, CloseKind::Fin, false);
+            up.unanswered_since_ns = app_end - sent_ms_before_app_end * ms;
+            up.idle = Some(Duration::from_secs(3));
+            let e = c.on_close(3, up).expect("ended");
+            assert_eq!(e.origin, want, "sent {sent_ms_before_app_end} ms before");
+            // The idle time is the deciding leg's: the silence before the
+            // unanswered send, or the app's own.
+            let idle = if want == Origin::Upstream {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_millis(sent_ms_before_app_end)
+            };
+            assert_eq!(e.idle, Some(idle));
+        }
+    }
+
+    #[test]
+    fn the_chains_idle_time_is_that_of_the_leg_that_ended_first() {
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound(&mut c, 0, 40000);
+        let mut up = end(100, ClosedBy::Peer, CloseKind::Fin, false);
+        up.idle = Some(Duration::from_millis(20));
+        c.on_close(3, up);
+        c.on_close(2, end(101, ClosedBy::Local, CloseKind::Fin, false));
+        let mut app = end(102, ClosedBy::Peer, CloseKind::Fin, true);
+        app.idle = Some(Duration::from_secs(9));
+        let e = c.on_close(1, app).expect("ended");
+        assert_eq!(
+            (e.origin, e.idle),
+            (Origin::Upstream, Some(Duration::from_millis(20))),
+            "a busy connection the server closed"
+        );
+    }
+
     #[test]
     fn app_closing_first_is_origin_app() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound(&mut c, 0, 40000);
         c.on_close(1, end(100, ClosedBy::Local, CloseKind::Fin, true));
         c.on_close(2, end(101, ClosedBy::Peer, CloseKind::Fin, false));
@@ -591,25 +1279,18 @@ mod tests {
 
     #[test]
     fn inbound_chain_links_through_the_sidecar_socket_to_the_app() {
-        let client = Ipv4Addr::new(10, 231, 9, 9);
-        let mut c = Chains::new(CapturePorts::default(), 1000);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         // Sidecar accepts the client on 15006, opens a socket to the app,
         // the app accepts it.
-        c.on_open(leg(
-            21,
-            Role::Sidecar,
-            true,
-            (POD_IP, 15006),
-            (client, 50000),
-        ));
-        c.on_open(leg(
+        c.open(inbound_accept(21));
+        c.open(leg(
             22,
             Role::Sidecar,
             false,
             (Ipv4Addr::LOCALHOST, 42000),
             (Ipv4Addr::LOCALHOST, 8080),
         ));
-        c.on_open(leg(
+        c.open(leg(
             23,
             Role::App,
             true,
@@ -622,7 +1303,7 @@ mod tests {
             (chain.sidecar_app_side, chain.sidecar_net_side),
             (Some(22), Some(21))
         );
-        assert_eq!(chain.peer, (client.into(), 50000));
+        assert_eq!(chain.peer, (CLIENT.into(), 50000));
         // The client goes away first: origin "app" is the far app (client).
         c.on_close(21, end(100, ClosedBy::Peer, CloseKind::Fin, false));
         c.on_close(22, end(101, ClosedBy::Local, CloseKind::Fin, false));
@@ -634,24 +1315,21 @@ mod tests {
 
     #[test]
     fn sockets_outside_pods_and_unmatched_legs_make_no_chain_and_no_leak() {
-        let mut c = Chains::new(CapturePorts::default(), 1000);
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         let mut host = leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306));
         host.pod_uid.clear();
-        c.on_open(host);
-        c.on_open(leg(5, Role::App, false, (POD_IP, 40005), (DST, 3306)));
+        c.open(host);
+        c.open(leg(5, Role::App, false, (POD_IP, 40005), (DST, 3306)));
         assert!(c.is_empty());
         assert_eq!(
             c.on_close(5, end(1, ClosedBy::Local, CloseKind::Fin, false)),
             None
         );
-        assert!(
-            c.apps_by_local.is_empty(),
-            "closed pending legs are forgotten"
-        );
+        assert!(c.pending() == 0, "closed pending legs are forgotten");
         // Bounded: a flood of unmatched app sockets stops at the cap.
-        let mut small = Chains::new(CapturePorts::default(), 16);
+        let mut small = Chains::new(CapturePorts::default(), PendingCaps::new(16));
         for i in 0..1000u16 {
-            small.on_open(leg(
+            small.open(leg(
                 u64::from(i) + 100,
                 Role::App,
                 false,
@@ -659,6 +1337,6 @@ mod tests {
                 (DST, 3306),
             ));
         }
-        assert!(small.apps_by_local.len() <= 16);
+        assert!(small.pending() <= 16);
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
-use super::{Tracker, table::Conn};
+use super::{Tracker, chains::NoRoutes, table::Conn};
 use crate::{
     event::{ConnEvent, EventData, snapshot_connections},
     owner::procfs,
@@ -19,7 +19,10 @@ impl Tracker {
     /// - listeners' owners are remembered, so that connections they accept
     ///   get an owner even when the listener predates the daemon;
     /// - table entries whose socket is gone (a close the daemon missed, e.g.
-    ///   a lost event) are removed.
+    ///   a lost event) are removed, and so are their chains;
+    /// - chains are rebuilt from the live sockets by the rules the open
+    ///   events follow: after a daemon restart, every chain older than the
+    ///   daemon is back once its pods are known.
     ///
     /// Returns how many were removed.
     pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) -> usize {
@@ -57,8 +60,13 @@ impl Tracker {
             }
         }
         let mut alive = HashSet::new();
+        // Established sockets no chain knows, for the chains to rebuild.
+        let mut unchained = Vec::new();
         for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
+            if !self.chains.knows(ev.info.cookie) && ev.info.sock.state == tcp_state::ESTABLISHED {
+                unchained.push((s.ino, ev.info.cookie));
+            }
             let mut owner = owner_of(ev, &s);
             if self
                 .listener_owners
@@ -99,7 +107,9 @@ impl Tracker {
             .collect();
         for cookie in &gone {
             self.table.remove(*cookie);
+            self.chains.forget(*cookie);
         }
+        self.rebuild_chains(unchained);
         if !gone.is_empty() {
             log::debug!(
                 "resync: {} connections were gone without a close event",
@@ -113,5 +123,23 @@ impl Tracker {
             self.listener_owners.len()
         );
         gone.len()
+    }
+
+    /// Feeds the live sockets no chain knows, `(inode, cookie)`, to the
+    /// chains in inode order: the order they were created in, which is the
+    /// order their open events would have come in.
+    fn rebuild_chains(&mut self, mut unchained: Vec<(u64, u64)>) {
+        unchained.sort_unstable();
+        let chained_before = self.chains.len();
+        for (_, cookie) in unchained {
+            if let Some(info) = self.table.get(cookie).map(|c| c.info) {
+                let leg = self.leg(&info);
+                self.chains.on_open(leg, &NoRoutes);
+            }
+        }
+        let rebuilt = self.chains.len().saturating_sub(chained_before);
+        if rebuilt > 0 {
+            log::debug!("resync: {rebuilt} chains rebuilt from the kernel's sockets");
+        }
     }
 }

@@ -226,6 +226,37 @@ mod tracker {
         assert!(t.chains.is_empty() && t.table.is_empty());
     }
 
+    /// A daemon restarted under an open chain finds it again from the
+    /// kernel's sockets at its resync; a chain whose socket went away
+    /// without a close is forgotten there too.
+    #[test]
+    fn resync_rebuilds_chains_from_the_kernels_sockets() {
+        let mesh = MeshPod::new("resync-chain");
+        let mut t = Tracker::new(&Config::default(), mesh.attributor());
+        let legs = mesh.outbound_chain(0, 40000, DB_IP);
+        // The iterator's order is not the creation order; inodes are.
+        let snap: Vec<_> = [(2, 11), (3, 12), (1, 10)]
+            .map(|(i, ino)| {
+                let mut s = legs[i - 1].snapshot(T0_NS, ino);
+                s.data.ka.enabled = u8::from(i == 1);
+                decoded(&s)
+            })
+            .into();
+        t.resync(&snap, T0_NS);
+        let chain = t.chains.chain_of(1).expect("rebuilt").clone();
+        assert_eq!(
+            (chain.sidecar_app_side, chain.sidecar_net_side),
+            (Some(2), Some(3))
+        );
+        assert_eq!(t.chains.len(), 1);
+        // Again: nothing doubles.
+        t.resync(&snap, T0_NS + S);
+        assert_eq!((t.chains.len(), t.chains.pending()), (1, 0));
+        // The upstream socket is gone, its close lost: no chain is left.
+        t.resync(&snap[..1], T0_NS + 2 * S);
+        assert!(t.chains.chain_of(1).is_none());
+    }
+
     #[test]
     fn chains_to_an_address_outside_the_pods_are_labelled_with_it() {
         let mesh = MeshPod::new("chain-ip");

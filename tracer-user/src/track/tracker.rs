@@ -7,7 +7,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, NoRoutes, PendingCaps},
     classify::{self, Ending, Verdict},
     direction, peer_label,
     table::{Conn, ConnTable},
@@ -85,7 +85,7 @@ impl Tracker {
                     outbound: cfg.outbound_capture_port,
                     inbound: cfg.inbound_capture_port,
                 },
-                cfg.max_connections,
+                PendingCaps::new(cfg.max_connections),
             ),
             ephemeral: procfs::ephemeral_ports(),
             listener_owners: HashMap::new(),
@@ -116,7 +116,7 @@ impl Tracker {
                     end_counted: false,
                 });
                 let leg = self.leg(&info);
-                self.chains.on_open(leg);
+                self.chains.on_open(leg, &NoRoutes);
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
@@ -207,6 +207,13 @@ impl Tracker {
             closed_by: ending.closed_by,
             close_kind: ending.close_kind,
             keepalive: ending.keepalive,
+            idle: ending.idle(),
+            // A send that died unanswered (reset or timeout): since when.
+            unanswered_since_ns: if ending.failed_send_cause.is_some() {
+                c.first_tx_us.saturating_mul(1000)
+            } else {
+                0
+            },
         };
         let chain_end = self.chains.on_close(info.cookie, leg_end);
         Closed {
@@ -225,13 +232,25 @@ impl Tracker {
         direction(&info.owner, info.sock.sport, &self.ephemeral)
     }
 
-    /// The `peer` of a connection (before capping): the remote pod's
-    /// `namespace/pod`, else its address.
+    /// The `peer` of a connection (before capping): see [`Self::peer_of`].
     pub(crate) fn peer(&self, info: &EventInfo, dir: Direction) -> String {
         let remote = info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        self.peer_of(remote, info.sock.dport, dir)
+    }
+
+    /// The `peer` of a remote address: `namespace/service` of a ClusterIP
+    /// port dialled (outbound), else `namespace/pod` of a pod IP of any
+    /// node, else the address.
+    pub(crate) fn peer_of(&self, remote: IpAddr, port: u16, dir: Direction) -> String {
+        let service = (dir == Direction::Outbound)
+            .then(|| self.attr.peer_service(remote, port))
+            .flatten();
+        if let Some(svc) = service {
+            return svc.label();
+        }
         self.attr
             .peer_pod(remote)
-            .unwrap_or_else(|| peer_label(remote, info.sock.dport, dir))
+            .unwrap_or_else(|| peer_label(remote, port, dir))
     }
 
     /// `deleted` when the remote address is a pod deleted from the API
@@ -246,7 +265,7 @@ impl Tracker {
     }
 
     /// What the chain tracker needs of a connection.
-    fn leg(&mut self, info: &EventInfo) -> Leg {
+    pub(super) fn leg(&mut self, info: &EventInfo) -> Leg {
         let attr = self.attr.attribute(&info.owner);
         let unspecified = IpAddr::from([0, 0, 0, 0]);
         Leg {
@@ -268,10 +287,7 @@ impl Tracker {
         if attr.pod_uid.is_empty() {
             return None;
         }
-        let peer = self
-            .attr
-            .peer_pod(chain.peer.0)
-            .unwrap_or_else(|| peer_label(chain.peer.0, chain.peer.1, chain.direction));
+        let peer = self.peer_of(chain.peer.0, chain.peer.1, chain.direction);
         Some((attr.namespace, attr.pod, peer))
     }
 }

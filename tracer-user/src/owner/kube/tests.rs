@@ -41,7 +41,7 @@ pub(crate) fn apply(index: &PodIndex, v: &Value) {
     clippy::unnecessary_wraps,
     reason = "compared with what lookups return"
 )]
-fn nsname(ns: &str, pod: &str) -> Option<(String, String)> {
+pub(crate) fn nsname(ns: &str, pod: &str) -> Option<(String, String)> {
     Some((ns.to_owned(), pod.to_owned()))
 }
 
