@@ -16,6 +16,7 @@ use super::Proc;
 use crate::{bench::Ctx, cmd::display};
 
 /// What `conn-loadgen churn` reports.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ChurnOut {
     pub conn_per_s: f64,
     /// Connections during the measured seconds.

@@ -42,14 +42,15 @@ fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
             "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2} |",
             r.config.name(),
             r.rate,
-            r.conn_per_s,
-            r.tracer_cpu_s.map_or("-".into(), |c| format!("{c:.3}")),
-            r.bpf_ns
+            r.out.conn_per_s,
+            r.cost.cpu_s.map_or("-".into(), |c| format!("{c:.3}")),
+            r.cost
+                .bpf_ns
                 .map_or("-".into(), |n| format!("{:.3}", n as f64 / 1e9)),
             r.millicores().map_or("-".into(), |m| format!("{m:.1}")),
             if traced {
-                r.bpf_ns.map_or("-".into(), |n| {
-                    format!("{:.0}", n as f64 / r.total_connections.max(1) as f64)
+                r.cost.bpf_ns.map_or("-".into(), |n| {
+                    format!("{:.0}", n as f64 / r.out.total_connections.max(1) as f64)
                 })
             } else {
                 "-".into()
@@ -69,8 +70,8 @@ fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
              | --- | ---: | ---: | ---: |",
             top.rate
         );
-        let conns = top.total_connections.max(1) as f64;
-        for p in top.programs.iter().filter(|p| p.calls > 0) {
+        let conns = top.out.total_connections.max(1) as f64;
+        for p in top.cost.programs.iter().filter(|p| p.calls > 0) {
             let _ = writeln!(
                 s,
                 "| `{}` | {:.2} | {:.0} | {:.0} |",

@@ -65,7 +65,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             ),
             target: format!("<= {PACED_TARGET_MCPU} mCPU"),
             value: m.map_or("-".into(), |m| {
-                format!("{m:.1} mCPU at {:.0} connections/s", run.conn_per_s)
+                format!("{m:.1} mCPU at {:.0} connections/s", run.out.conn_per_s)
             }),
             pass: m.is_some_and(|m| m <= PACED_TARGET_MCPU),
         });

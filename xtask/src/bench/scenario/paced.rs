@@ -16,7 +16,7 @@ use crate::{
         Args, Ctx,
         procs::{
             ProgStats, ipis,
-            loadgen::churn_once,
+            loadgen::{ChurnOut, churn_once},
             progs_of,
             tracer::{Config, Tracer},
         },
@@ -36,38 +36,40 @@ pub struct ProgRun {
     pub run_time_ns: u64,
 }
 
-/// One paced run.
+/// One paced run: the load generator's report, and what the tracer cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct PacedRun {
     pub config: Config,
-    /// Connections per second asked for, and made.
+    /// Connections per second asked for (`out` has those made).
     pub rate: f64,
-    pub conn_per_s: f64,
-    pub total_connections: u64,
-    pub total_seconds: f64,
-    /// CPU seconds of the tracer's process over the run.
-    pub tracer_cpu_s: Option<f64>,
-    /// Run time of the tracer's kernel programs over the run.
+    pub out: ChurnOut,
+    pub cost: Cost,
+}
+
+/// What a tracer cost over a paced run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cost {
+    /// CPU seconds of its process, and run time of its kernel programs (ns).
+    pub cpu_s: Option<f64>,
     pub bpf_ns: Option<u64>,
     pub programs: Vec<ProgRun>,
-    /// IRQ work, function call and rescheduling interrupts over the run
-    /// (all CPUs, the whole host).
+    /// IRQ work, function call and rescheduling interrupts (all CPUs, the
+    /// whole host).
     pub ipis: (u64, u64, u64),
-    pub lost: Option<u64>,
 }
 
 impl PacedRun {
     /// The tracer's whole cost in millicores: process CPU plus kernel
     /// program run time, over the run's wall time.
     pub fn millicores(&self) -> Option<f64> {
-        let cpu = self.tracer_cpu_s? + self.bpf_ns? as f64 / 1e9;
-        (self.total_seconds > 0.0).then(|| cpu / self.total_seconds * 1000.0)
+        let cpu = self.cost.cpu_s? + self.cost.bpf_ns? as f64 / 1e9;
+        (self.out.total_seconds > 0.0).then(|| cpu / self.out.total_seconds * 1000.0)
     }
 
     /// Interrupts (IRQ work + function call + rescheduling) per connection.
     pub fn ipis_per_conn(&self) -> f64 {
-        let (a, b, c) = self.ipis;
-        (a + b + c) as f64 / self.total_connections.max(1) as f64
+        let (a, b, c) = self.cost.ipis;
+        (a + b + c) as f64 / self.out.total_connections.max(1) as f64
     }
 }
 
@@ -140,38 +142,41 @@ pub fn paced(ctx: &mut Ctx, args: &Args) -> Result<Vec<PacedRun>> {
                     }
                 })
                 .collect();
+            let bpf_ns =
+                (config != Config::NoTracer).then(|| programs.iter().map(|p| p.run_time_ns).sum());
             let run = PacedRun {
                 config,
                 rate,
-                conn_per_s: out.conn_per_s,
-                total_connections: out.total_connections,
-                total_seconds: out.total_seconds,
-                tracer_cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
-                bpf_ns: (config != Config::NoTracer)
-                    .then(|| programs.iter().map(|p| p.run_time_ns).sum()),
-                programs,
-                ipis: (ipi1.0 - ipi0.0, ipi1.1 - ipi0.1, ipi1.2 - ipi0.2),
-                lost: lost0.zip(lost1).map(|(a, b)| b.saturating_sub(a)),
+                out,
+                cost: Cost {
+                    cpu_s: cpu0.zip(cpu1).map(|(a, b)| b - a),
+                    bpf_ns,
+                    programs,
+                    ipis: (ipi1.0 - ipi0.0, ipi1.1 - ipi0.1, ipi1.2 - ipi0.2),
+                },
             };
+            if let Some(lost) = lost0.zip(lost1).map(|(a, b)| b.saturating_sub(a))
+                && lost > 0
+            {
+                println!("  {}: {lost} events lost", config.name());
+            }
             println!(
                 "  {:<12} {:>6.0} conn/s: {} mCPU ({} process + {} kernel programs), \
                  {:.2} interrupts/connection",
                 config.name(),
-                run.conn_per_s,
+                run.out.conn_per_s,
                 run.millicores().map_or("-".into(), |m| format!("{m:.1}")),
-                run.tracer_cpu_s.map_or("-".into(), |c| format!("{c:.3}s")),
-                run.bpf_ns
+                run.cost.cpu_s.map_or("-".into(), |c| format!("{c:.3}s")),
+                run.cost
+                    .bpf_ns
                     .map_or("-".into(), |n| format!("{:.3}s", n as f64 / 1e9)),
                 run.ipis_per_conn()
             );
             mine.push(run);
         }
-        let (ends, lost) = tracer.stop()?;
-        if config.is_peer()
-            && let Some(last) = mine.last_mut()
-        {
-            // A peer's own loss count covers all rates of its run at once.
-            last.lost = lost.or(ends.map(|_| 0));
+        let (_, lost) = tracer.stop()?;
+        if let Some(lost) = lost.filter(|&l| l > 0) {
+            println!("  {}: {lost} events lost", config.name());
         }
         runs.extend(mine);
     }
