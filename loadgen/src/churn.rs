@@ -38,6 +38,12 @@ pub struct Args {
     /// CPUs dominate, and vary with the rest of the machine's load).
     #[arg(long, default_value = "async")]
     pub engine: String,
+    /// Connections per second in all (async engine): each client starts
+    /// its next connection on a fixed beat instead of at once (a paced,
+    /// realistic rate rather than the most the machine can do). 0: as fast
+    /// as it can.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 /// Listening ports the clients spread over: each destination has its own
@@ -79,6 +85,10 @@ pub fn run(args: &Args) -> Result<String> {
         args.seconds > 0.0 && args.seconds <= 3600.0 && (0.0..=60.0).contains(&args.warmup),
         "--seconds must be in (0, 3600] and --warmup in [0, 60]"
     );
+    anyhow::ensure!(
+        (0.0..=1e6).contains(&args.rate) && (args.rate == 0.0 || args.engine == "async"),
+        "--rate must be 0-1000000 connections/s, with the async engine"
+    );
     // Two sockets per connection in flight, plus the listeners.
     loadgen::raise_nofile(256 + 4 * args.concurrency as u64)?;
     let total = Duration::from_secs_f64(args.warmup + args.seconds);
@@ -114,6 +124,7 @@ pub fn run(args: &Args) -> Result<String> {
         "mode": "churn",
         "engine": args.engine,
         "concurrency": args.concurrency,
+        "rate": args.rate,
         "payload": args.payload,
         "seconds": measured,
         "connections": connections,
@@ -146,11 +157,20 @@ fn start_async(args: &Args, shared: &Arc<Shared>) -> Result<Join> {
         let mine: Vec<usize> = (core..args.concurrency).step_by(cores).collect();
         let shared = Arc::clone(shared);
         let payload = args.payload;
+        // Each client's beat: `concurrency` clients share the rate.
+        let beat = (args.rate > 0.0).then(|| {
+            Duration::from_secs_f64(
+                f64::from(u32::try_from(args.concurrency).unwrap_or(u32::MAX)) / args.rate,
+            )
+        });
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
+            .enable_time()
             .build()?;
         loops.push(thread::Builder::new().name(format!("churn-{core}")).spawn(
-            move || -> Result<()> { rt.block_on(event_loop(listeners, mine, shared, payload)) },
+            move || -> Result<()> {
+                rt.block_on(event_loop(listeners, mine, shared, payload, beat))
+            },
         )?);
     }
     Ok(Box::new(move || {
@@ -167,6 +187,7 @@ async fn event_loop(
     clients: Vec<usize>,
     shared: Arc<Shared>,
     payload: usize,
+    beat: Option<Duration>,
 ) -> Result<()> {
     let mut ports = Vec::new();
     for l in listeners {
@@ -189,7 +210,17 @@ async fn event_loop(
         tasks.push(tokio::spawn(async move {
             let msg = vec![0x5a_u8; payload];
             let mut buf = vec![0_u8; payload];
+            // Missed beats are made up (the timer has 1 ms granularity):
+            // the average rate is the one asked for.
+            let mut ticks = beat.map(|b| {
+                // Clients start spread over one beat, not all at once.
+                let phase = b.mul_f64((f64::from(u32::try_from(i).unwrap_or(0)) * 0.618_034) % 1.0);
+                tokio::time::interval_at(tokio::time::Instant::now() + phase, b)
+            });
             while !shared.stop.load(Ordering::Relaxed) {
+                if let Some(t) = ticks.as_mut() {
+                    t.tick().await;
+                }
                 let ok = async {
                     let mut s = tokio::net::TcpStream::connect(addr).await?;
                     s.write_all(&msg).await?;

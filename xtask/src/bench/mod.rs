@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use self::scenario::{Results, churn, latency, loss, memory, pipeline};
+use self::scenario::{Results, churn, latency, loss, memory, paced, pipeline};
 use crate::{
     cmd::{cargo, display, is_root, run, target_dir, workspace_root},
     setup,
@@ -69,10 +69,16 @@ pub struct Args {
     /// Seconds of each userspace pipeline measurement.
     #[arg(long, default_value_t = 3.0)]
     pub pipeline_seconds: f64,
+    /// Paced rates (connections/s) at which the tracers' whole CPU cost is measured.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub paced_rates: Vec<f64>,
+    /// Measured seconds of each paced run.
+    #[arg(long, default_value_t = 5.0)]
+    pub paced_seconds: f64,
     /// Ring buffer size of the deliberate-loss run (the smallest the kernel takes is a page).
     #[arg(long, default_value_t = 4096)]
     pub tiny_ring: u32,
-    /// Sections to skip (churn, scaling, memory, latency, loss, pipeline).
+    /// Sections to skip (churn, scaling, paced, memory, latency, loss, pipeline).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Where docs/benchmarks.md and docs/bench/ go (default: the workspace's docs/).
@@ -96,6 +102,15 @@ const BENCH_PACKAGES: &[setup::DebianPackage] = &[
     setup::DebianPackage {
         name: "iproute2",
         command: "ss",
+    },
+    // The C peers, tcplife and tcpstates.
+    setup::DebianPackage {
+        name: "libbpf-tools",
+        command: "tcplife",
+    },
+    setup::DebianPackage {
+        name: "bpftool",
+        command: "bpftool",
     },
 ];
 
@@ -156,6 +171,9 @@ pub fn bench(args: &Args) -> Result<()> {
     }
     if !skip("scaling") {
         results.scaling = churn::scaling(&mut ctx, args)?;
+    }
+    if !skip("paced") {
+        results.paced = paced::paced(&mut ctx, args)?;
     }
     if !skip("loss") {
         results.tiny_ring = Some(loss::tiny_ring(&mut ctx, args)?);
@@ -218,12 +236,17 @@ fn validate(a: &Args) -> Result<()> {
         ("--seconds", a.seconds),
         ("--level-seconds", a.level_seconds),
         ("--pipeline-seconds", a.pipeline_seconds),
+        ("--paced-seconds", a.paced_seconds),
     ] {
         anyhow::ensure!(s > 0.0 && s <= 120.0, "{name} must be in (0, 120]");
     }
     anyhow::ensure!(
         (1..=4096).contains(&a.concurrency) && a.levels.iter().all(|l| (1..=4096).contains(l)),
         "--concurrency and --levels must be 1-4096"
+    );
+    anyhow::ensure!(
+        a.paced_rates.iter().all(|r| (1.0..=100_000.0).contains(r)),
+        "--paced-rates must be 1-100000 connections/s"
     );
     anyhow::ensure!(
         a.memory.iter().all(|m| (2..=400_000).contains(m)),
@@ -244,7 +267,8 @@ fn reproduce_command() -> String {
     display(&cmd)
 }
 
-/// bpftrace reads tracepoint formats from tracefs; mount it if nothing did.
+/// bpftrace and the libbpf tools read tracepoint formats from tracefs;
+/// mount it if nothing did.
 /// Left mounted: it is the standard place, and others may use it by now.
 fn ensure_tracefs() -> Result<()> {
     let probe = Path::new("/sys/kernel/tracing/events/sock/inet_sock_set_state");

@@ -16,12 +16,15 @@ use super::Proc;
 use crate::{bench::Ctx, cmd::display};
 
 /// What `conn-loadgen churn` reports.
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ChurnOut {
     pub conn_per_s: f64,
     /// Connections during the measured seconds.
     pub connections: u64,
     /// Connections during the whole run, warm-up included.
     pub total_connections: u64,
+    /// Seconds of the whole run, warm-up included.
+    pub total_seconds: f64,
     pub errors: u64,
 }
 
@@ -45,7 +48,13 @@ pub fn loadgen(ctx: &Ctx, args: &[String]) -> Result<Value> {
     serde_json::from_str(last).with_context(|| format!("loadgen printed {last:?}"))
 }
 
-pub fn churn_once(ctx: &Ctx, concurrency: usize, seconds: f64) -> Result<ChurnOut> {
+/// One churn run: as fast as it can, or paced at `rate` connections/s.
+pub fn churn_once(
+    ctx: &Ctx,
+    concurrency: usize,
+    seconds: f64,
+    rate: Option<f64>,
+) -> Result<ChurnOut> {
     let v = loadgen(
         ctx,
         &[
@@ -56,6 +65,8 @@ pub fn churn_once(ctx: &Ctx, concurrency: usize, seconds: f64) -> Result<ChurnOu
             concurrency.to_string(),
             "--warmup".into(),
             "0.5".into(),
+            "--rate".into(),
+            rate.unwrap_or(0.0).to_string(),
         ],
     )?;
     let num = |k: &str| {
@@ -66,6 +77,7 @@ pub fn churn_once(ctx: &Ctx, concurrency: usize, seconds: f64) -> Result<ChurnOu
         conn_per_s: num("conn_per_s")?,
         connections: num("connections")? as u64,
         total_connections: num("total_connections")? as u64,
+        total_seconds: num("total_seconds")?,
         errors: num("errors")? as u64,
     })
 }

@@ -145,42 +145,106 @@ impl MapInfo {
     }
 }
 
-/// The eBPF maps `pid` holds open.
-pub fn maps_of(pid: u32) -> Result<Vec<MapInfo>> {
+/// The fdinfo text of every fd of `pid` that is an `anon_inode:<kind>`
+/// (`bpf-map`, `bpf-prog`).
+fn bpf_fdinfos(pid: u32, kind: &str) -> Result<Vec<String>> {
     let mut out = Vec::new();
     let dir = format!("/proc/{pid}/fd");
+    let want = format!("anon_inode:{kind}");
     for entry in fs::read_dir(&dir).with_context(|| dir.clone())? {
         let entry = entry?;
         let Ok(target) = fs::read_link(entry.path()) else {
             continue;
         };
-        if target != Path::new("anon_inode:bpf-map") {
+        if target != Path::new(&want) {
             continue;
         }
-        let info = fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            entry.file_name().to_string_lossy()
-        ))
-        .unwrap_or_default();
-        if let Some(map) = parse_map_fdinfo(&info) {
-            out.push(map);
-        }
+        out.push(
+            fs::read_to_string(format!(
+                "/proc/{pid}/fdinfo/{}",
+                entry.file_name().to_string_lossy()
+            ))
+            .unwrap_or_default(),
+        );
     }
     Ok(out)
 }
 
+/// The eBPF maps `pid` holds open.
+pub fn maps_of(pid: u32) -> Result<Vec<MapInfo>> {
+    Ok(bpf_fdinfos(pid, "bpf-map")?
+        .iter()
+        .filter_map(|i| parse_map_fdinfo(i))
+        .collect())
+}
+
+/// A number field of an fdinfo text.
+fn fdinfo_u64(info: &str, key: &str) -> Option<u64> {
+    info.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().parse::<u64>().ok())?
+    })
+}
+
 fn parse_map_fdinfo(info: &str) -> Option<MapInfo> {
-    let get = |key: &str| {
-        info.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            (k.trim() == key).then(|| v.trim().parse::<u64>().ok())?
-        })
-    };
+    let get = |key: &str| fdinfo_u64(info, key);
     Some(MapInfo {
         map_type: u32::try_from(get("map_type")?).ok()?,
         max_entries: get("max_entries").unwrap_or(0),
         memlock: get("memlock").unwrap_or(0),
     })
+}
+
+/// One eBPF program's run statistics, from its fdinfo (`run_time_ns` and
+/// `run_cnt` count only while `kernel.bpf_stats_enabled` is 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgStats {
+    pub id: u64,
+    pub run_time_ns: u64,
+    pub run_cnt: u64,
+}
+
+/// The eBPF programs `pid` holds open, by program id (a program held
+/// through several fds counts once).
+pub fn progs_of(pid: u32) -> Result<Vec<ProgStats>> {
+    let mut out: Vec<ProgStats> = bpf_fdinfos(pid, "bpf-prog")?
+        .iter()
+        .filter_map(|i| parse_prog_fdinfo(i))
+        .collect();
+    out.sort_by_key(|p| p.id);
+    out.dedup_by_key(|p| p.id);
+    Ok(out)
+}
+
+fn parse_prog_fdinfo(info: &str) -> Option<ProgStats> {
+    Some(ProgStats {
+        id: fdinfo_u64(info, "prog_id")?,
+        run_time_ns: fdinfo_u64(info, "run_time_ns").unwrap_or(0),
+        run_cnt: fdinfo_u64(info, "run_cnt").unwrap_or(0),
+    })
+}
+
+/// Inter-processor interrupts so far, summed over CPUs, from
+/// /proc/interrupts: (IRQ work, function call, rescheduling). The ring
+/// buffer wakes its reader through IRQ work; on a VM each is an exit.
+pub fn ipis() -> (u64, u64, u64) {
+    parse_ipis(&fs::read_to_string("/proc/interrupts").unwrap_or_default())
+}
+
+fn parse_ipis(text: &str) -> (u64, u64, u64) {
+    let row = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| {
+                let rest = l.trim_start().strip_prefix(name)?.strip_prefix(':')?;
+                Some(
+                    rest.split_whitespace()
+                        .map_while(|w| w.parse::<u64>().ok())
+                        .sum(),
+                )
+            })
+            .unwrap_or(0)
+    };
+    (row("IWI"), row("CAL"), row("RES"))
 }
 
 /// Processes other than `ours` that hold eBPF programs: other tracers on
@@ -246,10 +310,38 @@ mod tests {
     }
 
     #[test]
+    fn program_stats_and_ipis() {
+        let info = "pos:\t0\nprog_type:\t26\nprog_jited:\t1\nprog_tag:\tab\nmemlock:\t4096\n\
+                    prog_id:\t77\nrun_time_ns:\t123456\nrun_cnt:\t789\nrecursion_misses:\t0\n";
+        assert_eq!(
+            parse_prog_fdinfo(info),
+            Some(ProgStats {
+                id: 77,
+                run_time_ns: 123_456,
+                run_cnt: 789
+            })
+        );
+        assert!(parse_prog_fdinfo("pos:\t0\n").is_none());
+        let interrupts = "           CPU0       CPU1\n  0:         44          0   IO-APIC    2-edge      timer\n\
+                          IWI:    2234477    2688792   IRQ work interrupts\n\
+                          RES:     715339     591208   Rescheduling interrupts\n\
+                          CAL:    1264031     996870   Function call interrupts\n";
+        assert_eq!(
+            parse_ipis(interrupts),
+            (
+                2_234_477 + 2_688_792,
+                1_264_031 + 996_870,
+                715_339 + 591_208
+            )
+        );
+    }
+
+    #[test]
     fn this_process_has_cpu_time_and_memory() {
         let me = std::process::id();
         assert!(cpu_seconds(me).unwrap() >= 0.0);
         assert!(status_bytes(me, "VmRSS").unwrap() > 0);
         assert!(maps_of(me).unwrap().is_empty());
+        assert!(progs_of(me).unwrap().is_empty());
     }
 }

@@ -1,6 +1,6 @@
-//! The tracers under test: the three configurations, and starting, reading
-//! and stopping each (conn-tracer through its /metrics, bpftrace through its
-//! printed lines).
+//! The tracers under test: no tracer, conn-tracer and its peers, and
+//! starting, reading and stopping each (conn-tracer through its /metrics,
+//! the peers through their printed lines).
 
 use std::{
     fs,
@@ -50,25 +50,55 @@ tracepoint:sock:inet_sock_set_state
 END { clear(@birth); clear(@pid); clear(@comm); }
 "#;
 
-/// The three configurations compared.
+/// The configurations compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum Config {
     #[default]
     NoTracer,
     ConnTracer,
+    /// The tcplife-style bpftrace script ([`BPFTRACE_SCRIPT`]).
     Bpftrace,
+    /// libbpf-tools `tcplife` (C, CO-RE): one hash map entry per socket,
+    /// one event per connection end.
+    Tcplife,
+    /// libbpf-tools `tcpstates`: one event per state change.
+    Tcpstates,
 }
 
 impl Config {
-    pub const ALL: [Self; 3] = [Self::NoTracer, Self::ConnTracer, Self::Bpftrace];
+    pub const ALL: [Self; 5] = [
+        Self::NoTracer,
+        Self::ConnTracer,
+        Self::Bpftrace,
+        Self::Tcplife,
+        Self::Tcpstates,
+    ];
+    /// The peers conn-tracer is held against.
+    pub const PEERS: [Self; 3] = [Self::Bpftrace, Self::Tcplife, Self::Tcpstates];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::NoTracer => "no tracer",
             Self::ConnTracer => "conn-tracer",
             Self::Bpftrace => "bpftrace",
+            Self::Tcplife => "tcplife",
+            Self::Tcpstates => "tcpstates",
         }
+    }
+
+    /// How a libbpf-tools peer's header (the first line it prints) starts.
+    pub fn header(self) -> Option<&'static str> {
+        match self {
+            Self::Tcplife => Some("PID "),
+            Self::Tcpstates => Some("SKADDR "),
+            _ => None,
+        }
+    }
+
+    /// Whether it is a peer that prints its events (counted from its output).
+    pub fn is_peer(self) -> bool {
+        Self::PEERS.contains(&self)
     }
 }
 
@@ -91,7 +121,8 @@ pub struct Tracer {
     pub config: Config,
     proc: Option<Proc>,
     metrics: Option<Scraper>,
-    out: Option<PathBuf>,
+    /// A peer's stdout and stderr files.
+    out: Option<(PathBuf, PathBuf)>,
 }
 
 impl Tracer {
@@ -145,32 +176,52 @@ impl Tracer {
                 }
                 t.metrics = Some(scraper);
             }
-            Config::Bpftrace => {
-                let out = ctx.work.join(format!("bpftrace-{}.out", ctx.runs));
-                let mut cmd = Command::new("bpftrace");
-                cmd.arg(&ctx.bpftrace_script)
-                    .stdin(Stdio::null())
+            Config::Bpftrace | Config::Tcplife | Config::Tcpstates => {
+                let out = ctx.work.join(format!("{}-{}.out", config.name(), ctx.runs));
+                let err = ctx.work.join(format!("{}-{}.err", config.name(), ctx.runs));
+                let mut cmd = if config == Config::Bpftrace {
+                    let mut c = Command::new("bpftrace");
+                    c.arg(&ctx.bpftrace_script);
+                    c
+                } else {
+                    // Line-buffered, so that the header (printed once the
+                    // programs are attached) shows when it is ready.
+                    let mut c = Command::new("stdbuf");
+                    c.args(["-oL", config.name()]);
+                    c
+                };
+                cmd.stdin(Stdio::null())
                     .stdout(fs::File::create(&out)?)
-                    .stderr(fs::File::create(ctx.work.join("bpftrace.err"))?);
+                    .stderr(fs::File::create(&err)?);
                 let child = cmd
                     .spawn()
                     .with_context(|| format!("cannot start `{}`", display(&cmd)))?;
-                t.proc = Some(Proc::new("bpftrace", child));
-                // BEGIN runs once every probe is attached.
+                t.proc = Some(Proc::new(config.name(), child));
+                // bpftrace's BEGIN runs once every probe is attached; the
+                // libbpf tools print their header after attaching.
+                let ready = |text: &str| {
+                    if config == Config::Bpftrace {
+                        text.lines().any(|l| l == "ready")
+                    } else {
+                        let header = config.header().unwrap_or_default();
+                        text.lines().next().is_some_and(|l| l.starts_with(header))
+                    }
+                };
                 let deadline = Instant::now() + Duration::from_secs(90);
-                while !fs::read_to_string(&out)?.lines().any(|l| l == "ready") {
+                while !ready(&fs::read_to_string(&out)?) {
                     if let Some(status) = t.proc.as_mut().and_then(Proc::exited) {
                         bail!(
-                            "bpftrace exited ({status}) before it was ready: see {}",
-                            ctx.work.join("bpftrace.err").display()
+                            "{} exited ({status}) before it was ready: see {}",
+                            config.name(),
+                            err.display()
                         );
                     }
                     if Instant::now() > deadline {
-                        bail!("bpftrace not ready within 90 s");
+                        bail!("{} not ready within 90 s", config.name());
                     }
                     thread::sleep(Duration::from_millis(50));
                 }
-                t.out = Some(out);
+                t.out = Some((out, err));
             }
         }
         Ok(t)
@@ -219,23 +270,29 @@ impl Tracer {
         })
     }
 
-    /// Stops the tracer; for bpftrace, returns its (ends printed, lost).
+    /// Stops the tracer; for a peer, returns its (events printed, lost).
     pub fn stop(mut self) -> Result<(Option<u64>, Option<u64>)> {
         let Some(mut proc) = self.proc.take() else {
             return Ok((None, None));
         };
-        let signal = if self.config == Config::Bpftrace {
+        let signal = if self.config.is_peer() {
             libc::SIGINT
         } else {
             libc::SIGTERM
         };
         proc.stop(signal, Duration::from_secs(20))?;
         match &self.out {
-            Some(out) => {
+            Some((out, err)) => {
                 let text = fs::read_to_string(out)?;
-                let (ends, lost) = bpftrace_counts(&text);
+                let errors = fs::read_to_string(err).unwrap_or_default();
+                let counts = if self.config == Config::Bpftrace {
+                    bpftrace_counts(&text)
+                } else {
+                    libbpf_tool_counts(&text, &errors)
+                };
                 let _ = fs::remove_file(out);
-                Ok((Some(ends), Some(lost)))
+                let _ = fs::remove_file(err);
+                Ok((Some(counts.0), Some(counts.1)))
             }
             None => Ok((None, None)),
         }
@@ -255,20 +312,40 @@ pub fn bpftrace_counts(text: &str) -> (u64, u64) {
     (ends, lost)
 }
 
+/// (events printed, events reported lost) of a libbpf-tools peer: every
+/// line after the header is one event; losses go to stderr as `lost N
+/// events on CPU #C` (perf buffer) or `lost N events`.
+pub fn libbpf_tool_counts(stdout: &str, stderr: &str) -> (u64, u64) {
+    let events = stdout
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count() as u64;
+    let lost = stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim().strip_prefix("lost ")?;
+            rest.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    (events, lost)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn rotation_puts_every_configuration_in_every_position() {
-        let rounds: Vec<Vec<Config>> = (0..3).map(|r| rotated(&Config::ALL, r)).collect();
-        for pos in 0..3 {
+        let n = Config::ALL.len();
+        let rounds: Vec<Vec<Config>> = (0..n).map(|r| rotated(&Config::ALL, r)).collect();
+        for pos in 0..n {
             let mut at: Vec<Config> = rounds.iter().map(|r| r[pos]).collect();
             at.sort_by_key(|c| c.name());
             at.dedup();
-            assert_eq!(at.len(), 3, "position {pos}: {rounds:?}");
+            assert_eq!(at.len(), n, "position {pos}: {rounds:?}");
         }
-        assert_eq!(rotated(&Config::ALL, 3), rotated(&Config::ALL, 0));
+        assert_eq!(rotated(&Config::ALL, n), rotated(&Config::ALL, 0));
     }
 
     #[test]
@@ -277,5 +354,16 @@ mod tests {
                     end 13 nginx 80 4444 3\nLost 17 events\nsomething else\nLost 3 events\n";
         assert_eq!(bpftrace_counts(text), (2, 20));
         assert_eq!(bpftrace_counts(""), (0, 0));
+    }
+
+    #[test]
+    fn libbpf_tool_output_counts() {
+        let out = "PID     COMM   LADDR  LPORT RADDR RPORT TX_KB RX_KB MS\n\
+                   28877   curl   127.0.0.1 51100 127.0.0.1 1 0.00 0.00 0.07\n\
+                   28878   py     127.0.0.1 48646 127.0.0.1 60015 0.00 0.00 0.11\n";
+        let err = "lost 5 events on CPU #1\nsomething\nlost 2 events on CPU #0\n";
+        assert_eq!(libbpf_tool_counts(out, err), (2, 7));
+        assert_eq!(libbpf_tool_counts("", ""), (0, 0));
+        assert!(out.starts_with(Config::Tcplife.header().unwrap()));
     }
 }

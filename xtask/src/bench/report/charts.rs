@@ -6,7 +6,7 @@ use super::{
     ConfigSummary, levels,
     plot::{Bar, BarChart, LineChart, Target},
     ratio_of, short, summarize,
-    targets::{CHURN_RATIO_TARGET, PIPELINE_TARGET, RSS_TARGET},
+    targets::{CHURN_RATIO_TARGET, CHURN_RATIO_TARGET_HIGH, PIPELINE_TARGET, RSS_TARGET},
 };
 use crate::bench::{
     procs::tracer::Config,
@@ -95,8 +95,9 @@ fn cpu(sums: &[ConfigSummary]) -> BarChart {
 fn scaling(runs: &[ChurnRun]) -> LineChart {
     let lv = levels(runs);
     // Levels grow by factors: drawn evenly, one step each.
-    let series = [Config::ConnTracer, Config::Bpftrace]
+    let series = [Config::ConnTracer]
         .iter()
+        .chain(&Config::PEERS)
         .map(|&c| {
             let pts = lv
                 .iter()
@@ -117,8 +118,8 @@ fn scaling(runs: &[ChurnRun]) -> LineChart {
         y_label: "throughput / no tracer".into(),
         series,
         target: Some(Target {
-            value: CHURN_RATIO_TARGET,
-            label: format!("target {CHURN_RATIO_TARGET}"),
+            value: CHURN_RATIO_TARGET_HIGH,
+            label: format!("target {CHURN_RATIO_TARGET_HIGH} at the highest load"),
         }),
         y_from_zero: false,
         x_ticks: Some(x_ticks),
@@ -145,7 +146,7 @@ fn memory(m: &Memory) -> LineChart {
         ],
         target: Some(Target {
             value: mib(RSS_TARGET),
-            label: "RSS target 64 MiB".into(),
+            label: format!("RSS target {} MiB", RSS_TARGET / 1024 / 1024),
         }),
         y_from_zero: true,
         x_ticks: None,

@@ -5,13 +5,83 @@ use std::fmt::Write as _;
 
 use super::{Report, levels, summarize};
 use crate::bench::{
+    Args,
     procs::tracer::Config,
-    scenario::memory::mib,
+    scenario::{memory::mib, paced::PacedRun},
     stats::{self, Summary},
 };
 
 fn fmt_opt(s: Option<Summary>, f: impl Fn(f64) -> String) -> String {
     s.map_or("-".into(), |s| f(s.median))
+}
+
+/// The paced-CPU section: every tracer's whole cost at each rate, and
+/// conn-tracer's kernel programs one by one.
+fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
+    let _ = writeln!(
+        s,
+        "\n### CPU at paced rates\n\n\
+         The same churn, paced: `conn-loadgen churn --rate R` starts each of its {c} clients' \
+         connections on a fixed beat, for {sec} s (after 0.5 s of warm-up), so the machine is \
+         mostly idle and the cost is what a node pays at that rate. A tracer's whole cost is \
+         its process's CPU (`/proc/PID/stat`) plus the run time of its kernel programs \
+         (`run_time_ns` in each program's fdinfo, counted while `kernel.bpf_stats_enabled` is \
+         1: this section only, as it adds two clock reads per program run). Interrupts are \
+         the host's IRQ work + function call + rescheduling IPIs (`/proc/interrupts`) per \
+         connection made; the ring buffer wakes its reader through IRQ work.\n\n\
+         | Configuration | rate asked | connections/s made | process CPU s | kernel programs s | \
+         whole cost mCPU | kernel ns per connection | interrupts per connection |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        c = a.concurrency,
+        sec = a.paced_seconds
+    );
+    for r in runs {
+        let traced = r.config != Config::NoTracer;
+        let _ = writeln!(
+            s,
+            "| {} | {:.0} | {:.0} | {} | {} | {} | {} | {:.2} |",
+            r.config.name(),
+            r.rate,
+            r.out.conn_per_s,
+            r.cost.cpu_s.map_or("-".into(), |c| format!("{c:.3}")),
+            r.cost
+                .bpf_ns
+                .map_or("-".into(), |n| format!("{:.3}", n as f64 / 1e9)),
+            r.millicores().map_or("-".into(), |m| format!("{m:.1}")),
+            if traced {
+                r.cost.bpf_ns.map_or("-".into(), |n| {
+                    format!("{:.0}", n as f64 / r.out.total_connections.max(1) as f64)
+                })
+            } else {
+                "-".into()
+            },
+            r.ipis_per_conn()
+        );
+    }
+    let ct: Vec<&PacedRun> = runs
+        .iter()
+        .filter(|r| r.config == Config::ConnTracer)
+        .collect();
+    if let Some(top) = ct.iter().max_by(|x, y| x.rate.total_cmp(&y.rate)) {
+        let _ = writeln!(
+            s,
+            "\nconn-tracer's kernel programs at {:.0} connections/s:\n\n\
+             | Program | calls per connection | ns per call | ns per connection |\n\
+             | --- | ---: | ---: | ---: |",
+            top.rate
+        );
+        let conns = top.out.total_connections.max(1) as f64;
+        for p in top.cost.programs.iter().filter(|p| p.calls > 0) {
+            let _ = writeln!(
+                s,
+                "| `{}` | {:.2} | {:.0} | {:.0} |",
+                p.name,
+                p.calls as f64 / conns,
+                p.run_time_ns as f64 / p.calls as f64,
+                p.run_time_ns as f64 / conns
+            );
+        }
+    }
 }
 
 fn range(s: Option<Summary>, f: impl Fn(f64) -> String) -> String {
@@ -118,8 +188,10 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
             s,
             "\nconn-tracer's events are the kernel's `open` and `close` records (two per socket, \
              four per loopback connection) plus keepalive `sockopt`s of other processes; \
-             bpftrace's are its printed connection ends (two per loopback connection). Lost: \
-             `conntracer_events_lost_total`, and bpftrace's own `Lost N events` count.\n"
+             bpftrace's and tcplife's are their printed connection ends (two per loopback \
+             connection), tcpstates' its printed state changes. Lost: \
+             `conntracer_events_lost_total`, bpftrace's own `Lost N events` count, and the \
+             libbpf tools' `lost N events` warnings.\n"
         );
         if has("churn.svg") {
             let _ = writeln!(s, "![churn throughput](bench/churn.svg)\n");
@@ -161,8 +233,9 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
              of the rounds). With 1 connection in flight only one core works and throughput \
              depends on how the other, idle vCPU is woken: on this VM it varies from run to \
              run, so that level's ratio is the least reliable.\n\n\
-             | Connections in flight | no tracer conn/s | conn-tracer conn/s | ratio | bpftrace conn/s | ratio |\n\
-             | ---: | ---: | ---: | ---: | ---: | ---: |",
+             | Connections in flight | no tracer conn/s | conn-tracer conn/s | ratio | \
+             bpftrace ratio | tcplife ratio | tcpstates ratio |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             max = a.levels.iter().max().unwrap_or(&0),
             rounds = a.level_rounds,
             sec = a.level_seconds
@@ -173,17 +246,21 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
             let ratio = |c| fmt_opt(get(c).and_then(|x| x.ratio), |v| format!("{v:.3}"));
             let _ = writeln!(
                 s,
-                "| {level} | {} | {} | {} | {} | {} |",
+                "| {level} | {} | {} | {} | {} | {} | {} |",
                 rate(Config::NoTracer),
                 rate(Config::ConnTracer),
                 ratio(Config::ConnTracer),
-                rate(Config::Bpftrace),
-                ratio(Config::Bpftrace)
+                ratio(Config::Bpftrace),
+                ratio(Config::Tcplife),
+                ratio(Config::Tcpstates)
             );
         }
         if has("scaling.svg") {
             let _ = writeln!(s, "\n![churn ratio by load level](bench/scaling.svg)");
         }
+    }
+    if !r.paced.is_empty() {
+        paced(&mut s, &r.paced, a);
     }
     if let Some(mem) = &r.memory {
         let maps: Vec<String> = mem

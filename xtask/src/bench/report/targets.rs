@@ -2,18 +2,28 @@
 
 use serde::Serialize;
 
-use super::{ratio_of, short, summarize};
+use super::{levels, ratio_of, short, summarize};
 use crate::bench::{
     procs::tracer::Config,
     scenario::{Results, memory::mib},
 };
 
-/// Target: churn throughput with conn-tracer, as a fraction of no tracer.
-pub const CHURN_RATIO_TARGET: f64 = 0.98;
+/// Target: churn throughput with conn-tracer, as a fraction of no tracer,
+/// at the churn section's load (16 in flight by default)...
+pub const CHURN_RATIO_TARGET: f64 = 0.95;
+/// ... and at the highest scaling level (256 in flight by default).
+pub const CHURN_RATIO_TARGET_HIGH: f64 = 0.90;
 /// Target: daemon RSS with this many tracked connections...
 pub const RSS_AT: usize = 100_000;
 /// ... at most this many bytes.
-pub const RSS_TARGET: u64 = 64 * 1024 * 1024;
+pub const RSS_TARGET: u64 = 48 * 1024 * 1024;
+/// Target: one `/metrics` render with 100k tracked connections, milliseconds.
+pub const RENDER_TARGET_MS: f64 = 10.0;
+/// Target: conn-tracer's whole CPU (process + kernel programs) at this
+/// paced rate...
+pub const PACED_AT: f64 = 10_000.0;
+/// ... at most this many millicores.
+pub const PACED_TARGET_MCPU: f64 = 20.0;
 /// Target: userspace pipeline events per second on one core.
 pub const PIPELINE_TARGET: f64 = 2e6;
 /// Target: detection latency of an idle kill, milliseconds.
@@ -31,40 +41,33 @@ pub struct Verdict {
 /// Every target, with this run's value.
 pub fn verdicts(r: &Results) -> Vec<Verdict> {
     let mut v = Vec::new();
-    let churn = summarize(&r.churn);
-    if !r.churn.is_empty() {
-        let ct = ratio_of(&churn, Config::ConnTracer);
-        let bt = ratio_of(&churn, Config::Bpftrace);
+    churn_verdicts(r, &mut v);
+    if let Some((level, sums)) = levels(&r.scaling).into_iter().last() {
+        let ct = ratio_of(&sums, Config::ConnTracer);
         v.push(Verdict {
-            name: "churn throughput with conn-tracer / no tracer (median of rounds)".into(),
-            target: format!(">= {CHURN_RATIO_TARGET}"),
+            name: format!("churn throughput with conn-tracer / no tracer, {level} in flight"),
+            target: format!(">= {CHURN_RATIO_TARGET_HIGH}"),
             value: ct.map_or("-".into(), |x| format!("{x:.3}")),
-            pass: ct.is_some_and(|x| x >= CHURN_RATIO_TARGET),
+            pass: ct.is_some_and(|x| x >= CHURN_RATIO_TARGET_HIGH),
         });
+    }
+    if let Some(run) = r
+        .paced
+        .iter()
+        .filter(|p| p.config == Config::ConnTracer && p.rate >= PACED_AT)
+        .min_by(|a, b| a.rate.total_cmp(&b.rate))
+    {
+        let m = run.millicores();
         v.push(Verdict {
-            name: "churn throughput, conn-tracer vs the bpftrace peer".into(),
-            target: ">= bpftrace".into(),
-            value: format!(
-                "{} vs {}",
-                ct.map_or("-".into(), |x| format!("{x:.3}")),
-                bt.map_or("-".into(), |x| format!("{x:.3}"))
+            name: format!(
+                "conn-tracer CPU (process + kernel programs) at {} connections/s",
+                short(run.rate)
             ),
-            pass: ct.zip(bt).is_some_and(|(c, b)| c >= b),
-        });
-        let ct_runs = r
-            .churn
-            .iter()
-            .chain(&r.scaling)
-            .filter(|x| x.config == Config::ConnTracer);
-        let (events, lost) = ct_runs.fold((0, 0), |(e, l), x| {
-            (e + x.events.unwrap_or(0), l + x.lost.unwrap_or(0))
-        });
-        v.push(Verdict {
-            name: "events lost at the highest churn, default ring (all churn and scaling runs)"
-                .into(),
-            target: "0".into(),
-            value: format!("{lost} of {events}"),
-            pass: lost == 0 && events > 0,
+            target: format!("<= {PACED_TARGET_MCPU} mCPU"),
+            value: m.map_or("-".into(), |m| {
+                format!("{m:.1} mCPU at {:.0} connections/s", run.out.conn_per_s)
+            }),
+            pass: m.is_some_and(|m| m <= PACED_TARGET_MCPU),
         });
     }
     if let Some(t) = &r.tiny_ring {
@@ -102,6 +105,22 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             .iter()
             .map(|p| p.events_per_s)
             .fold(f64::INFINITY, f64::min);
+        if let Some(big) = r
+            .pipeline
+            .iter()
+            .filter(|p| p.tracked_connections >= RSS_AT as u64)
+            .min_by_key(|p| p.tracked_connections)
+        {
+            v.push(Verdict {
+                name: format!(
+                    "one /metrics render with {} tracked connections",
+                    short(big.tracked_connections as f64)
+                ),
+                target: format!("<= {RENDER_TARGET_MS} ms"),
+                value: format!("{:.2} ms", big.render_metrics_ms),
+                pass: big.render_metrics_ms <= RENDER_TARGET_MS,
+            });
+        }
         v.push(Verdict {
             name: "userspace pipeline on one core (slowest table size)".into(),
             target: ">= 2M events/s".into(),
@@ -119,4 +138,46 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
         });
     }
     v
+}
+
+/// The churn section's targets: the ratio, the peers, no loss.
+fn churn_verdicts(r: &Results, v: &mut Vec<Verdict>) {
+    let churn = summarize(&r.churn);
+    if !r.churn.is_empty() {
+        let ct = ratio_of(&churn, Config::ConnTracer);
+        v.push(Verdict {
+            name: "churn throughput with conn-tracer / no tracer (median of rounds)".into(),
+            target: format!(">= {CHURN_RATIO_TARGET}"),
+            value: ct.map_or("-".into(), |x| format!("{x:.3}")),
+            pass: ct.is_some_and(|x| x >= CHURN_RATIO_TARGET),
+        });
+        for peer in Config::PEERS {
+            let pt = ratio_of(&churn, peer);
+            v.push(Verdict {
+                name: format!("churn throughput, conn-tracer vs the {} peer", peer.name()),
+                target: format!("> {}", peer.name()),
+                value: format!(
+                    "{} vs {}",
+                    ct.map_or("-".into(), |x| format!("{x:.3}")),
+                    pt.map_or("-".into(), |x| format!("{x:.3}"))
+                ),
+                pass: ct.zip(pt).is_some_and(|(c, p)| c > p),
+            });
+        }
+        let ct_runs = r
+            .churn
+            .iter()
+            .chain(&r.scaling)
+            .filter(|x| x.config == Config::ConnTracer);
+        let (events, lost) = ct_runs.fold((0, 0), |(e, l), x| {
+            (e + x.events.unwrap_or(0), l + x.lost.unwrap_or(0))
+        });
+        v.push(Verdict {
+            name: "events lost at the highest churn, default ring (all churn and scaling runs)"
+                .into(),
+            target: "0".into(),
+            value: format!("{lost} of {events}"),
+            pass: lost == 0 && events > 0,
+        });
+    }
 }

@@ -29,7 +29,7 @@ pub struct ChurnRun {
     /// CPU seconds the tracer process used during the run.
     pub tracer_cpu_s: Option<f64>,
     /// Events the tracer received (conn-tracer: open + close + sockopt;
-    /// bpftrace: printed connection ends).
+    /// peers: printed lines, i.e. connection ends or state changes).
     pub events: Option<u64>,
     pub lost: Option<u64>,
 }
@@ -44,7 +44,7 @@ fn measure_churn(
 ) -> Result<ChurnRun> {
     let counts0 = tracer.counts()?;
     let cpu0 = tracer.cpu();
-    let out = churn_once(ctx, concurrency, seconds)?;
+    let out = churn_once(ctx, concurrency, seconds, None)?;
     // The daemon drains what is left within its 5 ms pause.
     thread::sleep(Duration::from_millis(50));
     let cpu1 = tracer.cpu();
@@ -97,7 +97,7 @@ pub fn churn(ctx: &mut Ctx, args: &Args) -> Result<Vec<ChurnRun>> {
             let mut tracer = Tracer::start(ctx, config, &[])?;
             let mut run = measure_churn(ctx, &mut tracer, round, args.concurrency, args.seconds)?;
             let (ends, lost) = tracer.stop()?;
-            if config == Config::Bpftrace {
+            if config.is_peer() {
                 run.events = ends;
                 run.lost = lost;
             }
@@ -124,8 +124,8 @@ pub fn scaling(ctx: &mut Ctx, args: &Args) -> Result<Vec<ChurnRun>> {
                 mine.push(run);
             }
             let (ends, lost) = tracer.stop()?;
-            if config == Config::Bpftrace {
-                // bpftrace's counts cover all levels of this round at once.
+            if config.is_peer() {
+                // A peer's counts cover all levels of this round at once.
                 if let Some(last) = mine.last_mut() {
                     last.events = ends;
                     last.lost = lost;

@@ -63,7 +63,7 @@ pub fn tiny_ring(ctx: &mut Ctx, args: &Args) -> Result<TinyRing> {
     let background_per_s = (opens_closes(&t1) - opens_closes(&t0)) / quiet.as_secs_f64();
     let lost0 = sum(&t1, "conntracer_events_lost_total", &[]);
     let started = Instant::now();
-    let out = churn_once(ctx, args.concurrency, args.seconds)?;
+    let out = churn_once(ctx, args.concurrency, args.seconds, None)?;
     let t2 = tracer.drained_metrics()?.unwrap_or_default();
     let seconds = started.elapsed().as_secs_f64();
     tracer.stop()?;

@@ -7,17 +7,22 @@ pub mod churn;
 pub mod latency;
 pub mod loss;
 pub mod memory;
+pub mod paced;
 pub mod pipeline;
 
 use serde::Serialize;
 
-use self::{churn::ChurnRun, latency::Latency, loss::TinyRing, memory::Memory, pipeline::Pipeline};
+use self::{
+    churn::ChurnRun, latency::Latency, loss::TinyRing, memory::Memory, paced::PacedRun,
+    pipeline::Pipeline,
+};
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Results {
     pub churn: Vec<ChurnRun>,
     pub scaling: Vec<ChurnRun>,
+    pub paced: Vec<PacedRun>,
     pub memory: Option<Memory>,
     pub latency: Option<Latency>,
     pub pipeline: Vec<Pipeline>,
