@@ -199,7 +199,18 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     // The daemon runs before the pod's processes start, as a DaemonSet does
     // on a node: the owners of listeners opened before it are not known yet
     // (see the closing notes of the reliability work).
-    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
+    // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
+    let daemon = Daemon::start(
+        "1s",
+        &[
+            "--kube-api",
+            &kube.url(),
+            "--node-name",
+            NODE,
+            "--close-wait-threshold",
+            "1s",
+        ],
+    );
     daemon.wait_metrics(Duration::from_secs(20), |m| {
         m.sum("conntracer_kube_pods", &[]) >= 2.0
     });
