@@ -218,7 +218,8 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     // The daemon runs before the pod's processes start, as a DaemonSet does
     // on a node: the owners of listeners opened before it are not known yet
     // (see the closing notes of the reliability work).
-    let daemon = start_daemon(&kube, &[]);
+    // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
+    let daemon = start_daemon(&kube, &["--close-wait-threshold", "1s"]);
     let redis = Redis::start(lab.server(), upstream, s.redis_timeout_secs);
     let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
     if s.upstream_keepalive {

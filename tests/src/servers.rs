@@ -423,7 +423,7 @@ macro_rules! served {
         })+
     };
 }
-served!(MariaDb, Redis, Memcached, EchoServer);
+served!(MariaDb, Redis, Memcached, EchoServer, GoodbyeServer);
 
 pub struct MariaDb {
     server: ServerProcess,
@@ -765,6 +765,93 @@ impl EchoServer {
         );
         server.wait_accepting(addr);
         Self { server, addr }
+    }
+}
+
+/// What [`GoodbyeServer`] does once a client's request is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Farewell {
+    /// After `idle` of silence, write a 100-byte error message and close
+    /// (MySQL 8's error 4031, PostgreSQL's idle-session FATAL).
+    Goodbye,
+    /// Write 10 bytes every 100 ms for `idle`, then close right after the
+    /// last write: payload up to the end.
+    Stream,
+}
+
+/// The server side of [`GoodbyeServer`]: one thread per client, which
+/// reads a line, answers `ok`, then says goodbye or streams (argv: port,
+/// mode, seconds), and logs `closed PORT AFTER_S` for each client
+/// (ground truth: the idle it measured itself).
+const GOODBYE_PY: &str = r#"
+import socket, sys, threading, time
+port, mode, secs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+def serve(c, peer):
+    c.recv(100)
+    c.sendall(b"ok\n")
+    last = time.monotonic()
+    if mode == "goodbye":
+        c.settimeout(secs)
+        try:
+            c.recv(100)
+        except socket.timeout:
+            pass
+        c.sendall(b"ERROR 4031 (HY000): The client was disconnected by the server because of inactivity.".ljust(99) + b"\n")
+    else:
+        while time.monotonic() - last < secs:
+            time.sleep(0.1)
+            c.sendall(b"0123456789")
+    print("closed", peer[1], round(time.monotonic() - last, 3), flush=True)
+    c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(16)
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+"#;
+
+/// A small Python server that, after answering one request, says goodbye
+/// after an idle timeout or streams until it closes ([`Farewell`]).
+pub struct GoodbyeServer {
+    server: ServerProcess,
+    addr: SocketAddr,
+}
+
+impl GoodbyeServer {
+    pub fn start(ns: &NetNs, port: u16, farewell: Farewell, idle: Duration) -> Self {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mode = match farewell {
+            Farewell::Goodbye => "goodbye",
+            Farewell::Stream => "stream",
+        };
+        let args: Vec<OsString> = vec![
+            "-c".into(),
+            GOODBYE_PY.into(),
+            port.to_string().into(),
+            mode.into(),
+            idle.as_secs_f64().to_string().into(),
+        ];
+        let mut server = ServerProcess::spawn(
+            &Spawn::root("goodbye-server", ns, "python3", args, false),
+            TempDir::new("goodbye"),
+        );
+        server.wait_accepting(addr);
+        Self { server, addr }
+    }
+
+    /// The seconds each client (by port) was idle (or streamed) before the
+    /// server closed it, as the server measured.
+    pub fn closes(&self) -> BTreeMap<u16, f64> {
+        self.server
+            .log_text()
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("closed ")?.split(' ');
+                Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+            })
+            .collect()
     }
 }
 

@@ -140,6 +140,20 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
         &setup(60, false, 0, 2, InvalidAction::Reject, &app_args),
     );
     let app_connected = Instant::now();
+    // A CLOSE_WAIT leak (the peer closed, the owner holds on, past the
+    // daemon's 1 s threshold) and a refused connect, on the host, for the
+    // panels of those metrics.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let leaked =
+        std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+    drop(listener.accept().expect("accept"));
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    assert!(
+        std::net::TcpStream::connect(closed_port).is_err(),
+        "nothing listens there"
+    );
     let rules_file = yaml("prometheus/conn-tracer.rules.yml");
     let shipped_rules = rules(&rules_file);
     let prom = Prometheus::start(
@@ -384,6 +398,7 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
         !own.is_empty() && own.iter().all(|s| s["metric"]["pod"] == TRACER_POD),
         "{own:#?}"
     );
+    drop(leaked);
     eprintln!(
         "{name}: {:.1} s (Prometheus scraping for {:.1} s)",
         started.elapsed().as_secs_f64(),

@@ -10,7 +10,10 @@
 //!   `peer_closed`, whatever the idle threshold;
 //! - an ICMP reject on the path (a deleted pod, a reject policy): the
 //!   timeouts that follow are timeouts, not resets, though the kernel
-//!   reports them as EHOSTUNREACH.
+//!   reports them as EHOSTUNREACH;
+//! - a server that says goodbye (a short error message) before its FIN:
+//!   the idle time is the silence before the message, whether the client
+//!   reads it or not; a server that streams until it closes kills nothing.
 //!
 //! Every test holds `serial()` (each daemon sees every namespace) and
 //! compares metric deltas over label sets unique to its scenario.
@@ -29,7 +32,7 @@ use std::{
 };
 
 use integration_tests::{
-    NetNs, Peer,
+    NetNs, Peer, Tracer,
     daemon::{
         Daemon, delta,
         names::{IDLE_HIST, KILLS, STALE},
@@ -39,7 +42,7 @@ use integration_tests::{
     require_program_or_skip,
     scenario::{KEEPALIVE_1_1_3, local},
     serial_unless_skipped,
-    servers::{Redis, in_netns},
+    servers::{Farewell, GoodbyeServer, Redis, in_netns},
     skip_unless_root, test_name,
 };
 
@@ -535,4 +538,94 @@ fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
     // (The idle histogram has no peer label: other outbound connections the
     // peer closes meanwhile, such as the scrapes' own, move it too, so the
     // once-only count is checked on the kill above.)
+}
+
+/// A client of [`GoodbyeServer`] in the current namespace: one request and
+/// its answer, then either it reads until the server's close (`read_loop`:
+/// the goodbye is read before the FIN arrives) or it leaves the socket
+/// unread for 4 s (a pooled connection); then it closes. Its local port.
+fn farewell_client(port: u16, read_loop: bool) -> u16 {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let local = c.local_addr().expect("local address").port();
+    c.write_all(b"hi\n").expect("request");
+    let mut answer = [0u8; 3];
+    c.read_exact(&mut answer).expect("answer");
+    assert_eq!(&answer, b"ok\n");
+    if read_loop {
+        let mut buf = [0u8; 4096];
+        c.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("read timeout");
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    } else {
+        thread::sleep(Duration::from_secs(4));
+    }
+    local
+}
+
+#[test]
+fn root_goodbye_before_the_fin_does_not_end_the_silence() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let goodbye = GoodbyeServer::start(&ns, 16420, Farewell::Goodbye, Duration::from_secs(2));
+    let stream = GoodbyeServer::start(&ns, 16421, Farewell::Stream, Duration::from_secs(3));
+    let daemon = Daemon::start("1s", &[]);
+    let tracer = Tracer::start();
+    let before = daemon.scrape();
+
+    let [quiet, reader, streamed] = in_netns(&ns, || {
+        let quiet = thread::spawn(|| farewell_client(16420, false));
+        let reader = thread::spawn(|| farewell_client(16420, true));
+        let streamed = thread::spawn(|| farewell_client(16421, true));
+        [quiet, reader, streamed].map(|t| t.join().expect("client thread"))
+    });
+
+    // Ground truth: the servers' own idle (or streaming) time per client.
+    let said = goodbye.closes();
+    let streamed_for = stream.closes();
+    for port in [quiet, reader] {
+        let idle = said.get(&port).copied().unwrap_or_default();
+        assert!(
+            (2.0..2.2).contains(&idle),
+            "server idle for {port}: {said:?}"
+        );
+    }
+    assert!(
+        streamed_for.get(&streamed).is_some_and(|&s| s >= 3.0),
+        "{streamed_for:?}"
+    );
+
+    // The peer's FIN (ESTABLISHED -> CLOSE_WAIT) of each client socket.
+    let ns_inode = ns.inode();
+    let ends = tracer.wait_for_netns(ns_inode, "three ends", Duration::from_secs(5), |evs| {
+        [quiet, reader, streamed]
+            .iter()
+            .all(|&p| evs.iter().any(|e| e["kind"] == "end" && e["sport"] == p))
+    });
+    let idle_of = |port: u16| {
+        let end = ends
+            .iter()
+            .find(|e| e["kind"] == "end" && e["sport"] == port)
+            .expect("end record");
+        assert_eq!(end["end"]["closed_by"], "peer", "{end}");
+        end["end"]["idle_s"].as_f64().expect("idle_s")
+    };
+    for (who, port) in [("not reading", quiet), ("reading", reader)] {
+        let idle = idle_of(port);
+        eprintln!(
+            "client {who}: idle {idle} s, the server's {:?}",
+            said.get(&port)
+        );
+        assert!(
+            (2.0..2.2).contains(&idle),
+            "client {who}: idle {idle} s before the goodbye (the server's 2 s)"
+        );
+    }
+    let idle = idle_of(streamed);
+    assert!(idle < 0.5, "streamed up to the close: idle {idle} s");
+
+    let killed = [("peer", "127.0.0.1:16420"), ("closed_by", "peer")];
+    let (m, m2) = daemon.settle(&before, KILLS, &killed, 2.0, Duration::from_secs(1));
+    m.assert_delta(&before, KILLS, &killed, 2.0);
+    m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16420")], 2.0);
+    m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16421")], 0.0);
 }

@@ -293,6 +293,13 @@ pub struct CloseData {
     /// The peer's receive window at the end (0: closed; a zero-window
     /// probe timeout).
     pub snd_wnd: u32,
+    /// The peer's last burst of payload ([`SockState::pre_burst_ns`] ...):
+    /// when the silence before it began and when it began (0: none seen),
+    /// and `bytes_received` (low 32 bits) before it.
+    pub pre_burst_ns: u64,
+    pub burst_start_ns: u64,
+    pub burst_base: u32,
+    pub pad: u32,
 }
 
 /// Data of a [`kind::SNAPSHOT`] record: a live socket's keepalive settings,
@@ -350,7 +357,33 @@ pub struct SockState {
     /// (`sock:inet_sk_error_report`, 5.14+): the owner's `connect()` or
     /// `SO_ERROR` may consume `sk_err` before the final transition reads it.
     pub reported_err: u32,
+    /// Received payload, as the `tcp:tcp_probe` program follows it (one
+    /// step per incoming segment, before the kernel processes it), for the
+    /// peer's final burst (a goodbye message right before its FIN):
+    /// `icsk_ack.lrcvtime` as last seen, and the low 32 bits of
+    /// `bytes_received` at the last step.
+    pub rx_seen_j: u32,
+    pub rx_bytes_seen: u32,
+    /// `bytes_received` (low 32 bits) before the current burst's first byte.
+    pub burst_base: u32,
+    pub pad2: u32,
+    /// CLOCK_MONOTONIC of the last step (the segment it saw is processed
+    /// right after it: an arrival time).
+    pub step_ns: u64,
+    /// When the last payload arrived (ESTABLISHED until any did).
+    pub rx_ns: u64,
+    /// The current burst: payload after a silence of at least
+    /// [`BURST_GAP_NS`] began arriving at `burst_start_ns`; the payload
+    /// before that silence arrived at `pre_burst_ns`. 0: no burst yet.
+    pub pre_burst_ns: u64,
+    pub burst_start_ns: u64,
 }
+
+/// A silence of at least this long between two payload arrivals starts a
+/// new burst (see [`SockState::burst_start_ns`]): longer than the gaps
+/// inside one goodbye (a message, then a TLS close_notify), shorter than
+/// any idle timeout worth a kill.
+pub const BURST_GAP_NS: u64 = 1_000_000_000;
 
 /// One event as it sits in the ring buffer.
 #[repr(C)]
@@ -524,10 +557,10 @@ const _: () = assert!(size_of::<Event<StateChange>>() == 120);
 const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
-const _: () = assert!(size_of::<CloseData>() == 104);
+const _: () = assert!(size_of::<CloseData>() == 128);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
-const _: () = assert!(size_of::<SockState>() == 48 + 48);
+const _: () = assert!(size_of::<SockState>() == 48 + 96);
 const _: () = assert!(size_of::<TracerConfig>() == 32);
 const _: () = assert!(size_of::<ListenKey>() == 8);
 const _: () = assert!(size_of::<ListenOwner>() == 56);

@@ -15,6 +15,7 @@ mod iter;
 mod maps;
 mod probes;
 mod resets;
+mod rx;
 mod sock;
 mod sockopt;
 mod state;

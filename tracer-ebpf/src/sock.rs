@@ -181,7 +181,7 @@ pub fn read<T: Copy + Default>(base: *const c_void, off: u32) -> T {
 }
 
 /// The most [`zero`] writes (the loop must have a constant bound).
-pub const ZERO_MAX_BYTES: usize = 128;
+pub const ZERO_MAX_BYTES: usize = 160;
 
 /// Zeroes `len` bytes (a multiple of 4, at most [`ZERO_MAX_BYTES`]) at
 /// 4-aligned `dst` with word stores. The compiler would otherwise call a

@@ -30,6 +30,7 @@ use crate::{
         forget_state, inherit, listener_owner, register_listener, reserve, state_of,
         unregister_listener,
     },
+    rx::{rx_start, rx_step},
     sock::{
         Btf, Kmem, addr_at, conn_id, cookie_helper, current_owner, fill_info, keepalive,
         local_port, netns_of, off, ready, reset_state, state_in_hash, verbose,
@@ -162,7 +163,12 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
                 st.cookie = conn_id(sk, addr, core::ptr::null());
             }
             st.netns = netns_of::<Btf>(tp);
+            rx_start(st, tp, now);
         } else if old == tcp_state::ESTABLISHED {
+            if new == tcp_state::CLOSE_WAIT && st.step_ns != 0 {
+                // The FIN's own payload, if it carried any.
+                rx_step(st, tp, now);
+            }
             st.end_ns = now;
             // SAFETY: helper without arguments.
             st.end_j = unsafe { bpf_jiffies64() } as u32;
@@ -344,6 +350,10 @@ fn emit_close(
             bytes_acked: Btf::get(tp, off!(tp_bytes_acked)),
             soft_errno: soft_errno.unsigned_abs(),
             snd_wnd: Btf::get(tp, off!(tp_snd_wnd)),
+            pre_burst_ns: st.pre_burst_ns,
+            burst_start_ns: st.burst_start_ns,
+            burst_base: st.burst_base,
+            pad: 0,
         };
     }
     entry.submit(0);

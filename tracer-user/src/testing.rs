@@ -126,6 +126,7 @@ pub fn close(close_ns: u64, outbound: bool, port: u16, idle_kill: bool) -> Event
             bytes_acked: 9,
             soft_errno: 0,
             snd_wnd: 65_535,
+            ..CloseData::default()
         },
     }
 }

@@ -72,6 +72,7 @@ prop_compose! {
         jiffies in any::<u64>(),
         last in array::uniform3(any::<u32>()),
         tail in array::uniform3(any::<u64>()),
+        burst in array::uniform2(any::<u64>()),
     ) -> CloseData {
         CloseData {
             ka, established_ns: ns[0], end_ns: ns[1],
@@ -80,6 +81,7 @@ prop_compose! {
             jiffies, last_send_j: last[0], last_recv_j: last[1], last_ack_j: last[2],
             errno: j[3], first_tx_us: tail[0], bytes_received: tail[1], bytes_acked: tail[2],
             soft_errno: last[0] ^ j[0], snd_wnd: last[1] ^ j[1],
+            pre_burst_ns: burst[0], burst_start_ns: burst[1], burst_base: last[2] ^ j[2], pad: 0,
         }
     }
 }

@@ -68,7 +68,22 @@ pub(crate) const PROGRAMS: &[Hook] = &[
                   connect whose ICMP error the application read and cleared (SO_ERROR) \
                   before giving up is not counted as a connect failure",
     },
+    Hook {
+        program: "tcp_probe",
+        tracepoint: "tcp_probe",
+        what: "received payload (the peer's last burst before its FIN)",
+        required: false,
+        args: ArgUse::Sock,
+        without: "a goodbye message a server writes right before its FIN (MySQL 8 error 4031, \
+                  PostgreSQL's idle-session FATAL, an HTTP/2 GOAWAY) ends the idle time: \
+                  such idle kills are reported with the idle time after the message",
+    },
 ];
+
+/// Optional programs to leave unattached, comma-separated (e.g.
+/// `tcp_probe`): to measure a program's cost, or to see what a kernel
+/// without its tracepoint loses.
+pub(crate) const SKIP_PROGRAMS_ENV: &str = "CONN_TRACER_SKIP_PROGRAMS";
 
 /// Set to 1, the programs use what kernels before 5.11 offer (no socket
 /// storage or cookies in tracing programs) on any kernel: for tests of
@@ -112,7 +127,13 @@ impl KernelShape {
             socket_cookie: true,
             sockopt_task: true,
         };
+        let skip = std::env::var(SKIP_PROGRAMS_ENV).unwrap_or_default();
         for hook in PROGRAMS {
+            if !hook.required && skip.split(',').any(|p| p.trim() == hook.program) {
+                let why = format!("left out by {SKIP_PROGRAMS_ENV}");
+                shape.missing_hooks.push((*hook, why));
+                continue;
+            }
             let why = match offsets::tracepoint_args(btf, hook.tracepoint)? {
                 None => format!(
                     "this kernel has no tracepoint {} (no btf_trace_{0} in BTF)",

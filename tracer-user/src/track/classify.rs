@@ -5,7 +5,9 @@
 //! - idle at the end: time since the last payload byte either way when the
 //!   connection left ESTABLISHED (first FIN, RST or timeout). Keepalive
 //!   probes, bare ACKs and FINs are not payload (the kernel's `lsndtime` and
-//!   `icsk_ack.lrcvtime` only move for data).
+//!   `icsk_ack.lrcvtime` only move for data). A goodbye does not end the
+//!   silence: when the peer's FIN follows a short final burst from the peer
+//!   ([`goodbye_silence`]), the idle time is the silence before that burst.
 //! - who ended it: the side whose FIN came first, whatever followed (a late
 //!   reset, the orphan's timeout); a reset received while established is the
 //!   peer's; a timeout while established (keepalive, TCP_USER_TIMEOUT,
@@ -204,8 +206,10 @@ pub(crate) fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
     };
 
     let idle_at_end = end_seen.then(|| {
-        let last = later(c.end_last_send_j, c.end_last_recv_j);
-        Duration::from_nanos(hz.ns(idle_ticks(c.end_j, last)))
+        goodbye_silence(c, hz).unwrap_or_else(|| {
+            let last = later(c.end_last_send_j, c.end_last_recv_j);
+            Duration::from_nanos(hz.ns(idle_ticks(c.end_j, last)))
+        })
     });
 
     // A send that died: payload in flight at the end, answered by a reset
@@ -254,6 +258,51 @@ pub(crate) fn ending(c: &CloseData, ts_ns: u64, hz: Hz) -> Ending {
         lifetime,
         keepalive: c.ka.enabled != 0,
     }
+}
+
+/// The most payload a goodbye holds: a protocol's farewell message (MySQL's
+/// ERR packet, PostgreSQL's ErrorResponse, an HTTP/2 GOAWAY, a TLS
+/// close_notify: tens to a few hundred bytes), not a response body.
+pub(crate) const GOODBYE_MAX_BYTES: u32 = 1024;
+/// The longest a goodbye takes from its first byte to the peer's FIN: the
+/// server writes it and closes (or, like Go's HTTP/2 server, closes within
+/// a second of its GOAWAY).
+pub(crate) const GOODBYE_MAX_SPAN: Duration = Duration::from_secs(1);
+
+/// The silence before the peer's final burst, when the connection ended
+/// with the peer's FIN right after a goodbye: at most
+/// [`GOODBYE_MAX_BYTES`] of payload from the peer, begun at most
+/// [`GOODBYE_MAX_SPAN`] before the FIN, after a silence of at least
+/// [`tracer_common::BURST_GAP_NS`] both ways (our own last send came
+/// before the silence began: otherwise the burst answers it, a response
+/// and not a goodbye). `None` when the end was anything else.
+fn goodbye_silence(c: &CloseData, hz: Hz) -> Option<Duration> {
+    if c.first_close_state != tcp_state::CLOSE_WAIT
+        || c.pre_burst_ns == 0
+        || c.burst_start_ns <= c.pre_burst_ns
+        || c.end_ns < c.burst_start_ns
+    {
+        return None;
+    }
+    // bytes_received counts the FIN's sequence number too.
+    let burst = (c.bytes_received as u32)
+        .wrapping_sub(c.burst_base)
+        .wrapping_sub(1);
+    if burst == 0 || burst > GOODBYE_MAX_BYTES {
+        return None;
+    }
+    if Duration::from_nanos(c.end_ns - c.burst_start_ns) > GOODBYE_MAX_SPAN {
+        return None;
+    }
+    // Our last send, on the monotonic clock (a tick's rounding allowed);
+    // one before ESTABLISHED (or none: lsndtime unset) is no send.
+    let send_ns = c
+        .end_ns
+        .saturating_sub(hz.ns(idle_ticks(c.end_j, c.end_last_send_j)));
+    if send_ns >= c.established_ns && send_ns > c.pre_burst_ns + hz.ns(1) {
+        return None;
+    }
+    Some(Duration::from_nanos(c.burst_start_ns - c.pre_burst_ns))
 }
 
 /// Why a connect failed.
@@ -453,6 +502,63 @@ mod tests {
             !verdict(&e, Duration::from_secs(5)).idle_kill,
             "below threshold"
         );
+    }
+
+    /// A server's goodbye: the client's request at 19.99 s, the answer at
+    /// 20 s, silence, then `bytes` of payload at `burst_s` and the FIN at
+    /// `end_s` (the kernel's last-receive stamp is the burst's).
+    fn goodbye(burst_s: f64, end_s: f64, bytes: u32) -> (CloseData, u64) {
+        let s = |x: f64| (x * 1e9) as u64;
+        let (mut c, ts) = close(19.99, end_s, tcp_state::CLOSE_WAIT, end_s);
+        c.end_last_recv_j = j_at(s(burst_s)) as u32;
+        c.pre_burst_ns = s(20.0);
+        c.burst_start_ns = s(burst_s);
+        c.burst_base = 500;
+        c.bytes_received = 500 + u64::from(bytes) + 1;
+        (c, ts)
+    }
+
+    #[test]
+    fn goodbye_before_the_fin_does_not_end_the_silence() {
+        let (c, ts) = goodbye(22.0, 22.001, 100);
+        let idle = ending(&c, ts, HZ).idle_at_end.unwrap().as_secs_f64();
+        assert!((idle - 2.0).abs() < 1e-6, "{idle}");
+        assert!(verdict(&ending(&c, ts, HZ), Duration::from_secs(1)).idle_kill);
+        // At the bounds: 1024 bytes, the FIN 1 s after the burst began.
+        let (c, ts) = goodbye(22.0, 23.0, GOODBYE_MAX_BYTES);
+        let idle = ending(&c, ts, HZ).idle_at_end.unwrap().as_secs_f64();
+        assert!((idle - 2.0).abs() < 1e-6, "{idle}");
+    }
+
+    #[test]
+    fn a_large_or_long_final_burst_is_payload() {
+        // More than a goodbye holds: the idle time ends with the data.
+        let (c, ts) = goodbye(22.0, 22.001, GOODBYE_MAX_BYTES + 1);
+        let idle = ending(&c, ts, HZ).idle_at_end.unwrap().as_secs_f64();
+        assert!(idle < 0.01, "{idle}");
+        // The FIN long after the burst: the silence before the FIN counts.
+        let (c, ts) = goodbye(22.0, 25.0, 100);
+        let idle = ending(&c, ts, HZ).idle_at_end.unwrap().as_secs_f64();
+        assert!((idle - 3.0).abs() < 0.005, "{idle}");
+        // No silence before the FIN's burst (a stream up to the close).
+        let (mut c, ts) = goodbye(22.0, 22.001, 100);
+        c.pre_burst_ns = 0;
+        c.burst_start_ns = 0;
+        assert!(ending(&c, ts, HZ).idle_at_end.unwrap() < Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_slow_answer_and_its_close_are_no_goodbye() {
+        // The client asked at 21 s, after the last data (20 s): the burst
+        // at 31 s answers it (then the server closes: HTTP/1.0).
+        let (mut c, ts) = goodbye(31.0, 31.001, 100);
+        c.end_last_send_j = j_at(21_000_000_000) as u32;
+        let idle = ending(&c, ts, HZ).idle_at_end.unwrap().as_secs_f64();
+        assert!(idle < 0.01, "{idle}");
+        // Our own FIN first: no goodbye rule (it is the peer's FIN's).
+        let (mut c, ts) = goodbye(22.0, 22.001, 100);
+        c.first_close_state = tcp_state::FIN_WAIT1;
+        assert!(ending(&c, ts, HZ).idle_at_end.unwrap() < Duration::from_millis(10));
     }
 
     #[test]
