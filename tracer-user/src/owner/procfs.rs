@@ -313,6 +313,29 @@ mod tests {
         assert!(process(u32::MAX, 0).is_none());
     }
 
+    /// The process's name is its leader's, whatever thread asks: a worker
+    /// thread named like Envoy's (`wrk:worker_0`) does not rename it.
+    #[test]
+    fn a_worker_threads_name_is_not_the_process_name() {
+        let leader = process(std::process::id(), 0).expect("this process").comm;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("wrk:worker_0".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let own = fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+                let facts = process(std::process::id(), 0).expect("this process");
+                tx.send((own, facts.comm)).unwrap();
+            })
+            .unwrap();
+        let (thread_comm, process_comm) = rx.recv().unwrap();
+        worker.join().unwrap();
+        assert_eq!(thread_comm.trim_end(), "wrk:worker_0");
+        assert_eq!(process_comm, leader);
+        assert_ne!(process_comm, "wrk:worker_0");
+    }
+
     #[test]
     fn parses_fd_links_and_status() {
         assert_eq!(socket_inode("socket:[4026]"), Some(4026));
