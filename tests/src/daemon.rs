@@ -94,6 +94,27 @@ impl Daemon {
             .unwrap_or_else(|stderr| panic!("conn-tracer run exited before healthy:\n{stderr}"))
     }
 
+    /// Like [`Daemon::start`], reading pods, Services and EndpointSlices
+    /// from `kube` as the node `kube.node()`, with `config` (TOML) as its
+    /// config file.
+    pub fn start_on(threshold: &str, kube: &crate::fake_kube::FakeKube, config: &str) -> Self {
+        let file = std::env::temp_dir().join(format!("ct-config-{}.toml", crate::unique_suffix()));
+        std::fs::write(&file, config).expect("write the daemon's config");
+        let url = kube.url();
+        let path = file.to_str().expect("utf-8 path");
+        let args = [
+            "--kube-api",
+            &url,
+            "--node-name",
+            kube.node(),
+            "--config",
+            path,
+        ];
+        let daemon = Self::start(threshold, &args);
+        let _ = std::fs::remove_file(&file);
+        daemon
+    }
+
     /// Like [`Daemon::start`], with the daemon's command line run by
     /// `wrapper` (e.g. `["unshare", "--cgroup"]`): `wrapper[0]` is spawned
     /// with the rest of `wrapper`, then the daemon's path and arguments. The

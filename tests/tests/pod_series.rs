@@ -5,14 +5,14 @@
 //! one more grace period (so Prometheus scrapes their last counts) and are
 //! removed, counted in `conntracer_forgotten_pods_total`.
 
-use std::{fs, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use integration_tests::{
     Peer,
     daemon::{Daemon, Metrics},
     fake_kube::{FakeKube, pod_json},
     mesh::{PodCgroups, hex_id},
-    serial_unless_skipped, unique_suffix,
+    serial_unless_skipped,
 };
 
 const NODE: &str = "node-forget";
@@ -34,25 +34,8 @@ fn root_a_deleted_pods_series_are_removed_after_two_grace_periods() {
         "10.250.0.9",
         &[("job", &format!("containerd://{id}"))],
     )]);
-    let config = std::env::temp_dir().join(format!("ct-pod-series-{}.toml", unique_suffix()));
-    fs::write(
-        &config,
-        "deleted_pod_grace = \"1s\"\nresync_interval = \"1s\"\n",
-    )
-    .expect("write config");
-    let url = kube.url();
-    let daemon = Daemon::start(
-        "1s",
-        &[
-            "--kube-api",
-            &url,
-            "--node-name",
-            NODE,
-            "--config",
-            config.to_str().expect("utf-8 path"),
-        ],
-    );
-    let _ = fs::remove_file(&config);
+    let config = "deleted_pod_grace = \"1s\"\nresync_interval = \"1s\"\n";
+    let daemon = Daemon::start_on("1s", &kube, config);
     let pods = |m: &Metrics| m.sum("conntracer_kube_pods", &[]);
     let m = daemon.wait_metrics(Duration::from_secs(20), |m| pods(m) >= 1.0);
     assert!(pods(&m) >= 1.0, "the pod watch never listed the pod");

@@ -49,8 +49,8 @@ impl Role {
 pub(crate) struct SidecarRules {
     /// Owner uids of sidecars (Istio runs its proxy as 1337).
     pub uids: Vec<u32>,
-    /// Container names or process names (thread names as the kernel keeps
-    /// them, 15 characters) of sidecars.
+    /// Container names, process names (the thread-group leader's comm, 15
+    /// characters) or executable names of sidecars.
     pub names: Vec<String>,
 }
 
@@ -64,9 +64,28 @@ impl Default for SidecarRules {
 }
 
 impl SidecarRules {
-    fn is_sidecar(&self, owner: &Owner, container: &str) -> bool {
-        let comm = owner.comm_str();
-        self.uids.contains(&owner.uid) || self.names.iter().any(|n| n == container || *n == comm)
+    /// Whether the owner is the sidecar: by its uid (as the host and as its
+    /// user namespace see it), its container's name, or its process's name
+    /// or executable. Without the process (gone), the socket's thread name
+    /// stands in for the process name.
+    pub(crate) fn is_sidecar(
+        &self,
+        owner: &Owner,
+        container: &str,
+        process: Option<&procfs::Process>,
+    ) -> bool {
+        let uid = |u: u32| self.uids.contains(&u);
+        let name = |n: &str| !n.is_empty() && self.names.iter().any(|x| x == n);
+        match process {
+            Some(p) => {
+                uid(owner.uid)
+                    || p.uid_inside.is_some_and(uid)
+                    || name(container)
+                    || name(&p.comm)
+                    || name(&p.exe)
+            }
+            None => uid(owner.uid) || name(container) || name(&owner.comm_str()),
+        }
     }
 }
 
@@ -81,10 +100,15 @@ pub struct Attributor {
     rules: SidecarRules,
     /// cgroup id -> parsed path; bounded, rebuilt when full.
     parsed: HashMap<u64, Option<PodContainer>>,
+    /// (pid, cgroup id) -> the process's name, executable and namespaced
+    /// uid, read once; bounded, rebuilt when full.
+    processes: HashMap<(u32, u64), Option<procfs::Process>>,
 }
 
 /// Parsed cgroup paths kept; a node has far fewer live cgroups.
 const PARSED_CAP: usize = 65_536;
+/// Processes whose facts are kept.
+const PROCESSES_CAP: usize = 16_384;
 
 impl Attributor {
     pub(crate) fn new(
@@ -99,6 +123,7 @@ impl Attributor {
             services,
             rules,
             parsed: HashMap::new(),
+            processes: HashMap::new(),
         }
     }
 
@@ -228,10 +253,36 @@ impl Attributor {
                 a.container = id.chars().take(12).collect();
             }
         }
-        if self.rules.is_sidecar(owner, &a.container) {
+        let process = self.process(owner);
+        if self.rules.is_sidecar(owner, &a.container, process.as_ref()) {
             a.role = Role::Sidecar;
         }
         a
+    }
+
+    /// The owner's process facts, from /proc while it lives (cached by pid
+    /// and cgroup, so that a reused pid in another cgroup is read again).
+    fn process(&mut self, owner: &Owner) -> Option<procfs::Process> {
+        if owner.pid == 0 {
+            return None;
+        }
+        let key = (owner.pid, owner.cgroup_id);
+        if let Some(hit) = self.processes.get(&key) {
+            return hit.clone();
+        }
+        // Only the process that owns the socket: its /proc entry must be in
+        // the socket owner's cgroup (not a reused pid, nor another pid
+        // namespace's process when the daemon runs without hostPID).
+        self.path_from_proc(owner.pid, owner.cgroup_id)?;
+        let facts = procfs::process(owner.pid, owner.uid);
+        // A process gone is not remembered: a live one may take its pid.
+        if facts.is_some() {
+            if self.processes.len() >= PROCESSES_CAP {
+                self.processes.clear();
+            }
+            self.processes.insert(key, facts.clone());
+        }
+        facts
     }
 
     /// Whether `ip` is the address of a pod deleted from the API (still in
@@ -250,5 +301,66 @@ impl Attributor {
     /// The Service port a ClusterIP:port is, if it is one.
     pub(crate) fn peer_service(&self, ip: IpAddr, port: u16) -> Option<ServiceRef> {
         self.services.service_at(ip, port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracer_common::COMM_LEN;
+
+    use super::*;
+
+    fn owner(uid: u32, thread: &str) -> Owner {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..thread.len()].copy_from_slice(thread.as_bytes());
+        Owner {
+            pid: 4242,
+            uid,
+            comm,
+            ..Owner::default()
+        }
+    }
+
+    fn process(comm: &str, exe: &str, uid_inside: Option<u32>) -> procfs::Process {
+        procfs::Process {
+            comm: comm.into(),
+            exe: exe.into(),
+            uid_inside,
+        }
+    }
+
+    #[test]
+    fn the_sidecar_is_told_by_its_process_not_the_sockets_thread() {
+        let rules = SidecarRules::default();
+        // Envoy as another uid: its worker thread opened the socket.
+        let worker = owner(1000, "wrk:worker_0");
+        assert!(rules.is_sidecar(&worker, "", Some(&process("envoy", "envoy", Some(1000)))));
+        // Renamed process, the executable still says what it is.
+        let p = process("pilot-agent-x", "envoy", Some(1000));
+        assert!(rules.is_sidecar(&worker, "", Some(&p)));
+        // A thread named envoy in an app process is not the sidecar.
+        let app = process("java", "java", Some(1000));
+        assert!(!rules.is_sidecar(&owner(1000, "envoy"), "", Some(&app)));
+        // The container name from the API.
+        assert!(rules.is_sidecar(&owner(1000, "java"), "istio-proxy", Some(&app)));
+        // Gone from /proc: the thread name stands in.
+        assert!(rules.is_sidecar(&owner(1000, "envoy"), "", None));
+        assert!(!rules.is_sidecar(&worker, "app", None));
+    }
+
+    #[test]
+    fn uid_1337_counts_as_the_pods_user_namespace_sees_it() {
+        let rules = SidecarRules::default();
+        // A user-namespaced pod: host uid 3_801_088 + 1337 is 1337 inside.
+        let map = "         0    3801088      65536\n";
+        let kuid = 3_801_088 + 1337;
+        let inside = procfs::uid_inside(map, kuid);
+        assert_eq!(inside, Some(1337));
+        let envoy = process("envoy", "envoy", inside);
+        assert!(rules.is_sidecar(&owner(kuid, "wrk:worker_1"), "", Some(&envoy)));
+        let app = process("app", "app", procfs::uid_inside(map, 3_801_088 + 1000));
+        assert!(!rules.is_sidecar(&owner(3_801_088 + 1000, "app"), "", Some(&app)));
+        // Without a user namespace the host uid is the uid.
+        assert!(rules.is_sidecar(&owner(1337, "wrk:worker_1"), "", Some(&app)));
     }
 }

@@ -209,6 +209,58 @@ pub(crate) fn process_owner(pid: u32, cgroup_mount: Option<&Path>) -> Option<Own
     })
 }
 
+/// What makes a process a sidecar beyond its socket's thread: the
+/// process's own name (its thread-group leader's comm; Envoy opens sockets
+/// from `wrk:worker_N` threads), its executable's file name, and its uid as
+/// its user namespace sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Process {
+    pub comm: String,
+    pub exe: String,
+    /// The uid inside the process's user namespace; `None` when its map
+    /// does not cover the uid.
+    pub uid_inside: Option<u32>,
+}
+
+/// [`Process`] facts of `pid` whose kernel uid is `uid`; `None` once it is
+/// gone. (`/proc/<pid>/uid_map` read from the host's user namespace maps
+/// the pod's uids to the host's.)
+pub(crate) fn process(pid: u32, uid: u32) -> Option<Process> {
+    let base = Path::new("/proc").join(pid.to_string());
+    let comm = fs::read_to_string(base.join("comm")).ok()?;
+    let exe = fs::read_link(base.join("exe"))
+        .ok()
+        .and_then(|p| Some(exe_name(p.file_name()?.to_str()?).to_owned()))
+        .unwrap_or_default();
+    let uid_inside = fs::read_to_string(base.join("uid_map"))
+        .ok()
+        .and_then(|map| uid_inside(&map, uid));
+    Some(Process {
+        comm: comm.trim_end_matches('\n').to_owned(),
+        exe,
+        uid_inside,
+    })
+}
+
+/// An executable's name as `/proc/<pid>/exe` links it: a binary replaced
+/// on disk while running is shown as `name (deleted)`.
+fn exe_name(file: &str) -> &str {
+    file.strip_suffix(" (deleted)").unwrap_or(file)
+}
+
+/// The uid inside a user namespace of `kuid` (a uid of the reader's
+/// namespace), from `uid_map` text: lines `inside outside count`.
+pub(crate) fn uid_inside(uid_map: &str, kuid: u32) -> Option<u32> {
+    uid_map.lines().find_map(|line| {
+        let mut f = line.split_whitespace().map(|n| n.parse::<u64>().ok());
+        let (inside, outside, count) = (f.next()??, f.next()??, f.next()??);
+        let k = u64::from(kuid);
+        (outside..outside.saturating_add(count))
+            .contains(&k)
+            .then(|| u32::try_from(inside + (k - outside)).ok())?
+    })
+}
+
 /// The cgroup v2 path in `/proc/<pid>/cgroup` text (the `0::` line).
 pub(crate) fn cgroup_v2_path(text: &str) -> Option<&str> {
     text.lines()
@@ -236,6 +288,53 @@ mod tests {
     use std::net::TcpListener;
 
     use super::*;
+
+    #[test]
+    fn uid_maps_translate_host_uids_into_the_namespace() {
+        let init = "         0          0 4294967295\n";
+        assert_eq!(uid_inside(init, 1337), Some(1337));
+        let pod = "         0    3801088      65536\n";
+        assert_eq!(uid_inside(pod, 3_801_088), Some(0));
+        assert_eq!(uid_inside(pod, 3_801_088 + 65_535), Some(65_535));
+        assert_eq!(uid_inside(pod, 3_801_088 + 65_536), None, "past the range");
+        assert_eq!(uid_inside(pod, 1337), None, "not mapped");
+        let split = "0 100000 1000\n1337 5000 1\n";
+        assert_eq!(uid_inside(split, 5000), Some(1337));
+        assert_eq!(uid_inside("garbage\n", 0), None);
+    }
+
+    #[test]
+    fn this_process_is_read_from_proc() {
+        let me = process(std::process::id(), 0).expect("this process");
+        let exe = std::env::current_exe().unwrap();
+        assert_eq!(me.exe, exe.file_name().unwrap().to_str().unwrap());
+        assert!(!me.comm.is_empty() && me.comm.len() <= 15, "{me:?}");
+        assert_eq!(exe_name("envoy (deleted)"), "envoy");
+        assert!(process(u32::MAX, 0).is_none());
+    }
+
+    /// The process's name is its leader's, whatever thread asks: a worker
+    /// thread named like Envoy's (`wrk:worker_0`) does not rename it.
+    #[test]
+    fn a_worker_threads_name_is_not_the_process_name() {
+        let leader = process(std::process::id(), 0).expect("this process").comm;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("wrk:worker_0".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                let tid = unsafe { libc::gettid() };
+                let own = fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+                let facts = process(std::process::id(), 0).expect("this process");
+                tx.send((own, facts.comm)).unwrap();
+            })
+            .unwrap();
+        let (thread_comm, process_comm) = rx.recv().unwrap();
+        worker.join().unwrap();
+        assert_eq!(thread_comm.trim_end(), "wrk:worker_0");
+        assert_eq!(process_comm, leader);
+        assert_ne!(process_comm, "wrk:worker_0");
+    }
 
     #[test]
     fn parses_fd_links_and_status() {
