@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
-use super::{Tracker, chains::NoRoutes, table::Conn};
+use super::{Tracker, table::Conn};
 use crate::{
     event::{ConnEvent, EventData, snapshot_connections},
     owner::procfs,
@@ -134,7 +134,7 @@ impl Tracker {
         for (_, cookie) in unchained {
             if let Some(info) = self.table.get(cookie).map(|c| c.info) {
                 let leg = self.leg(&info);
-                self.chains.on_open(leg, &NoRoutes);
+                self.chains.on_open(leg, self.attr.services());
             }
         }
         let rebuilt = self.chains.len().saturating_sub(chained_before);

@@ -7,7 +7,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, NoRoutes, PendingCaps},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps},
     classify::{self, Ending, Verdict},
     direction, peer_label,
     table::{Conn, ConnTable},
@@ -116,7 +116,7 @@ impl Tracker {
                     end_counted: false,
                 });
                 let leg = self.leg(&info);
-                self.chains.on_open(leg, &NoRoutes);
+                self.chains.on_open(leg, self.attr.services());
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
