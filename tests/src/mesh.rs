@@ -144,6 +144,9 @@ pub fn hex_id(seed: u8) -> String {
 /// Everything of one run; fields drop in declaration order: the daemon and
 /// processes first, the namespaces last.
 pub struct Mesh {
+    client: String,
+    /// Where the app connects: the pod's address or the Service's.
+    pub dialled: SocketAddr,
     /// The `peer` of the chain and of the app's own socket: the pod, or
     /// the Service the app dialled.
     pub chain_peer: &'static str,
@@ -157,7 +160,37 @@ pub struct Mesh {
     pub lab: NetLab,
 }
 
+/// An app process of the pod (`ct-client redis` to `dialled` with `args`,
+/// in the app's cgroup), waiting for [`Peer::go`] to connect.
+fn spawn_app(
+    lab: &NetLab,
+    cgroups: &PodCgroups,
+    client: &str,
+    dialled: SocketAddr,
+    args: &[&str],
+) -> Peer {
+    let mut cmd = lab.client().command(client);
+    cmd.args([
+        "redis",
+        "--addr",
+        &dialled.ip().to_string(),
+        "--port",
+        &dialled.port().to_string(),
+        "--pause-before-connect",
+    ])
+    .args(args);
+    let app = Peer::spawn("app", cmd);
+    cgroups.add("app", app.pid());
+    app
+}
+
 impl Mesh {
+    /// One more app connection of the pod to the same destination (see
+    /// [`spawn_app`]).
+    pub fn spawn_app(&self, args: &[&str]) -> Peer {
+        spawn_app(&self.lab, &self.cgroups, &self.client, self.dialled, args)
+    }
+
     /// Stops the daemon and starts a new one (a DaemonSet rollout) with
     /// `extra` arguments; returns once the new one knows the pods.
     pub fn restart_daemon(&mut self, extra: &[&str]) {
@@ -193,6 +226,8 @@ pub struct Setup {
     /// `ct-client redis` arguments after the address.
     pub app_args: Vec<&'static str>,
     pub dest: Dest,
+    /// Envoy's worker threads.
+    pub envoy_concurrency: u32,
 }
 
 /// The daemon, told the node and the fake API, with `extra` arguments;
@@ -294,24 +329,14 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
         });
     }
     opts.cgroup = Some(cgroups.dir("istio-proxy"));
+    opts.concurrency = s.envoy_concurrency;
     if service {
         opts.services = vec![(dialled, backend)];
     }
     let envoy = Envoy::start(lab.client(), opts);
     let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
 
-    let mut cmd = lab.client().command(client);
-    cmd.args([
-        "redis",
-        "--addr",
-        &dialled.ip().to_string(),
-        "--port",
-        &dialled.port().to_string(),
-        "--pause-before-connect",
-    ])
-    .args(&s.app_args);
-    let mut app = Peer::spawn("app", cmd);
-    cgroups.add("app", app.pid());
+    let mut app = spawn_app(&lab, &cgroups, client, dialled, &s.app_args);
     app.go();
     app.expect_port("connected");
     assert_eq!(
@@ -320,6 +345,8 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
         "the app's first query goes through the sidecar"
     );
     Mesh {
+        client: client.to_owned(),
+        dialled,
         chain_peer: if service { SERVICE_PEER } else { PEER },
         daemon,
         app,
@@ -359,5 +386,6 @@ pub fn setup(
         action,
         app_args: app_args.to_vec(),
         dest: Dest::Passthrough,
+        envoy_concurrency: 1,
     }
 }

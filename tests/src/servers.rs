@@ -828,6 +828,8 @@ pub struct EnvoyOptions {
     /// bound (the capture listener hands it the connections) and a STATIC
     /// cluster of the backend.
     pub services: Vec<(SocketAddr, SocketAddr)>,
+    /// Worker threads (`--concurrency`).
+    pub concurrency: u32,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -859,6 +861,7 @@ impl EnvoyOptions {
             gid: 0,
             cgroup: None,
             services: Vec::new(),
+            concurrency: 1,
         }
     }
 
@@ -877,6 +880,7 @@ impl EnvoyOptions {
             gid: SIDECAR_UID,
             cgroup: None,
             services: Vec::new(),
+            concurrency: 1,
         }
     }
 
@@ -931,7 +935,12 @@ impl EnvoyOptions {
             y,
             "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        \
              typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          \
-             stat_prefix: {prefix}\n          cluster: {cluster}\n          idle_timeout: {}.{:03}s\n",
+             stat_prefix: {prefix}\n          cluster: {cluster}\n          idle_timeout: {}.{:03}s\n          \
+             access_log:\n          - name: envoy.access_loggers.stdout\n            typed_config:\n              \
+             \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n              \
+             log_format:\n                text_format_source:\n                  inline_string: \
+             \"{ACCESS_MARK} %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_LOCAL_ADDRESS%\\n\"\n          \
+             access_log_options:\n            flush_access_log_on_connected: true\n",
             self.idle_timeout.as_secs(),
             self.idle_timeout.subsec_millis(),
             prefix = self.stat_prefix,
@@ -984,7 +993,7 @@ impl Envoy {
             config.into(),
             "--disable-hot-restart".into(),
             "--concurrency".into(),
-            "1".into(),
+            opts.concurrency.to_string().into(),
             "--log-level".into(),
             "warning".into(),
         ];
@@ -1072,7 +1081,23 @@ impl Envoy {
     pub fn log(&self) -> String {
         self.server.log_text()
     }
+
+    /// The access log's pairs, written as each upstream connection is
+    /// established: (downstream remote address, upstream local address),
+    /// i.e. (the app's socket, the sidecar's upstream socket).
+    pub fn access_pairs(&self) -> Vec<(String, String)> {
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.strip_prefix(ACCESS_MARK)?.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+            })
+            .collect()
+    }
 }
+
+/// The first word of Envoy's access log lines.
+const ACCESS_MARK: &str = "ct-access";
 
 /// A bounded HTTP/1.1 GET (`Connection: close`; Envoy refuses HTTP/1.0) on
 /// `stream`: status code and body.

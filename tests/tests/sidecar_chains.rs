@@ -476,3 +476,70 @@ fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
     eprintln!("mismatch back {:?} after the restart", started.elapsed());
     assert_app_chain_legs(&m);
 }
+
+/// 16 app connections at once to one Service through an Envoy with two
+/// worker threads: each chain's upstream leg is the socket Envoy's own
+/// access log pairs with the app's socket (`%DOWNSTREAM_REMOTE_ADDRESS%`
+/// -> `%UPSTREAM_LOCAL_ADDRESS%`), and none is a guess.
+#[test]
+fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
+    let _serial = serial_unless_skipped!();
+    let app_args = ["--then", "wait-close", "--timeout-secs", "30"];
+    let mut s = setup(60, false, 0, 300, InvalidAction::Drop, &app_args);
+    s.dest = Dest::Service;
+    s.envoy_concurrency = 2;
+    let m = mesh(&s);
+    let t0 = std::time::Instant::now();
+    let mut apps: Vec<_> = (0..16).map(|_| m.spawn_app(&app_args)).collect();
+    eprintln!("spawned in {:?}", t0.elapsed());
+    for a in &mut apps {
+        a.go();
+    }
+    for a in &mut apps {
+        a.expect_port("connected");
+        assert_eq!(a.expect_line("reply"), ["ok"]);
+    }
+    eprintln!("connected in {:?}", t0.elapsed());
+    let chains = 17.0;
+    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
+        x.sum("conntracer_sidecar_chains_open", &[]) >= chains
+    });
+    // Envoy flushes its access log every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m.envoy.access_pairs().len() < 17 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let truth: std::collections::HashMap<String, String> =
+        m.envoy.access_pairs().into_iter().collect();
+    assert_eq!(truth.len(), 17, "Envoy logged every upstream connection");
+    let list = m.daemon.connections();
+    let (mut checked, mut wrong, mut inferred) = (0, Vec::new(), 0);
+    for c in list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
+    {
+        let local = c["local"].as_str().expect("local");
+        let upstream = c["chain"]
+            .as_array()
+            .and_then(|legs| legs.iter().find(|l| l["leg"] == "sidecar-upstream"))
+            .unwrap_or_else(|| panic!("no upstream leg: {c:#}"));
+        if upstream["local"].as_str() != truth.get(local).map(String::as_str) {
+            wrong.push(format!(
+                "{local} -> {} (Envoy: {:?})",
+                upstream["local"],
+                truth.get(local)
+            ));
+        }
+        inferred += usize::from(upstream["inferred"] == true);
+        checked += 1;
+    }
+    eprintln!(
+        "{checked} chains: {} wrong, {inferred} inferred",
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "pairs unlike Envoy's: {wrong:#?}");
+    assert_eq!(inferred, 0, "{list:#}");
+    assert_eq!(checked, 17, "{list:#}");
+}

@@ -620,10 +620,6 @@ impl Chains {
     /// A sidecar thread accepted a connection (`local`, `remote`: the
     /// accepted socket's addresses): the connection it opens next for it
     /// comes from that thread.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "fed by the kernel's accept record, added next")
-    )]
     pub(crate) fn on_accept(&mut self, netns: u32, local: Endpoint, remote: Endpoint, tid: u32) {
         let Some(&cookie) = self.accepts.get(&(netns, ep(local), ep(remote))) else {
             return;

@@ -64,7 +64,12 @@ impl Tracker {
         let mut unchained = Vec::new();
         for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
-            if !self.chains.knows(ev.info.cookie) && ev.info.sock.state == tcp_state::ESTABLISHED {
+            // Those the daemon saw open went through the chains then.
+            let seen_open = self.table.get(ev.info.cookie).is_some_and(|c| c.opened);
+            if !seen_open
+                && !self.chains.knows(ev.info.cookie)
+                && ev.info.sock.state == tcp_state::ESTABLISHED
+            {
                 unchained.push((s.ino, ev.info.cookie));
             }
             let mut owner = owner_of(ev, &s);

@@ -131,6 +131,17 @@ impl Tracker {
             }
             EventData::Close(c) => Outcome::Closed(Box::new(self.on_close(&ev.info, &c))),
             EventData::End(c) => self.on_peer_fin(&ev.info, &c),
+            EventData::Accept(_) => {
+                let unspecified = IpAddr::from([0, 0, 0, 0]);
+                let s = &ev.info.sock;
+                self.chains.on_accept(
+                    ev.info.netns,
+                    (s.local().unwrap_or(unspecified), s.sport),
+                    (s.remote().unwrap_or(unspecified), s.dport),
+                    ev.info.owner.tid,
+                );
+                Outcome::Nothing
+            }
             EventData::Sockopt(o) => {
                 if ev.info.cookie != 0 {
                     self.table.apply_sockopt(ev.info.cookie, &o);
