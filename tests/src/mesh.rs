@@ -16,7 +16,7 @@ use std::{
 use crate::{
     Peer, cgroup2_mount,
     daemon::Daemon,
-    fake_kube::{FakeKube, pod_json},
+    fake_kube::{FakeKube, SliceEndpoint, endpoint_slice_json, pod_json, service_json},
     netlab::{InvalidAction, NetLab},
     scenario::KEEPALIVE_1_1_3,
     servers::{
@@ -31,6 +31,24 @@ pub const NAMESPACE: &str = "shop";
 pub const POD: &str = "cart-5d8f7";
 /// The Redis server is a pod of this node too, so the peer label names it.
 pub const PEER: &str = "db/redis-0";
+/// Its Service, when the app dials it ([`Dest::Service`]): `namespace/service`.
+pub const SERVICE_PEER: &str = "db/redis";
+/// The Service's ClusterIP: it exists nowhere but in the API and in the
+/// sidecar's listeners (the redirect takes every connection to it).
+pub const CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+/// The Service port, and the backend's target port behind it.
+const SERVICE_PORT: u16 = 6379;
+const TARGET_PORT: u16 = 16379;
+
+/// Where the app connects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// Redis's own address: the sidecar passes it through (ORIGINAL_DST).
+    Passthrough,
+    /// The Redis Service's ClusterIP: the sidecar routes it to the backend
+    /// pod on the target port, as Istio does.
+    Service,
+}
 
 /// A pod's cgroups as the kubelet lays them out with the systemd driver and
 /// containerd: kubepods.slice/kubepods-burstable.slice/
@@ -126,6 +144,12 @@ pub fn hex_id(seed: u8) -> String {
 /// Everything of one run; fields drop in declaration order: the daemon and
 /// processes first, the namespaces last.
 pub struct Mesh {
+    client: String,
+    /// Where the app connects: the pod's address or the Service's.
+    pub dialled: SocketAddr,
+    /// The `peer` of the chain and of the app's own socket: the pod, or
+    /// the Service the app dialled.
+    pub chain_peer: &'static str,
     pub daemon: Daemon,
     pub app: Peer,
     pub redirect: SidecarRedirect,
@@ -136,12 +160,42 @@ pub struct Mesh {
     pub lab: NetLab,
 }
 
+/// An app process of the pod (`ct-client redis` to `dialled` with `args`,
+/// in the app's cgroup), waiting for [`Peer::go`] to connect.
+fn spawn_app(
+    lab: &NetLab,
+    cgroups: &PodCgroups,
+    client: &str,
+    dialled: SocketAddr,
+    args: &[&str],
+) -> Peer {
+    let mut cmd = lab.client().command(client);
+    cmd.args([
+        "redis",
+        "--addr",
+        &dialled.ip().to_string(),
+        "--port",
+        &dialled.port().to_string(),
+        "--pause-before-connect",
+    ])
+    .args(args);
+    let app = Peer::spawn("app", cmd);
+    cgroups.add("app", app.pid());
+    app
+}
+
 impl Mesh {
+    /// One more app connection of the pod to the same destination (see
+    /// [`spawn_app`]).
+    pub fn spawn_app(&self, args: &[&str]) -> Peer {
+        spawn_app(&self.lab, &self.cgroups, &self.client, self.dialled, args)
+    }
+
     /// Stops the daemon and starts a new one (a DaemonSet rollout) with
     /// `extra` arguments; returns once the new one knows the pods.
     pub fn restart_daemon(&mut self, extra: &[&str]) {
         self.daemon.terminate();
-        self.daemon = start_daemon(&self.kube, extra);
+        self.daemon = start_daemon(&self.kube, self.chain_peer == SERVICE_PEER, extra);
     }
 
     /// Case C's end: the app's next query (on [`Peer::go`]) fails, met by
@@ -171,27 +225,31 @@ pub struct Setup {
     pub action: InvalidAction,
     /// `ct-client redis` arguments after the address.
     pub app_args: Vec<&'static str>,
+    pub dest: Dest,
+    /// Envoy's worker threads.
+    pub envoy_concurrency: u32,
 }
 
 /// The daemon, told the node and the fake API, with `extra` arguments;
-/// returns once it knows both pods.
-fn start_daemon(kube: &FakeKube, extra: &[&str]) -> Daemon {
+/// returns once it knows both pods (and the Service, with `service`).
+fn start_daemon(kube: &FakeKube, service: bool, extra: &[&str]) -> Daemon {
     let url = kube.url();
     let args = [&["--kube-api", &url, "--node-name", NODE][..], extra].concat();
     let daemon = Daemon::start("1s", &args);
     daemon.wait_metrics(Duration::from_secs(20), |m| {
         m.sum("conntracer_kube_pods", &[]) >= 2.0
+            && (!service
+                || m.sum(
+                    "conntracer_kube_index_entries",
+                    &[("kind", "service_ports")],
+                ) >= 1.0)
     });
     daemon
 }
 
-/// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
-/// its first reply through the sidecar.
-pub fn mesh(client: &str, s: &Setup) -> Mesh {
-    let lab = NetLab::new(s.action, s.conntrack_secs);
-    let upstream = SocketAddr::new(lab.server_ip(), 6379);
-    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
-    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
+/// The fake API: the app's pod (`uid`, its containers' ids), the Redis
+/// pod, and with `service` the Redis Service and its EndpointSlice.
+fn fake_api(lab: &NetLab, uid: &str, [app_id, proxy_id]: [&str; 2], service: bool) -> FakeKube {
     let kube = FakeKube::start(NODE);
     kube.set_pods(vec![
         pod_json(
@@ -214,13 +272,55 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
             &[("redis", &format!("containerd://{}", hex_id(3)))],
         ),
     ]);
+    if service {
+        let ip = lab.server_ip().to_string();
+        kube.set_services(vec![service_json(
+            "db",
+            "redis",
+            &CLUSTER_IP.to_string(),
+            &[("redis", SERVICE_PORT, TARGET_PORT)],
+        )]);
+        kube.set_endpoint_slices(vec![endpoint_slice_json(
+            "db",
+            "redis-x7k2p",
+            "redis",
+            &[("redis", TARGET_PORT)],
+            &[SliceEndpoint {
+                ip: &ip,
+                pod: "redis-0",
+                node: NODE,
+                ready: true,
+                terminating: false,
+            }],
+        )]);
+    }
+    kube
+}
+
+/// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
+/// its first reply through the sidecar.
+pub fn mesh(client: &str, s: &Setup) -> Mesh {
+    let lab = NetLab::new(s.action, s.conntrack_secs);
+    let service = s.dest == Dest::Service;
+    let backend = SocketAddr::new(
+        lab.server_ip(),
+        if service { TARGET_PORT } else { SERVICE_PORT },
+    );
+    let dialled = if service {
+        SocketAddr::new(CLUSTER_IP.into(), SERVICE_PORT)
+    } else {
+        backend
+    };
+    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
+    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
+    let kube = fake_api(&lab, uid, [&app_id, &proxy_id], service);
     let cgroups = PodCgroups::new(uid, &[("app", &app_id), ("istio-proxy", &proxy_id)]);
     // The daemon runs before the pod's processes start, as a DaemonSet does
     // on a node: the owners of listeners opened before it are not known yet
     // (see the closing notes of the reliability work).
     // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
-    let daemon = start_daemon(&kube, &["--close-wait-threshold", "1s"]);
-    let redis = Redis::start(lab.server(), upstream, s.redis_timeout_secs);
+    let daemon = start_daemon(&kube, service, &["--close-wait-threshold", "1s"]);
+    let redis = Redis::start(lab.server(), backend, s.redis_timeout_secs);
     let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
     if s.upstream_keepalive {
         opts.upstream_keepalive = Some(UpstreamKeepalive {
@@ -230,21 +330,14 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
         });
     }
     opts.cgroup = Some(cgroups.dir("istio-proxy"));
+    opts.concurrency = s.envoy_concurrency;
+    if service {
+        opts.services = vec![(dialled, backend)];
+    }
     let envoy = Envoy::start(lab.client(), opts);
     let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
 
-    let mut cmd = lab.client().command(client);
-    cmd.args([
-        "redis",
-        "--addr",
-        &upstream.ip().to_string(),
-        "--port",
-        "6379",
-        "--pause-before-connect",
-    ])
-    .args(&s.app_args);
-    let mut app = Peer::spawn("app", cmd);
-    cgroups.add("app", app.pid());
+    let mut app = spawn_app(&lab, &cgroups, client, dialled, &s.app_args);
     app.go();
     app.expect_port("connected");
     assert_eq!(
@@ -253,6 +346,9 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
         "the app's first query goes through the sidecar"
     );
     Mesh {
+        client: client.to_owned(),
+        dialled,
+        chain_peer: if service { SERVICE_PEER } else { PEER },
         daemon,
         app,
         redirect,
@@ -290,5 +386,7 @@ pub fn setup(
         conntrack_secs,
         action,
         app_args: app_args.to_vec(),
+        dest: Dest::Passthrough,
+        envoy_concurrency: 1,
     }
 }

@@ -910,6 +910,13 @@ pub struct EnvoyOptions {
     pub gid: u32,
     /// Start Envoy inside this cgroup v2 directory (a container's).
     pub cgroup: Option<PathBuf>,
+    /// Kubernetes Services as Istio routes them: (ClusterIP:port, backend
+    /// pod ip:targetPort), each a listener on the ClusterIP that is not
+    /// bound (the capture listener hands it the connections) and a STATIC
+    /// cluster of the backend.
+    pub services: Vec<(SocketAddr, SocketAddr)>,
+    /// Worker threads (`--concurrency`).
+    pub concurrency: u32,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -940,6 +947,8 @@ impl EnvoyOptions {
             uid: 0,
             gid: 0,
             cgroup: None,
+            services: Vec::new(),
+            concurrency: 1,
         }
     }
 
@@ -957,16 +966,13 @@ impl EnvoyOptions {
             uid: SIDECAR_UID,
             gid: SIDECAR_UID,
             cgroup: None,
+            services: Vec::new(),
+            concurrency: 1,
         }
     }
 
     /// The bootstrap config, as YAML.
     pub fn yaml(&self) -> String {
-        let timeout = format!(
-            "{}.{:03}s",
-            self.idle_timeout.as_secs(),
-            self.idle_timeout.subsec_millis()
-        );
         let mut y = String::new();
         let _ = write!(
             y,
@@ -980,29 +986,68 @@ impl EnvoyOptions {
         if matches!(self.upstream, EnvoyUpstream::OriginalDst) {
             y.push_str("    use_original_dst: true\n");
         }
+        self.tcp_proxy_chain(&mut y, "ct_upstream");
+        // Istio's outbound listeners: one per Service port, not bound; the
+        // capture listener hands them the connections to their ClusterIP.
+        for (i, (cluster_ip, _)) in self.services.iter().enumerate() {
+            let _ = write!(
+                y,
+                "  - name: ct_service_{i}\n    address:\n      socket_address: \
+                 {{ address: \"{}\", port_value: {} }}\n    bind_to_port: false\n",
+                cluster_ip.ip(),
+                cluster_ip.port()
+            );
+            self.tcp_proxy_chain(&mut y, &format!("ct_service_{i}"));
+        }
+        y.push_str("  clusters:\n");
+        match self.upstream {
+            EnvoyUpstream::Static(addr) => self.static_cluster(&mut y, "ct_upstream", addr),
+            EnvoyUpstream::OriginalDst => {
+                y.push_str(
+                    "  - name: ct_upstream\n    connect_timeout: 2s\n    type: ORIGINAL_DST\n    \
+                     lb_policy: CLUSTER_PROVIDED\n",
+                );
+                self.upstream_options(&mut y);
+            }
+        }
+        for (i, (_, backend)) in self.services.iter().enumerate() {
+            self.static_cluster(&mut y, &format!("ct_service_{i}"), *backend);
+        }
+        y
+    }
+
+    /// A filter chain of one tcp_proxy to `cluster`.
+    fn tcp_proxy_chain(&self, y: &mut String, cluster: &str) {
         let _ = write!(
             y,
             "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        \
              typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          \
-             stat_prefix: {prefix}\n          cluster: ct_upstream\n          idle_timeout: {timeout}\n  \
-             clusters:\n  - name: ct_upstream\n    connect_timeout: 2s\n",
+             stat_prefix: {prefix}\n          cluster: {cluster}\n          idle_timeout: {}.{:03}s\n          \
+             access_log:\n          - name: envoy.access_loggers.stdout\n            typed_config:\n              \
+             \"@type\": type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog\n              \
+             log_format:\n                text_format_source:\n                  inline_string: \
+             \"{ACCESS_MARK} %DOWNSTREAM_REMOTE_ADDRESS% %UPSTREAM_LOCAL_ADDRESS%\\n\"\n          \
+             access_log_options:\n            flush_access_log_on_connected: true\n",
+            self.idle_timeout.as_secs(),
+            self.idle_timeout.subsec_millis(),
             prefix = self.stat_prefix,
         );
-        match self.upstream {
-            EnvoyUpstream::Static(addr) => {
-                let _ = write!(
-                    y,
-                    "    type: STATIC\n    load_assignment:\n      cluster_name: ct_upstream\n      \
-                     endpoints:\n      - lb_endpoints:\n        - endpoint:\n            address:\n              \
-                     socket_address: {{ address: \"{}\", port_value: {} }}\n",
-                    addr.ip(),
-                    addr.port()
-                );
-            }
-            EnvoyUpstream::OriginalDst => {
-                y.push_str("    type: ORIGINAL_DST\n    lb_policy: CLUSTER_PROVIDED\n");
-            }
-        }
+    }
+
+    /// A STATIC cluster of one endpoint.
+    fn static_cluster(&self, y: &mut String, name: &str, addr: SocketAddr) {
+        let _ = write!(
+            y,
+            "  - name: {name}\n    connect_timeout: 2s\n    type: STATIC\n    load_assignment:\n      \
+             cluster_name: {name}\n      endpoints:\n      - lb_endpoints:\n        - endpoint:\n            \
+             address:\n              socket_address: {{ address: \"{}\", port_value: {} }}\n",
+            addr.ip(),
+            addr.port()
+        );
+        self.upstream_options(y);
+    }
+
+    fn upstream_options(&self, y: &mut String) {
         if let Some(ka) = self.upstream_keepalive {
             let _ = write!(
                 y,
@@ -1011,7 +1056,6 @@ impl EnvoyOptions {
                 ka.probes, ka.time_secs, ka.interval_secs
             );
         }
-        y
     }
 }
 
@@ -1036,7 +1080,7 @@ impl Envoy {
             config.into(),
             "--disable-hot-restart".into(),
             "--concurrency".into(),
-            "1".into(),
+            opts.concurrency.to_string().into(),
             "--log-level".into(),
             "warning".into(),
         ];
@@ -1124,7 +1168,23 @@ impl Envoy {
     pub fn log(&self) -> String {
         self.server.log_text()
     }
+
+    /// The access log's pairs, written as each upstream connection is
+    /// established: (downstream remote address, upstream local address),
+    /// i.e. (the app's socket, the sidecar's upstream socket).
+    pub fn access_pairs(&self) -> Vec<(String, String)> {
+        self.log()
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.strip_prefix(ACCESS_MARK)?.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+            })
+            .collect()
+    }
 }
+
+/// The first word of Envoy's access log lines.
+const ACCESS_MARK: &str = "ct-access";
 
 /// A bounded HTTP/1.1 GET (`Connection: close`; Envoy refuses HTTP/1.0) on
 /// `stream`: status code and body.

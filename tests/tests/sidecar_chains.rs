@@ -19,7 +19,7 @@ use integration_tests::{
         Metrics,
         names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
     },
-    mesh::{Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
+    mesh::{Dest, Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
     netlab::InvalidAction,
     serial_unless_skipped, str_values,
 };
@@ -31,11 +31,17 @@ fn mesh(s: &Setup) -> Mesh {
     integration_tests::mesh::mesh(CLIENT, s)
 }
 
-fn chain(origin: &str, upstream_keepalive: &str, idle: bool) -> [(&'static str, String); 6] {
+/// A chain kill's labels; `peer` is the pod or the Service the app dialled.
+fn chain(
+    peer: &str,
+    origin: &str,
+    upstream_keepalive: &str,
+    idle: bool,
+) -> [(&'static str, String); 6] {
     [
         ("namespace", NAMESPACE.into()),
         ("pod", POD.into()),
-        ("peer", PEER.into()),
+        ("peer", peer.into()),
         ("origin", origin.into()),
         ("upstream_keepalive", upstream_keepalive.into()),
         ("idle", idle.to_string()),
@@ -50,9 +56,13 @@ fn labels<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str
 /// Redis's `redis_timeout_secs`) until its connection is closed. Returns
 /// the mesh, the scrape before (the open chain checked) and the scrape
 /// after the chain's end.
-fn idle_until_chain_ended(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, Metrics, Metrics) {
+fn idle_until_chain_ended(
+    envoy_idle_s: u64,
+    redis_timeout_secs: u32,
+    dest: Dest,
+) -> (Mesh, Metrics, Metrics) {
     let app = ["--then", "wait-close"];
-    let s = setup(
+    let mut s = setup(
         envoy_idle_s,
         false,
         redis_timeout_secs,
@@ -60,6 +70,7 @@ fn idle_until_chain_ended(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, 
         InvalidAction::Drop,
         &app,
     );
+    s.dest = dest;
     let mut m = mesh(&s);
     let before = m.daemon.scrape();
     assert_open_chain(&m, &before);
@@ -72,9 +83,9 @@ fn idle_until_chain_ended(envoy_idle_s: u64, redis_timeout_secs: u32) -> (Mesh, 
 /// Case C: the app with keepalive, Envoy's upstream leg with keepalive or
 /// not, a path that resets expired flows. Returns the mesh and the scrape
 /// before, the open chain checked.
-fn case_c(upstream_keepalive: bool) -> (Mesh, Metrics) {
+fn case_c(upstream_keepalive: bool, dest: Dest) -> (Mesh, Metrics) {
     let app_args = keepalive_app_args();
-    let s = setup(
+    let mut s = setup(
         60,
         upstream_keepalive,
         0,
@@ -82,6 +93,7 @@ fn case_c(upstream_keepalive: bool) -> (Mesh, Metrics) {
         InvalidAction::Reject,
         &app_args,
     );
+    s.dest = dest;
     let m = mesh(&s);
     let before = m.daemon.scrape();
     assert_open_chain(&m, &before);
@@ -98,8 +110,8 @@ fn chain_ended(m: &Mesh, before: &Metrics) -> Metrics {
 /// whether it was idle.
 #[track_caller]
 fn assert_sole_chain_kill(
-    after: &Metrics,
-    before: &Metrics,
+    m: &Mesh,
+    (before, after): (&Metrics, &Metrics),
     origin: &str,
     keepalive: &str,
     idle: bool,
@@ -107,7 +119,7 @@ fn assert_sole_chain_kill(
     after.assert_delta(
         before,
         CHAIN_KILLS,
-        &labels(&chain(origin, keepalive, idle)),
+        &labels(&chain(m.chain_peer, origin, keepalive, idle)),
         1.0,
     );
     after.assert_delta(before, CHAIN_KILLS, &[], 1.0);
@@ -152,11 +164,21 @@ fn assert_open_chain(m: &Mesh, before: &Metrics) {
         "{}",
         now.dump(open)
     );
-    assert!(
+    // The app's socket to its destination (the pod, or the Service it
+    // dialled) and the sidecar's to the pod.
+    let peer_open = |peer| {
         now.sum(
             "conntracer_peer_connections_open",
-            &[("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)]
-        ) >= 2.0,
+            &[("namespace", NAMESPACE), ("pod", POD), ("peer", peer)],
+        )
+    };
+    let by_peer = if m.chain_peer == PEER {
+        peer_open(PEER)
+    } else {
+        peer_open(PEER) + peer_open(m.chain_peer)
+    };
+    assert!(
+        by_peer >= 2.0,
         "{}",
         now.dump("conntracer_peer_connections_open")
     );
@@ -179,13 +201,29 @@ fn assert_app_chain_legs(m: &Mesh) {
         ["app", "sidecar-app-side", "sidecar-upstream"],
         "{app_conn:#}"
     );
+    // One chain, to its destination or a backend of the Service dialled:
+    // every link is a fact.
+    let inferred = app_conn["chain"]
+        .as_array()
+        .is_some_and(|legs| legs.iter().any(|l| l["inferred"] == true));
+    assert!(!inferred, "{app_conn:#}");
 }
 
 #[test]
 fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
     let _serial = serial_unless_skipped!();
-    let (m, before, after) = idle_until_chain_ended(2, 0);
-    assert_sole_chain_kill(&after, &before, "sidecar", "off", true);
+    case_a(Dest::Passthrough);
+}
+
+#[test]
+fn root_service_case_a_envoy_idle_timeout_is_origin_sidecar() {
+    let _serial = serial_unless_skipped!();
+    case_a(Dest::Service);
+}
+
+fn case_a(dest: Dest) {
+    let (m, before, after) = idle_until_chain_ended(2, 0, dest);
+    assert_sole_chain_kill(&m, (&before, &after), "sidecar", "off", true);
     assert_eq!(m.redis.idle_closes(), 0);
     assert_eq!(
         m.envoy.idle_timeouts(),
@@ -199,7 +237,7 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
         ("container", "app"),
         ("role", "app"),
         ("closed_by", "peer"),
-        ("peer", PEER),
+        ("peer", m.chain_peer),
     ];
     after.assert_delta(&before, KILLS, &app_kill, 1.0);
     // Envoy closed its legs itself: no kill on the sidecar's sockets.
@@ -209,8 +247,18 @@ fn root_case_a_envoy_idle_timeout_is_origin_sidecar() {
 #[test]
 fn root_case_b_server_timeout_is_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let (m, before, after) = idle_until_chain_ended(60, 2);
-    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
+    case_b(Dest::Passthrough);
+}
+
+#[test]
+fn root_service_case_b_server_timeout_is_origin_upstream() {
+    let _serial = serial_unless_skipped!();
+    case_b(Dest::Service);
+}
+
+fn case_b(dest: Dest) {
+    let (m, before, after) = idle_until_chain_ended(60, 2, dest);
+    assert_sole_chain_kill(&m, (&before, &after), "upstream", "off", true);
     assert_eq!(
         m.envoy.idle_timeouts(),
         0,
@@ -236,15 +284,26 @@ fn root_case_b_server_timeout_is_origin_upstream() {
 #[test]
 fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
     let _serial = serial_unless_skipped!();
-    let (mut m, before) = case_c(false);
+    case_c_expired(Dest::Passthrough);
+}
+
+#[test]
+fn root_service_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upstream() {
+    let _serial = serial_unless_skipped!();
+    case_c_expired(Dest::Service);
+}
+
+fn case_c_expired(dest: Dest) {
+    let (mut m, before) = case_c(false, dest);
     // While it idles: keepalive on the app's leg, off upstream.
+    let peer = m.chain_peer;
     let mm = m.daemon.wait_metrics(Duration::from_secs(5), |x| {
-        x.sum(MISMATCH, &[("pod", POD), ("peer", PEER)]) == 1.0
+        x.sum(MISMATCH, &[("pod", POD), ("peer", peer)]) == 1.0
     });
     assert_eq!(
         mm.sum(
             MISMATCH,
-            &[("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)]
+            &[("namespace", NAMESPACE), ("pod", POD), ("peer", peer)]
         ),
         1.0,
         "{}",
@@ -267,7 +326,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
         ("outcome", "rst"),
     ];
     after.assert_delta(&before, STALE, &stale, 1.0);
-    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
+    assert_sole_chain_kill(&m, (&before, &after), "upstream", "off", true);
     assert_eq!(
         after.sum(MISMATCH, &[("pod", POD)]),
         0.0,
@@ -282,7 +341,7 @@ fn root_case_c_expired_upstream_without_keepalive_is_stale_reuse_and_origin_upst
 #[test]
 fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
     let _serial = serial_unless_skipped!();
-    let (mut m, before) = case_c(true);
+    let (mut m, before) = case_c(true, Dest::Passthrough);
     thread::sleep(Duration::from_secs(1));
     let mid = m.daemon.scrape();
     assert_eq!(
@@ -314,7 +373,7 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
     after.assert_delta(
         &before,
         CHAIN_KILLS,
-        &labels(&chain("app", "on", false)),
+        &labels(&chain(PEER, "app", "on", false)),
         1.0,
     );
     assert_eq!(m.lab.invalid_packets(), 0, "nothing expired on the path");
@@ -346,7 +405,7 @@ fn root_black_hole_upstream_is_origin_upstream_although_the_app_closed_first() {
         m.lab.invalid_packets() >= 1,
         "the router dropped the query to the expired flow"
     );
-    assert_sole_chain_kill(&after, &before, "upstream", "off", true);
+    assert_sole_chain_kill(&m, (&before, &after), "upstream", "off", true);
     // The sidecar's upstream socket: its query never acknowledged.
     let stale = [
         ("pod", POD),
@@ -383,7 +442,7 @@ fn root_busy_connection_closed_by_the_server_is_origin_upstream_not_idle() {
     m.app.expect_line("peer-closed");
     m.app.expect_line("closed");
     let after = chain_ended(&m, &before);
-    assert_sole_chain_kill(&after, &before, "upstream", "off", false);
+    assert_sole_chain_kill(&m, (&before, &after), "upstream", "off", false);
     after.assert_delta(&before, CHAIN_KILLS, &[("pod", POD), ("idle", "true")], 0.0);
     after.assert_delta(&before, KILLS, &[("pod", POD)], 0.0);
     assert_eq!(m.redis.idle_closes(), 0);
@@ -396,7 +455,7 @@ fn root_busy_connection_closed_by_the_server_is_origin_upstream_not_idle() {
 #[test]
 fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
     let _serial = serial_unless_skipped!();
-    let (mut m, _) = case_c(false);
+    let (mut m, _) = case_c(false, Dest::Passthrough);
     let mismatch = [("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)];
     m.daemon.wait_metrics(Duration::from_secs(5), |x| {
         x.sum(MISMATCH, &mismatch) == 1.0
@@ -416,4 +475,71 @@ fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
     );
     eprintln!("mismatch back {:?} after the restart", started.elapsed());
     assert_app_chain_legs(&m);
+}
+
+/// 16 app connections at once to one Service through an Envoy with two
+/// worker threads: each chain's upstream leg is the socket Envoy's own
+/// access log pairs with the app's socket (`%DOWNSTREAM_REMOTE_ADDRESS%`
+/// -> `%UPSTREAM_LOCAL_ADDRESS%`), and none is a guess.
+#[test]
+fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
+    let _serial = serial_unless_skipped!();
+    let app_args = ["--then", "wait-close", "--timeout-secs", "30"];
+    let mut s = setup(60, false, 0, 300, InvalidAction::Drop, &app_args);
+    s.dest = Dest::Service;
+    s.envoy_concurrency = 2;
+    let m = mesh(&s);
+    let t0 = std::time::Instant::now();
+    let mut apps: Vec<_> = (0..16).map(|_| m.spawn_app(&app_args)).collect();
+    eprintln!("spawned in {:?}", t0.elapsed());
+    for a in &mut apps {
+        a.go();
+    }
+    for a in &mut apps {
+        a.expect_port("connected");
+        assert_eq!(a.expect_line("reply"), ["ok"]);
+    }
+    eprintln!("connected in {:?}", t0.elapsed());
+    let chains = 17.0;
+    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
+        x.sum("conntracer_sidecar_chains_open", &[]) >= chains
+    });
+    // Envoy flushes its access log every second.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m.envoy.access_pairs().len() < 17 && std::time::Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let truth: std::collections::HashMap<String, String> =
+        m.envoy.access_pairs().into_iter().collect();
+    assert_eq!(truth.len(), 17, "Envoy logged every upstream connection");
+    let list = m.daemon.connections();
+    let (mut checked, mut wrong, mut inferred) = (0, Vec::new(), 0);
+    for c in list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
+    {
+        let local = c["local"].as_str().expect("local");
+        let upstream = c["chain"]
+            .as_array()
+            .and_then(|legs| legs.iter().find(|l| l["leg"] == "sidecar-upstream"))
+            .unwrap_or_else(|| panic!("no upstream leg: {c:#}"));
+        if upstream["local"].as_str() != truth.get(local).map(String::as_str) {
+            wrong.push(format!(
+                "{local} -> {} (Envoy: {:?})",
+                upstream["local"],
+                truth.get(local)
+            ));
+        }
+        inferred += usize::from(upstream["inferred"] == true);
+        checked += 1;
+    }
+    eprintln!(
+        "{checked} chains: {} wrong, {inferred} inferred",
+        wrong.len()
+    );
+    assert!(wrong.is_empty(), "pairs unlike Envoy's: {wrong:#?}");
+    assert_eq!(inferred, 0, "{list:#}");
+    assert_eq!(checked, 17, "{list:#}");
 }

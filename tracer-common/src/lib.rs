@@ -60,6 +60,11 @@ pub mod kind {
     /// the end facts at that moment, as a [`super::CloseData`], so the kill
     /// is counted then, however long the owner keeps the socket.
     pub const END: u16 = 9;
+    /// A process accepted a connection on a capture port (`accept()`,
+    /// `accept4()` returning): the header's owner is the accepting thread,
+    /// its addresses the accepted socket's (no connection id: the syscall
+    /// tracepoint has no typed socket). Data: [`super::AcceptData`].
+    pub const ACCEPT: u16 = 10;
     /// Number of slots in the per-kind loss counter; larger than the highest kind.
     pub const SLOTS: u32 = 16;
     /// Loss-counter slot (not an event kind): a socket whose state could
@@ -322,6 +327,15 @@ pub struct SnapshotData {
     pub ino: u64,
 }
 
+/// Data of a [`kind::ACCEPT`] event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AcceptData {
+    /// The accepted socket's file descriptor in the accepting process.
+    pub fd: u32,
+    pub pad: u32,
+}
+
 /// Data of a [`kind::SOCKOPT`] event.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -456,6 +470,14 @@ pub struct KernelOffsets {
     pub socket_file: u32,
     pub file_inode: u32,
     pub inode_ino: u32,
+    // task -> files -> fdtable -> file -> socket -> sock: the socket a file
+    // descriptor of the current task holds (the accept program).
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
 }
 
 /// Where the kernel programs keep per-socket state ([`TracerConfig::state_store`]).
@@ -500,7 +522,10 @@ pub struct TracerConfig {
     /// Non-zero: the setsockopt program may ask for the calling task's pid
     /// and name (5.11+; before, cgroup programs get only uid and cgroup).
     pub sockopt_task: u32,
-    pub pad: u32,
+    /// The mesh's capture ports: only accepts on these are reported
+    /// ([`kind::ACCEPT`]); 0: none.
+    pub outbound_capture_port: u16,
+    pub inbound_capture_port: u16,
 }
 
 /// The connection id of the socket at kernel address `addr` where the
@@ -554,7 +579,8 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 41 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 47 * 4);
+const _: () = assert!(size_of::<AcceptData>() == 8);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);
 const _: () = assert!(size_of::<CloseData>() == 128);

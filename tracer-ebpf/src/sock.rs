@@ -29,7 +29,8 @@ pub static CONFIG: TracerConfig = TracerConfig {
     reset_reason_arg: 0,
     id_secret: 0,
     sockopt_task: 0,
-    pad: 0,
+    outbound_capture_port: 0,
+    inbound_capture_port: 0,
 };
 
 /// One field of [`CONFIG`], read as [`off!`] reads [`OFFSETS`]: the
@@ -325,6 +326,21 @@ pub fn fill_info<K: Kmem>(
         (*info).cookie = conn_id(sk, addr, state);
         (*info).kind = event_kind;
         (*info).pad = 0;
+        fill_sock::<K>(info, fields);
+        (*info).owner = if state.is_null() {
+            Owner::default()
+        } else {
+            (*state).owner
+        };
+    }
+}
+
+/// The namespace and addresses part of an event header, read through `K`.
+#[inline(always)]
+pub fn fill_sock<K: Kmem>(info: *mut EventInfo, fields: *const c_void) {
+    // SAFETY: `info` points at reserved ring buffer memory of the right
+    // size; `fields` is a socket `K` reads safely.
+    unsafe {
         (*info).netns = netns_of::<K>(fields);
 
         let s = &raw mut (*info).sock;
@@ -356,11 +372,5 @@ pub fn fill_info<K: Kmem>(
             K::copy((&raw mut (*s).saddr).cast(), 4, fields, off!(skc_rcv_saddr));
             K::copy((&raw mut (*s).daddr).cast(), 4, fields, off!(skc_daddr));
         }
-
-        (*info).owner = if state.is_null() {
-            Owner::default()
-        } else {
-            (*state).owner
-        };
     }
 }

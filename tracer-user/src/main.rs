@@ -92,7 +92,7 @@ impl From<KernelArgs> for KernelOptions {
             btf_path: a.btf,
             ring_bytes: a.ring_bytes,
             verbose: true,
-            sockopts: true,
+            ..KernelOptions::default()
         }
     }
 }

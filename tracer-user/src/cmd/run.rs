@@ -52,6 +52,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         ring_bytes: cfg.ring_bytes,
         verbose: false,
         sockopts: cfg.trace_sockopts,
+        capture_ports: (cfg.outbound_capture_port, cfg.inbound_capture_port),
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
     caps::warn_gaps();

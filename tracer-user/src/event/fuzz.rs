@@ -4,8 +4,8 @@
 
 use proptest::{array, prelude::*};
 use tracer_common::{
-    AF_INET, AF_INET6, CloseData, Event, EventInfo, OpenData, Owner, ResetData, SnapshotData,
-    SockAddrs, SockError, SockoptData, StateChange, kind,
+    AF_INET, AF_INET6, AcceptData, CloseData, Event, EventInfo, OpenData, Owner, ResetData,
+    SnapshotData, SockAddrs, SockError, SockoptData, StateChange, kind,
 };
 
 use super::*;
@@ -184,6 +184,10 @@ fn arb_record() -> impl Strategy<Value = (Vec<u8>, ConnEvent)> {
         ),
         (arb_info(), arb_snapshot())
             .prop_map(|(i, d)| { rec(i, kind::SNAPSHOT, d, EventData::Snapshot(d)) }),
+        (arb_info(), u32s()).prop_map(|(i, [fd, pad])| {
+            let d = AcceptData { fd, pad };
+            rec(i, kind::ACCEPT, d, EventData::Accept(d))
+        }),
     ]
 }
 
@@ -200,6 +204,7 @@ fn need(kind: u16) -> Option<usize> {
                 kind::CLOSE | kind::END => size_of::<CloseData>(),
                 kind::SOCKOPT => size_of::<SockoptData>(),
                 kind::SNAPSHOT => size_of::<SnapshotData>(),
+                kind::ACCEPT => size_of::<AcceptData>(),
                 _ => return None,
             },
     )

@@ -18,8 +18,8 @@ mod tests;
 use std::ptr;
 
 use tracer_common::{
-    CloseData, Event, EventInfo, OpenData, ResetData, SnapshotData, SockError, SockoptData,
-    StateChange, kind, tcp_state,
+    AcceptData, CloseData, Event, EventInfo, OpenData, ResetData, SnapshotData, SockError,
+    SockoptData, StateChange, kind, tcp_state,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +59,9 @@ pub enum EventData {
     End(CloseData),
     Sockopt(SockoptData),
     Snapshot(SnapshotData),
+    /// A thread accepted a connection on a capture port: the header's
+    /// owner is the thread, its addresses the accepted socket's.
+    Accept(AcceptData),
 }
 
 /// One decoded kernel event.
@@ -134,6 +137,7 @@ pub fn decode(bytes: &[u8]) -> Result<ConnEvent, DecodeError> {
         kind::END => EventData::End(body(bytes, "end")?),
         kind::SOCKOPT => EventData::Sockopt(body(bytes, "sockopt")?),
         kind::SNAPSHOT => EventData::Snapshot(body(bytes, "snapshot")?),
+        kind::ACCEPT => EventData::Accept(body(bytes, "accept")?),
         other => return Err(DecodeError::UnknownKind { kind: other }),
     };
     Ok(ConnEvent { info, data })
@@ -152,6 +156,7 @@ impl ConnEvent {
             EventData::End(_) => "end",
             EventData::Sockopt(_) => "sockopt",
             EventData::Snapshot(_) => "snapshot",
+            EventData::Accept(_) => "accept",
         }
     }
 }

@@ -23,7 +23,7 @@ use std::{
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{MapData, MapType, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter, Program},
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSockopt, Iter, Program, TracePoint},
 };
 use tracer_common::{
     CONFIG_GLOBAL, DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, EVENTS_MAP, KernelOffsets,
@@ -42,6 +42,9 @@ pub(crate) const ITER_PROGRAM: &str = "dump_tcp";
 
 /// The setsockopt observer (cgroup program).
 pub(crate) const SOCKOPT_PROGRAM: &str = "setsockopt";
+
+/// The accept programs, named as their syscall tracepoints.
+const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -121,6 +124,9 @@ pub struct KernelOptions {
     /// Watch keepalive socket options: attach the setsockopt program to the
     /// cgroup v2 root found in /proc/mounts.
     pub sockopts: bool,
+    /// The mesh's (outbound, inbound) capture ports: accepts on them are
+    /// reported with the accepting thread.
+    pub capture_ports: (u16, u16),
 }
 
 impl Default for KernelOptions {
@@ -130,6 +136,7 @@ impl Default for KernelOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             verbose: false,
             sockopts: true,
+            capture_ports: (15001, 15006),
         }
     }
 }
@@ -137,6 +144,8 @@ impl Default for KernelOptions {
 /// The loaded and attached kernel side.
 pub(crate) struct Kernel {
     ebpf: Ebpf,
+    /// Accept programs attached (0 to 2).
+    accept_programs: usize,
     /// Where the setsockopt program is attached (the cgroup v2 root).
     pub sockopt_cgroup: Option<PathBuf>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -176,7 +185,7 @@ impl Kernel {
             opts,
             &aya_btf,
             &offsets,
-            &shape.config(opts.verbose, id_secret),
+            &shape.config(opts.verbose, id_secret, opts.capture_ports),
         )?;
         if std::env::var_os(OLD_HELPERS_ENV).is_some_and(|v| v == "1") {
             // Tests run the fallbacks of older kernels on a new one.
@@ -195,7 +204,7 @@ impl Kernel {
                 opts,
                 &aya_btf,
                 &offsets,
-                &shape.config(opts.verbose, id_secret),
+                &shape.config(opts.verbose, id_secret, opts.capture_ports),
             )?;
         }
         for d in shape.degradations() {
@@ -222,10 +231,12 @@ impl Kernel {
         } else {
             None
         };
+        let accept_programs = attach_accept(&mut ebpf);
         let (prog, err) = program_of::<Iter>(&mut ebpf, ITER_PROGRAM, "iter/tcp", PRIVILEGE_HINT)?;
         prog.load("tcp", &aya_btf).map_err(err)?;
         Ok(Self {
             ebpf,
+            accept_programs,
             sockopt_cgroup,
             logger,
             reset_reasons,
@@ -237,7 +248,10 @@ impl Kernel {
     /// Programs loaded: the BTF tracepoints this kernel has, the
     /// setsockopt observer (unless disabled) and the TCP iterator.
     pub(crate) fn program_count(&self) -> usize {
-        self.shape.hooks.len() + usize::from(self.sockopt_cgroup.is_some()) + 1
+        self.shape.hooks.len()
+            + usize::from(self.sockopt_cgroup.is_some())
+            + self.accept_programs
+            + 1
     }
 
     /// The event ring buffer; can be taken once.
@@ -389,6 +403,35 @@ fn random_u64() -> u64 {
 
 /// Attaches the setsockopt observer at the cgroup v2 root, alongside any
 /// other programs there: it sees every process's options.
+/// The accept programs on `syscalls:sys_exit_accept4` and `sys_exit_accept`
+/// (which thread accepted a connection on a capture port); returns how many
+/// attached. Optional: syscall tracepoints are found through tracefs, which
+/// a container may not have mounted; without them a sidecar's two sockets
+/// are paired by order, and such links are marked inferred.
+fn attach_accept(ebpf: &mut Ebpf) -> usize {
+    let mut attached = 0;
+    for program in ACCEPT_PROGRAMS {
+        let res = program_of::<TracePoint>(ebpf, program, program, PRIVILEGE_HINT).and_then(
+            |(prog, err)| {
+                prog.load().map_err(err)?;
+                prog.attach("syscalls", program).map_err(err)?;
+                Ok(())
+            },
+        );
+        match res {
+            Ok(()) => {
+                attached += 1;
+                log::debug!("attached {program} to tracepoint/syscalls/{program}");
+            }
+            Err(e) => log::warn!(
+                "{e}: which sidecar thread accepted a connection is not known (is tracefs \
+                 mounted?); its chain links are inferred where several fit"
+            ),
+        }
+    }
+    attached
+}
+
 /// Program `program` of the object as its kind `T`, and what its failures
 /// (loading it where `tracepoint` says, attaching it) are reported as.
 pub(super) fn program_of<'a, T>(

@@ -344,6 +344,12 @@ pub(crate) fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         socket_file: sized(btf, "socket", &["file"], 8)?,
         file_inode: sized(btf, "file", &["f_inode"], 8)?,
         inode_ino: sized(btf, "inode", &["i_ino"], 8)?,
+        task_files: sized(btf, "task_struct", &["files"], 8)?,
+        files_fdt: sized(btf, "files_struct", &["fdt"], 8)?,
+        fdt_max_fds: sized(btf, "fdtable", &["max_fds"], 4)?,
+        fdt_fd: sized(btf, "fdtable", &["fd"], 8)?,
+        file_private_data: sized(btf, "file", &["private_data"], 8)?,
+        socket_sk: sized(btf, "socket", &["sk"], 8)?,
     })
 }
 

@@ -168,7 +168,14 @@ impl KernelShape {
     }
 
     /// The load-time switches for this shape.
-    pub(super) fn config(&self, verbose: bool, id_secret: u64) -> TracerConfig {
+    /// `capture_ports`: (outbound, inbound) of the mesh, for the accept
+    /// program.
+    pub(super) fn config(
+        &self,
+        verbose: bool,
+        id_secret: u64,
+        capture_ports: (u16, u16),
+    ) -> TracerConfig {
         TracerConfig {
             verbose: u32::from(verbose),
             state_store: if self.sk_storage {
@@ -180,7 +187,8 @@ impl KernelShape {
             reset_reason_arg: self.reset_reason_arg.unwrap_or(NO_ARG),
             id_secret,
             sockopt_task: u32::from(self.sockopt_task),
-            pad: 0,
+            outbound_capture_port: capture_ports.0,
+            inbound_capture_port: capture_ports.1,
         }
     }
 

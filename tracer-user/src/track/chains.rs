@@ -38,7 +38,10 @@ use std::{
 
 pub(crate) use super::Direction;
 use super::classify::{CloseKind, ClosedBy};
-use crate::{event::addr::canonical, owner::attribute::Role};
+use crate::{
+    event::addr::canonical,
+    owner::{attribute::Role, services::ServiceIndex},
+};
 
 /// An endpoint, with v4-mapped IPv6 folded to IPv4.
 pub(crate) type Endpoint = (IpAddr, u16);
@@ -123,11 +126,28 @@ pub(crate) trait Routes {
 }
 
 /// No Service index: only passthrough links are facts.
+#[cfg(test)]
 pub(crate) struct NoRoutes;
 
+#[cfg(test)]
 impl Routes for NoRoutes {
     fn serves(&self, _: Endpoint, _: Endpoint) -> Option<bool> {
         None
+    }
+}
+
+/// The cluster's Services: unknown until their first lists are read (and
+/// for ever with `--no-kube`); then a destination that is no ClusterIP
+/// port is served by nothing but itself.
+impl Routes for ServiceIndex {
+    fn serves(&self, (ip, port): Endpoint, remote: Endpoint) -> Option<bool> {
+        if !self.synced() {
+            return None;
+        }
+        Some(
+            self.service_at(ip, port)
+                .is_some_and(|svc| self.is_backend(&svc, remote.0, remote.1)),
+        )
     }
 }
 
@@ -600,10 +620,6 @@ impl Chains {
     /// A sidecar thread accepted a connection (`local`, `remote`: the
     /// accepted socket's addresses): the connection it opens next for it
     /// comes from that thread.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "fed by the kernel's accept record, added next")
-    )]
     pub(crate) fn on_accept(&mut self, netns: u32, local: Endpoint, remote: Endpoint, tid: u32) {
         let Some(&cookie) = self.accepts.get(&(netns, ep(local), ep(remote))) else {
             return;

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
-use super::{Tracker, chains::NoRoutes, table::Conn};
+use super::{Tracker, table::Conn};
 use crate::{
     event::{ConnEvent, EventData, snapshot_connections},
     owner::procfs,
@@ -64,7 +64,12 @@ impl Tracker {
         let mut unchained = Vec::new();
         for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
-            if !self.chains.knows(ev.info.cookie) && ev.info.sock.state == tcp_state::ESTABLISHED {
+            // Those the daemon saw open went through the chains then.
+            let seen_open = self.table.get(ev.info.cookie).is_some_and(|c| c.opened);
+            if !seen_open
+                && !self.chains.knows(ev.info.cookie)
+                && ev.info.sock.state == tcp_state::ESTABLISHED
+            {
                 unchained.push((s.ino, ev.info.cookie));
             }
             let mut owner = owner_of(ev, &s);
@@ -134,7 +139,7 @@ impl Tracker {
         for (_, cookie) in unchained {
             if let Some(info) = self.table.get(cookie).map(|c| c.info) {
                 let leg = self.leg(&info);
-                self.chains.on_open(leg, &NoRoutes);
+                self.chains.on_open(leg, self.attr.services());
             }
         }
         let rebuilt = self.chains.len().saturating_sub(chained_before);

@@ -7,7 +7,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, NoRoutes, PendingCaps},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps},
     classify::{self, Ending, Verdict},
     direction, peer_label,
     table::{Conn, ConnTable},
@@ -116,7 +116,7 @@ impl Tracker {
                     end_counted: false,
                 });
                 let leg = self.leg(&info);
-                self.chains.on_open(leg, &NoRoutes);
+                self.chains.on_open(leg, self.attr.services());
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
@@ -131,6 +131,17 @@ impl Tracker {
             }
             EventData::Close(c) => Outcome::Closed(Box::new(self.on_close(&ev.info, &c))),
             EventData::End(c) => self.on_peer_fin(&ev.info, &c),
+            EventData::Accept(_) => {
+                let unspecified = IpAddr::from([0, 0, 0, 0]);
+                let s = &ev.info.sock;
+                self.chains.on_accept(
+                    ev.info.netns,
+                    (s.local().unwrap_or(unspecified), s.sport),
+                    (s.remote().unwrap_or(unspecified), s.dport),
+                    ev.info.owner.tid,
+                );
+                Outcome::Nothing
+            }
             EventData::Sockopt(o) => {
                 if ev.info.cookie != 0 {
                     self.table.apply_sockopt(ev.info.cookie, &o);

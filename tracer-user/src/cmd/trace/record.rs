@@ -197,6 +197,8 @@ impl TraceRecord {
                 hz.observe(o.jiffies, i.ts_ns);
                 rec.keepalive = Some(KeepaliveView::new(&o.ka, hz.get()));
             }
+            // The header says it all: the accepting thread and the socket.
+            EventData::Accept(_) => {}
         }
         rec
     }

@@ -188,13 +188,39 @@ fn fake_kernel() -> Btf {
         KIND_STRUCT,
         "socket",
         32,
-        &[("state", u32t, 0, 0), ("file", u64t, 128, 0)],
+        &[
+            ("state", u32t, 0, 0),
+            ("file", u64t, 128, 0),
+            ("sk", u64t, 192, 0),
+        ],
     );
     b.composite(
         KIND_STRUCT,
         "file",
         64,
-        &[("f_mode", u32t, 0, 0), ("f_inode", u64t, 256, 0)],
+        &[
+            ("f_mode", u32t, 0, 0),
+            ("f_inode", u64t, 256, 0),
+            ("private_data", u64t, 320, 0),
+        ],
+    );
+    b.composite(
+        KIND_STRUCT,
+        "task_struct",
+        128,
+        &[("pid", u32t, 0, 0), ("files", u64t, 512, 0)],
+    );
+    b.composite(
+        KIND_STRUCT,
+        "files_struct",
+        64,
+        &[("count", u32t, 0, 0), ("fdt", u64t, 256, 0)],
+    );
+    b.composite(
+        KIND_STRUCT,
+        "fdtable",
+        32,
+        &[("max_fds", u32t, 0, 0), ("fd", u64t, 64, 0)],
     );
     b.composite(
         KIND_STRUCT,
@@ -309,6 +335,17 @@ fn offsets_descend_into_anonymous_unions_and_nested_structs() {
             off.inode_ino
         ),
         (144, 16, 32, 64)
+    );
+    assert_eq!(
+        (
+            off.task_files,
+            off.files_fdt,
+            off.fdt_max_fds,
+            off.fdt_fd,
+            off.file_private_data,
+            off.socket_sk
+        ),
+        (64, 32, 0, 8, 40, 24)
     );
     assert_eq!(off.skc_flags, 8 + 64);
     assert_eq!(off.sock_keepopen_bit, 3);
