@@ -173,7 +173,7 @@ pub struct SockAddrs {
 /// listens, kept in socket-local storage (freed with the socket), copied to
 /// accepted sockets from their listener.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Owner {
     /// Process ID (kernel tgid).
     pub pid: u32,

@@ -241,11 +241,11 @@ impl State {
         self.metrics.table_reconciled.inc_by(gone as u64);
     }
 
-    /// `conntracer_connections_open` and `conntracer_peer_connections_open`
-    /// from the table.
+    /// `conntracer_connections_open`, `conntracer_peer_connections_open`
+    /// and `conntracer_close_wait_connections` from the table's counts
+    /// (kept as it changes: one entry per owner, direction, keepalive and
+    /// remote end, not per connection) and its CLOSE_WAIT connections.
     fn open_gauges(&mut self) {
-        // Counted per label set first: one gauge update per set, not per
-        // connection, and no copy of the table (100k connections and more).
         let mut open: HashMap<(Attribution, Direction, bool), i64> = HashMap::new();
         let mut by_peer: HashMap<(String, String, Role, Direction, String), i64> = HashMap::new();
         let mut close_wait: HashMap<(Attribution, Direction), i64> = HashMap::new();
@@ -258,18 +258,26 @@ impl State {
                 metrics,
                 ..
             } = self;
-            for c in tracker.table.iter() {
-                let dir = tracker.direction(&c.info);
-                let peer = tracker.peer(&c.info, dir);
+            let counts: Vec<_> = tracker.table.open_counts().map(|(k, n)| (*k, n)).collect();
+            for (k, n) in counts {
+                let peer = tracker.peer_of(k.remote, k.remote_port, k.dir);
                 let peer = admit(peers, metrics, "peer", peer, Need::Open);
-                let a = tracker.attr.attribute(&c.info.owner);
+                let a = tracker.attr.attribute(&k.owner);
                 *by_peer
-                    .entry((a.namespace.clone(), a.pod.clone(), a.role, dir, peer))
-                    .or_default() += 1;
-                if c.peer_closed_ns != 0 && now.saturating_sub(c.peer_closed_ns) >= after {
-                    *close_wait.entry((a.clone(), dir)).or_default() += 1;
-                }
-                *open.entry((a, dir, c.ka.enabled != 0)).or_default() += 1;
+                    .entry((a.namespace.clone(), a.pod.clone(), a.role, k.dir, peer))
+                    .or_default() += n;
+                *open.entry((a, k.dir, k.keepalive)).or_default() += n;
+            }
+            let waiting: Vec<_> = tracker
+                .table
+                .peer_closed()
+                .filter(|c| now.saturating_sub(c.peer_closed_ns) >= after)
+                .map(|c| c.info)
+                .collect();
+            for info in waiting {
+                let dir = tracker.direction(&info);
+                let a = tracker.attr.attribute(&info.owner);
+                *close_wait.entry((a, dir)).or_default() += 1;
             }
         }
         let m = &self.metrics;

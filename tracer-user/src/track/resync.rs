@@ -79,10 +79,8 @@ impl Tracker {
             {
                 owner.flags |= owner_flags::INHERITED;
             }
-            if let Some(c) = self.table.get_mut(ev.info.cookie) {
-                if !c.info.owner.is_known() {
-                    c.info.owner = owner;
-                }
+            if self.table.get(ev.info.cookie).is_some() {
+                self.table.learn_owner(ev.info.cookie, owner);
                 continue;
             }
             let hz = self.hz.get().0;

@@ -1,11 +1,17 @@
-//! The daemon's bounded table of open connections, keyed by socket cookie.
+//! The daemon's bounded table of open connections, keyed by socket cookie,
+//! with the counts the open-connection gauges need kept as it changes (a
+//! scrape reads a few label sets, not every connection).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     hash::{BuildHasherDefault, Hasher},
+    net::IpAddr,
+    ops::RangeInclusive,
 };
 
-use tracer_common::{EventInfo, Keepalive, SockoptData, ka_source, sockopt};
+use tracer_common::{EventInfo, Keepalive, Owner, SockoptData, ka_source, sockopt};
+
+use super::{Direction, direction};
 
 /// One tracked connection.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +63,47 @@ impl Hasher for CookieHasher {
 /// A map keyed by socket cookie.
 pub(crate) type CookieMap<V> = HashMap<u64, V, BuildHasherDefault<CookieHasher>>;
 
+/// What the open-connection gauges (`connections_open`,
+/// `peer_connections_open`) need of a connection: its owner (pod,
+/// container, role come from it), direction, keepalive and the remote end
+/// its `peer` label names. Fixed while the connection is open except
+/// keepalive and an owner learnt later, which re-key it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct GaugeKey {
+    pub owner: Owner,
+    pub dir: Direction,
+    pub keepalive: bool,
+    pub remote: IpAddr,
+    /// Outbound: the service's port (part of the peer label); inbound: 0
+    /// (the client's port is not).
+    pub remote_port: u16,
+}
+
+impl std::hash::Hash for GaugeKey {
+    // Four words through the cookie hasher (every insert and removal
+    // hashes one): what tells keys apart in practice. Equality still
+    // compares every field.
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let o = &self.owner;
+        let remote = match self.remote {
+            IpAddr::V4(v4) => u128::from(v4.to_bits()),
+            IpAddr::V6(v6) => v6.to_bits(),
+        };
+        h.write_u64(u64::from(o.pid) << 32 | u64::from(o.tid));
+        h.write_u64(o.cgroup_id);
+        h.write_u64(remote as u64 ^ (remote >> 64) as u64);
+        h.write_u64(
+            u64::from(o.flags) << 32
+                | u64::from(self.remote_port) << 16
+                | u64::from(self.keepalive) << 1
+                | u64::from(self.dir == Direction::Inbound),
+        );
+    }
+}
+
+/// Gauge keys, hashed word by word.
+type GaugeMap = HashMap<GaugeKey, i64, BuildHasherDefault<CookieHasher>>;
+
 /// Connections by cookie, at most `cap`; past it the oldest are dropped.
 #[derive(Debug)]
 pub(crate) struct ConnTable {
@@ -66,16 +113,98 @@ pub(crate) struct ConnTable {
     cap: usize,
     /// Connections dropped to stay within `cap`.
     pub evicted: u64,
+    /// Open connections per [`GaugeKey`] (no zero entries).
+    open: GaugeMap,
+    /// Cookies of the connections whose peer has closed (CLOSE_WAIT).
+    peer_closed: HashSet<u64, BuildHasherDefault<CookieHasher>>,
+    /// Local ports of connecting sockets, for the direction of sockets
+    /// whose owner is unknown.
+    ephemeral: RangeInclusive<u16>,
 }
 
 impl ConnTable {
-    pub(crate) fn new(cap: usize) -> Self {
+    pub(crate) fn new(cap: usize, ephemeral: RangeInclusive<u16>) -> Self {
         Self {
             conns: CookieMap::default(),
             order: VecDeque::new(),
             cap: cap.max(1),
             evicted: 0,
+            open: GaugeMap::default(),
+            peer_closed: HashSet::default(),
+            ephemeral,
         }
+    }
+
+    /// Whether a connection is outbound or inbound.
+    pub(crate) fn direction(&self, info: &EventInfo) -> Direction {
+        direction(&info.owner, info.sock.sport, &self.ephemeral)
+    }
+
+    fn key(&self, c: &Conn) -> GaugeKey {
+        let dir = self.direction(&c.info);
+        GaugeKey {
+            owner: c.info.owner,
+            dir,
+            keepalive: c.ka.enabled != 0,
+            remote: c.info.sock.remote().unwrap_or(IpAddr::from([0, 0, 0, 0])),
+            remote_port: match dir {
+                Direction::Outbound => c.info.sock.dport,
+                Direction::Inbound => 0,
+            },
+        }
+    }
+
+    /// Counts `c` in (`by` 1) or out (-1) of the gauges.
+    fn count(&mut self, c: &Conn, by: i64) {
+        let key = self.key(c);
+        let n = self.open.entry(key).or_default();
+        *n += by;
+        if *n == 0 {
+            self.open.remove(&key);
+        }
+        if c.peer_closed_ns != 0 {
+            if by > 0 {
+                self.peer_closed.insert(c.info.cookie);
+            } else {
+                self.peer_closed.remove(&c.info.cookie);
+            }
+        }
+    }
+
+    /// Open connections per gauge key.
+    pub(crate) fn open_counts(&self) -> impl Iterator<Item = (&GaugeKey, i64)> {
+        self.open.iter().map(|(k, &n)| (k, n))
+    }
+
+    /// The connections whose peer has closed and that are still open.
+    pub(crate) fn peer_closed(&self) -> impl Iterator<Item = &Conn> {
+        self.peer_closed.iter().filter_map(|c| self.conns.get(c))
+    }
+
+    /// Changes a connection through `f`, keeping the counts.
+    fn update(&mut self, cookie: u64, f: impl FnOnce(&mut Conn)) -> Option<&Conn> {
+        let mut c = self.conns.remove(&cookie)?;
+        self.count(&c, -1);
+        f(&mut c);
+        self.count(&c, 1);
+        self.conns.insert(cookie, c);
+        self.conns.get(&cookie)
+    }
+
+    /// Gives a connection whose owner was unknown the one found for it.
+    pub(crate) fn learn_owner(&mut self, cookie: u64, owner: Owner) {
+        if self.get(cookie).is_some_and(|c| !c.info.owner.is_known()) {
+            self.update(cookie, |c| c.info.owner = owner);
+        }
+    }
+
+    /// The peer's FIN: the connection waits for its owner's close, its end
+    /// counted. Returns it as it is now.
+    pub(crate) fn peer_closed_at(&mut self, cookie: u64, ts_ns: u64) -> Option<&Conn> {
+        self.update(cookie, |c| {
+            c.peer_closed_ns = ts_ns;
+            c.end_counted = true;
+        })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -91,10 +220,6 @@ impl ConnTable {
         self.conns.get(&cookie)
     }
 
-    pub(crate) fn get_mut(&mut self, cookie: u64) -> Option<&mut Conn> {
-        self.conns.get_mut(&cookie)
-    }
-
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Conn> {
         self.conns.values()
     }
@@ -102,12 +227,24 @@ impl ConnTable {
     /// Adds (or refreshes) a connection.
     pub(crate) fn insert(&mut self, conn: Conn) {
         let cookie = conn.info.cookie;
-        if self.conns.insert(cookie, conn).is_none() {
+        self.count(&conn, 1);
+        if let Some(old) = self.conns.insert(cookie, conn) {
+            self.count(&old, -1);
+            // A refresh may have dropped the peer's close: count it anew.
+            if let Some(c) = self.conns.get(&cookie)
+                && c.peer_closed_ns != 0
+            {
+                self.peer_closed.insert(cookie);
+            }
+        } else {
             self.order.push_back(cookie);
             while self.conns.len() > self.cap {
                 match self.order.pop_front() {
-                    Some(old) if self.conns.remove(&old).is_some() => self.evicted += 1,
-                    Some(_) => {}
+                    Some(old) => {
+                        if self.remove(old).is_some() {
+                            self.evicted += 1;
+                        }
+                    }
                     None => break,
                 }
             }
@@ -120,16 +257,15 @@ impl ConnTable {
     }
 
     pub(crate) fn remove(&mut self, cookie: u64) -> Option<Conn> {
-        self.conns.remove(&cookie)
+        let c = self.conns.remove(&cookie)?;
+        self.count(&c, -1);
+        Some(c)
     }
 
     /// Applies a keepalive option a process set on a tracked connection.
     pub(crate) fn apply_sockopt(&mut self, cookie: u64, o: &SockoptData) -> bool {
-        let Some(c) = self.conns.get_mut(&cookie) else {
-            return false;
-        };
-        apply_sockopt(&mut c.ka, o, c.hz);
-        true
+        self.update(cookie, |c| apply_sockopt(&mut c.ka, o, c.hz))
+            .is_some()
     }
 }
 
@@ -175,9 +311,13 @@ mod tests {
         }
     }
 
+    fn table(cap: usize) -> ConnTable {
+        ConnTable::new(cap, 32768..=60999)
+    }
+
     #[test]
     fn bounded_with_oldest_evicted_first() {
-        let mut t = ConnTable::new(3);
+        let mut t = table(3);
         for c in 1..=5 {
             t.insert(conn(c));
         }
@@ -196,22 +336,98 @@ mod tests {
         assert!(t.order.len() <= 3 * 4096, "{}", t.order.len());
     }
 
+    /// The gauge counts recounted from the connections themselves.
+    fn recount(t: &ConnTable) -> HashMap<GaugeKey, i64> {
+        let mut m = HashMap::new();
+        for c in t.iter() {
+            *m.entry(t.key(c)).or_default() += 1;
+        }
+        m
+    }
+
+    #[test]
+    fn gauge_counts_follow_every_change_of_the_table() {
+        let mut t = table(50);
+        let set_ka = |value| SockoptData {
+            level: sockopt::SOL_SOCKET,
+            optname: sockopt::SO_KEEPALIVE,
+            value,
+            optlen: 4,
+        };
+        // A fixed pseudo-random walk: inserts (some refreshes), removals,
+        // keepalive changes, peer closes, owners learnt, and evictions
+        // once the table is full.
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for step in 0..5_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let cookie = x % 80 + 1;
+            match x % 6 {
+                0 | 1 => {
+                    let mut c = conn(cookie);
+                    c.info.owner.pid = u32::try_from(x % 3).unwrap();
+                    c.info.owner.flags = u32::try_from(x % 2).unwrap();
+                    c.info.sock.family = tracer_common::AF_INET;
+                    c.info.sock.daddr[..4].copy_from_slice(&[
+                        10,
+                        0,
+                        0,
+                        u8::try_from(x % 4).unwrap(),
+                    ]);
+                    c.info.sock.dport = u16::try_from(x % 5).unwrap();
+                    c.info.sock.sport = if x.is_multiple_of(7) { 40000 } else { 80 };
+                    c.peer_closed_ns = if x.is_multiple_of(9) { 5 } else { 0 };
+                    t.insert(c);
+                }
+                2 => {
+                    t.remove(cookie);
+                }
+                3 => {
+                    t.apply_sockopt(cookie, &set_ka(i32::from(x.is_multiple_of(2))));
+                }
+                4 => {
+                    t.peer_closed_at(cookie, step);
+                }
+                _ => {
+                    let owner = Owner {
+                        pid: 7,
+                        flags: 1,
+                        ..Owner::default()
+                    };
+                    t.learn_owner(cookie, owner);
+                }
+            }
+            let counted: HashMap<GaugeKey, i64> = t.open_counts().map(|(k, n)| (*k, n)).collect();
+            assert_eq!(counted, recount(&t), "step {step}");
+            let mut waiting: Vec<u64> = t.peer_closed().map(|c| c.info.cookie).collect();
+            let mut want: Vec<u64> = t
+                .iter()
+                .filter(|c| c.peer_closed_ns != 0)
+                .map(|c| c.info.cookie)
+                .collect();
+            waiting.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(waiting, want, "step {step}");
+        }
+        assert!(t.evicted > 0, "the walk filled the table");
+        assert!(t.open_counts().count() > 4, "several label sets");
+    }
+
     #[test]
     fn cookie_hashes_spread_sequential_cookies() {
         use std::hash::BuildHasher as _;
         let b = BuildHasherDefault::<CookieHasher>::default();
-        let hashes: std::collections::HashSet<u64> =
-            (1..=10_000u64).map(|c| b.hash_one(c)).collect();
+        let hashes: HashSet<u64> = (1..=10_000u64).map(|c| b.hash_one(c)).collect();
         assert_eq!(hashes.len(), 10_000);
         // hashbrown takes its control byte from the top 7 bits: they vary too.
-        let tops: std::collections::HashSet<u64> =
-            (1..=1_000u64).map(|c| b.hash_one(c) >> 57).collect();
+        let tops: HashSet<u64> = (1..=1_000u64).map(|c| b.hash_one(c) >> 57).collect();
         assert!(tops.len() > 100, "{}", tops.len());
     }
 
     #[test]
     fn refreshing_a_connection_does_not_duplicate_it() {
-        let mut t = ConnTable::new(2);
+        let mut t = table(2);
         t.insert(conn(1));
         t.insert(conn(1));
         t.insert(conn(2));
@@ -220,7 +436,7 @@ mod tests {
 
     #[test]
     fn keepalive_options_update_the_settings() {
-        let mut t = ConnTable::new(4);
+        let mut t = table(4);
         t.insert(conn(9));
         let set = |optname, level, value| SockoptData {
             level,

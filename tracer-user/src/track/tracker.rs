@@ -1,7 +1,7 @@
 //! The tracker: each event applied to the connection table and the chains,
 //! and what came of it for the metrics to count.
 
-use std::{collections::HashMap, net::IpAddr, ops::RangeInclusive, time::Duration};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
@@ -9,7 +9,7 @@ use super::{
     Direction,
     chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps},
     classify::{self, Ending, Verdict},
-    direction, peer_label,
+    peer_label,
     table::{Conn, ConnTable},
 };
 use crate::{
@@ -31,7 +31,6 @@ pub(crate) struct Tracker {
     pub hz: HzTracker,
     pub attr: Attributor,
     pub chains: Chains,
-    pub(super) ephemeral: RangeInclusive<u16>,
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     pub(super) listener_owners: HashMap<(u32, u16), Owner>,
@@ -77,7 +76,7 @@ impl Tracker {
         Self {
             threshold: cfg.idle_threshold,
             close_wait_threshold: cfg.close_wait_threshold,
-            table: ConnTable::new(cfg.max_connections),
+            table: ConnTable::new(cfg.max_connections, procfs::ephemeral_ports()),
             hz: HzTracker::new(cfg.kernel_hz),
             attr,
             chains: Chains::new(
@@ -87,7 +86,6 @@ impl Tracker {
                 },
                 PendingCaps::new(cfg.max_connections),
             ),
-            ephemeral: procfs::ephemeral_ports(),
             listener_owners: HashMap::new(),
         }
     }
@@ -161,9 +159,7 @@ impl Tracker {
     fn on_peer_fin(&mut self, info: &EventInfo, c: &CloseData) -> Outcome {
         self.hz.observe(c.jiffies, info.ts_ns);
         let hz = self.hz.get();
-        let at_open = if let Some(conn) = self.table.get_mut(info.cookie) {
-            conn.peer_closed_ns = info.ts_ns;
-            conn.end_counted = true;
+        let at_open = if let Some(conn) = self.table.peer_closed_at(info.cookie, info.ts_ns) {
             let mut at_open = conn.info;
             if !at_open.owner.is_known() {
                 at_open.owner = info.owner;
@@ -240,7 +236,7 @@ impl Tracker {
 
     /// Whether a connection is outbound or inbound.
     pub(crate) fn direction(&self, info: &EventInfo) -> Direction {
-        direction(&info.owner, info.sock.sport, &self.ephemeral)
+        self.table.direction(info)
     }
 
     /// The `peer` of a connection (before capping): see [`Self::peer_of`].
