@@ -277,6 +277,23 @@ fn assert_keepalive(ev: &Value, want: &Value, label: &str) {
     assert_eq!(&ev["keepalive"], want, "{label}: keepalive of {ev}");
 }
 
+/// The socket's keepalive at its `open` (`at_open`) and at its `close`
+/// (`at_close`), and its idle time at close within `idle`: its `close`.
+#[track_caller]
+fn assert_open_and_close<'a>(
+    evs: &'a [Value],
+    at_open: &Value,
+    at_close: &Value,
+    idle: std::ops::RangeInclusive<f64>,
+    label: &str,
+) -> &'a Value {
+    assert_keepalive(sole(evs, "open", label), at_open, label);
+    let close = sole(evs, "close", label);
+    assert_keepalive(close, at_close, label);
+    assert_idle(close, idle, label);
+    close
+}
+
 /// Asserts the fields of `want` (a subset of `end`'s) in the `end` of `ev`.
 #[track_caller]
 fn assert_end(ev: &Value, want: &Value, label: &str) {
@@ -959,9 +976,7 @@ fn assert_linger0_client(
         .collect();
     assert_endpoints(&client_evs[..6], &want, "client socket");
     assert_owner(client_evs, owner, "client socket");
-    assert_keepalive(&client_evs[2], keepalive, "client socket");
-    let close = &client_evs[4];
-    assert_keepalive(close, keepalive, "client socket");
+    let close = assert_open_and_close(client_evs, keepalive, keepalive, BUSY_IDLE, "client socket");
     // The summary is taken at the transition into CLOSE, which
     // tcp_disconnect makes before it sends the RST and sets sk_err: its
     // rst_sent and errno cannot tell the RST (the events after it do).
@@ -978,7 +993,6 @@ fn assert_linger0_client(
         }),
         "client socket",
     );
-    assert_idle(close, BUSY_IDLE, "client socket");
     assert_short_lifetime(close, "client socket");
 }
 
@@ -1021,9 +1035,13 @@ fn assert_linger0_accepted(
     );
     let error = &accepted_evs[6];
     assert_error(error, "ECONNRESET", libc::ECONNRESET);
-    assert_keepalive(&accepted_evs[2], keepalive, "accepted socket");
-    let close = &accepted_evs[5];
-    assert_keepalive(close, keepalive, "accepted socket");
+    let close = assert_open_and_close(
+        accepted_evs,
+        keepalive,
+        keepalive,
+        BUSY_IDLE,
+        "accepted socket",
+    );
     // tcp_reset sets sk_err before tcp_done: the summary has the errno.
     assert_end(
         close,
@@ -1041,7 +1059,6 @@ fn assert_linger0_accepted(
         }),
         "accepted socket",
     );
-    assert_idle(close, BUSY_IDLE, "accepted socket");
     assert_short_lifetime(close, "accepted socket");
     let want: Vec<_> = accepted_evs
         .iter()
@@ -1192,11 +1209,8 @@ impl FinSocket {
         assert_kinds(evs, FIN_CLOSE_KINDS, label);
         assert_summaries_follow_their_transition(evs, label);
         assert_owner(evs, &self.owner, label);
-        assert_keepalive(sole(evs, "open", label), keepalive, label);
-        let close = sole(evs, "close", label);
-        assert_keepalive(close, keepalive, label);
+        let close = assert_open_and_close(evs, keepalive, keepalive, BUSY_IDLE, label);
         assert_fin_end(close, &self.end, label);
-        assert_idle(close, BUSY_IDLE, label);
         assert_short_lifetime(close, label);
     }
 }
@@ -1539,11 +1553,14 @@ fn root_keepalive_sockopts_are_traced_with_their_setter() {
             "set before connect, so before CLOSE->SYN_SENT ({first}): {ev}"
         );
     }
-    assert_keepalive(&client_evs[2], &own_keepalive(0), "client socket");
-    let close = sole(&client_evs, "close", "client socket");
-    assert_keepalive(close, &own_keepalive(KA_USER_TIMEOUT_MS), "client socket");
+    let close = assert_open_and_close(
+        &client_evs,
+        &own_keepalive(0),
+        &own_keepalive(KA_USER_TIMEOUT_MS),
+        KA_PAUSE_IDLE,
+        "client socket",
+    );
     assert_fin_end(close, &CLIENT_CLOSED_FIRST, "client socket");
-    assert_idle(close, KA_PAUSE_IDLE, "client socket");
     assert_short_lifetime(close, "client socket");
 
     // The accepted socket keeps the namespace's defaults.
@@ -1553,11 +1570,14 @@ fn root_keepalive_sockopts_are_traced_with_their_setter() {
     assert_kinds(&accepted_evs, FIN_CLOSE_KINDS, "accepted socket");
     let server_owner = ExpectedOwner::process("inherited", srv.pid(), SERVER_COMM, cgroup);
     assert_owner(&accepted_evs, &server_owner, "accepted socket");
-    assert_keepalive(&accepted_evs[2], &keepalive, "accepted socket");
-    let close = sole(&accepted_evs, "close", "accepted socket");
-    assert_keepalive(close, &keepalive, "accepted socket");
+    let close = assert_open_and_close(
+        &accepted_evs,
+        &keepalive,
+        &keepalive,
+        KA_PAUSE_IDLE,
+        "accepted socket",
+    );
     assert_fin_end(close, &ACCEPTED_CLOSED_SECOND, "accepted socket");
-    assert_idle(close, KA_PAUSE_IDLE, "accepted socket");
 
     stop_cleanly(tracer);
 }
