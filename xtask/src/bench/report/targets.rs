@@ -14,6 +14,9 @@ pub const CHURN_RATIO_TARGET: f64 = 0.98;
 pub const RSS_AT: usize = 100_000;
 /// ... at most this many bytes.
 pub const RSS_TARGET: u64 = 64 * 1024 * 1024;
+/// Target: peak daemon RSS with the simulated cluster's index, at most
+/// half the DaemonSet's memory limit (the rest is the connection table's).
+pub const CLUSTER_RSS_TARGET: u64 = 256 * 1024 * 1024;
 /// Target: userspace pipeline events per second on one core.
 pub const PIPELINE_TARGET: f64 = 2e6;
 /// Target: detection latency of an idle kill, milliseconds.
@@ -96,6 +99,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             pass: at.is_some_and(|p| p.rss_bytes <= RSS_TARGET),
         });
     }
+    v.extend(r.cluster.as_ref().map(cluster_verdict));
     if !r.pipeline.is_empty() {
         let worst = r
             .pipeline
@@ -119,4 +123,24 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
         });
     }
     v
+}
+
+/// The cluster-index target.
+fn cluster_verdict(c: &crate::bench::scenario::cluster::Cluster) -> Verdict {
+    Verdict {
+        name: format!(
+            "daemon peak RSS with the index of {} pods / {} Services",
+            short(c.pods as f64),
+            short(c.services as f64)
+        ),
+        target: format!("<= {} MiB", CLUSTER_RSS_TARGET / 1024 / 1024),
+        value: format!(
+            "{:.1} MiB through a relist ({} endpoints indexed)",
+            mib(c.relist_hwm_bytes),
+            c.indexed_endpoints
+        ),
+        pass: c.relist_hwm_bytes <= CLUSTER_RSS_TARGET
+            && c.indexed_endpoints >= c.endpoints as u64
+            && c.relist_endpoints >= c.endpoints as u64,
+    }
 }

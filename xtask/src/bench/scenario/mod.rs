@@ -4,6 +4,7 @@
 //! `report` turns into tables, charts and targets.
 
 pub mod churn;
+pub mod cluster;
 pub mod latency;
 pub mod loss;
 pub mod memory;
@@ -11,7 +12,10 @@ pub mod pipeline;
 
 use serde::Serialize;
 
-use self::{churn::ChurnRun, latency::Latency, loss::TinyRing, memory::Memory, pipeline::Pipeline};
+use self::{
+    churn::ChurnRun, cluster::Cluster, latency::Latency, loss::TinyRing, memory::Memory,
+    pipeline::Pipeline,
+};
 
 /// Everything one run measured.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -19,6 +23,7 @@ pub struct Results {
     pub churn: Vec<ChurnRun>,
     pub scaling: Vec<ChurnRun>,
     pub memory: Option<Memory>,
+    pub cluster: Option<Cluster>,
     pub latency: Option<Latency>,
     pub pipeline: Vec<Pipeline>,
     pub tiny_ring: Option<TinyRing>,
