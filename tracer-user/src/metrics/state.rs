@@ -375,6 +375,7 @@ impl State {
                 ("service_ports", size.service_ports),
                 ("endpoints", size.endpoints),
                 ("deleted_pods", size.deleted),
+                ("refused_endpoints", size.refused),
             ];
             for (kind, n) in entries {
                 m.kube_index
