@@ -198,7 +198,8 @@ impl ServiceIndex {
 
     /// `(namespace, pod)` of a pod IP anywhere in the cluster: this node's
     /// pods, then the pods EndpointSlices name (`targetRef`), then the pods
-    /// remembered as deleted.
+    /// remembered as deleted. `None` for an IP that endpoints of two live
+    /// pods share (hostNetwork pods on one node).
     pub fn pod_at(&self, ip: IpAddr) -> Option<(String, String)> {
         let ip = canonical(ip);
         if let Some(found) = self.shared.pods.as_ref().and_then(|p| p.lookup_ip(ip)) {
@@ -206,6 +207,7 @@ impl ServiceIndex {
         }
         let index = self.read();
         let mut best: Option<(&Slice, &Endpoint)> = None;
+        let mut ambiguous = false;
         for slice in index.by_ip.get(&ip).into_iter().flatten() {
             let Some(slice) = index.slices.get(slice) else {
                 continue;
@@ -215,14 +217,28 @@ impl ServiceIndex {
                 .iter()
                 .filter(|e| e.ip == ip && e.pod.is_some())
             {
-                // A live endpoint over a terminating one (an IP given to a
-                // new pod while the old one terminates).
-                if best.is_none_or(|(_, b)| b.terminating && !e.terminating) {
-                    best = Some((slice, e));
+                match best {
+                    // A live endpoint over a terminating one (an IP given to
+                    // a new pod while the old one terminates).
+                    None => best = Some((slice, e)),
+                    Some((_, b)) if b.terminating && !e.terminating => {
+                        best = Some((slice, e));
+                        ambiguous = false;
+                    }
+                    // Two pods at once on one IP: hostNetwork pods, whose IP
+                    // is their node's. Which one a port reaches is not known
+                    // here: no name rather than a wrong one.
+                    Some((bs, b)) if b.terminating == e.terminating => {
+                        ambiguous |= b.pod != e.pod || bs.namespace != slice.namespace;
+                    }
+                    Some(_) => {}
                 }
             }
         }
         if let Some((slice, e)) = best {
+            if ambiguous {
+                return None;
+            }
             return Some((slice.namespace.to_string(), e.pod.as_deref()?.to_owned()));
         }
         let gone = index.deleted.get(&ip)?;

@@ -405,3 +405,26 @@ fn a_full_index_leaves_slices_out_and_counts_them_until_there_is_room() {
     index.apply(Event::<SliceObj>::InitDone, now);
     assert_eq!((index.size().endpoints, index.size().refused), (1, 0));
 }
+
+#[test]
+fn an_ip_two_live_pods_share_names_neither() {
+    // Two hostNetwork pods of one node back Services: their IP is the node's.
+    let index = ServiceIndex::default();
+    let now = Instant::now();
+    for (svc, pod) in [
+        ("node-exporter", "node-exporter-x"),
+        ("ingress", "ingress-y"),
+    ] {
+        let eps = [endpoint("192.0.2.20", pod, true, false)];
+        let s = slice("kube-system", &format!("{svc}-1"), svc, &[], &eps);
+        index.apply(Event::Apply(slice_obj(&s)), now);
+    }
+    assert_eq!(index.pod_at(ip("192.0.2.20")), None);
+    // One pod in two Services is still that pod.
+    let eps = [endpoint("10.244.2.5", "cart-a", true, false)];
+    for svc in ["cart", "cart-canary"] {
+        let s = slice("shop", &format!("{svc}-1"), svc, &[], &eps);
+        index.apply(Event::Apply(slice_obj(&s)), now);
+    }
+    assert_eq!(index.pod_at(ip("10.244.2.5")), nsname("shop", "cart-a"));
+}
