@@ -389,9 +389,10 @@ const CLIENTS: usize = 10_000;
 
 /// An ingress node: 10,000 client IPs hold connections to one server, far
 /// more than `max_peers` (500). Their open-connection gauges fill every
-/// place; a database's idle kill that comes later still names its peer
-/// (Redis's own idle close is the ground truth), and keeps it while the
-/// clients stay connected.
+/// place, then the clients end their idle connections (10,000 inbound idle
+/// kills by the peer, one per client IP); a database's idle kill that comes
+/// later still names its peer (Redis's own idle close is the ground truth),
+/// and keeps it while the server holds the clients' connections.
 #[test]
 fn root_an_ingress_flood_of_client_ips_does_not_take_a_later_database_kills_peer() {
     let _serial = serial_unless_skipped!();
@@ -441,6 +442,35 @@ fn root_an_ingress_flood_of_client_ips_does_not_take_a_later_database_kills_peer
     );
     assert!(label_values(&daemon.metrics_text(), "peer").len() <= 501);
 
+    // Past the idle threshold, the clients close: each client IP's own
+    // idle kill (inbound, by the peer).
+    thread::sleep(Duration::from_millis(1200));
+    let before_fins = daemon.scrape();
+    drop(clients);
+    let inbound = [("direction", "inbound"), ("closed_by", "peer")];
+    let client_kills = |m: &Metrics| m.sum(KILLS, &inbound) - before_fins.sum(KILLS, &inbound);
+    // A burst of 10,000 closes may overflow the ring (a debug build on a
+    // loaded machine): every kill is counted, or its loss is.
+    let lost = |m: &Metrics| {
+        m.sum("conntracer_events_lost_total", &[])
+            - before_fins.sum("conntracer_events_lost_total", &[])
+    };
+    let m = daemon.wait_metrics(Duration::from_secs(30), |m| {
+        client_kills(m) + lost(m) >= CLIENTS as f64
+    });
+    eprintln!(
+        "{} inbound idle kills of the {CLIENTS} clients, {} events lost (counted)",
+        client_kills(&m),
+        lost(&m)
+    );
+    assert!(
+        client_kills(&m) + lost(&m) >= CLIENTS as f64 && client_kills(&m) >= CLIENTS as f64 / 2.0,
+        "{} inbound idle kills of the {CLIENTS} clients, {} events lost",
+        client_kills(&m),
+        lost(&m)
+    );
+    assert!(label_values(&daemon.metrics_text(), "peer").len() <= 501);
+
     let redis = Redis::start(&ns, local(16379), 2);
     let closes = redis.idle_closes();
     let before = daemon.scrape();
@@ -452,7 +482,8 @@ fn root_an_ingress_flood_of_client_ips_does_not_take_a_later_database_kills_peer
     m.assert_delta(&before, KILLS, &kill, 1.0);
     assert_eq!(redis.idle_closes(), closes + 1, "Redis's own idle close");
 
-    // Scrapes while the flood stays: the kill keeps its place and series.
+    // Scrapes while the server holds the clients' connections: the kill
+    // keeps its place and series.
     for _ in 0..3 {
         thread::sleep(Duration::from_millis(500));
         let later = daemon.scrape();
@@ -461,6 +492,5 @@ fn root_an_ingress_flood_of_client_ips_does_not_take_a_later_database_kills_peer
     }
     ingress.go();
     ingress.expect_line("done");
-    drop(clients);
     assert!(daemon.stop(), "daemon did not exit 0");
 }

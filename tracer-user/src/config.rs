@@ -11,6 +11,9 @@ use crate::sys::{VMLINUX_BTF, valid_ring_size};
 /// How long a deleted pod keeps its labels: long enough for the connections
 /// it had open to be reported closed.
 pub(crate) const DEFAULT_DELETE_GRACE: Duration = Duration::from_mins(2);
+/// Endpoints the cluster-wide Service index holds at most by default: ~180
+/// MiB at the measured ~370 bytes each (docs/benchmarks.md, cluster index).
+pub(crate) const DEFAULT_MAX_ENDPOINTS: usize = 500_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -72,6 +75,9 @@ pub struct Config {
     /// series are removed then). Default 10m.
     #[serde(deserialize_with = "duration")]
     pub peer_hold: Duration,
+    /// Most endpoints of the cluster's EndpointSlices indexed (~370 bytes
+    /// each); slices past it are left out and counted. Default 500000.
+    pub max_cluster_endpoints: usize,
     /// Most distinct `value` label values of the sockopt metric. Default 100.
     pub max_sockopt_values: usize,
     /// Kernel event ring buffer size in bytes (power of two). Default 4 MiB.
@@ -123,6 +129,7 @@ impl Default for Config {
             max_connections: 262_144,
             max_peers: 500,
             peer_hold: Duration::from_mins(10),
+            max_cluster_endpoints: DEFAULT_MAX_ENDPOINTS,
             max_sockopt_values: 100,
             ring_bytes: DEFAULT_RING_BYTES,
             kernel_hz: None,
@@ -192,6 +199,10 @@ pub struct Overrides {
     /// [default: 10m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub peer_hold: Option<Duration>,
+    /// Most endpoints of the cluster-wide EndpointSlice index (about 370
+    /// bytes each) [default: 500000].
+    #[arg(long, value_name = "N")]
+    pub max_cluster_endpoints: Option<usize>,
     /// How often the connection table is reconciled with the kernel's
     /// sockets (closes the daemon missed are dropped and counted), e.g. 30s
     /// [default: 30s, at least 1s].
@@ -316,6 +327,9 @@ impl Config {
         }
         if let Some(v) = f.peer_hold {
             self.peer_hold = v;
+        }
+        if let Some(v) = f.max_cluster_endpoints {
+            self.max_cluster_endpoints = v;
         }
         if let Some(v) = f.ring_bytes {
             self.ring_bytes = v;
@@ -590,6 +604,7 @@ mod fuzz {
             "resync_interval" => s(&["1s", "30s", "2m"]),
             "max_connections" => int(1, 1 << 24),
             "max_peers" | "max_sockopt_values" => int(1, 100_000),
+            "max_cluster_endpoints" => int(0, 10_000_000),
             "ring_bytes" => (0..12u32).prop_map(|s| Value::Integer(4096 << s)).boxed(),
             "kernel_hz" => proptest::sample::select(&[100, 250, 300, 1000][..])
                 .prop_map(Value::Integer)
@@ -621,6 +636,7 @@ mod fuzz {
         "max_connections",
         "max_peers",
         "peer_hold",
+        "max_cluster_endpoints",
         "max_sockopt_values",
         "ring_bytes",
         "kernel_hz",

@@ -266,7 +266,8 @@ impl Metrics {
                 "conntracer_kube_index_entries",
                 "The cluster-wide Service and EndpointSlice index: ClusterIP:port entries \
                  (kind=service_ports), endpoint addresses (endpoints), pod IPs of pods deleted \
-                 within deleted_pod_grace (deleted_pods).",
+                 within deleted_pod_grace (deleted_pods), endpoints left out because the index \
+                 holds max_cluster_endpoints (refused_endpoints).",
             )?,
             kube_errors: plain(
                 &r,

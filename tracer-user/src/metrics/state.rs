@@ -83,7 +83,8 @@ impl State {
                 });
             }
             Outcome::Sockopt { attr, option } => {
-                let value = self.admit(Cap::SockoptValue, option.value.to_string(), Need::Event);
+                let value = option.value.to_string();
+                let value = self.admit(Cap::SockoptValue, value, Need::Event, false);
                 self.metrics.keepalive_sockopts.inc(&KeepaliveSockopt {
                     namespace: &attr.namespace,
                     pod: &attr.pod,
@@ -196,18 +197,18 @@ impl State {
     }
 
     /// The value to use for a capped label (overflow counted).
-    fn admit(&mut self, cap: Cap, value: String, need: Need) -> String {
+    fn admit(&mut self, cap: Cap, value: String, need: Need, inbound: bool) -> String {
         let (cap, label) = match cap {
             Cap::Peer => (&mut self.peers, "peer"),
             Cap::SockoptValue => (&mut self.sockopt_values, "value"),
         };
-        admit(cap, &self.metrics, label, value, need)
+        admit(cap, &self.metrics, label, value, need, inbound)
     }
 
     /// The `peer` label of a connection an event is about, capped.
     fn peer(&mut self, info: &EventInfo, dir: Direction) -> String {
         let peer = self.tracker.peer(info, dir);
-        self.admit(Cap::Peer, peer, Need::Event)
+        self.admit(Cap::Peer, peer, Need::Event, dir == Direction::Inbound)
     }
 
     /// (namespace, pod, peer) of a chain, the peer capped.
@@ -217,7 +218,8 @@ impl State {
         need: Need,
     ) -> Option<(String, String, String)> {
         let (namespace, pod, peer) = self.tracker.chain_labels(chain)?;
-        Some((namespace, pod, self.admit(Cap::Peer, peer, need)))
+        let inbound = chain.direction == Direction::Inbound;
+        Some((namespace, pod, self.admit(Cap::Peer, peer, need, inbound)))
     }
 
     /// Removes the series of pods deleted two grace periods ago (see
@@ -261,7 +263,8 @@ impl State {
             let counts: Vec<_> = tracker.table.open_counts().map(|(k, n)| (*k, n)).collect();
             for (k, n) in counts {
                 let peer = tracker.peer_of(k.remote, k.remote_port, k.dir);
-                let peer = admit(peers, metrics, "peer", peer, Need::Open);
+                let inbound = k.dir == Direction::Inbound;
+                let peer = admit(peers, metrics, "peer", peer, Need::Open, inbound);
                 let a = tracker.attr.attribute(&k.owner);
                 *by_peer
                     .entry((a.namespace.clone(), a.pod.clone(), a.role, k.dir, peer))
@@ -389,6 +392,7 @@ impl State {
                 ("service_ports", size.service_ports),
                 ("endpoints", size.endpoints),
                 ("deleted_pods", size.deleted),
+                ("refused_endpoints", size.refused),
             ];
             for (kind, n) in entries {
                 m.kube_index
@@ -411,9 +415,16 @@ enum Cap {
 /// `value` through `cap`; a value folded into "other" counts in
 /// `conntracer_label_overflow_total{label}`, and the series of a value
 /// whose place it took are removed.
-fn admit(cap: &mut LabelCap, metrics: &Metrics, label: &str, value: String, need: Need) -> String {
+fn admit(
+    cap: &mut LabelCap,
+    metrics: &Metrics,
+    label: &str,
+    value: String,
+    need: Need,
+    inbound: bool,
+) -> String {
     let before = cap.overflowed;
-    let value = cap.admit_for(value, need, std::time::Instant::now());
+    let value = cap.admit_for(value, need, inbound, std::time::Instant::now());
     if cap.overflowed > before {
         metrics.label_overflow.inc(&LabelName { label });
     }

@@ -155,7 +155,11 @@ impl Attributor {
             super::kube::spawn(source.clone(), node, index.clone());
             index
         });
-        let services = ServiceIndex::new(pods.clone(), cfg.deleted_pod_grace);
+        let services = ServiceIndex::with_max_endpoints(
+            pods.clone(),
+            cfg.deleted_pod_grace,
+            cfg.max_cluster_endpoints,
+        );
         if source != KubeSource::Disabled {
             super::services::spawn(source, services.clone());
         }

@@ -41,7 +41,7 @@ use kube::{
 use serde::{Deserialize, Deserializer};
 
 use super::kube::{DEFAULT_DELETE_GRACE, KubeError, KubeSource, PodIndex};
-use crate::event::addr::canonical;
+use crate::{config::DEFAULT_MAX_ENDPOINTS, event::addr::canonical};
 
 /// The label an EndpointSlice names its Service by.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -141,15 +141,30 @@ pub struct IndexSize {
     pub endpoints: usize,
     /// Pod IPs remembered as deleted (in their grace period).
     pub deleted: usize,
+    /// Endpoints of slices left out because the index was full.
+    pub refused: usize,
 }
 
 impl ServiceIndex {
     /// An empty index; `pods` (this node's pods) name their IPs first;
     /// deleted pods are remembered for `grace`.
     pub fn new(pods: Option<PodIndex>, grace: Duration) -> Self {
+        Self::with_max_endpoints(pods, grace, DEFAULT_MAX_ENDPOINTS)
+    }
+
+    /// Like [`Self::new`], indexing at most `max_endpoints` endpoints: a
+    /// slice that would pass it is left out (and counted) until it changes.
+    pub fn with_max_endpoints(
+        pods: Option<PodIndex>,
+        grace: Duration,
+        max_endpoints: usize,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
-                index: RwLock::default(),
+                index: RwLock::new(Index {
+                    max_endpoints,
+                    ..Index::default()
+                }),
                 pods,
                 errors: AtomicU64::new(0),
                 grace,
@@ -183,7 +198,8 @@ impl ServiceIndex {
 
     /// `(namespace, pod)` of a pod IP anywhere in the cluster: this node's
     /// pods, then the pods EndpointSlices name (`targetRef`), then the pods
-    /// remembered as deleted.
+    /// remembered as deleted. `None` for an IP that endpoints of two live
+    /// pods share (hostNetwork pods on one node).
     pub fn pod_at(&self, ip: IpAddr) -> Option<(String, String)> {
         let ip = canonical(ip);
         if let Some(found) = self.shared.pods.as_ref().and_then(|p| p.lookup_ip(ip)) {
@@ -191,6 +207,7 @@ impl ServiceIndex {
         }
         let index = self.read();
         let mut best: Option<(&Slice, &Endpoint)> = None;
+        let mut ambiguous = false;
         for slice in index.by_ip.get(&ip).into_iter().flatten() {
             let Some(slice) = index.slices.get(slice) else {
                 continue;
@@ -200,14 +217,28 @@ impl ServiceIndex {
                 .iter()
                 .filter(|e| e.ip == ip && e.pod.is_some())
             {
-                // A live endpoint over a terminating one (an IP given to a
-                // new pod while the old one terminates).
-                if best.is_none_or(|(_, b)| b.terminating && !e.terminating) {
-                    best = Some((slice, e));
+                match best {
+                    // A live endpoint over a terminating one (an IP given to
+                    // a new pod while the old one terminates).
+                    None => best = Some((slice, e)),
+                    Some((_, b)) if b.terminating && !e.terminating => {
+                        best = Some((slice, e));
+                        ambiguous = false;
+                    }
+                    // Two pods at once on one IP: hostNetwork pods, whose IP
+                    // is their node's. Which one a port reaches is not known
+                    // here: no name rather than a wrong one.
+                    Some((bs, b)) if b.terminating == e.terminating => {
+                        ambiguous |= b.pod != e.pod || bs.namespace != slice.namespace;
+                    }
+                    Some(_) => {}
                 }
             }
         }
         if let Some((slice, e)) = best {
+            if ambiguous {
+                return None;
+            }
             return Some((slice.namespace.to_string(), e.pod.as_deref()?.to_owned()));
         }
         let gone = index.deleted.get(&ip)?;
@@ -232,8 +263,9 @@ impl ServiceIndex {
         let index = self.read();
         IndexSize {
             service_ports: index.by_cluster_ip.len(),
-            endpoints: index.slices.values().map(|s| s.endpoints.len()).sum(),
+            endpoints: index.endpoints,
             deleted: index.deleted.len(),
+            refused: index.refused.values().sum(),
         }
     }
 
@@ -325,6 +357,11 @@ struct Index {
     deleted: HashMap<IpAddr, Gone>,
     service_list: Listing<ServicePorts>,
     slice_list: Listing<Slice>,
+    /// Endpoints in `slices`, and the most there may be.
+    endpoints: usize,
+    max_endpoints: usize,
+    /// Slices left out because the index was full: their endpoint counts.
+    refused: HashMap<Key, usize>,
 }
 
 /// The list of one resource in progress, and whether one was complete.
@@ -404,6 +441,25 @@ impl Index {
     /// deleted state of every address it had or has.
     fn replace_slice(&mut self, key: &Key, new: Option<Slice>, now: Instant) {
         let old = self.slices.remove(key);
+        self.endpoints -= old.as_ref().map_or(0, |s| s.endpoints.len());
+        self.refused.remove(key);
+        // Full: the slice is left out (its old version too: it is stale).
+        let new = new.filter(|n| {
+            let fits = self.endpoints + n.endpoints.len() <= self.max_endpoints;
+            if !fits {
+                if self.refused.is_empty() {
+                    log::warn!(
+                        "kubernetes: the Service index holds its maximum of {} endpoints \
+                         (max_cluster_endpoints); EndpointSlice {key} and later ones are left \
+                         out: their pods show as addresses",
+                        self.max_endpoints
+                    );
+                }
+                self.refused.insert(key.clone(), n.endpoints.len());
+            }
+            fits
+        });
+        self.endpoints += new.as_ref().map_or(0, |s| s.endpoints.len());
         let mut was_terminating = HashMap::new();
         if let Some(old) = &old {
             for e in &old.endpoints {
@@ -749,8 +805,14 @@ impl Watched for SliceObj {
         &mut index.slice_list
     }
 
+    /// Indexed and refused ones: a relist forgets both when they are gone.
     fn keys(index: &Index) -> Vec<Key> {
-        index.slices.keys().cloned().collect()
+        index
+            .slices
+            .keys()
+            .chain(index.refused.keys())
+            .cloned()
+            .collect()
     }
 
     fn put(index: &mut Index, key: &Key, entry: Option<Slice>, now: Instant) {

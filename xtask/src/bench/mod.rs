@@ -29,7 +29,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use self::scenario::{Results, churn, latency, loss, memory, paced, pipeline};
+use self::scenario::{Results, churn, cluster, latency, loss, memory, paced, pipeline};
 use crate::{
     cmd::{cargo, display, is_root, run, target_dir, workspace_root},
     setup,
@@ -78,7 +78,16 @@ pub struct Args {
     /// Ring buffer size of the deliberate-loss run (the smallest the kernel takes is a page).
     #[arg(long, default_value_t = 4096)]
     pub tiny_ring: u32,
-    /// Sections to skip (churn, scaling, paced, memory, latency, loss, pipeline).
+    /// Pods of the simulated cluster of the cluster-index section.
+    #[arg(long, default_value_t = 150_000)]
+    pub cluster_pods: usize,
+    /// Services of the simulated cluster (each pod backs one).
+    #[arg(long, default_value_t = 10_000)]
+    pub cluster_services: usize,
+    /// Nodes of the simulated cluster (the daemon's node has pods/nodes of them).
+    #[arg(long, default_value_t = 5_000)]
+    pub cluster_nodes: usize,
+    /// Sections to skip (churn, scaling, paced, memory, latency, loss, pipeline, cluster).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Where docs/benchmarks.md and docs/bench/ go (default: the workspace's docs/).
@@ -118,6 +127,8 @@ const BENCH_PACKAGES: &[setup::DebianPackage] = &[
 struct Ctx {
     tracer: PathBuf,
     loadgen: PathBuf,
+    /// The fake apiserver of the cluster section.
+    fake_kube: PathBuf,
     work: PathBuf,
     bpftrace_script: PathBuf,
     runs: usize,
@@ -143,6 +154,14 @@ pub fn bench(args: &Args) -> Result<()> {
     }
     ensure_tracefs()?;
     run(cargo().args(["build", "--release", "-p", "tracer-user", "-p", "loadgen"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "integration-tests",
+        "--bin",
+        "ct-fake-kube",
+    ]))?;
 
     let target = target_dir()?;
     let work = target.join("bench");
@@ -152,6 +171,7 @@ pub fn bench(args: &Args) -> Result<()> {
     let mut ctx = Ctx {
         tracer: target.join("release").join("conn-tracer"),
         loadgen: target.join("release").join("conn-loadgen"),
+        fake_kube: target.join("release").join("ct-fake-kube"),
         work,
         bpftrace_script,
         runs: 0,
@@ -164,29 +184,7 @@ pub fn bench(args: &Args) -> Result<()> {
              alike): {others:?}"
         );
     }
-    let skip = |s: &str| args.skip.iter().any(|x| x == s);
-    let mut results = Results::default();
-    if !skip("churn") {
-        results.churn = churn::churn(&mut ctx, args)?;
-    }
-    if !skip("scaling") {
-        results.scaling = churn::scaling(&mut ctx, args)?;
-    }
-    if !skip("paced") {
-        results.paced = paced::paced(&mut ctx, args)?;
-    }
-    if !skip("loss") {
-        results.tiny_ring = Some(loss::tiny_ring(&mut ctx, args)?);
-    }
-    if !skip("latency") {
-        results.latency = Some(latency::latency(&mut ctx, args)?);
-    }
-    if !skip("memory") {
-        results.memory = Some(memory::memory(&mut ctx, args)?);
-    }
-    if !skip("pipeline") {
-        results.pipeline = pipeline::pipeline(args)?;
-    }
+    let results = sections(&mut ctx, args)?;
     let others_after = procs::other_bpf_holders(&[]);
     let out = args
         .out
@@ -226,6 +224,37 @@ pub fn bench(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// Runs every section not skipped.
+fn sections(ctx: &mut Ctx, args: &Args) -> Result<Results> {
+    let skip = |s: &str| args.skip.iter().any(|x| x == s);
+    let mut results = Results::default();
+    if !skip("churn") {
+        results.churn = churn::churn(ctx, args)?;
+    }
+    if !skip("scaling") {
+        results.scaling = churn::scaling(ctx, args)?;
+    }
+    if !skip("paced") {
+        results.paced = paced::paced(ctx, args)?;
+    }
+    if !skip("loss") {
+        results.tiny_ring = Some(loss::tiny_ring(ctx, args)?);
+    }
+    if !skip("latency") {
+        results.latency = Some(latency::latency(ctx, args)?);
+    }
+    if !skip("memory") {
+        results.memory = Some(memory::memory(ctx, args)?);
+    }
+    if !skip("cluster") {
+        results.cluster = Some(cluster::cluster(ctx, args)?);
+    }
+    if !skip("pipeline") {
+        results.pipeline = pipeline::pipeline(args)?;
+    }
+    Ok(results)
+}
+
 fn validate(a: &Args) -> Result<()> {
     anyhow::ensure!((1..=50).contains(&a.rounds), "--rounds must be 1-50");
     anyhow::ensure!(
@@ -255,6 +284,14 @@ fn validate(a: &Args) -> Result<()> {
     anyhow::ensure!(
         (1..=500).contains(&a.latency_samples),
         "--latency-samples must be 1-500"
+    );
+    anyhow::ensure!(
+        a.cluster_pods <= 1_000_000 && (1..=100_000).contains(&a.cluster_services),
+        "--cluster-pods must be at most 1000000 and --cluster-services 1-100000"
+    );
+    anyhow::ensure!(
+        (1..=100_000).contains(&a.cluster_nodes),
+        "--cluster-nodes must be 1-100000"
     );
     Ok(())
 }

@@ -361,7 +361,70 @@ fn a_relist_drops_what_is_gone_and_keeps_answering_until_it_is_done() {
         IndexSize {
             service_ports: 1,
             endpoints: 1,
-            deleted: 0
+            deleted: 0,
+            refused: 0,
         }
     );
+}
+
+#[test]
+fn a_full_index_leaves_slices_out_and_counts_them_until_there_is_room() {
+    let index = ServiceIndex::with_max_endpoints(None, DEFAULT_DELETE_GRACE, 3);
+    let now = Instant::now();
+    let put = |name: &str, ips: &[&str]| {
+        let eps: Vec<Value> = ips
+            .iter()
+            .map(|ip| endpoint(ip, &format!("p-{ip}"), true, false))
+            .collect();
+        let s = slice("shop", name, "cart", &[("http", 8080)], &eps);
+        index.apply(Event::Apply(slice_obj(&s)), now);
+    };
+    put("a", &["10.0.0.1", "10.0.0.2"]);
+    put("b", &["10.0.0.3", "10.0.0.4"]);
+    assert_eq!((index.size().endpoints, index.size().refused), (2, 2));
+    assert_eq!(index.pod_at(ip("10.0.0.3")), None, "left out");
+    // Growing a slice past the bound drops its stale version too.
+    put("a", &["10.0.0.1", "10.0.0.2", "10.0.0.5", "10.0.0.6"]);
+    assert_eq!((index.size().endpoints, index.size().refused), (0, 6));
+    assert_eq!(index.pod_at(ip("10.0.0.1")), None);
+    // Room again: the next change of a slice gets it in.
+    index.apply(
+        Event::Delete(slice_obj(&slice("shop", "a", "cart", &[], &[]))),
+        now,
+    );
+    put("b", &["10.0.0.3", "10.0.0.4"]);
+    assert_eq!((index.size().endpoints, index.size().refused), (2, 0));
+    assert_eq!(index.pod_at(ip("10.0.0.3")), nsname("shop", "p-10.0.0.3"));
+    // A relist without a refused slice forgets it.
+    put("c", &["10.0.0.7", "10.0.0.8"]);
+    assert_eq!(index.size().refused, 2);
+    index.apply(Event::<SliceObj>::Init, now);
+    let keep = [endpoint("10.0.0.3", "p", true, false)];
+    let keep = slice_obj(&slice("shop", "b", "cart", &[], &keep));
+    index.apply(Event::InitApply(keep), now);
+    index.apply(Event::<SliceObj>::InitDone, now);
+    assert_eq!((index.size().endpoints, index.size().refused), (1, 0));
+}
+
+#[test]
+fn an_ip_two_live_pods_share_names_neither() {
+    // Two hostNetwork pods of one node back Services: their IP is the node's.
+    let index = ServiceIndex::default();
+    let now = Instant::now();
+    for (svc, pod) in [
+        ("node-exporter", "node-exporter-x"),
+        ("ingress", "ingress-y"),
+    ] {
+        let eps = [endpoint("192.0.2.20", pod, true, false)];
+        let s = slice("kube-system", &format!("{svc}-1"), svc, &[], &eps);
+        index.apply(Event::Apply(slice_obj(&s)), now);
+    }
+    assert_eq!(index.pod_at(ip("192.0.2.20")), None);
+    // One pod in two Services is still that pod.
+    let eps = [endpoint("10.244.2.5", "cart-a", true, false)];
+    for svc in ["cart", "cart-canary"] {
+        let s = slice("shop", &format!("{svc}-1"), svc, &[], &eps);
+        index.apply(Event::Apply(slice_obj(&s)), now);
+    }
+    assert_eq!(index.pod_at(ip("10.244.2.5")), nsname("shop", "cart-a"));
 }

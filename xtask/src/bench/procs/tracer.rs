@@ -148,11 +148,14 @@ impl Tracer {
                     "--idle-threshold",
                     "1s",
                 ])
-                .arg("--no-kube")
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(out.try_clone()?)
-                .stderr(out);
+                .args(extra);
+                // Without pod metadata unless a run brings its own API.
+                if !extra.iter().any(|a| a == "--kube-api") {
+                    cmd.arg("--no-kube");
+                }
+                cmd.stdin(Stdio::null())
+                    .stdout(out.try_clone()?)
+                    .stderr(out);
                 let child = cmd
                     .spawn()
                     .with_context(|| format!("cannot start `{}`", display(&cmd)))?;

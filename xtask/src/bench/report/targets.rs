@@ -24,6 +24,9 @@ pub const RENDER_TARGET_MS: f64 = 10.0;
 pub const PACED_AT: f64 = 10_000.0;
 /// ... at most this many millicores.
 pub const PACED_TARGET_MCPU: f64 = 20.0;
+/// Target: peak daemon RSS with the simulated cluster's index, at most
+/// half the DaemonSet's memory limit (the rest is the connection table's).
+pub const CLUSTER_RSS_TARGET: u64 = 256 * 1024 * 1024;
 /// Target: userspace pipeline events per second on one core.
 pub const PIPELINE_TARGET: f64 = 2e6;
 /// Target: detection latency of an idle kill, milliseconds.
@@ -99,6 +102,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             pass: at.is_some_and(|p| p.rss_bytes <= RSS_TARGET),
         });
     }
+    v.extend(r.cluster.as_ref().map(cluster_verdict));
     if !r.pipeline.is_empty() {
         let worst = r
             .pipeline
@@ -179,5 +183,25 @@ fn churn_verdicts(r: &Results, v: &mut Vec<Verdict>) {
             value: format!("{lost} of {events}"),
             pass: lost == 0 && events > 0,
         });
+    }
+}
+
+/// The cluster-index target.
+fn cluster_verdict(c: &crate::bench::scenario::cluster::Cluster) -> Verdict {
+    Verdict {
+        name: format!(
+            "daemon peak RSS with the index of {} pods / {} Services",
+            short(c.pods as f64),
+            short(c.services as f64)
+        ),
+        target: format!("<= {} MiB", CLUSTER_RSS_TARGET / 1024 / 1024),
+        value: format!(
+            "{:.1} MiB through a relist ({} endpoints indexed)",
+            mib(c.relist_hwm_bytes),
+            c.indexed_endpoints
+        ),
+        pass: c.relist_hwm_bytes <= CLUSTER_RSS_TARGET
+            && c.indexed_endpoints >= c.endpoints as u64
+            && c.relist_endpoints >= c.endpoints as u64,
     }
 }

@@ -4,6 +4,7 @@
 //! `report` turns into tables, charts and targets.
 
 pub mod churn;
+pub mod cluster;
 pub mod latency;
 pub mod loss;
 pub mod memory;
@@ -13,7 +14,8 @@ pub mod pipeline;
 use serde::Serialize;
 
 use self::{
-    churn::ChurnRun, latency::Latency, loss::TinyRing, memory::Memory, paced::PacedRun,
+    churn::ChurnRun, cluster::Cluster, latency::Latency, loss::TinyRing, memory::Memory,
+    paced::PacedRun,
     pipeline::Pipeline,
 };
 
@@ -24,6 +26,7 @@ pub struct Results {
     pub scaling: Vec<ChurnRun>,
     pub paced: Vec<PacedRun>,
     pub memory: Option<Memory>,
+    pub cluster: Option<Cluster>,
     pub latency: Option<Latency>,
     pub pipeline: Vec<Pipeline>,
     pub tiny_ring: Option<TinyRing>,
