@@ -215,7 +215,12 @@ impl State {
             None if ending.close_kind == CloseKind::Timeout => {
                 (Pattern::PathExpiry, ending.idle_at_end)
             }
-            None if outbound && ending.closed_by == ClosedBy::Peer => {
+            // An app leg's peer is its sidecar: the chain's end says whose
+            // timeout it was (the upstream leg's kill, or the sidecar's).
+            None if outbound
+                && ending.closed_by == ClosedBy::Peer
+                && !self.tracker.chains.is_app_leg(c.info.cookie) =>
+            {
                 (Pattern::ServerIdleTimeout, ending.idle_at_end)
             }
             _ => return,
