@@ -30,6 +30,8 @@ use std::{
 use integration_tests::{
     NetNs, conn_tracer_bin, ct_client,
     daemon::{Daemon, Serial, http_get, serial},
+    fake_kube::{FakeKube, pod_json},
+    mesh::hex_id,
     require_program_or_skip, require_root_or_skip,
     scenario::{args, local},
     serial_unless_skipped,
@@ -37,6 +39,9 @@ use integration_tests::{
     test_name,
 };
 use serde_json::Value;
+
+/// The node the stale-endpoint test's daemon is told it runs on.
+const NODE: &str = "node-findings";
 
 /// The keys every finding has (README, "Findings"), and their JSON types.
 const SCHEMA: [(&str, &str); 13] = [
@@ -350,4 +355,45 @@ fn root_healthy_traffic_gives_no_finding() {
     thread::sleep(Duration::from_secs(1));
     let mine = findings_of(&daemon, "127.0.0.1:18091");
     assert!(mine.is_empty(), "healthy traffic, no finding: {mine:#?}");
+}
+
+#[test]
+fn root_connects_to_a_deleted_pod_are_a_stale_endpoint() {
+    let _serial = serial_unless_skipped!();
+    // The deleted pod's address, on this namespace's loopback: nothing
+    // listens there any more, the kernel refuses the connects.
+    let ns = NetNs::new();
+    let status = ns
+        .command("ip")
+        .args(["addr", "add", "10.250.0.9/32", "dev", "lo"])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let kube = FakeKube::start(NODE);
+    kube.set_pods(vec![pod_json(
+        "db",
+        "old-0",
+        "6b2d0c1e-3f4a-4b5c-8d9e-0f1a2b3c4d5e",
+        NODE,
+        "10.250.0.9",
+        &[("pg", &format!("containerd://{}", hex_id(0x5e)))],
+    )]);
+    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
+    let pods = |m: &integration_tests::daemon::Metrics| m.sum("conntracer_kube_pods", &[]);
+    daemon.wait_metrics(Duration::from_secs(20), |m| pods(m) >= 1.0);
+    // Deleted from the API (within deleted_pod_grace: still named).
+    kube.set_pods(vec![]);
+    daemon.wait_metrics(Duration::from_secs(20), |m| pods(m) < 1.0);
+    let refused = in_netns(&ns, || {
+        (0..3)
+            .filter(|_| TcpStream::connect(("10.250.0.9", 5432)).is_err())
+            .count()
+    });
+    assert_eq!(refused, 3, "nothing listens on the deleted pod's address");
+    let f = wait_finding(&daemon, "db/old-0", "stale_endpoint", 3);
+    assert_eq!(f["evidence"]["connect_failure"], "refused", "{f:#}");
+    assert!(
+        f["fix"].as_str().unwrap_or_default().contains("deleted"),
+        "{f:#}"
+    );
 }
