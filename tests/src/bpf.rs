@@ -17,6 +17,7 @@ pub const PROGRAMS: &[&str] = &[
     "tcp_receive_reset",
     "tcp_send_reset",
     "inet_sk_error_report",
+    "tcp_probe",
     "setsockopt",
     "dump_tcp",
 ];

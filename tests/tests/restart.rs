@@ -39,7 +39,7 @@ fn loaded_by_daemon(before: &Objects) -> Objects {
     assert_eq!(names, want, "programs the daemon loaded: {mine:?}");
     // One link per tracepoint and one for the cgroup program; the iterator
     // has a link only while a snapshot runs.
-    assert_eq!(mine.links.len(), 5, "links: {mine:?}");
+    assert_eq!(mine.links.len(), 6, "links: {mine:?}");
     for map in ["EVENTS", "LOST", "SOCKS"] {
         assert!(
             mine.maps.values().any(|m| m == map),

@@ -242,6 +242,27 @@ fn case_a(dest: Dest) {
     after.assert_delta(&before, KILLS, &app_kill, 1.0);
     // Envoy closed its legs itself: no kill on the sidecar's sockets.
     after.assert_delta(&before, KILLS, &[("pod", POD), ("role", "sidecar")], 0.0);
+    // The finding: the sidecar's idle timeout (one kill: no timeout
+    // inferred yet), not the server's.
+    let found = patterns_for(&m, POD);
+    assert_eq!(found, ["sidecar_idle_timeout"], "findings of {POD}");
+}
+
+/// The patterns of the daemon's findings about `pod` (sorted).
+fn patterns_for(m: &Mesh, pod: &str) -> Vec<String> {
+    let (status, body) =
+        integration_tests::daemon::http_get(m.daemon.addr, "/findings").expect("GET /findings");
+    assert_eq!(status, 200, "{body}");
+    let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let mut found: Vec<String> = all
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|f| f["pod"] == pod)
+        .map(|f| f["pattern"].as_str().unwrap_or_default().to_string())
+        .collect();
+    found.sort();
+    found
 }
 
 #[test]
@@ -277,6 +298,7 @@ fn case_b(dest: Dest) {
         ("peer", PEER),
     ];
     after.assert_delta(&before, KILLS, &sidecar_kill, 1.0);
+    assert_eq!(patterns_for(&m, POD), ["server_idle_timeout"]);
 }
 
 /// Case C: the app has keepalive, Envoy's upstream leg has none, the path
@@ -309,6 +331,7 @@ fn case_c_expired(dest: Dest) {
         "{}",
         mm.dump(MISMATCH)
     );
+    assert_eq!(patterns_for(&m, POD), ["sidecar_keepalive_mismatch"]);
     // Past the router's conntrack expiry.
     thread::sleep(Duration::from_secs(4));
     m.expect_next_query_fails();
@@ -332,6 +355,12 @@ fn case_c_expired(dest: Dest) {
         0.0,
         "the chain is gone: {}",
         after.dump(MISMATCH)
+    );
+    // The path expired the sidecar's idle upstream leg; the mismatch
+    // finding stays until it expires (its evidence stopped).
+    assert_eq!(
+        patterns_for(&m, POD),
+        ["path_expiry", "sidecar_keepalive_mismatch"]
     );
     assert_eq!(m.envoy.idle_timeouts(), 0);
 }
@@ -377,6 +406,10 @@ fn root_case_c_with_upstream_keepalive_nothing_dies_and_no_mismatch() {
         1.0,
     );
     assert_eq!(m.lab.invalid_packets(), 0, "nothing expired on the path");
+    assert!(
+        patterns_for(&m, POD).is_empty(),
+        "a healthy chain, no finding"
+    );
 }
 
 /// A black hole: the path drops the expired flow (conntrack, no reset).

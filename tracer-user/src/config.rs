@@ -118,6 +118,12 @@ pub struct Config {
     /// are removed from /metrics. Default 2m (series go 4 min after the pod).
     #[serde(deserialize_with = "duration")]
     pub deleted_pod_grace: Duration,
+    /// A finding expires this long after its last evidence. Default 1h.
+    #[serde(deserialize_with = "duration")]
+    pub findings_expiry: Duration,
+    /// Most findings kept at once; past it the least recently seen goes.
+    /// Default 1000.
+    pub max_findings: usize,
 }
 
 impl Default for Config {
@@ -145,6 +151,8 @@ impl Default for Config {
             resync_interval: Duration::from_secs(30),
             cgroupns_pid: 1,
             deleted_pod_grace: DEFAULT_DELETE_GRACE,
+            findings_expiry: Duration::from_hours(1),
+            max_findings: 1000,
         }
     }
 }
@@ -185,6 +193,13 @@ pub struct Overrides {
     /// before it counts as a CLOSE_WAIT leak, e.g. 2s, 5m [default: 60s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub close_wait_threshold: Option<Duration>,
+    /// How long a finding stays after its last evidence, e.g. 10m, 1h
+    /// [default: 1h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub findings_expiry: Option<Duration>,
+    /// Most findings kept at once [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_findings: Option<usize>,
     /// TOML configuration file (see README); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -319,6 +334,12 @@ impl Config {
         if let Some(v) = f.close_wait_threshold {
             self.close_wait_threshold = v;
         }
+        if let Some(v) = f.findings_expiry {
+            self.findings_expiry = v;
+        }
+        if let Some(v) = f.max_findings {
+            self.max_findings = v;
+        }
         if let Some(v) = f.max_connections {
             self.max_connections = v;
         }
@@ -376,6 +397,12 @@ impl Config {
         }
         if self.idle_threshold.is_zero() {
             return bad("idle_threshold", "0".into(), "must be more than zero");
+        }
+        if self.findings_expiry.is_zero() {
+            return bad("findings_expiry", "0".into(), "must be more than zero");
+        }
+        if self.max_findings == 0 {
+            return bad("max_findings", "0".into(), "must be at least 1");
         }
         if self.max_connections == 0 {
             return bad("max_connections", "0".into(), "must be at least 1");
@@ -603,7 +630,7 @@ mod fuzz {
             "idle_threshold" | "close_wait_threshold" => s(&["30s", "5m", "1h30m", "500ms"]),
             "resync_interval" => s(&["1s", "30s", "2m"]),
             "max_connections" => int(1, 1 << 24),
-            "max_peers" | "max_sockopt_values" => int(1, 100_000),
+            "max_peers" | "max_sockopt_values" | "max_findings" => int(1, 100_000),
             "max_cluster_endpoints" => int(0, 10_000_000),
             "ring_bytes" => (0..12u32).prop_map(|s| Value::Integer(4096 << s)).boxed(),
             "kernel_hz" => proptest::sample::select(&[100, 250, 300, 1000][..])
@@ -624,7 +651,7 @@ mod fuzz {
                 .boxed(),
             "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
             "cgroupns_pid" => int(0, 4_194_304),
-            "deleted_pod_grace" | "peer_hold" => s(&["1s", "2m", "1h"]),
+            "deleted_pod_grace" | "peer_hold" | "findings_expiry" => s(&["1s", "2m", "1h"]),
             other => unreachable!("no valid value for {other}"),
         }
     }
@@ -652,6 +679,8 @@ mod fuzz {
         "resync_interval",
         "cgroupns_pid",
         "deleted_pod_grace",
+        "findings_expiry",
+        "max_findings",
     ];
 
     /// Any TOML value, of any type, with a bias to the edges.

@@ -29,10 +29,12 @@ pub(crate) mod owner;
 // 4.
 pub(crate) mod track;
 // 5.
-pub(crate) mod metrics;
+pub(crate) mod findings;
 // 6.
-pub(crate) mod serve;
+pub(crate) mod metrics;
 // 7.
+pub(crate) mod serve;
+// 8.
 pub mod cmd;
 
 #[cfg(test)]

@@ -47,6 +47,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show a running daemon's findings: which connections die, what
+    /// kills them, after how long, and which setting fixes it.
+    Findings {
+        /// The daemon's base URL.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+        from: String,
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Probe the kernel and this process for everything the tracer needs;
     /// exit 0 when all is there, 1 otherwise.
     Check {
@@ -115,13 +125,10 @@ fn main() -> ExitCode {
         }
         Command::Run(flags) => run_daemon(&flags),
         Command::Connections { from, json } => {
-            match conn_tracer::cmd::connections::run(&from, json) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("conn-tracer: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+            client_exit(conn_tracer::cmd::connections::run(&from, json))
+        }
+        Command::Findings { from, json } => {
+            client_exit(conn_tracer::cmd::findings::run(&from, json))
         }
         Command::Check { btf } => {
             let probes = check::run_probes(&btf);
@@ -187,6 +194,17 @@ fn block_on<T>(
     };
     match runtime.block_on(task) {
         Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conn-tracer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The exit of a client subcommand (`connections`, `findings`).
+fn client_exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("conn-tracer: {e:#}");
             ExitCode::FAILURE

@@ -143,11 +143,16 @@ pub(crate) fn render_table(conns: &[ConnView]) -> String {
             chain_cell(c),
         ]);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    align(&rows)
+}
+
+/// Rows as left-aligned columns two spaces apart, one line each.
+pub(crate) fn align<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
-    for r in &rows {
+    for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
@@ -159,10 +164,18 @@ pub(crate) fn render_table(conns: &[ConnView]) -> String {
     out
 }
 
+/// GETs `path` from a daemon and reads its JSON array.
+pub(crate) fn fetch<T: serde::de::DeserializeOwned>(
+    url: &str,
+    path: &str,
+) -> anyhow::Result<Vec<T>> {
+    let body = get(url, path)?;
+    serde_json::from_str(&body)
+        .with_context(|| format!("the daemon's {path} is not the expected JSON"))
+}
+
 pub fn run(from: &str, json: bool) -> anyhow::Result<()> {
-    let body = get(from, "/connections")?;
-    let conns: Vec<ConnView> = serde_json::from_str(&body)
-        .context("the daemon's /connections is not the expected JSON")?;
+    let conns: Vec<ConnView> = fetch(from, "/connections")?;
     let mut out = std::io::stdout().lock();
     if json {
         for c in &conns {

@@ -1,4 +1,4 @@
-//! Stage 5, metrics: the Prometheus contract (names and labels are
+//! Stage 6, metrics: the Prometheus contract (names and labels are
 //! documented in README.md and must not change). Takes what the tracker
 //! says of each event ([`crate::track::Outcome`]) and, at scrape, its table
 //! and chains; gives the metric families. Each metric is declared once
@@ -65,6 +65,10 @@ label_set!(
     PeerConnectionsOpen { namespace, pod, role, direction, peer }
 );
 label_set!(
+    /// `conntracer_findings`.
+    FindingKey { pattern, namespace, pod, peer }
+);
+label_set!(
     /// `conntracer_events_total`.
     EventKind { kind }
 );
@@ -93,6 +97,7 @@ pub(crate) struct Metrics {
     pub close_wait: Gauge<CloseWait<'static>>,
     pub sidecar_chain_kills: Counter<ChainKill<'static>>,
     pub sidecar_keepalive_mismatch: Gauge<ChainPeer<'static>>,
+    pub findings: Gauge<FindingKey<'static>>,
     pub events: Counter<EventKind<'static>>,
     pub events_lost: IntCounter,
     pub tracked_connections: IntGauge,
@@ -150,6 +155,12 @@ impl Metrics {
                 "Sends answered by a reset or never acknowledged: the first send after at least \
                  the idle threshold of silence (cause silence), or a send after the peer's FIN \
                  or crossing it (cause peer_closed: the keep-alive race).",
+            )?,
+            findings: Gauge::register(
+                &r,
+                "conntracer_findings",
+                "Active findings (1 each): a pattern of failures on this node and what to change; \
+                 `conn-tracer findings` or /findings has the details.",
             )?,
             close_wait: Gauge::register(
                 &r,

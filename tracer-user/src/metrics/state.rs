@@ -1,24 +1,38 @@
 //! The daemon's state: the tracker, and the metrics each of its outcomes
 //! and, at scrape, its table feed.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::SystemTime};
 
 use tracer_common::EventInfo;
 
 use super::{
-    ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, IdleBeforeClose,
-    IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics, PeerConnectionsOpen, StaleReuse,
+    ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, FindingKey,
+    IdleBeforeClose, IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics,
+    PeerConnectionsOpen, StaleReuse,
     labels::{LabelCap, Need},
 };
 use crate::{
     config::Config,
     event::{ConnEvent, EventData, names::sockopt_name},
+    findings::{Fact, Finding, Findings, Pattern},
     owner::{
         attribute::{Attribution, Attributor, Role},
         procfs,
     },
-    track::{Closed, Direction, Outcome, Tracker, chains::ChainEnd},
+    track::{
+        Closed, Direction, Outcome, Tracker,
+        chains::{ChainEnd, Origin},
+        classify::{CloseKind, ClosedBy, StaleCause, Verdict},
+    },
 };
+
+/// A finding's evidence about the owner `attr`.
+fn fact(pattern: Pattern, attr: &Attribution, direction: &str, peer: &str) -> Fact {
+    let mut f = Fact::new(pattern, &attr.namespace, &attr.pod, peer);
+    f.subject.role = attr.role.as_str().into();
+    f.subject.direction = direction.into();
+    f
+}
 
 /// Everything the event loop and the HTTP handlers share.
 pub struct State {
@@ -28,7 +42,13 @@ pub struct State {
     sockopt_values: LabelCap,
     /// `conntracer_events_total` for open, close and sockopt.
     events_by_kind: [prometheus::IntCounter; 3],
+    pub(crate) findings: Findings,
 }
+
+/// A pod's sidecar holding at least this many connections ...
+const FANOUT_MIN: i64 = 50;
+/// ... and this many times its app's is a connection fanout.
+const FANOUT_FACTOR: i64 = 10;
 
 fn on_off(b: bool) -> &'static str {
     if b { "on" } else { "off" }
@@ -45,6 +65,7 @@ impl State {
             peers: LabelCap::with_hold(cfg.max_peers, cfg.peer_hold),
             sockopt_values: LabelCap::new(cfg.max_sockopt_values),
             events_by_kind,
+            findings: Findings::new(cfg.findings_expiry, cfg.max_findings),
         })
     }
 
@@ -81,6 +102,12 @@ impl State {
                     peer_state,
                     reason: reason.as_str(),
                 });
+                if peer_state == "deleted" {
+                    let mut fact = fact(Pattern::StaleEndpoint, &attr, "outbound", &peer);
+                    fact.detail
+                        .insert("connect_failure".into(), reason.as_str().into());
+                    self.findings.observe(fact, SystemTime::now());
+                }
             }
             Outcome::Sockopt { attr, option } => {
                 let value = option.value.to_string();
@@ -106,7 +133,7 @@ impl State {
         let closed_by = ending.closed_by.as_str();
         // Counted at the peer's FIN already: only a failed send into the
         // half-closed connection (a stale reuse) is left to count.
-        let verdict = &crate::track::classify::Verdict {
+        let verdict = &Verdict {
             idle_kill: verdict.idle_kill && !c.end_counted,
             ..*verdict
         };
@@ -173,6 +200,53 @@ impl State {
                 cause: cause.as_str(),
             });
         }
+        self.find_in_close(c, *verdict, &peer);
+    }
+
+    /// The findings evidence of a counted kill or stale reuse.
+    fn find_in_close(&mut self, c: &Closed, verdict: Verdict, peer: &str) {
+        let ending = &c.ending;
+        // The peer is the server only for outbound connections: a client
+        // that closes its own idle connection is no finding.
+        let outbound = c.dir == Direction::Outbound;
+        let (pattern, idle) = match verdict.stale_cause {
+            // The server's idle timeout: the silence before its FIN.
+            Some(StaleCause::PeerClosed) if outbound => {
+                (Pattern::KeepaliveRace, ending.idle_at_end)
+            }
+            Some(StaleCause::Silence) => (Pattern::PathExpiry, ending.idle()),
+            None if ending.close_kind == CloseKind::Timeout => {
+                (Pattern::PathExpiry, ending.idle_at_end)
+            }
+            // An app leg's peer is its sidecar: the chain's end says whose
+            // timeout it was (the upstream leg's kill, or the sidecar's).
+            None if outbound
+                && ending.closed_by == ClosedBy::Peer
+                && !self.tracker.chains.is_app_leg(c.info.cookie) =>
+            {
+                (Pattern::ServerIdleTimeout, ending.idle_at_end)
+            }
+            _ => return,
+        };
+        let now = SystemTime::now();
+        let mut f = fact(pattern, &c.attr, c.dir.as_str(), peer);
+        f.idle = idle;
+        f.detail.insert(
+            "keepalive".into(),
+            if ending.keepalive { "on" } else { "off" }.into(),
+        );
+        f.detail
+            .insert("close_kind".into(), ending.close_kind.as_str().into());
+        if let Some(o) = verdict.stale_reuse {
+            f.detail.insert("stale_reuse".into(), o.as_str().into());
+        }
+        if self.tracker.peer_state(&c.info) == "deleted" {
+            let mut gone = f.clone();
+            gone.pattern = Pattern::StaleEndpoint;
+            gone.idle = None;
+            self.findings.observe(gone, now);
+        }
+        self.findings.observe(f, now);
     }
 
     fn on_chain_end(&mut self, end: &ChainEnd) {
@@ -180,6 +254,17 @@ impl State {
             return;
         };
         let idle = end.idle.is_some_and(|i| i >= self.tracker.threshold);
+        if end.origin == Origin::Sidecar {
+            let mut f = Fact::new(Pattern::SidecarIdleTimeout, &namespace, &pod, &peer);
+            f.subject.role = "sidecar".into();
+            f.subject.direction = end.chain.direction.as_str().into();
+            f.idle = end.idle;
+            f.detail.insert(
+                "upstream_keepalive".into(),
+                on_off(end.upstream_keepalive).into(),
+            );
+            self.findings.observe(f, SystemTime::now());
+        }
         log::debug!(
             "chain ended in {namespace}/{pod} to {peer}: origin {}, upstream keepalive {}, idle {:?}",
             end.origin.as_str(),
@@ -251,6 +336,7 @@ impl State {
         let mut open: HashMap<(Attribution, Direction, bool), i64> = HashMap::new();
         let mut by_peer: HashMap<(String, String, Role, Direction, String), i64> = HashMap::new();
         let mut close_wait: HashMap<(Attribution, Direction), i64> = HashMap::new();
+        let mut leaks: HashMap<(Attribution, Direction, String), u64> = HashMap::new();
         let now = crate::event::clock::monotonic_ns();
         let after = u64::try_from(self.tracker.close_wait_threshold.as_nanos()).unwrap_or(u64::MAX);
         {
@@ -280,6 +366,8 @@ impl State {
             for info in waiting {
                 let dir = tracker.direction(&info);
                 let a = tracker.attr.attribute(&info.owner);
+                let peer = tracker.peer(&info, dir);
+                *leaks.entry((a.clone(), dir, peer)).or_default() += 1;
                 *close_wait.entry((a, dir)).or_default() += 1;
             }
         }
@@ -297,6 +385,8 @@ impl State {
                 n,
             );
         }
+        self.state_findings(leaks, &open);
+        let m = &self.metrics;
         m.connections_open.reset();
         m.peer_connections_open.reset();
         for ((a, dir, keepalive), n) in open {
@@ -323,6 +413,45 @@ impl State {
                 },
                 n,
             );
+        }
+    }
+
+    /// The findings that are states, not events: CLOSE_WAIT leaks (per
+    /// owner, direction and peer) and a sidecar holding many times its
+    /// app's connections (`open`: the open connections by owner).
+    fn state_findings(
+        &mut self,
+        leaks: HashMap<(Attribution, Direction, String), u64>,
+        open: &HashMap<(Attribution, Direction, bool), i64>,
+    ) {
+        let at = SystemTime::now();
+        for ((a, dir, peer), n) in leaks {
+            let f = fact(Pattern::CloseWaitLeak, &a, dir.as_str(), &peer);
+            self.findings.observe_state(f, n, at);
+        }
+        // Per pod: the sidecar's connections against its app's.
+        let mut per_pod: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+        for ((a, _, _), n) in open {
+            if a.pod.is_empty() {
+                continue;
+            }
+            let e = per_pod.entry((&a.namespace, &a.pod)).or_default();
+            if a.role == Role::Sidecar {
+                e.0 += n;
+            } else {
+                e.1 += n;
+            }
+        }
+        for ((namespace, pod), (sidecar, app)) in per_pod {
+            if sidecar >= FANOUT_MIN && sidecar >= FANOUT_FACTOR * app.max(1) {
+                let mut f = Fact::new(Pattern::SidecarConnectionFanout, namespace, pod, "");
+                f.subject.role = "sidecar".into();
+                f.detail
+                    .insert("sidecar_connections".into(), sidecar.into());
+                f.detail.insert("app_connections".into(), app.into());
+                self.findings
+                    .observe_state(f, u64::try_from(sidecar).unwrap_or(0), at);
+            }
         }
     }
 
@@ -354,6 +483,7 @@ impl State {
             .filter(|c| c.direction == Direction::Outbound)
             .cloned()
             .collect();
+        let mut mismatched: HashMap<(String, String, String), u64> = HashMap::new();
         for chain in &chains {
             let table = &self.tracker.table;
             let (Some(app), Some(up)) = (
@@ -371,11 +501,33 @@ impl State {
                 });
                 if mismatch {
                     g.inc();
+                    *mismatched.entry((namespace, pod, peer)).or_default() += 1;
                 }
             }
         }
         // Every open connection and chain has claimed its peer now.
         self.peers.end_walk();
+        let at = SystemTime::now();
+        for ((namespace, pod, peer), n) in mismatched {
+            let mut f = Fact::new(Pattern::SidecarKeepaliveMismatch, &namespace, &pod, &peer);
+            f.subject.role = "sidecar".into();
+            f.subject.direction = "outbound".into();
+            f.detail.insert("app_keepalive".into(), "on".into());
+            f.detail.insert("upstream_keepalive".into(), "off".into());
+            self.findings.observe_state(f, n, at);
+        }
+        self.metrics.findings.reset();
+        for (pattern, namespace, pod, peer) in self.findings.keys(at) {
+            self.metrics.findings.set(
+                &FindingKey {
+                    pattern: pattern.as_str(),
+                    namespace: &namespace,
+                    pod: &pod,
+                    peer: &peer,
+                },
+                1,
+            );
+        }
         let m = &self.metrics;
         m.chains_open
             .set(i64::try_from(self.tracker.chains.len()).unwrap_or(i64::MAX));
@@ -402,6 +554,16 @@ impl State {
         catch_up(&m.proc_errors, procfs::malformed_total());
         catch_up(&m.cgroup_rescans, self.tracker.attr.cgroup_rescans());
         m.registry.gather()
+    }
+}
+
+impl State {
+    /// The active findings, with the state patterns (leaks, mismatches,
+    /// fanouts) brought up to date as a scrape would.
+    pub(crate) fn findings(&mut self, lost_total: u64) -> Vec<Finding> {
+        let _ = self.gather_metrics(lost_total);
+        let tick = std::time::Duration::from_nanos(self.tracker.hz.get().ns(1));
+        self.findings.list(SystemTime::now(), tick)
     }
 }
 

@@ -1,8 +1,9 @@
-//! Stage 6, serve: HTTP. Takes the daemon's [`State`] and [`Kernel`]
+//! Stage 7, serve: HTTP. Takes the daemon's [`State`] and [`Kernel`]
 //! (shared with the event loop) and gives `/metrics` (the families
 //! gathered under the state lock, encoded outside it), `/healthz` and
 //! `/connections` ([`views`]: the tracked connections merged with a live
-//! snapshot; the `connections` client reads the same types back).
+//! snapshot; the `connections` client reads the same types back) and
+//! `/findings` (the active findings, which the `findings` client reads).
 
 pub(crate) mod views;
 
@@ -84,7 +85,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let shared = Arc::clone(&shared);
                 async move {
-                    if matches!(req.uri().path(), "/metrics" | "/connections")
+                    if matches!(req.uri().path(), "/metrics" | "/connections" | "/findings")
                         && refuse(req.method(), req.uri().path()).is_none()
                     {
                         shared.catch_up().await;
@@ -112,7 +113,7 @@ fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<
 }
 
 /// The paths the daemon serves; everything else is 404 whatever the method.
-const PATHS: [&str; 4] = ["/", "/metrics", "/healthz", "/connections"];
+const PATHS: [&str; 5] = ["/", "/metrics", "/healthz", "/connections", "/findings"];
 
 /// 404 for a path that is not ours (any method: a POST to an unknown path
 /// names no resource, RFC 9110 15.5.5), 405 with `Allow` for a method other
@@ -141,18 +142,35 @@ fn refuse(method: &Method, path: &str) -> Option<Response<Full<Bytes>>> {
     None
 }
 
+/// 200 with `value` as pretty JSON.
+fn json_reply(value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(body) => reply(StatusCode::OK, "application/json", body + "\n"),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    }
+}
+
+/// Events the kernel could not deliver so far (the loss counter).
+fn lost_total(shared: &Shared) -> u64 {
+    shared
+        .kernel
+        .lock()
+        .expect("kernel lock")
+        .lost_total()
+        .unwrap_or(0)
+}
+
 fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if let Some(refused) = refuse(req.method(), req.uri().path()) {
         return refused;
     }
     match req.uri().path() {
         "/metrics" => {
-            let lost = shared
-                .kernel
-                .lock()
-                .expect("kernel lock")
-                .lost_total()
-                .unwrap_or(0);
+            let lost = lost_total(shared);
             let families = shared
                 .state
                 .lock()
@@ -197,21 +215,18 @@ fn route(req: &Request<hyper::body::Incoming>, shared: &Shared) -> Response<Full
             }
             let hz = st.tracker.hz.get();
             let views = views::connections(&mut st.tracker, &snap, hz, &shared.clock);
-            match serde_json::to_string_pretty(&views) {
-                Ok(body) => reply(StatusCode::OK, "application/json", body + "\n"),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            }
+            json_reply(&views)
+        }
+        "/findings" => {
+            let lost = lost_total(shared);
+            json_reply(&shared.state.lock().expect("state lock").findings(lost))
         }
         "/" => reply(
             StatusCode::OK,
             "text/html",
             "<html><body><h1>conn-tracer</h1><ul><li><a href=\"/metrics\">/metrics</a>\
              <li><a href=\"/healthz\">/healthz</a><li><a href=\"/connections\">/connections</a>\
-             </ul></body></html>\n"
+             <li><a href=\"/findings\">/findings</a></ul></body></html>\n"
                 .into(),
         ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),

@@ -769,6 +769,15 @@ impl Chains {
     }
 
     /// A connection ended. Returns the chain's end once all its legs did.
+    /// Whether `cookie` is the app leg of a chain not yet ended (its peer
+    /// is the sidecar, not the server).
+    pub(crate) fn is_app_leg(&self, cookie: u64) -> bool {
+        self.by_cookie
+            .get(&cookie)
+            .and_then(|id| self.open.get(id))
+            .is_some_and(|c| c.app == cookie)
+    }
+
     pub(crate) fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
         if let Some(p) = self.take_pending(cookie) {
             self.forget_accept(accept_key(&p.leg), cookie);

@@ -15,8 +15,7 @@ use serde::Serialize;
 
 use self::{
     churn::ChurnRun, cluster::Cluster, latency::Latency, loss::TinyRing, memory::Memory,
-    paced::PacedRun,
-    pipeline::Pipeline,
+    paced::PacedRun, pipeline::Pipeline,
 };
 
 /// Everything one run measured.

@@ -1,0 +1,399 @@
+//! Findings (issue "findings"): real servers with real timeouts, and the
+//! daemon's `/findings` and `conn-tracer findings` (text and JSON) against
+//! the schema README documents ("Findings").
+//!
+//! - `server_idle_timeout`: a server that closes (with a goodbye) clients
+//!   idle for 2 s: one finding, T within 5 % of 2 s;
+//! - `keepalive_race`: Node.js with its own default keepAliveTimeout, left
+//!   unset, and a client that reuses its connections after 8 s: one
+//!   finding that names Node.js as the likely killer;
+//! - `close_wait_leak`: Redis closes, the app never does;
+//! - healthy traffic (short HTTP requests, a pool that closes its own idle
+//!   connections, a busy connection) gives no finding.
+//!
+//! Every test holds `serial()` and looks only at the findings of its own
+//! peers (other traffic on the host may have findings of its own).
+
+#![expect(
+    clippy::float_cmp,
+    reason = "the findings gauge is 0 or 1, exact in f64"
+)]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    NetNs, conn_tracer_bin, ct_client,
+    daemon::{Daemon, Serial, http_get, serial},
+    fake_kube::{FakeKube, pod_json},
+    mesh::hex_id,
+    require_program_or_skip, require_root_or_skip,
+    scenario::{args, local},
+    serial_unless_skipped,
+    servers::{Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
+    test_name,
+};
+use serde_json::Value;
+
+/// The node the stale-endpoint test's daemon is told it runs on.
+const NODE: &str = "node-findings";
+
+/// The keys every finding has (README, "Findings"), and their JSON types.
+const SCHEMA: [(&str, &str); 13] = [
+    ("pattern", "string"),
+    ("namespace", "string"),
+    ("pod", "string"),
+    ("peer", "string"),
+    ("role", "string"),
+    ("direction", "string"),
+    ("count", "number"),
+    ("first_seen", "string"),
+    ("last_seen", "string"),
+    ("inferred_timeout_s", "number|null"),
+    ("likely_killer", "string|null"),
+    ("evidence", "object"),
+    ("fix", "string"),
+];
+
+fn type_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "bool",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// Checks one finding against [`SCHEMA`].
+fn check_schema(f: &Value) {
+    let obj = f.as_object().expect("a finding is an object");
+    for (key, types) in SCHEMA {
+        let v = obj.get(key).unwrap_or_else(|| panic!("no `{key}` in {f}"));
+        assert!(
+            types.split('|').any(|t| t == type_of(v)),
+            "`{key}` is {} in {f}, want {types}",
+            type_of(v)
+        );
+    }
+    for time in ["first_seen", "last_seen"] {
+        let t = f[time].as_str().unwrap_or_default();
+        assert!(
+            integration_tests::parse_rfc3339_utc(t).is_some(),
+            "{time} {t} is not RFC 3339"
+        );
+    }
+}
+
+/// The daemon's findings about `peer` (from `/findings`, schema-checked).
+fn findings_of(daemon: &Daemon, peer: &str) -> Vec<Value> {
+    let (status, body) = http_get(daemon.addr, "/findings").expect("GET /findings");
+    assert_eq!(status, 200, "{body}");
+    let all: Vec<Value> = serde_json::from_str(&body).expect("/findings is a JSON array");
+    all.iter().for_each(check_schema);
+    all.into_iter().filter(|f| f["peer"] == peer).collect()
+}
+
+/// Waits (bounded) until `peer` has a finding of `pattern` with at least
+/// `count` evidence; returns it, after checking it is the only one.
+fn wait_finding(daemon: &Daemon, peer: &str, pattern: &str, count: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mine = findings_of(daemon, peer);
+        let of: Vec<&Value> = mine.iter().filter(|f| f["pattern"] == pattern).collect();
+        if of.len() == 1 && of[0]["count"].as_u64().unwrap_or(0) >= count {
+            assert_eq!(mine.len(), 1, "exactly one finding for {peer}: {mine:#?}");
+            return of[0].clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {pattern} finding with {count} for {peer}: {mine:#?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `conn-tracer findings` against the daemon: its table and its JSON.
+fn cli(daemon: &Daemon, json: bool) -> String {
+    let mut cmd = Command::new(conn_tracer_bin());
+    cmd.args(["findings", "--from", &format!("http://{}", daemon.addr)]);
+    if json {
+        cmd.arg("--json");
+    }
+    integration_tests::checked_output(&mut cmd, "conn-tracer findings")
+}
+
+/// Root and Node.js (else the test skips, with the reason), the daemons'
+/// serial lock, and a namespace of the test's own.
+fn node_lab(test: &str) -> Option<(std::path::PathBuf, Serial, NetNs)> {
+    if !require_root_or_skip(test) {
+        return None;
+    }
+    let node = require_program_or_skip(test, "node", "Node.js (npm's Debian package)")?;
+    Some((node, serial(), NetNs::new()))
+}
+
+#[test]
+fn root_server_idle_timeout_is_one_finding_with_the_timeout_and_the_cli_shows_it() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let server = GoodbyeServer::start(&ns, 16430, Farewell::Goodbye, Duration::from_secs(2));
+    let daemon = Daemon::start("1s", &[]);
+    // Three pooled connections the server times out after 2 s.
+    in_netns(&ns, || {
+        let clients: Vec<_> = (0..3)
+            .map(|_| {
+                thread::spawn(|| {
+                    let mut c = TcpStream::connect(("127.0.0.1", 16430)).expect("connect");
+                    c.write_all(b"hi\n").expect("request");
+                    let mut buf = [0u8; 3];
+                    c.read_exact(&mut buf).expect("answer");
+                    // Reads on until the server's close.
+                    c.set_read_timeout(Some(Duration::from_secs(10)))
+                        .expect("read timeout");
+                    while matches!(c.read(&mut [0u8; 512]), Ok(n) if n > 0) {}
+                })
+            })
+            .collect();
+        for t in clients {
+            t.join().expect("client");
+        }
+    });
+    assert_eq!(
+        server.closes().len(),
+        3,
+        "the server timed out three clients"
+    );
+    let f = wait_finding(&daemon, "127.0.0.1:16430", "server_idle_timeout", 3);
+    let t = f["inferred_timeout_s"]
+        .as_f64()
+        .expect("T inferred from 3 kills");
+    assert!(
+        (t - 2.0).abs() <= 0.1,
+        "T {t} s, the server's timeout 2 s: {f:#}"
+    );
+    assert_eq!(
+        f["likely_killer"], "Gunicorn --keep-alive (default 2 s)",
+        "{f:#}"
+    );
+    assert_eq!(
+        (f["role"].as_str(), f["direction"].as_str()),
+        (Some("host"), Some("outbound"))
+    );
+    assert_eq!(
+        f["evidence"]["idle_s"].as_array().map(Vec::len),
+        Some(3),
+        "{f:#}"
+    );
+    assert!(
+        f["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("below 2.0 s"),
+        "{f:#}"
+    );
+
+    // The gauge, and the CLI as JSON and as a table.
+    let m = daemon.scrape();
+    let key = [
+        ("pattern", "server_idle_timeout"),
+        ("peer", "127.0.0.1:16430"),
+    ];
+    assert_eq!(
+        m.sum("conntracer_findings", &key),
+        1.0,
+        "{}",
+        m.dump("conntracer_findings")
+    );
+    let json: Vec<Value> = serde_json::from_str(&cli(&daemon, true)).expect("--json is an array");
+    json.iter().for_each(check_schema);
+    assert!(
+        json.iter().any(|x| x["peer"] == "127.0.0.1:16430"),
+        "{json:#?}"
+    );
+    let text = cli(&daemon, false);
+    let row = text
+        .lines()
+        .find(|l| l.contains("127.0.0.1:16430"))
+        .unwrap_or_else(|| panic!("no row for the server in:\n{text}"));
+    for want in ["server_idle_timeout", "host", "2.0", "Gunicorn"] {
+        assert!(row.contains(want), "{want} missing in {row}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("PATTERN")), "{text}");
+    assert!(
+        text.contains("  fix: The server closes connections idle for ~2.0 s"),
+        "{text}"
+    );
+}
+
+#[test]
+fn root_node_default_keepalive_timeout_is_named_as_the_likely_killer() {
+    let Some((node, _serial, ns)) = node_lab(test_name!()) else {
+        return;
+    };
+    // keepAliveTimeout left at Node's default.
+    let server = NodeHttp::start(&ns, &node, 18090, None);
+    let daemon = Daemon::start("60s", &[]);
+    let addr = local(server.port());
+    // Three pooled connections reused 8 s after their last response: the
+    // server closed each (at ~6 s on Node 20), the reuse fails.
+    let failed = in_netns(&ns, || {
+        let reuses: Vec<_> = (0..3)
+            .map(|_| {
+                thread::spawn(move || {
+                    let mut c = TcpStream::connect(addr).expect("connect");
+                    c.set_read_timeout(Some(Duration::from_secs(5)))
+                        .expect("timeout");
+                    assert!(keepalive_request(&mut c), "first request");
+                    thread::sleep(Duration::from_secs(8));
+                    !keepalive_request(&mut c)
+                })
+            })
+            .collect();
+        reuses
+            .into_iter()
+            .map(|t| t.join().expect("client"))
+            .filter(|failed| *failed)
+            .count()
+    });
+    assert_eq!(failed, 3, "every reuse after 8 s met the server's close");
+    let f = wait_finding(&daemon, "127.0.0.1:18090", "keepalive_race", 3);
+    let t = f["inferred_timeout_s"].as_f64().expect("T inferred");
+    eprintln!("keepalive_race: T {t} s, killer {}", f["likely_killer"]);
+    assert!(
+        (5.0..6.2).contains(&t),
+        "T {t} s, Node's keepAliveTimeout 5 s (+1 s): {f:#}"
+    );
+    let killer = f["likely_killer"].as_str().unwrap_or_default();
+    assert!(
+        killer.contains("Node.js http.Server keepAliveTimeout"),
+        "{f:#}"
+    );
+}
+
+#[test]
+fn root_close_wait_leak_is_a_finding() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let redis = Redis::start(&ns, local(16440), 1);
+    let daemon = Daemon::start("1s", &["--close-wait-threshold", "1s"]);
+    let holder = args("--idle-secs 0 --pause-before-then --then close");
+    let mut app = ct_client!(&ns, "redis", local(16440), &holder);
+    app.expect_connected_ok();
+    let f = wait_finding_any(&daemon, "127.0.0.1:16440", "close_wait_leak");
+    assert_eq!(f["count"], 1, "{f:#}");
+    assert!(
+        f["fix"].as_str().unwrap_or_default().contains("CLOSE_WAIT"),
+        "{f:#}"
+    );
+    app.go();
+    app.expect_closed_then_exit();
+    drop(redis);
+}
+
+/// As [`wait_finding`], beside other patterns for the same peer (the
+/// leak's peer also timed the connection out: a server idle timeout).
+fn wait_finding_any(daemon: &Daemon, peer: &str, pattern: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mine = findings_of(daemon, peer);
+        let of: Vec<Value> = mine
+            .into_iter()
+            .filter(|f| f["pattern"] == pattern)
+            .collect();
+        if let [one] = &of[..] {
+            return one.clone();
+        }
+        assert!(
+            of.len() < 2 && Instant::now() < deadline,
+            "{pattern} for {peer}: {of:#?}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn root_healthy_traffic_gives_no_finding() {
+    let Some((node, _serial, ns)) = node_lab(test_name!()) else {
+        return;
+    };
+    let server = NodeHttp::start(&ns, &node, 18091, Some(3000));
+    let daemon = Daemon::start("1s", &[]);
+    let addr = local(server.port());
+    in_netns(&ns, || {
+        // Short HTTP requests, one connection each.
+        for _ in 0..20 {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            assert!(keepalive_request(&mut c));
+        }
+        // A busy pooled connection: a request every 200 ms for 4 s.
+        let mut busy = TcpStream::connect(addr).expect("connect");
+        busy.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        for _ in 0..20 {
+            assert!(keepalive_request(&mut busy), "busy connection");
+            thread::sleep(Duration::from_millis(200));
+        }
+        // A pool that retires its own idle connection after 1.5 s (below
+        // the server's 3 s).
+        let mut idle = TcpStream::connect(addr).expect("connect");
+        idle.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        assert!(keepalive_request(&mut idle));
+        thread::sleep(Duration::from_millis(1500));
+        drop(idle);
+        drop(busy);
+    });
+    thread::sleep(Duration::from_secs(1));
+    let mine = findings_of(&daemon, "127.0.0.1:18091");
+    assert!(mine.is_empty(), "healthy traffic, no finding: {mine:#?}");
+}
+
+#[test]
+fn root_connects_to_a_deleted_pod_are_a_stale_endpoint() {
+    let _serial = serial_unless_skipped!();
+    // The deleted pod's address, on this namespace's loopback: nothing
+    // listens there any more, the kernel refuses the connects.
+    let ns = NetNs::new();
+    let status = ns
+        .command("ip")
+        .args(["addr", "add", "10.250.0.9/32", "dev", "lo"])
+        .status()
+        .expect("ip addr add");
+    assert!(status.success());
+    let kube = FakeKube::start(NODE);
+    kube.set_pods(vec![pod_json(
+        "db",
+        "old-0",
+        "6b2d0c1e-3f4a-4b5c-8d9e-0f1a2b3c4d5e",
+        NODE,
+        "10.250.0.9",
+        &[("pg", &format!("containerd://{}", hex_id(0x5e)))],
+    )]);
+    let daemon = Daemon::start("1s", &["--kube-api", &kube.url(), "--node-name", NODE]);
+    let pods = |m: &integration_tests::daemon::Metrics| m.sum("conntracer_kube_pods", &[]);
+    daemon.wait_metrics(Duration::from_secs(20), |m| pods(m) >= 1.0);
+    // Deleted from the API (within deleted_pod_grace: still named).
+    kube.set_pods(vec![]);
+    daemon.wait_metrics(Duration::from_secs(20), |m| pods(m) < 1.0);
+    let refused = in_netns(&ns, || {
+        (0..3)
+            .filter(|_| TcpStream::connect(("10.250.0.9", 5432)).is_err())
+            .count()
+    });
+    assert_eq!(refused, 3, "nothing listens on the deleted pod's address");
+    let f = wait_finding(&daemon, "db/old-0", "stale_endpoint", 3);
+    assert_eq!(f["evidence"]["connect_failure"], "refused", "{f:#}");
+    assert!(
+        f["fix"].as_str().unwrap_or_default().contains("deleted"),
+        "{f:#}"
+    );
+}
