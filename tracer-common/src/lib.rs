@@ -455,7 +455,12 @@ pub struct TracerConfig {
     /// Non-zero: the setsockopt program may ask for the calling task's pid
     /// and name (5.11+; before, cgroup programs get only uid and cgroup).
     pub sockopt_task: u32,
-    pub pad: u32,
+    /// 0: every record wakes a reader that has caught up (the kernel's
+    /// default; `trace`, `selftest`). Otherwise records are submitted
+    /// without a wake-up (the daemon drains the ring on a timer) except
+    /// the one that brings the unread data to this many bytes, and every
+    /// one past four times as many (the reader is far behind).
+    pub wake_bytes: u32,
 }
 
 /// The connection id of the socket at kernel address `addr` where the

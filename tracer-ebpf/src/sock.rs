@@ -29,7 +29,7 @@ pub static CONFIG: TracerConfig = TracerConfig {
     reset_reason_arg: 0,
     id_secret: 0,
     sockopt_task: 0,
-    pad: 0,
+    wake_bytes: 0,
 };
 
 /// One field of [`CONFIG`], read as [`off!`] reads [`OFFSETS`]: the

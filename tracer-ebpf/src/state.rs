@@ -27,7 +27,7 @@ use tracer_common::{
 
 use crate::{
     maps::{
-        forget_state, inherit, listener_owner, register_listener, reserve, state_of,
+        forget_state, inherit, listener_owner, register_listener, reserve, state_of, submit,
         unregister_listener,
     },
     sock::{
@@ -246,7 +246,7 @@ fn emit_state(
             pad: [0; 6],
         };
     }
-    entry.submit(0);
+    submit(entry);
 }
 
 #[inline(always)]
@@ -263,7 +263,7 @@ fn emit_open(sk: *const c_void, addr: u64, tp: *const c_void, state: *const Sock
             jiffies: bpf_jiffies64(),
         };
     }
-    entry.submit(0);
+    submit(entry);
 }
 
 /// Payload (not the FIN) in flight and queued unsent at the final
@@ -342,5 +342,5 @@ fn emit_close(
             snd_wnd: Btf::get(tp, off!(tp_snd_wnd)),
         };
     }
-    entry.submit(0);
+    submit(entry);
 }

@@ -93,6 +93,7 @@ impl From<KernelArgs> for KernelOptions {
             ring_bytes: a.ring_bytes,
             verbose: true,
             sockopts: true,
+            wake_bytes: 0,
         }
     }
 }

@@ -121,6 +121,10 @@ pub struct KernelOptions {
     /// Watch keepalive socket options: attach the setsockopt program to the
     /// cgroup v2 root found in /proc/mounts.
     pub sockopts: bool,
+    /// 0: every record wakes the reader (it reads as events happen: trace,
+    /// selftest). Otherwise the reader drains the ring on a timer and is
+    /// woken only when this many bytes wait unread (the daemon).
+    pub wake_bytes: u32,
 }
 
 impl Default for KernelOptions {
@@ -130,6 +134,7 @@ impl Default for KernelOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             verbose: false,
             sockopts: true,
+            wake_bytes: 0,
         }
     }
 }
@@ -176,7 +181,7 @@ impl Kernel {
             opts,
             &aya_btf,
             &offsets,
-            &shape.config(opts.verbose, id_secret),
+            &shape.config(opts.verbose, id_secret, opts.wake_bytes),
         )?;
         if std::env::var_os(OLD_HELPERS_ENV).is_some_and(|v| v == "1") {
             // Tests run the fallbacks of older kernels on a new one.
@@ -195,7 +200,7 @@ impl Kernel {
                 opts,
                 &aya_btf,
                 &offsets,
-                &shape.config(opts.verbose, id_secret),
+                &shape.config(opts.verbose, id_secret, opts.wake_bytes),
             )?;
         }
         for d in shape.degradations() {

@@ -145,7 +145,7 @@ impl KernelShape {
     }
 
     /// The load-time switches for this shape.
-    pub(super) fn config(&self, verbose: bool, id_secret: u64) -> TracerConfig {
+    pub(super) fn config(&self, verbose: bool, id_secret: u64, wake_bytes: u32) -> TracerConfig {
         TracerConfig {
             verbose: u32::from(verbose),
             state_store: if self.sk_storage {
@@ -157,7 +157,7 @@ impl KernelShape {
             reset_reason_arg: self.reset_reason_arg.unwrap_or(NO_ARG),
             id_secret,
             sockopt_task: u32::from(self.sockopt_task),
-            pad: 0,
+            wake_bytes,
         }
     }
 

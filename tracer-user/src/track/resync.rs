@@ -57,6 +57,7 @@ impl Tracker {
             }
         }
         let mut alive = HashSet::new();
+        let mut skipped = 0usize;
         for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
             let mut owner = owner_of(ev, &s);
@@ -70,12 +71,17 @@ impl Tracker {
                 self.table.learn_owner(ev.info.cookie, owner);
                 continue;
             }
+            if self.table.is_full() {
+                // A full table evicted connections to make room: adding
+                // them back would evict others, at every resync.
+                skipped += 1;
+                continue;
+            }
             let hz = self.hz.get().0;
             let mut info = ev.info;
             info.owner = owner;
             self.table.insert(Conn {
                 info,
-                seen_ns: ev.info.ts_ns,
                 opened: false,
                 ka: s.ka,
                 hz,
@@ -92,7 +98,7 @@ impl Tracker {
         let gone: Vec<u64> = self
             .table
             .iter()
-            .filter(|c| c.seen_ns < started_ns && !alive.contains(&c.info.cookie))
+            .filter(|c| c.seen_ns() < started_ns && !alive.contains(&c.info.cookie))
             .map(|c| c.info.cookie)
             .collect();
         for cookie in &gone {
@@ -105,7 +111,8 @@ impl Tracker {
             );
         }
         log::debug!(
-            "resync: {} sockets, {} owners found in /proc, {} listeners",
+            "resync: {} sockets, {} owners found in /proc, {} listeners, {skipped} not added \
+             (table full)",
             snapshot.len(),
             owners.len(),
             self.listener_owners.len()

@@ -179,6 +179,38 @@ mod tracker {
     }
 
     #[test]
+    fn resync_into_a_full_table_does_not_evict_to_re_add() {
+        let cfg = Config {
+            max_connections: 3,
+            ..Config::default()
+        };
+        let mut t = host_tracker(&cfg);
+        let open = |cookie: u64| {
+            let mut open = testing::open(T0_NS, true, 40000 + cookie as u16);
+            open.info.cookie = cookie;
+            decoded(&open)
+        };
+        for cookie in 1..=5 {
+            t.handle(&open(cookie));
+        }
+        assert_eq!((t.table.len(), t.table.evicted), (3, 2));
+        // The kernel has all five: the two evicted stay out, resync after
+        // resync, and nothing more is evicted.
+        let snap: Vec<_> = (1..=5u64)
+            .map(|cookie| {
+                let mut s = testing::snapshot(T0_NS + S, true, 40000 + cookie as u16);
+                s.info.cookie = cookie;
+                decoded(&s)
+            })
+            .collect();
+        for _ in 0..3 {
+            assert_eq!(t.resync(&snap, T0_NS + S), 0);
+            assert_eq!((t.table.len(), t.table.evicted), (3, 2));
+            assert!(t.table.get(1).is_none() && t.table.get(2).is_none());
+        }
+    }
+
+    #[test]
     fn chain_links_the_app_sidecar_and_upstream_legs_and_labels_the_apps_pod() {
         let mesh = MeshPod::new("chain");
         let cfg = Config {
