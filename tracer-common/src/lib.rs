@@ -458,8 +458,8 @@ pub struct TracerConfig {
     /// 0: every record wakes a reader that has caught up (the kernel's
     /// default; `trace`, `selftest`). Otherwise records are submitted
     /// without a wake-up (the daemon drains the ring on a timer) except
-    /// the one that brings the unread data to this many bytes, and every
-    /// one past four times as many (the reader is far behind).
+    /// those that bring the unread data across a multiple of this many
+    /// bytes.
     pub wake_bytes: u32,
 }
 

@@ -204,8 +204,10 @@ const fn ring_len<T>() -> u64 {
 /// Submits a reserved event. With a wake-up threshold set
 /// ([`tracer_common::TracerConfig::wake_bytes`]) the reader is not woken
 /// (no irq_work, an inter-processor interrupt on the connection's path)
-/// unless this record brings the unread data across the threshold, or the
-/// reader is four thresholds behind.
+/// unless this record brings the unread data across a multiple of the
+/// threshold: a reader that falls behind is woken once per threshold's
+/// worth of records, never once per record (an interrupt storm exactly when
+/// the machine is too busy to run it).
 #[inline(always)]
 pub fn submit<T>(entry: RingBufEntry<T>) {
     let wake = u64::from(config!(wake_bytes));
@@ -215,8 +217,8 @@ pub fn submit<T>(entry: RingBufEntry<T>) {
         let map = ptr::from_ref(&EVENTS).cast_mut().cast::<c_void>();
         // SAFETY: the helper only reads the ring's positions.
         let unread = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
-        let crossed = unread >= wake && unread < wake + ring_len::<T>();
-        if crossed || unread >= 4 * wake {
+        let before = unread.saturating_sub(ring_len::<T>());
+        if unread / wake != before / wake {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP

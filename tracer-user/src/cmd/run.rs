@@ -36,9 +36,10 @@ use crate::{
 /// before it.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// The kernel wakes the daemon early once 1/WAKE_FRACTION of the ring is
-/// unread (and on every record past four times that): the default 4 MiB
-/// ring then has 7/8 of its room left for the daemon to catch up.
+/// The kernel wakes the daemon early each time another 1/WAKE_FRACTION of
+/// the ring fills unread: the first leaves 7/8 of the default 4 MiB ring
+/// for the daemon to catch up, and a daemon that falls further behind is
+/// woken again at most 7 times before the ring is full.
 const WAKE_FRACTION: u32 = 8;
 
 /// Freed heap memory back to the system: after loading (which parses the
