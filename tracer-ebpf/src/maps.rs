@@ -1,6 +1,6 @@
 //! Maps shared by all programs, and the one way events leave the kernel.
 
-use core::{ffi::c_void, ptr};
+use core::{ffi::c_void, num::NonZeroU64, ptr};
 
 use aya_ebpf::{
     btf_maps::{HashMap, PerCpuArray, RingBuf},
@@ -210,21 +210,20 @@ const fn ring_len<T>() -> u64 {
 /// the machine is too busy to run it).
 #[inline(always)]
 pub fn submit<T>(entry: RingBufEntry<T>) {
-    let wake = u64::from(config!(wake_bytes));
-    let flags = if wake == 0 {
-        0
-    } else {
-        let map = ptr::from_ref(&EVENTS).cast_mut().cast::<c_void>();
-        // SAFETY: the helper only reads the ring's positions.
-        let unread = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
-        let before = unread.saturating_sub(ring_len::<T>());
-        if unread / wake != before / wake {
-            BPF_RB_FORCE_WAKEUP
-        } else {
-            BPF_RB_NO_WAKEUP
-        }
+    let Some(wake) = NonZeroU64::new(u64::from(config!(wake_bytes))) else {
+        // The kernel's default: wake a reader that has caught up.
+        entry.submit(0);
+        return;
     };
-    entry.submit(flags);
+    let map = ptr::from_ref(&EVENTS).cast_mut().cast::<c_void>();
+    // SAFETY: the helper only reads the ring's positions.
+    let unread = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
+    let before = unread.saturating_sub(ring_len::<T>());
+    entry.submit(if unread / wake != before / wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    });
 }
 
 /// Reserves an event in [`EVENTS`], or counts it lost.
