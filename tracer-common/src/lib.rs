@@ -526,6 +526,13 @@ pub struct TracerConfig {
     /// ([`kind::ACCEPT`]); 0: none.
     pub outbound_capture_port: u16,
     pub inbound_capture_port: u16,
+    /// 0: every record wakes a reader that has caught up (the kernel's
+    /// default; `trace`, `selftest`). Otherwise records are submitted
+    /// without a wake-up (the daemon drains the ring on a timer) except
+    /// those that bring the unread data across a multiple of this many
+    /// bytes.
+    pub wake_bytes: u32,
+    pub pad: u32,
 }
 
 /// The connection id of the socket at kernel address `addr` where the
@@ -587,7 +594,7 @@ const _: () = assert!(size_of::<CloseData>() == 128);
 const _: () = assert!(size_of::<SockoptData>() == 16);
 const _: () = assert!(size_of::<SnapshotData>() == 64);
 const _: () = assert!(size_of::<SockState>() == 48 + 96);
-const _: () = assert!(size_of::<TracerConfig>() == 32);
+const _: () = assert!(size_of::<TracerConfig>() == 40);
 const _: () = assert!(size_of::<ListenKey>() == 8);
 const _: () = assert!(size_of::<ListenOwner>() == 56);
 

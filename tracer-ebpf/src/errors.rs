@@ -14,7 +14,7 @@ use aya_ebpf::{
 use tracer_common::{IPPROTO_TCP, SockError, close_flags, kind};
 
 use crate::{
-    maps::{reserve, state_of},
+    maps::{reserve, state_of, submit},
     sock::{Probe, addr_at, fill_info, off, read, ready, verbose},
 };
 
@@ -71,6 +71,6 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
             pad: 0,
         };
     }
-    entry.submit(0);
+    submit(entry);
     Ok(())
 }

@@ -1,18 +1,19 @@
 //! Maps shared by all programs, and the one way events leave the kernel.
 
-use core::{ffi::c_void, ptr};
+use core::{ffi::c_void, num::NonZeroU64, ptr};
 
 use aya_ebpf::{
     btf_maps::{HashMap, PerCpuArray, RingBuf},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_ringbuf_query, bpf_sk_storage_get},
     macros::btf_map,
+    maps::ring_buf::RingBufEntry,
 };
 use tracer_common::{
     DEFAULT_RING_BYTES, DEFAULT_STATE_HASH_ENTRIES, Event, ListenKey, ListenOwner, Owner,
     SockState, kind,
 };
 
-use crate::sock::{ZERO_MAX_BYTES, reset_state, state_in_hash, zero};
+use crate::sock::{ZERO_MAX_BYTES, config, reset_state, state_in_hash, zero};
 
 // `zero` clears a whole fresh state at once.
 const _: () = assert!(size_of::<SockState>() <= ZERO_MAX_BYTES);
@@ -191,11 +192,43 @@ pub fn inherit(st: *mut SockState, listener: Owner) {
     reset_state(st, owner);
 }
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// What a record takes in the ring: its 8-byte header, then the record
+/// rounded up to 8 bytes.
+const fn ring_len<T>() -> u64 {
+    (8 + size_of::<T>() as u64).next_multiple_of(8)
+}
+
+/// Submits a reserved event. With a wake-up threshold set
+/// ([`tracer_common::TracerConfig::wake_bytes`]) the reader is not woken
+/// (no irq_work, an inter-processor interrupt on the connection's path)
+/// unless this record brings the unread data across a multiple of the
+/// threshold: a reader that falls behind is woken once per threshold's
+/// worth of records, never once per record (an interrupt storm exactly when
+/// the machine is too busy to run it).
+#[inline(always)]
+pub fn submit<T>(entry: RingBufEntry<T>) {
+    let Some(wake) = NonZeroU64::new(u64::from(config!(wake_bytes))) else {
+        // The kernel's default: wake a reader that has caught up.
+        entry.submit(0);
+        return;
+    };
+    let map = ptr::from_ref(&EVENTS).cast_mut().cast::<c_void>();
+    // SAFETY: the helper only reads the ring's positions.
+    let unread = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
+    let before = unread.saturating_sub(ring_len::<T>());
+    entry.submit(if unread / wake != before / wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    });
+}
+
 /// Reserves an event in [`EVENTS`], or counts it lost.
 #[inline(always)]
-pub fn reserve<T: 'static>(
-    event_kind: u16,
-) -> Option<aya_ebpf::maps::ring_buf::RingBufEntry<Event<T>>> {
+pub fn reserve<T: 'static>(event_kind: u16) -> Option<RingBufEntry<Event<T>>> {
     let entry = EVENTS.reserve_untyped::<Event<T>>(0);
     if entry.is_none() {
         count_lost(event_kind);

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use tracer_common::{NO_RESET_REASON, RESET_REASON_ARG, ResetData, close_flags, kind};
 
 use crate::{
-    maps::{reserve, state_of},
+    maps::{reserve, state_of, submit},
     sock::{Probe, addr_at, config, fill_info, ready, verbose},
 };
 
@@ -98,6 +98,6 @@ fn on_reset(
         );
         (*ev).data = ResetData { reason, pad: 0 };
     }
-    entry.submit(0);
+    submit(entry);
     Ok(())
 }

@@ -31,6 +31,8 @@ pub static CONFIG: TracerConfig = TracerConfig {
     sockopt_task: 0,
     outbound_capture_port: 0,
     inbound_capture_port: 0,
+    wake_bytes: 0,
+    pad: 0,
 };
 
 /// One field of [`CONFIG`], read as [`off!`] reads [`OFFSETS`]: the

@@ -9,7 +9,7 @@ use aya_ebpf::{
 use tracer_common::{EventInfo, IPPROTO_TCP, SockAddrs, SockoptData, kind, sockopt};
 
 use crate::{
-    maps::{SOCKS, reserve},
+    maps::{SOCKS, reserve, submit},
     sock::{current_owner, sockopt_task, state_in_hash},
 };
 
@@ -132,5 +132,5 @@ fn try_setsockopt(ctx: &SockoptContext) {
             optlen: optlen as u32,
         };
     }
-    entry.submit(0);
+    submit(entry);
 }

@@ -27,7 +27,7 @@ use tracer_common::{
 
 use crate::{
     maps::{
-        forget_state, inherit, listener_owner, register_listener, reserve, state_of,
+        forget_state, inherit, listener_owner, register_listener, reserve, state_of, submit,
         unregister_listener,
     },
     rx::{rx_start, rx_step},
@@ -252,7 +252,7 @@ fn emit_state(
             pad: [0; 6],
         };
     }
-    entry.submit(0);
+    submit(entry);
 }
 
 #[inline(always)]
@@ -269,7 +269,7 @@ fn emit_open(sk: *const c_void, addr: u64, tp: *const c_void, state: *const Sock
             jiffies: bpf_jiffies64(),
         };
     }
-    entry.submit(0);
+    submit(entry);
 }
 
 /// Payload (not the FIN) in flight and queued unsent at the final
@@ -356,5 +356,5 @@ fn emit_close(
             pad: 0,
         };
     }
-    entry.submit(0);
+    submit(entry);
 }

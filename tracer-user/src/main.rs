@@ -102,6 +102,7 @@ impl From<KernelArgs> for KernelOptions {
             btf_path: a.btf,
             ring_bytes: a.ring_bytes,
             verbose: true,
+            wake_bytes: 0,
             ..KernelOptions::default()
         }
     }

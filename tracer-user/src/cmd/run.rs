@@ -27,18 +27,25 @@ use crate::{
     sys::caps,
 };
 
-/// Pause after each drain of the event ring. The kernel wakes a reader that
-/// has caught up with an inter-processor interrupt (a VM exit on virtual
-/// machines) in the connection's own path; under load that happened for
-/// nearly every event. The pause bounds it to ~1/DRAIN_PAUSE per second;
-/// the default 4 MiB ring holds far more than this long of events at any
-/// connection rate a node sees, and a scrape drains the ring first.
-const DRAIN_PAUSE: Duration = Duration::from_millis(5);
+/// How often the daemon drains the event ring. The kernel programs submit
+/// records without waking the reader (a wake-up is irq_work: an
+/// inter-processor interrupt, a VM exit on virtual machines, in the
+/// connection's own path), so the daemon wakes on this beat, or early when
+/// [`WAKE_FRACTION`] of the ring waits unread. Far below the 1 s detection
+/// target; a scrape drains the ring first, so /metrics counts every event
+/// before it.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Loading parses the kernel's BTF (several MiB, twice) and frees it again;
-/// give those pages back to the system rather than keep them in the heap
-/// for the daemon's lifetime.
-fn release_startup_memory() {
+/// The kernel wakes the daemon early each time another 1/WAKE_FRACTION of
+/// the ring fills unread: the first leaves 7/8 of the default 4 MiB ring
+/// for the daemon to catch up, and a daemon that falls further behind is
+/// woken again at most 7 times before the ring is full.
+const WAKE_FRACTION: u32 = 8;
+
+/// Freed heap memory back to the system: after loading (which parses the
+/// kernel's BTF, several MiB, twice) and after each resync (a snapshot of
+/// every socket, ~450 bytes each while it is compared with the table).
+fn return_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free heap memory to the system.
     unsafe {
@@ -46,13 +53,31 @@ fn release_startup_memory() {
     }
 }
 
+/// Allocations from this size up get their own mapping, returned to the
+/// system when freed. glibc's default raises the threshold to the largest
+/// block freed so far (up to 32 MiB): after the start-up BTF buffers, the
+/// connection table's old bucket arrays (each growth frees one, up to
+/// ~10 MiB at 100k) and the resync snapshots stayed resident as heap holes:
+/// ~10 MiB of RSS at 100k tracked, ~20 MiB after a resync.
+const MMAP_THRESHOLD: libc::c_int = 256 * 1024;
+
+fn fix_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes the allocator's tuning.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    fix_mmap_threshold();
     let opts = KernelOptions {
         btf_path: cfg.btf.clone(),
         ring_bytes: cfg.ring_bytes,
         verbose: false,
         sockopts: cfg.trace_sockopts,
         capture_ports: (cfg.outbound_capture_port, cfg.inbound_capture_port),
+        wake_bytes: (cfg.ring_bytes / WAKE_FRACTION).max(1),
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
     caps::warn_gaps();
@@ -72,7 +97,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
     }
-    release_startup_memory();
+    return_free_memory();
     let (catch_up, mut catch_up_rx) = mpsc::channel(16);
     let shared = Arc::new(Shared {
         state: Mutex::new(state),
@@ -98,9 +123,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is now: the start-up resync did it
-    // After each drain the ring rests for DRAIN_PAUSE (see there); a scrape
-    // drains it at once, so that /metrics counts every event before it.
-    let mut resume: Option<tokio::time::Instant> = None;
+    let mut beat = tokio::time::interval(DRAIN_INTERVAL);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = resync.tick() => {
@@ -115,18 +139,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
                 }
                 state.forget_deleted_pods(std::time::Instant::now());
+                drop(state);
+                return_free_memory();
             }
-            drained = ring.when_ready(|r| drain(r, &shared.state, &mut decode_errors)),
-                if resume.is_none() =>
-            {
+            // The kernel's early wake-up: the ring is filling.
+            drained = ring.when_ready(|r| drain(r, &shared.state, &mut decode_errors)) => {
                 drained?;
-                resume = Some(tokio::time::Instant::now() + DRAIN_PAUSE);
             }
-            () = tokio::time::sleep_until(resume.unwrap_or_else(tokio::time::Instant::now)),
-                if resume.is_some() =>
-            {
-                resume = None;
-            }
+            _ = beat.tick() => drain(ring.get_mut(), &shared.state, &mut decode_errors),
             Some(done) = catch_up_rx.recv() => {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let _ = done.send(());

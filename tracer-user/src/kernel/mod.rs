@@ -127,6 +127,10 @@ pub struct KernelOptions {
     /// The mesh's (outbound, inbound) capture ports: accepts on them are
     /// reported with the accepting thread.
     pub capture_ports: (u16, u16),
+    /// 0: every record wakes the reader (it reads as events happen: trace,
+    /// selftest). Otherwise the reader drains the ring on a timer and is
+    /// woken only when this many bytes wait unread (the daemon).
+    pub wake_bytes: u32,
 }
 
 impl Default for KernelOptions {
@@ -137,6 +141,7 @@ impl Default for KernelOptions {
             verbose: false,
             sockopts: true,
             capture_ports: (15001, 15006),
+            wake_bytes: 0,
         }
     }
 }
@@ -185,7 +190,7 @@ impl Kernel {
             opts,
             &aya_btf,
             &offsets,
-            &shape.config(opts.verbose, id_secret, opts.capture_ports),
+            &shape.config(opts.verbose, id_secret, opts.capture_ports, opts.wake_bytes),
         )?;
         if std::env::var_os(OLD_HELPERS_ENV).is_some_and(|v| v == "1") {
             // Tests run the fallbacks of older kernels on a new one.
@@ -204,7 +209,7 @@ impl Kernel {
                 opts,
                 &aya_btf,
                 &offsets,
-                &shape.config(opts.verbose, id_secret, opts.capture_ports),
+                &shape.config(opts.verbose, id_secret, opts.capture_ports, opts.wake_bytes),
             )?;
         }
         for d in shape.degradations() {

@@ -169,12 +169,13 @@ impl KernelShape {
 
     /// The load-time switches for this shape.
     /// `capture_ports`: (outbound, inbound) of the mesh, for the accept
-    /// program.
+    /// program. `wake_bytes`: see [`TracerConfig::wake_bytes`].
     pub(super) fn config(
         &self,
         verbose: bool,
         id_secret: u64,
         capture_ports: (u16, u16),
+        wake_bytes: u32,
     ) -> TracerConfig {
         TracerConfig {
             verbose: u32::from(verbose),
@@ -189,6 +190,8 @@ impl KernelShape {
             sockopt_task: u32::from(self.sockopt_task),
             outbound_capture_port: capture_ports.0,
             inbound_capture_port: capture_ports.1,
+            wake_bytes,
+            pad: 0,
         }
     }
 

@@ -176,10 +176,12 @@ fn view(
         bytes_acked: None,
         tracked: known.is_some(),
         chain,
-        opened_at: known.filter(|c| c.opened).map(|c| clock.rfc3339(c.seen_ns)),
+        opened_at: known
+            .filter(|c| c.opened)
+            .map(|c| clock.rfc3339(c.seen_ns())),
         age_s: known
             .filter(|c| c.opened)
-            .map(|c| Duration::from_nanos(now.saturating_sub(c.seen_ns)).as_secs_f64()),
+            .map(|c| Duration::from_nanos(now.saturating_sub(c.seen_ns())).as_secs_f64()),
         close_wait_s: known
             .filter(|c| c.peer_closed_ns != 0)
             .map(|c| Duration::from_nanos(now.saturating_sub(c.peer_closed_ns)).as_secs_f64()),

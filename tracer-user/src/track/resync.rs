@@ -50,18 +50,11 @@ impl Tracker {
                 owners.get(&s.ino).copied().unwrap_or(ev.info.owner)
             }
         };
-        self.listener_owners.clear();
-        for ev in snapshot {
-            if let EventData::Snapshot(s) = ev.data
-                && ev.info.sock.state == tcp_state::LISTEN
-            {
-                self.listener_owners
-                    .insert((ev.info.netns, ev.info.sock.sport), owner_of(ev, &s));
-            }
-        }
+        self.learn_listeners(snapshot, owner_of);
         let mut alive = HashSet::new();
         // Established sockets no chain knows, for the chains to rebuild.
         let mut unchained = Vec::new();
+        let mut skipped = 0usize;
         for (ev, s) in snapshot_connections(snapshot) {
             alive.insert(ev.info.cookie);
             // Those the daemon saw open went through the chains then.
@@ -83,12 +76,17 @@ impl Tracker {
                 self.table.learn_owner(ev.info.cookie, owner);
                 continue;
             }
+            if self.table.is_full() {
+                // A full table evicted connections to make room: adding
+                // them back would evict others, at every resync.
+                skipped += 1;
+                continue;
+            }
             let hz = self.hz.get().0;
             let mut info = ev.info;
             info.owner = owner;
             self.table.insert(Conn {
                 info,
-                seen_ns: ev.info.ts_ns,
                 opened: false,
                 ka: s.ka,
                 hz,
@@ -105,7 +103,7 @@ impl Tracker {
         let gone: Vec<u64> = self
             .table
             .iter()
-            .filter(|c| c.seen_ns < started_ns && !alive.contains(&c.info.cookie))
+            .filter(|c| c.seen_ns() < started_ns && !alive.contains(&c.info.cookie))
             .map(|c| c.info.cookie)
             .collect();
         for cookie in &gone {
@@ -120,12 +118,31 @@ impl Tracker {
             );
         }
         log::debug!(
-            "resync: {} sockets, {} owners found in /proc, {} listeners",
+            "resync: {} sockets, {} owners found in /proc, {} listeners, {skipped} not added \
+             (table full)",
             snapshot.len(),
             owners.len(),
             self.listener_owners.len()
         );
         gone.len()
+    }
+
+    /// The listeners of the snapshot and their owners, which accepted
+    /// sockets inherit.
+    fn learn_listeners(
+        &mut self,
+        snapshot: &[ConnEvent],
+        owner_of: impl Fn(&ConnEvent, &SnapshotData) -> Owner,
+    ) {
+        self.listener_owners.clear();
+        for ev in snapshot {
+            if let EventData::Snapshot(s) = ev.data
+                && ev.info.sock.state == tcp_state::LISTEN
+            {
+                self.listener_owners
+                    .insert((ev.info.netns, ev.info.sock.sport), owner_of(ev, &s));
+            }
+        }
     }
 
     /// Feeds the live sockets no chain knows, `(inode, cookie)`, to the

@@ -19,8 +19,6 @@ pub(crate) struct Conn {
     /// Socket identity, addresses and owner as of the OPEN event (or the
     /// first snapshot, for connections older than the tracer).
     pub info: EventInfo,
-    /// CLOCK_MONOTONIC when the tracer learnt of it.
-    pub seen_ns: u64,
     /// Whether the tracer saw it open (else it predates the tracer).
     pub opened: bool,
     /// Keepalive as last known (open event, later socket options, snapshots).
@@ -34,6 +32,14 @@ pub(crate) struct Conn {
     /// Its end was classified and counted at the peer's FIN: the final
     /// close only adds what it alone can tell (a send into it that failed).
     pub end_counted: bool,
+}
+
+impl Conn {
+    /// CLOCK_MONOTONIC when the tracer learnt of it (the time of the event
+    /// or snapshot it came in with: kept once, in `info`).
+    pub(crate) fn seen_ns(&self) -> u64 {
+        self.info.ts_ns
+    }
 }
 
 /// Hashes socket cookies. The kernel hands them out from a counter, so
@@ -211,6 +217,11 @@ impl ConnTable {
         self.conns.len()
     }
 
+    /// Whether one more connection would evict the oldest.
+    pub(crate) fn is_full(&self) -> bool {
+        self.conns.len() >= self.cap
+    }
+
     #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.conns.is_empty()
@@ -300,9 +311,9 @@ mod tests {
         Conn {
             info: EventInfo {
                 cookie,
+                ts_ns: cookie,
                 ..EventInfo::default()
             },
-            seen_ns: cookie,
             opened: true,
             ka: Keepalive::default(),
             hz: 250,

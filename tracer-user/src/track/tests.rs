@@ -47,6 +47,7 @@ mod tracker {
     use super::super::{Direction, Outcome, Tracker, chains::Origin};
     use crate::{
         config::Config,
+        event::ConnEvent,
         owner::attribute::Attributor,
         testing::{
             self, NETNS, T0_NS, decoded,
@@ -125,21 +126,29 @@ mod tracker {
         );
     }
 
-    #[test]
-    fn resync_drops_missed_closes_and_re_adds_evicted_connections() {
-        let cfg = Config {
+    /// A host tracker whose table holds 3 connections, after connections
+    /// 1 to `n` opened (the oldest evicted past 3).
+    fn three_after_opens(n: u64) -> Tracker {
+        let mut t = host_tracker(&Config {
             max_connections: 3,
             ..Config::default()
-        };
-        let mut t = host_tracker(&cfg);
-        let open = |cookie: u64, ns: u64| {
-            let mut open = testing::open(ns, true, 40000 + cookie as u16);
-            open.info.cookie = cookie;
-            decoded(&open)
-        };
-        for cookie in 1..=4 {
+        });
+        for cookie in 1..=n {
             t.handle(&open(cookie, T0_NS));
         }
+        t
+    }
+
+    /// The open of outbound connection `cookie` (local port 40000 + cookie).
+    fn open(cookie: u64, ns: u64) -> ConnEvent {
+        let mut open = testing::open(ns, true, 40000 + cookie as u16);
+        open.info.cookie = cookie;
+        decoded(&open)
+    }
+
+    #[test]
+    fn resync_drops_missed_closes_and_re_adds_evicted_connections() {
+        let mut t = three_after_opens(4);
         assert_eq!((t.table.len(), t.table.evicted), (3, 1));
         assert!(t.table.get(1).is_none(), "the oldest was evicted");
         let mut close4 = testing::close(T0_NS, true, 40004, false);
@@ -176,6 +185,26 @@ mod tracker {
         close3.info.cookie = 3;
         let c = closed(t.handle(&decoded(&close3)));
         assert_eq!((c.info.sock.sport, c.dir), (40003, Direction::Outbound));
+    }
+
+    #[test]
+    fn resync_into_a_full_table_does_not_evict_to_re_add() {
+        let mut t = three_after_opens(5);
+        assert_eq!((t.table.len(), t.table.evicted), (3, 2));
+        // The kernel has all five: the two evicted stay out, resync after
+        // resync, and nothing more is evicted.
+        let snap: Vec<_> = (1..=5u64)
+            .map(|cookie| {
+                let mut s = testing::snapshot(T0_NS + S, true, 40000 + cookie as u16);
+                s.info.cookie = cookie;
+                decoded(&s)
+            })
+            .collect();
+        for _ in 0..3 {
+            assert_eq!(t.resync(&snap, T0_NS + S), 0);
+            assert_eq!((t.table.len(), t.table.evicted), (3, 2));
+            assert!(t.table.get(1).is_none() && t.table.get(2).is_none());
+        }
     }
 
     #[test]

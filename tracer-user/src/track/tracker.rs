@@ -106,7 +106,6 @@ impl Tracker {
                 }
                 self.table.insert(Conn {
                     info,
-                    seen_ns: ev.info.ts_ns,
                     opened: true,
                     ka: o.ka,
                     hz,
@@ -170,7 +169,6 @@ impl Tracker {
             // so that its close does not count it again.
             self.table.insert(Conn {
                 info: *info,
-                seen_ns: info.ts_ns,
                 opened: false,
                 ka: c.ka,
                 hz: hz.0,

@@ -26,7 +26,10 @@ fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
          mostly idle and the cost is what a node pays at that rate. A tracer's whole cost is \
          its process's CPU (`/proc/PID/stat`) plus the run time of its kernel programs \
          (`run_time_ns` in each program's fdinfo, counted while `kernel.bpf_stats_enabled` is \
-         1: this section only, as it adds two clock reads per program run). Interrupts are \
+         1: this section only, as it adds two clock reads per program run). The programs see \
+         every TCP socket of the host, and this machine is shared: what other processes' \
+         connections cost them over a quiet second just before each run is taken off, pro \
+         rata (the tracer's own process CPU also includes handling those events). Interrupts are \
          the host's IRQ work + function call + rescheduling IPIs (`/proc/interrupts`) per \
          connection made; the ring buffer wakes its reader through IRQ work.\n\n\
          | Configuration | rate asked | connections/s made | process CPU s | kernel programs s | \
@@ -379,7 +382,7 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
              server's `close()` to the first `/metrics` answer (polled every {} us on one \
              kept-alive connection) whose `conntracer_idle_kills_total` for that server's \
              address went up. A scrape first applies every event the kernel has sent; \
-             without scrapes the daemon applies events within its 5 ms drain pause.\n\n\
+             without scrapes the daemon applies events at its next 50 ms drain.\n\n\
              | Samples | median | p95 | max | missed |\n| ---: | ---: | ---: | ---: | ---: |\n\
              | {} | {} | {:.1} ms | {} | {} |",
             l.samples_ms.len() + l.missed as usize,
@@ -490,11 +493,12 @@ What changed, and what it bought:
   drained it. The kernel wakes a reader that has caught up through irq_work, an
   inter-processor interrupt; on this VM each is a VM exit, in the connection's own path.
   Under churn that happened for nearly every record: `perf` put `native_write_msr` (the
-  interrupt) at ~10 % of all CPU. The daemon now rests 5 ms after each drain, and a
-  `/metrics` or `/connections` request drains the ring first, so scrapes still count every
-  event before them. Daemon CPU per 100k connections fell from 0.62 s to 0.10 s, and the
-  default ring went from 5,928 lost events in 7 s of churn to none (measured with an
-  earlier, thread-per-connection version of the load generator).
+  interrupt) at ~10 % of all CPU. The daemon then rested 5 ms after each drain (daemon CPU
+  per 100k connections fell from 0.62 s to 0.10 s, and the default ring went from 5,928
+  lost events in 7 s of churn to none); now (issue 16) the records are submitted without a
+  wake-up (`BPF_RB_NO_WAKEUP`), the daemon drains every 50 ms, and the kernel wakes it only
+  when 1/8 of the ring waits unread. A `/metrics` or `/connections` request drains the
+  ring first, so scrapes still count every event before them.
 - **Field reads.** Every socket field was a `bpf_probe_read_kernel` call (about 30 per
   connection end). The state program now loads them through the `tcp_sock` pointer
   `bpf_skc_to_tcp_sock` returns; the offsets are constants the verifier sees (read field by
@@ -520,6 +524,37 @@ inherit their listener's owner) or the per-socket `open` events. Against connect
 do real work (TLS, requests) the same absolute cost is a far smaller fraction, and
 bpftrace's one map update per transition plus one printed line per connection end costs
 twice as much.
+
+Issue 16 (measured with `kernel.bpf_stats_enabled`, paced at 10,000 connections/s, the
+daemon before and after each change run back to back; the machine was shared with other
+builds, load average 6-10, so churn ratios of those side-by-side runs were not usable: with
+the host that busy a tracer that wakes often even raised the loopback rate, a VM scheduling
+effect):
+
+- `inet_sock_set_state` runs 10 times per loopback connection at 330-440 ns a call (the
+  others are not called in this load): 3.3-4.4 us of kernel program time per connection,
+  30-45 mCPU at 10k/s on its own. The storage allocation on connect runs inside the
+  program (`bpf_sk_storage_get` with `F_CREATE`); the clone into accepted sockets and the
+  free do not, and do not show in these figures. 5 ring records per connection (2 `open`,
+  1 `end` at the server's CLOSE_WAIT, 2 `close`).
+- Wake-ups: with the 5 ms drain pause the host's IPIs per connection were already those of
+  no tracer at 10k/s (0.03-0.06); submitting without a wake-up (a forced one per 1/8 of the
+  ring filled) and draining every 50 ms cut the daemon's own CPU at 10k/s from 31-47 to
+  18-31 mCPU and at 1k/s from 27-33 to 9-18 mCPU. What it gives up: without a scrape an
+  event is applied up to 50 ms later (a scrape still drains first).
+- `/metrics`: the open, per-peer and CLOSE_WAIT gauges come from counts the table keeps
+  (one entry per owner, direction, keepalive and remote end): render at 100k tracked fell
+  from 125-190 ms to 0.2 ms; the table's upkeep costs ~5 % of the pipeline's events/s.
+- Daemon memory: glibc raised its mmap threshold to the largest block freed (the start-up
+  BTF buffers), so the table's old bucket arrays and each resync's snapshot stayed resident
+  as heap holes: 96k tracked took 60 MiB and 71 MiB after the first resync (peak 104 MiB).
+  A fixed 256 KiB threshold and a trim after each resync: 49 and 51 MiB (peak 86 MiB, the
+  resync's snapshot of every socket while it is compared with the table).
+- Not done: the `CONN_TRACER_OLD_HELPERS=1` state store (a hash map keyed by socket
+  address, allocated per entry) as the default, and a preallocated map keyed by cookie:
+  both still need an entry per socket and lose the automatic free with the socket; opens
+  sent only for connections that outlive a short age need a timer per socket (bpf_timer,
+  5.15+).
 ";
 
 /// The cluster-index section.

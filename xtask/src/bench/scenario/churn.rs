@@ -45,7 +45,8 @@ fn measure_churn(
     let counts0 = tracer.counts()?;
     let cpu0 = tracer.cpu();
     let out = churn_once(ctx, concurrency, seconds, None)?;
-    // The daemon drains what is left within its 5 ms pause.
+    // The daemon drains what is left at its next 50 ms beat (a scrape
+    // drains it at once).
     thread::sleep(Duration::from_millis(50));
     let cpu1 = tracer.cpu();
     let counts1 = tracer.counts()?;

@@ -2,11 +2,19 @@
 //! connections per second, and each tracer's whole cost: its process's CPU
 //! plus the run time of its kernel programs (`kernel.bpf_stats_enabled`,
 //! switched on for this section only: it adds two clock reads per program
-//! run, so the throughput sections run without it). Also the wake-ups
+//! run, so the throughput sections run without it). The programs see every
+//! TCP socket on the host: what other processes' connections cost them
+//! (measured over a quiet second before each run) is taken off. Also the wake-ups
 //! (inter-processor interrupts from /proc/interrupts) per connection, and
 //! conn-tracer's programs one by one (ns per call, calls per connection).
 
-use std::{collections::BTreeMap, fs, process::Command, thread, time::Duration};
+use std::{
+    collections::BTreeMap,
+    fs,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -28,12 +36,27 @@ use crate::{
 /// baseline, then every tracer.
 const CONFIGS: [Config; 5] = Config::ALL;
 
-/// One kernel program's share of a paced run.
+/// One kernel program's share of a paced run, less what other processes'
+/// connections cost it (measured over [`QUIET`] just before, pro rata).
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgRun {
     pub name: String,
     pub calls: u64,
     pub run_time_ns: u64,
+    /// Calls and run time over the quiet window before the run.
+    pub background_calls: u64,
+    pub background_ns: u64,
+}
+
+/// The quiet window before each paced run.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// (calls, run time) of a program since `before`.
+fn delta(now: &ProgStats, before: Option<&ProgStats>) -> (u64, u64) {
+    (
+        now.run_cnt - before.map_or(0, |b| b.run_cnt),
+        now.run_time_ns - before.map_or(0, |b| b.run_time_ns),
+    )
 }
 
 /// One paced run: the load generator's report, and what the tracer cost.
@@ -121,6 +144,14 @@ pub fn paced(ctx: &mut Ctx, args: &Args) -> Result<Vec<PacedRun>> {
         let mut names = BTreeMap::new();
         let mut mine = Vec::new();
         for &rate in &args.paced_rates {
+            // The programs see every TCP socket of the host: other
+            // processes' connections (this machine is shared) are measured
+            // over a quiet second first and taken off, pro rata.
+            let quiet0 = prog_stats(tracer.pid());
+            let quiet_started = Instant::now();
+            thread::sleep(QUIET);
+            let quiet1 = prog_stats(tracer.pid());
+            let quiet_s = quiet_started.elapsed().as_secs_f64();
             let (lost0, progs0, cpu0, ipi0) = (
                 tracer.counts()?.1,
                 prog_stats(tracer.pid()),
@@ -134,11 +165,16 @@ pub fn paced(ctx: &mut Ctx, args: &Args) -> Result<Vec<PacedRun>> {
             let programs: Vec<ProgRun> = progs1
                 .values()
                 .map(|p| {
-                    let before = progs0.get(&p.id);
+                    let d = delta(p, progs0.get(&p.id));
+                    let q1 = quiet1.get(&p.id).copied().unwrap_or(*p);
+                    let bg = delta(&q1, quiet0.get(&p.id));
+                    let scale = out.total_seconds / quiet_s;
                     ProgRun {
                         name: names.entry(p.id).or_insert_with(|| prog_name(p.id)).clone(),
-                        calls: p.run_cnt - before.map_or(0, |b| b.run_cnt),
-                        run_time_ns: p.run_time_ns - before.map_or(0, |b| b.run_time_ns),
+                        calls: d.0.saturating_sub((bg.0 as f64 * scale) as u64),
+                        run_time_ns: d.1.saturating_sub((bg.1 as f64 * scale) as u64),
+                        background_calls: bg.0,
+                        background_ns: bg.1,
                     }
                 })
                 .collect();
