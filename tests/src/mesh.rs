@@ -36,6 +36,8 @@ pub const SERVICE_PEER: &str = "db/redis";
 /// The Service's ClusterIP: it exists nowhere but in the API and in the
 /// sidecar's listeners (the redirect takes every connection to it).
 pub const CLUSTER_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+/// Istio's inbound capture port.
+pub const INBOUND_PORT: u16 = 15006;
 /// The Service port, and the backend's target port behind it.
 const SERVICE_PORT: u16 = 6379;
 const TARGET_PORT: u16 = 16379;
@@ -153,6 +155,7 @@ pub struct Mesh {
     pub daemon: Daemon,
     pub app: Peer,
     pub redirect: SidecarRedirect,
+    pub inbound_redirect: Option<SidecarRedirect>,
     pub envoy: Envoy,
     pub redis: Redis,
     pub cgroups: PodCgroups,
@@ -228,6 +231,8 @@ pub struct Setup {
     pub dest: Dest,
     /// Envoy's worker threads.
     pub envoy_concurrency: u32,
+    /// Istio's inbound capture too (PREROUTING REDIRECT to 15006).
+    pub inbound: bool,
 }
 
 /// The daemon, told the node and the fake API, with `extra` arguments;
@@ -331,11 +336,17 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     }
     opts.cgroup = Some(cgroups.dir("istio-proxy"));
     opts.concurrency = s.envoy_concurrency;
+    if s.inbound {
+        opts.inbound_port = Some(INBOUND_PORT);
+    }
     if service {
         opts.services = vec![(dialled, backend)];
     }
     let envoy = Envoy::start(lab.client(), opts);
     let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
+    let inbound_redirect = s
+        .inbound
+        .then(|| SidecarRedirect::istio_inbound(lab.client(), INBOUND_PORT));
 
     let mut app = spawn_app(&lab, &cgroups, client, dialled, &s.app_args);
     app.go();
@@ -352,6 +363,7 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
         daemon,
         app,
         redirect,
+        inbound_redirect,
         envoy,
         redis,
         cgroups,
@@ -388,5 +400,6 @@ pub fn setup(
         app_args: app_args.to_vec(),
         dest: Dest::Passthrough,
         envoy_concurrency: 1,
+        inbound: false,
     }
 }

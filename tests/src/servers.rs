@@ -984,6 +984,10 @@ pub struct EnvoyOptions {
     pub services: Vec<(SocketAddr, SocketAddr)>,
     /// Worker threads (`--concurrency`).
     pub concurrency: u32,
+    /// Istio's inbound capture listener on this port (0.0.0.0,
+    /// `use_original_dst`, passing through to the original destination:
+    /// the app's port); pair it with [`SidecarRedirect::istio_inbound`].
+    pub inbound_port: Option<u16>,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -1016,6 +1020,7 @@ impl EnvoyOptions {
             cgroup: None,
             services: Vec::new(),
             concurrency: 1,
+            inbound_port: None,
         }
     }
 
@@ -1035,6 +1040,7 @@ impl EnvoyOptions {
             cgroup: None,
             services: Vec::new(),
             concurrency: 1,
+            inbound_port: None,
         }
     }
 
@@ -1054,6 +1060,14 @@ impl EnvoyOptions {
             y.push_str("    use_original_dst: true\n");
         }
         self.tcp_proxy_chain(&mut y, "ct_upstream");
+        if let Some(port) = self.inbound_port {
+            let _ = write!(
+                y,
+                "  - name: ct_inbound\n    address:\n      socket_address: \
+                 {{ address: 0.0.0.0, port_value: {port} }}\n    use_original_dst: true\n"
+            );
+            self.tcp_proxy_chain(&mut y, "ct_upstream");
+        }
         // Istio's outbound listeners: one per Service port, not bound; the
         // capture listener hands them the connections to their ClusterIP.
         for (i, (cluster_ip, _)) in self.services.iter().enumerate() {
@@ -1295,6 +1309,8 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
 /// namespace).
 pub struct SidecarRedirect {
     ns: String,
+    /// The nat chain the rules are in (OUTPUT or PREROUTING).
+    chain: &'static str,
     rules: Vec<Vec<String>>,
 }
 
@@ -1330,14 +1346,31 @@ impl SidecarRedirect {
         Self::with_rules(ns, rules)
     }
 
+    /// Istio's inbound capture: every TCP connection arriving on `eth0`
+    /// (the pod's interface) is redirected to the proxy's `to_port` (nat
+    /// PREROUTING, as istio-init does for 15006).
+    pub fn istio_inbound(ns: &NetNs, to_port: u16) -> Self {
+        let rule = ["-p", "tcp", "-i", "eth0", "-j", "REDIRECT", "--to-ports"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .chain([to_port.to_string()])
+            .collect();
+        Self::in_chain(ns, "PREROUTING", vec![rule])
+    }
+
     /// Appends `rules` to nat OUTPUT in `ns`, each taken out again on drop.
     fn with_rules(ns: &NetNs, rules: Vec<Vec<String>>) -> Self {
+        Self::in_chain(ns, "OUTPUT", rules)
+    }
+
+    fn in_chain(ns: &NetNs, chain: &'static str, rules: Vec<Vec<String>>) -> Self {
         let mut guard = Self {
             ns: ns.name().to_owned(),
+            chain,
             rules: Vec::new(),
         };
         for rule in rules {
-            let mut args = vec!["-w", "5", "-t", "nat", "-A", "OUTPUT"];
+            let mut args = vec!["-w", "5", "-t", "nat", "-A", chain];
             args.extend(rule.iter().map(String::as_str));
             run_in(&guard.ns, "iptables", &args);
             guard.rules.push(rule);
@@ -1384,7 +1417,7 @@ impl Drop for SidecarRedirect {
         for rule in self.rules.iter().rev() {
             let mut cmd = Command::new("ip");
             cmd.args([
-                "netns", "exec", &self.ns, "iptables", "-w", "5", "-t", "nat", "-D", "OUTPUT",
+                "netns", "exec", &self.ns, "iptables", "-w", "5", "-t", "nat", "-D", self.chain,
             ])
             .args(rule)
             .stdout(Stdio::null())

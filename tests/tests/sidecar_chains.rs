@@ -12,9 +12,14 @@
     reason = "metric values compared here are small integers, exact in f64"
 )]
 
-use std::{thread, time::Duration};
+use std::{
+    collections::HashMap,
+    thread,
+    time::{Duration, Instant},
+};
 
 use integration_tests::{
+    Peer,
     daemon::{
         Metrics,
         names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
@@ -495,7 +500,7 @@ fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
     });
     let resync = Duration::from_secs(2);
     m.restart_daemon(&["--resync-interval", "2s"]);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     // One resync, plus its own duration and the scrape on a loaded machine.
     let after = m.daemon.wait_metrics(resync + Duration::from_secs(3), |x| {
         x.sum(MISMATCH, &mismatch) == 1.0
@@ -522,7 +527,7 @@ fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
     s.dest = Dest::Service;
     s.envoy_concurrency = 2;
     let m = mesh(&s);
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let mut apps: Vec<_> = (0..16).map(|_| m.spawn_app(&app_args)).collect();
     eprintln!("spawned in {:?}", t0.elapsed());
     for a in &mut apps {
@@ -537,13 +542,7 @@ fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
     m.daemon.wait_metrics(Duration::from_secs(10), |x| {
         x.sum("conntracer_sidecar_chains_open", &[]) >= chains
     });
-    // Envoy flushes its access log every second.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while m.envoy.access_pairs().len() < 17 && std::time::Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(200));
-    }
-    let truth: std::collections::HashMap<String, String> =
-        m.envoy.access_pairs().into_iter().collect();
+    let truth = access_pairs(&m, "", 17);
     assert_eq!(truth.len(), 17, "Envoy logged every upstream connection");
     let list = m.daemon.connections();
     let (mut checked, mut wrong, mut inferred) = (0, Vec::new(), 0);
@@ -554,10 +553,7 @@ fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
         .filter(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
     {
         let local = c["local"].as_str().expect("local");
-        let upstream = c["chain"]
-            .as_array()
-            .and_then(|legs| legs.iter().find(|l| l["leg"] == "sidecar-upstream"))
-            .unwrap_or_else(|| panic!("no upstream leg: {c:#}"));
+        let upstream = chain_leg(c, "sidecar-upstream");
         if upstream["local"].as_str() != truth.get(local).map(String::as_str) {
             wrong.push(format!(
                 "{local} -> {} (Envoy: {:?})",
@@ -575,4 +571,152 @@ fn root_service_16_concurrent_chains_pair_as_envoys_access_log_says() {
     assert!(wrong.is_empty(), "pairs unlike Envoy's: {wrong:#?}");
     assert_eq!(inferred, 0, "{list:#}");
     assert_eq!(checked, 17, "{list:#}");
+}
+
+/// Envoy's access log pairs whose downstream address starts with `from`,
+/// once there are `n` (Envoy flushes it every second; at most 10 s).
+fn access_pairs(m: &Mesh, from: &str, n: usize) -> HashMap<String, String> {
+    let pairs = || -> HashMap<String, String> {
+        m.envoy
+            .access_pairs()
+            .into_iter()
+            .filter(|(down, _)| down.starts_with(from))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pairs().len() < n && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let found = pairs();
+    assert_eq!(found.len(), n, "{:?}", m.envoy.access_pairs());
+    found
+}
+
+/// The chain leg `name` of a connection in /connections.
+fn chain_leg<'a>(c: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    c["chain"]
+        .as_array()
+        .and_then(|legs| legs.iter().find(|l| l["leg"] == name))
+        .unwrap_or_else(|| panic!("no {name} leg: {c:#}"))
+}
+
+const PEER_BIN: &str = env!("CARGO_BIN_EXE_ct-peer");
+
+/// `n` times: a sidecar process (uid 1337, the proxy's container) opens an
+/// unrelated connection to Redis, then a client in the server's namespace
+/// connects to the app's port on the pod's address. Returns both kinds,
+/// connected, with their local ports.
+fn inbound_traffic(m: &Mesh, n: usize) -> [(Vec<Peer>, Vec<u16>); 2] {
+    let (redis, pod_ip) = (m.redis.addr(), m.lab.client_ip().to_string());
+    let (mut others, mut clients) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let mut cmd = m.lab.client().command("setpriv");
+        cmd.args([
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            CLIENT,
+        ])
+        .args(["redis", "--addr", &redis.ip().to_string(), "--port"])
+        .args([&redis.port().to_string(), "--pause-before-connect"])
+        .args(["--then", "wait-close"]);
+        let mut other = Peer::spawn("sidecar-other", cmd);
+        m.cgroups.add("istio-proxy", other.pid());
+        other.go();
+        others.push(other);
+        let mut cmd = m.lab.server().command(PEER_BIN);
+        cmd.args(["client", "--addr", &pod_ip, "--port", "8080"])
+            .arg("--pause-before-close");
+        clients.push(Peer::spawn("client", cmd));
+    }
+    let connected = |peers: &mut Vec<Peer>| -> Vec<u16> {
+        peers
+            .iter_mut()
+            .map(|p| p.expect_port("connected"))
+            .collect()
+    };
+    let (other_ports, ports) = (connected(&mut others), connected(&mut clients));
+    [(others, other_ports), (clients, ports)]
+}
+
+/// Inbound chains through Istio's 15006 capture (PREROUTING REDIRECT):
+/// four clients in another namespace reach the app's port on the pod's
+/// address; Envoy accepts each on 15006 and opens its own connection to
+/// the app. Meanwhile sidecar processes open unrelated outbound
+/// connections. Every app-side accept is chained to the client Envoy's
+/// access log pairs it with, and no unrelated connection is in a chain.
+#[test]
+fn root_inbound_chains_pair_with_their_clients_and_unrelated_sidecar_connections_do_not_steal() {
+    let _serial = serial_unless_skipped!();
+    let mut s = setup(
+        60,
+        false,
+        0,
+        300,
+        InvalidAction::Drop,
+        &["--then", "wait-close"],
+    );
+    s.inbound = true;
+    let m = mesh(&s);
+    let pod_ip = m.lab.client_ip().to_string();
+    let n: u32 = 4;
+    let mut cmd = m.lab.client().command(PEER_BIN);
+    cmd.args(["server", "--addr", &pod_ip, "--port", "8080", "--hold"])
+        .args(["--count", &n.to_string(), "--timeout-secs", "20"]);
+    let mut server = Peer::spawn("app-server", cmd);
+    m.cgroups.add("app", server.pid());
+    server.expect_port("listening");
+    let [(_others, other_ports), (mut clients, ports)] = inbound_traffic(&m, n as usize);
+    server.expect_line("held");
+    let truth = access_pairs(&m, &format!("{}:", m.lab.server_ip()), n as usize);
+    m.daemon.wait_metrics(Duration::from_secs(10), |x| {
+        x.sum("conntracer_sidecar_chains_open", &[]) >= 1.0 + f64::from(n)
+    });
+    let list = m.daemon.connections();
+    let conns = list.as_array().expect("array");
+    let app_side = format!("{pod_ip}:8080");
+    let mut chained = 0;
+    for c in conns
+        .iter()
+        .filter(|c| c["pod"] == POD && c["container"] == "app" && c["local"] == app_side.as_str())
+    {
+        let client_leg = chain_leg(c, "sidecar-upstream");
+        let client = client_leg["remote"].as_str().expect("remote");
+        assert_eq!(
+            truth.get(client).map(String::as_str),
+            c["remote"].as_str(),
+            "the app's accept is chained to client {client}: {c:#}"
+        );
+        assert!(
+            ports.iter().any(|p| client.ends_with(&format!(":{p}"))),
+            "{client} is one of the clients {ports:?}"
+        );
+        assert_ne!(client_leg["inferred"], true, "{c:#}");
+        chained += 1;
+    }
+    assert_eq!(chained, n, "{list:#}");
+    // The unrelated sidecar connections stay out of every chain.
+    let unrelated: Vec<_> = conns
+        .iter()
+        .filter(|c| {
+            let local = c["local"].as_str().unwrap_or_default();
+            c["container"] == "istio-proxy"
+                && other_ports
+                    .iter()
+                    .any(|p| local.ends_with(&format!(":{p}")))
+        })
+        .collect();
+    assert_eq!(unrelated.len(), n as usize, "{list:#}");
+    assert!(
+        unrelated
+            .iter()
+            .all(|c| c["chain"].as_array().is_none_or(Vec::is_empty)),
+        "{unrelated:#?}"
+    );
+    for p in &mut clients {
+        p.go();
+    }
+    server.go();
 }

@@ -3,8 +3,7 @@
 //! for both). Not part of the agent: nothing outside tests and benches uses
 //! it.
 
-#[cfg(test)]
-pub(crate) mod mesh;
+pub mod mesh;
 
 use tracer_common::{
     AF_INET, CloseData, Event, EventInfo, Keepalive, OpenData, Owner, SnapshotData, SockAddrs,
@@ -194,12 +193,12 @@ pub(crate) fn decoded<T: Copy>(record: &Event<T>) -> crate::event::ConnEvent {
 }
 
 /// A directory tree under the temp dir, removed on drop.
-#[cfg(test)]
-pub(crate) struct TempTree(pub(crate) std::path::PathBuf);
+pub struct TempTree(pub(crate) std::path::PathBuf);
 
-#[cfg(test)]
 impl TempTree {
-    pub(crate) fn new(tag: &str) -> Self {
+    /// # Panics
+    /// When the temp dir cannot be written.
+    pub fn new(tag: &str) -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -226,7 +225,6 @@ impl TempTree {
     }
 }
 
-#[cfg(test)]
 impl Drop for TempTree {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

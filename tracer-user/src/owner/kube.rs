@@ -201,6 +201,13 @@ impl PodIndex {
         super::write(&self.shared.index)
     }
 
+    /// Applies one Pod as the API serves it (JSON): the unit tests' and the
+    /// pipeline benchmark's pods.
+    pub(crate) fn apply_json(&self, pod: &serde_json::Value) {
+        let pod: Pod = serde_json::from_value(pod.clone()).expect("valid Pod JSON");
+        self.apply(Event::Apply(pod), Instant::now());
+    }
+
     fn apply(&self, event: Event<Pod>, now: Instant) {
         let mut index = self.write();
         match event {

@@ -3,31 +3,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use serde_json::{Value, json};
 
 use super::*;
-
-pub(crate) fn pod(ns: &str, name: &str, uid: &str, ip: &str, containers: &[(&str, &str)]) -> Value {
-    json!({
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"namespace": ns, "name": name, "uid": uid, "resourceVersion": "1"},
-        "spec": {
-            "nodeName": "node-a",
-            "containers": containers.iter().map(|(n, _)| json!({"name": n, "image": "busybox"})).collect::<Vec<_>>(),
-        },
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "containerStatuses": containers.iter().map(|(n, id)| status(n, id)).collect::<Vec<_>>(),
-        },
-    })
-}
-
-fn status(name: &str, id: &str) -> Value {
-    json!({
-        "name": name, "containerID": id, "image": "busybox", "imageID": "",
-        "ready": true, "restartCount": 0, "state": {"running": {}},
-    })
-}
+pub(crate) use crate::testing::mesh::{pod, status};
 
 fn typed(v: &Value) -> Pod {
     serde_json::from_value(v.clone()).expect("valid Pod JSON")

@@ -350,20 +350,25 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
              exactly as the kernel writes them, on one pinned core, for {} s: a cyclic stream \
              in which each connection (an outbound socket and the inbound one that accepted it) \
              closes a fixed number of connections after it opened, so the table stays at the \
-             size shown; one end in ten is an idle kill.\n\n\
-             | Tracked connections | events/s | ns/event | decode alone, events/s | one `/metrics` render |\n\
-             | ---: | ---: | ---: | ---: | ---: |",
+             size shown; one end in ten is an idle kill. The meshed-pod columns run the same \
+             stream as app -> sidecar -> upstream chains of one pod (three sockets each, \
+             attributed through the pod's cgroups and the pod index, linked and ended, the \
+             chain kill counted).\n\n\
+             | Tracked connections | events/s | ns/event | decode alone, events/s | one `/metrics` render | meshed pod with chains, events/s | ns/event |\n\
+             | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
             a.pipeline_seconds
         );
         for p in &r.pipeline {
             let _ = writeln!(
                 s,
-                "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms |",
+                "| {} | {:.0} | {:.0} | {:.0} | {:.1} ms | {:.0} | {:.0} |",
                 p.tracked_connections,
                 p.events_per_s,
                 p.ns_per_event,
                 p.decode_only_events_per_s,
-                p.render_metrics_ms
+                p.render_metrics_ms,
+                p.mesh_events_per_s,
+                p.mesh_ns_per_event
             );
         }
         if has("pipeline.svg") {

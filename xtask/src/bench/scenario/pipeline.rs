@@ -20,6 +20,10 @@ pub struct Pipeline {
     pub ns_per_event: f64,
     pub decode_only_events_per_s: f64,
     pub render_metrics_ms: f64,
+    /// The same stream as app -> sidecar -> upstream chains of a meshed
+    /// pod, pod attribution and chain linking on.
+    pub mesh_events_per_s: f64,
+    pub mesh_ns_per_event: f64,
     pub cpu: Option<u64>,
 }
 
@@ -57,14 +61,19 @@ pub fn pipeline(args: &Args) -> Result<Vec<Pipeline>> {
             ns_per_event: num("ns_per_event")?,
             decode_only_events_per_s: num("decode_only_events_per_s")?,
             render_metrics_ms: num("render_metrics_ms")?,
+            mesh_events_per_s: num("mesh_events_per_s")?,
+            mesh_ns_per_event: num("mesh_ns_per_event")?,
             cpu: v["cpu"].as_u64(),
         };
         println!(
-            "  {} tracked: {:.2} M events/s ({:.0} ns/event); /metrics render {:.1} ms",
+            "  {} tracked: {:.2} M events/s ({:.0} ns/event); /metrics render {:.1} ms; \
+             meshed pod with chains {:.2} M events/s ({:.0} ns/event)",
             p.tracked_connections,
             p.events_per_s / 1e6,
             p.ns_per_event,
-            p.render_metrics_ms
+            p.render_metrics_ms,
+            p.mesh_events_per_s / 1e6,
+            p.mesh_ns_per_event
         );
         out.push(p);
     }
