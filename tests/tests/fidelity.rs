@@ -5,6 +5,8 @@
 //! - a pool that closes lazily, after the server's idle timeout closed the
 //!   connection: one idle kill by the peer, idle time = the server's
 //!   timeout, no stale reuse (only the pool's FIN met the server's reset);
+//! - an owner that closes a connection after the path (a NAT, conntrack)
+//!   expired it: its FIN meets a reset; no kill and no stale reuse;
 //! - the keep-alive race against a real Node.js `http` server: every reuse
 //!   that meets the server's close is one stale reuse of cause
 //!   `peer_closed`, whatever the idle threshold;
@@ -33,7 +35,7 @@ use std::{
 use integration_tests::{
     NetNs, Peer, Tracer,
     daemon::{
-        Daemon, delta,
+        Daemon, delta, find_local,
         names::{IDLE_HIST, KILLS, STALE},
         serial,
     },
@@ -41,7 +43,7 @@ use integration_tests::{
     require_program_or_skip,
     scenario::{KEEPALIVE_1_1_3, local},
     serial_unless_skipped,
-    servers::{Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
+    servers::{EchoServer, Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
     skip_unless_root, test_name,
 };
 
@@ -106,6 +108,69 @@ fn root_lazy_pool_close_after_redis_timeout_is_one_kill_and_no_stale_reuse() {
         thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(redis.idle_closes(), closes + 1, "{}", redis.log());
+}
+
+#[test]
+fn root_owners_close_after_a_path_expiry_is_no_kill_and_no_stale_reuse() {
+    let _serial = serial_unless_skipped!();
+    // The router forgets the flow after 2 s idle and rejects (TCP reset)
+    // what it no longer knows: the client's late FIN.
+    let lab = NetLab::new(InvalidAction::Reject, 2);
+    let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7));
+    let daemon = Daemon::start("1s", &[]);
+    let before = daemon.scrape();
+    let mut client = Peer::spawn("ct-client raw late close", {
+        let mut cmd = lab.client().command(CLIENT);
+        cmd.args([
+            "raw",
+            "--addr",
+            &echo.addr().ip().to_string(),
+            "--port",
+            "7",
+        ])
+        .args(["--idle-secs", "4", "--then", "close"]);
+        cmd
+    });
+    let port = client.expect_connected_ok();
+    let local = SocketAddr::new(lab.client_ip(), port).to_string();
+    // Tracked while it idles (the daemon saw it open)...
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while find_local(&daemon.connections(), &local).is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        find_local(&daemon.connections(), &local).is_some(),
+        "{local} not in /connections while idle"
+    );
+    client.expect_closed_then_exit();
+    // ... and its close seen once the router's reset ended the FIN_WAIT1
+    // socket.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while find_local(&daemon.connections(), &local).is_some() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        find_local(&daemon.connections(), &local).is_none(),
+        "{local} still tracked after its close"
+    );
+    assert!(
+        lab.invalid_packets() >= 1,
+        "ground truth: the router rejected the late FIN of the expired flow"
+    );
+    let m = daemon.scrape();
+    let peer = [("peer", "10.231.2.2:7")];
+    assert_eq!(
+        delta(&before, &m, KILLS, &peer),
+        0.0,
+        "the owner closed: no kill: {}",
+        m.dump(KILLS)
+    );
+    assert_eq!(
+        delta(&before, &m, STALE, &peer),
+        0.0,
+        "a FIN is no payload: no stale reuse: {}",
+        m.dump(STALE)
+    );
 }
 
 #[test]
