@@ -21,7 +21,7 @@ use tracer_common::{AF_INET, AF_INET6, AcceptData, kind};
 
 use crate::{
     maps::reserve,
-    sock::{Probe, config, current_owner, fill_sock, off, read, ready},
+    sock::{Probe, config, current_owner, fill_sock, off, read, run},
 };
 
 /// Offset of `ret` in every `sys_exit_*` record: the common fields (8
@@ -31,22 +31,17 @@ const RET_OFFSET: usize = 16;
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept4")]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    match try_sys_exit_accept(&ctx) {
-        Ok(()) | Err(()) => 0,
-    }
+    run(&ctx, try_sys_exit_accept);
+    0
 }
 
 #[tracepoint(category = "syscalls", name = "sys_exit_accept")]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    match try_sys_exit_accept(&ctx) {
-        Ok(()) | Err(()) => 0,
-    }
+    run(&ctx, try_sys_exit_accept);
+    0
 }
 
 fn try_sys_exit_accept(ctx: &TracePointContext) -> Result<(), ()> {
-    if !ready() {
-        return Err(());
-    }
     // SAFETY: `ret` is a long at RET_OFFSET of every sys_exit record.
     let ret: i64 = unsafe { ctx.read_at(RET_OFFSET) }.map_err(|_| ())?;
     if ret < 0 {

@@ -15,20 +15,16 @@ use tracer_common::{IPPROTO_TCP, SockError, close_flags, kind};
 
 use crate::{
     maps::{reserve, state_of, submit},
-    sock::{Probe, addr_at, fill_info, off, read, ready, verbose},
+    sock::{Probe, addr_at, fill_info, off, read, run, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
 pub fn inet_sk_error_report(ctx: BtfTracePointContext) -> i32 {
-    match try_inet_sk_error_report(&ctx) {
-        Ok(()) | Err(()) => 0,
-    }
+    run(&ctx, try_inet_sk_error_report);
+    0
 }
 
 fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    if !ready() {
-        return Err(());
-    }
     let sk: *const c_void = ctx.arg(0);
     let protocol: u16 = read(sk, off!(sk_protocol));
     if protocol != IPPROTO_TCP {

@@ -19,20 +19,16 @@ use tracer_common::{BURST_GAP_NS, SockState};
 
 use crate::{
     maps::state_of,
-    sock::{Btf, Kmem, addr_at, off, ready},
+    sock::{Btf, Kmem, addr_at, off, run},
 };
 
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
-    match try_tcp_probe(&ctx) {
-        Ok(()) | Err(()) => 0,
-    }
+    run(&ctx, try_tcp_probe);
+    0
 }
 
 fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    if !ready() {
-        return Err(());
-    }
     let sk: *const c_void = ctx.arg(0);
     // SAFETY: NULL-checked storage of this socket (none for sockets the
     // tracer did not see established).

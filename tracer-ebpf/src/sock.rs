@@ -69,6 +69,17 @@ pub fn ready() -> bool {
     off!(ready) != 0
 }
 
+/// A program's body, once userspace filled [`OFFSETS`] in (before, the
+/// programs do nothing). A body returns `Err(())` where it stops early;
+/// tracing programs' return values are ignored by the kernel, so every
+/// entry point returns 0 whatever the body did.
+#[inline(always)]
+pub fn run<C>(ctx: &C, body: impl FnOnce(&C) -> Result<(), ()>) {
+    if ready() {
+        let _ = body(ctx);
+    }
+}
+
 /// Whether every state change, reset and error goes to userspace (`trace`).
 #[inline(always)]
 pub fn verbose() -> bool {

@@ -33,15 +33,14 @@ use crate::{
     rx::{rx_start, rx_step},
     sock::{
         Btf, Kmem, addr_at, conn_id, cookie_helper, current_owner, fill_info, keepalive,
-        local_port, netns_of, off, ready, reset_state, state_in_hash, verbose,
+        local_port, netns_of, off, reset_state, run, state_in_hash, verbose,
     },
 };
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
-    match try_inet_sock_set_state(&ctx) {
-        Ok(()) | Err(()) => 0,
-    }
+    run(&ctx, try_inet_sock_set_state);
+    0
 }
 
 /// Whether a transition carries a fact the daemon needs: an owner to
@@ -59,9 +58,6 @@ fn matters(old: u8, new: u8) -> bool {
 }
 
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), ()> {
-    if !ready() {
-        return Err(());
-    }
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
     let (old, new) = (old as u8, new as u8);

@@ -279,11 +279,15 @@ pub(super) fn refused_connect(ctx: &mut Ctx<'_>) -> Vec<Check> {
             .find(|e| e.info.cookie == k && e.data == EventData::ResetReceived)
             .map(|e| owner_pid(&e.info.owner))
     };
-    // Everything there is to see, or as much as came within the bound.
+    // Everything there is to see, or as much as came within the bound: the
+    // close summary is submitted after the transition it follows.
     let _ = ctx.events.wait("", |evs| {
         let k = socket(evs)?;
         let closed = transitions(evs, k).contains(&(tcp_state::SYN_SENT, tcp_state::CLOSE));
-        (closed && reset_owner(evs, k).is_some()).then_some(())
+        let summary = evs
+            .iter()
+            .any(|e| e.info.cookie == k && matches!(e.data, EventData::Close(_)));
+        (closed && summary && reset_owner(evs, k).is_some()).then_some(())
     });
     let evs = &ctx.events.seen;
     let cookie = socket(evs).ok_or_else(|| format!("no event for a connect to port {CLOSED_PORT}"));
