@@ -14,8 +14,8 @@ use aya_ebpf::{
 use tracer_common::{IPPROTO_TCP, SockError, close_flags, kind};
 
 use crate::{
-    maps::{reserve, state_of, submit},
-    sock::{Probe, addr_at, fill_info, off, read, run, verbose},
+    maps::{emit, state_of},
+    sock::{Probe, addr_at, off, read, run, verbose},
 };
 
 #[btf_tracepoint(function = "inet_sk_error_report")]
@@ -47,26 +47,11 @@ fn try_inet_sk_error_report(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if !verbose() {
         return Ok(());
     }
-    let Some(mut entry) = reserve::<SockError>(kind::SOCK_ERROR) else {
-        return Err(());
+    let data = SockError {
+        errno: errno.unsigned_abs(),
+        pad: 0,
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
-    unsafe {
-        fill_info::<Probe>(
-            &raw mut (*ev).info,
-            sk,
-            addr,
-            sk,
-            kind::SOCK_ERROR,
-            bpf_ktime_get_ns(),
-            state,
-        );
-        (*ev).data = SockError {
-            errno: errno.unsigned_abs(),
-            pad: 0,
-        };
-    }
-    submit(entry);
-    Ok(())
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit::<Probe, _>(kind::SOCK_ERROR, sk, addr, sk, now, state, data)
 }

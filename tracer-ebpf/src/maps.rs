@@ -13,7 +13,7 @@ use tracer_common::{
     SockState, kind,
 };
 
-use crate::sock::{ZERO_MAX_BYTES, config, reset_state, state_in_hash, zero};
+use crate::sock::{Kmem, ZERO_MAX_BYTES, config, fill_info, reset_state, state_in_hash, zero};
 
 // `zero` clears a whole fresh state at once.
 const _: () = assert!(size_of::<SockState>() <= ZERO_MAX_BYTES);
@@ -234,6 +234,40 @@ pub fn reserve<T: 'static>(event_kind: u16) -> Option<RingBufEntry<Event<T>>> {
         count_lost(event_kind);
     }
     entry
+}
+
+/// One event of `event_kind` about socket `sk` (at `addr`, with its
+/// `state`), carrying `data`: the header from the socket's fields read
+/// through `K` at `fields`. A full ring counts it as lost.
+#[inline(always)]
+pub fn emit<K: Kmem, T: 'static>(
+    event_kind: u16,
+    sk: *const c_void,
+    addr: u64,
+    fields: *const c_void,
+    now: u64,
+    state: *const SockState,
+    data: T,
+) -> Result<(), ()> {
+    let Some(mut entry) = reserve::<T>(event_kind) else {
+        return Err(());
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        fill_info::<K>(
+            &raw mut (*ev).info,
+            sk,
+            addr,
+            fields,
+            event_kind,
+            now,
+            state,
+        );
+        (*ev).data = data;
+    }
+    submit(entry);
+    Ok(())
 }
 
 #[inline(always)]

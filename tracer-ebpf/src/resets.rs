@@ -11,8 +11,8 @@ use aya_ebpf::{
 use tracer_common::{NO_RESET_REASON, RESET_REASON_ARG, ResetData, close_flags, kind};
 
 use crate::{
-    maps::{reserve, state_of, submit},
-    sock::{Probe, addr_at, config, fill_info, ready, verbose},
+    maps::{emit, state_of},
+    sock::{Probe, addr_at, config, ready, verbose},
 };
 
 #[btf_tracepoint(function = "tcp_receive_reset")]
@@ -80,24 +80,10 @@ fn on_reset(
     if !verbose() {
         return Ok(());
     }
-    let Some(mut entry) = reserve::<ResetData>(event_kind) else {
-        return Err(());
-    };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot. `sk` may
-    // be a request or time-wait socket: only `sock_common` fields are read.
-    unsafe {
-        fill_info::<Probe>(
-            &raw mut (*ev).info,
-            sk,
-            addr,
-            sk,
-            event_kind,
-            bpf_ktime_get_ns(),
-            state,
-        );
-        (*ev).data = ResetData { reason, pad: 0 };
-    }
-    submit(entry);
-    Ok(())
+    // `sk` may be a request or time-wait socket: the header reads only
+    // `sock_common` fields.
+    let data = ResetData { reason, pad: 0 };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    emit::<Probe, _>(event_kind, sk, addr, sk, now, state, data)
 }

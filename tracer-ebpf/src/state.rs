@@ -27,7 +27,7 @@ use tracer_common::{
 
 use crate::{
     maps::{
-        forget_state, inherit, listener_owner, register_listener, reserve, state_of, submit,
+        emit, forget_state, inherit, listener_owner, register_listener, reserve, state_of, submit,
         unregister_listener,
     },
     rx::{rx_start, rx_step},
@@ -235,37 +235,22 @@ fn emit_state(
     old: u8,
     new: u8,
 ) {
-    let Some(mut entry) = reserve::<StateChange>(kind::STATE) else {
-        return;
+    let data = StateChange {
+        old_state: old,
+        new_state: new,
+        pad: [0; 6],
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
-    unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::STATE, now, state);
-        (*ev).data = StateChange {
-            old_state: old,
-            new_state: new,
-            pad: [0; 6],
-        };
-    }
-    submit(entry);
+    let _ = emit::<Btf, _>(kind::STATE, sk, addr, tp, now, state, data);
 }
 
 #[inline(always)]
 fn emit_open(sk: *const c_void, addr: u64, tp: *const c_void, state: *const SockState, now: u64) {
-    let Some(mut entry) = reserve::<OpenData>(kind::OPEN) else {
-        return;
+    let data = OpenData {
+        ka: keepalive::<Btf>(tp),
+        // SAFETY: helper without arguments.
+        jiffies: unsafe { bpf_jiffies64() },
     };
-    let ev = entry.as_mut_ptr();
-    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
-    unsafe {
-        fill_info::<Btf>(&raw mut (*ev).info, sk, addr, tp, kind::OPEN, now, state);
-        (*ev).data = OpenData {
-            ka: keepalive::<Btf>(tp),
-            jiffies: bpf_jiffies64(),
-        };
-    }
-    submit(entry);
+    let _ = emit::<Btf, _>(kind::OPEN, sk, addr, tp, now, state, data);
 }
 
 /// Payload (not the FIN) in flight and queued unsent at the final
