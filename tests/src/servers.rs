@@ -853,6 +853,11 @@ impl GoodbyeServer {
             })
             .collect()
     }
+
+    /// The server's output, for failure messages.
+    pub fn log(&self) -> String {
+        self.server.log_text()
+    }
 }
 
 /// A real Node.js `http` server answering `ok`, with `keepAliveTimeout`

@@ -215,12 +215,29 @@ pub fn ensure_all() -> Result<()> {
     if ensure_npm_packages()? {
         done.push("npm packages");
     }
+    if is_root() && ensure_tracefs()? {
+        done.push("tracefs at /sys/kernel/tracing");
+    }
     if done.is_empty() {
         println!("setup: everything already installed, nothing done");
     } else {
         println!("setup: installed {}", done.join(", "));
     }
     Ok(())
+}
+
+/// Classic tracepoints (the tracer's accept programs, bpftrace, the
+/// libbpf tools of the bench) are attached by the ids tracefs lists: mount
+/// it where nothing did. Left mounted: it is the standard place, and others
+/// may use it by now. Returns whether it mounted it.
+pub fn ensure_tracefs() -> Result<bool> {
+    let probe = std::path::Path::new("/sys/kernel/tracing/events/sock/inet_sock_set_state");
+    if probe.exists() || std::path::Path::new("/sys/kernel/debug/tracing/events/sock").exists() {
+        return Ok(false);
+    }
+    run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
+        .context("classic tracepoints need tracefs at /sys/kernel/tracing")?;
+    Ok(true)
 }
 
 /// What building the kernel programs needs (nightly with rust-src,

@@ -20,14 +20,9 @@ mod report;
 mod scenario;
 mod stats;
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Instant,
-};
+use std::{fs, path::PathBuf, process::Command, time::Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use self::scenario::{Results, churn, cluster, latency, loss, memory, paced, pipeline};
 use crate::{
@@ -152,7 +147,7 @@ pub fn bench(args: &Args) -> Result<()> {
     } else {
         setup::ensure_packages(BENCH_PACKAGES)?;
     }
-    ensure_tracefs()?;
+    let _ = setup::ensure_tracefs()?;
     run(cargo().args(["build", "--release", "-p", "tracer-user", "-p", "loadgen"]))?;
     run(cargo().args([
         "build",
@@ -302,16 +297,4 @@ fn reproduce_command() -> String {
     let mut cmd = Command::new("cargo");
     cmd.arg("xtask").args(&args);
     display(&cmd)
-}
-
-/// bpftrace and the libbpf tools read tracepoint formats from tracefs;
-/// mount it if nothing did.
-/// Left mounted: it is the standard place, and others may use it by now.
-fn ensure_tracefs() -> Result<()> {
-    let probe = Path::new("/sys/kernel/tracing/events/sock/inet_sock_set_state");
-    if probe.exists() || Path::new("/sys/kernel/debug/tracing/events/sock").exists() {
-        return Ok(());
-    }
-    run(Command::new("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))
-        .context("bpftrace needs tracefs at /sys/kernel/tracing")
 }
