@@ -241,6 +241,13 @@ impl Daemon {
         serde_json::from_str(&body).expect("/connections is JSON")
     }
 
+    /// `/findings`, parsed (a JSON array).
+    pub fn findings(&self) -> Vec<serde_json::Value> {
+        let (status, body) = http_get(self.addr, "/findings").expect("GET /findings");
+        assert_eq!(status, 200, "/findings answered {status}: {body}");
+        serde_json::from_str(&body).expect("/findings is a JSON array")
+    }
+
     /// Scrapes until `pred` holds, at most `timeout`; returns the last scrape.
     pub fn wait_metrics(&self, timeout: Duration, pred: impl Fn(&Metrics) -> bool) -> Metrics {
         let deadline = Instant::now() + timeout;

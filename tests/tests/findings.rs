@@ -29,7 +29,7 @@ use std::{
 
 use integration_tests::{
     NetNs, conn_tracer_bin, ct_client,
-    daemon::{Daemon, Serial, http_get, serial},
+    daemon::{Daemon, Serial, serial},
     fake_kube::{FakeKube, pod_json},
     mesh::hex_id,
     require_program_or_skip, require_root_or_skip,
@@ -93,9 +93,7 @@ fn check_schema(f: &Value) {
 
 /// The daemon's findings about `peer` (from `/findings`, schema-checked).
 fn findings_of(daemon: &Daemon, peer: &str) -> Vec<Value> {
-    let (status, body) = http_get(daemon.addr, "/findings").expect("GET /findings");
-    assert_eq!(status, 200, "{body}");
-    let all: Vec<Value> = serde_json::from_str(&body).expect("/findings is a JSON array");
+    let all = daemon.findings();
     all.iter().for_each(check_schema);
     all.into_iter().filter(|f| f["peer"] == peer).collect()
 }

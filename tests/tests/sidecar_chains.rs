@@ -255,13 +255,9 @@ fn case_a(dest: Dest) {
 
 /// The patterns of the daemon's findings about `pod` (sorted).
 fn patterns_for(m: &Mesh, pod: &str) -> Vec<String> {
-    let (status, body) =
-        integration_tests::daemon::http_get(m.daemon.addr, "/findings").expect("GET /findings");
-    assert_eq!(status, 200, "{body}");
-    let all: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-    let mut found: Vec<String> = all
-        .as_array()
-        .expect("an array")
+    let mut found: Vec<String> = m
+        .daemon
+        .findings()
         .iter()
         .filter(|f| f["pod"] == pod)
         .map(|f| f["pattern"].as_str().unwrap_or_default().to_string())
