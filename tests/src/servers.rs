@@ -786,6 +786,7 @@ pub enum Farewell {
 const GOODBYE_PY: &str = r#"
 import socket, sys, threading, time
 port, mode, secs = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+log_lock = threading.Lock()
 def serve(c, peer):
     c.recv(100)
     c.sendall(b"ok\n")
@@ -801,7 +802,10 @@ def serve(c, peer):
         while time.monotonic() - last < secs:
             time.sleep(0.1)
             c.sendall(b"0123456789")
-    print("closed", peer[1], round(time.monotonic() - last, 3), flush=True)
+    line = "closed %d %.3f\n" % (peer[1], time.monotonic() - last)
+    with log_lock:  # one whole line per client (print's parts interleave)
+        sys.stdout.write(line)
+        sys.stdout.flush()
     c.close()
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -852,6 +856,20 @@ impl GoodbyeServer {
                 Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
             })
             .collect()
+    }
+
+    /// [`closes`](Self::closes) once it holds `n` clients, waiting at most
+    /// 5 s for the server's lines (they may trail the client's view of the
+    /// close); fewer if the server never wrote them.
+    pub fn wait_closes(&self, n: usize) -> BTreeMap<u16, f64> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let closes = self.closes();
+            if closes.len() >= n || Instant::now() >= deadline {
+                return closes;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The server's output, for failure messages.

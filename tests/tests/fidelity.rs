@@ -588,18 +588,8 @@ fn root_goodbye_before_the_fin_does_not_end_the_silence() {
     });
 
     // Ground truth: the servers' own idle (or streaming) time per client,
-    // which each writes as it closes (bounded wait: the lines may trail).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (said, streamed_for) = loop {
-        let (said, streamed_for) = (goodbye.closes(), stream.closes());
-        let all = said.contains_key(&quiet)
-            && said.contains_key(&reader)
-            && streamed_for.contains_key(&streamed);
-        if all || Instant::now() >= deadline {
-            break (said, streamed_for);
-        }
-        thread::sleep(Duration::from_millis(100));
-    };
+    // which each writes as it closes.
+    let (said, streamed_for) = (goodbye.wait_closes(2), stream.wait_closes(1));
     for port in [quiet, reader] {
         let idle = said.get(&port).copied().unwrap_or_default();
         assert!(

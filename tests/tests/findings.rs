@@ -164,9 +164,10 @@ fn root_server_idle_timeout_is_one_finding_with_the_timeout_and_the_cli_shows_it
         }
     });
     assert_eq!(
-        server.closes().len(),
+        server.wait_closes(3).len(),
         3,
-        "the server timed out three clients"
+        "the server timed out three clients; its log:\n{}",
+        server.log()
     );
     let f = wait_finding(&daemon, "127.0.0.1:16430", "server_idle_timeout", 3);
     let t = f["inferred_timeout_s"]
