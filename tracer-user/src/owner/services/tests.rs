@@ -1,6 +1,10 @@
+use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
-use super::*;
+use super::{
+    watch::{SERVICE_NAME_LABEL, Watched as _},
+    *,
+};
 use crate::owner::kube::tests::{apply, nsname, pod};
 
 /// A Service as `kubectl get svc -o json` shows it, managedFields and the
