@@ -1,5 +1,6 @@
-//! What the helper processes `ct-client` and `ct-peer` share: the lines
-//! tests wait for, the thread name, the go line on stdin.
+//! What the helper processes `ct-client` and `ct-peer` share: their common
+//! arguments, the lines tests wait for, the thread name, the go line on
+//! stdin.
 
 use std::{
     ffi::CString,
@@ -10,6 +11,27 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+
+/// The arguments of every helper process (flattened into its command line).
+#[derive(clap::Args)]
+pub struct HelperArgs {
+    /// Thread name to set with `prctl(PR_SET_NAME)` before anything else (at most 15 bytes).
+    #[arg(long, global = true)]
+    pub comm: Option<String>,
+    /// Bound on every blocking step (connect, accept, each read, waiting for stdin).
+    #[arg(long, global = true, default_value_t = 10)]
+    pub timeout_secs: u64,
+}
+
+impl HelperArgs {
+    /// Names the thread (`--comm`) and returns the bound on blocking steps.
+    pub fn start(&self) -> Result<Duration> {
+        if let Some(comm) = &self.comm {
+            set_comm(comm)?;
+        }
+        Ok(Duration::from_secs(self.timeout_secs))
+    }
+}
 
 /// Prints a line the tests wait for, at once.
 pub fn say(line: &str) {

@@ -56,6 +56,16 @@ fn server(ns: &NetNs, addr: &str, extra: &[&str]) -> (Peer, u16) {
     (peer, port)
 }
 
+/// The server read the client's whole line, then its EOF, and exited.
+fn expect_server_read_all(srv: &mut Peer, cport: u16) {
+    assert_eq!(
+        srv.expect_line("eof"),
+        [cport.to_string(), PAYLOAD_LEN.to_string()]
+    );
+    srv.expect_line("done");
+    srv.wait_success();
+}
+
 fn client(ns: &NetNs, addr: &str, port: u16, extra: &[&str]) -> Peer {
     let mut cmd = ns.command(PEER);
     cmd.args(["--comm", CLIENT_COMM, "client", "--addr", addr, "--port"])
@@ -514,6 +524,15 @@ fn assert_only_sockets(events: &[Value], sockets: &[u64]) {
     );
 }
 
+/// What most tests start from: the time, a namespace of their own, the
+/// tracer running, and this process's cgroup (the owners' cgroup).
+fn lab() -> (f64, NetNs, Tracer, u64) {
+    let started = now_secs();
+    let ns = NetNs::new();
+    let tracer = Tracer::start();
+    (started, ns, tracer, cgroup_inode_of(std::process::id()))
+}
+
 fn stop_cleanly(tracer: Tracer) {
     let unparsed = tracer.unparsed_lines();
     assert!(
@@ -633,10 +652,7 @@ fn assert_fin_end(close: &Value, want: &FinEnd, label: &str) {
 const BUSY_IDLE: std::ops::RangeInclusive<f64> = 0.0..=1.0;
 
 fn lifecycle(sc: &Lifecycle) {
-    let started = now_secs();
-    let ns = NetNs::new();
-    let tracer = Tracer::start();
-    let cgroup = cgroup_inode_of(std::process::id());
+    let (started, ns, tracer, cgroup) = lab();
 
     let extra: &[&str] = if sc.dual_stack {
         &["--dual-stack"]
@@ -651,12 +667,7 @@ fn lifecycle(sc: &Lifecycle) {
         srv.expect_line("accepted"),
         [sc.addr.to_owned(), cport.to_string()]
     );
-    assert_eq!(
-        srv.expect_line("eof"),
-        [cport.to_string(), PAYLOAD_LEN.to_string()]
-    );
-    srv.expect_line("done");
-    srv.wait_success();
+    expect_server_read_all(&mut srv, cport);
 
     let (events, s) = wait_closed(&tracer, &ns, port, cport, |_, _| true);
     assert_well_formed(&events, ns.inode(), started);
@@ -755,10 +766,7 @@ fn root_v4_mapped_ipv6_lifecycle_states_and_owners() {
 #[test]
 fn root_ipv4_server_closes_first_states_and_owners() {
     skip_unless_root!();
-    let started = now_secs();
-    let ns = NetNs::new();
-    let tracer = Tracer::start();
-    let cgroup = cgroup_inode_of(std::process::id());
+    let (started, ns, tracer, cgroup) = lab();
 
     let (mut srv, port) = server(&ns, "127.0.0.1", &["--close-first"]);
     let mut cli = client(&ns, "127.0.0.1", port, &["--wait-eof"]);
@@ -836,10 +844,7 @@ fn root_ipv4_server_closes_first_states_and_owners() {
 #[test]
 fn root_connect_refused_reset_and_econnrefused() {
     skip_unless_root!();
-    let started = now_secs();
-    let ns = NetNs::new();
-    let tracer = Tracer::start();
-    let cgroup = cgroup_inode_of(std::process::id());
+    let (started, ns, tracer, cgroup) = lab();
 
     let mut cli = client(&ns, "127.0.0.1", CLOSED_PORT, &["--expect-refused"]);
     cli.expect_line("refused");
@@ -1071,10 +1076,7 @@ fn assert_linger0_accepted(
 #[test]
 fn root_linger0_close_sends_reset_and_peer_gets_econnreset() {
     skip_unless_root!();
-    let started = now_secs();
-    let ns = NetNs::new();
-    let tracer = Tracer::start();
-    let cgroup = cgroup_inode_of(std::process::id());
+    let (started, ns, tracer, cgroup) = lab();
 
     let (mut srv, port) = server(&ns, "127.0.0.1", &[]);
     let mut cli = client(
@@ -1247,12 +1249,7 @@ fn root_sockets_older_than_the_tracer_have_unknown_owner() {
     let tracer = Tracer::start();
     cli.go();
     cli.expect_closed_then_exit();
-    assert_eq!(
-        srv.expect_line("eof"),
-        [cport.to_string(), PAYLOAD_LEN.to_string()]
-    );
-    srv.expect_line("done");
-    srv.wait_success();
+    expect_server_read_all(&mut srv, cport);
 
     let is_client = |e: &Value| sport_dport(e) == (u64::from(cport), u64::from(port));
     let is_accepted = |e: &Value| sport_dport(e) == (u64::from(port), u64::from(cport));
@@ -1499,11 +1496,8 @@ fn assert_client_sockopts(
 #[test]
 fn root_keepalive_sockopts_are_traced_with_their_setter() {
     skip_unless_root!();
-    let started = now_secs();
-    let ns = NetNs::new();
+    let (started, ns, tracer, cgroup) = lab();
     let inode = ns.inode();
-    let tracer = Tracer::start();
-    let cgroup = cgroup_inode_of(std::process::id());
 
     let (mut srv, port) = server(&ns, "127.0.0.1", &[]);
     let mut cli = keepalive_client(&ns, port);
@@ -1519,12 +1513,7 @@ fn root_keepalive_sockopts_are_traced_with_their_setter() {
         ["127.0.0.1".to_owned(), cport.to_string()]
     );
     cli.expect_closed_then_exit();
-    assert_eq!(
-        srv.expect_line("eof"),
-        [cport.to_string(), PAYLOAD_LEN.to_string()]
-    );
-    srv.expect_line("done");
-    srv.wait_success();
+    expect_server_read_all(&mut srv, cport);
 
     let (events, s) = keepalive_test_events(&tracer, inode, cli.pid(), port, cport);
     let (sockopts, netns_events): (Vec<Value>, Vec<Value>) =

@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use integration_tests::helper::{say, set_comm, wait_go};
+use integration_tests::helper::{HelperArgs, say, wait_go};
 use socket2::{Domain, Protocol, Socket, Type};
 
 #[derive(Parser)]
@@ -40,12 +40,8 @@ use socket2::{Domain, Protocol, Socket, Type};
     about = "Idle-connection client (MySQL, Redis, memcached, raw) for the conn-tracer tests"
 )]
 struct Cli {
-    /// Thread name to set with `prctl(PR_SET_NAME)` before anything else (at most 15 bytes).
-    #[arg(long, global = true)]
-    comm: Option<String>,
-    /// Bound on every blocking step (connect, each read, `wait-close`, stdin).
-    #[arg(long, global = true, default_value_t = 10)]
-    timeout_secs: u64,
+    #[command(flatten)]
+    helper: HelperArgs,
     #[command(subcommand)]
     proto: Proto,
 }
@@ -149,10 +145,7 @@ fn main() -> Result<()> {
             0,
         )
     };
-    if let Some(comm) = &cli.comm {
-        set_comm(comm)?;
-    }
-    let timeout = Duration::from_secs(cli.timeout_secs);
+    let timeout = cli.helper.start()?;
     match &cli.proto {
         Proto::Mysql(args) => run(&args.common, &mut Mysql::new(args), timeout),
         Proto::Redis(common) => run(

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use integration_tests::helper::{raise_fd_limit, say, set_comm, wait_go};
+use integration_tests::helper::{HelperArgs, raise_fd_limit, say, wait_go};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 /// What the client writes after connecting: one line, so a server that closes
@@ -32,12 +32,8 @@ const PAYLOAD: &[u8] = b"ct-peer hello\n";
 #[derive(Parser)]
 #[command(about = "TCP client/server peer for the conn-tracer integration tests")]
 struct Cli {
-    /// Thread name to set with `prctl(PR_SET_NAME)` before anything else (at most 15 bytes).
-    #[arg(long, global = true)]
-    comm: Option<String>,
-    /// Bound on every blocking call (accept, connect, read, waiting for stdin).
-    #[arg(long, global = true, default_value_t = 10)]
-    timeout_secs: u64,
+    #[command(flatten)]
+    helper: HelperArgs,
     #[command(subcommand)]
     role: Role,
 }
@@ -108,10 +104,7 @@ struct ClientArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if let Some(comm) = &cli.comm {
-        set_comm(comm)?;
-    }
-    let timeout = Duration::from_secs(cli.timeout_secs);
+    let timeout = cli.helper.start()?;
     match cli.role {
         Role::Server(args) => server(&args, timeout),
         Role::Client(args) => client(&args, timeout),

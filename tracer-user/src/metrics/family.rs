@@ -44,8 +44,53 @@ macro_rules! label_set {
             type Of<'a> = $name<'a>;
         }
     };
+    // A set that begins with the owner's labels (namespace, pod, container,
+    // role), given as one `owner` field.
+    ($(#[$doc:meta])* $name:ident { owner; $($field:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub(crate) struct $name<'a> {
+            pub(crate) owner: $crate::metrics::family::Owner<'a>,
+            $(pub(crate) $field: &'a str),+
+        }
+
+        impl $crate::metrics::family::LabelSet for $name<'_> {
+            const NAMES: &'static [&'static str] =
+                &["namespace", "pod", "container", "role", $(stringify!($field)),+];
+
+            fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+                let o = &self.owner;
+                f(&[o.namespace, o.pod, o.container, o.role, $(self.$field),+])
+            }
+        }
+
+        impl $crate::metrics::family::Labels for $name<'static> {
+            type Of<'a> = $name<'a>;
+        }
+    };
 }
 pub(crate) use label_set;
+
+/// The owner's labels, first in every per-owner label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Owner<'a> {
+    pub(crate) namespace: &'a str,
+    pub(crate) pod: &'a str,
+    pub(crate) container: &'a str,
+    pub(crate) role: &'a str,
+}
+
+impl<'a> Owner<'a> {
+    /// The labels of an attributed owner.
+    pub(crate) fn of(a: &'a crate::owner::attribute::Attribution) -> Self {
+        Self {
+            namespace: &a.namespace,
+            pod: &a.pod,
+            container: &a.container,
+            role: a.role.as_str(),
+        }
+    }
+}
 
 /// A family of metrics of kind `M`, labelled by the set `L`.
 pub(crate) struct Family<L, M: MetricVecBuilder> {

@@ -14,6 +14,7 @@ mod tests;
 
 use prometheus::{IntCounter, IntGauge, Registry, TextEncoder};
 
+pub(crate) use self::family::Owner;
 use self::family::{Counter, Gauge, Histogram, label_set, plain};
 pub use self::state::State;
 
@@ -26,31 +27,31 @@ pub(crate) const IDLE_BUCKETS: &[f64] = &[
 
 label_set!(
     /// `conntracer_idle_kills_total`.
-    IdleKill { namespace, pod, container, role, direction, peer, peer_state, closed_by, close_kind, keepalive }
+    IdleKill { owner; direction, peer, peer_state, closed_by, close_kind, keepalive }
 );
 label_set!(
     /// `conntracer_idle_before_close_seconds`.
-    IdleBeforeClose { namespace, pod, container, role, direction, closed_by }
+    IdleBeforeClose { owner; direction, closed_by }
 );
 label_set!(
     /// `conntracer_connections_open`.
-    ConnectionsOpen { namespace, pod, container, role, direction, keepalive }
+    ConnectionsOpen { owner; direction, keepalive }
 );
 label_set!(
     /// `conntracer_keepalive_sockopts_total`.
-    KeepaliveSockopt { namespace, pod, container, role, option, value }
+    KeepaliveSockopt { owner; option, value }
 );
 label_set!(
     /// `conntracer_stale_reuse_total`.
-    StaleReuse { namespace, pod, container, role, direction, peer, outcome, cause }
+    StaleReuse { owner; direction, peer, outcome, cause }
 );
 label_set!(
     /// `conntracer_close_wait_connections`.
-    CloseWait { namespace, pod, container, role, direction }
+    CloseWait { owner; direction }
 );
 label_set!(
     /// `conntracer_connect_failures_total`.
-    ConnectFailure { namespace, pod, container, role, peer, peer_state, reason }
+    ConnectFailure { owner; peer, peer_state, reason }
 );
 label_set!(
     /// `conntracer_sidecar_chain_kills_total`.

@@ -7,7 +7,7 @@ use tracer_common::EventInfo;
 
 use super::{
     ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, FindingKey,
-    IdleBeforeClose, IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics,
+    IdleBeforeClose, IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics, Owner,
     PeerConnectionsOpen, StaleReuse,
     labels::{LabelCap, Need},
 };
@@ -94,10 +94,7 @@ impl State {
                     reason.as_str()
                 );
                 self.metrics.connect_failures.inc(&ConnectFailure {
-                    namespace: &attr.namespace,
-                    pod: &attr.pod,
-                    container: &attr.container,
-                    role: attr.role.as_str(),
+                    owner: Owner::of(&attr),
                     peer: &peer,
                     peer_state,
                     reason: reason.as_str(),
@@ -113,10 +110,7 @@ impl State {
                 let value = option.value.to_string();
                 let value = self.admit(Cap::SockoptValue, value, Need::Event, false);
                 self.metrics.keepalive_sockopts.inc(&KeepaliveSockopt {
-                    namespace: &attr.namespace,
-                    pod: &attr.pod,
-                    container: &attr.container,
-                    role: attr.role.as_str(),
+                    owner: Owner::of(&attr),
                     option: sockopt_name(option.level, option.optname),
                     value: &value,
                 });
@@ -129,7 +123,6 @@ impl State {
             self.on_chain_end(end);
         }
         let (attr, dir, ending, verdict) = (&c.attr, c.dir, &c.ending, &c.verdict);
-        let role = attr.role.as_str();
         let closed_by = ending.closed_by.as_str();
         // Counted at the peer's FIN already: only a failed send into the
         // half-closed connection (a stale reuse) is left to count.
@@ -140,10 +133,7 @@ impl State {
         if let Some(idle) = ending.idle().filter(|_| !c.end_counted) {
             self.metrics.idle_before_close.observe(
                 &IdleBeforeClose {
-                    namespace: &attr.namespace,
-                    pod: &attr.pod,
-                    container: &attr.container,
-                    role,
+                    owner: Owner::of(attr),
                     direction: dir.as_str(),
                     closed_by,
                 },
@@ -176,10 +166,7 @@ impl State {
         );
         if verdict.idle_kill {
             self.metrics.idle_kills.inc(&IdleKill {
-                namespace: &attr.namespace,
-                pod: &attr.pod,
-                container: &attr.container,
-                role,
+                owner: Owner::of(attr),
                 direction: dir.as_str(),
                 peer: &peer,
                 peer_state: self.tracker.peer_state(&c.info),
@@ -190,10 +177,7 @@ impl State {
         }
         if let (Some(outcome), Some(cause)) = (verdict.stale_reuse, verdict.stale_cause) {
             self.metrics.stale_reuse.inc(&StaleReuse {
-                namespace: &attr.namespace,
-                pod: &attr.pod,
-                container: &attr.container,
-                role,
+                owner: Owner::of(attr),
                 direction: dir.as_str(),
                 peer: &peer,
                 outcome: outcome.as_str(),
@@ -376,10 +360,7 @@ impl State {
         for ((a, dir), n) in close_wait {
             m.close_wait.set(
                 &CloseWait {
-                    namespace: &a.namespace,
-                    pod: &a.pod,
-                    container: &a.container,
-                    role: a.role.as_str(),
+                    owner: Owner::of(&a),
                     direction: dir.as_str(),
                 },
                 n,
@@ -392,10 +373,7 @@ impl State {
         for ((a, dir, keepalive), n) in open {
             m.connections_open.set(
                 &ConnectionsOpen {
-                    namespace: &a.namespace,
-                    pod: &a.pod,
-                    container: &a.container,
-                    role: a.role.as_str(),
+                    owner: Owner::of(&a),
                     direction: dir.as_str(),
                     keepalive: on_off(keepalive),
                 },

@@ -71,10 +71,12 @@ fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
     let m = Metrics::new().expect("metrics");
     let kill = |namespace: &str, pod: &str, peer: &str| {
         m.idle_kills.inc(&IdleKill {
-            namespace,
-            pod,
-            container: "app",
-            role: "app",
+            owner: Owner {
+                namespace,
+                pod,
+                container: "app",
+                role: "app",
+            },
             direction: "outbound",
             peer,
             peer_state: "live",
@@ -88,10 +90,12 @@ fn forget_pod_removes_its_series_and_those_naming_it_as_peer_only() {
     kill("shop", "cart-2", "shop/cart-1");
     m.idle_before_close.observe(
         &IdleBeforeClose {
-            namespace: "shop",
-            pod: "cart-1",
-            container: "app",
-            role: "app",
+            owner: Owner {
+                namespace: "shop",
+                pod: "cart-1",
+                container: "app",
+                role: "app",
+            },
             direction: "outbound",
             closed_by: "peer",
         },
@@ -122,10 +126,12 @@ fn open_gauge(
 ) -> i64 {
     m.connections_open
         .of(&ConnectionsOpen {
-            namespace,
-            pod,
-            container,
-            role,
+            owner: Owner {
+                namespace,
+                pod,
+                container,
+                role,
+            },
             direction,
             keepalive,
         })
