@@ -241,6 +241,19 @@ impl Daemon {
         serde_json::from_str(&body).expect("/connections is JSON")
     }
 
+    /// Waits at most `timeout` until a connection from `local` is (`true`)
+    /// or is no longer (`false`) in `/connections`; whether it came to be.
+    pub fn wait_tracked(&self, local: &str, tracked: bool, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = find_local(&self.connections(), local).is_some() == tracked;
+            if now || Instant::now() >= deadline {
+                return now;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// `/findings`, parsed (a JSON array).
     pub fn findings(&self) -> Vec<serde_json::Value> {
         let (status, body) = http_get(self.addr, "/findings").expect("GET /findings");

@@ -35,7 +35,7 @@ use std::{
 use integration_tests::{
     NetNs, Peer, Tracer,
     daemon::{
-        Daemon, delta, find_local,
+        Daemon, delta,
         names::{IDLE_HIST, KILLS, STALE},
         serial,
     },
@@ -134,23 +134,15 @@ fn root_owners_close_after_a_path_expiry_is_no_kill_and_no_stale_reuse() {
     let port = client.expect_connected_ok();
     let local = SocketAddr::new(lab.client_ip(), port).to_string();
     // Tracked while it idles (the daemon saw it open)...
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while find_local(&daemon.connections(), &local).is_none() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        find_local(&daemon.connections(), &local).is_some(),
+        daemon.wait_tracked(&local, true, Duration::from_secs(3)),
         "{local} not in /connections while idle"
     );
     client.expect_closed_then_exit();
     // ... and its close seen once the router's reset ended the FIN_WAIT1
     // socket.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while find_local(&daemon.connections(), &local).is_some() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        find_local(&daemon.connections(), &local).is_none(),
+        daemon.wait_tracked(&local, false, Duration::from_secs(5)),
         "{local} still tracked after its close"
     );
     assert!(

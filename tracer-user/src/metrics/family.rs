@@ -23,20 +23,16 @@ pub(crate) trait Labels {
 }
 
 /// Declares a label set: a struct of `&str` fields whose names are the
-/// label names, in order.
+/// label names, in order; `{ owner; ... }` begins with the owner's four
+/// labels, given as one [`Owner`].
 macro_rules! label_set {
-    ($(#[$doc:meta])* $name:ident { $($field:ident),+ $(,)? }) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub(crate) struct $name<'a> {
-            $(pub(crate) $field: &'a str),+
-        }
-
+    (@impl $name:ident [$($label:expr),+] $s:ident => [$($value:expr),+]) => {
         impl $crate::metrics::family::LabelSet for $name<'_> {
-            const NAMES: &'static [&'static str] = &[$(stringify!($field)),+];
+            const NAMES: &'static [&'static str] = &[$($label),+];
 
             fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
-                f(&[$(self.$field),+])
+                let $s = self;
+                f(&[$($value),+])
             }
         }
 
@@ -44,29 +40,28 @@ macro_rules! label_set {
             type Of<'a> = $name<'a>;
         }
     };
-    // A set that begins with the owner's labels (namespace, pod, container,
-    // role), given as one `owner` field.
     ($(#[$doc:meta])* $name:ident { owner; $($field:ident),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         pub(crate) struct $name<'a> {
+            /// namespace, pod, container, role: the set's first four labels.
             pub(crate) owner: $crate::metrics::family::Owner<'a>,
             $(pub(crate) $field: &'a str),+
         }
-
-        impl $crate::metrics::family::LabelSet for $name<'_> {
-            const NAMES: &'static [&'static str] =
-                &["namespace", "pod", "container", "role", $(stringify!($field)),+];
-
-            fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
-                let o = &self.owner;
-                f(&[o.namespace, o.pod, o.container, o.role, $(self.$field),+])
-            }
+        $crate::metrics::family::label_set!(
+            @impl $name ["namespace", "pod", "container", "role", $(stringify!($field)),+]
+            s => [s.owner.namespace, s.owner.pod, s.owner.container, s.owner.role, $(s.$field),+]
+        );
+    };
+    ($(#[$doc:meta])* $name:ident { $($field:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub(crate) struct $name<'a> {
+            $(pub(crate) $field: &'a str),+
         }
-
-        impl $crate::metrics::family::Labels for $name<'static> {
-            type Of<'a> = $name<'a>;
-        }
+        $crate::metrics::family::label_set!(
+            @impl $name [$(stringify!($field)),+] s => [$(s.$field),+]
+        );
     };
 }
 pub(crate) use label_set;
@@ -112,6 +107,18 @@ pub(crate) type Gauge<L> = Family<L, <IntGaugeVec as Builder>::B>;
 pub(crate) type Histogram<L> = Family<L, <HistogramVec as Builder>::B>;
 
 impl<L: Labels, M: MetricVecBuilder> Family<L, M> {
+    /// The family of `vec`, registered in `r`.
+    fn registered(r: &Registry, vec: MetricVec<M>) -> prometheus::Result<Self>
+    where
+        MetricVec<M>: Collector + Clone + 'static,
+    {
+        r.register(Box::new(vec.clone()))?;
+        Ok(Self {
+            vec,
+            labels: PhantomData,
+        })
+    }
+
     /// The metric of these label values (created at 0 on first use).
     pub(crate) fn of(&self, labels: &L::Of<'_>) -> M::M {
         labels.with(|values| self.vec.with_label_values(values))
@@ -152,12 +159,7 @@ impl<L: Labels, M: MetricVecBuilder> Family<L, M> {
 
 impl<L: Labels> Counter<L> {
     pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
-        let vec = IntCounterVec::new(Opts::new(name, help), L::Of::NAMES)?;
-        r.register(Box::new(vec.clone()))?;
-        Ok(Self {
-            vec,
-            labels: PhantomData,
-        })
+        Self::registered(r, IntCounterVec::new(Opts::new(name, help), L::Of::NAMES)?)
     }
 
     pub(crate) fn inc(&self, labels: &L::Of<'_>) {
@@ -167,12 +169,7 @@ impl<L: Labels> Counter<L> {
 
 impl<L: Labels> Gauge<L> {
     pub(crate) fn register(r: &Registry, name: &str, help: &str) -> prometheus::Result<Self> {
-        let vec = IntGaugeVec::new(Opts::new(name, help), L::Of::NAMES)?;
-        r.register(Box::new(vec.clone()))?;
-        Ok(Self {
-            vec,
-            labels: PhantomData,
-        })
+        Self::registered(r, IntGaugeVec::new(Opts::new(name, help), L::Of::NAMES)?)
     }
 
     pub(crate) fn set(&self, labels: &L::Of<'_>, v: i64) {
@@ -187,15 +184,8 @@ impl<L: Labels> Histogram<L> {
         help: &str,
         buckets: &[f64],
     ) -> prometheus::Result<Self> {
-        let vec = HistogramVec::new(
-            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-            L::Of::NAMES,
-        )?;
-        r.register(Box::new(vec.clone()))?;
-        Ok(Self {
-            vec,
-            labels: PhantomData,
-        })
+        let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        Self::registered(r, HistogramVec::new(opts, L::Of::NAMES)?)
     }
 
     pub(crate) fn observe(&self, labels: &L::Of<'_>, v: f64) {

@@ -578,22 +578,14 @@ mod tests {
             "linux-image-6.18.9+deb13-cloud-amd64",
             "linux-image-6.18.15+deb13-cloud-amd64",
         ];
-        assert_eq!(
-            newest(series("6.1"), names),
-            Some("linux-image-6.1.0-57-cloud-amd64")
-        );
-        assert_eq!(
-            newest(series("6.12"), names),
-            Some("linux-image-6.12.117+deb12-cloud-amd64-unsigned")
-        );
-        assert_eq!(
-            newest(series("5.10"), names),
-            Some("linux-image-5.10.0-46-cloud-amd64")
-        );
-        assert_eq!(
-            newest(series("6.18"), names),
-            Some("linux-image-6.18.15+deb13-cloud-amd64")
-        );
+        for (name, want) in [
+            ("6.1", "linux-image-6.1.0-57-cloud-amd64"),
+            ("6.12", "linux-image-6.12.117+deb12-cloud-amd64-unsigned"),
+            ("5.10", "linux-image-5.10.0-46-cloud-amd64"),
+            ("6.18", "linux-image-6.18.15+deb13-cloud-amd64"),
+        ] {
+            assert_eq!(newest(series(name), names), Some(want), "series {name}");
+        }
         assert_eq!(newest(series("6.18"), ["linux-image-6.18-amd64"]), None);
     }
 
