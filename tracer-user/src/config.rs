@@ -325,62 +325,47 @@ impl Config {
     }
 
     pub(crate) fn apply(&mut self, f: &Overrides) {
-        if let Some(v) = f.listen {
-            self.listen = v;
+        /// Each override given (`Some`) replaces the setting of its name.
+        macro_rules! given {
+            ($($name:ident),+ $(,)?) => {
+                $(if let Some(v) = &f.$name {
+                    self.$name.clone_from(v);
+                })+
+            };
         }
-        if let Some(v) = f.idle_threshold {
-            self.idle_threshold = v;
+        given!(
+            listen,
+            idle_threshold,
+            close_wait_threshold,
+            findings_expiry,
+            max_findings,
+            max_connections,
+            max_peers,
+            peer_hold,
+            max_cluster_endpoints,
+            ring_bytes,
+            btf,
+            max_sockopt_values,
+            resync_interval,
+            cgroupns_pid,
+        );
+        // Settings that are optional themselves.
+        for (setting, given) in [
+            (&mut self.kube_api, &f.kube_api),
+            (&mut self.node_name, &f.node_name),
+        ] {
+            if given.is_some() {
+                setting.clone_from(given);
+            }
         }
-        if let Some(v) = f.close_wait_threshold {
-            self.close_wait_threshold = v;
-        }
-        if let Some(v) = f.findings_expiry {
-            self.findings_expiry = v;
-        }
-        if let Some(v) = f.max_findings {
-            self.max_findings = v;
-        }
-        if let Some(v) = f.max_connections {
-            self.max_connections = v;
-        }
-        if let Some(v) = f.max_peers {
-            self.max_peers = v;
-        }
-        if let Some(v) = f.peer_hold {
-            self.peer_hold = v;
-        }
-        if let Some(v) = f.max_cluster_endpoints {
-            self.max_cluster_endpoints = v;
-        }
-        if let Some(v) = f.ring_bytes {
-            self.ring_bytes = v;
-        }
-        if let Some(v) = &f.btf {
-            self.btf.clone_from(v);
-        }
-        if let Some(v) = f.max_sockopt_values {
-            self.max_sockopt_values = v;
-        }
-        if let Some(v) = f.kernel_hz {
-            self.kernel_hz = Some(v);
-        }
-        if let Some(v) = f.resync_interval {
-            self.resync_interval = v;
-        }
-        if let Some(v) = f.cgroupns_pid {
-            self.cgroupns_pid = v;
+        if f.kernel_hz.is_some() {
+            self.kernel_hz = f.kernel_hz;
         }
         if f.no_sockopts {
             self.trace_sockopts = false;
         }
-        if let Some(v) = &f.kube_api {
-            self.kube_api = Some(v.clone());
-        }
         if f.no_kube {
             self.no_kube = true;
-        }
-        if let Some(v) = &f.node_name {
-            self.node_name = Some(v.clone());
         }
         if !f.sidecar_uids.is_empty() {
             self.sidecar_uids.clone_from(&f.sidecar_uids);
@@ -392,26 +377,24 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, value: String, why| Err(ConfigError::Invalid { key, value, why });
-        if self.close_wait_threshold.is_zero() {
-            return bad("close_wait_threshold", "0".into(), "must be more than zero");
+        for (key, zero) in [
+            ("close_wait_threshold", self.close_wait_threshold.is_zero()),
+            ("idle_threshold", self.idle_threshold.is_zero()),
+            ("findings_expiry", self.findings_expiry.is_zero()),
+        ] {
+            if zero {
+                return bad(key, "0".into(), "must be more than zero");
+            }
         }
-        if self.idle_threshold.is_zero() {
-            return bad("idle_threshold", "0".into(), "must be more than zero");
-        }
-        if self.findings_expiry.is_zero() {
-            return bad("findings_expiry", "0".into(), "must be more than zero");
-        }
-        if self.max_findings == 0 {
-            return bad("max_findings", "0".into(), "must be at least 1");
-        }
-        if self.max_connections == 0 {
-            return bad("max_connections", "0".into(), "must be at least 1");
-        }
-        if self.max_peers == 0 {
-            return bad("max_peers", "0".into(), "must be at least 1");
-        }
-        if self.max_sockopt_values == 0 {
-            return bad("max_sockopt_values", "0".into(), "must be at least 1");
+        for (key, count) in [
+            ("max_findings", self.max_findings),
+            ("max_connections", self.max_connections),
+            ("max_peers", self.max_peers),
+            ("max_sockopt_values", self.max_sockopt_values),
+        ] {
+            if count == 0 {
+                return bad(key, "0".into(), "must be at least 1");
+            }
         }
         if !valid_ring_size(self.ring_bytes) {
             return bad(
@@ -434,19 +417,13 @@ impl Config {
                 "must be at least 1s",
             );
         }
-        if self.outbound_capture_port == 0 {
-            return bad(
-                "outbound_capture_port",
-                "0".into(),
-                "must be a port (1-65535)",
-            );
-        }
-        if self.inbound_capture_port == 0 {
-            return bad(
-                "inbound_capture_port",
-                "0".into(),
-                "must be a port (1-65535)",
-            );
+        for (key, port) in [
+            ("outbound_capture_port", self.outbound_capture_port),
+            ("inbound_capture_port", self.inbound_capture_port),
+        ] {
+            if port == 0 {
+                return bad(key, "0".into(), "must be a port (1-65535)");
+            }
         }
         if let Some(hz) = self.kernel_hz
             && !(24..=10_000).contains(&hz)
