@@ -461,6 +461,14 @@ mod tests {
         J0 + ns * 250 / 1_000_000_000
     }
 
+    /// The ending of `c` at `ts`, which must be closed by `by` with `kind`.
+    #[track_caller]
+    fn ended(c: &CloseData, ts: u64, by: ClosedBy, kind: CloseKind) -> Ending {
+        let e = ending(c, ts, HZ);
+        assert_eq!((e.closed_by, e.close_kind), (by, kind));
+        e
+    }
+
     /// A connection established at t=10 s whose last payload was at `last_s`,
     /// that left ESTABLISHED at `end_s` to `first`, closing at `close_s`.
     fn close(last_s: f64, end_s: f64, first: u8, close_s: f64) -> (CloseData, u64) {
@@ -487,11 +495,7 @@ mod tests {
     fn peer_fin_after_idle_is_an_idle_kill() {
         // Server wait_timeout: FIN from the peer 3 s after the last query.
         let (c, ts) = close(20.0, 23.0, tcp_state::CLOSE_WAIT, 23.5);
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Peer, CloseKind::Fin)
-        );
+        let e = ended(&c, ts, ClosedBy::Peer, CloseKind::Fin);
         let idle = e.idle_at_end.unwrap().as_secs_f64();
         assert!((idle - 3.0).abs() <= 0.004, "{idle}");
         assert_eq!(e.lifetime, Some(Duration::from_secs(13)));
@@ -564,20 +568,12 @@ mod tests {
     #[test]
     fn local_close_is_never_a_kill() {
         let (c, ts) = close(20.0, 30.0, tcp_state::FIN_WAIT1, 30.1);
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Local, CloseKind::Fin)
-        );
+        let e = ended(&c, ts, ClosedBy::Local, CloseKind::Fin);
         assert!(!verdict(&e, Duration::from_secs(1)).idle_kill);
         // SO_LINGER 0 abort: straight to CLOSE, reset sent, none received.
         let (mut c, ts) = close(20.0, 30.0, tcp_state::CLOSE, 30.0);
         c.flags |= close_flags::RST_SENT;
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Local, CloseKind::Rst)
-        );
+        let e = ended(&c, ts, ClosedBy::Local, CloseKind::Rst);
         assert!(!verdict(&e, Duration::from_secs(1)).idle_kill);
     }
 
@@ -623,11 +619,7 @@ mod tests {
         c.flags |= close_flags::UNACKED | close_flags::RST_RECEIVED;
         c.errno = libc::ECONNRESET as u32;
         c.first_tx_us = 25_000_000;
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Peer, CloseKind::Rst)
-        );
+        let e = ended(&c, ts, ClosedBy::Peer, CloseKind::Rst);
         let v = verdict(&e, Duration::from_secs(1));
         assert_eq!(v.stale_reuse, Some(StaleOutcome::Rst));
         assert!(v.idle_kill);
@@ -641,11 +633,7 @@ mod tests {
         c.errno = libc::EPIPE as u32;
         c.first_tx_us = 26_000_000;
         c.last_ack_j = j_at(23_000_000_000) as u32; // the FIN's ACK
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Peer, CloseKind::Fin)
-        );
+        let e = ended(&c, ts, ClosedBy::Peer, CloseKind::Fin);
         assert_eq!(e.failed_send_cause, Some(StaleCause::PeerClosed));
         let since_fin = e.silence_before_failed_send.unwrap().as_secs_f64();
         assert!(
@@ -691,11 +679,7 @@ mod tests {
         c.flags |= close_flags::RST_RECEIVED;
         c.errno = libc::ECONNRESET as u32;
         c.first_tx_us = 27_000_000;
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Peer, CloseKind::Fin)
-        );
+        let e = ended(&c, ts, ClosedBy::Peer, CloseKind::Fin);
         let idle = e.idle_at_end.unwrap().as_secs_f64();
         assert!((idle - 2.0).abs() <= 0.004, "idle before the FIN: {idle}");
         let v = verdict(&e, Duration::from_secs(1));
@@ -714,11 +698,7 @@ mod tests {
             let (mut c, ts) = close(20.0, 90.0, tcp_state::FIN_WAIT1, 100.0);
             c.errno = errno;
             c.flags |= flags;
-            let e = ending(&c, ts, HZ);
-            assert_eq!(
-                (e.closed_by, e.close_kind),
-                (ClosedBy::Local, CloseKind::Fin)
-            );
+            let e = ended(&c, ts, ClosedBy::Local, CloseKind::Fin);
             let v = verdict(&e, Duration::from_secs(1));
             assert!(!v.idle_kill, "{errno}");
             assert_eq!(v.stale_reuse, None, "{errno}");
@@ -830,11 +810,7 @@ mod tests {
     fn close_wait_socket_that_times_out_was_closed_by_the_peer() {
         let (mut c, ts) = close(20.0, 23.0, tcp_state::CLOSE_WAIT, 40.0);
         c.errno = ETIMEDOUT;
-        let e = ending(&c, ts, HZ);
-        assert_eq!(
-            (e.closed_by, e.close_kind),
-            (ClosedBy::Peer, CloseKind::Fin)
-        );
+        let e = ended(&c, ts, ClosedBy::Peer, CloseKind::Fin);
         assert_eq!(e.timeout_cause, Some(TimeoutCause::Retransmission));
     }
 
