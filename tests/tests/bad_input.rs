@@ -246,3 +246,24 @@ fn root_btf_without_an_optional_tracepoint_degrades_and_runs() {
         "the other programs load: {stdout}"
     );
 }
+
+/// `--skip-program` takes only optional programs: a required one (or a
+/// typo) is refused before anything loads, naming the ones that may be
+/// skipped.
+#[test]
+fn skipping_a_required_program_is_refused_with_the_optional_ones_named() {
+    for args in [
+        &["run", "--no-kube", "--skip-program", "inet_sock_set_state"][..],
+        &["trace", "--skip-program", "tcp_prob"][..],
+    ] {
+        let out = conn_tracer(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            stderr.contains("is not an optional kernel program")
+                && stderr.contains("tcp_probe")
+                && stderr.contains(args[args.len() - 1]),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -630,3 +630,48 @@ fn root_goodbye_before_the_fin_does_not_end_the_silence() {
     m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16420")], 2.0);
     m2.assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16421")], 0.0);
 }
+
+/// The control of the test above, through the `skip_programs` setting:
+/// without the per-segment program the goodbye is payload like any other,
+/// the idle time ends at it and the peer's FIN is no idle kill (what a
+/// kernel without `tcp_probe`'s BTF prototype reports, as README says).
+#[test]
+fn root_skipping_tcp_probe_turns_goodbye_detection_off() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let goodbye = GoodbyeServer::start(&ns, 16422, Farewell::Goodbye, Duration::from_secs(2));
+    let daemon = Daemon::start("1s", &["--skip-program", "tcp_probe"]);
+    let before = daemon.scrape();
+    // A pooled client that does not read: its socket waits in CLOSE_WAIT
+    // after the goodbye and the FIN, where the daemon lists it.
+    let client = in_netns(&ns, || thread::spawn(|| farewell_client(16422, false)));
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let mut seen = None;
+    while seen.is_none() && Instant::now() < deadline {
+        let list = daemon.connections();
+        seen = list.as_array().and_then(|l| {
+            l.iter()
+                .find(|c| c["remote"] == "127.0.0.1:16422" && c["state"] == "CLOSE_WAIT")
+                .cloned()
+        });
+        thread::sleep(Duration::from_millis(100));
+    }
+    let seen = seen.expect("the client's socket listed in CLOSE_WAIT");
+    let local = client.join().expect("client");
+    assert_eq!(goodbye.wait_closes(1).len(), 1, "{}", goodbye.log());
+    assert_eq!(seen["local"], format!("127.0.0.1:{local}"), "{seen}");
+    assert!(
+        daemon.wait_tracked(&format!("127.0.0.1:{local}"), false, Duration::from_secs(5)),
+        "the close seen"
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("tcp_probe: left out by the skip_programs setting"),
+        "the daemon says the program is left out: {}",
+        daemon.stderr()
+    );
+    daemon
+        .scrape()
+        .assert_delta(&before, KILLS, &[("peer", "127.0.0.1:16422")], 0.0);
+}

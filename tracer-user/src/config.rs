@@ -89,6 +89,10 @@ pub struct Config {
     /// Watch keepalive socket options (attaches a program at the cgroup v2
     /// root). Default true.
     pub trace_sockopts: bool,
+    /// Optional kernel programs not to attach (`tcp_probe`: the per-segment
+    /// goodbye detection), to trade what they see for their cost.
+    /// Default none.
+    pub skip_programs: Vec<String>,
     /// Kubernetes API base URL (plain http allowed, no auth: `kubectl proxy`,
     /// tests). Default: the in-cluster service-account config.
     pub kube_api: Option<String>,
@@ -141,6 +145,7 @@ impl Default for Config {
             kernel_hz: None,
             btf: PathBuf::from(VMLINUX_BTF),
             trace_sockopts: true,
+            skip_programs: Vec::new(),
             kube_api: None,
             no_kube: false,
             node_name: None,
@@ -261,6 +266,11 @@ pub struct Overrides {
     /// [default: istio-proxy, envoy].
     #[arg(long = "sidecar-name", value_name = "NAME")]
     pub sidecar_names: Vec<String>,
+    /// An optional kernel program not to attach; repeat for several
+    /// (`tcp_probe`: goodbye messages before a peer's FIN are then not
+    /// told from payload, see README "Supported kernels").
+    #[arg(long = "skip-program", value_name = "PROGRAM")]
+    pub skip_programs: Vec<String>,
 }
 
 impl Config {
@@ -372,6 +382,9 @@ impl Config {
         }
         if !f.sidecar_names.is_empty() {
             self.sidecar_names.clone_from(&f.sidecar_names);
+        }
+        if !f.skip_programs.is_empty() {
+            self.skip_programs.clone_from(&f.skip_programs);
         }
     }
 
@@ -623,6 +636,11 @@ mod fuzz {
                     Value::Array(v.into_iter().map(|u| Value::Integer(u.into())).collect())
                 })
                 .boxed(),
+            "skip_programs" => prop::collection::vec(Just("tcp_probe"), 0..2)
+                .prop_map(|v| {
+                    Value::Array(v.into_iter().map(|p| Value::String(p.into())).collect())
+                })
+                .boxed(),
             "sidecar_names" => prop::collection::vec("[a-z-]{1,12}", 0..3)
                 .prop_map(|v| Value::Array(v.into_iter().map(Value::String).collect()))
                 .boxed(),
@@ -651,6 +669,7 @@ mod fuzz {
         "node_name",
         "sidecar_uids",
         "sidecar_names",
+        "skip_programs",
         "outbound_capture_port",
         "inbound_capture_port",
         "resync_interval",

@@ -94,6 +94,10 @@ struct KernelArgs {
     /// Kernel BTF to read struct layouts and tracepoint types from.
     #[arg(long, value_name = "PATH", default_value = VMLINUX_BTF)]
     btf: PathBuf,
+    /// An optional kernel program not to attach; repeat for several
+    /// (`tcp_probe`: no goodbye detection).
+    #[arg(long = "skip-program", value_name = "PROGRAM")]
+    skip_programs: Vec<String>,
 }
 
 impl From<KernelArgs> for KernelOptions {
@@ -103,6 +107,7 @@ impl From<KernelArgs> for KernelOptions {
             ring_bytes: a.ring_bytes,
             verbose: true,
             wake_bytes: 0,
+            skip_programs: a.skip_programs,
             ..KernelOptions::default()
         }
     }

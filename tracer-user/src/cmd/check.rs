@@ -260,7 +260,7 @@ fn btf_probes(btf_path: &Path, probes: &mut Vec<Probe>) -> bool {
                     probes.push(Probe::new("struct offsets", Status::Missing, e.to_string()));
                 }
             }
-            match KernelShape::from_btf(&btf) {
+            match KernelShape::from_btf(&btf, &[]) {
                 Ok(shape) => {
                     for hook in PROGRAMS {
                         let name = format!("tracepoint {}", hook.tracepoint);

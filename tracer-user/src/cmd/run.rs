@@ -78,6 +78,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         sockopts: cfg.trace_sockopts,
         capture_ports: (cfg.outbound_capture_port, cfg.inbound_capture_port),
         wake_bytes: (cfg.ring_bytes / WAKE_FRACTION).max(1),
+        skip_programs: cfg.skip_programs.clone(),
     };
     let mut kernel = Kernel::load(&opts).context("cannot start the tracer")?;
     caps::warn_gaps();

@@ -100,6 +100,8 @@ pub(crate) enum KernelError {
         path: String,
         source: std::io::Error,
     },
+    #[error("skip_programs: {0}")]
+    Skip(String),
     #[error("reading the TCP socket iterator failed: {0}")]
     Iter(String),
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
@@ -131,6 +133,8 @@ pub struct KernelOptions {
     /// selftest). Otherwise the reader drains the ring on a timer and is
     /// woken only when this many bytes wait unread (the daemon).
     pub wake_bytes: u32,
+    /// Optional programs not to attach (by program name).
+    pub skip_programs: Vec<String>,
 }
 
 impl Default for KernelOptions {
@@ -142,6 +146,7 @@ impl Default for KernelOptions {
             sockopts: true,
             capture_ports: (15001, 15006),
             wake_bytes: 0,
+            skip_programs: Vec::new(),
         }
     }
 }
@@ -170,13 +175,14 @@ impl Kernel {
         if !sys::valid_ring_size(opts.ring_bytes) {
             return Err(KernelError::RingSize(opts.ring_bytes));
         }
+        shape::check_skippable(&opts.skip_programs).map_err(KernelError::Skip)?;
         let btf = offsets::load_btf(&opts.btf_path)?;
         let in_file = |error| KernelError::BtfContent {
             path: opts.btf_path.display().to_string(),
             error,
         };
         let offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
-        let mut shape = KernelShape::from_btf(&btf).map_err(in_file)?;
+        let mut shape = KernelShape::from_btf(&btf, &opts.skip_programs).map_err(in_file)?;
         let reset_reasons = offsets::reset_reasons(&btf);
         drop(btf);
         let aya_btf = parse_aya_btf(&opts.btf_path)?;

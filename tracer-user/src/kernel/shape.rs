@@ -80,10 +80,22 @@ pub(crate) const PROGRAMS: &[Hook] = &[
     },
 ];
 
-/// Optional programs to leave unattached, comma-separated (e.g.
-/// `tcp_probe`): to measure a program's cost, or to see what a kernel
-/// without its tracepoint loses.
-pub(crate) const SKIP_PROGRAMS_ENV: &str = "CONN_TRACER_SKIP_PROGRAMS";
+/// Whether every name in `skip` is an optional program; else the message
+/// that names the ones that may be skipped.
+pub(crate) fn check_skippable(skip: &[String]) -> Result<(), String> {
+    let optional: Vec<&str> = PROGRAMS
+        .iter()
+        .filter(|h| !h.required)
+        .map(|h| h.program)
+        .collect();
+    match skip.iter().find(|p| !optional.contains(&p.as_str())) {
+        None => Ok(()),
+        Some(p) => Err(format!(
+            "{p} is not an optional kernel program (those are: {})",
+            optional.join(", ")
+        )),
+    }
+}
 
 /// Set to 1, the programs use what kernels before 5.11 offer (no socket
 /// storage or cookies in tracing programs) on any kernel: for tests of
@@ -118,7 +130,9 @@ pub(crate) struct Degradation {
 impl KernelShape {
     /// Reads the tracepoints' prototypes from BTF. Fails when a required
     /// one is missing or has other arguments than the program reads.
-    pub(crate) fn from_btf(btf: &btf_rs::Btf) -> Result<Self, OffsetsError> {
+    /// `skip`: optional programs left out on purpose (the `skip_programs`
+    /// setting, checked by [`check_skippable`]).
+    pub(crate) fn from_btf(btf: &btf_rs::Btf, skip: &[String]) -> Result<Self, OffsetsError> {
         let mut shape = Self {
             hooks: Vec::new(),
             missing_hooks: Vec::new(),
@@ -127,10 +141,9 @@ impl KernelShape {
             socket_cookie: true,
             sockopt_task: true,
         };
-        let skip = std::env::var(SKIP_PROGRAMS_ENV).unwrap_or_default();
         for hook in PROGRAMS {
-            if !hook.required && skip.split(',').any(|p| p.trim() == hook.program) {
-                let why = format!("left out by {SKIP_PROGRAMS_ENV}");
+            if !hook.required && skip.iter().any(|p| p == hook.program) {
+                let why = "left out by the skip_programs setting".to_string();
                 shape.missing_hooks.push((*hook, why));
                 continue;
             }
