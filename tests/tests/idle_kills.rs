@@ -15,7 +15,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use integration_tests::{
-    NetNs, ct_client,
+    NetNs, Tracer, ct_client,
     daemon::{
         Daemon, Metrics, delta,
         names::{IDLE_HIST, KILLS, STALE},
@@ -349,6 +349,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
     let lab = NetLab::new(InvalidAction::Drop, 300);
     let echo = EchoServer::start(lab.server(), SocketAddr::new(lab.server_ip(), 7007));
     let daemon = Daemon::start("1s", &[]);
+    let tracer = Tracer::start();
     let before = daemon.scrape();
     // A request every 200 ms for 10 s, then the client closes.
     let mut chatty = ct_client!(
@@ -366,7 +367,7 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
             "30",
         ],
     );
-    chatty.expect_port("connected");
+    let port = chatty.expect_port("connected");
     for _ in 0..50 {
         assert_eq!(chatty.expect_line("reply"), ["ok"]);
     }
@@ -383,19 +384,22 @@ fn root_busy_connection_closed_by_its_owner_is_never_a_kill() {
         m.assert_delta(&before, KILLS, &[("peer", peer)], 0.0);
         m.assert_delta(&before, STALE, &[("peer", peer)], 0.0);
     }
-    // The chatty connection (and this test's own scrapes, which close
-    // first too) ended with well under a second of idle time.
-    let count = delta(&before, &m, &format!("{IDLE_HIST}_count"), &outbound);
-    let under_half_second = delta(
-        &before,
-        &m,
-        &format!("{IDLE_HIST}_bucket"),
-        &[
-            ("direction", "outbound"),
-            ("closed_by", "local"),
-            ("le", "0.5"),
-        ],
+    // The chatty connection's own close: by its owner, well under a second
+    // after its last exchange.
+    let closes = tracer.wait_for_netns(
+        lab.client().inode(),
+        "the chatty connection's close",
+        Duration::from_secs(5),
+        |evs| {
+            evs.iter()
+                .any(|e| e["kind"] == "close" && e["sport"] == port)
+        },
     );
-    assert!(count >= 1.0, "{}", m.dump(IDLE_HIST));
-    assert_eq!(under_half_second, count, "{}", m.dump(IDLE_HIST));
+    let close = closes
+        .iter()
+        .find(|e| e["kind"] == "close" && e["sport"] == port)
+        .expect("close record");
+    assert_eq!(close["end"]["closed_by"], "local", "{close}");
+    let idle = close["end"]["idle_s"].as_f64().expect("idle_s");
+    assert!(idle < 0.5, "idle {idle} s at the close: {close}");
 }
