@@ -8,6 +8,9 @@
 //!   unset, and a client that reuses its connections after 8 s: one
 //!   finding that names Node.js as the likely killer;
 //! - `close_wait_leak`: Redis closes, the app never does;
+//! - `connection_imbalance`: 24 long-lived connections to one Service's 3
+//!   backends (fake API, real listeners), 20 on one pod: one finding with
+//!   the per-pod counts `ss` shows; another Service's 8/8/8: none;
 //! - healthy traffic (short HTTP requests, a pool that closes its own idle
 //!   connections, a busy connection) gives no finding.
 //!
@@ -30,7 +33,7 @@ use std::{
 use integration_tests::{
     NetNs, conn_tracer_bin, ct_client,
     daemon::{Daemon, Serial, serial},
-    fake_kube::{FakeKube, pod_json},
+    fake_kube::{FakeKube, SliceEndpoint, endpoint_slice_json, pod_json, service_json},
     mesh::hex_id,
     require_program_or_skip, require_root_or_skip,
     scenario::{args, local},
@@ -395,4 +398,164 @@ fn root_connects_to_a_deleted_pod_are_a_stale_endpoint() {
         f["fix"].as_str().unwrap_or_default().contains("deleted"),
         "{f:#}"
     );
+}
+
+/// Two headless-style Services of 3 ready backends each (pod IPs on this
+/// namespace's loopback, each with a real listener on the target port),
+/// and the EndpointSlices the controller would write for them.
+fn grpc_services(ns: &NetNs, kube: &FakeKube) -> Vec<std::net::TcpListener> {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    let mut listeners = Vec::new();
+    for (svc, base) in [("grpc-a", 1), ("grpc-b", 4)] {
+        let pods: Vec<(String, String)> = (0..3)
+            .map(|i| (format!("10.251.0.{}", base + i), format!("{svc}-{i}")))
+            .collect();
+        for (ip, _) in &pods {
+            let status = ns
+                .command("ip")
+                .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+                .status()
+                .expect("ip addr add");
+            assert!(status.success(), "ip addr add {ip}");
+            let at = format!("{ip}:{IMBALANCE_PORT}");
+            listeners.push(in_netns(ns, || {
+                std::net::TcpListener::bind(&at).expect("a backend's listener")
+            }));
+        }
+        let cluster_ip = format!("10.96.51.{base}");
+        services.push(service_json(
+            "shop",
+            svc,
+            &cluster_ip,
+            &[("grpc", 50051, IMBALANCE_PORT)],
+        ));
+        let eps: Vec<SliceEndpoint<'_>> = pods
+            .iter()
+            .map(|(ip, pod)| SliceEndpoint {
+                ip,
+                pod,
+                node: "node-other",
+                ready: true,
+                terminating: false,
+            })
+            .collect();
+        slices.push(endpoint_slice_json(
+            "shop",
+            &format!("{svc}-x7k2p"),
+            svc,
+            &[("grpc", IMBALANCE_PORT)],
+            &eps,
+        ));
+    }
+    kube.set_services(services);
+    kube.set_endpoint_slices(slices);
+    listeners
+}
+
+/// The backends' target port.
+const IMBALANCE_PORT: u16 = 15051;
+
+/// Established connections from `ns` to each `ip:IMBALANCE_PORT`, as
+/// `ss` counts them: the ground truth.
+fn established_to(ns: &NetNs) -> std::collections::BTreeMap<String, u64> {
+    let out = integration_tests::checked_output(
+        ns.command("ss").args([
+            "-Htn",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{IMBALANCE_PORT}"),
+        ]),
+        "ss",
+    );
+    let mut by_ip = std::collections::BTreeMap::new();
+    for line in out.lines() {
+        // Recv-Q Send-Q Local Peer
+        if let Some(peer) = line.split_whitespace().nth(3)
+            && let Some((ip, _)) = peer.rsplit_once(':')
+        {
+            *by_ip.entry(ip.to_string()).or_default() += 1;
+        }
+    }
+    by_ip
+}
+
+#[test]
+fn root_long_lived_connections_pinned_to_one_backend_are_a_connection_imbalance() {
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let kube = FakeKube::start(NODE);
+    let _listeners = grpc_services(&ns, &kube);
+    let daemon = Daemon::start_on("60s", &kube, "imbalance_min_age = \"3s\"\n");
+    daemon.wait_metrics(Duration::from_secs(20), |m| {
+        m.sum("conntracer_kube_index_entries", &[("kind", "endpoints")]) >= 6.0
+    });
+    // grpc-a: 24 long-lived connections, 20 of them on one pod (what
+    // connection-level balancing leaves after a rollout); grpc-b: 8/8/8.
+    let spread = [(1, 20), (2, 2), (3, 2), (4, 8), (5, 8), (6, 8)];
+    let opened = Instant::now();
+    let _conns: Vec<TcpStream> = in_netns(&ns, || {
+        spread
+            .iter()
+            .flat_map(|&(host, n)| {
+                (0..n).map(move |_| {
+                    TcpStream::connect((format!("10.251.0.{host}"), IMBALANCE_PORT))
+                        .expect("connect to a backend")
+                })
+            })
+            .collect()
+    });
+    let truth = established_to(&ns);
+    let want: Vec<(String, u64)> = spread
+        .iter()
+        .map(|&(host, n)| (format!("10.251.0.{host}"), n))
+        .collect();
+    assert_eq!(
+        truth.into_iter().collect::<Vec<_>>(),
+        want,
+        "ss: the connections are up"
+    );
+    // Younger than imbalance_min_age: not long-lived yet, no finding.
+    let young = findings_of(&daemon, "shop/grpc-a");
+    if opened.elapsed() < Duration::from_millis(2500) {
+        assert!(young.is_empty(), "connections < 3 s old: {young:#?}");
+    } else {
+        eprintln!("connecting took over 2.5 s: the min-age check is left out this run");
+    }
+    let f = wait_finding(&daemon, "shop/grpc-a", "connection_imbalance", 24);
+    eprintln!("connection_imbalance: {f:#}");
+    assert_eq!(f["count"], 24, "{f:#}");
+    assert_eq!(
+        (f["namespace"].as_str(), f["pod"].as_str()),
+        (Some("shop"), Some(""))
+    );
+    let e = &f["evidence"];
+    assert_eq!(
+        e["connections_per_pod"],
+        serde_json::json!({"shop/grpc-a-0": 20, "shop/grpc-a-1": 2, "shop/grpc-a-2": 2}),
+        "{f:#}"
+    );
+    assert_eq!(
+        (e["mean"].as_f64(), e["factor"].as_f64(), e["max"].as_u64()),
+        (Some(8.0), Some(2.5), Some(20)),
+        "{f:#}"
+    );
+    assert_eq!(e["busiest"], "shop/grpc-a-0");
+    assert_eq!(e["clients"], serde_json::json!({"host": 24}), "{f:#}");
+    assert_eq!(f["inferred_timeout_s"], Value::Null);
+    assert!(
+        f["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MaxConnectionAge"),
+        "{f:#}"
+    );
+    // The balanced Service was looked at in the same pass: no finding.
+    let balanced = findings_of(&daemon, "shop/grpc-b");
+    assert!(balanced.is_empty(), "8/8/8 is balanced: {balanced:#?}");
+    let m = daemon.scrape();
+    let key = [("pattern", "connection_imbalance"), ("peer", "shop/grpc-a")];
+    assert_eq!(m.sum("conntracer_findings", &key), 1.0);
 }

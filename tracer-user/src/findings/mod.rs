@@ -7,6 +7,7 @@
 //! fix. Pure: time comes in as arguments; unit tests drive it with
 //! synthetic facts.
 
+mod imbalance;
 mod killers;
 #[cfg(test)]
 mod tests;
@@ -18,7 +19,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use self::killers::likely_killer;
+pub(crate) use self::{
+    imbalance::{MIN_CONNECTIONS, imbalance},
+    killers::likely_killer,
+};
 use crate::track::classify::KeepaliveView;
 
 /// The patterns, each with its own rule (README, "Findings").
@@ -44,11 +48,14 @@ pub(crate) enum Pattern {
     StaleEndpoint,
     /// A pod's sidecar holds many times the app's connections.
     SidecarConnectionFanout,
+    /// The long-lived connections to one Service concentrate on few of
+    /// its backends.
+    ConnectionImbalance,
 }
 
 impl Pattern {
     #[cfg(test)]
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::ServerIdleTimeout,
         Self::PathExpiry,
         Self::KeepaliveRace,
@@ -57,6 +64,7 @@ impl Pattern {
         Self::CloseWaitLeak,
         Self::StaleEndpoint,
         Self::SidecarConnectionFanout,
+        Self::ConnectionImbalance,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -69,6 +77,7 @@ impl Pattern {
             Self::CloseWaitLeak => "close_wait_leak",
             Self::StaleEndpoint => "stale_endpoint",
             Self::SidecarConnectionFanout => "sidecar_connection_fanout",
+            Self::ConnectionImbalance => "connection_imbalance",
         }
     }
 
@@ -132,6 +141,12 @@ impl Pattern {
                  connections: lower Envoy's --concurrency (each worker pools its own upstream \
                  connections) and its idle timeouts, so that idle upstream connections are \
                  closed."
+                .to_string(),
+            Self::ConnectionImbalance => "Long-lived connections to this Service pin their \
+                 load on few of its pods: connections are balanced once, when they open. Give \
+                 them a maximum age (gRPC server MaxConnectionAge, the HTTP server's maximum \
+                 requests per connection) so that clients reconnect and spread, or balance per \
+                 request (a gRPC client round_robin policy, or a mesh's HTTP/2 balancing)."
                 .to_string(),
         }
     }
