@@ -11,6 +11,9 @@
 //! - `connection_imbalance`: 24 long-lived connections to one Service's 3
 //!   backends (fake API, real listeners), 20 on one pod: one finding with
 //!   the per-pod counts `ss` shows; another Service's 8/8/8: none;
+//! - `path_expiry`: three clients' sends after 6.25, 7 and 8 s of silence
+//!   meet the reset of a router whose conntrack forgot their flows at 6 s:
+//!   the finding bounds the path's timeout by 6.25 s and infers none;
 //! - healthy traffic (short HTTP requests, a pool that closes its own idle
 //!   connections, a busy connection) gives no finding.
 //!
@@ -36,9 +39,9 @@ use integration_tests::{
     fake_kube::{FakeKube, SliceEndpoint, endpoint_slice_json, pod_json, service_json},
     mesh::hex_id,
     require_program_or_skip, require_root_or_skip,
-    scenario::{args, local},
+    scenario::{KEEPALIVE_1_1_3, args, local},
     serial_unless_skipped,
-    servers::{Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
+    servers::{EchoServer, Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
     test_name,
 };
 use serde_json::Value;
@@ -173,17 +176,7 @@ fn root_server_idle_timeout_is_one_finding_with_the_timeout_and_the_cli_shows_it
         server.log()
     );
     let f = wait_finding(&daemon, "127.0.0.1:16430", "server_idle_timeout", 3);
-    let t = f["inferred_timeout_s"]
-        .as_f64()
-        .expect("T inferred from 3 kills");
-    assert!(
-        (t - 2.0).abs() <= 0.1,
-        "T {t} s, the server's timeout 2 s: {f:#}"
-    );
-    assert_eq!(
-        f["likely_killer"], "Gunicorn --keep-alive (default 2 s)",
-        "{f:#}"
-    );
+    integration_tests::daemon::assert_inferred(&f, 2.0, "Gunicorn --keep-alive (default 2 s)");
     assert_eq!(
         (f["role"].as_str(), f["direction"].as_str()),
         (Some("host"), Some("outbound"))
@@ -558,4 +551,75 @@ fn root_long_lived_connections_pinned_to_one_backend_are_a_connection_imbalance(
     let m = daemon.scrape();
     let key = [("pattern", "connection_imbalance"), ("peer", "shop/grpc-a")];
     assert_eq!(m.sum("conntracer_findings", &key), 1.0);
+}
+
+/// The conntrack lab's expiry of established flows, for `path_expiry`.
+const PATH_EXPIRY_S: u32 = 6;
+
+/// Three idle connections across a router whose conntrack forgets flows
+/// idle for 6 s and rejects (RST) what comes after: each client's send
+/// after 6.25, 7 or 8 s of silence meets the reset. The path's timeout is
+/// seen by no endpoint; the finding bounds it by the shortest silence
+/// (within 5 % of 6 s here, as one reuse came soon after it) and states
+/// no timeout of its own. A client with keepalive below it survives.
+#[test]
+fn root_path_expiry_is_bounded_by_the_shortest_silence_and_keepalive_below_it_survives() {
+    let _serial = serial_unless_skipped!();
+    let lab = integration_tests::netlab::NetLab::new(
+        integration_tests::netlab::InvalidAction::Reject,
+        PATH_EXPIRY_S,
+    );
+    let echo = EchoServer::start(lab.server(), std::net::SocketAddr::new(lab.server_ip(), 7));
+    let daemon = Daemon::start("1s", &[]);
+    let mut silent: Vec<_> = ["6.25", "7", "8"]
+        .into_iter()
+        .map(|idle| {
+            let script = ["--idle-secs", idle, "--then", "send"];
+            ct_client!(lab.client(), "raw", echo.addr(), &script)
+        })
+        .collect();
+    let kept_args = [
+        &["--idle-secs", "8", "--then", "send"][..],
+        &KEEPALIVE_1_1_3,
+    ]
+    .concat();
+    let mut kept = ct_client!(lab.client(), "raw", echo.addr(), &kept_args);
+    for c in silent.iter_mut().chain([&mut kept]) {
+        c.expect_connected_ok();
+    }
+    // The clients' own view: a reset answered each send after the silence.
+    for c in &mut silent {
+        assert_eq!(c.expect_line("error")[0], "ECONNRESET");
+        c.expect_closed_then_exit();
+    }
+    assert_eq!(
+        kept.expect_line("reply"),
+        ["ok"],
+        "keepalive below 6 s kept its flow"
+    );
+    kept.expect_closed_then_exit();
+    assert!(
+        lab.invalid_packets() >= 3,
+        "the router rejected the expired flows"
+    );
+    let peer = format!("{}:7", lab.server_ip());
+    let f = wait_finding(&daemon, &peer, "path_expiry", 3);
+    eprintln!("path_expiry: {f:#}");
+    let bound = f["evidence"]["expiry_at_most_s"].as_f64().expect("a bound");
+    let t = f64::from(PATH_EXPIRY_S);
+    assert!(
+        bound >= t - 0.05 && bound <= t * 1.05,
+        "bound {bound} s, the path's timeout {t} s: {f:#}"
+    );
+    assert_eq!(
+        (&f["inferred_timeout_s"], &f["likely_killer"]),
+        (&Value::Null, &Value::Null),
+        "a silence is no measure of the path's timeout: {f:#}"
+    );
+    assert_eq!(f["evidence"]["idle_s"].as_array().map(Vec::len), Some(3));
+    let fix = f["fix"].as_str().unwrap_or_default();
+    assert!(
+        fix.contains("at most 6.") && fix.contains("keepalive"),
+        "{fix}"
+    );
 }

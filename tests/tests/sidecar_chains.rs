@@ -899,3 +899,60 @@ fn root_one_to_one_tcp_proxy_chains_are_no_sidecar_connection_fanout() {
         "2 sidecar sockets per app connection"
     );
 }
+
+/// Envoy's idle timeout seen by the user: three app connections idle in
+/// the pod until Envoy's tcp_proxy closes each at its 2 s idle_timeout
+/// (the apps see the close after ~2 s, Envoy counts 3 idle timeouts): one
+/// `sidecar_idle_timeout` finding whose timeout is Envoy's within 5 % and
+/// whose fix names Istio's idleTimeout.
+#[test]
+fn root_three_chains_closed_by_envoys_idle_timeout_give_its_timeout_and_the_istio_fix() {
+    let _serial = serial_unless_skipped!();
+    let app_args = ["--then", "wait-close"];
+    let s = setup(2, false, 0, 300, InvalidAction::Drop, &app_args);
+    let mut m = mesh(&s);
+    let mut more: Vec<Peer> = (0..2).map(|_| m.spawn_app(&app_args)).collect();
+    for a in &mut more {
+        a.go();
+        a.expect_port("connected");
+        assert_eq!(a.expect_line("reply"), ["ok"]);
+    }
+    // The apps' own view: the close came ~2 s after their last read.
+    for a in std::iter::once(&mut m.app).chain(&mut more) {
+        let ms: f64 = a.expect_line("peer-closed")[0].parse().expect("MS");
+        assert!((1900.0..2600.0).contains(&ms), "closed after {ms} ms idle");
+        a.expect_line("closed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = loop {
+        let of: Vec<serde_json::Value> = m
+            .daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["pod"] == POD && f["pattern"] == "sidecar_idle_timeout")
+            .collect();
+        assert!(of.len() < 2, "one finding per (pod, peer): {of:#?}");
+        if of.first().is_some_and(|f| f["count"].as_u64() >= Some(3)) || Instant::now() > deadline {
+            break of
+                .into_iter()
+                .next()
+                .expect("a sidecar_idle_timeout finding");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("sidecar_idle_timeout: {f:#}");
+    assert_eq!(
+        m.envoy.idle_timeouts(),
+        3,
+        "Envoy's tcp.outbound.idle_timeout"
+    );
+    assert_eq!(f["count"], 3, "{f:#}");
+    assert_eq!(f["peer"], m.chain_peer, "{f:#}");
+    // 2 s is no Envoy default.
+    integration_tests::daemon::assert_inferred(&f, 2.0, "unknown");
+    let fix = f["fix"].as_str().unwrap_or_default();
+    assert!(
+        fix.contains("idleTimeout") && fix.contains("~2.0 s"),
+        "{fix}"
+    );
+}

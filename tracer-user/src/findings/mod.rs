@@ -93,7 +93,7 @@ impl Pattern {
     }
 
     /// The finding in one sentence and what to change, with `t` the
-    /// inferred timeout in seconds.
+    /// inferred timeout in seconds (for `path_expiry`, the bound on it).
     fn fix(self, t: Option<f64>) -> String {
         let after = t.map_or_else(
             || "a fixed idle time".to_string(),
@@ -107,10 +107,12 @@ impl Pattern {
                  timeout above the pool's."
             ),
             Self::PathExpiry => format!(
-                "Something on the path (NAT, conntrack, load balancer) drops flows idle for \
-                 {after}. Turn TCP keepalive on with an idle time below {below} (socket options, \
-                 or the namespace's net.ipv4.tcp_keepalive_time); for a sidecar leg, Istio's \
-                 DestinationRule trafficPolicy.connectionPool.tcp.tcpKeepalive."
+                "Something on the path (NAT, conntrack, load balancer) drops flows idle for at \
+                 most {below} (the shortest silence a connection died after: the path's own idle \
+                 timeout may be shorter). Turn TCP keepalive on with an idle time below the \
+                 path's idle timeout, so at most {below} (socket options, or the namespace's \
+                 net.ipv4.tcp_keepalive_time); for a sidecar leg, Istio's DestinationRule \
+                 trafficPolicy.connectionPool.tcp.tcpKeepalive."
             ),
             Self::KeepaliveRace => format!(
                 "The client reuses connections the server already closed after {after} idle \
@@ -330,14 +332,21 @@ impl Findings {
             .iter()
             .map(|((pattern, _, _, _), e)| {
                 let idles: Vec<f64> = e.idles.iter().copied().collect();
-                let t = if pattern.timed() {
-                    inferred_timeout(&idles, tick.as_secs_f64())
-                } else {
-                    None
+                // A path drops an idle flow at its timeout, unseen: the
+                // endpoints learn of it only at their next packet, after a
+                // silence of their own choosing. Each silence bounds the
+                // timeout from above; none measures it.
+                let (t, bound) = match pattern {
+                    Pattern::PathExpiry => (None, idles.iter().copied().reduce(f64::min)),
+                    p if p.timed() => (inferred_timeout(&idles, tick.as_secs_f64()), None),
+                    _ => (None, None),
                 };
                 let mut evidence = serde_json::Map::new();
                 if pattern.timed() {
                     evidence.insert("idle_s".into(), serde_json::json!(idles));
+                }
+                if let Some(b) = bound {
+                    evidence.insert("expiry_at_most_s".into(), serde_json::json!(b));
                 }
                 if let Some(ka) = &e.keepalive {
                     evidence.insert(
@@ -358,7 +367,7 @@ impl Findings {
                     likely_killer: t
                         .map(|t| likely_killer(*pattern, t).unwrap_or("unknown").to_string()),
                     evidence: serde_json::Value::Object(evidence),
-                    fix: pattern.fix(t),
+                    fix: pattern.fix(t.or(bound)),
                 }
             })
             .collect();
