@@ -15,7 +15,8 @@
 //!   meet the reset of a router whose conntrack forgot their flows at 6 s:
 //!   the finding bounds the path's timeout by 6.25 s and infers none;
 //! - healthy traffic (short HTTP requests, a pool that closes its own idle
-//!   connections, a busy connection) gives no finding.
+//!   connections, a busy connection) gives no finding, also across a
+//!   daemon restart.
 //!
 //! Every test holds `serial()` and looks only at the findings of its own
 //! peers (other traffic on the host may have findings of its own).
@@ -622,4 +623,78 @@ fn root_path_expiry_is_bounded_by_the_shortest_silence_and_keepalive_below_it_su
         fix.contains("at most 6.") && fix.contains("keepalive"),
         "{fix}"
     );
+}
+
+/// Healthy traffic across a daemon restart (a DaemonSet rollout): a busy
+/// pooled connection and an idle one, both older than the new daemon
+/// (which learns them from its snapshot), then the pool retires the idle
+/// one itself (idle ~5 s, below the server's 10 s) and short requests
+/// follow. Neither daemon has a finding for the server.
+#[test]
+fn root_healthy_traffic_across_a_daemon_restart_gives_no_finding() {
+    let Some((node, _serial, ns)) = node_lab(test_name!()) else {
+        return;
+    };
+    let server = NodeHttp::start(&ns, &node, 18092, Some(10_000));
+    let addr = local(server.port());
+    let peer = addr.to_string();
+    let old = Daemon::start("1s", &[]);
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<()>();
+    let traffic = ns.spawn_in(move || {
+        let open = || {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            c.set_read_timeout(Some(Duration::from_secs(5)))
+                .expect("timeout");
+            assert!(keepalive_request(&mut c));
+            c
+        };
+        let (pool, mut busy) = (open(), open());
+        let pool_used = Instant::now();
+        // A request every 200 ms until 2 s after the new daemon is up
+        // (at most 30 s).
+        let mut up: Option<Instant> = None;
+        for _ in 0..150 {
+            assert!(keepalive_request(&mut busy), "busy connection");
+            thread::sleep(Duration::from_millis(200));
+            if up.is_none() && up_rx.try_recv().is_ok() {
+                up = Some(Instant::now());
+            }
+            if up.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+                break;
+            }
+        }
+        assert!(up.is_some(), "the new daemon came up within 30 s");
+        let idle = pool_used.elapsed();
+        assert!(
+            idle < Duration::from_secs(9),
+            "the pool's connection idled {idle:?}"
+        );
+        drop(pool);
+        for _ in 0..10 {
+            drop(open());
+        }
+        drop(busy);
+    });
+    thread::sleep(Duration::from_secs(1));
+    let before = findings_of(&old, &peer);
+    assert!(before.is_empty(), "before the restart: {before:#?}");
+    assert!(old.stop(), "the old daemon exits 0");
+    let new = Daemon::start("1s", &[]);
+    // Both pooled connections are older than it, and known to it.
+    let list = new.connections();
+    let known = list
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["remote"] == peer.as_str())
+        .count();
+    up_tx.send(()).expect("the traffic thread waits");
+    traffic.join().expect("traffic");
+    assert_eq!(
+        known, 2,
+        "the snapshot found the pool's connections: {list:#}"
+    );
+    thread::sleep(Duration::from_secs(1));
+    let after = findings_of(&new, &peer);
+    assert!(after.is_empty(), "healthy traffic, no finding: {after:#?}");
 }
