@@ -407,6 +407,23 @@ impl ServiceIndex {
     }
 }
 
+#[cfg(test)]
+impl ServiceIndex {
+    /// Applies Services and EndpointSlices (API JSON) as their watches
+    /// would: for the tests of the stages that read the index.
+    pub(crate) fn apply_json(&self, services: &[serde_json::Value], slices: &[serde_json::Value]) {
+        let now = Instant::now();
+        for v in services {
+            let obj: ServiceObj = serde_json::from_value(v.clone()).expect("Service JSON");
+            self.apply(Event::Apply(obj), now);
+        }
+        for v in slices {
+            let obj: SliceObj = serde_json::from_value(v.clone()).expect("EndpointSlice JSON");
+            self.apply(Event::Apply(obj), now);
+        }
+    }
+}
+
 /// `namespace/name` of an object.
 type Key = Arc<str>;
 
@@ -943,4 +960,4 @@ impl Watched for SliceObj {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
