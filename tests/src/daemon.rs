@@ -625,6 +625,20 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
     out
 }
 
+/// Checks that a finding's inferred timeout is `want_s` within 5 % (the
+/// findings issue's agreement) and that it names `killer`.
+#[track_caller]
+pub fn assert_inferred(finding: &serde_json::Value, want_s: f64, killer: &str) {
+    let t = finding["inferred_timeout_s"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no timeout inferred: {finding:#}"));
+    assert!(
+        (t - want_s).abs() <= want_s * 0.05,
+        "T {t} s, want {want_s} s within 5 %: {finding:#}"
+    );
+    assert_eq!(finding["likely_killer"], killer, "{finding:#}");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -302,9 +302,62 @@ fn fake_api(lab: &NetLab, uid: &str, [app_id, proxy_id]: [&str; 2], service: boo
     kube
 }
 
-/// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
-/// its first reply through the sidecar.
-pub fn mesh(client: &str, s: &Setup) -> Mesh {
+/// The pod with its sidecar and no app yet: the lab, the fake API (both
+/// pods, and the Service with [`Dest::Service`]), the pod's cgroups, a
+/// daemon, Envoy (in the `istio-proxy` container) and Istio's redirect.
+/// Fields drop in declaration order: the namespaces last.
+pub struct SidecarPod {
+    /// Where the app connects: the backend's address or the Service's.
+    pub dialled: SocketAddr,
+    /// Where the backend listens (in `lab.server()`).
+    pub backend: SocketAddr,
+    pub daemon: Daemon,
+    pub redirect: SidecarRedirect,
+    pub inbound_redirect: Option<SidecarRedirect>,
+    pub envoy: Envoy,
+    pub cgroups: PodCgroups,
+    pub kube: FakeKube,
+    pub lab: NetLab,
+}
+
+impl SidecarPod {
+    /// A Node.js app of the pod: `node -e script` in the app's network
+    /// namespace and container cgroup. The script must wait for
+    /// [`Peer::go`] before it connects (its owner is captured then).
+    pub fn spawn_node_app(&self, node: &std::path::Path, script: &str) -> Peer {
+        let mut cmd = self.lab.client().command(node);
+        cmd.args(["-e", script]);
+        let app = Peer::spawn("node app", cmd);
+        self.cgroups.add("app", app.pid());
+        app
+    }
+
+    /// The pod's established connections by process name, as `ss -tnp`
+    /// shows them in its network namespace: the ground truth.
+    pub fn established_by_process(&self) -> std::collections::BTreeMap<String, usize> {
+        let out = crate::checked_output(
+            self.lab
+                .client()
+                .command("ss")
+                .args(["-Htnp", "state", "established"]),
+            "ss",
+        );
+        let mut by = std::collections::BTreeMap::new();
+        for line in out.lines() {
+            // ... users:(("envoy",pid=123,fd=45))
+            if let Some((_, rest)) = line.split_once("users:((\"")
+                && let Some((name, _)) = rest.split_once('"')
+            {
+                *by.entry(name.to_owned()).or_default() += 1;
+            }
+        }
+        by
+    }
+}
+
+/// Builds a [`SidecarPod`] for `s`; `envoy` may change Envoy's options
+/// last (e.g. an HTTP connection manager instead of tcp_proxy).
+pub fn sidecar_pod(s: &Setup, envoy: impl FnOnce(&mut EnvoyOptions)) -> SidecarPod {
     let lab = NetLab::new(s.action, s.conntrack_secs);
     let service = s.dest == Dest::Service;
     let backend = SocketAddr::new(
@@ -325,7 +378,6 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     // (see the closing notes of the reliability work).
     // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
     let daemon = start_daemon(&kube, service, &["--close-wait-threshold", "1s"]);
-    let redis = Redis::start(lab.server(), backend, s.redis_timeout_secs);
     let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
     if s.upstream_keepalive {
         opts.upstream_keepalive = Some(UpstreamKeepalive {
@@ -342,13 +394,31 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     if service {
         opts.services = vec![(dialled, backend)];
     }
+    envoy(&mut opts);
     let envoy = Envoy::start(lab.client(), opts);
     let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
     let inbound_redirect = s
         .inbound
         .then(|| SidecarRedirect::istio_inbound(lab.client(), INBOUND_PORT));
+    SidecarPod {
+        dialled,
+        backend,
+        daemon,
+        redirect,
+        inbound_redirect,
+        envoy,
+        cgroups,
+        kube,
+        lab,
+    }
+}
 
-    let mut app = spawn_app(&lab, &cgroups, client, dialled, &s.app_args);
+/// Builds the mesh and runs the app (`client`: the `ct-client` binary) up to
+/// its first reply through the sidecar.
+pub fn mesh(client: &str, s: &Setup) -> Mesh {
+    let pod = sidecar_pod(s, |_| {});
+    let redis = Redis::start(pod.lab.server(), pod.backend, s.redis_timeout_secs);
+    let mut app = spawn_app(&pod.lab, &pod.cgroups, client, pod.dialled, &s.app_args);
     app.go();
     app.expect_port("connected");
     assert_eq!(
@@ -358,17 +428,21 @@ pub fn mesh(client: &str, s: &Setup) -> Mesh {
     );
     Mesh {
         client: client.to_owned(),
-        dialled,
-        chain_peer: if service { SERVICE_PEER } else { PEER },
-        daemon,
+        dialled: pod.dialled,
+        chain_peer: if s.dest == Dest::Service {
+            SERVICE_PEER
+        } else {
+            PEER
+        },
+        daemon: pod.daemon,
         app,
-        redirect,
-        inbound_redirect,
-        envoy,
+        redirect: pod.redirect,
+        inbound_redirect: pod.inbound_redirect,
+        envoy: pod.envoy,
         redis,
-        cgroups,
-        kube,
-        lab,
+        cgroups: pod.cgroups,
+        kube: pod.kube,
+        lab: pod.lab,
     }
 }
 

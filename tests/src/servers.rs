@@ -896,9 +896,30 @@ impl NodeHttp {
              {timeout}\
              s.listen({port}, '127.0.0.1', () => console.log('listening'));\n"
         );
+        Self::spawn(ns, node, &script, port)
+    }
+
+    /// A server on `addr` that answers each request after `delay` and
+    /// never closes an idle keep-alive connection (`keepAliveTimeout` 0):
+    /// an upstream that a proxy's connection pool keeps every connection
+    /// of.
+    pub fn slow(ns: &NetNs, node: &Path, addr: SocketAddr, delay: Duration) -> Self {
+        let script = format!(
+            "const http = require('http');\n\
+             const s = http.createServer((req, res) => {{ setTimeout(() => res.end('ok'), {ms}); }});\n\
+             s.keepAliveTimeout = 0;\n\
+             s.listen({port}, '{ip}', () => console.log('listening'));\n",
+            ms = delay.as_millis(),
+            port = addr.port(),
+            ip = addr.ip(),
+        );
+        Self::spawn(ns, node, &script, addr.port())
+    }
+
+    fn spawn(ns: &NetNs, node: &Path, script: &str, port: u16) -> Self {
         let mut child = ns
             .command(node)
-            .args(["-e", &script])
+            .args(["-e", script])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -1011,6 +1032,11 @@ pub struct EnvoyOptions {
     /// `use_original_dst`, passing through to the original destination:
     /// the app's port); pair it with [`SidecarRedirect::istio_inbound`].
     pub inbound_port: Option<u16>,
+    /// The main listener runs an HTTP connection manager (codec AUTO: the
+    /// app may speak HTTP/1.1 or HTTP/2 without TLS) instead of tcp_proxy;
+    /// its upstream connections speak HTTP/1.1, one request at a time, as
+    /// Envoy's default cluster protocol does.
+    pub http: bool,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -1044,6 +1070,7 @@ impl EnvoyOptions {
             services: Vec::new(),
             concurrency: 1,
             inbound_port: None,
+            http: false,
         }
     }
 
@@ -1064,6 +1091,7 @@ impl EnvoyOptions {
             services: Vec::new(),
             concurrency: 1,
             inbound_port: None,
+            http: false,
         }
     }
 
@@ -1082,7 +1110,11 @@ impl EnvoyOptions {
         if matches!(self.upstream, EnvoyUpstream::OriginalDst) {
             y.push_str("    use_original_dst: true\n");
         }
-        self.tcp_proxy_chain(&mut y, "ct_upstream");
+        if self.http {
+            self.http_chain(&mut y, "ct_upstream");
+        } else {
+            self.tcp_proxy_chain(&mut y, "ct_upstream");
+        }
         if let Some(port) = self.inbound_port {
             let _ = write!(
                 y,
@@ -1134,6 +1166,22 @@ impl EnvoyOptions {
              access_log_options:\n            flush_access_log_on_connected: true\n",
             self.idle_timeout.as_secs(),
             self.idle_timeout.subsec_millis(),
+            prefix = self.stat_prefix,
+        );
+    }
+
+    /// A filter chain of one HTTP connection manager routing every request
+    /// to `cluster`.
+    fn http_chain(&self, y: &mut String, cluster: &str) {
+        let _ = write!(
+            y,
+            "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        \
+             typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          \
+             stat_prefix: {prefix}\n          codec_type: AUTO\n          route_config:\n            \
+             virtual_hosts:\n            - name: all\n              domains: [\"*\"]\n              routes:\n              \
+             - match: {{ prefix: \"/\" }}\n                route: {{ cluster: {cluster}, timeout: 30s }}\n          \
+             http_filters:\n          - name: envoy.filters.http.router\n            typed_config:\n              \
+             \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
             prefix = self.stat_prefix,
         );
     }

@@ -24,9 +24,13 @@ use integration_tests::{
         Metrics,
         names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
     },
-    mesh::{Dest, Mesh, NAMESPACE, PEER, POD, Setup, keepalive_app_args, setup},
+    mesh::{
+        Dest, Mesh, NAMESPACE, PEER, POD, Setup, SidecarPod, keepalive_app_args, setup, sidecar_pod,
+    },
     netlab::InvalidAction,
-    serial_unless_skipped, str_values,
+    require_program_or_skip, serial_unless_skipped,
+    servers::NodeHttp,
+    str_values, test_name,
 };
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
@@ -715,4 +719,240 @@ fn root_inbound_chains_pair_with_their_clients_and_unrelated_sidecar_connections
         p.go();
     }
     server.go();
+}
+
+/// `n` requests at once over one HTTP/2 (cleartext) connection to `to`,
+/// after a `go` line; prints `connected PORT`, then `done OK` once all
+/// are answered, and holds the connection until it is killed.
+fn h2_app(to: std::net::SocketAddr, n: usize) -> String {
+    format!(
+        "const http2 = require('http2');\n\
+         process.stdin.once('data', () => {{\n\
+           const s = http2.connect('http://{to}');\n\
+           s.on('error', (e) => {{ console.log('error ' + e.code); }});\n\
+           s.on('connect', () => console.log('connected ' + s.socket.localPort));\n\
+           let done = 0, ok = 0;\n\
+           for (let i = 0; i < {n}; i++) {{\n\
+             const r = s.request({{ ':path': '/' + i }});\n\
+             let body = '';\n\
+             r.setEncoding('utf8');\n\
+             r.on('data', (d) => {{ body += d; }});\n\
+             r.on('end', () => {{ ok += body === 'ok'; if (++done === {n}) console.log('done ' + ok); }});\n\
+             r.end();\n\
+           }}\n\
+         }});\n"
+    )
+}
+
+/// `n` HTTP/1.1 connections to `to` after a `go` line, one request on
+/// each; prints `done OK` once all are answered and holds them.
+fn http1_app(to: std::net::SocketAddr, n: usize) -> String {
+    format!(
+        "const net = require('net');\n\
+         process.stdin.once('data', () => {{\n\
+           let ok = 0;\n\
+           for (let i = 0; i < {n}; i++) {{\n\
+             const c = net.connect({port}, '{ip}', () => c.write('GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n'));\n\
+             c.on('error', (e) => console.log('error ' + e.code));\n\
+             c.once('data', (d) => {{ if (++ok === {n}) console.log('done ' + ok); }});\n\
+           }}\n\
+         }});\n",
+        port = to.port(),
+        ip = to.ip(),
+    )
+}
+
+/// The finding about the pod's sidecar fanout, if any, once `/findings`
+/// has looked at the table (bounded wait for one when `want`).
+fn fanout_finding(
+    daemon: &integration_tests::daemon::Daemon,
+    want: bool,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let of: Vec<serde_json::Value> = daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["pod"] == POD && f["pattern"] == "sidecar_connection_fanout")
+            .collect();
+        assert!(of.len() < 2, "one fanout finding per pod: {of:#?}");
+        if !want || !of.is_empty() || Instant::now() > deadline {
+            return of.into_iter().next();
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The pod's open connections of `role` in `/connections`.
+fn open_of(daemon: &integration_tests::daemon::Daemon, role: &str) -> usize {
+    let list = daemon.connections();
+    list.as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["pod"] == POD && c["role"] == role && c["state"] == "ESTABLISHED")
+        .count()
+}
+
+/// Node.js (else the test skips, with the reason) and the pod with Envoy
+/// (an HTTP connection manager with `http`, else tcp_proxy), its backend a
+/// Node server that answers after `delay` and keeps idle connections.
+fn node_pod(
+    test: &str,
+    http: bool,
+    delay: Duration,
+) -> Option<(std::path::PathBuf, SidecarPod, NodeHttp)> {
+    let node = require_program_or_skip(test, "node", "Node.js (npm's Debian package)")?;
+    let s = setup(3600, false, 0, 600, InvalidAction::Drop, &[]);
+    let pod = sidecar_pod(&s, |o| o.http = http);
+    let server = NodeHttp::slow(pod.lab.server(), &node, pod.backend, delay);
+    Some((node, pod, server))
+}
+
+/// Requests in flight at once on the app's one HTTP/2 connection.
+const REQUESTS: usize = 64;
+/// The app's connections through tcp_proxy.
+const CONNECTIONS: usize = 60;
+
+/// The field report's ~2,800 sidecar connections against the app's 40, in
+/// small: one HTTP/2 connection of the app carries 64 requests at once;
+/// Envoy's HTTP/1.1 upstream pool needs a connection per request in
+/// flight and keeps them all (the upstream never closes an idle one):
+/// the sidecar holds 65, the app 1. One fanout finding, its counts those
+/// of `ss` and `/connections`.
+#[test]
+fn root_http2_app_fanned_out_by_envoys_http1_pool_is_a_sidecar_connection_fanout() {
+    let _serial = serial_unless_skipped!();
+    let Some((node, pod, _server)) = node_pod(test_name!(), true, Duration::from_secs(1)) else {
+        return;
+    };
+    let mut app = pod.spawn_node_app(&node, &h2_app(pod.dialled, REQUESTS));
+    app.go();
+    app.expect_port("connected");
+    assert_eq!(
+        app.expect_line("done"),
+        [REQUESTS.to_string()],
+        "every request answered"
+    );
+    let truth = pod.established_by_process();
+    eprintln!("ss: {truth:?}");
+    let (envoy, node_app) = (truth.get("envoy").copied(), truth.get("node").copied());
+    assert_eq!(node_app, Some(1), "one HTTP/2 connection: {truth:?}");
+    let envoy = envoy.expect("Envoy's connections");
+    assert!(
+        envoy > REQUESTS,
+        "Envoy's pool holds a connection per request in flight, and the app's: {truth:?}"
+    );
+    let f = fanout_finding(&pod.daemon, true).expect("a sidecar_connection_fanout finding");
+    eprintln!("sidecar_connection_fanout: {f:#}");
+    let e = &f["evidence"];
+    assert_eq!(
+        e["sidecar_connections"].as_u64(),
+        Some(envoy as u64),
+        "ss: {truth:?}; {f:#}"
+    );
+    assert_eq!(e["app_connections"].as_u64(), Some(1), "{f:#}");
+    assert_eq!(f["count"].as_u64(), Some(envoy as u64));
+    assert_eq!(
+        (open_of(&pod.daemon, "sidecar"), open_of(&pod.daemon, "app")),
+        (envoy, 1)
+    );
+    assert_eq!(
+        (f["namespace"].as_str(), f["role"].as_str()),
+        (Some(NAMESPACE), Some("sidecar"))
+    );
+    assert!(
+        f["fix"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--concurrency"),
+        "{f:#}"
+    );
+}
+
+/// The same pod with tcp_proxy and 60 app connections: each is one chain
+/// of two sidecar sockets (accepted, upstream), 2 to 1: no fanout.
+#[test]
+fn root_one_to_one_tcp_proxy_chains_are_no_sidecar_connection_fanout() {
+    let _serial = serial_unless_skipped!();
+    let Some((node, pod, _server)) = node_pod(test_name!(), false, Duration::ZERO) else {
+        return;
+    };
+    let mut app = pod.spawn_node_app(&node, &http1_app(pod.dialled, CONNECTIONS));
+    app.go();
+    assert_eq!(app.expect_line("done"), [CONNECTIONS.to_string()]);
+    let truth = pod.established_by_process();
+    eprintln!("ss: {truth:?}");
+    assert_eq!(
+        (truth.get("node").copied(), truth.get("envoy").copied()),
+        (Some(CONNECTIONS), Some(2 * CONNECTIONS)),
+        "1:1 chains"
+    );
+    // The daemon has them all (so the rule saw 120 against 60).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_of(&pod.daemon, "sidecar") < 2 * CONNECTIONS && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(open_of(&pod.daemon, "app"), CONNECTIONS);
+    assert_eq!(
+        fanout_finding(&pod.daemon, false),
+        None,
+        "2 sidecar sockets per app connection"
+    );
+}
+
+/// Envoy's idle timeout seen by the user: three app connections idle in
+/// the pod until Envoy's tcp_proxy closes each at its 2 s idle_timeout
+/// (the apps see the close after ~2 s, Envoy counts 3 idle timeouts): one
+/// `sidecar_idle_timeout` finding whose timeout is Envoy's within 5 % and
+/// whose fix names Istio's idleTimeout.
+#[test]
+fn root_three_chains_closed_by_envoys_idle_timeout_give_its_timeout_and_the_istio_fix() {
+    let _serial = serial_unless_skipped!();
+    let app_args = ["--then", "wait-close"];
+    let s = setup(2, false, 0, 300, InvalidAction::Drop, &app_args);
+    let mut m = mesh(&s);
+    let mut more: Vec<Peer> = (0..2).map(|_| m.spawn_app(&app_args)).collect();
+    for a in &mut more {
+        a.go();
+        a.expect_port("connected");
+        assert_eq!(a.expect_line("reply"), ["ok"]);
+    }
+    // The apps' own view: the close came ~2 s after their last read.
+    for a in std::iter::once(&mut m.app).chain(&mut more) {
+        let ms: f64 = a.expect_line("peer-closed")[0].parse().expect("MS");
+        assert!((1900.0..2600.0).contains(&ms), "closed after {ms} ms idle");
+        a.expect_line("closed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let f = loop {
+        let of: Vec<serde_json::Value> = m
+            .daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["pod"] == POD && f["pattern"] == "sidecar_idle_timeout")
+            .collect();
+        assert!(of.len() < 2, "one finding per (pod, peer): {of:#?}");
+        if of.first().is_some_and(|f| f["count"].as_u64() >= Some(3)) || Instant::now() > deadline {
+            break of
+                .into_iter()
+                .next()
+                .expect("a sidecar_idle_timeout finding");
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!("sidecar_idle_timeout: {f:#}");
+    assert_eq!(
+        m.envoy.idle_timeouts(),
+        3,
+        "Envoy's tcp.outbound.idle_timeout"
+    );
+    assert_eq!(f["count"], 3, "{f:#}");
+    assert_eq!(f["peer"], m.chain_peer, "{f:#}");
+    // 2 s is no Envoy default.
+    integration_tests::daemon::assert_inferred(&f, 2.0, "unknown");
+    let fix = f["fix"].as_str().unwrap_or_default();
+    assert!(
+        fix.contains("idleTimeout") && fix.contains("~2.0 s"),
+        "{fix}"
+    );
 }

@@ -128,6 +128,16 @@ pub struct Config {
     /// Most findings kept at once; past it the least recently seen goes.
     /// Default 1000.
     pub max_findings: usize,
+    /// `connection_imbalance`: the busiest ready backend of a Service port
+    /// holding at least this many times the mean of its backends' long-lived
+    /// connections (at least 20 of them, and no chance spread) is a
+    /// finding. Default 2.0; at least 1.
+    pub imbalance_factor: f64,
+    /// A connection open at least this long is long-lived (for
+    /// `connection_imbalance`): short ones are balanced as they come and go.
+    /// Default 5m.
+    #[serde(deserialize_with = "duration")]
+    pub imbalance_min_age: Duration,
 }
 
 impl Default for Config {
@@ -158,6 +168,8 @@ impl Default for Config {
             deleted_pod_grace: DEFAULT_DELETE_GRACE,
             findings_expiry: Duration::from_hours(1),
             max_findings: 1000,
+            imbalance_factor: 2.0,
+            imbalance_min_age: Duration::from_mins(5),
         }
     }
 }
@@ -205,6 +217,15 @@ pub struct Overrides {
     /// Most findings kept at once [default: 1000].
     #[arg(long, value_name = "N")]
     pub max_findings: Option<usize>,
+    /// A Service port's busiest ready backend holding this many times the
+    /// mean of its long-lived connections is a connection_imbalance
+    /// [default: 2.0].
+    #[arg(long, value_name = "FACTOR")]
+    pub imbalance_factor: Option<f64>,
+    /// How long a connection must be open to count as long-lived for
+    /// connection_imbalance, e.g. 1m, 30m [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub imbalance_min_age: Option<Duration>,
     /// TOML configuration file (see README); flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -349,6 +370,8 @@ impl Config {
             close_wait_threshold,
             findings_expiry,
             max_findings,
+            imbalance_factor,
+            imbalance_min_age,
             max_connections,
             max_peers,
             peer_hold,
@@ -408,6 +431,14 @@ impl Config {
             if count == 0 {
                 return bad(key, "0".into(), "must be at least 1");
             }
+        }
+        // NaN fails this too.
+        if !(self.imbalance_factor >= 1.0 && self.imbalance_factor.is_finite()) {
+            return bad(
+                "imbalance_factor",
+                self.imbalance_factor.to_string(),
+                "must be a number of at least 1 (the busiest backend's share over the mean)",
+            );
         }
         if !valid_ring_size(self.ring_bytes) {
             return bad(
@@ -480,6 +511,8 @@ mod tests {
             sidecar_names = ["istio-proxy"]
             outbound_capture_port = 15001
             inbound_capture_port = 15006
+            imbalance_factor = 3.5
+            imbalance_min_age = "10m"
             "#,
             "x",
         )
@@ -497,6 +530,10 @@ mod tests {
         assert_eq!(cfg.node_name.as_deref(), Some("node-1"));
         assert_eq!(cfg.sidecar_uids, [1337, 1000]);
         assert_eq!(cfg.sidecar_names, ["istio-proxy"]);
+        assert_eq!(
+            (cfg.imbalance_factor, cfg.imbalance_min_age),
+            (3.5, Duration::from_mins(10))
+        );
         cfg.validate().unwrap();
         let both = Config::from_toml("no_kube = true\nkube_api = \"http://x\"", "x").unwrap();
         assert!(
@@ -533,6 +570,11 @@ mod tests {
         assert!(err.to_string().contains("power of two"), "{err}");
         let cfg = Config::from_toml("max_connections = 0", "x").unwrap();
         assert!(cfg.validate().is_err());
+        for factor in ["0.5", "nan", "inf"] {
+            let cfg = Config::from_toml(&format!("imbalance_factor = {factor}"), "x").unwrap();
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains("imbalance_factor"), "{err}");
+        }
         assert!(parse_duration("0.5s").is_err() || parse_duration("500ms").is_ok());
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
     }
@@ -646,7 +688,10 @@ mod fuzz {
                 .boxed(),
             "outbound_capture_port" | "inbound_capture_port" => int(1, 65535),
             "cgroupns_pid" => int(0, 4_194_304),
-            "deleted_pod_grace" | "peer_hold" | "findings_expiry" => s(&["1s", "2m", "1h"]),
+            "deleted_pod_grace" | "peer_hold" | "findings_expiry" | "imbalance_min_age" => {
+                s(&["1s", "2m", "1h"])
+            }
+            "imbalance_factor" => (1.0..100.0f64).prop_map(Value::Float).boxed(),
             other => unreachable!("no valid value for {other}"),
         }
     }
@@ -677,6 +722,8 @@ mod fuzz {
         "deleted_pod_grace",
         "findings_expiry",
         "max_findings",
+        "imbalance_factor",
+        "imbalance_min_age",
     ];
 
     /// Any TOML value, of any type, with a bias to the edges.

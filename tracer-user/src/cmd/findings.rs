@@ -44,8 +44,7 @@ pub(crate) fn render_table(findings: &[Finding]) -> String {
                 dash(&s.role),
                 dash(&s.peer),
                 f.count.to_string(),
-                f.inferred_timeout_s
-                    .map_or_else(|| "-".into(), |t| format!("{t:.1}")),
+                timeout_column(f),
                 f.likely_killer.clone().unwrap_or_else(|| "-".into()),
                 f.last_seen.clone(),
             ],
@@ -56,6 +55,16 @@ pub(crate) fn render_table(findings: &[Finding]) -> String {
         out.push_str("\n\n");
     }
     out
+}
+
+/// The inferred timeout, or `<=B` for a bound on it (`path_expiry`).
+fn timeout_column(f: &Finding) -> String {
+    let bound = f.evidence["expiry_at_most_s"].as_f64();
+    match (f.inferred_timeout_s, bound) {
+        (Some(t), _) => format!("{t:.1}"),
+        (None, Some(b)) => format!("<={b:.1}"),
+        (None, None) => "-".into(),
+    }
 }
 
 pub fn run(from: &str, json: bool) -> anyhow::Result<()> {
@@ -93,7 +102,7 @@ mod tests {
             evidence: serde_json::json!({"idle_s": [6.0, 6.01, 6.02]}),
             fix: "Set the client's idle timeout below 6.0 s.".into(),
         };
-        let t = render_table(&[f]);
+        let t = render_table(std::slice::from_ref(&f));
         let mut lines = t.lines();
         assert!(lines.next().unwrap().starts_with("PATTERN"));
         let row = lines.next().unwrap();
@@ -108,5 +117,11 @@ mod tests {
         }
         assert!(lines.next().unwrap().starts_with("  fix: Set the client"));
         assert_eq!(render_table(&[]), "no findings\n");
+        // A path expiry's bound.
+        let mut path = f;
+        path.pattern = Pattern::PathExpiry;
+        path.inferred_timeout_s = None;
+        path.evidence = serde_json::json!({"idle_s": [6.25, 7.0], "expiry_at_most_s": 6.25});
+        assert!(render_table(&[path]).contains(" <=6.2 "), "the bound");
     }
 }

@@ -2,6 +2,8 @@
 //! inferred timeout matches one within 2 %. A hint, never a fact: any
 //! setting can be changed to any value (README, "Findings", has the
 //! table with its sources).
+//! `path_expiry` infers no timeout (its silences only bound the path's),
+//! so the path defaults are listed for the reader, named by no finding.
 
 use super::Pattern;
 

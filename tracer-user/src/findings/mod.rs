@@ -7,6 +7,7 @@
 //! fix. Pure: time comes in as arguments; unit tests drive it with
 //! synthetic facts.
 
+mod imbalance;
 mod killers;
 #[cfg(test)]
 mod tests;
@@ -18,7 +19,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use self::killers::likely_killer;
+pub(crate) use self::{
+    imbalance::{MIN_CONNECTIONS, imbalance},
+    killers::likely_killer,
+};
 use crate::track::classify::KeepaliveView;
 
 /// The patterns, each with its own rule (README, "Findings").
@@ -44,11 +48,14 @@ pub(crate) enum Pattern {
     StaleEndpoint,
     /// A pod's sidecar holds many times the app's connections.
     SidecarConnectionFanout,
+    /// The long-lived connections to one Service concentrate on few of
+    /// its backends.
+    ConnectionImbalance,
 }
 
 impl Pattern {
     #[cfg(test)]
-    pub(crate) const ALL: [Self; 8] = [
+    pub(crate) const ALL: [Self; 9] = [
         Self::ServerIdleTimeout,
         Self::PathExpiry,
         Self::KeepaliveRace,
@@ -57,6 +64,7 @@ impl Pattern {
         Self::CloseWaitLeak,
         Self::StaleEndpoint,
         Self::SidecarConnectionFanout,
+        Self::ConnectionImbalance,
     ];
 
     pub(crate) fn as_str(self) -> &'static str {
@@ -69,6 +77,7 @@ impl Pattern {
             Self::CloseWaitLeak => "close_wait_leak",
             Self::StaleEndpoint => "stale_endpoint",
             Self::SidecarConnectionFanout => "sidecar_connection_fanout",
+            Self::ConnectionImbalance => "connection_imbalance",
         }
     }
 
@@ -84,7 +93,7 @@ impl Pattern {
     }
 
     /// The finding in one sentence and what to change, with `t` the
-    /// inferred timeout in seconds.
+    /// inferred timeout in seconds (for `path_expiry`, the bound on it).
     fn fix(self, t: Option<f64>) -> String {
         let after = t.map_or_else(
             || "a fixed idle time".to_string(),
@@ -98,10 +107,12 @@ impl Pattern {
                  timeout above the pool's."
             ),
             Self::PathExpiry => format!(
-                "Something on the path (NAT, conntrack, load balancer) drops flows idle for \
-                 {after}. Turn TCP keepalive on with an idle time below {below} (socket options, \
-                 or the namespace's net.ipv4.tcp_keepalive_time); for a sidecar leg, Istio's \
-                 DestinationRule trafficPolicy.connectionPool.tcp.tcpKeepalive."
+                "Something on the path (NAT, conntrack, load balancer) drops flows idle for at \
+                 most {below} (the shortest silence a connection died after: the path's own idle \
+                 timeout may be shorter). Turn TCP keepalive on with an idle time below the \
+                 path's idle timeout, so at most {below} (socket options, or the namespace's \
+                 net.ipv4.tcp_keepalive_time); for a sidecar leg, Istio's DestinationRule \
+                 trafficPolicy.connectionPool.tcp.tcpKeepalive."
             ),
             Self::KeepaliveRace => format!(
                 "The client reuses connections the server already closed after {after} idle \
@@ -132,6 +143,12 @@ impl Pattern {
                  connections: lower Envoy's --concurrency (each worker pools its own upstream \
                  connections) and its idle timeouts, so that idle upstream connections are \
                  closed."
+                .to_string(),
+            Self::ConnectionImbalance => "Long-lived connections to this Service pin their \
+                 load on few of its pods: connections are balanced once, when they open. Give \
+                 them a maximum age (gRPC server MaxConnectionAge, the HTTP server's maximum \
+                 requests per connection) so that clients reconnect and spread, or balance per \
+                 request (a gRPC client round_robin policy, or a mesh's HTTP/2 balancing)."
                 .to_string(),
         }
     }
@@ -315,14 +332,21 @@ impl Findings {
             .iter()
             .map(|((pattern, _, _, _), e)| {
                 let idles: Vec<f64> = e.idles.iter().copied().collect();
-                let t = if pattern.timed() {
-                    inferred_timeout(&idles, tick.as_secs_f64())
-                } else {
-                    None
+                // A path drops an idle flow at its timeout, unseen: the
+                // endpoints learn of it only at their next packet, after a
+                // silence of their own choosing. Each silence bounds the
+                // timeout from above; none measures it.
+                let (t, bound) = match pattern {
+                    Pattern::PathExpiry => (None, idles.iter().copied().reduce(f64::min)),
+                    p if p.timed() => (inferred_timeout(&idles, tick.as_secs_f64()), None),
+                    _ => (None, None),
                 };
                 let mut evidence = serde_json::Map::new();
                 if pattern.timed() {
                     evidence.insert("idle_s".into(), serde_json::json!(idles));
+                }
+                if let Some(b) = bound {
+                    evidence.insert("expiry_at_most_s".into(), serde_json::json!(b));
                 }
                 if let Some(ka) = &e.keepalive {
                     evidence.insert(
@@ -343,7 +367,7 @@ impl Findings {
                     likely_killer: t
                         .map(|t| likely_killer(*pattern, t).unwrap_or("unknown").to_string()),
                     evidence: serde_json::Value::Object(evidence),
-                    fix: pattern.fix(t),
+                    fix: pattern.fix(t.or(bound)),
                 }
             })
             .collect();

@@ -54,7 +54,7 @@ fn kills_that_disagree_infer_nothing_and_an_unknown_timeout_names_no_killer() {
     // 4 agree, one outlier: T from the agreeing ones; 123 s is nobody's default.
     let mut f = Findings::new(Duration::from_hours(1), 100);
     for idle in [123.0, 122.5, 123.4, 500.0, 123.1] {
-        f.observe(kill(Pattern::PathExpiry, idle), at(0));
+        f.observe(kill(Pattern::ServerIdleTimeout, idle), at(0));
     }
     let one = &f.list(at(1), TICK)[0];
     assert!((one.inferred_timeout_s.unwrap() - 123.05).abs() < 1e-9);
@@ -126,4 +126,27 @@ fn every_pattern_has_a_name_and_a_fix() {
     }
     assert_eq!(secs(3600.0), "1 h");
     assert_eq!(secs(75.0), "75 s");
+}
+
+#[test]
+fn a_path_expiry_is_bounded_by_the_shortest_silence_never_inferred_from_the_silences() {
+    // Three reuses after 350 s of silence agree, but the path dropped the
+    // flows at some time before: no timeout, no killer, a bound.
+    let one = listed(Pattern::PathExpiry, &[350.2, 350.0, 350.1]);
+    assert!(one.inferred_timeout_s.is_none() && one.likely_killer.is_none());
+    assert_eq!(one.evidence["expiry_at_most_s"], 350.0);
+    assert!(one.fix.contains("at most 350 s"), "{}", one.fix);
+    assert!(one.fix.contains("keepalive"), "{}", one.fix);
+    // One failure is a bound already.
+    let one = listed(Pattern::PathExpiry, &[42.0]);
+    assert_eq!(one.evidence["expiry_at_most_s"], 42.0);
+}
+
+/// The one finding of kills of `pattern` after these idle times.
+fn listed(pattern: Pattern, idles: &[f64]) -> Finding {
+    let mut f = Findings::new(Duration::from_hours(1), 100);
+    for idle in idles {
+        f.observe(kill(pattern, *idle), at(0));
+    }
+    f.list(at(1), TICK).remove(0)
 }

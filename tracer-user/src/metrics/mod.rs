@@ -7,6 +7,7 @@
 //! the daemon's whole state: the tracker and the metrics it feeds.
 
 pub(crate) mod family;
+mod imbalance;
 pub(crate) mod labels;
 mod state;
 #[cfg(test)]

@@ -43,6 +43,9 @@ pub struct State {
     /// `conntracer_events_total` for open, close and sockopt.
     events_by_kind: [prometheus::IntCounter; 3],
     pub(crate) findings: Findings,
+    /// `connection_imbalance`'s settings.
+    imbalance_factor: f64,
+    imbalance_min_age: std::time::Duration,
 }
 
 /// A pod's sidecar holding at least this many connections ...
@@ -66,6 +69,8 @@ impl State {
             sockopt_values: LabelCap::new(cfg.max_sockopt_values),
             events_by_kind,
             findings: Findings::new(cfg.findings_expiry, cfg.max_findings),
+            imbalance_factor: cfg.imbalance_factor,
+            imbalance_min_age: cfg.imbalance_min_age,
         })
     }
 
@@ -492,6 +497,16 @@ impl State {
             f.subject.direction = "outbound".into();
             f.detail.insert("app_keepalive".into(), "on".into());
             f.detail.insert("upstream_keepalive".into(), "off".into());
+            self.findings.observe_state(f, n, at);
+        }
+        let now_ns = crate::event::clock::monotonic_ns();
+        let imbalances = super::imbalance::findings(
+            &mut self.tracker,
+            self.imbalance_factor,
+            self.imbalance_min_age,
+            now_ns,
+        );
+        for (f, n) in imbalances {
             self.findings.observe_state(f, n, at);
         }
         self.metrics.findings.reset();

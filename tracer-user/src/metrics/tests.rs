@@ -248,3 +248,71 @@ fn gauges_count_the_table_by_owner_direction_keepalive_and_peer() {
         "{open_lines:?}"
     );
 }
+
+/// `shop/grpc` (ClusterIP 10.96.5.1:50051 -> 15051) with 3 ready
+/// backends 10.244.1.1-3 and a not-ready one, 10.244.1.4.
+fn grpc_index() -> crate::owner::services::ServiceIndex {
+    use crate::owner::services::tests::{endpoint, service, slice};
+    let index = crate::owner::services::ServiceIndex::default();
+    let svc = service(
+        "shop",
+        "grpc",
+        &["10.96.5.1"],
+        &[("grpc", 50051, serde_json::json!(15051))],
+    );
+    let eps: Vec<serde_json::Value> = (1..=4)
+        .map(|i| endpoint(&format!("10.244.1.{i}"), &format!("grpc-{i}"), i < 4, false))
+        .collect();
+    let slices = [slice("shop", "grpc-x1", "grpc", &[("grpc", 15051)], &eps)];
+    index.apply_json(&[svc], &slices);
+    index
+}
+
+#[test]
+fn imbalance_counts_long_lived_connections_to_ready_backends_only() {
+    use crate::owner::attribute::SidecarRules;
+    let attr = Attributor::new(None, None, grpc_index(), SidecarRules::default());
+    let mut st = State::new(&Config::default(), attr).expect("state");
+    let mut cookie = 0;
+    let mut connect = |st: &mut State, to: [u8; 4], port: u16, n: u64, at_s: u64| {
+        for _ in 0..n {
+            cookie += 1;
+            let mut ev = open(cookie, at_s * 1_000_000_000);
+            ev.info.sock.daddr[..4].copy_from_slice(&to);
+            ev.info.sock.dport = port;
+            ev.info.sock.sport = 40000 + u16::try_from(cookie).unwrap();
+            st.handle(&ev);
+        }
+    };
+    // Long-lived: 20, 2 and 2 on the ready backends.
+    connect(&mut st, [10, 244, 1, 1], 15051, 20, 0);
+    connect(&mut st, [10, 244, 1, 2], 15051, 2, 0);
+    connect(&mut st, [10, 244, 1, 3], 15051, 2, 0);
+    // Not counted: a not-ready backend, the ClusterIP (NAT picks the pod
+    // below the socket), another port, and young connections.
+    connect(&mut st, [10, 244, 1, 4], 15051, 30, 0);
+    connect(&mut st, [10, 96, 5, 1], 50051, 30, 0);
+    connect(&mut st, [10, 244, 1, 2], 9999, 30, 0);
+    connect(&mut st, [10, 244, 1, 2], 15051, 10, 9);
+    let min_age = std::time::Duration::from_secs(5);
+    let at = |s: u64| s * 1_000_000_000;
+    let found = imbalance::findings(&mut st.tracker, 2.0, min_age, at(10));
+    let [(f, n)] = &found[..] else {
+        panic!("one finding: {found:#?}");
+    };
+    assert_eq!(*n, 24);
+    assert_eq!(
+        (f.subject.namespace.as_str(), f.subject.peer.as_str()),
+        ("shop", "shop/grpc")
+    );
+    assert_eq!(
+        f.detail["connections_per_pod"],
+        serde_json::json!({"shop/grpc-1": 20, "shop/grpc-2": 2, "shop/grpc-3": 2})
+    );
+    assert_eq!(f.detail["mean"], 8.0);
+    assert_eq!(f.detail["clients"], serde_json::json!({"host": 24}));
+    // Before any is 5 s old: none; with the young ones grown up: 20/12/2
+    // is under 2 times the mean (11.3).
+    assert!(imbalance::findings(&mut st.tracker, 2.0, min_age, at(4)).is_empty());
+    assert!(imbalance::findings(&mut st.tracker, 2.0, min_age, at(15)).is_empty());
+}

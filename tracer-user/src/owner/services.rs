@@ -270,6 +270,91 @@ impl ServiceIndex {
     }
 }
 
+/// A Service port as its EndpointSlices name it: namespace, Service name
+/// and port name ("" when unnamed). Headless Services have one too.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendSet {
+    pub namespace: String,
+    pub service: String,
+    pub port_name: String,
+}
+
+/// One ready endpoint of a [`BackendSet`]: address, target port, pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub pod: Option<String>,
+}
+
+// Backends of Services, for the connection-imbalance finding.
+impl ServiceIndex {
+    /// The Service ports whose EndpointSlices list ip:port (ready or not).
+    pub fn backend_sets_of(&self, ip: IpAddr, port: u16) -> Vec<BackendSet> {
+        let index = self.read();
+        let mut out = Vec::new();
+        for slice in index.by_ip.get(&canonical(ip)).into_iter().flatten() {
+            let Some(s) = index.slices.get(slice) else {
+                continue;
+            };
+            let Some(service) = s.service.as_deref() else {
+                continue;
+            };
+            for (name, _) in s.ports.iter().filter(|(_, p)| *p == port) {
+                let set = BackendSet {
+                    namespace: s.namespace.to_string(),
+                    service: service.to_owned(),
+                    port_name: name.to_string(),
+                };
+                if !out.contains(&set) {
+                    out.push(set);
+                }
+            }
+        }
+        out
+    }
+
+    /// The ready, not terminating endpoints of `set` over all its slices
+    /// (one scan of the slices: call it for few sets).
+    pub fn ready_backends(&self, set: &BackendSet) -> Vec<Backend> {
+        let index = self.read();
+        let mut out = Vec::new();
+        let of_set = index.slices.values().filter(|s| {
+            *s.namespace == *set.namespace && s.service.as_deref() == Some(set.service.as_str())
+        });
+        for s in of_set {
+            let Some(&(_, port)) = s.ports.iter().find(|(n, _)| **n == *set.port_name) else {
+                continue;
+            };
+            for e in s.endpoints.iter().filter(|e| e.ready && !e.terminating) {
+                out.push(Backend {
+                    ip: e.ip,
+                    port,
+                    pod: e.pod.as_deref().map(str::to_owned),
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+impl ServiceIndex {
+    /// Applies Services and EndpointSlices (API JSON) as their watches
+    /// would: for the tests of the stages that read the index.
+    pub(crate) fn apply_json(&self, services: &[serde_json::Value], slices: &[serde_json::Value]) {
+        let now = Instant::now();
+        for v in services {
+            let obj: ServiceObj = serde_json::from_value(v.clone()).expect("Service JSON");
+            self.apply(kube::runtime::watcher::Event::Apply(obj), now);
+        }
+        for v in slices {
+            let obj: SliceObj = serde_json::from_value(v.clone()).expect("EndpointSlice JSON");
+            self.apply(kube::runtime::watcher::Event::Apply(obj), now);
+        }
+    }
+}
+
 /// `namespace/name` of an object.
 type Key = Arc<str>;
 
@@ -328,6 +413,8 @@ struct Endpoint {
     /// The pod's name (`targetRef` of kind Pod).
     pod: Option<Box<str>>,
     terminating: bool,
+    /// `conditions.ready` (unknown counts as ready, as the API says).
+    ready: bool,
 }
 
 #[derive(Debug)]
@@ -470,4 +557,4 @@ pub(crate) use watch::spawn;
 pub(crate) use watch::{ServiceObj, SliceObj};
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

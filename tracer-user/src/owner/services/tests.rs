@@ -211,6 +211,68 @@ fn backends_are_endpoints_with_the_target_port_of_that_service_port() {
 }
 
 #[test]
+fn backend_sets_and_their_ready_backends_over_every_slice() {
+    let index = ServiceIndex::default();
+    // Ready; not ready; terminating.
+    let states = [("2.5", "a", true, false), ("3.6", "b", false, false)];
+    let eps: Vec<Value> = states
+        .iter()
+        .chain(&[("4.7", "c", false, true)])
+        .map(|(ip, pod, ready, terminating)| {
+            endpoint(
+                &format!("10.244.{ip}"),
+                &format!("cart-7d9f-{pod}"),
+                *ready,
+                *terminating,
+            )
+        })
+        .collect();
+    cart(&index, &eps);
+    // A second slice of the same Service.
+    let d = [endpoint("10.244.5.8", "cart-7d9f-d", true, false)];
+    let more = slice("shop", "cart-def34", "cart", &[("http", 8080)], &d);
+    index.apply(Event::Apply(slice_obj(&more)), Instant::now());
+    let http = BackendSet {
+        namespace: "shop".into(),
+        service: "cart".into(),
+        port_name: "http".into(),
+    };
+    assert_eq!(
+        index.backend_sets_of(ip("10.244.3.6"), 8080),
+        std::slice::from_ref(&http)
+    );
+    assert_eq!(
+        index.backend_sets_of(ip("10.244.3.6"), 9090)[0].port_name,
+        "grpc"
+    );
+    assert!(index.backend_sets_of(ip("10.244.3.6"), 80).is_empty());
+    let ready: Vec<(IpAddr, u16, Option<String>)> = index
+        .ready_backends(&http)
+        .into_iter()
+        .map(|b| (b.ip, b.port, b.pod))
+        .collect();
+    let mut ready = ready;
+    ready.sort();
+    // Not ready and terminating endpoints are left out.
+    assert_eq!(
+        ready,
+        [
+            (ip("10.244.2.5"), 8080, Some("cart-7d9f-a".into())),
+            (ip("10.244.5.8"), 8080, Some("cart-7d9f-d".into())),
+        ]
+    );
+    // An endpoint whose readiness is unknown counts as ready.
+    let mut unknown = endpoint("10.244.6.9", "cart-7d9f-e", true, false);
+    unknown["conditions"]
+        .as_object_mut()
+        .unwrap()
+        .remove("ready");
+    let s = slice("shop", "cart-ghi56", "cart", &[("http", 8080)], &[unknown]);
+    index.apply(Event::Apply(slice_obj(&s)), Instant::now());
+    assert_eq!(index.ready_backends(&http).len(), 3);
+}
+
+#[test]
 fn pods_of_other_nodes_are_named_from_target_refs_and_this_nodes_pods_first() {
     let pods = PodIndex::new();
     apply(&pods, &pod("shop", "local-1", "uid-l", "10.244.1.5", &[]));

@@ -340,6 +340,7 @@ struct EndpointObj {
 #[serde(default)]
 struct Conditions {
     terminating: Option<bool>,
+    ready: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -390,12 +391,14 @@ impl Watched for SliceObj {
                 .as_ref()
                 .and_then(|c| c.terminating)
                 .unwrap_or(false);
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             for ip in e.addresses.iter().flatten() {
                 if let Ok(ip) = ip.parse::<IpAddr>().map(canonical) {
                     endpoints.push(Endpoint {
                         ip,
                         pod: pod.clone(),
                         terminating,
+                        ready,
                     });
                 }
             }
