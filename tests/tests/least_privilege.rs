@@ -121,7 +121,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     // The connection older than the daemon, of another user, in a namespace
     // only /proc leads to: found at start-up, with its owner and keepalive.
     let list = daemon.connections();
-    let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
+    let old = pod_conn(&list, old_port, 17_471)
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}\n{stderr}"));
     assert_owned(old, "proc", pod.pid());
     assert_eq!(old["uid"].as_u64(), Some(u64::from(POD_UID)), "{old}");
@@ -136,7 +136,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     pod.go();
     let new_port = pod.expect_port("new");
     let list = daemon.connections();
-    let new = find_local(&list, &format!("127.0.0.1:{new_port}"))
+    let new = pod_conn(&list, new_port, 17_471)
         .unwrap_or_else(|| panic!("new connection :{new_port} not in {list:#}"));
     assert_owned(new, "known", pod.pid());
     assert_eq!(new["uid"].as_u64(), Some(u64::from(POD_UID)), "{new}");
@@ -183,22 +183,36 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
     );
 }
 
+/// The `/connections` entry of the pod process's client socket from
+/// `port` to its own listener on `pod_port` (both ends: on a host with many
+/// loopback connections one in another namespace has the same local port).
+fn pod_conn(list: &serde_json::Value, port: u16, pod_port: u16) -> Option<&serde_json::Value> {
+    let (local, remote) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{pod_port}"));
+    list.as_array()?
+        .iter()
+        .find(|c| c["local"] == local && c["remote"] == remote)
+}
+
 /// The daemon with `caps`: what it said on stderr, and whether the pod
-/// process's old connection was listed, and with which owner.
+/// process's old connection (to [`PORT_UNDER_CAPS`]) was listed, and with
+/// which owner.
 fn run_with(caps: &[&str], old_port: u16) -> Result<(String, Option<String>), String> {
     let daemon = Daemon::start_with_caps(caps, "1s", &["--no-kube"])?;
     let list = daemon.connections();
-    let owner = find_local(&list, &format!("127.0.0.1:{old_port}"))
+    let owner = pod_conn(&list, old_port, PORT_UNDER_CAPS)
         .map(|c| c["owner"].as_str().unwrap_or_default().to_owned());
     let stderr = daemon.stderr();
     assert!(daemon.stop(), "exits 0 on SIGTERM with {caps:?}");
     Ok((stderr, owner))
 }
 
+/// The pod process's port in the capability test.
+const PORT_UNDER_CAPS: u16 = 17_472;
+
 #[test]
 fn root_each_missing_capability_is_fatal_or_named() {
     let _serial = serial_unless_skipped!();
-    let (pod, old_port) = pod_process(17_472);
+    let (pod, old_port) = pod_process(PORT_UNDER_CAPS);
     let without = |cap: &str| -> Vec<&str> {
         DAEMONSET_CAPS
             .iter()
@@ -269,6 +283,7 @@ fn root_each_missing_capability_is_fatal_or_named() {
 fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
     let _serial = serial_unless_skipped!();
     let (pod, old_port) = pod_process(17_474);
+    let pod_port = 17_474;
     let daemon = Daemon::start_as_user_with_caps(65_532, &DAEMONSET_CAPS, "1s", &["--no-kube"])
         .unwrap_or_else(|stderr| panic!("did not start as uid 65532:\n{stderr}"));
     let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("status");
@@ -279,7 +294,7 @@ fn root_daemonset_capabilities_also_work_for_a_non_root_uid() {
         "{status}"
     );
     let list = daemon.connections();
-    let old = find_local(&list, &format!("127.0.0.1:{old_port}"))
+    let old = pod_conn(&list, old_port, pod_port)
         .unwrap_or_else(|| panic!("old connection :{old_port} not in {list:#}"));
     assert_owned(old, "proc", pod.pid());
     assert!(
