@@ -11,6 +11,15 @@ use crate::{
     sys,
 };
 
+/// What a resync changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Reconciled {
+    /// Table entries whose socket was gone.
+    pub gone: usize,
+    /// Live sockets left out because the table was full.
+    pub not_added: usize,
+}
+
 impl Tracker {
     /// Reconciles the table with the kernel's sockets (a fresh snapshot of
     /// every namespace, taken starting at `started_ns`):
@@ -24,8 +33,9 @@ impl Tracker {
     ///   events follow: after a daemon restart, every chain older than the
     ///   daemon is back once its pods are known.
     ///
-    /// Returns how many were removed.
-    pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) -> usize {
+    /// Returns how many were removed, and how many were not added because
+    /// the table was full.
+    pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) -> Reconciled {
         let mut wanted = HashSet::new();
         for ev in snapshot {
             if let EventData::Snapshot(s) = ev.data {
@@ -124,7 +134,10 @@ impl Tracker {
             owners.len(),
             self.listener_owners.len()
         );
-        gone.len()
+        Reconciled {
+            gone: gone.len(),
+            not_added: skipped,
+        }
     }
 
     /// The listeners of the snapshot and their owners, which accepted
@@ -152,8 +165,12 @@ impl Tracker {
         unchained.sort_unstable();
         let chained_before = self.chains.len();
         for (_, cookie) in unchained {
-            if let Some(info) = self.table.get(cookie).map(|c| c.info) {
-                let leg = self.leg(&info);
+            if let Some(leg) = self
+                .table
+                .get(cookie)
+                .map(|c| c.info)
+                .and_then(|i| self.leg(&i))
+            {
                 self.chains.on_open(leg, self.attr.services());
             }
         }

@@ -112,8 +112,9 @@ impl Tracker {
                     peer_closed_ns: 0,
                     end_counted: false,
                 });
-                let leg = self.leg(&info);
-                self.chains.on_open(leg, self.attr.services());
+                if let Some(leg) = self.leg(&info) {
+                    self.chains.on_open(leg, self.attr.services());
+                }
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
@@ -269,11 +270,15 @@ impl Tracker {
         }
     }
 
-    /// What the chain tracker needs of a connection.
-    pub(super) fn leg(&mut self, info: &EventInfo) -> Leg {
+    /// What the chain tracker needs of a connection; `None` outside pods,
+    /// where no chain can start (the common case on a host: no leg built).
+    pub(super) fn leg(&mut self, info: &EventInfo) -> Option<Leg> {
         let attr = self.attr.attribute(&info.owner);
+        if attr.pod_uid.is_empty() {
+            return None;
+        }
         let unspecified = IpAddr::from([0, 0, 0, 0]);
-        Leg {
+        Some(Leg {
             cookie: info.cookie,
             netns: info.netns,
             pod_uid: attr.pod_uid,
@@ -282,7 +287,7 @@ impl Tracker {
             local: (info.sock.local().unwrap_or(unspecified), info.sock.sport),
             remote: (info.sock.remote().unwrap_or(unspecified), info.sock.dport),
             owner: info.owner,
-        }
+        })
     }
 
     /// (namespace, pod, peer before capping) of a chain: the app's pod and

@@ -7,7 +7,10 @@ use super::{Report, levels, summarize};
 use crate::bench::{
     Args,
     procs::tracer::Config,
-    scenario::{memory::mib, paced::PacedRun},
+    scenario::{
+        memory::{Resync, mib},
+        paced::PacedRun,
+    },
     stats::{self, Summary},
 };
 
@@ -331,6 +334,9 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
             mib(mem.maps.iter().map(|m| m.memlock).sum()),
             maps.join(", ")
         );
+        if let Some(r) = &mem.resync {
+            resync_section(&mut s, r);
+        }
         if has("memory.svg") {
             let _ = writeln!(s, "\n![memory by tracked connections](bench/memory.svg)");
         }
@@ -604,5 +610,43 @@ fn cluster_section(s: &mut String, c: &crate::bench::scenario::cluster::Cluster)
          second is after the fake cut every watch and expired its history, so that the daemon \
          listed everything again beside its index ({} endpoints indexed after it).",
         c.relist_endpoints
+    );
+}
+
+/// The periodic resync, below the memory table.
+fn resync_section(s: &mut String, r: &Resync) {
+    let Resync {
+        tracked,
+        interval_s,
+        samples,
+        full_cap,
+        full_resyncs,
+        full_evictions,
+        full_inserts,
+        full_not_added,
+        ..
+    } = *r;
+    let ms = |x: f64| format!("{:.0}", x * 1e3);
+    let (wall, wall_max) = (ms(r.duration_median_s), ms(r.duration_max_s));
+    let (cpu, cpu_max) = (ms(r.cpu_median_s), ms(r.cpu_max_s));
+    // What it costs on average at the default interval.
+    let mcpu = r.cpu_median_s / 30.0 * 1e3;
+    let rss = mib(r.rss_bytes);
+    let _ = writeln!(
+        s,
+        "\n#### Periodic resync\n\n\
+         With {held} loopback sockets held, a daemon run with `--resync-interval {interval_s}s` \
+         (tracking {tracked}): each resync walks every TCP socket of every network namespace \
+         with the iterator and reconciles the table with them. Its wall time \
+         (`conntracer_resync_duration_seconds`) and the daemon's CPU time during it \
+         (`conntracer_resync_cpu_seconds`, all threads) over {samples} resyncs: **{wall} ms** \
+         (max {wall_max} ms) and **{cpu} ms of CPU** (max {cpu_max} ms), i.e. {mcpu:.1} mCPU \
+         at the default 30 s interval. RSS after them: {rss:.1} MiB.\n\n\
+         Then the same sockets with a daemon whose table holds {full_cap} \
+         (`--max-connections`): over {full_resyncs} resyncs the table evicted {full_evictions} \
+         connections (against {full_inserts} `open`/`end` events, the only inserts that may \
+         evict) and the resyncs left {full_not_added} live sockets out: what a full table \
+         evicted stays out, and no resync evicts to re-add it.",
+        held = 2 * full_cap,
     );
 }
