@@ -6,6 +6,7 @@ use std::{
     collections::{HashMap, HashSet},
     hash::{BuildHasherDefault, Hasher},
     net::IpAddr,
+    num::NonZeroU64,
     ops::RangeInclusive,
 };
 
@@ -133,8 +134,10 @@ type GaugeMap = HashMap<GaugeKey, i64, BuildHasherDefault<CookieHasher>>;
 struct Entry {
     conn: Conn,
     /// The cookies inserted just before and after it (still in the table).
-    prev: Option<u64>,
-    next: Option<u64>,
+    /// Kernel cookies start at 1 and derived ids have bit 63 set, so 0 is
+    /// never a connection's: an entry keyed 0 (none is) would stay unlinked.
+    prev: Option<NonZeroU64>,
+    next: Option<NonZeroU64>,
 }
 
 #[derive(Debug)]
@@ -145,8 +148,8 @@ pub(crate) struct ConnTable {
     /// its neighbours (which were inserted around the same time, so sit
     /// near it in the table), and nothing looks up a cookie that is gone:
     /// a queue of cookies with lazy deletion did, at each compaction.
-    oldest: Option<u64>,
-    newest: Option<u64>,
+    oldest: Option<NonZeroU64>,
+    newest: Option<NonZeroU64>,
     cap: usize,
     /// Connections dropped to stay within `cap`.
     pub evicted: u64,
@@ -282,10 +285,13 @@ impl ConnTable {
             }
             return;
         }
-        let prev = self.newest.replace(cookie);
-        match prev.and_then(|p| self.conns.get_mut(&p)) {
-            Some(p) => p.next = Some(cookie),
-            None => self.oldest = Some(cookie),
+        let mut prev = None;
+        if let Some(linked) = NonZeroU64::new(cookie) {
+            prev = self.newest.replace(linked);
+            match prev.and_then(|p| self.conns.get_mut(&p.get())) {
+                Some(p) => p.next = Some(linked),
+                None => self.oldest = Some(linked),
+            }
         }
         self.conns.insert(
             cookie,
@@ -296,7 +302,7 @@ impl ConnTable {
             },
         );
         while self.conns.len() > self.cap {
-            match self.oldest.and_then(|old| self.remove(old)) {
+            match self.oldest.and_then(|old| self.remove(old.get())) {
                 Some(_) => self.evicted += 1,
                 None => break,
             }
@@ -305,13 +311,15 @@ impl ConnTable {
 
     pub(crate) fn remove(&mut self, cookie: u64) -> Option<Conn> {
         let Entry { conn, prev, next } = self.conns.remove(&cookie)?;
-        match prev.and_then(|p| self.conns.get_mut(&p)) {
-            Some(p) => p.next = next,
-            None => self.oldest = next,
-        }
-        match next.and_then(|n| self.conns.get_mut(&n)) {
-            Some(n) => n.prev = prev,
-            None => self.newest = prev,
+        if cookie != 0 {
+            match prev.and_then(|p| self.conns.get_mut(&p.get())) {
+                Some(p) => p.next = next,
+                None => self.oldest = next,
+            }
+            match next.and_then(|n| self.conns.get_mut(&n.get())) {
+                Some(n) => n.prev = prev,
+                None => self.newest = prev,
+            }
         }
         self.count(&conn, -1);
         Some(conn)
@@ -435,6 +443,12 @@ mod tests {
             (vec![9, 10, 11], 4),
             "7 was the oldest"
         );
+        // Cookie 0 (never a kernel's) stays out of the order, and its
+        // removal leaves the list alone.
+        t.insert(conn(0));
+        assert_eq!((t.order(), t.evicted), (vec![10, 11], 5), "9 made room");
+        t.remove(0);
+        assert_eq!((t.order(), t.len()), (vec![10, 11], 2));
     }
 
     impl ConnTable {
@@ -443,18 +457,23 @@ mod tests {
             let mut fwd = Vec::new();
             let mut at = self.oldest;
             while let Some(c) = at {
-                fwd.push(c);
-                at = self.conns[&c].next;
+                fwd.push(c.get());
+                at = self.conns[&c.get()].next;
             }
             let mut back = Vec::new();
             let mut at = self.newest;
             while let Some(c) = at {
-                back.push(c);
-                at = self.conns[&c].prev;
+                back.push(c.get());
+                at = self.conns[&c.get()].prev;
             }
             back.reverse();
             assert_eq!(fwd, back, "the list both ways");
-            assert_eq!(fwd.len(), self.conns.len(), "every entry listed once");
+            let unlinked = usize::from(self.conns.contains_key(&0));
+            assert_eq!(
+                fwd.len() + unlinked,
+                self.conns.len(),
+                "every entry listed once"
+            );
             fwd
         }
     }

@@ -188,6 +188,27 @@ mod tracker {
     }
 
     #[test]
+    fn resync_looks_in_proc_once_for_a_socket_no_process_holds() {
+        let mut t = host_tracker(&Config::default());
+        // An orphan (no process holds it): unknown owner, an inode no
+        // descriptor links to.
+        let orphan = |ino: u64| {
+            let mut s = testing::snapshot(T0_NS + S, true, 40100);
+            s.info.cookie = 77;
+            s.info.owner = tracer_common::Owner::default();
+            s.data.ino = ino;
+            decoded(&s)
+        };
+        let ino = u64::from(u32::MAX) + 12_345;
+        t.resync(&[orphan(ino)], T0_NS + S);
+        assert!(t.unowned.contains(&ino), "remembered as held by no process");
+        t.resync(&[orphan(ino)], T0_NS + 2 * S);
+        assert!(t.unowned.contains(&ino), "kept while the socket lives");
+        t.resync(&[], T0_NS + 3 * S);
+        assert!(t.unowned.is_empty(), "forgotten with the socket");
+    }
+
+    #[test]
     fn resync_into_a_full_table_does_not_evict_to_re_add() {
         let mut t = three_after_opens(5);
         assert_eq!((t.table.len(), t.table.evicted), (3, 2));

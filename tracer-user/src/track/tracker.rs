@@ -1,7 +1,11 @@
 //! The tracker: each event applied to the connection table and the chains,
 //! and what came of it for the metrics to count.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
@@ -34,6 +38,9 @@ pub(crate) struct Tracker {
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     pub(super) listener_owners: HashMap<(u32, u16), Owner>,
+    /// Inodes of live sockets a complete /proc scan found no owner for
+    /// (see `resync`), at most one per socket of the last snapshot.
+    pub(super) unowned: HashSet<u64>,
 }
 
 /// What an event changed that the metrics count.
@@ -87,6 +94,7 @@ impl Tracker {
                 PendingCaps::new(cfg.max_connections),
             ),
             listener_owners: HashMap::new(),
+            unowned: HashSet::new(),
         }
     }
 

@@ -192,8 +192,14 @@ pub fn memory(ctx: &mut Ctx, args: &Args) -> Result<Memory> {
     }
     let maps = procs::maps_of(pid)?;
     tracer.stop()?;
-    let resync = match levels.last() {
-        Some(&top) => Some(resync(ctx, top.div_ceil(2))?),
+    // At the level the RSS target is set for (100k tracked), else the largest.
+    let at = levels
+        .iter()
+        .copied()
+        .find(|&l| l >= RESYNC_AT)
+        .or(levels.last().copied());
+    let resync = match at {
+        Some(level) => Some(resync(ctx, level.div_ceil(2))?),
         None => None,
     };
     Ok(Memory {
@@ -204,6 +210,9 @@ pub fn memory(ctx: &mut Ctx, args: &Args) -> Result<Memory> {
         resync,
     })
 }
+
+/// Tracked connections the resync is measured with (the RSS target's).
+const RESYNC_AT: usize = 100_000;
 
 /// Resyncs completed by the daemon (`conntracer_resyncs_total`).
 fn resyncs(text: &str) -> f64 {
