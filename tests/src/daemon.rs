@@ -571,6 +571,21 @@ pub fn find_local<'a>(list: &'a serde_json::Value, local: &str) -> Option<&'a se
     list.as_array()?.iter().find(|c| c["local"] == local)
 }
 
+/// The entries of a `/connections` list in network namespace `netns` with
+/// `addr` at either end (both sockets of loopback connections to it).
+pub fn conns_at<'a>(
+    list: &'a serde_json::Value,
+    netns: u64,
+    addr: &str,
+) -> Vec<&'a serde_json::Value> {
+    list.as_array()
+        .expect("array")
+        .iter()
+        .filter(|c| c["netns"].as_u64() == Some(netns))
+        .filter(|c| c["local"] == addr || c["remote"] == addr)
+        .collect()
+}
+
 /// The entry of a `/connections` list from `local` to `remote`.
 #[track_caller]
 pub fn find_conn<'a>(

@@ -21,7 +21,7 @@ use std::{
 
 use integration_tests::{
     NetNs,
-    daemon::{Daemon, Metrics, http_get},
+    daemon::{Daemon, Metrics, conns_at, http_get},
     serial_unless_skipped,
 };
 
@@ -194,12 +194,8 @@ fn root_tiny_ring_under_churn_counts_every_loss_and_the_table_does_not_leak() {
     // The held connections are all in the table (found again by the resync
     // where their `open` was lost).
     let listed = daemon.connections();
-    let ours = listed
-        .as_array()
-        .expect("array")
+    let ours = conns_at(&listed, ns.inode(), &held_server.to_string())
         .iter()
-        .filter(|c| c["netns"].as_u64() == Some(ns.inode()))
-        .filter(|c| c["local"] == held_server.to_string() || c["remote"] == held_server.to_string())
         .map(|c| c["tracked"] == true)
         .collect::<Vec<bool>>();
     assert_eq!(ours.len(), 2 * HELD, "held connections listed");

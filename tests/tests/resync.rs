@@ -1,7 +1,8 @@
 //! A daemon that starts (or restarts) after connections and listeners were
 //! opened must find them, with their owners (from /proc) and their real
 //! keepalive settings, and still classify their idle kills; connections a
-//! listener older than the daemon accepts later get that listener's owner.
+//! listener older than the daemon accepts later get that listener's owner;
+//! a full table is not churned by resyncs re-adding what it evicted.
 
 #![expect(
     clippy::float_cmp,
@@ -12,7 +13,7 @@ use std::{thread, time::Duration};
 
 use integration_tests::{
     NetNs, ct_client,
-    daemon::{Daemon, assert_owned, find_conn, find_local},
+    daemon::{Daemon, Metrics, assert_owned, conns_at, find_conn, find_local},
     scenario::{args, local},
     serial_unless_skipped,
     servers::Redis,
@@ -95,4 +96,78 @@ fn root_accepts_of_a_listener_older_than_the_daemon_get_its_owner() {
     assert_eq!(mine["owner"], "known", "opened after the daemon: {mine}");
     client.go();
     client.expect_closed_then_exit();
+}
+
+#[test]
+fn root_a_full_table_does_not_evict_to_re_add_at_every_resync() {
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+
+    /// Loopback connections held open (two sockets each), and the table's cap.
+    const HELD: u32 = 40;
+    const CAP: u32 = 30;
+    let _serial = serial_unless_skipped!();
+    let ns = NetNs::new();
+    let cap = CAP.to_string();
+    let args = [
+        "--no-kube",
+        "--max-connections",
+        &cap,
+        "--resync-interval",
+        "1s",
+    ];
+    let daemon = Daemon::start("1s", &args);
+    let server = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 16392);
+    let held = ns
+        .spawn_in(move || {
+            let l = TcpListener::bind(server).expect("bind");
+            let clients: Vec<TcpStream> = (0..HELD)
+                .map(|_| TcpStream::connect(server).expect("connect"))
+                .collect();
+            let accepted: Vec<TcpStream> =
+                (0..HELD).map(|_| l.accept().expect("accept").0).collect();
+            (l, clients, accepted)
+        })
+        .join()
+        .expect("held thread");
+    let evictions = |m: &Metrics| m.sum("conntracer_table_evictions_total", &[]);
+    // What can evict: a new connection's open, or the peer's FIN of one the
+    // table did not have. A resync must not.
+    let inserts = |m: &Metrics| {
+        m.sum("conntracer_events_total", &[("kind", "open")])
+            + m.sum("conntracer_events_total", &[("kind", "end")])
+    };
+    let not_added = |m: &Metrics| m.sum("conntracer_resync_not_added_total", &[]);
+    // Our sockets alone are 2 * HELD - CAP more than the table holds: each
+    // resync leaves at least that many out.
+    let per_resync = f64::from(2 * HELD - CAP);
+    let before = daemon.wait_metrics(Duration::from_secs(10), |m| not_added(m) >= per_resync);
+    let after = daemon.wait_metrics(Duration::from_secs(15), |m| {
+        not_added(m) - not_added(&before) >= 3.0 * per_resync
+    });
+    let (evicted, inserted, left_out) = (
+        evictions(&after) - evictions(&before),
+        inserts(&after) - inserts(&before),
+        not_added(&after) - not_added(&before),
+    );
+    eprintln!(
+        "over >= 3 resyncs: {left_out} sockets left out, {evicted} evictions, {inserted} opens/ends"
+    );
+    assert!(
+        left_out >= 3.0 * per_resync,
+        "resyncs left out {left_out} sockets (want >= {})",
+        3.0 * per_resync
+    );
+    assert!(
+        evicted <= inserted,
+        "{evicted} evictions but only {inserted} opens/ends: resyncs evicted to re-add"
+    );
+    assert!(
+        daemon.scrape().sum("conntracer_tracked_connections", &[]) <= f64::from(CAP),
+        "the table holds at most its cap"
+    );
+    // Every one of our sockets is still listed (from the kernel), tracked or not.
+    let list = daemon.connections();
+    let ours = conns_at(&list, ns.inode(), &server.to_string()).len();
+    assert_eq!(ours, 2 * HELD as usize, "held sockets listed");
+    drop(held);
 }

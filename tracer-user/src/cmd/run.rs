@@ -19,7 +19,7 @@ use tokio::{
 
 use crate::{
     config::Config,
-    event::clock::{WallClock, monotonic_ns},
+    event::clock::{WallClock, monotonic_ns, process_cpu_ns},
     kernel::{Kernel, KernelOptions, ring::EventRing},
     metrics::State,
     owner::attribute::Attributor,
@@ -86,6 +86,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let attr = Attributor::from_config(&cfg);
     let mut state = State::new(&cfg, attr)?;
     let started = monotonic_ns();
+    let cpu = process_cpu_ns();
     let snap = kernel.snapshot();
     state
         .metrics
@@ -94,6 +95,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     match snap {
         Ok(snap) => {
             state.resync(&snap, started);
+            state.resync_took(monotonic_ns() - started, process_cpu_ns() - cpu);
             log::info!("{} connections open at start", state.tracker.table.len());
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
@@ -133,10 +135,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 // snapshot is compared with an up-to-date table.
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let started = monotonic_ns();
+                let cpu = process_cpu_ns();
                 let snap = shared.snapshot();
                 let mut state = shared.state.lock().expect("state lock");
                 match snap {
-                    Ok(snap) => state.resync(&snap, started),
+                    Ok(snap) => {
+                        state.resync(&snap, started);
+                        state.resync_took(monotonic_ns() - started, process_cpu_ns() - cpu);
+                    }
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
                 }
                 state.forget_deleted_pods(std::time::Instant::now());

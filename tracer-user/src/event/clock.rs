@@ -17,6 +17,11 @@ pub(crate) fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
 
+/// CPU time of this whole process (every thread), in nanoseconds.
+pub(crate) fn process_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
 /// Maps monotonic timestamps to wall-clock time, with the offset measured once.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct WallClock {

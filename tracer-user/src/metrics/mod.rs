@@ -114,6 +114,10 @@ pub(crate) struct Metrics {
     pub kube_pods: IntGauge,
     pub kube_index: Gauge<IndexKind<'static>>,
     pub table_reconciled: IntCounter,
+    pub resyncs: IntCounter,
+    pub resync_not_added: IntCounter,
+    pub resync_duration: prometheus::Gauge,
+    pub resync_cpu: prometheus::Gauge,
     pub kube_errors: IntCounter,
     pub cgroup_rescans: IntCounter,
     pub proc_errors: IntCounter,
@@ -265,6 +269,38 @@ impl Metrics {
                     "conntracer_table_reconciled_total",
                     "Connections removed from the table because the kernel no longer had them \
                      (their close event was missed, e.g. lost).",
+                ),
+            )?,
+            resyncs: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_resyncs_total",
+                    "Resyncs of the table with the kernel's sockets done (at start-up, then \
+                     every resync_interval).",
+                ),
+            )?,
+            resync_not_added: plain(
+                &r,
+                IntCounter::new(
+                    "conntracer_resync_not_added_total",
+                    "Sockets a resync found but did not add because the table was full: \
+                     connections evicted to stay within max_connections stay out, never \
+                     evicting others at every resync.",
+                ),
+            )?,
+            resync_duration: plain(
+                &r,
+                prometheus::Gauge::new(
+                    "conntracer_resync_duration_seconds",
+                    "Wall time of the last resync: the snapshot of every network namespace's \
+                     TCP sockets and its reconciliation with the table.",
+                ),
+            )?,
+            resync_cpu: plain(
+                &r,
+                prometheus::Gauge::new(
+                    "conntracer_resync_cpu_seconds",
+                    "CPU time of the daemon (all its threads) during the last resync.",
                 ),
             )?,
             kube_pods: plain(

@@ -313,8 +313,21 @@ impl State {
 
     /// [`Tracker::resync`], counted.
     pub(crate) fn resync(&mut self, snapshot: &[ConnEvent], started_ns: u64) {
-        let gone = self.tracker.resync(snapshot, started_ns);
-        self.metrics.table_reconciled.inc_by(gone as u64);
+        let r = self.tracker.resync(snapshot, started_ns);
+        self.metrics.resyncs.inc();
+        self.metrics.table_reconciled.inc_by(r.gone as u64);
+        self.metrics.resync_not_added.inc_by(r.not_added as u64);
+    }
+
+    /// What the last resync (snapshot and reconciliation) took: wall and
+    /// CPU time, in nanoseconds.
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "durations in ns, far below 2^52"
+    )]
+    pub(crate) fn resync_took(&self, wall_ns: u64, cpu_ns: u64) {
+        self.metrics.resync_duration.set(wall_ns as f64 / 1e9);
+        self.metrics.resync_cpu.set(cpu_ns as f64 / 1e9);
     }
 
     /// `conntracer_connections_open`, `conntracer_peer_connections_open`

@@ -79,22 +79,24 @@ pub(crate) fn uid_gid(status: &str) -> Option<(u32, u32)> {
 /// Finds the process holding each socket inode in `wanted`. The first
 /// process found wins (a socket shared after fork has several).
 /// `cgroup_mount` turns `/proc/<pid>/cgroup` into the cgroup id (the
-/// directory's inode), as the kernel programs report it.
+/// directory's inode), as the kernel programs report it. Also says
+/// whether the scan was complete (read every descriptor, within `budget`):
+/// only then is a socket not found held by no process this daemon sees.
 pub(crate) fn socket_owners<S: std::hash::BuildHasher>(
     wanted: &HashSet<u64, S>,
     cgroup_mount: Option<&Path>,
     budget: ScanBudget,
-) -> HashMap<u64, Owner> {
+) -> (HashMap<u64, Owner>, bool) {
     let mut out = HashMap::new();
     if wanted.is_empty() {
-        return out;
+        return (out, true);
     }
     let started = Instant::now();
     let mut fds = 0usize;
     let Ok(procs) = fs::read_dir("/proc") else {
-        return out;
+        return (out, false);
     };
-    'procs: for p in procs.flatten() {
+    for p in procs.flatten() {
         let name = p.file_name();
         let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
@@ -120,7 +122,7 @@ pub(crate) fn socket_owners<S: std::hash::BuildHasher>(
                     "stopped looking for socket owners in /proc after {fds} descriptors and {:?}",
                     started.elapsed()
                 );
-                break 'procs;
+                return (out, false);
             }
             let link = match fs::read_link(e.path()) {
                 Ok(link) => link,
@@ -160,7 +162,7 @@ pub(crate) fn socket_owners<S: std::hash::BuildHasher>(
             break;
         }
     }
-    out
+    (out, true)
 }
 
 /// What the kernel programs would have captured for `pid`, from /proc.
@@ -370,11 +372,16 @@ mod tests {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
         let link = fs::read_link(format!("/proc/self/fd/{fd}")).expect("fd link");
         let ino = socket_inode(&link.to_string_lossy()).expect("a socket");
-        let owners = socket_owners(&HashSet::from([ino]), None, ScanBudget::default());
+        let (owners, complete) = socket_owners(&HashSet::from([ino]), None, ScanBudget::default());
+        assert!(complete);
         let owner = owners.get(&ino).expect("found");
         assert_eq!(owner.pid, std::process::id());
         assert_eq!(owner.flags & owner_flags::FROM_PROC, owner_flags::FROM_PROC);
-        assert!(socket_owners(&HashSet::new(), None, ScanBudget::default()).is_empty());
+        assert!(
+            socket_owners(&HashSet::new(), None, ScanBudget::default())
+                .0
+                .is_empty()
+        );
     }
 }
 

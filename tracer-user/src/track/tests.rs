@@ -76,7 +76,7 @@ mod tracker {
         listener.info.sock.state = tcp_state::LISTEN;
         listener.info.owner.flags = owner_flags::KNOWN | owner_flags::LISTENER;
         listener.info.cookie = 10;
-        assert_eq!(t.resync(&[decoded(&listener)], T0_NS), 0);
+        assert_eq!(t.resync(&[decoded(&listener)], T0_NS).gone, 0);
 
         // An accept whose socket carries no owner: the kernel had none for
         // the listener. In the listener's netns it inherits; in another not.
@@ -164,7 +164,7 @@ mod tracker {
                 decoded(&s)
             })
             .into();
-        assert_eq!(t.resync(&snap, T0_NS + S), 1, "3 was gone");
+        assert_eq!(t.resync(&snap, T0_NS + S).gone, 1, "3 was gone");
         assert!(t.table.get(3).is_none());
         let readded = t.table.get(1).expect("re-added from the snapshot");
         assert!(!readded.opened);
@@ -176,7 +176,7 @@ mod tracker {
 
         // 5 opens while the next snapshot is taken: it is not in it, and stays.
         t.handle(&open(5, T0_NS + 3 * S));
-        assert_eq!(t.resync(&snap, T0_NS + 2 * S), 0);
+        assert_eq!(t.resync(&snap, T0_NS + 2 * S).gone, 0);
         assert!(t.table.get(5).is_some(), "opened after the snapshot began");
         assert_eq!(t.table.len(), 3);
 
@@ -185,6 +185,27 @@ mod tracker {
         close3.info.cookie = 3;
         let c = closed(t.handle(&decoded(&close3)));
         assert_eq!((c.info.sock.sport, c.dir), (40003, Direction::Outbound));
+    }
+
+    #[test]
+    fn resync_looks_in_proc_once_for_a_socket_no_process_holds() {
+        let mut t = host_tracker(&Config::default());
+        // An orphan (no process holds it): unknown owner, an inode no
+        // descriptor links to.
+        let orphan = |ino: u64| {
+            let mut s = testing::snapshot(T0_NS + S, true, 40100);
+            s.info.cookie = 77;
+            s.info.owner = tracer_common::Owner::default();
+            s.data.ino = ino;
+            decoded(&s)
+        };
+        let ino = u64::from(u32::MAX) + 12_345;
+        t.resync(&[orphan(ino)], T0_NS + S);
+        assert!(t.unowned.contains(&ino), "remembered as held by no process");
+        t.resync(&[orphan(ino)], T0_NS + 2 * S);
+        assert!(t.unowned.contains(&ino), "kept while the socket lives");
+        t.resync(&[], T0_NS + 3 * S);
+        assert!(t.unowned.is_empty(), "forgotten with the socket");
     }
 
     #[test]
@@ -201,7 +222,8 @@ mod tracker {
             })
             .collect();
         for _ in 0..3 {
-            assert_eq!(t.resync(&snap, T0_NS + S), 0);
+            let r = t.resync(&snap, T0_NS + S);
+            assert_eq!((r.gone, r.not_added), (0, 2), "1 and 2 left out");
             assert_eq!((t.table.len(), t.table.evicted), (3, 2));
             assert!(t.table.get(1).is_none() && t.table.get(2).is_none());
         }

@@ -1,7 +1,11 @@
 //! The tracker: each event applied to the connection table and the chains,
 //! and what came of it for the metrics to count.
 
-use std::{collections::HashMap, net::IpAddr, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    net::IpAddr,
+    time::Duration,
+};
 
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
@@ -34,6 +38,9 @@ pub(crate) struct Tracker {
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     pub(super) listener_owners: HashMap<(u32, u16), Owner>,
+    /// Inodes of live sockets a complete /proc scan found no owner for
+    /// (see `resync`), at most one per socket of the last snapshot.
+    pub(super) unowned: HashSet<u64>,
 }
 
 /// What an event changed that the metrics count.
@@ -87,6 +94,7 @@ impl Tracker {
                 PendingCaps::new(cfg.max_connections),
             ),
             listener_owners: HashMap::new(),
+            unowned: HashSet::new(),
         }
     }
 
@@ -112,8 +120,9 @@ impl Tracker {
                     peer_closed_ns: 0,
                     end_counted: false,
                 });
-                let leg = self.leg(&info);
-                self.chains.on_open(leg, self.attr.services());
+                if let Some(leg) = self.leg(&info) {
+                    self.chains.on_open(leg, self.attr.services());
+                }
                 Outcome::Nothing
             }
             EventData::Close(c) if c.flags & close_flags::CONNECT_FAILED != 0 => {
@@ -269,11 +278,15 @@ impl Tracker {
         }
     }
 
-    /// What the chain tracker needs of a connection.
-    pub(super) fn leg(&mut self, info: &EventInfo) -> Leg {
+    /// What the chain tracker needs of a connection; `None` outside pods,
+    /// where no chain can start (the common case on a host: no leg built).
+    pub(super) fn leg(&mut self, info: &EventInfo) -> Option<Leg> {
         let attr = self.attr.attribute(&info.owner);
+        if attr.pod_uid.is_empty() {
+            return None;
+        }
         let unspecified = IpAddr::from([0, 0, 0, 0]);
-        Leg {
+        Some(Leg {
             cookie: info.cookie,
             netns: info.netns,
             pod_uid: attr.pod_uid,
@@ -282,7 +295,7 @@ impl Tracker {
             local: (info.sock.local().unwrap_or(unspecified), info.sock.sport),
             remote: (info.sock.remote().unwrap_or(unspecified), info.sock.dport),
             owner: info.owner,
-        }
+        })
     }
 
     /// (namespace, pod, peer before capping) of a chain: the app's pod and

@@ -7,7 +7,10 @@ use super::{Report, levels, summarize};
 use crate::bench::{
     Args,
     procs::tracer::Config,
-    scenario::{memory::mib, paced::PacedRun},
+    scenario::{
+        memory::{Resync, mib},
+        paced::PacedRun,
+    },
     stats::{self, Summary},
 };
 
@@ -331,6 +334,9 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
             mib(mem.maps.iter().map(|m| m.memlock).sum()),
             maps.join(", ")
         );
+        if let Some(r) = &mem.resync {
+            resync_section(&mut s, r);
+        }
         if has("memory.svg") {
             let _ = writeln!(s, "\n![memory by tracked connections](bench/memory.svg)");
         }
@@ -555,6 +561,31 @@ effect):
   as heap holes: 96k tracked took 60 MiB and 71 MiB after the first resync (peak 104 MiB).
   A fixed 256 KiB threshold and a trim after each resync: 49 and 51 MiB (peak 86 MiB, the
   resync's snapshot of every socket while it is compared with the table).
+- Userspace pipeline (issue 16, second pass; `perf` on `benches/pipeline.rs` at 100k
+  tracked): ~40 % of `State::handle` was the connection table's hash probes missing the
+  cache: cookies hashed by one multiply sent every open and close to a random bucket of a
+  ~20 MB table. The kernel hands cookies out from a counter, so the buckets now follow the
+  cookie (3 buckets apart: the cookie itself filled whole 16-bucket groups, whose removals
+  left tombstones that a lookup of an absent cookie, the close of an evicted connection,
+  probed through: ~0.5 us against ~20 ns in a side-by-side test with sequential and
+  per-CPU-batched cookie streams). Also: the eviction order is a list threaded through the
+  entries (the queue's compaction looked up every gone cookie), updates are in place, no
+  chain leg is built for sockets outside pods, and the harness no longer allocates per step.
+  Side by side on the shared machine: 0.6-1.5M events/s before, 1.8-2.6M after (2.96M in
+  the run above; the quiet-machine figure before was 1.45M).
+- Periodic resync at 100k tracked: ~620 ms wall and ~600 ms of CPU (20 mCPU at the default
+  30 s interval). `perf`: a third the TCP iterator (a `bpf_probe_read_kernel` per field and
+  a storage lookup per socket), a third a scan of every descriptor in /proc for the owners
+  of the same few orphan sockets (closed by their owner, lingering in FIN_WAIT or LAST_ACK)
+  at every resync: sockets a complete scan did not find are no longer looked for while
+  they live (0.71 s wall, 0.70 s CPU before, one manual run at 100.8k). A full table leaves
+  what it evicted out (`conntracer_resync_not_added_total`): with the check removed, the
+  resync test counted 1,202 evictions against 438 opens and ends over three resyncs.
+- CPU at 10k connections/s: the kernel programs alone are ~3.8 us per connection
+  (`inet_sock_set_state` 10 runs of ~310 ns, `tcp_probe` 5 of ~100 ns, the accept program),
+  i.e. ~40 mCPU before the daemon's ~18 mCPU; 20 mCPU would leave 2 us per connection for
+  both. The nearest figure without giving up per-socket storage or the open/close records
+  is the kernel programs' ~40 mCPU: unchanged in this pass.
 - Not done: the `CONN_TRACER_OLD_HELPERS=1` state store (a hash map keyed by socket
   address, allocated per entry) as the default, and a preallocated map keyed by cookie:
   both still need an entry per socket and lose the automatic free with the socket; opens
@@ -604,5 +635,43 @@ fn cluster_section(s: &mut String, c: &crate::bench::scenario::cluster::Cluster)
          second is after the fake cut every watch and expired its history, so that the daemon \
          listed everything again beside its index ({} endpoints indexed after it).",
         c.relist_endpoints
+    );
+}
+
+/// The periodic resync, below the memory table.
+fn resync_section(s: &mut String, r: &Resync) {
+    let Resync {
+        tracked,
+        interval_s,
+        samples,
+        full_cap,
+        full_resyncs,
+        full_evictions,
+        full_inserts,
+        full_not_added,
+        ..
+    } = *r;
+    let ms = |x: f64| format!("{:.0}", x * 1e3);
+    let (wall, wall_max) = (ms(r.duration_median_s), ms(r.duration_max_s));
+    let (cpu, cpu_max) = (ms(r.cpu_median_s), ms(r.cpu_max_s));
+    // What it costs on average at the default interval.
+    let mcpu = r.cpu_median_s / 30.0 * 1e3;
+    let rss = mib(r.rss_bytes);
+    let _ = writeln!(
+        s,
+        "\n#### Periodic resync\n\n\
+         With {held} loopback sockets held, a daemon run with `--resync-interval {interval_s}s` \
+         (tracking {tracked}): each resync walks every TCP socket of every network namespace \
+         with the iterator and reconciles the table with them. Its wall time \
+         (`conntracer_resync_duration_seconds`) and the daemon's CPU time during it \
+         (`conntracer_resync_cpu_seconds`, all threads) over {samples} resyncs: **{wall} ms** \
+         (max {wall_max} ms) and **{cpu} ms of CPU** (max {cpu_max} ms), i.e. {mcpu:.1} mCPU \
+         at the default 30 s interval. RSS after them: {rss:.1} MiB.\n\n\
+         Then the same sockets with a daemon whose table holds {full_cap} \
+         (`--max-connections`): over {full_resyncs} resyncs the table evicted {full_evictions} \
+         connections (against {full_inserts} `open`/`end` events, the only inserts that may \
+         evict) and the resyncs left {full_not_added} live sockets out: what a full table \
+         evicted stays out, and no resync evicts to re-add it.",
+        held = 2 * full_cap,
     );
 }

@@ -5,7 +5,10 @@ use serde::Serialize;
 use super::{levels, ratio_of, short, summarize};
 use crate::bench::{
     procs::tracer::Config,
-    scenario::{Results, memory::mib},
+    scenario::{
+        Results,
+        memory::{Resync, mib},
+    },
 };
 
 /// Target: churn throughput with conn-tracer, as a fraction of no tracer,
@@ -101,6 +104,7 @@ pub fn verdicts(r: &Results) -> Vec<Verdict> {
             }),
             pass: at.is_some_and(|p| p.rss_bytes <= RSS_TARGET),
         });
+        v.extend(m.resync.as_ref().map(resync_verdict));
     }
     v.extend(r.cluster.as_ref().map(cluster_verdict));
     if !r.pipeline.is_empty() {
@@ -203,5 +207,26 @@ fn cluster_verdict(c: &crate::bench::scenario::cluster::Cluster) -> Verdict {
         pass: c.relist_hwm_bytes <= CLUSTER_RSS_TARGET
             && c.indexed_endpoints >= c.endpoints as u64
             && c.relist_endpoints >= c.endpoints as u64,
+    }
+}
+
+/// The periodic resync: stated, and a full table not churned by it.
+fn resync_verdict(rs: &Resync) -> Verdict {
+    Verdict {
+        name: format!(
+            "periodic resync with {} tracked: duration and CPU stated; a full table not churned",
+            short(rs.tracked as f64)
+        ),
+        target: "evictions over resyncs <= opens and ends".into(),
+        value: format!(
+            "{:.0} ms, {:.0} ms CPU; {} evictions, {} opens/ends, {} left out over {} resyncs",
+            rs.duration_median_s * 1e3,
+            rs.cpu_median_s * 1e3,
+            rs.full_evictions,
+            rs.full_inserts,
+            rs.full_not_added,
+            rs.full_resyncs
+        ),
+        pass: rs.full_resyncs > 0 && rs.full_not_added > 0 && rs.full_evictions <= rs.full_inserts,
     }
 }

@@ -18,6 +18,7 @@ use crate::bench::{
         loadgen::Held,
         tracer::{Config, Tracer},
     },
+    stats,
 };
 
 /// Memory at one level of held connections.
@@ -45,6 +46,33 @@ pub struct Memory {
     /// Socket storage per socket without conn-tracer (other tracers on the host).
     pub storage_without_tracer_per_socket: f64,
     pub maps: Vec<MapInfo>,
+    /// The periodic resync with the largest level held.
+    pub resync: Option<Resync>,
+}
+
+/// Resyncs of a daemon tracking every held connection, then of one whose
+/// table holds half of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct Resync {
+    pub tracked: u64,
+    pub interval_s: u64,
+    /// The last resync's wall and CPU time (`conntracer_resync_duration_seconds`,
+    /// `conntracer_resync_cpu_seconds`), over `samples` resyncs: median and max.
+    pub samples: usize,
+    pub duration_median_s: f64,
+    pub duration_max_s: f64,
+    pub cpu_median_s: f64,
+    pub cpu_max_s: f64,
+    /// The daemon's RSS after them.
+    pub rss_bytes: u64,
+    /// The daemon with `--max-connections full_cap`: over `full_resyncs`
+    /// resyncs, table evictions, the opens and ends that may have caused
+    /// them, and sockets the resyncs left out.
+    pub full_cap: u64,
+    pub full_resyncs: u64,
+    pub full_evictions: u64,
+    pub full_inserts: u64,
+    pub full_not_added: u64,
 }
 
 /// Total and count of `ss -m` socket storage (`o`) of established sockets
@@ -164,13 +192,117 @@ pub fn memory(ctx: &mut Ctx, args: &Args) -> Result<Memory> {
     }
     let maps = procs::maps_of(pid)?;
     tracer.stop()?;
+    // At the level the RSS target is set for (100k tracked), else the largest.
+    let at = levels
+        .iter()
+        .copied()
+        .find(|&l| l >= RESYNC_AT)
+        .or(levels.last().copied());
+    let resync = match at {
+        Some(level) => Some(resync(ctx, level.div_ceil(2))?),
+        None => None,
+    };
     Ok(Memory {
         baseline_rss_bytes,
         points,
         storage_without_tracer_per_socket: without,
         maps,
+        resync,
     })
 }
+
+/// Tracked connections the resync is measured with (the RSS target's).
+const RESYNC_AT: usize = 100_000;
+
+/// Resyncs completed by the daemon (`conntracer_resyncs_total`).
+fn resyncs(text: &str) -> f64 {
+    sum(text, "conntracer_resyncs_total", &[])
+}
+
+/// Waits (bounded) for `n` more resyncs than `text` shows; the metrics after.
+fn after_resyncs(tracer: &mut Tracer, text: &str, n: f64, interval: u64) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs((n as u64 + 2) * interval + 30);
+    loop {
+        let now = tracer.drained_metrics()?.unwrap_or_default();
+        if resyncs(&now) >= resyncs(text) + n {
+            return Ok(now);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no resync within the deadline");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// 2b'. The periodic resync with `pairs` loopback connections held: its
+/// duration and CPU, and that a full table is not churned by it.
+fn resync(ctx: &mut Ctx, pairs: usize) -> Result<Resync> {
+    const INTERVAL: u64 = 5;
+    const SAMPLES: usize = 3;
+    println!("== resync: {} held connections", 2 * pairs);
+    let held = Held::open(ctx, pairs)?;
+    let interval = ["--resync-interval".to_string(), format!("{INTERVAL}s")];
+    let mut tracer = Tracer::start(ctx, Config::ConnTracer, &interval)?;
+    let pid = tracer.pid().context("no daemon pid")?;
+    // The start-up resync found them all; then each periodic one.
+    let mut text = tracer.drained_metrics()?.unwrap_or_default();
+    let tracked = sum(&text, "conntracer_tracked_connections", &[]) as u64;
+    let (mut durations, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        text = after_resyncs(&mut tracer, &text, 1.0, INTERVAL)?;
+        durations.push(sum(&text, "conntracer_resync_duration_seconds", &[]));
+        cpus.push(sum(&text, "conntracer_resync_cpu_seconds", &[]));
+    }
+    let rss_bytes = procs::status_bytes(pid, "VmRSS")?;
+    tracer.stop()?;
+
+    // A table with room for half of them: the evicted stay out.
+    let full_cap = (pairs as u64).max(1);
+    let args = [
+        interval[0].clone(),
+        interval[1].clone(),
+        "--max-connections".to_string(),
+        full_cap.to_string(),
+    ];
+    let mut full = Tracer::start(ctx, Config::ConnTracer, &args)?;
+    let first = after_resyncs(&mut full, "", 1.0, INTERVAL)?;
+    let last = after_resyncs(&mut full, &first, SAMPLES as f64, INTERVAL)?;
+    let delta = |name: &str, labels: &[&str]| {
+        (sum(&last, name, labels) - sum(&first, name, labels)).max(0.0) as u64
+    };
+    let r = Resync {
+        tracked,
+        interval_s: INTERVAL,
+        samples: SAMPLES,
+        duration_median_s: stats::percentile(&durations, 50.0),
+        duration_max_s: durations.iter().copied().fold(0.0, f64::max),
+        cpu_median_s: stats::percentile(&cpus, 50.0),
+        cpu_max_s: cpus.iter().copied().fold(0.0, f64::max),
+        rss_bytes,
+        full_cap,
+        full_resyncs: (resyncs(&last) - resyncs(&first)) as u64,
+        full_evictions: delta("conntracer_table_evictions_total", &[]),
+        full_inserts: delta("conntracer_events_total", &["kind=\"open\""])
+            + delta("conntracer_events_total", &["kind=\"end\""]),
+        full_not_added: delta("conntracer_resync_not_added_total", &[]),
+    };
+    full.stop()?;
+    held.release()?;
+    println!(
+        "  {} tracked: resync {:.0} ms (max {:.0}), CPU {:.0} ms (max {:.0}); full table of {}: \
+         {} resyncs, {} evictions ({} opens/ends), {} left out",
+        r.tracked,
+        r.duration_median_s * 1e3,
+        r.duration_max_s * 1e3,
+        r.cpu_median_s * 1e3,
+        r.cpu_max_s * 1e3,
+        r.full_cap,
+        r.full_resyncs,
+        r.full_evictions,
+        r.full_inserts,
+        r.full_not_added
+    );
+    Ok(r)
+}
+
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
