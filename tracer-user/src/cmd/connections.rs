@@ -87,10 +87,17 @@ fn chain_cell(c: &ConnView) -> String {
             format!("{name}:{}{inferred}", l.local)
         })
         .collect();
-    if others.is_empty() {
+    let pool = c.pool.as_ref().map(|p| {
+        format!(
+            "pool({}:{}->{})",
+            p.dialled, p.app_connections, p.upstream_connections
+        )
+    });
+    let cells: Vec<String> = others.into_iter().chain(pool).collect();
+    if cells.is_empty() {
         "-".into()
     } else {
-        others.join(",")
+        cells.join(",")
     }
 }
 
@@ -262,6 +269,7 @@ mod tests {
                     inferred: true,
                 },
             ],
+            pool: None,
             opened_at: None,
             age_s: None,
             close_wait_s: None,

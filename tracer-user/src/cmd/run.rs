@@ -69,6 +69,10 @@ fn fix_mmap_threshold() {
     }
 }
 
+/// The least time between two looks at the sockets' payload for pool
+/// evidence (each is a pass of the TCP iterator over every namespace).
+const EVIDENCE_INTERVAL: Duration = Duration::from_secs(1);
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     fix_mmap_threshold();
     let opts = KernelOptions {
@@ -93,6 +97,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     match snap {
         Ok(snap) => {
             state.resync(&snap, started);
+            state.pool_evidence(&snap);
             log::info!("{} connections open at start", state.tracker.table.len());
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
@@ -123,6 +128,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is now: the start-up resync did it
+    let mut last_evidence = std::time::Instant::now();
     let mut beat = tokio::time::interval(DRAIN_INTERVAL);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -132,12 +138,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 // snapshot is compared with an up-to-date table.
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let started = monotonic_ns();
-                let snap = shared.snapshot();
-                let mut state = shared.state.lock().expect("state lock");
-                match snap {
-                    Ok(snap) => state.resync(&snap, started),
+                match shared.snapshot() {
+                    Ok(snap) => {
+                        shared.state.lock().expect("state lock").resync(&snap, started);
+                        // Pool evidence after the events the snapshot saw.
+                        drain(ring.get_mut(), &shared.state, &mut decode_errors);
+                        shared.state.lock().expect("state lock").pool_evidence(&snap);
+                    }
                     Err(e) => log::warn!("periodic resync skipped: {e}"),
                 }
+                let mut state = shared.state.lock().expect("state lock");
                 state.forget_deleted_pods(std::time::Instant::now());
                 drop(state);
                 return_free_memory();
@@ -146,7 +156,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             drained = ring.when_ready(|r| drain(r, &shared.state, &mut decode_errors)) => {
                 drained?;
             }
-            _ = beat.tick() => drain(ring.get_mut(), &shared.state, &mut decode_errors),
+            _ = beat.tick() => {
+                drain(ring.get_mut(), &shared.state, &mut decode_errors);
+                look_for_pools(ring.get_mut(), &shared, &mut decode_errors, &mut last_evidence);
+            }
             Some(done) = catch_up_rx.recv() => {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let _ = done.send(());
@@ -160,6 +173,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     server.abort();
     log::info!("conn-tracer: stopping; detaching kernel programs");
     Ok(())
+}
+
+/// A chain that waits for its upstream leg may be served by a pool: looks
+/// at the sockets' payload, at most once per [`EVIDENCE_INTERVAL`]. The
+/// events the kernel sent before the snapshot's end are applied first (an
+/// upstream leg whose open is still in the ring would look like none).
+fn look_for_pools(
+    ring: &mut EventRing,
+    shared: &Shared,
+    decode_errors: &mut u64,
+    last: &mut std::time::Instant,
+) {
+    let due = shared.state.lock().expect("state lock").pool_evidence_due();
+    if !due || last.elapsed() < EVIDENCE_INTERVAL {
+        return;
+    }
+    *last = std::time::Instant::now();
+    match shared.snapshot() {
+        Ok(snap) => {
+            drain(ring, &shared.state, decode_errors);
+            shared
+                .state
+                .lock()
+                .expect("state lock")
+                .pool_evidence(&snap);
+        }
+        Err(e) => log::debug!("pool evidence skipped: {e}"),
+    }
 }
 
 /// Applies every event waiting in the ring, under one lock of the state.

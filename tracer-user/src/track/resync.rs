@@ -1,6 +1,6 @@
 //! Reconciliation of the table with the kernel's live sockets.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
@@ -143,6 +143,19 @@ impl Tracker {
                     .insert((ev.info.netns, ev.info.sock.sport), owner_of(ev, &s));
             }
         }
+    }
+
+    /// What the snapshot's byte counts say of pools (see
+    /// `chains::pools`). Apply the events that came before the snapshot's
+    /// end first: an upstream leg whose open is still in the ring would
+    /// look like none.
+    pub(crate) fn pool_evidence(&mut self, snapshot: &[ConnEvent]) {
+        let bytes: HashMap<u64, (u64, u64)> = snapshot_connections(snapshot)
+            .map(|(ev, s)| (ev.info.cookie, (s.bytes_received, s.bytes_acked)))
+            .collect();
+        let now = snapshot.iter().map(|ev| ev.info.ts_ns).max().unwrap_or(0);
+        self.chains
+            .on_snapshot(&|c| bytes.get(&c).copied(), self.attr.services(), now);
     }
 
     /// Feeds the live sockets no chain knows, `(inode, cookie)`, to the

@@ -7,7 +7,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps, PoolEnd},
     classify::{self, Ending, Verdict},
     peer_label,
     table::{Conn, ConnTable},
@@ -67,6 +67,8 @@ pub(crate) struct Closed {
     pub verdict: Verdict,
     /// The chain it ended, if it was the first of its chain's legs to end.
     pub chain_end: Option<ChainEnd>,
+    /// Its end, if it was a pooled upstream connection.
+    pub pool_end: Option<PoolEnd>,
     /// Its end (idle kill, idle time) was counted at the peer's FIN already.
     pub end_counted: bool,
 }
@@ -188,6 +190,7 @@ impl Tracker {
             ending,
             verdict,
             chain_end: None,
+            pool_end: None,
             end_counted: false,
         }))
     }
@@ -219,8 +222,13 @@ impl Tracker {
             } else {
                 0
             },
+            bytes_acked: c.bytes_acked,
+            bytes_received: c.bytes_received,
         };
-        let chain_end = self.chains.on_close(info.cookie, leg_end);
+        let pool_end = self.chains.on_pool_close(info.cookie, &leg_end);
+        let chain_end = self
+            .chains
+            .on_close(info.cookie, leg_end, self.attr.services());
         Closed {
             info: at_open,
             attr,
@@ -228,6 +236,7 @@ impl Tracker {
             ending,
             verdict,
             chain_end,
+            pool_end,
             end_counted,
         }
     }
@@ -282,17 +291,37 @@ impl Tracker {
             local: (info.sock.local().unwrap_or(unspecified), info.sock.sport),
             remote: (info.sock.remote().unwrap_or(unspecified), info.sock.dport),
             owner: info.owner,
+            seen_ns: info.ts_ns,
         }
     }
 
     /// (namespace, pod, peer before capping) of a chain: the app's pod and
     /// the far end; `None` outside pods.
     pub(crate) fn chain_labels(&mut self, chain: &Chain) -> Option<(String, String, String)> {
-        let attr = self.attr.attribute(&chain.app_owner);
+        self.app_labels(&chain.app_owner, chain.peer, chain.direction)
+    }
+
+    /// (namespace, pod, peer before capping) of a pool: the app's pod and
+    /// the destination it dialled.
+    pub(crate) fn pool_labels(
+        &mut self,
+        app_owner: &Owner,
+        dialled: (IpAddr, u16),
+    ) -> Option<(String, String, String)> {
+        self.app_labels(app_owner, dialled, Direction::Outbound)
+    }
+
+    fn app_labels(
+        &mut self,
+        owner: &Owner,
+        (ip, port): (IpAddr, u16),
+        dir: Direction,
+    ) -> Option<(String, String, String)> {
+        let attr = self.attr.attribute(owner);
         if attr.pod_uid.is_empty() {
             return None;
         }
-        let peer = self.peer_of(chain.peer.0, chain.peer.1, chain.direction);
+        let peer = self.peer_of(ip, port, dir);
         Some((attr.namespace, attr.pod, peer))
     }
 }
