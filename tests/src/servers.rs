@@ -888,13 +888,27 @@ pub struct NodeHttp {
 
 impl NodeHttp {
     pub fn start(ns: &NetNs, node: &Path, port: u16, keep_alive_ms: Option<u32>) -> Self {
+        Self::start_on(ns, node, crate::scenario::local(port), keep_alive_ms, 0)
+    }
+
+    /// On `addr`, answering each request after `delay_ms` (so that
+    /// requests overlap).
+    pub fn start_on(
+        ns: &NetNs,
+        node: &Path,
+        addr: SocketAddr,
+        keep_alive_ms: Option<u32>,
+        delay_ms: u32,
+    ) -> Self {
         let timeout =
             keep_alive_ms.map_or_else(String::new, |ms| format!("s.keepAliveTimeout = {ms};\n"));
         let script = format!(
             "const http = require('http');\n\
-             const s = http.createServer((req, res) => {{ res.end('ok'); }});\n\
+             const s = http.createServer((req, res) => {{ setTimeout(() => res.end('ok'), {delay_ms}); }});\n\
              {timeout}\
-             s.listen({port}, '127.0.0.1', () => console.log('listening'));\n"
+             s.listen({port}, '{ip}', () => console.log('listening'));\n",
+            port = addr.port(),
+            ip = addr.ip(),
         );
         let mut child = ns
             .command(node)
@@ -910,7 +924,10 @@ impl NodeHttp {
             String::from_utf8_lossy(&buf[..n]).contains("listening"),
             "node did not start"
         );
-        Self { child, port }
+        Self {
+            child,
+            port: addr.port(),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -1011,6 +1028,10 @@ pub struct EnvoyOptions {
     /// `use_original_dst`, passing through to the original destination:
     /// the app's port); pair it with [`SidecarRedirect::istio_inbound`].
     pub inbound_port: Option<u16>,
+    /// The Service listeners run an HTTP connection manager routing every
+    /// request to the Service's cluster (an upstream connection pool, as
+    /// Istio does for HTTP ports) instead of tcp_proxy.
+    pub http_services: bool,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -1044,6 +1065,7 @@ impl EnvoyOptions {
             services: Vec::new(),
             concurrency: 1,
             inbound_port: None,
+            http_services: false,
         }
     }
 
@@ -1064,6 +1086,7 @@ impl EnvoyOptions {
             services: Vec::new(),
             concurrency: 1,
             inbound_port: None,
+            http_services: false,
         }
     }
 
@@ -1101,7 +1124,11 @@ impl EnvoyOptions {
                 cluster_ip.ip(),
                 cluster_ip.port()
             );
-            self.tcp_proxy_chain(&mut y, &format!("ct_service_{i}"));
+            if self.http_services {
+                self.http_chain(&mut y, &format!("ct_service_{i}"));
+            } else {
+                self.tcp_proxy_chain(&mut y, &format!("ct_service_{i}"));
+            }
         }
         y.push_str("  clusters:\n");
         match self.upstream {
@@ -1134,6 +1161,22 @@ impl EnvoyOptions {
              access_log_options:\n            flush_access_log_on_connected: true\n",
             self.idle_timeout.as_secs(),
             self.idle_timeout.subsec_millis(),
+            prefix = self.stat_prefix,
+        );
+    }
+
+    /// A filter chain of one HTTP connection manager: every request to
+    /// `cluster` (stats `http.<stat_prefix>.*`, the pool's
+    /// `cluster.<cluster>.upstream_cx_*`).
+    fn http_chain(&self, y: &mut String, cluster: &str) {
+        let _ = write!(
+            y,
+            "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        \
+             typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          \
+             stat_prefix: {prefix}\n          route_config:\n            virtual_hosts:\n            - name: all\n              \
+             domains: [\"*\"]\n              routes:\n              - match: {{ prefix: \"/\" }}\n                \
+             route: {{ cluster: {cluster} }}\n          http_filters:\n          - name: envoy.filters.http.router\n            \
+             typed_config:\n              \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router\n",
             prefix = self.stat_prefix,
         );
     }
