@@ -691,6 +691,8 @@ fn daemonset_has_the_documented_privileges_and_mounts() {
     for (path, host) in [
         ("/sys/fs/cgroup", "/sys/fs/cgroup"),
         ("/sys/kernel/btf", "/sys/kernel/btf"),
+        // The accept programs' syscall tracepoints are found through it.
+        ("/sys/kernel/tracing", "/sys/kernel/tracing"),
     ] {
         let m = mount(&c, path);
         assert_eq!(m["readOnly"], true, "{path}");
