@@ -94,6 +94,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .metrics
         .decode_errors
         .inc_by(kernel.take_decode_errors());
+    // Chains older than the daemon are rebuilt once the pod and Service
+    // indexes have loaded (their roles and backends come from them), at
+    // most INDEX_WAIT after the start.
+    let mut chains_deferred = !state.indexes_loaded();
+    state.tracker.defer_chains = chains_deferred;
     match snap {
         Ok(snap) => {
             state.resync(&snap, started);
@@ -133,25 +138,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = resync.tick() => {
-                // Apply what the kernel already reported first, so that the
-                // snapshot is compared with an up-to-date table.
-                drain(ring.get_mut(), &shared.state, &mut decode_errors);
-                let started = monotonic_ns();
-                match shared.snapshot() {
-                    Ok(snap) => {
-                        shared.state.lock().expect("state lock").resync(&snap, started);
-                        // Pool evidence after the events the snapshot saw.
-                        drain(ring.get_mut(), &shared.state, &mut decode_errors);
-                        shared.state.lock().expect("state lock").pool_evidence(&snap);
-                    }
-                    Err(e) => log::warn!("periodic resync skipped: {e}"),
-                }
-                let mut state = shared.state.lock().expect("state lock");
-                state.forget_deleted_pods(std::time::Instant::now());
-                drop(state);
-                return_free_memory();
-            }
+            _ = resync.tick() => resync_now(ring.get_mut(), &shared, &mut decode_errors),
             // The kernel's early wake-up: the ring is filling.
             drained = ring.when_ready(|r| drain(r, &shared.state, &mut decode_errors)) => {
                 drained?;
@@ -159,6 +146,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             _ = beat.tick() => {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 look_for_pools(ring.get_mut(), &shared, &mut decode_errors, &mut last_evidence);
+                if chains_deferred && rebuild_due(&shared, started) {
+                    chains_deferred = false;
+                    resync_now(ring.get_mut(), &shared, &mut decode_errors);
+                }
             }
             Some(done) = catch_up_rx.recv() => {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
@@ -173,6 +164,58 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     server.abort();
     log::info!("conn-tracer: stopping; detaching kernel programs");
     Ok(())
+}
+
+/// How long the chains older than the daemon wait for the pod and Service
+/// indexes' first lists before they are rebuilt anyway.
+const INDEX_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the deferred chain rebuild is due (the indexes loaded, or
+/// [`INDEX_WAIT`] passed since `started_ns`); clears the deferral if so.
+fn rebuild_due(shared: &Shared, started_ns: u64) -> bool {
+    let mut state = shared.state.lock().expect("state lock");
+    let waited = Duration::from_nanos(monotonic_ns().saturating_sub(started_ns));
+    let loaded = state.indexes_loaded();
+    if !loaded && waited < INDEX_WAIT {
+        return false;
+    }
+    if !loaded {
+        log::warn!(
+            "the pod and Service indexes did not load within {INDEX_WAIT:?}: chains older than the \
+             daemon are rebuilt without them (links to Service backends inferred)"
+        );
+    }
+    state.tracker.defer_chains = false;
+    true
+}
+
+/// The periodic reconciliation with the kernel's sockets, then the pool
+/// evidence in the same snapshot (after the events it saw).
+fn resync_now(ring: &mut EventRing, shared: &Shared, decode_errors: &mut u64) {
+    // Apply what the kernel already reported first, so that the snapshot is
+    // compared with an up-to-date table.
+    drain(ring, &shared.state, decode_errors);
+    let started = monotonic_ns();
+    match shared.snapshot() {
+        Ok(snap) => {
+            shared
+                .state
+                .lock()
+                .expect("state lock")
+                .resync(&snap, started);
+            drain(ring, &shared.state, decode_errors);
+            shared
+                .state
+                .lock()
+                .expect("state lock")
+                .pool_evidence(&snap);
+        }
+        Err(e) => log::warn!("periodic resync skipped: {e}"),
+    }
+    let mut state = shared.state.lock().expect("state lock");
+    state.forget_deleted_pods(std::time::Instant::now());
+    drop(state);
+    return_free_memory();
 }
 
 /// A chain that waits for its upstream leg may be served by a pool: looks

@@ -330,6 +330,14 @@ impl State {
         self.tracker.pool_evidence(snapshot);
     }
 
+    /// Whether the pod and Service indexes have had their first lists (or
+    /// there are none: `--no-kube`).
+    pub(crate) fn indexes_loaded(&self) -> bool {
+        let attr = &self.tracker.attr;
+        attr.pods()
+            .is_none_or(|p| p.synced() && attr.services().synced())
+    }
+
     /// Whether a chain has waited long enough to look for pool evidence.
     pub(crate) fn pool_evidence_due(&self) -> bool {
         self.tracker

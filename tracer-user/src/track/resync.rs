@@ -110,7 +110,14 @@ impl Tracker {
             self.table.remove(*cookie);
             self.chains.forget(*cookie);
         }
-        self.rebuild_chains(unchained);
+        if self.defer_chains {
+            log::debug!(
+                "resync: {} chain legs left for a resync once the pod and Service indexes load",
+                unchained.len()
+            );
+        } else {
+            self.rebuild_chains(unchained);
+        }
         if !gone.is_empty() {
             log::debug!(
                 "resync: {} connections were gone without a close event",

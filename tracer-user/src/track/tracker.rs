@@ -34,6 +34,9 @@ pub(crate) struct Tracker {
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     pub(super) listener_owners: HashMap<(u32, u16), Owner>,
+    /// The resync leaves chains unbuilt (the pod and Service indexes have
+    /// not loaded yet: roles and backends would be guesses).
+    pub defer_chains: bool,
 }
 
 /// What an event changed that the metrics count.
@@ -89,6 +92,7 @@ impl Tracker {
                 PendingCaps::new(cfg.max_connections),
             ),
             listener_owners: HashMap::new(),
+            defer_chains: false,
         }
     }
 
