@@ -203,12 +203,7 @@ fn resync_now(ring: &mut EventRing, shared: &Shared, decode_errors: &mut u64) {
                 .lock()
                 .expect("state lock")
                 .resync(&snap, started);
-            drain(ring, &shared.state, decode_errors);
-            shared
-                .state
-                .lock()
-                .expect("state lock")
-                .pool_evidence(&snap);
+            pool_evidence(ring, shared, decode_errors, &snap);
         }
         Err(e) => log::warn!("periodic resync skipped: {e}"),
     }
@@ -234,16 +229,21 @@ fn look_for_pools(
     }
     *last = std::time::Instant::now();
     match shared.snapshot() {
-        Ok(snap) => {
-            drain(ring, &shared.state, decode_errors);
-            shared
-                .state
-                .lock()
-                .expect("state lock")
-                .pool_evidence(&snap);
-        }
+        Ok(snap) => pool_evidence(ring, shared, decode_errors, &snap),
         Err(e) => log::debug!("pool evidence skipped: {e}"),
     }
+}
+
+/// The pool evidence in `snap`, once the events the kernel sent before it
+/// are applied.
+fn pool_evidence(
+    ring: &mut EventRing,
+    shared: &Shared,
+    decode_errors: &mut u64,
+    snap: &[crate::event::ConnEvent],
+) {
+    drain(ring, &shared.state, decode_errors);
+    shared.state.lock().expect("state lock").pool_evidence(snap);
 }
 
 /// Applies every event waiting in the ring, under one lock of the state.
