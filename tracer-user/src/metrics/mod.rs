@@ -371,14 +371,7 @@ impl Metrics {
             (get("namespace") == Some(namespace) && get("pod") == Some(pod))
                 || get("peer") == Some(peer.as_str())
         };
-        self.idle_kills.remove_where(&belongs)
-            + self.idle_before_close.remove_where(&belongs)
-            + self.keepalive_sockopts.remove_where(&belongs)
-            + self.stale_reuse.remove_where(&belongs)
-            + self.connect_failures.remove_where(&belongs)
-            + self.sidecar_chain_kills.remove_where(&belongs)
-            + self.pool_kills.remove_where(&belongs)
-            + self.pool_kill_app_connections.remove_where(&belongs)
+        self.remove_event_series(&belongs)
     }
 
     /// Removes the counter series whose `label` is `value` (a capped value
@@ -386,13 +379,23 @@ impl Metrics {
     pub(crate) fn forget_label(&self, label: &str, value: &str) -> usize {
         let belongs =
             |labels: &std::collections::HashMap<&str, &str>| labels.get(label) == Some(&value);
-        self.idle_kills.remove_where(&belongs)
-            + self.keepalive_sockopts.remove_where(&belongs)
-            + self.stale_reuse.remove_where(&belongs)
-            + self.connect_failures.remove_where(&belongs)
-            + self.sidecar_chain_kills.remove_where(&belongs)
-            + self.pool_kills.remove_where(&belongs)
-            + self.pool_kill_app_connections.remove_where(&belongs)
+        self.remove_event_series(&belongs)
+    }
+
+    /// Removes the series `belongs` picks from every counter and histogram
+    /// (gauges are rebuilt at every scrape); returns how many.
+    fn remove_event_series(
+        &self,
+        belongs: &dyn Fn(&std::collections::HashMap<&str, &str>) -> bool,
+    ) -> usize {
+        self.idle_kills.remove_where(belongs)
+            + self.idle_before_close.remove_where(belongs)
+            + self.keepalive_sockopts.remove_where(belongs)
+            + self.stale_reuse.remove_where(belongs)
+            + self.connect_failures.remove_where(belongs)
+            + self.sidecar_chain_kills.remove_where(belongs)
+            + self.pool_kills.remove_where(belongs)
+            + self.pool_kill_app_connections.remove_where(belongs)
     }
 
     /// The Prometheus text exposition of everything.

@@ -20,7 +20,7 @@ use crate::{
         procfs,
     },
     track::{
-        Closed, Direction, Outcome, Tracker,
+        Closed, Direction, MeshEnd, Outcome, Tracker,
         chains::{ChainEnd, Origin, PoolEnd},
         classify::{CloseKind, ClosedBy, StaleCause, Verdict},
     },
@@ -142,11 +142,10 @@ impl State {
     }
 
     fn on_close(&mut self, c: &Closed) {
-        if let Some(end) = &c.chain_end {
-            self.on_chain_end(end);
-        }
-        if let Some(end) = &c.pool_end {
-            self.on_pool_end(end);
+        match &c.mesh_end {
+            Some(MeshEnd::Chain(end)) => self.on_chain_end(end),
+            Some(MeshEnd::Pool(end)) => self.on_pool_end(end),
+            None => {}
         }
         let (attr, dir, ending, verdict) = (&c.attr, c.dir, &c.ending, &c.verdict);
         let role = attr.role.as_str();

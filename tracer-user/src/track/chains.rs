@@ -200,6 +200,8 @@ pub(crate) struct Chain {
     /// Its app-side legs belong to a pool ([`pools`]): no upstream leg of
     /// its own.
     pub pooled: bool,
+    /// CLOCK_MONOTONIC when its app-side legs were both seen.
+    since_ns: u64,
     /// The thread that accepted S1 (0: unknown).
     worker: u32,
     netns: u32,
@@ -742,6 +744,7 @@ impl Chains {
             app_owner: app.owner,
             inferred: false,
             pooled,
+            since_ns: app.seen_ns.max(accept.seen_ns),
             worker,
             netns: app.netns,
             waiting: (!pooled).then_some(seq),
@@ -806,6 +809,7 @@ impl Chains {
             app_owner: app.owner,
             inferred,
             pooled: false,
+            since_ns: app.seen_ns,
             worker: accept.worker,
             netns: app.netns,
             waiting: None,
@@ -1490,6 +1494,10 @@ mod tests {
         // Requests answered on every app connection; the sidecar's sockets
         // facing the app sent payload.
         let served: Vec<u64> = (0..8).map(|i| 10 * i + 2).chain([1001, 1002]).collect();
+        // Half a second after the chains began: an upstream leg's open may
+        // still be on its way.
+        snapshot(&mut c, &served, &svc, 500_000_000);
+        assert!(c.pools().next().is_none());
         snapshot(&mut c, &served, &svc, 2_000_000_000);
         assert_eq!((c.len(), c.pending()), (0, 0), "no 1:1 link is left");
         assert!(!c.evidence_due(2_000_000_000));

@@ -59,6 +59,13 @@ pub(crate) enum Outcome {
     },
 }
 
+/// What a leg's end ended in the mesh.
+#[derive(Debug)]
+pub(crate) enum MeshEnd {
+    Chain(ChainEnd),
+    Pool(PoolEnd),
+}
+
 /// A connection that ended, attributed and classified.
 #[derive(Debug)]
 pub(crate) struct Closed {
@@ -68,10 +75,9 @@ pub(crate) struct Closed {
     pub dir: Direction,
     pub ending: Ending,
     pub verdict: Verdict,
-    /// The chain it ended, if it was the first of its chain's legs to end.
-    pub chain_end: Option<ChainEnd>,
-    /// Its end, if it was a pooled upstream connection.
-    pub pool_end: Option<PoolEnd>,
+    /// The chain it ended (the last of its legs to end), or its end as a
+    /// pooled upstream connection.
+    pub mesh_end: Option<MeshEnd>,
     /// Its end (idle kill, idle time) was counted at the peer's FIN already.
     pub end_counted: bool,
 }
@@ -193,8 +199,7 @@ impl Tracker {
             dir,
             ending,
             verdict,
-            chain_end: None,
-            pool_end: None,
+            mesh_end: None,
             end_counted: false,
         }))
     }
@@ -229,18 +234,20 @@ impl Tracker {
             bytes_acked: c.bytes_acked,
             bytes_received: c.bytes_received,
         };
-        let pool_end = self.chains.on_pool_close(info.cookie, &leg_end);
-        let chain_end = self
-            .chains
-            .on_close(info.cookie, leg_end, self.attr.services());
+        let mesh_end = match self.chains.on_pool_close(info.cookie, &leg_end) {
+            Some(pool) => Some(MeshEnd::Pool(pool)),
+            None => self
+                .chains
+                .on_close(info.cookie, leg_end, self.attr.services())
+                .map(MeshEnd::Chain),
+        };
         Closed {
             info: at_open,
             attr,
             dir,
             ending,
             verdict,
-            chain_end,
-            pool_end,
+            mesh_end,
             end_counted,
         }
     }

@@ -297,10 +297,14 @@ impl Chains {
                 let Some(chain) = self.open.get(id) else {
                     continue;
                 };
-                if chain
-                    .sidecar_app_side
-                    .and_then(bytes)
-                    .is_some_and(|(_, acked)| acked > 0)
+                // A chain younger than that may have its upstream leg's open
+                // event still to come (a byte pipe's links swapped by order).
+                let waited = chain.since_ns.saturating_add(EVIDENCE_AFTER_NS) <= now_ns;
+                if waited
+                    && chain
+                        .sidecar_app_side
+                        .and_then(bytes)
+                        .is_some_and(|(_, acked)| acked > 0)
                 {
                     found.push((pod.clone(), chain.peer));
                 }
