@@ -1490,6 +1490,16 @@ mod tests {
     fn an_http_pool_is_n_to_m_once_a_chain_without_upstream_leg_was_answered() {
         let (svc, mut c) = apps_and_two_upstream_legs(8);
         assert_eq!(c.len(), 2, "linked as tcp_proxy's until evidence");
+        // A short-lived app connection: linked to a pooled leg, its
+        // app-side legs end while that leg stays open.
+        outbound_half(&mut c, 200, 40200, svc.cluster_ip, 102);
+        c.on_open(upstream(1200, 41200, svc.backend, 102), &svc);
+        assert_eq!(c.chain_of(1200).map(|ch| ch.app), Some(201));
+        for leg in [201, 202] {
+            c.close(leg, end(1, ClosedBy::Local, CloseKind::Fin, false));
+        }
+        let kept = c.chain_of(1200).map(|ch| ch.app);
+        assert_eq!(kept, Some(201), "it waits for its upstream leg's end");
         assert!(c.evidence_due(2_000_000_000), "chains have waited 1 s");
         // Requests answered on every app connection; the sidecar's sockets
         // facing the app sent payload.
@@ -1500,6 +1510,13 @@ mod tests {
         assert!(c.pools().next().is_none());
         snapshot(&mut c, &served, &svc, 2_000_000_000);
         assert_eq!((c.len(), c.pending()), (0, 0), "no 1:1 link is left");
+        assert!(c.chain_of(201).is_none() && c.chain_of(1200).is_none());
+        assert!(c.pool_for(1200).is_some(), "the pooled leg it had");
+        assert_eq!(
+            c.on_pool_close(1200, &end(2, ClosedBy::Local, CloseKind::Fin, false))
+                .map(|p| p.app_connections),
+            Some(8)
+        );
         assert!(!c.evidence_due(2_000_000_000));
         for up in [1001, 1002] {
             assert!(c.chain_of(up).is_none());

@@ -157,6 +157,14 @@ impl Chains {
                     upstream.insert(up);
                 }
             }
+            if chain.legs().iter().all(|l| chain.ends.contains_key(l)) {
+                // Its app-side legs ended while it waited for the (pooled)
+                // upstream leg it had been given: nothing is left of it.
+                for leg in chain.legs() {
+                    self.by_cookie.remove(&leg);
+                }
+                continue;
+            }
             chain.waiting = None;
             chain.accept_key = None;
             chain.inferred = false;
