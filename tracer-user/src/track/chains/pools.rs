@@ -24,7 +24,7 @@
 //! as for tcp_proxy.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     time::Duration,
 };
 
@@ -300,6 +300,8 @@ impl Chains {
         now_ns: u64,
     ) {
         let mut found: Vec<(PodKey, Endpoint)> = Vec::new();
+        // Unclaimed upstream legs that carried payload both ways.
+        let mut busy: Vec<(PodKey, Endpoint)> = Vec::new();
         for (pod, q) in &self.pods {
             for id in q.chains.values() {
                 let Some(chain) = self.open.get(id) else {
@@ -318,40 +320,44 @@ impl Chains {
                 }
             }
             for cookie in q.upstream.values() {
-                let (Some(p), Some((rx, acked))) = (self.pending.get(cookie), bytes(*cookie))
-                else {
-                    continue;
-                };
-                if rx == 0 || acked == 0 {
-                    continue;
-                }
-                let mut dialled: Vec<Endpoint> = self
-                    .open
-                    .values()
-                    .filter(|c| {
-                        c.direction == super::Direction::Outbound
-                            && c.netns == pod.0
-                            && c.pod_uid == pod.1
-                            && fit(routes, c.peer, p.leg.remote) >= Fit::Service
-                    })
-                    .map(|c| c.peer)
-                    .collect();
-                dialled.sort_unstable();
-                dialled.dedup();
-                if let [d] = dialled[..] {
-                    found.push((pod.clone(), d));
+                if let (Some(p), Some((rx, acked))) = (self.pending.get(cookie), bytes(*cookie))
+                    && rx > 0
+                    && acked > 0
+                {
+                    busy.push((pod.clone(), p.leg.remote));
                 }
             }
         }
-        for (pod, dialled) in found {
-            if self
-                .pools
-                .get(&pod)
-                .is_none_or(|p| !p.contains_key(&dialled))
-                || self.has_unpooled(&pod, dialled)
-            {
-                self.declare_pool(&pod, dialled, routes);
+        if !busy.is_empty() {
+            // The destinations each pod's app dialled, once.
+            let mut dialled: HashMap<PodKey, Vec<Endpoint>> = HashMap::new();
+            for c in self.open.values() {
+                if c.direction == super::Direction::Outbound {
+                    let peers = dialled.entry((c.netns, c.pod_uid.clone())).or_default();
+                    if !peers.contains(&c.peer) {
+                        peers.push(c.peer);
+                    }
+                }
             }
+            for (pod, remote) in busy {
+                let fitting: Vec<Endpoint> = dialled
+                    .get(&pod)
+                    .into_iter()
+                    .flatten()
+                    .copied()
+                    .filter(|d| fit(routes, *d, remote) >= Fit::Service)
+                    .collect();
+                // Serving one dialled destination, not several (a backend
+                // of two Services): which pool it is would be a guess.
+                if let [d] = fitting[..] {
+                    found.push((pod, d));
+                }
+            }
+        }
+        found.sort_unstable();
+        found.dedup();
+        for (pod, dialled) in found {
+            self.declare_pool(&pod, dialled, routes);
         }
         let checked: Vec<u64> = self
             .unchecked
@@ -362,11 +368,5 @@ impl Chains {
         for seq in checked {
             self.unchecked.remove(&seq);
         }
-    }
-
-    fn has_unpooled(&self, pod: &PodKey, dialled: Endpoint) -> bool {
-        self.open
-            .values()
-            .any(|c| !c.pooled && c.peer == dialled && c.netns == pod.0 && c.pod_uid == pod.1)
     }
 }
