@@ -1539,6 +1539,12 @@ mod tests {
             (9, 3)
         );
         assert_eq!(c.len(), 0);
+        // A chain of the pod to the backend itself (passthrough) takes its
+        // upstream leg before the pool does.
+        outbound_half(&mut c, 300, 40300, svc.backend, 101);
+        c.on_open(upstream(1300, 41300, svc.backend, 101), &svc);
+        assert_eq!(c.chain_of(1300).map(|ch| ch.app), Some(301));
+        assert_eq!(c.pool_for(101).map(|p| p.upstream.len()), Some(3));
         // The server closes an idle pooled connection.
         let mut e = end(5, ClosedBy::Peer, CloseKind::Fin, false);
         e.idle = Some(Duration::from_secs(5));

@@ -107,7 +107,14 @@ impl Chains {
     /// index it is left to the chains, inferred).
     pub(super) fn join_pool(&mut self, leg: &Leg, routes: &dyn Routes) -> bool {
         let pod = pod_key(leg);
-        let Some(pools) = self.pools.get_mut(&pod) else {
+        // A chain waiting for exactly this destination (passthrough to a
+        // backend that a pooled Service also has) takes it first.
+        let exact = self.pods.get(&pod).is_some_and(|q| {
+            q.chains
+                .values()
+                .any(|id| self.open.get(id).is_some_and(|c| c.peer == leg.remote))
+        });
+        let Some(pools) = self.pools.get_mut(&pod).filter(|_| !exact) else {
             return false;
         };
         let fitting: Vec<Endpoint> = pools
