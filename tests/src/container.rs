@@ -421,21 +421,24 @@ pub struct Container {
 
 impl Container {
     /// Starts `spec` with `helper`, the `ct-container` binary (an
-    /// integration test's `env!("CARGO_BIN_EXE_ct-container")`); stdout is
-    /// discarded.
+    /// integration test's `env!("CARGO_BIN_EXE_ct-container")`); its stdout
+    /// and stderr are kept together ([`Self::stderr`]).
     pub fn start(helper: &Path, spec: &ContainerSpec) -> Self {
         let file =
             std::env::temp_dir().join(format!("ct-container-{}.json", crate::unique_suffix()));
         std::fs::write(&file, serde_json::to_vec_pretty(spec).expect("spec JSON"))
             .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
-        let mut child = Command::new(helper)
+        // Its stdout and stderr, in one pipe (`conn-tracer check` writes
+        // its table to stdout).
+        let (output, writer) = std::io::pipe().expect("pipe");
+        let child = Command::new(helper)
             .arg(&file)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stdout(writer.try_clone().expect("pipe"))
+            .stderr(writer)
             .spawn()
             .expect("spawn ct-container");
-        let stderr = crate::tee_stderr(&mut child, "[container] ");
+        let stderr = crate::tee_lines(output, "[container] ");
         Self {
             child,
             stderr,

@@ -195,9 +195,16 @@ pub(crate) fn terminate(child: &mut Child, grace: Duration, poll: Duration) {
 /// Copies each line `child` writes on stderr to the test's stderr (after
 /// `prefix`) and keeps the first MiB of them.
 pub(crate) fn tee_stderr(child: &mut Child, prefix: &'static str) -> Arc<Mutex<String>> {
+    tee_lines(child.stderr.take().expect("piped stderr"), prefix)
+}
+
+/// [`tee_stderr`] of any pipe.
+pub(crate) fn tee_lines(
+    pipe: impl std::io::Read + Send + 'static,
+    prefix: &'static str,
+) -> Arc<Mutex<String>> {
     use std::io::{BufRead as _, BufReader};
     let kept = Arc::new(Mutex::new(String::new()));
-    let pipe = child.stderr.take().expect("piped stderr");
     let sink = Arc::clone(&kept);
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines().map_while(Result::ok) {

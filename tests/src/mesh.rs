@@ -8,7 +8,7 @@
 use std::{
     fs,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
 };
@@ -20,7 +20,8 @@ use crate::{
     netlab::{InvalidAction, NetLab},
     scenario::KEEPALIVE_1_1_3,
     servers::{
-        Envoy, EnvoyOptions, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect, UpstreamKeepalive,
+        Envoy, EnvoyOptions, NodeHttp, Redis, SIDECAR_PORT, SIDECAR_UID, SidecarRedirect,
+        UpstreamKeepalive,
     },
 };
 
@@ -163,18 +164,18 @@ pub struct Mesh {
     pub lab: NetLab,
 }
 
-/// An app process of the pod (`ct-client redis` to `dialled` with `args`,
+/// An app process of the pod (`ct-client PROTO` to `dialled` with `args`,
 /// in the app's cgroup), waiting for [`Peer::go`] to connect.
 fn spawn_app(
-    lab: &NetLab,
-    cgroups: &PodCgroups,
+    (lab, cgroups): (&NetLab, &PodCgroups),
     client: &str,
+    proto: &str,
     dialled: SocketAddr,
     args: &[&str],
 ) -> Peer {
     let mut cmd = lab.client().command(client);
     cmd.args([
-        "redis",
+        proto,
         "--addr",
         &dialled.ip().to_string(),
         "--port",
@@ -191,7 +192,8 @@ impl Mesh {
     /// One more app connection of the pod to the same destination (see
     /// [`spawn_app`]).
     pub fn spawn_app(&self, args: &[&str]) -> Peer {
-        spawn_app(&self.lab, &self.cgroups, &self.client, self.dialled, args)
+        let pod = (&self.lab, &self.cgroups);
+        spawn_app(pod, &self.client, "redis", self.dialled, args)
     }
 
     /// Stops the daemon and starts a new one (a DaemonSet rollout) with
@@ -252,9 +254,31 @@ fn start_daemon(kube: &FakeKube, service: bool, extra: &[&str]) -> Daemon {
     daemon
 }
 
-/// The fake API: the app's pod (`uid`, its containers' ids), the Redis
-/// pod, and with `service` the Redis Service and its EndpointSlice.
-fn fake_api(lab: &NetLab, uid: &str, [app_id, proxy_id]: [&str; 2], service: bool) -> FakeKube {
+/// The server's pod (namespace `db`) and its Service.
+struct Backend {
+    pod: &'static str,
+    service: &'static str,
+    /// The Service port and the pod's target port behind it.
+    port: u16,
+    target: u16,
+}
+
+const REDIS: Backend = Backend {
+    pod: "redis-0",
+    service: "redis",
+    port: SERVICE_PORT,
+    target: TARGET_PORT,
+};
+
+/// The fake API: the app's pod (`uid`, its containers' ids), the server's
+/// pod, and with `service` its Service and EndpointSlice.
+fn fake_api(
+    lab: &NetLab,
+    uid: &str,
+    [app_id, proxy_id]: [&str; 2],
+    backend: &Backend,
+    service: bool,
+) -> FakeKube {
     let kube = FakeKube::start(NODE);
     kube.set_pods(vec![
         pod_json(
@@ -270,29 +294,29 @@ fn fake_api(lab: &NetLab, uid: &str, [app_id, proxy_id]: [&str; 2], service: boo
         ),
         pod_json(
             "db",
-            "redis-0",
+            backend.pod,
             "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
             NODE,
             &lab.server_ip().to_string(),
-            &[("redis", &format!("containerd://{}", hex_id(3)))],
+            &[(backend.service, &format!("containerd://{}", hex_id(3)))],
         ),
     ]);
     if service {
         let ip = lab.server_ip().to_string();
         kube.set_services(vec![service_json(
             "db",
-            "redis",
+            backend.service,
             &CLUSTER_IP.to_string(),
-            &[("redis", SERVICE_PORT, TARGET_PORT)],
+            &[(backend.service, backend.port, backend.target)],
         )]);
         kube.set_endpoint_slices(vec![endpoint_slice_json(
             "db",
-            "redis-x7k2p",
-            "redis",
-            &[("redis", TARGET_PORT)],
+            &format!("{}-x7k2p", backend.service),
+            backend.service,
+            &[(backend.service, backend.target)],
             &[SliceEndpoint {
                 ip: &ip,
-                pod: "redis-0",
+                pod: backend.pod,
                 node: NODE,
                 ready: true,
                 terminating: false,
@@ -300,6 +324,99 @@ fn fake_api(lab: &NetLab, uid: &str, [app_id, proxy_id]: [&str; 2], service: boo
         )]);
     }
     kube
+}
+
+/// The fake API (the app's pod, the server's pod `backend` and, with
+/// `service`, its Service), the app pod's cgroups, and the daemon.
+fn pod_and_daemon(
+    lab: &NetLab,
+    backend: &Backend,
+    service: bool,
+) -> (FakeKube, PodCgroups, Daemon) {
+    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
+    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
+    let kube = fake_api(lab, uid, [&app_id, &proxy_id], backend, service);
+    let cgroups = PodCgroups::new(uid, &[("app", &app_id), ("istio-proxy", &proxy_id)]);
+    // The daemon runs before the pod's processes start, as a DaemonSet does
+    // on a node: the owners of listeners opened before it are not known yet
+    // (see the closing notes of the reliability work).
+    // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
+    let daemon = start_daemon(&kube, service, &["--close-wait-threshold", "1s"]);
+    (kube, cgroups, daemon)
+}
+
+/// The HTTP Service of [`pool_mesh`]: `namespace/service`.
+pub const WEB_PEER: &str = "db/web";
+
+const WEB: Backend = Backend {
+    pod: "web-0",
+    service: "web",
+    port: 80,
+    target: 8080,
+};
+
+/// An HTTP Service behind the pod's sidecar pool; fields drop in
+/// declaration order, the namespaces last.
+pub struct PoolMesh {
+    /// The Service's ClusterIP:port, which the apps dial.
+    pub dialled: SocketAddr,
+    /// The backend pod's address: where the sidecar's pool connects.
+    pub backend: SocketAddr,
+    pub daemon: Daemon,
+    /// The app's connections, one `ct-client http` each, connected.
+    pub apps: Vec<Peer>,
+    pub redirect: SidecarRedirect,
+    pub envoy: Envoy,
+    pub web: NodeHttp,
+    pub cgroups: PodCgroups,
+    pub kube: FakeKube,
+    pub lab: NetLab,
+}
+
+/// `apps` app connections (`ct-client http` with `app_args`, each
+/// connected and then waiting for [`Peer::go`]) to an HTTP Service, through
+/// Envoy with an HTTP connection manager (one worker) whose cluster pools
+/// upstream connections to a real Node.js server (`keepAliveTimeout`
+/// `keep_alive_ms`, each answer `delay_ms` late, so requests overlap).
+pub fn pool_mesh(
+    client: &str,
+    node: &Path,
+    apps: usize,
+    app_args: &[&str],
+    (keep_alive_ms, delay_ms): (u32, u32),
+) -> PoolMesh {
+    let lab = NetLab::new(InvalidAction::Drop, 300);
+    let backend = SocketAddr::new(lab.server_ip(), WEB.target);
+    let dialled = SocketAddr::new(CLUSTER_IP.into(), WEB.port);
+    let (kube, cgroups, daemon) = pod_and_daemon(&lab, &WEB, true);
+    let web = NodeHttp::start_on(lab.server(), node, backend, Some(keep_alive_ms), delay_ms);
+    let mut opts = EnvoyOptions::sidecar(Duration::from_mins(1));
+    opts.cgroup = Some(cgroups.dir("istio-proxy"));
+    opts.services = vec![(dialled, backend)];
+    opts.http_services = true;
+    let envoy = Envoy::start(lab.client(), opts);
+    let redirect = SidecarRedirect::istio_outbound(lab.client(), SIDECAR_UID, SIDECAR_PORT);
+    let mut peers: Vec<Peer> = (0..apps)
+        .map(|_| spawn_app((&lab, &cgroups), client, "http", dialled, app_args))
+        .collect();
+    for p in &mut peers {
+        p.go();
+    }
+    for p in &mut peers {
+        p.expect_port("connected");
+    }
+    PoolMesh {
+        dialled,
+        backend,
+        daemon,
+        apps: peers,
+        redirect,
+        envoy,
+        web,
+        cgroups,
+        kube,
+        lab,
+    }
 }
 
 /// The pod with its sidecar and no app yet: the lab, the fake API (both
@@ -324,7 +441,7 @@ impl SidecarPod {
     /// A Node.js app of the pod: `node -e script` in the app's network
     /// namespace and container cgroup. The script must wait for
     /// [`Peer::go`] before it connects (its owner is captured then).
-    pub fn spawn_node_app(&self, node: &std::path::Path, script: &str) -> Peer {
+    pub fn spawn_node_app(&self, node: &Path, script: &str) -> Peer {
         let mut cmd = self.lab.client().command(node);
         cmd.args(["-e", script]);
         let app = Peer::spawn("node app", cmd);
@@ -369,15 +486,7 @@ pub fn sidecar_pod(s: &Setup, envoy: impl FnOnce(&mut EnvoyOptions)) -> SidecarP
     } else {
         backend
     };
-    let uid = "4f1c2a9e-7b3d-4e5f-9a8b-1c2d3e4f5a6b";
-    let (app_id, proxy_id) = (hex_id(1), hex_id(2));
-    let kube = fake_api(&lab, uid, [&app_id, &proxy_id], service);
-    let cgroups = PodCgroups::new(uid, &[("app", &app_id), ("istio-proxy", &proxy_id)]);
-    // The daemon runs before the pod's processes start, as a DaemonSet does
-    // on a node: the owners of listeners opened before it are not known yet
-    // (see the closing notes of the reliability work).
-    // A 1 s CLOSE_WAIT threshold: a leak shows within the tests' windows.
-    let daemon = start_daemon(&kube, service, &["--close-wait-threshold", "1s"]);
+    let (kube, cgroups, daemon) = pod_and_daemon(&lab, &REDIS, service);
     let mut opts = EnvoyOptions::sidecar(s.envoy_idle);
     if s.upstream_keepalive {
         opts.upstream_keepalive = Some(UpstreamKeepalive {
@@ -418,7 +527,13 @@ pub fn sidecar_pod(s: &Setup, envoy: impl FnOnce(&mut EnvoyOptions)) -> SidecarP
 pub fn mesh(client: &str, s: &Setup) -> Mesh {
     let pod = sidecar_pod(s, |_| {});
     let redis = Redis::start(pod.lab.server(), pod.backend, s.redis_timeout_secs);
-    let mut app = spawn_app(&pod.lab, &pod.cgroups, client, pod.dialled, &s.app_args);
+    let mut app = spawn_app(
+        (&pod.lab, &pod.cgroups),
+        client,
+        "redis",
+        pod.dialled,
+        &s.app_args,
+    );
     app.go();
     app.expect_port("connected");
     assert_eq!(

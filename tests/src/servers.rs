@@ -888,15 +888,29 @@ pub struct NodeHttp {
 
 impl NodeHttp {
     pub fn start(ns: &NetNs, node: &Path, port: u16, keep_alive_ms: Option<u32>) -> Self {
+        Self::start_on(ns, node, crate::scenario::local(port), keep_alive_ms, 0)
+    }
+
+    /// On `addr`, answering each request after `delay_ms` (so that
+    /// requests overlap).
+    pub fn start_on(
+        ns: &NetNs,
+        node: &Path,
+        addr: SocketAddr,
+        keep_alive_ms: Option<u32>,
+        delay_ms: u32,
+    ) -> Self {
         let timeout =
             keep_alive_ms.map_or_else(String::new, |ms| format!("s.keepAliveTimeout = {ms};\n"));
         let script = format!(
             "const http = require('http');\n\
-             const s = http.createServer((req, res) => {{ res.end('ok'); }});\n\
+             const s = http.createServer((req, res) => {{ setTimeout(() => res.end('ok'), {delay_ms}); }});\n\
              {timeout}\
-             s.listen({port}, '127.0.0.1', () => console.log('listening'));\n"
+             s.listen({port}, '{ip}', () => console.log('listening'));\n",
+            port = addr.port(),
+            ip = addr.ip(),
         );
-        Self::spawn(ns, node, &script, port)
+        Self::spawn(ns, node, &script, addr.port())
     }
 
     /// A server on `addr` that answers each request after `delay` and
@@ -904,16 +918,8 @@ impl NodeHttp {
     /// an upstream that a proxy's connection pool keeps every connection
     /// of.
     pub fn slow(ns: &NetNs, node: &Path, addr: SocketAddr, delay: Duration) -> Self {
-        let script = format!(
-            "const http = require('http');\n\
-             const s = http.createServer((req, res) => {{ setTimeout(() => res.end('ok'), {ms}); }});\n\
-             s.keepAliveTimeout = 0;\n\
-             s.listen({port}, '{ip}', () => console.log('listening'));\n",
-            ms = delay.as_millis(),
-            port = addr.port(),
-            ip = addr.ip(),
-        );
-        Self::spawn(ns, node, &script, addr.port())
+        let ms = u32::try_from(delay.as_millis()).expect("a delay of ms");
+        Self::start_on(ns, node, addr, Some(0), ms)
     }
 
     fn spawn(ns: &NetNs, node: &Path, script: &str, port: u16) -> Self {
@@ -1037,6 +1043,10 @@ pub struct EnvoyOptions {
     /// its upstream connections speak HTTP/1.1, one request at a time, as
     /// Envoy's default cluster protocol does.
     pub http: bool,
+    /// The Service listeners run an HTTP connection manager routing every
+    /// request to the Service's cluster (an upstream connection pool, as
+    /// Istio does for HTTP ports) instead of tcp_proxy.
+    pub http_services: bool,
 }
 
 /// Redis with no timeout of its own on 127.0.0.1:`redis_port` behind
@@ -1071,6 +1081,7 @@ impl EnvoyOptions {
             concurrency: 1,
             inbound_port: None,
             http: false,
+            http_services: false,
         }
     }
 
@@ -1092,6 +1103,7 @@ impl EnvoyOptions {
             concurrency: 1,
             inbound_port: None,
             http: false,
+            http_services: false,
         }
     }
 
@@ -1133,7 +1145,11 @@ impl EnvoyOptions {
                 cluster_ip.ip(),
                 cluster_ip.port()
             );
-            self.tcp_proxy_chain(&mut y, &format!("ct_service_{i}"));
+            if self.http_services {
+                self.http_chain(&mut y, &format!("ct_service_{i}"));
+            } else {
+                self.tcp_proxy_chain(&mut y, &format!("ct_service_{i}"));
+            }
         }
         y.push_str("  clusters:\n");
         match self.upstream {
@@ -1170,8 +1186,9 @@ impl EnvoyOptions {
         );
     }
 
-    /// A filter chain of one HTTP connection manager routing every request
-    /// to `cluster`.
+    /// A filter chain of one HTTP connection manager: every request to
+    /// `cluster` (stats `http.<stat_prefix>.*`, the pool's
+    /// `cluster.<cluster>.upstream_cx_*`).
     fn http_chain(&self, y: &mut String, cluster: &str) {
         let _ = write!(
             y,

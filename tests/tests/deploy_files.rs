@@ -352,17 +352,26 @@ fn sidecar_upstream_idle_kill_alert_fires_only_for_idle_chains() {
 fn contract_metrics() -> BTreeSet<String> {
     let readme = std::fs::read_to_string(deploy_dir().join("../README.md")).expect("README.md");
     let mut names = BTreeSet::new();
+    let mut histograms = Vec::new();
     for line in readme.lines().filter(|l| l.starts_with("| `conntracer_")) {
         let first_cell = line.split('|').nth(1).unwrap_or_default();
+        let histogram = line
+            .split('|')
+            .nth(2)
+            .is_some_and(|t| t.trim() == "histogram");
         for name in first_cell
             .split('`')
             .filter(|s| s.starts_with("conntracer_"))
         {
             // `conntracer_label_overflow_total{label}`: the name only.
-            names.insert(name.split('{').next().unwrap_or(name).to_string());
+            let name = name.split('{').next().unwrap_or(name).to_string();
+            if histogram {
+                histograms.push(name.clone());
+            }
+            names.insert(name);
         }
     }
-    for hist in names.clone().iter().filter(|n| n.ends_with("_seconds")) {
+    for hist in histograms {
         for suffix in ["_bucket", "_sum", "_count"] {
             names.insert(format!("{hist}{suffix}"));
         }
@@ -691,6 +700,8 @@ fn daemonset_has_the_documented_privileges_and_mounts() {
     for (path, host) in [
         ("/sys/fs/cgroup", "/sys/fs/cgroup"),
         ("/sys/kernel/btf", "/sys/kernel/btf"),
+        // The accept programs' syscall tracepoints are found through it.
+        ("/sys/kernel/tracing", "/sys/kernel/tracing"),
     ] {
         let m = mount(&c, path);
         assert_eq!(m["readOnly"], true, "{path}");

@@ -662,6 +662,12 @@ fn root_image_runs_as_the_daemonset_runs_it() {
         Duration::from_mins(1),
     );
     assert_eq!(code, Some(0), "conn-tracer check in the container:\n{out}");
+    // The manifest's tracefs mount lets the accept programs attach.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("accept tracepoints")),
+        "conn-tracer check in the container:\n{out}"
+    );
 
     assert_redis_idle_kill_is_counted(&netns, pod.port);
 

@@ -25,13 +25,20 @@ use integration_tests::{
         names::{CHAIN_KILLS, KILLS, MISMATCH, STALE},
     },
     mesh::{
-        Dest, Mesh, NAMESPACE, PEER, POD, Setup, SidecarPod, keepalive_app_args, setup, sidecar_pod,
+        Dest, Mesh, NAMESPACE, PEER, POD, PoolMesh, Setup, SidecarPod, WEB_PEER,
+        keepalive_app_args, pool_mesh, setup, sidecar_pod,
     },
     netlab::InvalidAction,
-    require_program_or_skip, serial_unless_skipped,
+    require_program_or_skip,
+    scenario::KEEPALIVE_1_1_3,
+    serial_unless_skipped,
     servers::NodeHttp,
     str_values, test_name,
 };
+
+const POOL: &str = "conntracer_sidecar_pool_connections";
+const POOL_MISMATCH: &str = "conntracer_sidecar_pool_keepalive_mismatch";
+const POOL_KILLS: &str = "conntracer_sidecar_pool_kills_total";
 
 const CLIENT: &str = env!("CARGO_BIN_EXE_ct-client");
 
@@ -493,12 +500,34 @@ fn root_busy_connection_closed_by_the_server_is_origin_upstream_not_idle() {
 #[test]
 fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
     let _serial = serial_unless_skipped!();
-    let (mut m, _) = case_c(false, Dest::Passthrough);
-    let mismatch = [("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)];
+    restart_mid_idle(Dest::Passthrough, 0);
+}
+
+/// The same rollout with a chain to a Service while the API is slow (the
+/// new daemon's first lists fail and back off for seconds): the chain
+/// older than the daemon waits for the Service index and comes back as
+/// facts (a backend of the Service dialled), not as an inferred link made
+/// before the index could say.
+#[test]
+fn root_service_restart_with_a_slow_api_rebuilds_the_chain_once_the_index_loads() {
+    let _serial = serial_unless_skipped!();
+    restart_mid_idle(Dest::Service, 9);
+}
+
+/// Case C to `dest`, the daemon restarted while it idles, its first
+/// `api_failures` API requests answered 500.
+fn restart_mid_idle(dest: Dest, api_failures: u32) {
+    let (mut m, _) = case_c(false, dest);
+    let mismatch = [
+        ("namespace", NAMESPACE),
+        ("pod", POD),
+        ("peer", m.chain_peer),
+    ];
     m.daemon.wait_metrics(Duration::from_secs(5), |x| {
         x.sum(MISMATCH, &mismatch) == 1.0
     });
     let resync = Duration::from_secs(2);
+    m.kube.fail_next(api_failures);
     m.restart_daemon(&["--resync-interval", "2s"]);
     let started = Instant::now();
     // One resync, plus its own duration and the scrape on a loaded machine.
@@ -511,6 +540,7 @@ fn root_case_c_mismatch_is_back_within_one_resync_after_a_restart() {
         "{}",
         after.dump(MISMATCH)
     );
+    assert_eq!(m.kube.failures_pending(), 0, "the API failed as asked");
     eprintln!("mismatch back {:?} after the restart", started.elapsed());
     assert_app_chain_legs(&m);
 }
@@ -955,4 +985,213 @@ fn root_three_chains_closed_by_envoys_idle_timeout_give_its_timeout_and_the_isti
         fix.contains("idleTimeout") && fix.contains("~2.0 s"),
         "{fix}"
     );
+}
+
+/// `ss -tino` in the pod: for each socket whose peer is `remote`, whether
+/// the kernel runs a keepalive timer on it (`timer:(keepalive,...)`).
+fn ss_keepalive_timers(m: &PoolMesh, remote: std::net::SocketAddr) -> Vec<bool> {
+    let out = m
+        .lab
+        .client()
+        .command("ss")
+        .arg("-tino")
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // Each socket is a line with its addresses, then an indented line of
+    // its details (timers among them).
+    let mut found = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("ESTAB") || words.nth(3) != Some(remote.to_string().as_str()) {
+            continue;
+        }
+        let details = match lines.peek() {
+            Some(next) if next.starts_with(char::is_whitespace) => lines.next().unwrap_or(""),
+            _ => "",
+        };
+        found.push(line.contains("timer:(keepalive") || details.contains("timer:(keepalive"));
+    }
+    found
+}
+
+/// Istio's HTTP path: 8 app connections (keepalive on) to a Service
+/// through Envoy's HTTP connection manager, whose cluster pools 2 upstream
+/// connections (keepalive off) to a Node.js server. No 1:1 link may be
+/// shown: the legs are a pool, whose keepalive mismatch is the 2 upstream
+/// connections (as `ss -tino` shows on both sides), and the server's idle
+/// close of both (Node's keepAliveTimeout; Envoy counts them in
+/// `upstream_cx_destroy_remote`) is counted for the Service, with the 8
+/// app connections open at the time.
+#[test]
+fn root_service_http_pool_is_n_to_m_with_its_mismatch_and_server_closes() {
+    let _serial = serial_unless_skipped!();
+    let Some(node) = require_program_or_skip(
+        "root_service_http_pool_is_n_to_m_with_its_mismatch_and_server_closes",
+        "node",
+        "Node.js (npm's Debian package)",
+    ) else {
+        return;
+    };
+    let app_args = [
+        &KEEPALIVE_1_1_3[..],
+        &["--count", "0", "--pause-before-then", "--then", "send"],
+        &["--pause-before-close", "--timeout-secs", "60"],
+    ]
+    .concat();
+    // Node 20 closes an idle connection about 1 s after keepAliveTimeout.
+    let mut m = pool_mesh(CLIENT, &node, 8, &app_args, (2000, 300));
+    let before = m.daemon.scrape();
+    // Two requests at a time, each answered 300 ms late: the pool opens
+    // two upstream connections and serves the later pairs over them.
+    for pair in m.apps.chunks_mut(2) {
+        for a in pair.iter_mut() {
+            a.go();
+        }
+        for a in pair.iter_mut() {
+            assert_eq!(a.expect_line("reply"), ["ok"]);
+        }
+    }
+    let cluster = |stat: &str| m.envoy.stat(&format!("cluster.ct_service_0.{stat}"));
+    assert_eq!(cluster("upstream_cx_total"), Some(2), "Envoy's pool");
+    assert_eq!(cluster("upstream_rq_total"), Some(8));
+    let pool = |leg: &'static str| {
+        [
+            ("namespace", NAMESPACE),
+            ("pod", POD),
+            ("peer", WEB_PEER),
+            ("leg", leg),
+        ]
+    };
+    let served = Instant::now();
+    let pooled = m.daemon.wait_metrics(Duration::from_secs(10), |x| {
+        x.sum(POOL, &pool("app")) == 8.0 && x.sum(POOL, &pool("upstream")) == 2.0
+    });
+    eprintln!("pooled {:?} after the last reply", served.elapsed());
+    assert_eq!(pooled.sum(POOL, &pool("app")), 8.0, "{}", pooled.dump(POOL));
+    assert_eq!(
+        pooled.sum(POOL, &pool("upstream")),
+        2.0,
+        "{}",
+        pooled.dump(POOL)
+    );
+    assert_eq!(
+        pooled.sum("conntracer_sidecar_chains_open", &[]),
+        0.0,
+        "no 1:1 chain"
+    );
+    // Ground truth for the keepalive mismatch: the kernel's timers.
+    let app_timers = ss_keepalive_timers(&m, m.dialled);
+    let upstream_timers = ss_keepalive_timers(&m, m.backend);
+    assert_eq!(app_timers, [true; 8], "the app's sockets");
+    assert_eq!(upstream_timers, [false; 2], "Envoy's pooled sockets");
+    let pod_peer = [("namespace", NAMESPACE), ("pod", POD), ("peer", WEB_PEER)];
+    assert_eq!(
+        pooled.sum(POOL_MISMATCH, &pod_peer),
+        2.0,
+        "{}",
+        pooled.dump(POOL_MISMATCH)
+    );
+    assert_eq!(pooled.sum(MISMATCH, &[("pod", POD)]), 0.0, "no chain");
+    assert_pool_in_connections(&m);
+    server_closes_are_counted_for_the_service(&m, &before, served);
+    for a in &mut m.apps {
+        a.go();
+        a.expect_line("closed");
+    }
+}
+
+/// Node closes both idle pooled connections (Envoy's
+/// `upstream_cx_destroy_remote`); the app's stay open. Both ends are
+/// counted for the Service, with the 8 app connections open at each.
+fn server_closes_are_counted_for_the_service(m: &PoolMesh, before: &Metrics, served: Instant) {
+    let cluster = |stat: &str| m.envoy.stat(&format!("cluster.ct_service_0.{stat}"));
+    let pool = |leg: &'static str| {
+        [
+            ("namespace", NAMESPACE),
+            ("pod", POD),
+            ("peer", WEB_PEER),
+            ("leg", leg),
+        ]
+    };
+    let pod_peer = [("namespace", NAMESPACE), ("pod", POD), ("peer", WEB_PEER)];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster("upstream_cx_destroy_remote") != Some(2) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        cluster("upstream_cx_destroy_remote"),
+        Some(2),
+        "the server closed both"
+    );
+    eprintln!(
+        "the server closed both {:?} after the last reply",
+        served.elapsed()
+    );
+    let kills = [&pod_peer[..], &[("origin", "upstream"), ("idle", "true")]].concat();
+    let after = m
+        .daemon
+        .settle(before, POOL_KILLS, &kills, 2.0, Duration::from_millis(500))
+        .1;
+    after.assert_delta(before, POOL_KILLS, &kills, 2.0);
+    after.assert_delta(before, POOL_KILLS, &[], 2.0);
+    let at_kill = "conntracer_sidecar_pool_kill_app_connections";
+    assert_eq!(after.sum(&format!("{at_kill}_count"), &pod_peer), 2.0);
+    assert_eq!(
+        after.sum(&format!("{at_kill}_sum"), &pod_peer),
+        16.0,
+        "8 app connections open at each: {}",
+        after.dump(&format!("{at_kill}_sum"))
+    );
+    after.assert_delta(before, CHAIN_KILLS, &[], 0.0);
+    assert_eq!(
+        after.sum(POOL, &pool("upstream")),
+        0.0,
+        "{}",
+        after.dump(POOL)
+    );
+    assert_eq!(after.sum(POOL, &pool("app")), 8.0, "{}", after.dump(POOL));
+}
+
+/// /connections: each app connection has its two facts (app, the
+/// sidecar's socket facing it) and no upstream leg, and says it is pooled;
+/// so do Envoy's two upstream sockets.
+fn assert_pool_in_connections(m: &PoolMesh) {
+    let list = m.daemon.connections();
+    let conns = list.as_array().expect("array");
+    let dialled = m.dialled.to_string();
+    let apps: Vec<_> = conns
+        .iter()
+        .filter(|c| c["pod"] == POD && c["container"] == "app" && c["direction"] == "outbound")
+        .collect();
+    assert_eq!(apps.len(), 8, "{list:#}");
+    for c in &apps {
+        let legs: Vec<&str> = str_values(&c["chain"], "leg", "chain legs").collect();
+        assert_eq!(legs, ["app", "sidecar-app-side"], "{c:#}");
+        let pool = &c["pool"];
+        assert_eq!(
+            (pool["leg"].as_str(), pool["dialled"].as_str()),
+            (Some("app"), Some(dialled.as_str())),
+            "{c:#}"
+        );
+        assert_eq!(
+            (
+                pool["app_connections"].as_u64(),
+                pool["upstream_connections"].as_u64()
+            ),
+            (Some(8), Some(2)),
+            "{c:#}"
+        );
+    }
+    let backend = m.backend.to_string();
+    let ups: Vec<_> = conns
+        .iter()
+        .filter(|c| c["container"] == "istio-proxy" && c["remote"] == backend.as_str())
+        .collect();
+    assert_eq!(ups.len(), 2, "{list:#}");
+    for c in &ups {
+        assert_eq!(c["pool"]["leg"], "upstream", "{c:#}");
+        assert!(c["chain"].as_array().is_none_or(Vec::is_empty), "{c:#}");
+    }
 }

@@ -56,6 +56,9 @@ enum Proto {
     Memcached(Common),
     /// One line out, one line back (an echo server).
     Raw(RawArgs),
+    /// HTTP/1.1 keep-alive `GET /` -> a `200` response (its body read by
+    /// `Content-Length`).
+    Http(Common),
 }
 
 #[derive(Args)]
@@ -92,6 +95,10 @@ enum Then {
 }
 
 #[derive(Args)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "each is one command-line switch"
+)]
 struct Common {
     #[arg(long)]
     addr: IpAddr,
@@ -130,6 +137,10 @@ struct Common {
     /// Wait for a line on stdin after the idle period, before `--then`.
     #[arg(long)]
     pause_before_then: bool,
+    /// Wait for a line on stdin before closing a connection still alive
+    /// (an idle pooled connection held open).
+    #[arg(long)]
+    pause_before_close: bool,
 }
 
 fn main() -> Result<()> {
@@ -164,6 +175,7 @@ fn main() -> Result<()> {
             },
             timeout,
         ),
+        Proto::Http(common) => run(common, &mut Http, timeout),
         Proto::Raw(args) => run(
             &args.common,
             &mut LineProto {
@@ -357,6 +369,42 @@ impl Dialogue for LineProto {
             Ok(line) if line.starts_with(&self.ok_prefix) => Outcome::Ok,
             Ok(line) => Outcome::Bad(String::from_utf8_lossy(&line).into_owned()),
             Err(outcome) => outcome,
+        }
+    }
+}
+
+/// HTTP/1.1: `GET /` on a kept-alive connection, a `200` back.
+struct Http;
+
+impl Dialogue for Http {
+    fn request(&mut self, conn: &mut Conn) -> Outcome {
+        if let Err(outcome) = conn.write(b"GET / HTTP/1.1\r\nHost: ct-client\r\n\r\n") {
+            return outcome;
+        }
+        let status = match conn.line() {
+            Ok(line) => String::from_utf8_lossy(&line).into_owned(),
+            Err(outcome) => return outcome,
+        };
+        let mut length = 0usize;
+        loop {
+            match conn.line() {
+                Ok(line) if line.is_empty() => break,
+                Ok(line) => {
+                    let line = String::from_utf8_lossy(&line).to_ascii_lowercase();
+                    if let Some(v) = line.strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                Err(outcome) => return outcome,
+            }
+        }
+        if let Err(outcome) = conn.take(length) {
+            return outcome;
+        }
+        if status.starts_with("HTTP/1.1 200") {
+            Outcome::Ok
+        } else {
+            Outcome::Bad(status)
         }
     }
 }
@@ -644,6 +692,9 @@ fn run(args: &Common, proto: &mut dyn Dialogue, timeout: Duration) -> Result<()>
         }
     }
     if alive {
+        if args.pause_before_close {
+            wait_go(timeout)?;
+        }
         proto.goodbye(&mut conn);
     }
     drop(conn);

@@ -224,6 +224,7 @@ fn load_probes(btf_path: &Path, cgroup2: bool, probes: &mut Vec<Probe>) {
             None => Probe::new(feature, Status::Ok, ok),
         });
     }
+    probes.push(accept_probe(k.accept_programs()));
     probes.push(Probe::new(
         "load and attach",
         Status::Ok,
@@ -232,6 +233,31 @@ fn load_probes(btf_path: &Path, cgroup2: bool, probes: &mut Vec<Probe>) {
             k.program_count()
         ),
     ));
+}
+
+/// Whether the accept programs (classic syscall tracepoints, found
+/// through tracefs) attached: `(attached, of)`.
+fn accept_probe((attached, of): (usize, usize)) -> Probe {
+    const NAME: &str = "accept tracepoints";
+    if attached == of {
+        Probe::new(
+            NAME,
+            Status::Ok,
+            "syscalls:sys_exit_accept4 and sys_exit_accept: the sidecar thread that accepted \
+             each captured connection is known, so its upstream leg is paired by thread",
+        )
+    } else {
+        Probe::new(
+            NAME,
+            Status::Degraded,
+            format!(
+                "{attached} of {of} attached (is tracefs mounted at /sys/kernel/tracing or \
+                 /sys/kernel/debug/tracing? the DaemonSet mounts the host's): a sidecar's two \
+                 sockets are paired by order, and links among several fitting chains are \
+                 inferred"
+            ),
+        )
+    }
 }
 
 /// Kernel BTF, the struct offsets it gives, and the tracepoints' types;
@@ -336,6 +362,16 @@ mod tests {
             Status::Ok
         );
         assert_eq!(privileges_probe(None).status, Status::Missing);
+    }
+
+    #[test]
+    fn accept_probe_is_degraded_unless_both_attached() {
+        assert_eq!(accept_probe((2, 2)).status, Status::Ok);
+        for attached in [0, 1] {
+            let p = accept_probe((attached, 2));
+            assert_eq!(p.status, Status::Degraded);
+            assert!(p.detail.contains("tracefs"), "{}", p.detail);
+        }
     }
 
     #[test]

@@ -71,7 +71,8 @@ fn opt_u64(v: Option<u64>) -> String {
 }
 
 /// The other legs of a chained socket: `app:<local>`, `sidecar:<local>`
-/// (facing the app), `upstream:<local>` (the sidecar's upstream leg).
+/// (facing the app), `upstream:<local>` (the sidecar's upstream leg); for a
+/// pooled one `pool(N:M)`.
 fn chain_cell(c: &ConnView) -> String {
     let others: Vec<String> = c
         .chain
@@ -87,10 +88,16 @@ fn chain_cell(c: &ConnView) -> String {
             format!("{name}:{}{inferred}", l.local)
         })
         .collect();
-    if others.is_empty() {
+    // N app connections over M upstream ones.
+    let pool = c
+        .pool
+        .as_ref()
+        .map(|p| format!("pool({}:{})", p.app_connections, p.upstream_connections));
+    let cells: Vec<String> = others.into_iter().chain(pool).collect();
+    if cells.is_empty() {
         "-".into()
     } else {
-        others.join(",")
+        cells.join(",")
     }
 }
 
@@ -190,7 +197,10 @@ pub fn run(from: &str, json: bool) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{serve::views::ChainLegView, track::classify::KeepaliveView};
+    use crate::{
+        serve::views::{ChainLegView, PoolView},
+        track::classify::KeepaliveView,
+    };
 
     #[test]
     fn urls() {
@@ -262,11 +272,12 @@ mod tests {
                     inferred: true,
                 },
             ],
+            pool: None,
             opened_at: None,
             age_s: None,
             close_wait_s: None,
         };
-        let t = render_table(&[c]);
+        let t = render_table(std::slice::from_ref(&c));
         let line = t.lines().nth(1).unwrap();
         for want in [
             "ESTABLISHED",
@@ -279,5 +290,14 @@ mod tests {
             assert!(line.contains(want), "{want} missing in {line}");
         }
         assert!(t.lines().next().unwrap().starts_with("STATE"));
+        let mut pooled = c.clone();
+        pooled.chain.truncate(2);
+        pooled.pool = Some(PoolView {
+            leg: "app".into(),
+            dialled: "10.96.0.10:80".into(),
+            app_connections: 8,
+            upstream_connections: 2,
+        });
+        assert_eq!(chain_cell(&pooled), "sidecar:127.0.0.1:15001,pool(8:2)");
     }
 }

@@ -69,6 +69,10 @@ fn fix_mmap_threshold() {
     }
 }
 
+/// The least time between two looks at the sockets' payload for pool
+/// evidence (each is a pass of the TCP iterator over every namespace).
+const EVIDENCE_INTERVAL: Duration = Duration::from_secs(1);
+
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     fix_mmap_threshold();
     let opts = KernelOptions {
@@ -92,10 +96,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .metrics
         .decode_errors
         .inc_by(kernel.take_decode_errors());
+    // Chains older than the daemon are rebuilt once the pod and Service
+    // indexes have loaded (their roles and backends come from them), at
+    // most INDEX_WAIT after the start.
+    let mut chains_deferred = !state.indexes_loaded();
+    state.tracker.defer_chains = chains_deferred;
     match snap {
         Ok(snap) => {
             state.resync(&snap, started);
             state.resync_took(monotonic_ns() - started, process_cpu_ns() - cpu);
+            state.pool_evidence(&snap);
             log::info!("{} connections open at start", state.tracker.table.len());
         }
         Err(e) => log::warn!("no start-up snapshot of open connections: {e}"),
@@ -126,34 +136,24 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut resync = tokio::time::interval(cfg.resync_interval);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await; // the first tick is now: the start-up resync did it
+    let mut last_evidence = std::time::Instant::now();
     let mut beat = tokio::time::interval(DRAIN_INTERVAL);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = resync.tick() => {
-                // Apply what the kernel already reported first, so that the
-                // snapshot is compared with an up-to-date table.
-                drain(ring.get_mut(), &shared.state, &mut decode_errors);
-                let started = monotonic_ns();
-                let cpu = process_cpu_ns();
-                let snap = shared.snapshot();
-                let mut state = shared.state.lock().expect("state lock");
-                match snap {
-                    Ok(snap) => {
-                        state.resync(&snap, started);
-                        state.resync_took(monotonic_ns() - started, process_cpu_ns() - cpu);
-                    }
-                    Err(e) => log::warn!("periodic resync skipped: {e}"),
-                }
-                state.forget_deleted_pods(std::time::Instant::now());
-                drop(state);
-                return_free_memory();
-            }
+            _ = resync.tick() => resync_now(ring.get_mut(), &shared, &mut decode_errors),
             // The kernel's early wake-up: the ring is filling.
             drained = ring.when_ready(|r| drain(r, &shared.state, &mut decode_errors)) => {
                 drained?;
             }
-            _ = beat.tick() => drain(ring.get_mut(), &shared.state, &mut decode_errors),
+            _ = beat.tick() => {
+                drain(ring.get_mut(), &shared.state, &mut decode_errors);
+                look_for_pools(ring.get_mut(), &shared, &mut decode_errors, &mut last_evidence);
+                if chains_deferred && rebuild_due(&shared, started) {
+                    chains_deferred = false;
+                    resync_now(ring.get_mut(), &shared, &mut decode_errors);
+                }
+            }
             Some(done) = catch_up_rx.recv() => {
                 drain(ring.get_mut(), &shared.state, &mut decode_errors);
                 let _ = done.send(());
@@ -167,6 +167,87 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     server.abort();
     log::info!("conn-tracer: stopping; detaching kernel programs");
     Ok(())
+}
+
+/// How long the chains older than the daemon wait for the pod and Service
+/// indexes' first lists before they are rebuilt anyway.
+const INDEX_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the deferred chain rebuild is due (the indexes loaded, or
+/// [`INDEX_WAIT`] passed since `started_ns`); clears the deferral if so.
+fn rebuild_due(shared: &Shared, started_ns: u64) -> bool {
+    let mut state = shared.state.lock().expect("state lock");
+    let waited = Duration::from_nanos(monotonic_ns().saturating_sub(started_ns));
+    let loaded = state.indexes_loaded();
+    if !loaded && waited < INDEX_WAIT {
+        return false;
+    }
+    if !loaded {
+        log::warn!(
+            "the pod and Service indexes did not load within {INDEX_WAIT:?}: chains older than the \
+             daemon are rebuilt without them (links to Service backends inferred)"
+        );
+    }
+    state.tracker.defer_chains = false;
+    true
+}
+
+/// The periodic reconciliation with the kernel's sockets, then the pool
+/// evidence in the same snapshot (after the events it saw).
+fn resync_now(ring: &mut EventRing, shared: &Shared, decode_errors: &mut u64) {
+    // Apply what the kernel already reported first, so that the snapshot is
+    // compared with an up-to-date table.
+    drain(ring, &shared.state, decode_errors);
+    let started = monotonic_ns();
+    let cpu = process_cpu_ns();
+    match shared.snapshot() {
+        Ok(snap) => {
+            {
+                let mut state = shared.state.lock().expect("state lock");
+                state.resync(&snap, started);
+                state.resync_took(monotonic_ns() - started, process_cpu_ns() - cpu);
+            }
+            pool_evidence(ring, shared, decode_errors, &snap);
+        }
+        Err(e) => log::warn!("periodic resync skipped: {e}"),
+    }
+    let mut state = shared.state.lock().expect("state lock");
+    state.forget_deleted_pods(std::time::Instant::now());
+    drop(state);
+    return_free_memory();
+}
+
+/// A chain that waits for its upstream leg may be served by a pool: looks
+/// at the sockets' payload, at most once per [`EVIDENCE_INTERVAL`]. The
+/// events the kernel sent before the snapshot's end are applied first (an
+/// upstream leg whose open is still in the ring would look like none).
+fn look_for_pools(
+    ring: &mut EventRing,
+    shared: &Shared,
+    decode_errors: &mut u64,
+    last: &mut std::time::Instant,
+) {
+    let due = shared.state.lock().expect("state lock").pool_evidence_due();
+    if !due || last.elapsed() < EVIDENCE_INTERVAL {
+        return;
+    }
+    *last = std::time::Instant::now();
+    match shared.snapshot() {
+        Ok(snap) => pool_evidence(ring, shared, decode_errors, &snap),
+        Err(e) => log::debug!("pool evidence skipped: {e}"),
+    }
+}
+
+/// The pool evidence in `snap`, once the events the kernel sent before it
+/// are applied.
+fn pool_evidence(
+    ring: &mut EventRing,
+    shared: &Shared,
+    decode_errors: &mut u64,
+    snap: &[crate::event::ConnEvent],
+) {
+    drain(ring, &shared.state, decode_errors);
+    shared.state.lock().expect("state lock").pool_evidence(snap);
 }
 
 /// Applies every event waiting in the ring, under one lock of the state.

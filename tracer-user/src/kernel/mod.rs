@@ -256,6 +256,11 @@ impl Kernel {
         })
     }
 
+    /// How many of the accept programs ([`ACCEPT_PROGRAMS`]) attached.
+    pub(crate) fn accept_programs(&self) -> (usize, usize) {
+        (self.accept_programs, ACCEPT_PROGRAMS.len())
+    }
+
     /// Programs loaded: the BTF tracepoints this kernel has, the
     /// setsockopt observer (unless disabled) and the TCP iterator.
     pub(crate) fn program_count(&self) -> usize {

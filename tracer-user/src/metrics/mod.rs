@@ -26,6 +26,11 @@ pub(crate) const IDLE_BUCKETS: &[f64] = &[
     14400.0, 43200.0, 86400.0,
 ];
 
+/// Buckets of `conntracer_sidecar_pool_kill_app_connections`.
+pub(crate) const POOL_APP_BUCKETS: &[f64] = &[
+    0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
 label_set!(
     /// `conntracer_idle_kills_total`.
     IdleKill { owner; direction, peer, peer_state, closed_by, close_kind, keepalive }
@@ -55,12 +60,16 @@ label_set!(
     ConnectFailure { owner; peer, peer_state, reason }
 );
 label_set!(
-    /// `conntracer_sidecar_chain_kills_total`.
+    /// `conntracer_sidecar_chain_kills_total`, `conntracer_sidecar_pool_kills_total`.
     ChainKill { namespace, pod, peer, origin, upstream_keepalive, idle }
 );
 label_set!(
     /// `conntracer_sidecar_keepalive_mismatch`.
     ChainPeer { namespace, pod, peer }
+);
+label_set!(
+    /// `conntracer_sidecar_pool_connections`.
+    PoolConnections { namespace, pod, peer, leg, keepalive }
 );
 label_set!(
     /// `conntracer_peer_connections_open`.
@@ -99,6 +108,10 @@ pub(crate) struct Metrics {
     pub close_wait: Gauge<CloseWait<'static>>,
     pub sidecar_chain_kills: Counter<ChainKill<'static>>,
     pub sidecar_keepalive_mismatch: Gauge<ChainPeer<'static>>,
+    pub pool_connections: Gauge<PoolConnections<'static>>,
+    pub pool_keepalive_mismatch: Gauge<ChainPeer<'static>>,
+    pub pool_kills: Counter<ChainKill<'static>>,
+    pub pool_kill_app_connections: Histogram<ChainPeer<'static>>,
     pub findings: Gauge<FindingKey<'static>>,
     pub events: Counter<EventKind<'static>>,
     pub events_lost: IntCounter,
@@ -191,6 +204,31 @@ impl Metrics {
                 &r,
                 "conntracer_sidecar_keepalive_mismatch",
                 "Open app->sidecar->upstream chains with keepalive on the app leg and off upstream.",
+            )?,
+            pool_connections: Gauge::register(
+                &r,
+                "conntracer_sidecar_pool_connections",
+                "Pooled (N:M) connections of a pod to a destination through its sidecar's HTTP \
+                 pool: the app's (leg=app) and the sidecar's upstream ones (leg=upstream).",
+            )?,
+            pool_keepalive_mismatch: Gauge::register(
+                &r,
+                "conntracer_sidecar_pool_keepalive_mismatch",
+                "Pooled upstream connections with keepalive off, to a destination the pod's app \
+                 connections reach with keepalive on.",
+            )?,
+            pool_kills: Counter::register(
+                &r,
+                "conntracer_sidecar_pool_kills_total",
+                "Pooled upstream connections of a sidecar that ended: origin upstream (the server \
+                 or the network) or sidecar (the proxy closed it).",
+            )?,
+            pool_kill_app_connections: Histogram::register(
+                &r,
+                "conntracer_sidecar_pool_kill_app_connections",
+                "App connections of the pod to the same destination open when a pooled upstream \
+                 connection ended (one observation per end).",
+                POOL_APP_BUCKETS,
             )?,
             events: Counter::register(
                 &r,
@@ -371,12 +409,7 @@ impl Metrics {
             (get("namespace") == Some(namespace) && get("pod") == Some(pod))
                 || get("peer") == Some(peer.as_str())
         };
-        self.idle_kills.remove_where(&belongs)
-            + self.idle_before_close.remove_where(&belongs)
-            + self.keepalive_sockopts.remove_where(&belongs)
-            + self.stale_reuse.remove_where(&belongs)
-            + self.connect_failures.remove_where(&belongs)
-            + self.sidecar_chain_kills.remove_where(&belongs)
+        self.remove_event_series(&belongs)
     }
 
     /// Removes the counter series whose `label` is `value` (a capped value
@@ -384,11 +417,23 @@ impl Metrics {
     pub(crate) fn forget_label(&self, label: &str, value: &str) -> usize {
         let belongs =
             |labels: &std::collections::HashMap<&str, &str>| labels.get(label) == Some(&value);
-        self.idle_kills.remove_where(&belongs)
-            + self.keepalive_sockopts.remove_where(&belongs)
-            + self.stale_reuse.remove_where(&belongs)
-            + self.connect_failures.remove_where(&belongs)
-            + self.sidecar_chain_kills.remove_where(&belongs)
+        self.remove_event_series(&belongs)
+    }
+
+    /// Removes the series `belongs` picks from every counter and histogram
+    /// (gauges are rebuilt at every scrape); returns how many.
+    fn remove_event_series(
+        &self,
+        belongs: &dyn Fn(&std::collections::HashMap<&str, &str>) -> bool,
+    ) -> usize {
+        self.idle_kills.remove_where(belongs)
+            + self.idle_before_close.remove_where(belongs)
+            + self.keepalive_sockopts.remove_where(belongs)
+            + self.stale_reuse.remove_where(belongs)
+            + self.connect_failures.remove_where(belongs)
+            + self.sidecar_chain_kills.remove_where(belongs)
+            + self.pool_kills.remove_where(belongs)
+            + self.pool_kill_app_connections.remove_where(belongs)
     }
 
     /// The Prometheus text exposition of everything.

@@ -8,7 +8,7 @@ use tracer_common::EventInfo;
 use super::{
     ChainKill, ChainPeer, CloseWait, ConnectFailure, ConnectionsOpen, EventKind, FindingKey,
     IdleBeforeClose, IdleKill, IndexKind, KeepaliveSockopt, LabelName, Metrics, Owner,
-    PeerConnectionsOpen, StaleReuse,
+    PeerConnectionsOpen, PoolConnections, StaleReuse,
     labels::{LabelCap, Need},
 };
 use crate::{
@@ -20,11 +20,28 @@ use crate::{
         procfs,
     },
     track::{
-        Closed, Direction, Outcome, Tracker,
-        chains::{ChainEnd, Origin},
+        Closed, Direction, MeshEnd, Outcome, Tracker,
+        chains::{ChainEnd, Origin, PoolEnd},
         classify::{CloseKind, ClosedBy, StaleCause, Verdict},
     },
 };
+
+/// The labels of a chain's or a pooled upstream connection's end.
+fn kill_labels(
+    (namespace, pod, peer): &(String, String, String),
+    origin: Origin,
+    upstream_keepalive: bool,
+    idle: bool,
+) -> ChainKill<'_> {
+    ChainKill {
+        namespace,
+        pod,
+        peer,
+        origin: origin.as_str(),
+        upstream_keepalive: on_off(upstream_keepalive),
+        idle: if idle { "true" } else { "false" },
+    }
+}
 
 /// A finding's evidence about the owner `attr`.
 fn fact(pattern: Pattern, attr: &Attribution, direction: &str, peer: &str) -> Fact {
@@ -124,8 +141,10 @@ impl State {
     }
 
     fn on_close(&mut self, c: &Closed) {
-        if let Some(end) = &c.chain_end {
-            self.on_chain_end(end);
+        match &c.mesh_end {
+            Some(MeshEnd::Chain(end)) => self.on_chain_end(end),
+            Some(MeshEnd::Pool(end)) => self.on_pool_end(end),
+            None => {}
         }
         let (attr, dir, ending, verdict) = (&c.attr, c.dir, &c.ending, &c.verdict);
         let closed_by = ending.closed_by.as_str();
@@ -260,14 +279,112 @@ impl State {
             end.upstream_keepalive,
             end.idle
         );
-        self.metrics.sidecar_chain_kills.inc(&ChainKill {
-            namespace: &namespace,
-            pod: &pod,
-            peer: &peer,
-            origin: end.origin.as_str(),
-            upstream_keepalive: on_off(end.upstream_keepalive),
-            idle: if idle { "true" } else { "false" },
-        });
+        let names = (namespace, pod, peer);
+        let labels = kill_labels(&names, end.origin, end.upstream_keepalive, idle);
+        self.metrics.sidecar_chain_kills.inc(&labels);
+    }
+
+    fn on_pool_end(&mut self, end: &PoolEnd) {
+        let Some((namespace, pod, peer)) = self.tracker.pool_labels(&end.app_owner, end.peer)
+        else {
+            return;
+        };
+        let peer = self.admit(Cap::Peer, peer, Need::Event, false);
+        let idle = end.idle.is_some_and(|i| i >= self.tracker.threshold);
+        log::debug!(
+            "pooled upstream leg of {namespace}/{pod} to {peer} ended ({} app legs open): {end:?}",
+            end.app_connections
+        );
+        let names = (namespace, pod, peer);
+        self.metrics.pool_kills.inc(&kill_labels(
+            &names,
+            end.origin,
+            end.upstream_keepalive,
+            idle,
+        ));
+        self.metrics.pool_kill_app_connections.observe(
+            &ChainPeer {
+                namespace: &names.0,
+                pod: &names.1,
+                peer: &names.2,
+            },
+            f64::from(u32::try_from(end.app_connections).unwrap_or(u32::MAX)),
+        );
+    }
+
+    /// Pools that payload counts in `snapshot` reveal (see
+    /// `track::chains::pools`).
+    pub(crate) fn pool_evidence(&mut self, snapshot: &[ConnEvent]) {
+        self.tracker.pool_evidence(snapshot);
+    }
+
+    /// Whether the pod and Service indexes have had their first lists (or
+    /// there are none: `--no-kube`).
+    pub(crate) fn indexes_loaded(&self) -> bool {
+        let attr = &self.tracker.attr;
+        attr.pods()
+            .is_none_or(|p| p.synced() && attr.services().synced())
+    }
+
+    /// Whether a chain has waited long enough to look for pool evidence.
+    pub(crate) fn pool_evidence_due(&self) -> bool {
+        self.tracker
+            .chains
+            .evidence_due(crate::event::clock::monotonic_ns())
+    }
+
+    /// The pool gauges: connections by leg and keepalive, and the
+    /// mismatch (upstream legs off where app legs are on). Returns the
+    /// mismatches for the findings.
+    fn pool_gauges(&mut self) -> Vec<((String, String, String), u64)> {
+        self.metrics.pool_connections.reset();
+        self.metrics.pool_keepalive_mismatch.reset();
+        let pools: Vec<_> = self.tracker.chains.pools().cloned().collect();
+        let mut out = Vec::new();
+        for pool in &pools {
+            let table = &self.tracker.table;
+            let ka = |c: u64| table.get(c).map(|c| c.ka.enabled != 0);
+            let apps: Vec<bool> = self
+                .tracker
+                .chains
+                .open_app_legs(pool)
+                .filter_map(ka)
+                .collect();
+            let ups: Vec<bool> = pool.upstream.iter().filter_map(|&c| ka(c)).collect();
+            let Some((namespace, pod, peer)) = self.tracker.pool_labels(&pool.app_owner, pool.peer)
+            else {
+                continue;
+            };
+            let peer = self.admit(Cap::Peer, peer, Need::Open, false);
+            for (leg, legs) in [("app", &apps), ("upstream", &ups)] {
+                for on in [true, false] {
+                    let n = legs.iter().filter(|&&k| k == on).count();
+                    if n > 0 {
+                        self.metrics
+                            .pool_connections
+                            .of(&PoolConnections {
+                                namespace: &namespace,
+                                pod: &pod,
+                                peer: &peer,
+                                leg,
+                                keepalive: on_off(on),
+                            })
+                            .add(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                }
+            }
+            let off = ups.iter().filter(|&&k| !k).count() as u64;
+            let g = self.metrics.pool_keepalive_mismatch.of(&ChainPeer {
+                namespace: &namespace,
+                pod: &pod,
+                peer: &peer,
+            });
+            if apps.iter().any(|&k| k) && off > 0 {
+                g.add(i64::try_from(off).unwrap_or(i64::MAX));
+                out.push(((namespace, pod, peer), off));
+            }
+        }
+        out
     }
 
     /// The value to use for a capped label (overflow counted).
@@ -501,7 +618,10 @@ impl State {
                 }
             }
         }
-        // Every open connection and chain has claimed its peer now.
+        for (key, n) in self.pool_gauges() {
+            *mismatched.entry(key).or_default() += n;
+        }
+        // Every open connection, chain and pool has claimed its peer now.
         self.peers.end_walk();
         let at = SystemTime::now();
         for ((namespace, pod, peer), n) in mismatched {

@@ -48,6 +48,9 @@ pub(crate) struct ConnView {
     /// For a socket of an app -> sidecar -> upstream chain, all its legs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<ChainLegView>,
+    /// For a socket of a sidecar's HTTP pool (N:M, no 1:1 link): the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolView>,
     pub opened_at: Option<String>,
     pub age_s: Option<f64>,
     /// Seconds since the peer closed it (its FIN), for a connection its
@@ -71,6 +74,21 @@ pub(crate) struct ChainLegView {
     /// links are inferred").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inferred: bool,
+}
+
+/// A pod's pooled connections to one destination, as `/connections`
+/// shows them on each member: app connections and the sidecar's upstream
+/// ones are N:M, none is another's own (README, "HTTP pools").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct PoolView {
+    /// `app` (the app's socket or the sidecar's socket facing it) or
+    /// `upstream` (the sidecar's pooled upstream socket).
+    pub leg: String,
+    /// What the app dialled.
+    pub dialled: String,
+    /// The pool's open app connections and upstream connections.
+    pub app_connections: usize,
+    pub upstream_connections: usize,
 }
 
 /// A socket's local and remote endpoints, as `/connections` shows them.
@@ -153,6 +171,7 @@ fn view(
         ..
     } = tracker.attr.attribute(&info.owner);
     let chain = chain_view(tracker, info.cookie);
+    let pool = pool_view(tracker, info.cookie);
     let (local, remote) = endpoints(info);
     ConnView {
         cookie: info.cookie,
@@ -176,6 +195,7 @@ fn view(
         bytes_acked: None,
         tracked: known.is_some(),
         chain,
+        pool,
         opened_at: known
             .filter(|c| c.opened)
             .map(|c| clock.rfc3339(c.seen_ns())),
@@ -211,6 +231,23 @@ fn chain_view(tracker: &Tracker, cookie: u64) -> Vec<ChainLegView> {
             })
         })
         .collect()
+}
+
+/// The pool `cookie` belongs to, if any.
+fn pool_view(tracker: &Tracker, cookie: u64) -> Option<PoolView> {
+    let chains = &tracker.chains;
+    let pool = chains.pool_for(cookie)?;
+    Some(PoolView {
+        leg: if pool.upstream.contains(&cookie) {
+            "upstream"
+        } else {
+            "app"
+        }
+        .into(),
+        dialled: Endpoint::new(pool.peer.0, pool.peer.1).to_string(),
+        app_connections: chains.open_app_legs(pool).count(),
+        upstream_connections: pool.upstream.len(),
+    })
 }
 
 /// (netns, local port) of every listening socket in a snapshot.

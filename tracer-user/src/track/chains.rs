@@ -27,8 +27,13 @@
 //! a pod without a sidecar, whose app connections never link, cannot stop
 //! linking elsewhere.
 //!
-//! Everything here is plain data: the daemon feeds it open, accept and
-//! close facts.
+//! An HTTP proxy (Envoy's `http_connection_manager`) pools: its upstream
+//! connections carry the requests of many app connections, and none is
+//! any app connection's own. Such legs are pooled, N:M, per (pod, dialled
+//! destination) ([`pools`]): never linked 1:1.
+//!
+//! Everything here is plain data: the daemon feeds it open, accept, close
+//! and snapshot facts.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,6 +47,9 @@ use crate::{
     event::addr::canonical,
     owner::{attribute::Role, services::ServiceIndex},
 };
+
+mod pools;
+pub(crate) use self::pools::{Pool, PoolEnd};
 
 /// An endpoint, with v4-mapped IPv6 folded to IPv4.
 pub(crate) type Endpoint = (IpAddr, u16);
@@ -60,6 +68,8 @@ pub(crate) struct Leg {
     /// The owner (its thread opened the connection, for connects), for the
     /// chain's labels after its sockets are gone.
     pub owner: tracer_common::Owner,
+    /// CLOCK_MONOTONIC when it was seen open.
+    pub seen_ns: u64,
 }
 
 /// How a leg ended.
@@ -77,6 +87,10 @@ pub(crate) struct LegEnd {
     /// When the flight of payload that died unanswered (a reset or a
     /// timeout met it) began, CLOCK_MONOTONIC ns; 0: none did.
     pub unanswered_since_ns: u64,
+    /// Payload this side sent that the peer acknowledged, and payload
+    /// received, over its life.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
 }
 
 /// TCP's minimum retransmission timeout (`TCP_RTO_MIN`, 200 ms): payload
@@ -183,6 +197,11 @@ pub(crate) struct Chain {
     /// The S1 <-> S2 link (the sidecar's two legs) is the oldest fitting
     /// candidate of several, or rests on no Service fact.
     pub inferred: bool,
+    /// Its app-side legs belong to a pool ([`pools`]): no upstream leg of
+    /// its own.
+    pub pooled: bool,
+    /// CLOCK_MONOTONIC when its app-side legs were both seen.
+    since_ns: u64,
     /// The thread that accepted S1 (0: unknown).
     worker: u32,
     netns: u32,
@@ -273,6 +292,9 @@ enum Slot {
     ToApp,
     /// Inbound app accept, by (netns, remote), for the sidecar's socket.
     AppAccept,
+    /// The sidecar's socket to the network that no waiting chain took, in
+    /// its pod's queue: a pooled connection, or one of the proxy's own.
+    Upstream,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +316,8 @@ struct PodQueue {
     chains: BTreeMap<u64, u64>,
     /// Inbound sidecar accepts waiting for the sidecar's socket to the app.
     inbound: BTreeMap<u64, u64>,
+    /// Sidecar sockets to the network no chain took ([`Slot::Upstream`]).
+    upstream: BTreeMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +347,13 @@ pub(crate) struct Chains {
     accepts: HashMap<AcceptKey, u64>,
     pods: HashMap<PodKey, PodQueue>,
     pending_total: usize,
+    /// Each pod's pools, by the destination its app dialled.
+    pools: HashMap<PodKey, HashMap<Endpoint, Pool>>,
+    /// Pooled upstream legs: their pod and dialled destination.
+    pooled_up: HashMap<u64, (PodKey, Endpoint)>,
+    /// Waiting outbound chains not yet checked for pool evidence: queue
+    /// place -> (chain id, since when).
+    unchecked: BTreeMap<u64, (u64, u64)>,
     /// Pending legs and half-built chains dropped for a full queue.
     pub evicted: u64,
 }
@@ -355,6 +386,9 @@ impl Chains {
             accepts: HashMap::new(),
             pods: HashMap::new(),
             pending_total: 0,
+            pools: HashMap::new(),
+            pooled_up: HashMap::new(),
+            unchecked: BTreeMap::new(),
             evicted: 0,
         }
     }
@@ -384,9 +418,11 @@ impl Chains {
         self.open.get(self.by_cookie.get(&cookie)?)
     }
 
-    /// Whether a socket is linked or waiting already.
+    /// Whether a socket is linked, pooled or waiting already.
     pub(crate) fn knows(&self, cookie: u64) -> bool {
-        self.by_cookie.contains_key(&cookie) || self.pending.contains_key(&cookie)
+        self.by_cookie.contains_key(&cookie)
+            || self.pending.contains_key(&cookie)
+            || self.pooled_up.contains_key(&cookie)
     }
 
     fn seq(&mut self) -> u64 {
@@ -435,6 +471,9 @@ impl Chains {
             Slot::InboundAccept => {
                 q.inbound.insert(seq, leg.cookie);
             }
+            Slot::Upstream => {
+                q.upstream.insert(seq, leg.cookie);
+            }
         }
         self.pending_total += 1;
         self.pending.insert(
@@ -456,6 +495,7 @@ impl Chains {
         if let Some(q) = self.pods.get_mut(&pod) {
             q.all.remove(&p.seq);
             q.inbound.remove(&p.seq);
+            q.upstream.remove(&p.seq);
             if q.all.is_empty() {
                 self.pods.remove(&pod);
             }
@@ -465,7 +505,7 @@ impl Chains {
             Slot::Accept | Slot::AppAccept => {
                 Some((&mut self.by_remote, (p.leg.netns, p.leg.remote)))
             }
-            Slot::InboundAccept => None,
+            Slot::InboundAccept | Slot::Upstream => None,
         };
         if let Some((map, key)) = key
             && map.get(&key) == Some(&cookie)
@@ -521,6 +561,7 @@ impl Chains {
         }
         self.unqueue(&chain);
         self.forget_chain_accept(&chain);
+        self.leave_pool(&chain, id);
     }
 
     fn forget_chain_accept(&mut self, chain: &Chain) {
@@ -542,6 +583,7 @@ impl Chains {
                 self.pods.remove(&pod);
             }
         }
+        self.unchecked.remove(&seq);
         self.pending_total -= 1;
     }
 
@@ -638,7 +680,11 @@ impl Chains {
     /// The sidecar's socket to the network: the net side of the pod's
     /// waiting outbound chain it fits best (see the module's paragraph).
     fn link_net_side(&mut self, leg: &Leg, routes: &dyn Routes) {
+        if self.join_pool(leg, routes) {
+            return;
+        }
         let Some(q) = self.pods.get(&pod_key(leg)) else {
+            self.park(leg.clone(), Slot::Upstream, 0);
             return;
         };
         let tid = leg.owner.tid;
@@ -661,6 +707,7 @@ impl Chains {
             }
         }
         let Some(((f, same_thread), id, _, ties)) = best else {
+            self.park(leg.clone(), Slot::Upstream, 0);
             return;
         };
         let inferred = f == Fit::Unknown || (!same_thread && ties > 1);
@@ -680,7 +727,8 @@ impl Chains {
 
     fn start_outbound(&mut self, app: &Leg, accept: &Leg, worker: u32) {
         let pod = pod_key(app);
-        if !self.make_room(&pod) {
+        let pooled = self.pool_of(&pod, app.remote).is_some();
+        if !pooled && !self.make_room(&pod) {
             self.evicted += 1;
             self.forget_accept(accept_key(accept), accept.cookie);
             return;
@@ -695,15 +743,26 @@ impl Chains {
             peer: app.remote,
             app_owner: app.owner,
             inferred: false,
+            pooled,
+            since_ns: app.seen_ns.max(accept.seen_ns),
             worker,
             netns: app.netns,
-            waiting: Some(seq),
-            accept_key: Some(accept_key(accept)),
+            waiting: (!pooled).then_some(seq),
+            accept_key: (!pooled).then(|| accept_key(accept)),
             ends: HashMap::new(),
         });
+        if pooled {
+            self.forget_accept(accept_key(accept), accept.cookie);
+            if let Some(pool) = self.pool_of(&pod, app.remote) {
+                pool.apps.insert(id, app.cookie);
+            }
+            return;
+        }
         let q = self.pods.entry(pod).or_default();
         q.all.insert(seq, Waiting::Chain(id));
         q.chains.insert(seq, id);
+        self.unchecked
+            .insert(seq, (id, app.seen_ns.max(accept.seen_ns)));
         self.pending_total += 1;
     }
 
@@ -749,6 +808,8 @@ impl Chains {
             peer: accept.leg.remote,
             app_owner: app.owner,
             inferred,
+            pooled: false,
+            since_ns: app.seen_ns,
             worker: accept.worker,
             netns: app.netns,
             waiting: None,
@@ -760,6 +821,7 @@ impl Chains {
     /// A connection the kernel no longer has, whose close was missed: its
     /// pending leg, or its whole chain, is forgotten without an end.
     pub(crate) fn forget(&mut self, cookie: u64) {
+        self.forget_pooled_upstream(cookie);
         if let Some(p) = self.take_pending(cookie) {
             self.forget_accept(accept_key(&p.leg), cookie);
         }
@@ -768,7 +830,6 @@ impl Chains {
         }
     }
 
-    /// A connection ended. Returns the chain's end once all its legs did.
     /// Whether `cookie` is the app leg of a chain not yet ended (its peer
     /// is the sidecar, not the server).
     pub(crate) fn is_app_leg(&self, cookie: u64) -> bool {
@@ -778,11 +839,26 @@ impl Chains {
             .is_some_and(|c| c.app == cookie)
     }
 
-    pub(crate) fn on_close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
+    /// A connection ended. Returns the chain's end once all its legs did
+    /// (a pooled upstream leg's end: [`Self::on_pool_close`]).
+    pub(crate) fn on_close(
+        &mut self,
+        cookie: u64,
+        end: LegEnd,
+        routes: &dyn Routes,
+    ) -> Option<ChainEnd> {
         if let Some(p) = self.take_pending(cookie) {
             self.forget_accept(accept_key(&p.leg), cookie);
         }
         let id = *self.by_cookie.get(&cookie)?;
+        let chain = self.open.get(&id)?;
+        // The sidecar wrote to the app while this chain had no upstream
+        // leg: a pool served it.
+        if chain.waiting.is_some() && chain.sidecar_app_side == Some(cookie) && end.bytes_acked > 0
+        {
+            let (pod, dialled) = ((chain.netns, chain.pod_uid.clone()), chain.peer);
+            self.declare_pool(&pod, dialled, routes);
+        }
         let chain = self.open.get_mut(&id)?;
         chain.ends.insert(cookie, end);
         let legs = chain.legs();
@@ -795,6 +871,7 @@ impl Chains {
         }
         self.unqueue(&chain);
         self.forget_chain_accept(&chain);
+        self.leave_pool(&chain, id);
         if !chain.complete() {
             return None;
         }
@@ -919,12 +996,17 @@ mod tests {
             local: (local.0.into(), local.1),
             remote: (remote.0.into(), remote.1),
             owner: tracer_common::Owner::default(),
+            seen_ns: 0,
         }
     }
 
     impl Chains {
-        fn open(&mut self, leg: Leg) {
+        pub(super) fn open(&mut self, leg: Leg) {
             self.on_open(leg, &NoRoutes);
+        }
+
+        pub(super) fn close(&mut self, cookie: u64, end: LegEnd) -> Option<ChainEnd> {
+            self.on_close(cookie, end, &NoRoutes)
         }
     }
 
@@ -936,6 +1018,8 @@ mod tests {
             keepalive,
             idle: None,
             unanswered_since_ns: 0,
+            bytes_acked: 0,
+            bytes_received: 0,
         }
     }
 
@@ -1162,7 +1246,8 @@ mod tests {
             (Some(22), Some(21))
         );
         assert!(c.chain_of(30).is_none());
-        assert_eq!(c.pending(), 0);
+        // The xDS connection waits unclaimed, as a pooled one would.
+        assert_eq!(c.pending(), 1);
     }
 
     #[test]
@@ -1190,7 +1275,7 @@ mod tests {
         assert!(c.chain_of(1).is_some_and(Chain::complete));
         // Its closes find their legs without a scan, evicted or not.
         for i in 0..1000u16 {
-            c.on_close(
+            c.close(
                 10_000 + u64::from(i),
                 end(1, ClosedBy::Local, CloseKind::Fin, false),
             );
@@ -1205,15 +1290,15 @@ mod tests {
         outbound(&mut c, 0, 40000);
         // Envoy closes both of its legs; the app sees the peer's FIN.
         assert_eq!(
-            c.on_close(3, end(100, ClosedBy::Local, CloseKind::Fin, false)),
+            c.close(3, end(100, ClosedBy::Local, CloseKind::Fin, false)),
             None
         );
         assert_eq!(
-            c.on_close(2, end(101, ClosedBy::Local, CloseKind::Fin, false)),
+            c.close(2, end(101, ClosedBy::Local, CloseKind::Fin, false)),
             None
         );
         let e = c
-            .on_close(1, end(102, ClosedBy::Peer, CloseKind::Fin, true))
+            .close(1, end(102, ClosedBy::Peer, CloseKind::Fin, true))
             .expect("ended");
         assert_eq!((e.origin, e.upstream_keepalive), (Origin::Sidecar, false));
         assert!(c.is_empty());
@@ -1229,11 +1314,9 @@ mod tests {
         ] {
             let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
             outbound(&mut c, 0, 40000);
-            c.on_close(1, end(300, ClosedBy::Peer, CloseKind::Fin, true));
-            c.on_close(2, end(200, ClosedBy::Local, CloseKind::Fin, false));
-            let e = c
-                .on_close(3, end(100, closed_by, kind, true))
-                .expect("ended");
+            c.close(1, end(300, ClosedBy::Peer, CloseKind::Fin, true));
+            c.close(2, end(200, ClosedBy::Local, CloseKind::Fin, false));
+            let e = c.close(3, end(100, closed_by, kind, true)).expect("ended");
             assert_eq!(
                 (e.origin, e.upstream_keepalive),
                 (Origin::Upstream, true),
@@ -1254,12 +1337,12 @@ mod tests {
             let app_end = 10_000 * ms;
             let mut app = end(app_end, ClosedBy::Local, CloseKind::Fin, true);
             app.idle = Some(Duration::from_millis(sent_ms_before_app_end));
-            c.on_close(1, app);
-            c.on_close(2, end(app_end + ms, ClosedBy::Peer, CloseKind::Fin, false));
+            c.close(1, app);
+            c.close(2, end(app_end + ms, ClosedBy::Peer, CloseKind::Fin, false));
             let mut up = end(app_end + 2 * ms, ClosedBy::Local, CloseKind::Fin, false);
             up.unanswered_since_ns = app_end - sent_ms_before_app_end * ms;
             up.idle = Some(Duration::from_secs(3));
-            let e = c.on_close(3, up).expect("ended");
+            let e = c.close(3, up).expect("ended");
             assert_eq!(e.origin, want, "sent {sent_ms_before_app_end} ms before");
             // The idle time is the deciding leg's: the silence before the
             // unanswered send, or the app's own.
@@ -1278,11 +1361,11 @@ mod tests {
         outbound(&mut c, 0, 40000);
         let mut up = end(100, ClosedBy::Peer, CloseKind::Fin, false);
         up.idle = Some(Duration::from_millis(20));
-        c.on_close(3, up);
-        c.on_close(2, end(101, ClosedBy::Local, CloseKind::Fin, false));
+        c.close(3, up);
+        c.close(2, end(101, ClosedBy::Local, CloseKind::Fin, false));
         let mut app = end(102, ClosedBy::Peer, CloseKind::Fin, true);
         app.idle = Some(Duration::from_secs(9));
-        let e = c.on_close(1, app).expect("ended");
+        let e = c.close(1, app).expect("ended");
         assert_eq!(
             (e.origin, e.idle),
             (Origin::Upstream, Some(Duration::from_millis(20))),
@@ -1294,10 +1377,10 @@ mod tests {
     fn app_closing_first_is_origin_app() {
         let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound(&mut c, 0, 40000);
-        c.on_close(1, end(100, ClosedBy::Local, CloseKind::Fin, true));
-        c.on_close(2, end(101, ClosedBy::Peer, CloseKind::Fin, false));
+        c.close(1, end(100, ClosedBy::Local, CloseKind::Fin, true));
+        c.close(2, end(101, ClosedBy::Peer, CloseKind::Fin, false));
         let e = c
-            .on_close(3, end(102, ClosedBy::Local, CloseKind::Fin, false))
+            .close(3, end(102, ClosedBy::Local, CloseKind::Fin, false))
             .expect("ended");
         assert_eq!(e.origin, Origin::App);
     }
@@ -1330,10 +1413,10 @@ mod tests {
         );
         assert_eq!(chain.peer, (CLIENT.into(), 50000));
         // The client goes away first: origin "app" is the far app (client).
-        c.on_close(21, end(100, ClosedBy::Peer, CloseKind::Fin, false));
-        c.on_close(22, end(101, ClosedBy::Local, CloseKind::Fin, false));
+        c.close(21, end(100, ClosedBy::Peer, CloseKind::Fin, false));
+        c.close(22, end(101, ClosedBy::Local, CloseKind::Fin, false));
         let e = c
-            .on_close(23, end(102, ClosedBy::Peer, CloseKind::Fin, false))
+            .close(23, end(102, ClosedBy::Peer, CloseKind::Fin, false))
             .expect("ended");
         assert_eq!(e.origin, Origin::App);
     }
@@ -1347,7 +1430,7 @@ mod tests {
         c.open(leg(5, Role::App, false, (POD_IP, 40005), (DST, 3306)));
         assert!(c.is_empty());
         assert_eq!(
-            c.on_close(5, end(1, ClosedBy::Local, CloseKind::Fin, false)),
+            c.close(5, end(1, ClosedBy::Local, CloseKind::Fin, false)),
             None
         );
         assert!(c.pending() == 0, "closed pending legs are forgotten");
@@ -1363,5 +1446,176 @@ mod tests {
             ));
         }
         assert!(small.pending() <= 16);
+    }
+
+    /// The snapshot's payload counts: `served` sockets sent payload the
+    /// peer acknowledged and received some.
+    fn snapshot(c: &mut Chains, served: &[u64], routes: &dyn Routes, now_ns: u64) {
+        let bytes = |cookie: u64| {
+            Some(if served.contains(&cookie) {
+                (10, 10)
+            } else {
+                (0, 0)
+            })
+        };
+        c.on_snapshot(&bytes, routes, now_ns);
+    }
+
+    /// `apps` chains to the Service, accepted by worker 101, then two
+    /// upstream legs that worker opened (cookies 1001, 1002).
+    fn apps_and_two_upstream_legs(apps: u16) -> (OneService, Chains) {
+        let svc = service();
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        for i in 0..apps {
+            outbound_half(&mut c, 10 * u64::from(i), 40000 + i, svc.cluster_ip, 101);
+        }
+        c.on_open(upstream(1001, 41001, svc.backend, 101), &svc);
+        c.on_open(upstream(1002, 41002, svc.backend, 101), &svc);
+        (svc, c)
+    }
+
+    fn service() -> OneService {
+        OneService {
+            cluster_ip: (Ipv4Addr::new(10, 96, 0, 9).into(), 80),
+            backend: (DST.into(), 8080),
+        }
+    }
+
+    /// 8 app connections to a Service through an HTTP proxy that serves
+    /// them over 2 upstream connections: the first two upstream legs are
+    /// linked 1:1 as tcp_proxy's would be, until the sidecar's sockets
+    /// show it answered chains that have no upstream leg; then all are a
+    /// pool, and a server's close of a pooled leg is the pool's.
+    #[test]
+    fn an_http_pool_is_n_to_m_once_a_chain_without_upstream_leg_was_answered() {
+        let (svc, mut c) = apps_and_two_upstream_legs(8);
+        assert_eq!(c.len(), 2, "linked as tcp_proxy's until evidence");
+        // A short-lived app connection: linked to a pooled leg, its
+        // app-side legs end while that leg stays open.
+        outbound_half(&mut c, 200, 40200, svc.cluster_ip, 102);
+        c.on_open(upstream(1200, 41200, svc.backend, 102), &svc);
+        assert_eq!(c.chain_of(1200).map(|ch| ch.app), Some(201));
+        for leg in [201, 202] {
+            c.close(leg, end(1, ClosedBy::Local, CloseKind::Fin, false));
+        }
+        let kept = c.chain_of(1200).map(|ch| ch.app);
+        assert_eq!(kept, Some(201), "it waits for its upstream leg's end");
+        assert!(c.evidence_due(2_000_000_000), "chains have waited 1 s");
+        // Requests answered on every app connection; the sidecar's sockets
+        // facing the app sent payload.
+        let served: Vec<u64> = (0..8).map(|i| 10 * i + 2).chain([1001, 1002]).collect();
+        // Half a second after the chains began: an upstream leg's open may
+        // still be on its way.
+        snapshot(&mut c, &served, &svc, 500_000_000);
+        assert!(c.pools().next().is_none());
+        snapshot(&mut c, &served, &svc, 2_000_000_000);
+        assert_eq!((c.len(), c.pending()), (0, 0), "no 1:1 link is left");
+        assert!(c.chain_of(201).is_none() && c.chain_of(1200).is_none());
+        assert!(c.pool_for(1200).is_some(), "the pooled leg it had");
+        assert_eq!(
+            c.on_pool_close(1200, &end(2, ClosedBy::Local, CloseKind::Fin, false))
+                .map(|p| p.app_connections),
+            Some(8)
+        );
+        assert!(!c.evidence_due(2_000_000_000));
+        for up in [1001, 1002] {
+            assert!(c.chain_of(up).is_none());
+        }
+        let pool = c.pool_for(1).expect("pooled").clone();
+        assert_eq!(pool.peer, svc.cluster_ip);
+        assert_eq!(
+            pool.upstream.iter().copied().collect::<Vec<_>>(),
+            [1001, 1002]
+        );
+        assert_eq!(c.open_app_legs(&pool).count(), 8);
+        assert_eq!(c.pool_for(1001), Some(&pool));
+        assert_eq!(c.chain_of(1).map(|ch| ch.sidecar_app_side), Some(Some(2)));
+        // A new app connection and a new upstream leg join the pool.
+        outbound_half(&mut c, 100, 40100, svc.cluster_ip, 101);
+        c.on_open(upstream(1003, 41003, svc.backend, 101), &svc);
+        let pool = c.pool_for(101).expect("joined").clone();
+        assert_eq!(
+            (c.open_app_legs(&pool).count(), pool.upstream.len()),
+            (9, 3)
+        );
+        assert_eq!(c.len(), 0);
+        // A chain of the pod to the backend itself (passthrough) takes its
+        // upstream leg before the pool does.
+        outbound_half(&mut c, 300, 40300, svc.backend, 101);
+        c.on_open(upstream(1300, 41300, svc.backend, 101), &svc);
+        assert_eq!(c.chain_of(1300).map(|ch| ch.app), Some(301));
+        assert_eq!(c.pool_for(101).map(|p| p.upstream.len()), Some(3));
+        // The server closes an idle pooled connection.
+        let mut e = end(5, ClosedBy::Peer, CloseKind::Fin, false);
+        e.idle = Some(Duration::from_secs(5));
+        let ended = c.on_pool_close(1001, &e).expect("a pooled leg's end");
+        assert_eq!(
+            (ended.origin, ended.app_connections, ended.peer),
+            (Origin::Upstream, 9, svc.cluster_ip)
+        );
+        assert_eq!(c.close(1001, e), None, "no chain end");
+        // The proxy closing one itself is the sidecar's; apps leave.
+        let e = end(6, ClosedBy::Local, CloseKind::Fin, false);
+        assert_eq!(
+            c.on_pool_close(1002, &e).map(|p| p.origin),
+            Some(Origin::Sidecar)
+        );
+        c.close(1, end(7, ClosedBy::Local, CloseKind::Fin, true));
+        let pool = c.pool_for(2).expect("S1 still open").clone();
+        assert_eq!(c.open_app_legs(&pool).count(), 8, "app leg 1 closed");
+        c.close(2, end(8, ClosedBy::Peer, CloseKind::Fin, false));
+        assert!(c.pool_for(2).is_none());
+    }
+
+    /// tcp_proxy: every chain got its own upstream leg, and a chain still
+    /// waiting (its upstream connect not done) has had nothing written to
+    /// the app: no pool.
+    #[test]
+    fn byte_pipes_stay_linked_one_to_one() {
+        let (svc, mut c) = apps_and_two_upstream_legs(3);
+        snapshot(&mut c, &[2, 12, 1001, 1002], &svc, 5_000_000_000);
+        assert_eq!((c.len(), c.pending()), (2, 1));
+        assert!(c.pools().next().is_none());
+        c.on_open(upstream(1003, 41003, svc.backend, 101), &svc);
+        assert_eq!((c.len(), c.pending()), (3, 0));
+        // The proxy's own connection elsewhere (xDS) waits unclaimed and,
+        // busy as it is, serves no dialled destination.
+        let xds = (IpAddr::from(Ipv4Addr::new(10, 96, 0, 1)), 15012);
+        c.on_open(upstream(1004, 41004, xds, 0), &svc);
+        snapshot(&mut c, &[1004], &svc, 6_000_000_000);
+        assert!(c.pools().next().is_none());
+        assert_eq!(
+            c.close(1004, end(1, ClosedBy::Local, CloseKind::Fin, false)),
+            None
+        );
+        assert_eq!(c.pending(), 0);
+    }
+
+    /// An upstream leg no waiting chain took that carried payload both
+    /// ways to a backend of the dialled Service, or the sidecar's socket
+    /// of a waiting chain closing after it wrote to the app: a pool.
+    #[test]
+    fn an_unclaimed_busy_upstream_leg_or_an_answered_waiting_chain_is_a_pool() {
+        let svc = service();
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, svc.cluster_ip, 0);
+        c.on_open(upstream(1001, 41001, svc.backend, 0), &svc);
+        assert_eq!(c.len(), 1);
+        c.on_open(upstream(1002, 41002, svc.backend, 0), &svc);
+        assert_eq!(c.pending(), 1, "unclaimed");
+        snapshot(&mut c, &[1002], &svc, 0);
+        let pool = c.pool_for(1002).expect("pooled").clone();
+        assert_eq!(pool.upstream.len(), 2);
+        assert_eq!((c.len(), c.pending()), (0, 0));
+
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        outbound_half(&mut c, 0, 40000, svc.cluster_ip, 0);
+        outbound_half(&mut c, 10, 40001, svc.cluster_ip, 0);
+        c.on_open(upstream(1001, 41001, svc.backend, 0), &svc);
+        let mut e = end(1, ClosedBy::Peer, CloseKind::Fin, false);
+        e.bytes_acked = 20;
+        c.on_close(12, e, &svc);
+        assert!(c.pool_for(1001).is_some());
+        assert_eq!(c.len(), 0);
     }
 }

@@ -19,7 +19,7 @@ use std::{net::IpAddr, ops::RangeInclusive};
 
 use tracer_common::Owner;
 
-pub(crate) use self::tracker::{Closed, Outcome, Tracker};
+pub(crate) use self::tracker::{Closed, MeshEnd, Outcome, Tracker};
 use crate::event::addr::{Endpoint, canonical};
 
 /// Which side opened a connection (or a chain).

@@ -104,7 +104,14 @@ impl Tracker {
             self.table.remove(*cookie);
             self.chains.forget(*cookie);
         }
-        self.rebuild_chains(unchained);
+        if self.defer_chains {
+            log::debug!(
+                "resync: {} chain legs left for a resync once the pod and Service indexes load",
+                unchained.len()
+            );
+        } else {
+            self.rebuild_chains(unchained);
+        }
         if !gone.is_empty() {
             log::debug!(
                 "resync: {} connections were gone without a close event",
@@ -178,6 +185,19 @@ impl Tracker {
                     .insert((ev.info.netns, ev.info.sock.sport), owner_of(ev, &s));
             }
         }
+    }
+
+    /// What the snapshot's byte counts say of pools (see
+    /// `chains::pools`). Apply the events that came before the snapshot's
+    /// end first: an upstream leg whose open is still in the ring would
+    /// look like none.
+    pub(crate) fn pool_evidence(&mut self, snapshot: &[ConnEvent]) {
+        let bytes: HashMap<u64, (u64, u64)> = snapshot_connections(snapshot)
+            .map(|(ev, s)| (ev.info.cookie, (s.bytes_received, s.bytes_acked)))
+            .collect();
+        let now = snapshot.iter().map(|ev| ev.info.ts_ns).max().unwrap_or(0);
+        self.chains
+            .on_snapshot(&|c| bytes.get(&c).copied(), self.attr.services(), now);
     }
 
     /// Feeds the live sockets no chain knows, `(inode, cookie)`, to the

@@ -44,7 +44,7 @@ mod tracker {
 
     use tracer_common::{owner_flags, tcp_state};
 
-    use super::super::{Direction, Outcome, Tracker, chains::Origin};
+    use super::super::{Direction, MeshEnd, Outcome, Tracker, chains::Origin};
     use crate::{
         config::Config,
         event::ConnEvent,
@@ -256,16 +256,18 @@ mod tracker {
         // closes the app's connection.
         assert!(
             closed(t.handle(&decoded(&upstream.close(T0_NS + S, true))))
-                .chain_end
+                .mesh_end
                 .is_none()
         );
         assert!(
             closed(t.handle(&decoded(&accept.close(T0_NS + 2 * S, false))))
-                .chain_end
+                .mesh_end
                 .is_none()
         );
         let last = closed(t.handle(&decoded(&app.close(T0_NS + 3 * S, true))));
-        let end = last.chain_end.expect("the chain ended with its last leg");
+        let Some(MeshEnd::Chain(end)) = last.mesh_end else {
+            panic!("the chain ended with its last leg");
+        };
         assert_eq!(
             (end.origin, end.upstream_keepalive),
             (Origin::Upstream, false)

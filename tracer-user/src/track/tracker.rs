@@ -11,7 +11,7 @@ use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner
 
 use super::{
     Direction,
-    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps},
+    chains::{CapturePorts, Chain, ChainEnd, Chains, Leg, LegEnd, PendingCaps, PoolEnd},
     classify::{self, Ending, Verdict},
     peer_label,
     table::{Conn, ConnTable},
@@ -41,6 +41,9 @@ pub(crate) struct Tracker {
     /// Inodes of live sockets a complete /proc scan found no owner for
     /// (see `resync`), at most one per socket of the last snapshot.
     pub(super) unowned: HashSet<u64>,
+    /// The resync leaves chains unbuilt (the pod and Service indexes have
+    /// not loaded yet: roles and backends would be guesses).
+    pub defer_chains: bool,
 }
 
 /// What an event changed that the metrics count.
@@ -63,6 +66,13 @@ pub(crate) enum Outcome {
     },
 }
 
+/// What a leg's end ended in the mesh.
+#[derive(Debug)]
+pub(crate) enum MeshEnd {
+    Chain(ChainEnd),
+    Pool(PoolEnd),
+}
+
 /// A connection that ended, attributed and classified.
 #[derive(Debug)]
 pub(crate) struct Closed {
@@ -72,8 +82,9 @@ pub(crate) struct Closed {
     pub dir: Direction,
     pub ending: Ending,
     pub verdict: Verdict,
-    /// The chain it ended, if it was the first of its chain's legs to end.
-    pub chain_end: Option<ChainEnd>,
+    /// The chain it ended (the last of its legs to end), or its end as a
+    /// pooled upstream connection.
+    pub mesh_end: Option<MeshEnd>,
     /// Its end (idle kill, idle time) was counted at the peer's FIN already.
     pub end_counted: bool,
 }
@@ -95,6 +106,7 @@ impl Tracker {
             ),
             listener_owners: HashMap::new(),
             unowned: HashSet::new(),
+            defer_chains: false,
         }
     }
 
@@ -196,7 +208,7 @@ impl Tracker {
             dir,
             ending,
             verdict,
-            chain_end: None,
+            mesh_end: None,
             end_counted: false,
         }))
     }
@@ -228,15 +240,23 @@ impl Tracker {
             } else {
                 0
             },
+            bytes_acked: c.bytes_acked,
+            bytes_received: c.bytes_received,
         };
-        let chain_end = self.chains.on_close(info.cookie, leg_end);
+        let mesh_end = match self.chains.on_pool_close(info.cookie, &leg_end) {
+            Some(pool) => Some(MeshEnd::Pool(pool)),
+            None => self
+                .chains
+                .on_close(info.cookie, leg_end, self.attr.services())
+                .map(MeshEnd::Chain),
+        };
         Closed {
             info: at_open,
             attr,
             dir,
             ending,
             verdict,
-            chain_end,
+            mesh_end,
             end_counted,
         }
     }
@@ -295,17 +315,37 @@ impl Tracker {
             local: (info.sock.local().unwrap_or(unspecified), info.sock.sport),
             remote: (info.sock.remote().unwrap_or(unspecified), info.sock.dport),
             owner: info.owner,
+            seen_ns: info.ts_ns,
         })
     }
 
     /// (namespace, pod, peer before capping) of a chain: the app's pod and
     /// the far end; `None` outside pods.
     pub(crate) fn chain_labels(&mut self, chain: &Chain) -> Option<(String, String, String)> {
-        let attr = self.attr.attribute(&chain.app_owner);
+        self.app_labels(&chain.app_owner, chain.peer, chain.direction)
+    }
+
+    /// (namespace, pod, peer before capping) of a pool: the app's pod and
+    /// the destination it dialled.
+    pub(crate) fn pool_labels(
+        &mut self,
+        app_owner: &Owner,
+        dialled: (IpAddr, u16),
+    ) -> Option<(String, String, String)> {
+        self.app_labels(app_owner, dialled, Direction::Outbound)
+    }
+
+    fn app_labels(
+        &mut self,
+        owner: &Owner,
+        (ip, port): (IpAddr, u16),
+        dir: Direction,
+    ) -> Option<(String, String, String)> {
+        let attr = self.attr.attribute(owner);
         if attr.pod_uid.is_empty() {
             return None;
         }
-        let peer = self.peer_of(chain.peer.0, chain.peer.1, chain.direction);
+        let peer = self.peer_of(ip, port, dir);
         Some((attr.namespace, attr.pod, peer))
     }
 }

@@ -77,18 +77,35 @@ fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
             top.rate
         );
         let conns = top.out.total_connections.max(1) as f64;
-        for p in top.cost.programs.iter().filter(|p| p.calls > 0) {
+        // Every program, also one that never ran (the accept() program,
+        // where every process uses accept4()).
+        for p in &top.cost.programs {
+            let per_call = if p.calls > 0 {
+                format!("{:.0}", p.run_time_ns as f64 / p.calls as f64)
+            } else {
+                "-".into()
+            };
             let _ = writeln!(
                 s,
-                "| `{}` | {:.2} | {:.0} | {:.0} |",
+                "| `{}` | {:.2} | {per_call} | {:.0} |",
                 p.name,
                 p.calls as f64 / conns,
-                p.run_time_ns as f64 / p.calls as f64,
                 p.run_time_ns as f64 / conns
             );
         }
+        s.push_str(ACCEPT_NOTE);
     }
 }
+
+/// What the accept programs' rows mean.
+const ACCEPT_NOTE: &str = "\nThe accept programs (`sys_exit_accept4`, `sys_exit_accept`: which \
+sidecar thread accepted a connection on a mesh capture port) run at every return of \
+`accept4()`/`accept()` on the host, whoever calls it, including the `EAGAIN` returns of a \
+non-blocking server's accept loop (hence more than one call per connection accepted); they \
+report only accepts on the capture ports (none here), so each call is the socket lookup behind \
+the returned descriptor and a port check. Measured with the paced section above (`cargo xtask \
+bench`, or `cargo xtask bench --skip churn,scaling,loss,latency,memory,cluster,pipeline` for \
+this section alone), `kernel.bpf_stats_enabled=1`.\n";
 
 fn range(s: Option<Summary>, f: impl Fn(f64) -> String) -> String {
     s.map_or("-".into(), |s| format!("{} - {}", f(s.min), f(s.max)))
