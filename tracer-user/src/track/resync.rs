@@ -136,12 +136,14 @@ impl Tracker {
     /// jiffies feed the HZ estimate on the way).
     fn proc_owners(&mut self, snapshot: &[ConnEvent]) -> HashMap<u64, Owner> {
         let mut wanted = HashSet::new();
-        // Sockets a complete scan of /proc found no process for (orphans
-        // lingering after their close, sockets of processes this daemon
-        // cannot see): not looked for again while they live. Each scan
-        // reads every descriptor of every process: ~1/3 of a resync's CPU
-        // at 100k sockets, for the same few orphans at every resync.
-        let mut unowned = HashSet::new();
+        // What /proc said of a live socket is kept while it lives: its owner
+        // (a listener or connection older than the daemon, which the kernel
+        // never stored an owner for), or that a complete scan found no
+        // process (an orphan lingering after its close, a process this
+        // daemon cannot see). Each scan reads every descriptor of every
+        // process: at 100k sockets, a third of a resync's CPU, for the same
+        // few sockets at every resync.
+        let mut seen = HashMap::new();
         for ev in snapshot {
             if let EventData::Snapshot(s) = ev.data {
                 self.hz.observe(s.jiffies, ev.info.ts_ns);
@@ -151,21 +153,33 @@ impl Tracker {
                         .get(ev.info.cookie)
                         .is_some_and(|c| c.info.owner.is_known());
                 if !known && s.ino != 0 {
-                    if self.unowned.contains(&s.ino) {
-                        unowned.insert(s.ino);
-                    } else {
-                        wanted.insert(s.ino);
+                    match self.proc_seen.get(&s.ino) {
+                        Some(&owner) => {
+                            seen.insert(s.ino, owner);
+                        }
+                        None => {
+                            wanted.insert(s.ino);
+                        }
                     }
                 }
             }
         }
         let mount = sys::cgroup::cgroup2_mount().ok().flatten();
-        let (owners, complete) =
+        let (mut owners, complete) =
             procfs::socket_owners(&wanted, mount.as_deref(), procfs::ScanBudget::default());
-        if complete {
-            unowned.extend(wanted.iter().filter(|ino| !owners.contains_key(ino)));
+        for &ino in &wanted {
+            match owners.get(&ino) {
+                Some(&owner) => {
+                    seen.insert(ino, Some(owner));
+                }
+                None if complete => {
+                    seen.insert(ino, None);
+                }
+                None => {}
+            }
         }
-        self.unowned = unowned;
+        owners.extend(seen.iter().filter_map(|(&ino, o)| Some((ino, (*o)?))));
+        self.proc_seen = seen;
         owners
     }
 

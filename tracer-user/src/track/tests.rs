@@ -201,11 +201,43 @@ mod tracker {
         };
         let ino = u64::from(u32::MAX) + 12_345;
         t.resync(&[orphan(ino)], T0_NS + S);
-        assert!(t.unowned.contains(&ino), "remembered as held by no process");
+        assert_eq!(
+            t.proc_seen.get(&ino),
+            Some(&None),
+            "remembered as held by no process"
+        );
         t.resync(&[orphan(ino)], T0_NS + 2 * S);
-        assert!(t.unowned.contains(&ino), "kept while the socket lives");
+        assert_eq!(
+            t.proc_seen.get(&ino),
+            Some(&None),
+            "kept while the socket lives"
+        );
         t.resync(&[], T0_NS + 3 * S);
-        assert!(t.unowned.is_empty(), "forgotten with the socket");
+        assert!(t.proc_seen.is_empty(), "forgotten with the socket");
+
+        // A socket of this very process: found once, then kept (a listener
+        // older than the daemon is not in the table to remember it).
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).expect("fd link");
+        let ino = crate::owner::procfs::socket_inode(&link.to_string_lossy()).expect("socket");
+        let listener = |ino: u64| {
+            let mut ev = orphan(ino);
+            ev.info.sock.state = tcp_state::LISTEN;
+            ev
+        };
+        t.resync(&[listener(ino)], T0_NS + 4 * S);
+        let found = t
+            .proc_seen
+            .get(&ino)
+            .copied()
+            .flatten()
+            .expect("found in /proc");
+        assert_eq!(found.pid, std::process::id());
+        drop(l);
+        t.resync(&[listener(ino)], T0_NS + 5 * S);
+        let kept = t.proc_seen.get(&ino).copied().flatten();
+        assert_eq!(kept.map(|o| o.pid), Some(found.pid), "not looked for again");
     }
 
     #[test]

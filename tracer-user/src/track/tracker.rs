@@ -1,11 +1,7 @@
 //! The tracker: each event applied to the connection table and the chains,
 //! and what came of it for the metrics to count.
 
-use std::{
-    collections::{HashMap, HashSet},
-    net::IpAddr,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, time::Duration};
 
 use tracer_common::{CloseData, EventInfo, Owner, SockoptData, close_flags, owner_flags};
 
@@ -38,9 +34,10 @@ pub(crate) struct Tracker {
     /// Owners of listening sockets by (netns, port), for the connections
     /// they accept when the kernel had no owner for the listener.
     pub(super) listener_owners: HashMap<(u32, u16), Owner>,
-    /// Inodes of live sockets a complete /proc scan found no owner for
-    /// (see `resync`), at most one per socket of the last snapshot.
-    pub(super) unowned: HashSet<u64>,
+    /// What /proc said of live sockets without a kernel owner, by inode:
+    /// their owner, or `None` where a complete scan found no process (see
+    /// `resync`); at most one per socket of the last snapshot.
+    pub(super) proc_seen: HashMap<u64, Option<Owner>>,
     /// The resync leaves chains unbuilt (the pod and Service indexes have
     /// not loaded yet: roles and backends would be guesses).
     pub defer_chains: bool,
@@ -105,7 +102,7 @@ impl Tracker {
                 PendingCaps::new(cfg.max_connections),
             ),
             listener_owners: HashMap::new(),
-            unowned: HashSet::new(),
+            proc_seen: HashMap::new(),
             defer_chains: false,
         }
     }

@@ -591,11 +591,15 @@ effect):
   Side by side on the shared machine: 0.6-1.5M events/s before, 1.8-2.6M after (2.96M in
   the run above; the quiet-machine figure before was 1.45M).
 - Periodic resync at 100k tracked: ~620 ms wall and ~600 ms of CPU (20 mCPU at the default
-  30 s interval). `perf`: a third the TCP iterator (a `bpf_probe_read_kernel` per field and
-  a storage lookup per socket), a third a scan of every descriptor in /proc for the owners
-  of the same few orphan sockets (closed by their owner, lingering in FIN_WAIT or LAST_ACK)
-  at every resync: sockets a complete scan did not find are no longer looked for while
-  they live (0.71 s wall, 0.70 s CPU before, one manual run at 100.8k). A full table leaves
+  30 s interval) at first, 419 and 418 ms (14 mCPU) after the change below, in the bench
+  runs of the two builds (shared machine). `perf`: a third the TCP iterator (a `bpf_probe_read_kernel` per field and
+  a storage lookup per socket), a third a scan of every descriptor in /proc at every
+  resync for the same sockets without a kernel owner: listeners older than the daemon
+  (not in the table, so nothing remembered what /proc said) and orphans lingering after
+  their close (no process holds them). What /proc said of a socket is now kept while it
+  lives: side by side on the same 100.8k tracked sockets (two daemons, the old build and
+  this one, `--resync-interval 4s`, 5 resyncs each), 0.66-0.92 s of CPU per resync before,
+  0.34-0.47 s after. A full table leaves
   what it evicted out (`conntracer_resync_not_added_total`): with the check removed, the
   resync test counted 1,202 evictions against 438 opens and ends over three resyncs.
 - CPU at 10k connections/s: the kernel programs alone are ~3.8 us per connection
