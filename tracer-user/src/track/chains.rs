@@ -1591,22 +1591,22 @@ mod tests {
         assert_eq!(c.pending(), 0);
     }
 
-    /// An upstream leg no waiting chain took that carried payload both
-    /// ways to a backend of the dialled Service, or the sidecar's socket
-    /// of a waiting chain closing after it wrote to the app: a pool.
+    /// A busy sidecar connection to a backend that no chain took is no
+    /// pool (the proxy's own health check looks the same); the sidecar's
+    /// socket of a waiting chain closing after it wrote to the app is.
     #[test]
-    fn an_unclaimed_busy_upstream_leg_or_an_answered_waiting_chain_is_a_pool() {
+    fn an_answered_waiting_chain_is_a_pool_and_a_busy_unclaimed_leg_is_not() {
         let svc = service();
         let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound_half(&mut c, 0, 40000, svc.cluster_ip, 0);
         c.on_open(upstream(1001, 41001, svc.backend, 0), &svc);
         assert_eq!(c.len(), 1);
+        // An active health check of the backend.
         c.on_open(upstream(1002, 41002, svc.backend, 0), &svc);
         assert_eq!(c.pending(), 1, "unclaimed");
-        snapshot(&mut c, &[1002], &svc, 0);
-        let pool = c.pool_for(1002).expect("pooled").clone();
-        assert_eq!(pool.upstream.len(), 2);
-        assert_eq!((c.len(), c.pending()), (0, 0));
+        snapshot(&mut c, &[1001, 1002], &svc, 5_000_000_000);
+        assert!(c.pools().next().is_none());
+        assert_eq!((c.len(), c.pending()), (1, 1));
 
         let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
         outbound_half(&mut c, 0, 40000, svc.cluster_ip, 0);
@@ -1617,5 +1617,9 @@ mod tests {
         c.on_close(12, e, &svc);
         assert!(c.pool_for(1001).is_some());
         assert_eq!(c.len(), 0);
+        // With the pool known, an unclaimed upstream leg to its backend
+        // joins it.
+        c.on_open(upstream(1003, 41003, svc.backend, 0), &svc);
+        assert_eq!(c.pool_for(1003).map(|p| p.upstream.len()), Some(2));
     }
 }

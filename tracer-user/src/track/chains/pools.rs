@@ -5,16 +5,15 @@
 //! connections, and no upstream connection belongs to one app connection.
 //!
 //! Which filter a listener runs is not knowable from the kernel; what a
-//! byte pipe (tcp_proxy, any L4 proxy) cannot do is: write to the app on
-//! a connection that has no upstream connection of its own (it only
-//! forwards what its upstream leg received), or carry payload on an
-//! upstream connection that no app connection is waiting for. Either fact
-//! makes the pod's connections to that destination a pool:
-//! - a chain still waiting for its upstream leg whose sidecar socket has
-//!   sent the app payload the app acknowledged (seen in a snapshot of the
-//!   kernel's sockets, or at that socket's close);
-//! - a sidecar upstream socket no waiting chain took, which carried
-//!   payload both ways, to a destination that serves the dialled one.
+//! byte pipe (tcp_proxy, any L4 proxy) cannot do is write to the app on a
+//! connection that has no upstream connection of its own: it only
+//! forwards what that one receives. So a chain still waiting for its
+//! upstream leg whose sidecar socket has sent the app payload the app
+//! acknowledged (seen in a snapshot of the kernel's sockets once the chain
+//! has waited a second, or at that socket's close) makes the pod's
+//! connections to that destination a pool. A busy sidecar connection that
+//! no chain took is no such fact: the proxy's own connections (active
+//! health checks, xDS) carry payload to the same destinations.
 //!
 //! From then on the pod's chains to that destination (and the upstream
 //! legs that fit it) are pooled: their 1:1 links are undone, new ones join
@@ -24,7 +23,7 @@
 //! as for tcp_proxy.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     time::Duration,
 };
 
@@ -299,7 +298,7 @@ impl Chains {
 
     /// The payload each live socket carried (`bytes`: cookie ->
     /// (received, sent and acknowledged)), taken at `now_ns`: pools found
-    /// by the module's rules.
+    /// by the module's rule.
     pub(crate) fn on_snapshot(
         &mut self,
         bytes: &dyn Fn(u64) -> Option<(u64, u64)>,
@@ -307,8 +306,6 @@ impl Chains {
         now_ns: u64,
     ) {
         let mut found: Vec<(PodKey, Endpoint)> = Vec::new();
-        // Unclaimed upstream legs that carried payload both ways.
-        let mut busy: Vec<(PodKey, Endpoint)> = Vec::new();
         for (pod, q) in &self.pods {
             for id in q.chains.values() {
                 let Some(chain) = self.open.get(id) else {
@@ -324,40 +321,6 @@ impl Chains {
                         .is_some_and(|(_, acked)| acked > 0)
                 {
                     found.push((pod.clone(), chain.peer));
-                }
-            }
-            for cookie in q.upstream.values() {
-                if let (Some(p), Some((rx, acked))) = (self.pending.get(cookie), bytes(*cookie))
-                    && rx > 0
-                    && acked > 0
-                {
-                    busy.push((pod.clone(), p.leg.remote));
-                }
-            }
-        }
-        if !busy.is_empty() {
-            // The destinations each pod's app dialled, once.
-            let mut dialled: HashMap<PodKey, Vec<Endpoint>> = HashMap::new();
-            for c in self.open.values() {
-                if c.direction == super::Direction::Outbound {
-                    let peers = dialled.entry((c.netns, c.pod_uid.clone())).or_default();
-                    if !peers.contains(&c.peer) {
-                        peers.push(c.peer);
-                    }
-                }
-            }
-            for (pod, remote) in busy {
-                let fitting: Vec<Endpoint> = dialled
-                    .get(&pod)
-                    .into_iter()
-                    .flatten()
-                    .copied()
-                    .filter(|d| fit(routes, *d, remote) >= Fit::Service)
-                    .collect();
-                // Serving one dialled destination, not several (a backend
-                // of two Services): which pool it is would be a guess.
-                if let [d] = fitting[..] {
-                    found.push((pod, d));
                 }
             }
         }
