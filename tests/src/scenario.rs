@@ -3,11 +3,26 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::{NetNs, Peer, netlab::NetLab};
+use crate::{NetNs, Peer, daemon::Daemon, netlab::NetLab, servers::Redis};
 
 /// `127.0.0.1:port`.
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+}
+
+/// The CLOSE_WAIT scenarios' start: a namespace, Redis on `port` in it
+/// closing clients idle `redis_timeout_s`, and a daemon whose CLOSE_WAIT
+/// threshold is `close_wait` (e.g. `1s`). Bind them in this order (they
+/// drop in reverse: the namespace last).
+pub fn redis_close_wait_lab(
+    port: u16,
+    redis_timeout_s: u32,
+    close_wait: &str,
+) -> (NetNs, Redis, Daemon) {
+    let ns = NetNs::new();
+    let redis = Redis::start(&ns, local(port), redis_timeout_s);
+    let daemon = Daemon::start("1s", &["--close-wait-threshold", close_wait]);
+    (ns, redis, daemon)
 }
 
 /// Two Redis clients across the lab that idle 4 s, then send with a 2 s

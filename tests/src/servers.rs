@@ -1089,21 +1089,13 @@ impl EnvoyOptions {
     /// `use_original_dst`, an ORIGINAL_DST cluster, stat prefix `outbound`,
     /// run as uid/gid 1337; pair it with [`SidecarRedirect`].
     pub fn sidecar(idle_timeout: Duration) -> Self {
+        let listen = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), SIDECAR_PORT);
         Self {
-            listen: SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), SIDECAR_PORT),
             upstream: EnvoyUpstream::OriginalDst,
-            idle_timeout,
             stat_prefix: "outbound".into(),
-            admin_port: 15000,
-            upstream_keepalive: None,
             uid: SIDECAR_UID,
             gid: SIDECAR_UID,
-            cgroup: None,
-            services: Vec::new(),
-            concurrency: 1,
-            inbound_port: None,
-            http: false,
-            http_services: false,
+            ..Self::tcp_proxy(listen, listen, idle_timeout)
         }
     }
 

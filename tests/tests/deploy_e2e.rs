@@ -93,6 +93,27 @@ fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) 
     }
 }
 
+/// Polls the dashboard query `q` (its Grafana variables set, at now) until
+/// the largest value of the series with `labels` satisfies `ok`, at most
+/// `timeout`; returns when (Unix seconds).
+fn wait_panel(
+    prom: &Prometheus,
+    q: &PanelQuery,
+    labels: &[(&str, &str)],
+    timeout: Duration,
+    ok: impl Fn(f64) -> bool,
+) -> f64 {
+    wait_for(
+        &format!("panel {:?} ({}) in Prometheus", q.panel, q.ref_id),
+        timeout,
+        || {
+            let t = unix_now();
+            let r = query(prom, &q.panel, &grafana_expr(&q.expr, WINDOW), t);
+            ok(max_with(&r, labels)).then_some(t)
+        },
+    )
+}
+
 fn panel<'a>(queries: &'a [PanelQuery], title: &str, ref_id: &str) -> &'a PanelQuery {
     queries
         .iter()
@@ -182,16 +203,10 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
     // alert fires.
     let mismatch = panel(&queries, "Sidecar keepalive mismatch", "A");
     let chain = [("namespace", NAMESPACE), ("pod", POD), ("peer", PEER)];
-    let open_at = wait_for(
-        "the keepalive mismatch in Prometheus",
-        Duration::from_secs(10),
-        || {
-            let t = unix_now();
-            let r = query(&prom, "mismatch", &grafana_expr(&mismatch.expr, WINDOW), t);
-            #[expect(clippy::float_cmp, reason = "a count of one")]
-            (max_with(&r, &chain) == 1.0).then_some(t)
-        },
-    );
+    #[expect(clippy::float_cmp, reason = "a count of one")]
+    let open_at = wait_panel(&prom, mismatch, &chain, Duration::from_secs(10), |v| {
+        v == 1.0
+    });
     wait_for(
         "ConnTracerSidecarKeepaliveMismatch firing",
         Duration::from_secs(10),
@@ -215,15 +230,9 @@ fn root_prometheus_runs_every_panel_and_alert_and_fires_on_the_keepalive_off_kil
         ("role", "sidecar"),
         ("keepalive", "off"),
     ];
-    let killed_at = wait_for(
-        "the idle kill in Prometheus",
-        Duration::from_secs(15),
-        || {
-            let t = unix_now();
-            let r = query(&prom, "kills", &grafana_expr(&by_pod.expr, WINDOW), t);
-            (max_with(&r, &sidecar_kill) >= 1.0).then_some(t)
-        },
-    );
+    let killed_at = wait_panel(&prom, by_pod, &sidecar_kill, Duration::from_secs(15), |v| {
+        v >= 1.0
+    });
     // ... and its alert, firing from the scaled rules of that Prometheus.
     let alert_labels = [
         ("namespace", NAMESPACE),

@@ -41,7 +41,7 @@ use integration_tests::{
     },
     netlab::{InvalidAction, NetLab, SERVER_IP},
     require_program_or_skip,
-    scenario::{KEEPALIVE_1_1_3, local},
+    scenario::{KEEPALIVE_1_1_3, local, redis_close_wait_lab},
     serial_unless_skipped,
     servers::{EchoServer, Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
     skip_unless_root, test_name,
@@ -480,9 +480,7 @@ fn root_connect_failures_are_counted_by_reason_and_successes_never() {
 #[test]
 fn root_close_wait_is_counted_at_the_fin_and_the_leak_is_gauged() {
     let _serial = serial_unless_skipped!();
-    let ns = NetNs::new();
-    let redis = Redis::start(&ns, local(16399), 2);
-    let daemon = Daemon::start("1s", &["--close-wait-threshold", "2s"]);
+    let (ns, redis, daemon) = redis_close_wait_lab(16399, 2, "2s");
     let closes = redis.idle_closes();
     let before = daemon.scrape();
     let leak = [("direction", "outbound"), ("role", "host")];

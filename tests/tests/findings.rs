@@ -40,9 +40,9 @@ use integration_tests::{
     fake_kube::{FakeKube, SliceEndpoint, endpoint_slice_json, pod_json, service_json},
     mesh::hex_id,
     require_program_or_skip, require_root_or_skip,
-    scenario::{KEEPALIVE_1_1_3, args, local},
+    scenario::{KEEPALIVE_1_1_3, args, local, redis_close_wait_lab},
     serial_unless_skipped,
-    servers::{EchoServer, Farewell, GoodbyeServer, NodeHttp, Redis, in_netns, keepalive_request},
+    servers::{EchoServer, Farewell, GoodbyeServer, NodeHttp, in_netns, keepalive_request},
     test_name,
 };
 use serde_json::Value;
@@ -276,9 +276,7 @@ fn root_node_default_keepalive_timeout_is_named_as_the_likely_killer() {
 #[test]
 fn root_close_wait_leak_is_a_finding() {
     let _serial = serial_unless_skipped!();
-    let ns = NetNs::new();
-    let redis = Redis::start(&ns, local(16440), 1);
-    let daemon = Daemon::start("1s", &["--close-wait-threshold", "1s"]);
+    let (ns, redis, daemon) = redis_close_wait_lab(16440, 1, "1s");
     let holder = args("--idle-secs 0 --pause-before-then --then close");
     let mut app = ct_client!(&ns, "redis", local(16440), &holder);
     app.expect_connected_ok();
