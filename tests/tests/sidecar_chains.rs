@@ -529,6 +529,15 @@ fn restart_mid_idle(dest: Dest, api_failures: u32) {
     let resync = Duration::from_secs(2);
     m.kube.fail_next(api_failures);
     m.restart_daemon(&["--resync-interval", "2s"]);
+    if api_failures > 0 {
+        // The API answers again after the watches' backoff (seconds: kube-rs
+        // backs off exponentially from 800 ms); from then on the chain must
+        // come back within one resync.
+        m.daemon.wait_metrics(Duration::from_secs(30), |x| {
+            x.sum("conntracer_kube_index_entries", &[("kind", "endpoints")]) > 0.0
+                && x.sum("conntracer_kube_pods", &[]) > 0.0
+        });
+    }
     let started = Instant::now();
     // One resync, plus its own duration and the scrape on a loaded machine.
     let after = m.daemon.wait_metrics(resync + Duration::from_secs(3), |x| {

@@ -338,6 +338,21 @@ impl Chains {
     }
 
     /// Complete chains (all three legs linked).
+    /// Where a socket found open (a resync) comes in the order a chain's
+    /// legs open: outbound, the app's connect and the sidecar's accept on
+    /// the capture port (0) come before the sidecar's own connect (1);
+    /// inbound, the sidecar's accept (0), its connect to the app (1), the
+    /// app's accept (2).
+    pub(crate) fn open_order(&self, leg: &Leg) -> u8 {
+        let capture = [self.ports.outbound, self.ports.inbound];
+        match (leg.role, leg.inbound) {
+            (Role::App, false) => 0,
+            (Role::App, true) => 2,
+            (Role::Sidecar, true) if capture.contains(&leg.local.1) => 0,
+            _ => 1,
+        }
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.complete
     }

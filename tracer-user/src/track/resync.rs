@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use tracer_common::{Owner, SnapshotData, owner_flags, tcp_state};
 
-use super::{Tracker, table::Conn};
+use super::{Tracker, chains::Leg, table::Conn};
 use crate::{
     event::{ConnEvent, EventData, snapshot_connections},
     owner::procfs,
@@ -217,18 +217,21 @@ impl Tracker {
     /// Feeds the live sockets no chain knows, `(inode, cookie)`, to the
     /// chains in inode order: the order they were created in, which is the
     /// order their open events would have come in.
-    fn rebuild_chains(&mut self, mut unchained: Vec<(u64, u64)>) {
-        unchained.sort_unstable();
+    fn rebuild_chains(&mut self, unchained: Vec<(u64, u64)>) {
+        let mut legs: Vec<(u8, u64, Leg)> = unchained
+            .into_iter()
+            .filter_map(|(ino, cookie)| {
+                let info = self.table.get(cookie)?.info;
+                let leg = self.leg(&info)?;
+                Some((self.chains.open_order(&leg), ino, leg))
+            })
+            .collect();
+        // In the order the proxy opens them (inode numbers are handed out
+        // in per-CPU batches: they do not say which socket came first).
+        legs.sort_unstable_by_key(|(rank, ino, _)| (*rank, *ino));
         let chained_before = self.chains.len();
-        for (_, cookie) in unchained {
-            if let Some(leg) = self
-                .table
-                .get(cookie)
-                .map(|c| c.info)
-                .and_then(|i| self.leg(&i))
-            {
-                self.chains.on_open(leg, self.attr.services());
-            }
+        for (_, _, leg) in legs {
+            self.chains.on_open(leg, self.attr.services());
         }
         let rebuilt = self.chains.len().saturating_sub(chained_before);
         if rebuilt > 0 {
