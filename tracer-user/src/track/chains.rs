@@ -892,6 +892,43 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 
+    /// A resync finds the three sockets at once, in no telling order (inode
+    /// numbers come in per-CPU batches); taken in [`Chains::open_order`]
+    /// they link as the open events would have.
+    #[test]
+    fn sockets_found_upstream_first_link_in_open_order() {
+        let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
+        let mut found = [
+            leg(3, Role::Sidecar, false, (POD_IP, 41000), (DST, 3306)),
+            leg(
+                2,
+                Role::Sidecar,
+                true,
+                (Ipv4Addr::LOCALHOST, 15001),
+                (POD_IP, 40000),
+            ),
+            leg(1, Role::App, false, (POD_IP, 40000), (DST, 3306)),
+        ];
+        assert_eq!(found.clone().map(|l| c.open_order(&l)), [1, 0, 0]);
+        found.sort_by_key(|l| c.open_order(l));
+        for l in found {
+            c.open(l);
+        }
+        let chain = c.chain_of(3).expect("chained");
+        assert_eq!(
+            (chain.app, chain.sidecar_app_side, chain.sidecar_net_side),
+            (1, Some(2), Some(3))
+        );
+        // Inbound: the sidecar's accept, its connect to the app, the app's
+        // accept.
+        let inbound = [
+            leg(6, Role::App, true, (POD_IP, 8080), (POD_IP, 42000)),
+            leg(5, Role::Sidecar, false, (POD_IP, 42000), (POD_IP, 8080)),
+            leg(4, Role::Sidecar, true, (POD_IP, 15006), (DST, 50000)),
+        ];
+        assert_eq!(inbound.map(|l| c.open_order(&l)), [2, 1, 0]);
+    }
+
     #[test]
     fn accept_reported_before_the_app_open_still_links() {
         let mut c = Chains::new(CapturePorts::default(), PendingCaps::new(1000));
