@@ -586,6 +586,17 @@ pub fn conns_at<'a>(
         .collect()
 }
 
+/// The entry of a `/connections` list from `local` to `remote`, if any.
+pub fn find_between<'a>(
+    list: &'a serde_json::Value,
+    local: &str,
+    remote: &str,
+) -> Option<&'a serde_json::Value> {
+    list.as_array()?
+        .iter()
+        .find(|c| c["local"] == local && c["remote"] == remote)
+}
+
 /// The entry of a `/connections` list from `local` to `remote`.
 #[track_caller]
 pub fn find_conn<'a>(
@@ -593,10 +604,7 @@ pub fn find_conn<'a>(
     local: &str,
     remote: &str,
 ) -> &'a serde_json::Value {
-    list.as_array()
-        .expect("array")
-        .iter()
-        .find(|c| c["local"] == local && c["remote"] == remote)
+    find_between(list, local, remote)
         .unwrap_or_else(|| panic!("{local} -> {remote} not in {list:#}"))
 }
 

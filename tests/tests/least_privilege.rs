@@ -25,8 +25,8 @@ use std::{
 use integration_tests::{
     NetNs, Peer, conn_tracer_bin,
     daemon::{
-        DAEMONSET_CAPS, Daemon, assert_owned, capabilities_of, capability_bit, delta, find_local,
-        http_get, names::KILLS,
+        DAEMONSET_CAPS, Daemon, assert_owned, capabilities_of, capability_bit, delta, find_between,
+        find_local, http_get, names::KILLS,
     },
     serial_unless_skipped,
     servers::in_netns,
@@ -188,9 +188,7 @@ fn root_daemonset_capabilities_are_enough_for_every_feature() {
 /// loopback connections one in another namespace has the same local port).
 fn pod_conn(list: &serde_json::Value, port: u16, pod_port: u16) -> Option<&serde_json::Value> {
     let (local, remote) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{pod_port}"));
-    list.as_array()?
-        .iter()
-        .find(|c| c["local"] == local && c["remote"] == remote)
+    find_between(list, &local, &remote)
 }
 
 /// The daemon with `caps`: what it said on stderr, and whether the pod
