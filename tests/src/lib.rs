@@ -163,6 +163,32 @@ pub(crate) fn run_checked(cmd: &mut Command) {
     checked_output(cmd, " (is iproute2 installed?)");
 }
 
+/// Makes `cmd`'s process join the cgroup v2 directory `dir` between fork
+/// and exec, as a container runtime does: every socket it ever opens (a
+/// listener too, whose owner its accepted connections inherit) is owned by
+/// that cgroup. Moving it after spawn races with its first sockets.
+pub fn start_in_cgroup(cmd: &mut Command, dir: &Path) {
+    let procs = std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
+        .expect("cgroup path without NUL");
+    // SAFETY: between fork and exec only async-signal-safe calls, on
+    // memory prepared before the fork: "0" moves the writer.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// Runs `cmd` to its end: its stdout, or a panic with its stderr (`hint`
 /// follows the error when it cannot start).
 pub fn checked_output(cmd: &mut Command, hint: &str) -> String {

@@ -98,14 +98,10 @@ impl PodCgroups {
             .clone()
     }
 
-    pub fn add(&self, container: &str, pid: u32) {
-        let (_, dir) = self
-            .containers
-            .iter()
-            .find(|(n, _)| n == container)
-            .expect("container");
-        fs::write(dir.join("cgroup.procs"), pid.to_string())
-            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", dir.display()));
+    /// Starts `cmd` inside `container`'s cgroup (it joins before exec): call
+    /// before spawning it.
+    pub fn enter(&self, container: &str, cmd: &mut std::process::Command) {
+        crate::start_in_cgroup(cmd, &self.dir(container));
     }
 }
 
@@ -183,9 +179,8 @@ fn spawn_app(
         "--pause-before-connect",
     ])
     .args(args);
-    let app = Peer::spawn("app", cmd);
-    cgroups.add("app", app.pid());
-    app
+    cgroups.enter("app", &mut cmd);
+    Peer::spawn("app", cmd)
 }
 
 impl Mesh {
@@ -439,14 +434,12 @@ pub struct SidecarPod {
 
 impl SidecarPod {
     /// A Node.js app of the pod: `node -e script` in the app's network
-    /// namespace and container cgroup. The script must wait for
-    /// [`Peer::go`] before it connects (its owner is captured then).
+    /// namespace and container cgroup (joined before exec).
     pub fn spawn_node_app(&self, node: &Path, script: &str) -> Peer {
         let mut cmd = self.lab.client().command(node);
         cmd.args(["-e", script]);
-        let app = Peer::spawn("node app", cmd);
-        self.cgroups.add("app", app.pid());
-        app
+        self.cgroups.enter("app", &mut cmd);
+        Peer::spawn("node app", cmd)
     }
 
     /// The pod's established connections by process name, as `ss -tnp`

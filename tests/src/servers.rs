@@ -293,26 +293,7 @@ impl ServerProcess {
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
         if let Some(dir) = &how.cgroup {
-            let procs =
-                std::ffi::CString::new(dir.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                    .expect("cgroup path without NUL");
-            // SAFETY: between fork and exec only async-signal-safe calls,
-            // on memory prepared before the fork: "0" moves the writer.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
-                    libc::close(fd);
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(io::Error::last_os_error())
-                    }
-                });
-            }
+            crate::start_in_cgroup(&mut cmd, dir);
         }
         let child = cmd.spawn().unwrap_or_else(|e| {
             panic!(

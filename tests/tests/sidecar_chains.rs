@@ -661,8 +661,8 @@ fn inbound_traffic(m: &Mesh, n: usize) -> [(Vec<Peer>, Vec<u16>); 2] {
         .args(["redis", "--addr", &redis.ip().to_string(), "--port"])
         .args([&redis.port().to_string(), "--pause-before-connect"])
         .args(["--then", "wait-close"]);
+        m.cgroups.enter("istio-proxy", &mut cmd);
         let mut other = Peer::spawn("sidecar-other", cmd);
-        m.cgroups.add("istio-proxy", other.pid());
         other.go();
         others.push(other);
         let mut cmd = m.lab.server().command(PEER_BIN);
@@ -704,8 +704,8 @@ fn root_inbound_chains_pair_with_their_clients_and_unrelated_sidecar_connections
     let mut cmd = m.lab.client().command(PEER_BIN);
     cmd.args(["server", "--addr", &pod_ip, "--port", "8080", "--hold"])
         .args(["--count", &n.to_string(), "--timeout-secs", "20"]);
+    m.cgroups.enter("app", &mut cmd);
     let mut server = Peer::spawn("app-server", cmd);
-    m.cgroups.add("app", server.pid());
     server.expect_port("listening");
     let [(_others, other_ports), (mut clients, ports)] = inbound_traffic(&m, n as usize);
     server.expect_line("held");
