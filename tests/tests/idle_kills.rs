@@ -18,7 +18,7 @@ use integration_tests::{
     NetNs, Tracer, ct_client,
     daemon::{
         Daemon, Metrics, delta,
-        names::{IDLE_HIST, KILLS, STALE},
+        names::{IDLE_HIST, KILLS, LOST, STALE},
     },
     netlab::{InvalidAction, NetLab},
     scenario::{IdleClients, WAIT_CLOSE_15S, local},
@@ -260,10 +260,32 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
     let lab = NetLab::new(InvalidAction::Drop, IDLE_SECS);
     let redis = Redis::start(lab.server(), SocketAddr::new(lab.server_ip(), 6379), 0);
     let daemon = Daemon::start("1s", &[]);
+    let tracer = Tracer::start();
     let before = daemon.scrape();
     let clients = IdleClients::start(env!("CARGO_BIN_EXE_ct-client"), &lab, redis.addr());
+    let port = clients.silent_port;
     let words = clients.expect_drop_outcome(&lab);
     assert_eq!(words[0], "ETIMEDOUT");
+
+    // The silent connection's own close record: its send after 4 s of
+    // silence died unanswered (the user timeout).
+    let close = |evs: &[serde_json::Value]| {
+        evs.iter()
+            .find(|e| e["kind"] == "close" && e["sport"] == port)
+            .cloned()
+    };
+    let evs = tracer.wait_for_netns(
+        lab.client().inode(),
+        "the silent connection's close",
+        Duration::from_secs(10),
+        |evs| close(evs).is_some(),
+    );
+    let close = close(&evs).expect("close record");
+    let end = &close["end"];
+    assert_eq!(end["close_kind"], "timeout", "{close}");
+    assert_eq!(end["failed_send_cause"], "silence", "{close}");
+    let silence = end["silence_before_failed_send_s"].as_f64().unwrap_or(0.0);
+    assert!((3.5..6.0).contains(&silence), "{close}");
 
     let peer = [("peer", "10.231.2.2:6379")];
     let m = settle(&daemon, &before, STALE, &peer, 1.0);
@@ -272,7 +294,13 @@ fn root_expired_path_drop_is_stale_reuse_by_timeout_and_keepalive_survives() {
         ("outcome", "timeout"),
         ("direction", "outbound"),
     ];
-    m.assert_delta(&before, STALE, &stale, 1.0);
+    assert_eq!(
+        delta(&before, &m, STALE, &stale),
+        1.0,
+        "the daemon counts the close the trace shows ({close}); lost: {}; stale: {}",
+        m.dump(LOST),
+        m.dump(STALE)
+    );
     assert_eq!(
         delta(&before, &m, STALE, &peer),
         1.0,
