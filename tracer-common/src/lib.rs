@@ -122,6 +122,11 @@ pub mod ka_source {
 
 /// Socket option levels and names the tracer watches (Linux UAPI).
 pub mod sockopt {
+    pub const SOL_IP: u32 = 0;
+    pub const SOL_IPV6: u32 = 41;
+    /// `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (and IP6T_SO_ORIGINAL_DST at
+    /// SOL_IPV6): where a connection redirected by iptables was going.
+    pub const SO_ORIGINAL_DST: u32 = 80;
     pub const SOL_SOCKET: u32 = 1;
     pub const SO_KEEPALIVE: u32 = 9;
     pub const SOL_TCP: u32 = 6;

@@ -1,28 +1,93 @@
-//! Which thread accepted a connection on a mesh capture port, from the
-//! `syscalls:sys_exit_accept4` and `sys_exit_accept` tracepoints (process
-//! context: the current task is the accepting thread).
+//! Which thread took a connection on a mesh capture port.
 //!
 //! A proxy handles a connection on the thread that accepted it, so the
 //! connection that thread opens next for it is its upstream leg: userspace
-//! pairs the sidecar's two sockets by this. The syscall returns a file
-//! descriptor; the socket behind it is read from the task's file table
-//! (`task->files->fdt->fd[fd]->private_data->sk`, offsets from BTF) with
-//! `bpf_probe_read_kernel`. Only accepts whose local port is a capture
-//! port are sent: a few per proxied connection, none elsewhere.
+//! pairs the sidecar's two sockets by this. Two sources, one record:
+//!
+//! - `getsockopt(SOL_IP, SO_ORIGINAL_DST)` (a cgroup `getsockopt` program at
+//!   the cgroup v2 root, 5.11+): a proxy behind iptables REDIRECT asks the
+//!   accepted socket where the connection was going before it can open the
+//!   upstream one, on the thread that handles it. It runs only on getsockopt
+//!   calls, which are rare.
+//! - `syscalls:sys_exit_accept4` and `sys_exit_accept` (the fallback, for
+//!   5.10, whose cgroup programs cannot ask for the task): the socket behind
+//!   the returned descriptor is read from the task's file table
+//!   (`task->files->fdt->fd[fd]->private_data->sk`, offsets from BTF) with
+//!   `bpf_probe_read_kernel`. While any syscall tracepoint is enabled,
+//!   every system call of every process takes the kernel's traced slow
+//!   path (about 60 ns more a call, measured in docs/benchmarks.md).
+//!
+//! Only sockets whose local port is a capture port are sent: one record per
+//! proxied connection, none elsewhere.
 
 use core::ffi::c_void;
 
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_task, bpf_ktime_get_ns},
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{cgroup_sockopt, tracepoint},
+    programs::{SockoptContext, TracePointContext},
 };
-use tracer_common::{AF_INET, AF_INET6, AcceptData, kind};
+use tracer_common::{AF_INET, AF_INET6, AcceptData, EventInfo, kind, sockopt};
 
 use crate::{
-    maps::reserve,
+    maps::{reserve, submit},
     sock::{Probe, config, current_owner, fill_sock, off, read, run},
+    sockopt::{ALLOW, leave_large_buffer, stored_id, tcp_addrs},
 };
+
+/// Whether `port` (host order) is one of the mesh's capture ports.
+#[inline(always)]
+fn capture_port(port: u16) -> bool {
+    port != 0 && (port == config!(outbound_capture_port) || port == config!(inbound_capture_port))
+}
+
+/// Observes only: the caller gets what the kernel (and any program before
+/// this one) answered.
+#[cgroup_sockopt(getsockopt)]
+pub fn getsockopt(ctx: SockoptContext) -> i32 {
+    try_getsockopt(&ctx);
+    ALLOW
+}
+
+#[inline(always)]
+fn try_getsockopt(ctx: &SockoptContext) {
+    let call = crate::sockopt::call_of(ctx);
+    if leave_large_buffer(ctx, &call) {
+        return;
+    }
+    let (level, optname, _, _, _, sk) = call;
+    if optname != sockopt::SO_ORIGINAL_DST
+        || (level != sockopt::SOL_IP && level != sockopt::SOL_IPV6)
+        || sk.is_null()
+    {
+        return;
+    }
+    let Some(addrs) = tcp_addrs(sk) else {
+        return;
+    };
+    if !capture_port(addrs.sport) {
+        return;
+    }
+    let (cookie, netns) = stored_id(sk);
+    let Some(mut entry) = reserve::<AcceptData>(kind::ACCEPT) else {
+        return;
+    };
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
+    unsafe {
+        (*ev).info = EventInfo {
+            ts_ns: bpf_ktime_get_ns(),
+            cookie,
+            kind: kind::ACCEPT,
+            pad: 0,
+            netns,
+            sock: addrs,
+            owner: current_owner(0, true),
+        };
+        (*ev).data = AcceptData { fd: 0, pad: 0 };
+    }
+    submit(entry);
+}
 
 /// Offset of `ret` in every `sys_exit_*` record: the common fields (8
 /// bytes), `__syscall_nr` (int) and padding; fixed by the syscall tracepoint
@@ -71,9 +136,7 @@ fn try_sys_exit_accept(ctx: &TracePointContext) -> Result<(), ()> {
         return Err(());
     }
     let port: u16 = read(sk, off!(skc_num));
-    if port == 0
-        || (port != config!(outbound_capture_port) && port != config!(inbound_capture_port))
-    {
+    if !capture_port(port) {
         return Ok(());
     }
     let Some(mut entry) = reserve::<AcceptData>(kind::ACCEPT) else {

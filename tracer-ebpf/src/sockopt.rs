@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// Let the call through (a cgroup sockopt program's "allow").
-const ALLOW: i32 = 1;
+pub(crate) const ALLOW: i32 = 1;
 
 #[cgroup_sockopt(setsockopt)]
 pub fn setsockopt(ctx: SockoptContext) -> i32 {
@@ -32,11 +32,22 @@ fn watched(level: u32, optname: u32) -> bool {
                 || optname == sockopt::TCP_USER_TIMEOUT))
 }
 
+/// A cgroup sockopt call's fields: (level, optname, optlen, optval,
+/// optval_end, sk).
+pub type Call = (
+    u32,
+    u32,
+    i32,
+    *mut u8,
+    *mut u8,
+    *mut aya_ebpf::bindings::bpf_sock,
+);
+
 #[inline(always)]
-fn try_setsockopt(ctx: &SockoptContext) {
+pub fn call_of(ctx: &SockoptContext) -> Call {
     let so = ctx.sockopt;
     // SAFETY: the context is valid for the program's run.
-    let (level, optname, optlen, optval, optval_end, sk) = unsafe {
+    unsafe {
         (
             (*so).level as u32,
             (*so).optname as u32,
@@ -45,21 +56,32 @@ fn try_setsockopt(ctx: &SockoptContext) {
             (*so).__bindgen_anon_3.optval_end.cast::<u8>(),
             (*so).__bindgen_anon_1.sk,
         )
-    };
-    // The kernel hands programs at most one page of optval. Tell it to use
-    // the caller's own buffer when it is larger, as kernels before 6.5
-    // otherwise fail the call with EFAULT.
+    }
+}
+
+/// The kernel hands programs at most one page of optval. When the caller's
+/// buffer is larger, tells the kernel to keep the caller's own (kernels
+/// before 6.5 otherwise fail the call with EFAULT) and returns true: the
+/// program must then leave the call alone.
+#[inline(always)]
+pub fn leave_large_buffer(ctx: &SockoptContext, call: &Call) -> bool {
+    let (_, _, optlen, optval, optval_end, _) = *call;
     if optlen > 0 && (optlen as usize) > (optval_end as usize).wrapping_sub(optval as usize) {
-        // SAFETY: optlen is writable in setsockopt programs.
-        unsafe { (*so).optlen = 0 };
-        return;
+        // SAFETY: optlen is writable in setsockopt and getsockopt programs.
+        unsafe { (*ctx.sockopt).optlen = 0 };
+        return true;
     }
-    if !watched(level, optname) || sk.is_null() {
-        return;
-    }
+    false
+}
+
+/// The addresses of a TCP context socket (local first, as the kernel
+/// programs' events have them), or None for another protocol.
+#[inline(always)]
+pub fn tcp_addrs(sk: *mut aya_ebpf::bindings::bpf_sock) -> Option<SockAddrs> {
     // Context fields must be read with exactly their own width: volatile
     // keeps the compiler from merging neighbouring u32 loads.
-    // SAFETY: non-NULL context socket; every read is of one bpf_sock field.
+    // SAFETY: non-NULL context socket (checked by the callers); every read
+    // is of one bpf_sock field.
     let rd = |p: *const u32| unsafe { core::ptr::read_volatile(p) };
     let (protocol, family, sk_state) = unsafe {
         (
@@ -69,7 +91,7 @@ fn try_setsockopt(ctx: &SockoptContext) {
         )
     };
     if protocol != u32::from(IPPROTO_TCP) {
-        return;
+        return None;
     }
     let mut addrs = SockAddrs {
         family: family as u16,
@@ -93,6 +115,36 @@ fn try_setsockopt(ctx: &SockoptContext) {
             }
         }
     }
+    Some(addrs)
+}
+
+/// The (cookie, netns) the socket's storage holds, or zeros. With the
+/// fallback store (before 5.11) a cgroup program cannot find the socket's
+/// state (it has no helper to turn the socket into its key).
+#[inline(always)]
+pub fn stored_id(sk: *mut aya_ebpf::bindings::bpf_sock) -> (u64, u32) {
+    let state = if state_in_hash() {
+        core::ptr::null()
+    } else {
+        SOCKS.get_ptr(sk.cast(), false)
+    };
+    // SAFETY: NULL-checked storage of this socket.
+    unsafe { state.as_ref() }.map_or((0, 0), |s| (s.cookie, s.netns))
+}
+
+#[inline(always)]
+fn try_setsockopt(ctx: &SockoptContext) {
+    let call = call_of(ctx);
+    if leave_large_buffer(ctx, &call) {
+        return;
+    }
+    let (level, optname, optlen, optval, optval_end, sk) = call;
+    if !watched(level, optname) || sk.is_null() {
+        return;
+    }
+    let Some(addrs) = tcp_addrs(sk) else {
+        return;
+    };
     // SAFETY: bounds-checked against optval_end as the verifier requires.
     let value = unsafe {
         if optval.add(4) > optval_end {
@@ -100,16 +152,9 @@ fn try_setsockopt(ctx: &SockoptContext) {
         }
         core::ptr::read_unaligned(optval.cast::<i32>())
     };
-    // With the fallback store (before 5.11) this program cannot find the
-    // socket's state (it has no helper to turn the socket into its key):
-    // the event then carries no connection id, only the owner and addresses.
-    let state = if state_in_hash() {
-        core::ptr::null()
-    } else {
-        SOCKS.get_ptr(sk.cast(), false)
-    };
-    // SAFETY: NULL-checked storage of this socket.
-    let (cookie, netns) = unsafe { state.as_ref() }.map_or((0, 0), |s| (s.cookie, s.netns));
+    // Without the socket's storage the event carries no connection id,
+    // only the owner and addresses.
+    let (cookie, netns) = stored_id(sk);
     let Some(mut entry) = reserve::<SockoptData>(kind::SOCKOPT) else {
         return;
     };

@@ -86,8 +86,8 @@ pub struct Config {
     pub kernel_hz: Option<u32>,
     /// Kernel BTF. Default /sys/kernel/btf/vmlinux.
     pub btf: PathBuf,
-    /// Watch keepalive socket options (attaches a program at the cgroup v2
-    /// root). Default true.
+    /// Watch keepalive socket options and SO_ORIGINAL_DST lookups (attaches
+    /// programs at the cgroup v2 root). Default true.
     pub trace_sockopts: bool,
     /// Optional kernel programs not to attach (`tcp_probe`: the per-segment
     /// goodbye detection), to trade what they see for their cost.
@@ -266,8 +266,10 @@ pub struct Overrides {
     /// The kernel's HZ, only if it cannot be detected (it normally is).
     #[arg(long, value_name = "HZ")]
     pub kernel_hz: Option<u32>,
-    /// Do not watch keepalive socket options (no cgroup program at the
-    /// cgroup v2 root; the sockopt metric stays empty).
+    /// Attach no cgroup program at the cgroup v2 root: keepalive socket
+    /// options are not watched (the sockopt metric stays empty), and the
+    /// sidecar threads that take captured connections are found with the
+    /// accept syscall tracepoints instead of getsockopt(SO_ORIGINAL_DST).
     #[arg(long)]
     pub no_sockopts: bool,
     /// Kubernetes API URL (plain http, no auth, e.g. `kubectl proxy`)

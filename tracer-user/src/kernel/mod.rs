@@ -43,8 +43,34 @@ pub(crate) const ITER_PROGRAM: &str = "dump_tcp";
 /// The setsockopt observer (cgroup program).
 pub(crate) const SOCKOPT_PROGRAM: &str = "setsockopt";
 
-/// The accept programs, named as their syscall tracepoints.
+/// The getsockopt(SO_ORIGINAL_DST) observer (cgroup program): which thread
+/// took a captured connection.
+const GETSOCKOPT_PROGRAM: &str = "getsockopt";
+
+/// The accept programs, named as their syscall tracepoints (the fallback
+/// of [`GETSOCKOPT_PROGRAM`]).
 const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
+
+/// How the thread that took each connection on a capture port is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AcceptWatch {
+    /// The proxy's getsockopt(SO_ORIGINAL_DST) on the accepted socket, seen
+    /// by a cgroup program at the cgroup v2 root.
+    OriginalDst,
+    /// The accept syscall tracepoints: how many of [`ACCEPT_PROGRAMS`]
+    /// attached.
+    Syscalls(usize),
+}
+
+impl AcceptWatch {
+    /// Programs it attached.
+    fn programs(self) -> usize {
+        match self {
+            Self::OriginalDst => 1,
+            Self::Syscalls(n) => n,
+        }
+    }
+}
 
 /// The kernel programs, built by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer"));
@@ -154,8 +180,8 @@ impl Default for KernelOptions {
 /// The loaded and attached kernel side.
 pub(crate) struct Kernel {
     ebpf: Ebpf,
-    /// Accept programs attached (0 to 2).
-    accept_programs: usize,
+    /// How accepting threads are known.
+    pub accept: AcceptWatch,
     /// Where the setsockopt program is attached (the cgroup v2 root).
     pub sockopt_cgroup: Option<PathBuf>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -238,16 +264,16 @@ impl Kernel {
             log::debug!("attached {program} to tp_btf/{tracepoint}");
         }
         let sockopt_cgroup = if opts.sockopts {
-            Some(attach_sockopt(&mut ebpf)?)
+            Some(attach_sockopt(&mut ebpf, SOCKOPT_PROGRAM)?)
         } else {
             None
         };
-        let accept_programs = attach_accept(&mut ebpf);
+        let accept = watch_accepts(&mut ebpf, opts.sockopts && shape.sockopt_task);
         let (prog, err) = program_of::<Iter>(&mut ebpf, ITER_PROGRAM, "iter/tcp", PRIVILEGE_HINT)?;
         prog.load("tcp", &aya_btf).map_err(err)?;
         Ok(Self {
             ebpf,
-            accept_programs,
+            accept,
             sockopt_cgroup,
             logger,
             reset_reasons,
@@ -256,17 +282,13 @@ impl Kernel {
         })
     }
 
-    /// How many of the accept programs ([`ACCEPT_PROGRAMS`]) attached.
-    pub(crate) fn accept_programs(&self) -> (usize, usize) {
-        (self.accept_programs, ACCEPT_PROGRAMS.len())
-    }
-
     /// Programs loaded: the BTF tracepoints this kernel has, the
-    /// setsockopt observer (unless disabled) and the TCP iterator.
+    /// setsockopt observer (unless disabled), the accept watch and the TCP
+    /// iterator.
     pub(crate) fn program_count(&self) -> usize {
         self.shape.hooks.len()
             + usize::from(self.sockopt_cgroup.is_some())
-            + self.accept_programs
+            + self.accept.programs()
             + 1
     }
 
@@ -417,8 +439,21 @@ fn random_u64() -> u64 {
     }
 }
 
-/// Attaches the setsockopt observer at the cgroup v2 root, alongside any
-/// other programs there: it sees every process's options.
+/// The getsockopt(SO_ORIGINAL_DST) observer where cgroup programs may ask
+/// for the calling task (5.11+) and cgroup programs are allowed
+/// (`cgroup_programs`), else (or if it cannot attach) the accept syscall
+/// tracepoints, which put every system call on the node on the traced slow
+/// path while attached.
+fn watch_accepts(ebpf: &mut Ebpf, cgroup_programs: bool) -> AcceptWatch {
+    if cgroup_programs {
+        match attach_sockopt(ebpf, GETSOCKOPT_PROGRAM) {
+            Ok(_) => return AcceptWatch::OriginalDst,
+            Err(e) => log::warn!("{e}: watching accepts with the syscall tracepoints instead"),
+        }
+    }
+    AcceptWatch::Syscalls(attach_accept(ebpf))
+}
+
 /// The accept programs on `syscalls:sys_exit_accept4` and `sys_exit_accept`
 /// (which thread accepted a connection on a capture port); returns how many
 /// attached. Optional: syscall tracepoints are found through tracefs, which
@@ -479,7 +514,10 @@ where
     Ok((prog, err))
 }
 
-fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
+/// Attaches a sockopt observer (`setsockopt` or `getsockopt`, named as its
+/// hook) at the cgroup v2 root, alongside any other programs there: it sees
+/// every process's calls.
+fn attach_sockopt(ebpf: &mut Ebpf, program: &'static str) -> Result<PathBuf, KernelError> {
     let root = sys::cgroup::cgroup2_mount()
         .ok()
         .flatten()
@@ -488,19 +526,20 @@ fn attach_sockopt(ebpf: &mut Ebpf) -> Result<PathBuf, KernelError> {
         path: root.display().to_string(),
         source,
     })?;
-    let hint = "loading a cgroup/setsockopt program needs CAP_NET_ADMIN (or CAP_SYS_ADMIN) \
+    let hint = "loading a cgroup sockopt program needs CAP_NET_ADMIN (or CAP_SYS_ADMIN) \
                 besides CAP_BPF; or run with --no-sockopts";
-    let (prog, err) =
-        program_of::<CgroupSockopt>(ebpf, SOCKOPT_PROGRAM, "cgroup/setsockopt", hint)?;
+    let section = if program == GETSOCKOPT_PROGRAM {
+        "cgroup/getsockopt"
+    } else {
+        "cgroup/setsockopt"
+    };
+    let (prog, err) = program_of::<CgroupSockopt>(ebpf, program, section, hint)?;
     prog.load().map_err(err)?;
     // On 5.7+ aya attaches with a bpf_link, which always coexists with other
     // programs on the cgroup and refuses attach flags: `Single` means "no
     // flags" there. (Older kernels are below our ring buffer floor anyway.)
     prog.attach(&dir, CgroupAttachMode::Single).map_err(err)?;
-    log::debug!(
-        "attached {SOCKOPT_PROGRAM} to cgroup/setsockopt at {}",
-        root.display()
-    );
+    log::debug!("attached {program} to {section} at {}", root.display());
     Ok(root)
 }
 
