@@ -51,6 +51,17 @@ pub fn getsockopt(ctx: SockoptContext) -> i32 {
 
 #[inline(always)]
 fn try_getsockopt(ctx: &SockoptContext) {
+    // SAFETY: the context is valid for the program's run; retval is
+    // readable and optlen writable in getsockopt programs.
+    unsafe {
+        if (*ctx.sockopt).retval != 0 {
+            // The call failed and no program answered it: optlen 0 keeps
+            // the caller's buffer and length as they were (older kernels
+            // copy the program's zeroed buffer back otherwise).
+            (*ctx.sockopt).optlen = 0;
+            return;
+        }
+    }
     let call = crate::sockopt::call_of(ctx);
     if leave_large_buffer(ctx, &call) {
         return;

@@ -21,6 +21,27 @@ pub(super) fn setsockopt_int(fd: RawFd, level: u32, name: u32, value: i32) -> io
     }
 }
 
+/// What a `getsockopt` into a buffer of `len` bytes, all 0xAA before the
+/// call, gave back: the errno (0: it succeeded), the length the kernel
+/// wrote, and the buffer.
+pub(super) fn getsockopt_raw(
+    fd: RawFd,
+    level: i32,
+    name: i32,
+    len: usize,
+) -> (i32, usize, Vec<u8>) {
+    let mut buf = vec![0xAA_u8; len];
+    let mut n = len as libc::socklen_t;
+    // SAFETY: a valid fd, a buffer of `n` bytes and a pointer to its length.
+    let rc = unsafe { libc::getsockopt(fd, level, name, buf.as_mut_ptr().cast(), &raw mut n) };
+    let errno = if rc == 0 {
+        0
+    } else {
+        io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    };
+    (errno, n as usize, buf)
+}
+
 /// SO_LINGER {on, 0}: close() then aborts with a reset.
 pub(super) fn linger_zero(s: &TcpStream) -> io::Result<()> {
     let l = libc::linger {

@@ -54,11 +54,11 @@ use self::{
         Collector, Drain, idle_bounds, idle_kill_counts, increments, on_off, owner_pid, seen,
         show_transitions, transitions, yes_no,
     },
-    lab::{Lab, Pair, setsockopt_int},
+    lab::{Lab, Pair, getsockopt_raw, setsockopt_int},
     report::{Check, Report, Seen},
     scenarios::{
         idle_peer_close, keepalive_sockopt, older_connection, owner_close, peer_reset,
-        refused_connect, stale_reuse,
+        refused_connect, sockopt_answers, stale_reuse,
     },
 };
 use crate::{
@@ -191,6 +191,7 @@ fn run_scenarios(opts: &SelftestOptions) -> Result<(Vec<Check>, u64), String> {
     checks.extend(stale_reuse(&mut ctx));
     checks.extend(refused_connect(&mut ctx));
     checks.extend(keepalive_sockopt(&mut ctx));
+    checks.extend(sockopt_answers(&mut ctx));
 
     let lost = kernel.lost_total().unwrap_or(0).saturating_sub(lost_before);
     // Only now: its end must not count in the scenarios above.

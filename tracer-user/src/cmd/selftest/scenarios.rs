@@ -3,9 +3,9 @@
 use super::{
     CLOSED_PORT, Check, Checks, ConnEvent, Ctx, Duration, EventData, Ipv4Addr, Ka, KeepaliveView,
     Kernel, OLDER_KA, Pair, SILENCE, SOCKOPT_KA, STEP_TIMEOUT, Seen, SocketAddr, THRESHOLD,
-    TcpStream, classify, close_flags, errno_name, idle_bounds, idle_kill_counts, increments,
-    monotonic_ns, on_off, owner_pid, procfs, seen, show_transitions, sockopt_name, state_name,
-    tcp_state, thread, track, transitions, yes_no,
+    TcpStream, classify, close_flags, errno_name, getsockopt_raw, idle_bounds, idle_kill_counts,
+    increments, monotonic_ns, on_off, owner_pid, procfs, seen, show_transitions, sockopt_name,
+    state_name, tcp_state, thread, track, transitions, yes_no,
 };
 
 /// A connection with keepalive, opened before the programs loaded: the
@@ -412,6 +412,62 @@ pub(super) fn keepalive_sockopt(ctx: &mut Ctx<'_>) -> Vec<Check> {
     );
     c.end(&end, "local", "fin", false);
     c.list
+}
+
+/// The cgroup sockopt observers leave every answer as the kernel gave it:
+/// a getsockopt that fails (SO_ORIGINAL_DST of a socket no NAT touched)
+/// keeps the caller's buffer and length, and one into a buffer larger than
+/// a page (TCP_INFO into 8 KiB) gets the kernel's whole answer.
+pub(super) fn sockopt_answers(ctx: &mut Ctx<'_>) -> Vec<Check> {
+    let mut c = Checks::new("sockopt-answers");
+    let got = ctx.in_lab(|| {
+        use std::os::fd::AsRawFd as _;
+        let p = Pair::open()?;
+        let original_dst = tracer_common::sockopt::SO_ORIGINAL_DST as i32;
+        let failed = getsockopt_raw(p.server.as_raw_fd(), libc::SOL_IP, original_dst, 16);
+        let large = getsockopt_raw(p.client.as_raw_fd(), libc::SOL_TCP, libc::TCP_INFO, 8192);
+        Ok((failed, large))
+    });
+    let (failed, large) = match got {
+        Ok(v) => v,
+        Err(e) => return c.setup_failed(&e),
+    };
+    let (errno, len, buf) = failed;
+    let untouched = buf.iter().filter(|&&b| b == 0xAA).count();
+    c.equal(
+        "failed getsockopt(SO_ORIGINAL_DST)",
+        "ENOENT, length 16, 16 bytes untouched".to_string(),
+        Ok(format!(
+            "{}, length {len}, {untouched} bytes untouched",
+            errno_text(errno)
+        )),
+    );
+    let (errno, len, buf) = large;
+    // tcpi_state is the first byte; the kernel's struct is under a page.
+    let answer = if errno == 0 && (8..4096).contains(&len) {
+        format!("ok, tcpi_state {}", buf[0])
+    } else {
+        format!("{}, length {len}", errno_text(errno))
+    };
+    c.equal(
+        "getsockopt(TCP_INFO) into 8 KiB",
+        format!("ok, tcpi_state {}", tcp_state::ESTABLISHED),
+        Ok(answer),
+    );
+    c.list
+}
+
+/// A getsockopt's errno as people read it (ENOENT is no TCP error, so not
+/// in [`errno_name`]).
+fn errno_text(errno: i32) -> String {
+    match errno {
+        0 => "ok".into(),
+        libc::ENOENT => "ENOENT".into(),
+        e => match errno_name(e.unsigned_abs()) {
+            "" => format!("errno {e}"),
+            name => name.into(),
+        },
+    }
 }
 
 /// In the lab: a connection, one exchange, then `then`.
