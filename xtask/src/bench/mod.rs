@@ -24,7 +24,7 @@ use std::{fs, path::PathBuf, process::Command, time::Instant};
 
 use anyhow::{Result, bail};
 
-use self::scenario::{Results, churn, cluster, latency, loss, memory, paced, pipeline};
+use self::scenario::{Results, churn, cluster, latency, loss, memory, paced, pipeline, syscalls};
 use crate::{
     cmd::{cargo, display, is_root, run, target_dir, workspace_root},
     setup,
@@ -82,7 +82,8 @@ pub struct Args {
     /// Nodes of the simulated cluster (the daemon's node has pods/nodes of them).
     #[arg(long, default_value_t = 5_000)]
     pub cluster_nodes: usize,
-    /// Sections to skip (churn, scaling, paced, memory, latency, loss, pipeline, cluster).
+    /// Sections to skip (churn, scaling, paced, syscalls, memory, latency, loss, pipeline,
+    /// cluster).
     #[arg(long, value_delimiter = ',')]
     pub skip: Vec<String>,
     /// Where docs/benchmarks.md and docs/bench/ go (default: the workspace's docs/).
@@ -231,6 +232,9 @@ fn sections(ctx: &mut Ctx, args: &Args) -> Result<Results> {
     }
     if !skip("paced") {
         results.paced = paced::paced(ctx, args)?;
+    }
+    if !skip("syscalls") {
+        results.syscalls = syscalls::syscalls(ctx, args)?;
     }
     if !skip("loss") {
         results.tiny_ring = Some(loss::tiny_ring(ctx, args)?);

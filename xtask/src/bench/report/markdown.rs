@@ -10,6 +10,7 @@ use crate::bench::{
     scenario::{
         memory::{Resync, mib},
         paced::PacedRun,
+        syscalls::SyscallCost,
     },
     stats::{self, Summary},
 };
@@ -97,13 +98,35 @@ fn paced(s: &mut String, runs: &[PacedRun], a: &Args) {
     }
 }
 
+/// What each configuration adds to every system call on the host.
+fn syscalls(s: &mut String, runs: &[SyscallCost]) {
+    let Some(none) = runs.first().map(SyscallCost::median) else {
+        return;
+    };
+    s.push_str(
+        "\nWhat each adds to every system call of every process (a tight loop of `getppid()`, \
+         the median of 5 loops of 2 million calls, then the median over the rounds; rounds \
+         interleave the configurations). While any syscall tracepoint is attached, the kernel \
+         sends every system call on the host through its traced entry and exit, which no \
+         program's run time shows; the churn above makes about 17 system calls per \
+         connection. conn-tracer attaches none by default (Linux 5.11+); its fallback for 5.10 \
+         (`--no-sockopts` here) does.\n\n\
+         | Configuration | ns per system call | added |\n| --- | ---: | ---: |\n",
+    );
+    for r in runs {
+        let m = r.median();
+        let _ = writeln!(s, "| {} | {m:.1} | {:+.1} |", r.name, m - none);
+    }
+}
+
 /// What the accept programs' rows mean.
-const ACCEPT_NOTE: &str = "\nThe accept programs (`sys_exit_accept4`, `sys_exit_accept`: which \
-sidecar thread accepted a connection on a mesh capture port) run at every return of \
-`accept4()`/`accept()` on the host, whoever calls it, including the `EAGAIN` returns of a \
-non-blocking server's accept loop (hence more than one call per connection accepted); they \
-report only accepts on the capture ports (none here), so each call is the socket lookup behind \
-the returned descriptor and a port check. Measured with the paced section above (`cargo xtask \
+const ACCEPT_NOTE: &str = "\nThe `getsockopt` program (which sidecar thread took a connection on \
+a mesh capture port: the proxy asks the accepted socket for `SO_ORIGINAL_DST`) runs only at \
+`getsockopt()` calls, none here. On 5.10 (and with `--no-sockopts`) the accept programs \
+(`sys_exit_accept4`, `sys_exit_accept`) take its place: they run at every return of \
+`accept4()`/`accept()` on the host, including the `EAGAIN` returns of a non-blocking server's \
+accept loop (about 1.5 calls per connection here, ~345 ns each), and while they are attached \
+every system call on the host takes the traced path (the table after this one). Measured with the paced section above (`cargo xtask \
 bench`, or `cargo xtask bench --skip churn,scaling,loss,latency,memory,cluster,pipeline` for \
 this section alone), `kernel.bpf_stats_enabled=1`.\n";
 
@@ -285,6 +308,7 @@ pub fn markdown(rep: &Report<'_>, charts: &[(&str, String)], other: &[String]) -
     if !r.paced.is_empty() {
         paced(&mut s, &r.paced, a);
     }
+    syscalls(&mut s, &r.syscalls);
     if let Some(mem) = &r.memory {
         let maps: Vec<String> = mem
             .maps

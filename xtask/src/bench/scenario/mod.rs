@@ -10,12 +10,13 @@ pub mod loss;
 pub mod memory;
 pub mod paced;
 pub mod pipeline;
+pub mod syscalls;
 
 use serde::Serialize;
 
 use self::{
     churn::ChurnRun, cluster::Cluster, latency::Latency, loss::TinyRing, memory::Memory,
-    paced::PacedRun, pipeline::Pipeline,
+    paced::PacedRun, pipeline::Pipeline, syscalls::SyscallCost,
 };
 
 /// Everything one run measured.
@@ -29,4 +30,5 @@ pub struct Results {
     pub latency: Option<Latency>,
     pub pipeline: Vec<Pipeline>,
     pub tiny_ring: Option<TinyRing>,
+    pub syscalls: Vec<SyscallCost>,
 }
