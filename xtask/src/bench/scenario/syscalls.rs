@@ -5,9 +5,14 @@
 //! syscall tracepoints instead of the cgroup getsockopt observer). While
 //! any syscall tracepoint is attached the kernel sends every system call of
 //! every process through its traced entry and exit: a cost no program's
-//! run time (`bpf_stats`) shows. Rounds interleave the configurations.
+//! run time (`bpf_stats`) shows. Rounds interleave the configurations; each
+//! measures after the host settles from the start (and the previous stop),
+//! and keeps its fastest loop (noise only ever adds).
 
-use std::time::Instant;
+use std::{
+    thread,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use serde::Serialize;
@@ -20,14 +25,16 @@ use crate::bench::{
 
 /// Calls timed per sample.
 const CALLS: u32 = 2_000_000;
-/// Samples per configuration and round (the median is kept).
+/// Loops per configuration and round (the fastest is kept).
 const SAMPLES: usize = 5;
+/// Pause after a tracer starts (and the previous one stopped) before the loops.
+const SETTLE: Duration = Duration::from_secs(2);
 
 /// One configuration's cost of a system call, over the rounds.
 #[derive(Debug, Clone, Serialize)]
 pub struct SyscallCost {
     pub name: String,
-    /// Median ns per `getppid` of each round.
+    /// ns per `getppid` of each round (its fastest loop).
     pub ns_per_call: Vec<f64>,
 }
 
@@ -51,10 +58,10 @@ fn configs() -> [(&'static str, Config, Vec<String>); 3] {
     ]
 }
 
-/// ns per `getppid` call: the median of [`SAMPLES`] loops of [`CALLS`].
+/// ns per `getppid` call: the fastest of [`SAMPLES`] loops of [`CALLS`].
 #[expect(clippy::cast_precision_loss, reason = "nanoseconds of a few seconds")]
 fn getppid_ns() -> f64 {
-    let mut samples: Vec<f64> = (0..SAMPLES)
+    (0..SAMPLES)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..CALLS {
@@ -63,9 +70,7 @@ fn getppid_ns() -> f64 {
             }
             t.elapsed().as_nanos() as f64 / f64::from(CALLS)
         })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[SAMPLES / 2]
+        .fold(f64::INFINITY, f64::min)
 }
 
 pub fn syscalls(ctx: &mut Ctx, args: &Args) -> Result<Vec<SyscallCost>> {
@@ -82,6 +87,7 @@ pub fn syscalls(ctx: &mut Ctx, args: &Args) -> Result<Vec<SyscallCost>> {
     for round in 0..rounds {
         for (i, (name, config, extra)) in configs.iter().enumerate() {
             let tracer = Tracer::start(ctx, *config, extra)?;
+            thread::sleep(SETTLE);
             let ns = getppid_ns();
             tracer.stop()?;
             println!("  round {}: {name}: {ns:.1} ns per call", round + 1);
