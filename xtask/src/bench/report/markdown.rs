@@ -110,25 +110,34 @@ fn syscalls(s: &mut String, runs: &[SyscallCost]) {
          sends every system call on the host through its traced entry and exit, which no \
          program's run time shows; the churn above makes about 17 system calls per \
          connection. conn-tracer attaches none by default (Linux 5.11+); its fallback for 5.10 \
-         (`--no-sockopts` here) does.\n\n\
-         | Configuration | ns per system call | added |\n| --- | ---: | ---: |\n",
+         (`--no-sockopts` here) does. A difference within the rounds' spread is noise.\n\n\
+         | Configuration | ns per system call | rounds | added |\n| --- | ---: | ---: | ---: |\n",
     );
     for r in runs {
         let m = r.median();
-        let _ = writeln!(s, "| {} | {m:.1} | {:+.1} |", r.name, m - none);
+        let lo = r.ns_per_call.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.ns_per_call.iter().copied().fold(0.0, f64::max);
+        let _ = writeln!(
+            s,
+            "| {} | {m:.1} | {lo:.1} - {hi:.1} | {:+.1} |",
+            r.name,
+            m - none
+        );
     }
 }
 
 /// What the accept programs' rows mean.
 const ACCEPT_NOTE: &str = "\nThe `getsockopt` program (which sidecar thread took a connection on \
 a mesh capture port: the proxy asks the accepted socket for `SO_ORIGINAL_DST`) runs only at \
-`getsockopt()` calls, none here. On 5.10 (and with `--no-sockopts`) the accept programs \
-(`sys_exit_accept4`, `sys_exit_accept`) take its place: they run at every return of \
+`getsockopt()` calls: here one per connection (the load generator's non-blocking connect reads \
+`SO_ERROR`), each ending at the option check. On 5.10 (and with `--no-sockopts`) the accept \
+programs (`sys_exit_accept4`, `sys_exit_accept`) take its place: they run at every return of \
 `accept4()`/`accept()` on the host, including the `EAGAIN` returns of a non-blocking server's \
-accept loop (about 1.5 calls per connection here, ~345 ns each), and while they are attached \
-every system call on the host takes the traced path (the table after this one). Measured with the paced section above (`cargo xtask \
-bench`, or `cargo xtask bench --skip churn,scaling,loss,latency,memory,cluster,pipeline` for \
-this section alone), `kernel.bpf_stats_enabled=1`.\n";
+accept loop (about 1.5 calls per connection of this churn, ~345 ns each, when they were the \
+default), and while they are attached every system call on the host takes the traced path (the \
+table after this one). Measured with the paced section above (`cargo xtask bench`, or `cargo \
+xtask bench --skip churn,scaling,syscalls,loss,latency,memory,cluster,pipeline` for this section \
+alone), `kernel.bpf_stats_enabled=1`.\n";
 
 fn range(s: Option<Summary>, f: impl Fn(f64) -> String) -> String {
     s.map_or("-".into(), |s| format!("{} - {}", f(s.min), f(s.max)))
