@@ -27,12 +27,12 @@ use aya_ebpf::{
     macros::{cgroup_sockopt, tracepoint},
     programs::{SockoptContext, TracePointContext},
 };
-use tracer_common::{AF_INET, AF_INET6, AcceptData, EventInfo, kind, sockopt};
+use tracer_common::{AF_INET, AF_INET6, AcceptData, kind, sockopt};
 
 use crate::{
     maps::{reserve, submit},
     sock::{Probe, config, current_owner, fill_sock, off, read, run},
-    sockopt::{ALLOW, leave_large_buffer, stored_id, tcp_addrs},
+    sockopt::{ALLOW, call_info, leave_large_buffer, tcp_addrs},
 };
 
 /// Whether `port` (host order) is one of the mesh's capture ports.
@@ -79,22 +79,13 @@ fn try_getsockopt(ctx: &SockoptContext) {
     if !capture_port(addrs.sport) {
         return;
     }
-    let (cookie, netns) = stored_id(sk);
     let Some(mut entry) = reserve::<AcceptData>(kind::ACCEPT) else {
         return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        (*ev).info = EventInfo {
-            ts_ns: bpf_ktime_get_ns(),
-            cookie,
-            kind: kind::ACCEPT,
-            pad: 0,
-            netns,
-            sock: addrs,
-            owner: current_owner(0, true),
-        };
+        (*ev).info = call_info(kind::ACCEPT, sk, addrs, true);
         (*ev).data = AcceptData { fd: 0, pad: 0 };
     }
     submit(entry);

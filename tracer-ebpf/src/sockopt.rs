@@ -132,6 +132,28 @@ pub fn stored_id(sk: *mut aya_ebpf::bindings::bpf_sock) -> (u64, u32) {
     unsafe { state.as_ref() }.map_or((0, 0), |s| (s.cookie, s.netns))
 }
 
+/// The header of an event about a cgroup sockopt call's socket `sk`: its
+/// id where its storage has one (else the owner and addresses only).
+#[inline(always)]
+pub fn call_info(
+    event_kind: u16,
+    sk: *mut aya_ebpf::bindings::bpf_sock,
+    sock: SockAddrs,
+    task: bool,
+) -> EventInfo {
+    let (cookie, netns) = stored_id(sk);
+    EventInfo {
+        // SAFETY: helper without arguments.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        cookie,
+        kind: event_kind,
+        pad: 0,
+        netns,
+        sock,
+        owner: current_owner(0, task),
+    }
+}
+
 #[inline(always)]
 fn try_setsockopt(ctx: &SockoptContext) {
     let call = call_of(ctx);
@@ -152,24 +174,13 @@ fn try_setsockopt(ctx: &SockoptContext) {
         }
         core::ptr::read_unaligned(optval.cast::<i32>())
     };
-    // Without the socket's storage the event carries no connection id,
-    // only the owner and addresses.
-    let (cookie, netns) = stored_id(sk);
     let Some(mut entry) = reserve::<SockoptData>(kind::SOCKOPT) else {
         return;
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` is the reserved, correctly sized ring buffer slot.
     unsafe {
-        (*ev).info = EventInfo {
-            ts_ns: bpf_ktime_get_ns(),
-            cookie,
-            kind: kind::SOCKOPT,
-            pad: 0,
-            netns,
-            sock: addrs,
-            owner: current_owner(0, sockopt_task()),
-        };
+        (*ev).info = call_info(kind::SOCKOPT, sk, addrs, sockopt_task());
         (*ev).data = SockoptData {
             level,
             optname,
