@@ -14,7 +14,7 @@ use integration_tests::{conn_tracer_bin, skip_unless_root, str_values};
 use serde_json::Value;
 
 /// Every scenario the selftest runs.
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 8] = [
     "older-connection",
     "idle-peer-close",
     "owner-close",
@@ -22,6 +22,7 @@ const SCENARIOS: [&str; 7] = [
     "stale-reuse",
     "refused-connect",
     "keepalive-sockopt",
+    "sockopt-answers",
 ];
 
 /// A run takes ~4 s here; a qemu TCG guest is 5-10 times slower.
@@ -115,6 +116,7 @@ fn root_selftest_passes_every_check_of_every_scenario() {
         ("stale-reuse", "stale reuse"),
         ("refused-connect", "transitions"),
         ("keepalive-sockopt", "keepalive at close"),
+        ("sockopt-answers", "bytes untouched"),
     ] {
         assert!(
             checks
@@ -127,7 +129,7 @@ fn root_selftest_passes_every_check_of_every_scenario() {
     let summary = rest.last().copied().unwrap_or_default();
     assert!(
         summary.starts_with(&format!(
-            "conn-tracer selftest: all {} checks ok (7 scenarios",
+            "conn-tracer selftest: all {} checks ok (8 scenarios",
             checks.len()
         )),
         "summary: {summary:?}\n{}",
