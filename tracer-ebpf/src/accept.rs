@@ -15,7 +15,7 @@
 //!   (`task->files->fdt->fd[fd]->private_data->sk`, offsets from BTF) with
 //!   `bpf_probe_read_kernel`. While any syscall tracepoint is enabled,
 //!   every system call of every process takes the kernel's traced slow
-//!   path (about 60 ns more a call, measured in docs/benchmarks.md).
+//!   path (about 45-60 ns more a call, measured in docs/benchmarks.md).
 //!
 //! Only sockets whose local port is a capture port are sent: one record per
 //! proxied connection, none elsewhere.

@@ -235,8 +235,9 @@ fn load_probes(btf_path: &Path, cgroup2: bool, probes: &mut Vec<Probe>) {
     ));
 }
 
-/// Whether the accept programs (classic syscall tracepoints, found
-/// through tracefs) attached: `(attached, of)`.
+/// How the sidecar thread that took each captured connection is known: the
+/// getsockopt observer, or how many of the accept syscall tracepoints
+/// (found through tracefs) attached.
 fn accept_probe(watch: AcceptWatch) -> Probe {
     const NAME: &str = "accepting threads";
     match watch {
@@ -247,22 +248,23 @@ fn accept_probe(watch: AcceptWatch) -> Probe {
              connection is known, so its upstream leg is paired by thread; no syscall \
              tracepoint is attached",
         ),
-        AcceptWatch::Syscalls(2) => Probe::new(
+        AcceptWatch::Syscalls(n) if n == kernel::ACCEPT_PROGRAMS.len() => Probe::new(
             NAME,
             Status::Ok,
             "syscalls:sys_exit_accept4 and sys_exit_accept (cgroup programs cannot ask for the \
              task before Linux 5.11, or --no-sockopts): the sidecar thread that accepted each \
              captured connection is known; while attached, every system call on the node \
-             takes the kernel's traced path (about 60 ns more a call)",
+             takes the kernel's traced path (about 45-60 ns more a call)",
         ),
         AcceptWatch::Syscalls(attached) => Probe::new(
             NAME,
             Status::Degraded,
             format!(
-                "{attached} of 2 accept syscall tracepoints attached (is tracefs mounted at \
+                "{attached} of {} accept syscall tracepoints attached (is tracefs mounted at \
                  /sys/kernel/tracing or /sys/kernel/debug/tracing? the DaemonSet mounts the \
                  host's): a sidecar's two sockets are paired by order, and links among several \
-                 fitting chains are inferred"
+                 fitting chains are inferred",
+                kernel::ACCEPT_PROGRAMS.len()
             ),
         ),
     }

@@ -49,7 +49,7 @@ const GETSOCKOPT_PROGRAM: &str = "getsockopt";
 
 /// The accept programs, named as their syscall tracepoints (the fallback
 /// of [`GETSOCKOPT_PROGRAM`]).
-const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
+pub(crate) const ACCEPT_PROGRAMS: [&str; 2] = ["sys_exit_accept4", "sys_exit_accept"];
 
 /// How the thread that took each connection on a capture port is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
