@@ -465,6 +465,12 @@ pub struct KernelOffsets {
     pub icsk_user_timeout: u32,
     pub icsk_probes_out: u32,
     pub icsk_retransmits: u32,
+    // struct sk_buff: a received segment's length, TCP header included
+    // (`tcp:tcp_probe` sees it with `data` at the TCP header).
+    pub skb_len: u32,
+    /// `tcp_sock.tcp_header_len`: the TCP header of this connection's
+    /// segments, options included.
+    pub tp_tcp_header_len: u32,
     // struct net: this namespace's keepalive sysctls
     pub net_keepalive_time: u32,
     pub net_keepalive_intvl: u32,
@@ -591,7 +597,7 @@ const _: () = assert!(size_of::<StateChange>() == 8);
 const _: () = assert!(size_of::<ResetData>() == 8);
 const _: () = assert!(size_of::<SockError>() == 8);
 const _: () = assert!(size_of::<Event<StateChange>>() == 120);
-const _: () = assert!(size_of::<KernelOffsets>() == 47 * 4);
+const _: () = assert!(size_of::<KernelOffsets>() == 49 * 4);
 const _: () = assert!(size_of::<AcceptData>() == 8);
 const _: () = assert!(size_of::<Keepalive>() == 16);
 const _: () = assert!(size_of::<OpenData>() == 24);

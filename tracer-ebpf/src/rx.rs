@@ -6,6 +6,13 @@
 //! a short message right before its FIN; the kernel keeps only the last
 //! arrival (`icsk_ack.lrcvtime`), which the goodbye overwrites. Nothing is
 //! sent to userspace here: the END and CLOSE records carry the burst.
+//!
+//! Segments without payload (ACKs, window updates, a bare FIN) return
+//! before the socket's state is looked up: they move neither `lrcvtime`
+//! nor `bytes_received`, so a step at them changes no answer. The next
+//! step, at a segment with payload or at the END, sees the same change of
+//! `lrcvtime` and dates it to the same step (the last one that saw
+//! payload), with the same byte count before it.
 
 use core::ffi::c_void;
 
@@ -30,6 +37,17 @@ pub fn tcp_probe(ctx: BtfTracePointContext) -> i32 {
 
 fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sk: *const c_void = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's socket; the helper checks it.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut()) }
+        .cast_const()
+        .cast::<c_void>();
+    if tp.is_null() {
+        return Err(());
+    }
+    let skb: *const c_void = ctx.arg(1);
+    if !may_carry_payload(tp, skb) {
+        return Ok(());
+    }
     // SAFETY: NULL-checked storage of this socket (none for sockets the
     // tracer did not see established).
     let Some(st) = (unsafe { state_of(sk, addr_at(ctx.as_ptr()), false).as_mut() }) else {
@@ -39,16 +57,20 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
         // Established before the tracer: no baseline to measure from.
         return Ok(());
     }
-    // SAFETY: `sk` is the tracepoint's socket; the helper checks it.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast_mut()) }
-        .cast_const()
-        .cast::<c_void>();
-    if tp.is_null() {
-        return Err(());
-    }
     // SAFETY: helper without arguments.
     rx_step(st, tp, unsafe { bpf_ktime_get_ns() });
     Ok(())
+}
+
+/// Whether the segment `skb` that `tcp:tcp_probe` shows may carry payload:
+/// it is longer than the TCP header this connection's segments carry
+/// (`tcp_header_len`: 20 bytes, 32 with timestamps). A segment with more
+/// options (SACK blocks) counts as payload: the step is taken, as before.
+#[inline(always)]
+fn may_carry_payload(tp: *const c_void, skb: *const c_void) -> bool {
+    let len: u32 = Btf::get(skb, off!(skb_len));
+    let header: u16 = Btf::get(tp, off!(tp_tcp_header_len));
+    len > u32::from(header)
 }
 
 /// The baseline at ESTABLISHED: no payload yet, as of `now`.

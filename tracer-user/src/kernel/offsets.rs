@@ -336,6 +336,8 @@ pub(crate) fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, OffsetsError> {
         icsk_user_timeout: icsk("icsk_user_timeout", 4)?,
         icsk_probes_out: icsk("icsk_probes_out", 1)?,
         icsk_retransmits: icsk("icsk_retransmits", 1)?,
+        skb_len: sized(btf, "sk_buff", &["len"], 4)?,
+        tp_tcp_header_len: sized(btf, "tcp_sock", &["tcp_header_len"], 2)?,
         net_keepalive_time: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_time"], 4)?,
         net_keepalive_intvl: sized(btf, "net", &["ipv4", "sysctl_tcp_keepalive_intvl"], 4)?,
         // u8 from 5.15, int before.

@@ -186,6 +186,17 @@ fn fake_kernel() -> Btf {
     );
     b.composite(
         KIND_STRUCT,
+        "sk_buff",
+        232,
+        &[
+            ("next", u64t, 0, 0),
+            ("cb", u64t, 320, 0),
+            ("len", u32t, 896, 0),
+            ("data_len", u32t, 928, 0),
+        ],
+    );
+    b.composite(
+        KIND_STRUCT,
         "socket",
         32,
         &[
@@ -296,6 +307,7 @@ fn fake_kernel() -> Btf {
             ("keepalive_time", u32t, 832, 0),
             ("keepalive_intvl", u32t, 864, 0),
             ("keepalive_probes", u8t, 896, 0),
+            ("tcp_header_len", u16t, 992, 0),
         ],
     );
     b.enumeration("sock_flags", &[("SOCK_DEAD", 0), ("SOCK_KEEPOPEN", 3)]);
@@ -361,6 +373,7 @@ fn offsets_descend_into_anonymous_unions_and_nested_structs() {
     assert_eq!(off.net_keepalive_time, 32);
     assert_eq!(off.net_keepalive_probes, 36);
     assert_eq!(off.net_keepalive_intvl, 40);
+    assert_eq!((off.skb_len, off.tp_tcp_header_len), (112, 124));
     assert_eq!(off.ready, 1);
 }
 
