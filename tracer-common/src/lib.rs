@@ -541,7 +541,7 @@ pub struct TracerConfig {
     /// default; `trace`, `selftest`). Otherwise records are submitted
     /// without a wake-up (the daemon drains the ring on a timer) except
     /// those that bring the unread data across a multiple of this many
-    /// bytes.
+    /// bytes: a power of two (the programs compare bits, not quotients).
     pub wake_bytes: u32,
     pub pad: u32,
 }

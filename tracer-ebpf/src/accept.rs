@@ -153,7 +153,7 @@ fn try_sys_exit_accept(ctx: &TracePointContext) -> Result<(), ()> {
         (*info).cookie = 0;
         (*info).kind = kind::ACCEPT;
         (*info).pad = 0;
-        fill_sock::<Probe>(info, sk);
+        fill_sock::<Probe>(info, sk, 0);
         (*info).owner = current_owner(0, true);
         (*ev).data = AcceptData {
             fd: fd as u32,

@@ -219,7 +219,10 @@ pub fn submit<T>(entry: RingBufEntry<T>) {
     // SAFETY: the helper only reads the ring's positions.
     let unread = unsafe { bpf_ringbuf_query(map, BPF_RB_AVAIL_DATA) };
     let before = unread.saturating_sub(ring_len::<T>());
-    entry.submit(if unread / wake != before / wake {
+    // `wake` is a power of two: the two counts fall in different multiples
+    // of it exactly when they differ in a bit at or above it (no division,
+    // which costs more than the rest of the submit).
+    entry.submit(if unread ^ before >= wake.get() {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

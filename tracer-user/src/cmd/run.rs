@@ -81,6 +81,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         verbose: false,
         sockopts: cfg.trace_sockopts,
         capture_ports: (cfg.outbound_capture_port, cfg.inbound_capture_port),
+        // The ring's size is a power of two, so this is one too.
         wake_bytes: (cfg.ring_bytes / WAKE_FRACTION).max(1),
         skip_programs: cfg.skip_programs.clone(),
     };

@@ -15,6 +15,8 @@ pub(crate) enum ArgUse {
     Sock,
     /// Argument 0 is the socket, 1 and 2 the old and new state (`int`).
     SockStates,
+    /// Argument 0 is the socket, 1 the segment (`struct sk_buff *`).
+    SockSkb,
 }
 
 /// One BTF tracepoint program.
@@ -73,7 +75,7 @@ pub(crate) const PROGRAMS: &[Hook] = &[
         tracepoint: "tcp_probe",
         what: "received payload (the peer's last burst before its FIN)",
         required: false,
-        args: ArgUse::Sock,
+        args: ArgUse::SockSkb,
         without: "a goodbye message a server writes right before its FIN (MySQL 8 error 4031, \
                   PostgreSQL's idle-session FATAL, an HTTP/2 GOAWAY) ends the idle time: \
                   such idle kills are reported with the idle time after the message",
@@ -203,7 +205,8 @@ impl KernelShape {
             sockopt_task: u32::from(self.sockopt_task),
             outbound_capture_port: capture_ports.0,
             inbound_capture_port: capture_ports.1,
-            wake_bytes,
+            // The programs need a power of two (they compare bits).
+            wake_bytes: wake_bytes.checked_ilog2().map_or(0, |bits| 1 << bits),
             pad: 0,
         }
     }
@@ -270,6 +273,9 @@ fn args_fit(uses: ArgUse, args: &[TpArg]) -> Result<(), String> {
     let sock = TpArg::Ptr("sock".into());
     let ok = match uses {
         ArgUse::Sock => args.first() == Some(&sock),
+        ArgUse::SockSkb => {
+            args.len() >= 2 && args[0] == sock && args[1] == TpArg::Ptr("sk_buff".into())
+        }
         ArgUse::SockStates => {
             args.len() >= 3
                 && args[0] == sock
@@ -282,6 +288,7 @@ fn args_fit(uses: ArgUse, args: &[TpArg]) -> Result<(), String> {
     } else {
         let want = match uses {
             ArgUse::Sock => "(struct sock *, ...)",
+            ArgUse::SockSkb => "(struct sock *, struct sk_buff *, ...)",
             ArgUse::SockStates => "(struct sock *, int32, int32, ...)",
         };
         let have: Vec<String> = args.iter().map(ToString::to_string).collect();
