@@ -1,6 +1,10 @@
 //! The attributor: a socket's owner -> its pod, container and role.
 
-use std::{collections::HashMap, net::IpAddr};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use tracer_common::Owner;
 
@@ -103,7 +107,16 @@ pub struct Attributor {
     /// (pid, cgroup id) -> the process's name, executable and namespaced
     /// uid, read once; bounded, rebuilt when full.
     processes: HashMap<(u32, u64), Option<procfs::Process>>,
+    /// (pid, cgroup id) -> when its /proc entry was last found missing (or
+    /// in another cgroup): asked again only after [`ABSENT_RETRY`], so the
+    /// events of sockets whose process is gone (the closes after an exit,
+    /// every socket of a daemon without the host's PID namespace) do not
+    /// each cost a failed open of /proc. Bounded, rebuilt when full.
+    absent: HashMap<(u32, u64), Instant>,
 }
+
+/// How long a process found missing from /proc is taken as missing.
+const ABSENT_RETRY: Duration = Duration::from_secs(1);
 
 /// Parsed cgroup paths kept; a node has far fewer live cgroups.
 const PARSED_CAP: usize = 65_536;
@@ -124,6 +137,7 @@ impl Attributor {
             rules,
             parsed: HashMap::new(),
             processes: HashMap::new(),
+            absent: HashMap::new(),
         }
     }
 
@@ -274,18 +288,32 @@ impl Attributor {
         if let Some(hit) = self.processes.get(&key) {
             return hit.clone();
         }
+        let now = Instant::now();
+        if self
+            .absent
+            .get(&key)
+            .is_some_and(|&at| now.duration_since(at) < ABSENT_RETRY)
+        {
+            return None;
+        }
         // Only the process that owns the socket: its /proc entry must be in
         // the socket owner's cgroup (not a reused pid, nor another pid
         // namespace's process when the daemon runs without hostPID).
-        self.path_from_proc(owner.pid, owner.cgroup_id)?;
-        let facts = procfs::process(owner.pid, owner.uid);
-        // A process gone is not remembered: a live one may take its pid.
-        if facts.is_some() {
-            if self.processes.len() >= PROCESSES_CAP {
-                self.processes.clear();
+        let facts = self
+            .path_from_proc(owner.pid, owner.cgroup_id)
+            .and_then(|_| procfs::process(owner.pid, owner.uid));
+        if facts.is_none() {
+            if self.absent.len() >= PROCESSES_CAP {
+                self.absent.clear();
             }
-            self.processes.insert(key, facts.clone());
+            self.absent.insert(key, now);
+            return None;
         }
+        self.absent.remove(&key);
+        if self.processes.len() >= PROCESSES_CAP {
+            self.processes.clear();
+        }
+        self.processes.insert(key, facts.clone());
         facts
     }
 
