@@ -106,7 +106,7 @@ fn syscalls(s: &mut String, runs: &[SyscallCost]) {
     s.push_str(
         "\nWhat each adds to every system call of every process (a tight loop of `getppid()` 2 \
          s after the tracer started: the fastest of 5 loops of 2 million calls, then the median \
-         over the rounds, which interleave the configurations). While any syscall tracepoint is attached, the kernel \
+         over the rounds, which run every configuration once in an order rotated by round). While any syscall tracepoint is attached, the kernel \
          sends every system call on the host through its traced entry and exit, which no \
          program's run time shows; the churn above makes about 17 system calls per \
          connection. conn-tracer attaches none by default (Linux 5.11+); its fallback for 5.10 \

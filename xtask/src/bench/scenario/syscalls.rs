@@ -19,7 +19,7 @@ use serde::Serialize;
 
 use crate::bench::{
     Args, Ctx,
-    procs::tracer::{Config, Tracer},
+    procs::tracer::{Config, Tracer, rotated},
     stats::percentile,
 };
 
@@ -84,8 +84,12 @@ pub fn syscalls(ctx: &mut Ctx, args: &Args) -> Result<Vec<SyscallCost>> {
         })
         .collect();
     let rounds = args.rounds.min(5);
+    let order: Vec<usize> = (0..configs.len()).collect();
     for round in 0..rounds {
-        for (i, (name, config, extra)) in configs.iter().enumerate() {
+        // Rotated like the churn rounds: no configuration always runs
+        // right after the same other one stopped.
+        for i in rotated(&order, round) {
+            let (name, config, extra) = &configs[i];
             let tracer = Tracer::start(ctx, *config, extra)?;
             thread::sleep(SETTLE);
             let ns = getppid_ns();
