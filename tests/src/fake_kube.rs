@@ -108,6 +108,10 @@ struct State {
     stopping: bool,
     /// Remaining items of paginated lists, by continue token.
     continues: HashMap<String, (u64, Vec<Value>)>,
+    /// Continue tokens handed out: each token names one list's remainder
+    /// (two lists paged at once, Services and EndpointSlices, must never
+    /// share one, or one client reads the other's objects).
+    next_continue: u64,
 }
 
 struct Conn {
@@ -599,7 +603,8 @@ fn list(
         && items.len() > limit
     {
         let rest = items.split_off(limit);
-        let token = format!("fake-continue-{rv}-{}", st.requests.len());
+        st.next_continue += 1;
+        let token = format!("fake-continue-{rv}-{}", st.next_continue);
         metadata["continue"] = json!(token);
         metadata["remainingItemCount"] = json!(rest.len());
         st.continues.insert(token, (rv, rest));
