@@ -466,7 +466,7 @@ pub struct KernelOffsets {
     pub icsk_probes_out: u32,
     pub icsk_retransmits: u32,
     // struct sk_buff: a received segment's length, TCP header included
-    // (`tcp:tcp_probe` sees it with `data` at the TCP header).
+    // (as `tcp:tcp_probe` sees it, before the header is pulled).
     pub skb_len: u32,
     /// `tcp_sock.tcp_header_len`: the TCP header of this connection's
     /// segments, options included.

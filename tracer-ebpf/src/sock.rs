@@ -339,18 +339,13 @@ pub fn fill_info<K: Kmem>(
         (*info).cookie = conn_id(sk, addr, state);
         (*info).kind = event_kind;
         (*info).pad = 0;
-        match state.as_ref() {
-            Some(st) => {
-                // The namespace stored at ESTABLISHED saves two dependent
-                // loads (the second often a cache miss) per record.
-                fill_sock::<K>(info, fields, st.netns);
-                (*info).owner = st.owner;
-            }
-            None => {
-                fill_sock::<K>(info, fields, 0);
-                (*info).owner = Owner::default();
-            }
-        }
+        // The namespace stored at ESTABLISHED saves two dependent loads
+        // (the second often a cache miss) per record.
+        let (netns, owner) = state
+            .as_ref()
+            .map_or((0, Owner::default()), |st| (st.netns, st.owner));
+        fill_sock::<K>(info, fields, netns);
+        (*info).owner = owner;
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::{
     collections::HashMap,
+    hash::Hash,
     net::IpAddr,
     time::{Duration, Instant},
 };
@@ -118,6 +119,15 @@ pub struct Attributor {
 /// How long a process found missing from /proc is taken as missing.
 const ABSENT_RETRY: Duration = Duration::from_secs(1);
 
+/// Inserts into a cache of at most `cap` entries, emptied when full (the
+/// entries are cheap to learn again).
+fn insert_bounded<K: Hash + Eq, V>(map: &mut HashMap<K, V>, cap: usize, key: K, value: V) {
+    if map.len() >= cap {
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
 /// Parsed cgroup paths kept; a node has far fewer live cgroups.
 const PARSED_CAP: usize = 65_536;
 /// Processes whose facts are kept.
@@ -216,10 +226,7 @@ impl Attributor {
             .path_from_proc(owner.pid, cgroup_id)
             .or_else(|| self.cgroups.as_mut()?.resolve(cgroup_id))?;
         let parsed = kubelet::parse_cgroup_path(&path);
-        if self.parsed.len() >= PARSED_CAP {
-            self.parsed.clear();
-        }
-        self.parsed.insert(cgroup_id, parsed.clone());
+        insert_bounded(&mut self.parsed, PARSED_CAP, cgroup_id, parsed.clone());
         parsed
     }
 
@@ -303,17 +310,11 @@ impl Attributor {
             .path_from_proc(owner.pid, owner.cgroup_id)
             .and_then(|_| procfs::process(owner.pid, owner.uid));
         if facts.is_none() {
-            if self.absent.len() >= PROCESSES_CAP {
-                self.absent.clear();
-            }
-            self.absent.insert(key, now);
+            insert_bounded(&mut self.absent, PROCESSES_CAP, key, now);
             return None;
         }
         self.absent.remove(&key);
-        if self.processes.len() >= PROCESSES_CAP {
-            self.processes.clear();
-        }
-        self.processes.insert(key, facts.clone());
+        insert_bounded(&mut self.processes, PROCESSES_CAP, key, facts.clone());
         facts
     }
 
