@@ -31,7 +31,7 @@ use tracer_common::{AF_INET, AF_INET6, AcceptData, kind, sockopt};
 
 use crate::{
     maps::{reserve, submit},
-    sock::{Probe, config, current_owner, fill_sock, off, read, run},
+    sock::{Probe, config, current_owner, fill_sock, off, read, ready, run},
     sockopt::{ALLOW, call_info, leave_large_buffer, tcp_addrs},
 };
 
@@ -63,7 +63,8 @@ fn try_getsockopt(ctx: &SockoptContext) {
         }
     }
     let call = crate::sockopt::call_of(ctx);
-    if leave_large_buffer(ctx, &call) {
+    // Disarmed (see `ready`): only the fix-ups every call needs.
+    if leave_large_buffer(ctx, &call) || !ready() {
         return;
     }
     let (level, optname, _, _, _, sk) = call;

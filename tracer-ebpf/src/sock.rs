@@ -64,6 +64,9 @@ pub fn offset(field: *const u32) -> u32 {
 }
 
 /// Whether userspace filled [`OFFSETS`] in; the programs do nothing before.
+/// Userspace also loads them unready on purpose (`CONN_TRACER_DISARMED=1`):
+/// attached, they then cost what the hooks themselves cost, the benchmark's
+/// floor.
 #[inline(always)]
 pub fn ready() -> bool {
     off!(ready) != 0

@@ -10,7 +10,7 @@ use tracer_common::{EventInfo, IPPROTO_TCP, SockAddrs, SockoptData, kind, sockop
 
 use crate::{
     maps::{SOCKS, reserve, submit},
-    sock::{current_owner, sockopt_task, state_in_hash},
+    sock::{current_owner, ready, sockopt_task, state_in_hash},
 };
 
 /// Let the call through (a cgroup sockopt program's "allow").
@@ -157,7 +157,8 @@ pub fn call_info(
 #[inline(always)]
 fn try_setsockopt(ctx: &SockoptContext) {
     let call = call_of(ctx);
-    if leave_large_buffer(ctx, &call) {
+    // Disarmed (see `ready`): only the fix-up every call needs.
+    if leave_large_buffer(ctx, &call) || !ready() {
         return;
     }
     let (level, optname, optlen, optval, optval_end, sk) = call;

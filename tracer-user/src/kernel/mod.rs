@@ -33,7 +33,7 @@ use tracer_common::{
 use self::{
     offsets::OffsetsError,
     ring::{EventRing, KernelLog},
-    shape::{KernelShape, OLD_HELPERS_ENV},
+    shape::{DISARMED_ENV, KernelShape, OLD_HELPERS_ENV},
 };
 use crate::sys::{self, VMLINUX_BTF};
 
@@ -207,7 +207,14 @@ impl Kernel {
             path: opts.btf_path.display().to_string(),
             error,
         };
-        let offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
+        let mut offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
+        if std::env::var_os(DISARMED_ENV).is_some_and(|v| v == "1") {
+            log::warn!(
+                "{DISARMED_ENV}=1: the kernel programs are attached but return at once: \
+                 nothing is traced (a benchmark's floor)"
+            );
+            offsets.ready = 0;
+        }
         let mut shape = KernelShape::from_btf(&btf, &opts.skip_programs).map_err(in_file)?;
         let reset_reasons = offsets::reset_reasons(&btf);
         drop(btf);

@@ -104,6 +104,12 @@ pub(crate) fn check_skippable(skip: &[String]) -> Result<(), String> {
 /// those fallbacks on a newer kernel.
 pub(crate) const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
 
+/// Set to 1, every program is loaded and attached but disarmed: each
+/// returns at once (the socket-option programs after the fix-ups every call
+/// needs), so nothing is traced. For the benchmark's floor: what the hooks
+/// cost any tracer that uses them, before it does any work.
+pub(crate) const DISARMED_ENV: &str = "CONN_TRACER_DISARMED";
+
 /// What the running kernel offers the programs, from its BTF and from
 /// feature probes. The programs branch on it (the `CONFIG` global).
 #[derive(Debug, Clone, PartialEq, Eq)]

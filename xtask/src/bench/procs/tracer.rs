@@ -57,6 +57,10 @@ pub enum Config {
     #[default]
     NoTracer,
     ConnTracer,
+    /// conn-tracer's programs attached but disarmed (`CONN_TRACER_DISARMED=1`:
+    /// each returns at once): the floor, what these hooks cost any tracer
+    /// before it does any work.
+    HooksOnly,
     /// The tcplife-style bpftrace script ([`BPFTRACE_SCRIPT`]).
     Bpftrace,
     /// libbpf-tools `tcplife` (C, CO-RE): one hash map entry per socket,
@@ -67,9 +71,10 @@ pub enum Config {
 }
 
 impl Config {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::NoTracer,
         Self::ConnTracer,
+        Self::HooksOnly,
         Self::Bpftrace,
         Self::Tcplife,
         Self::Tcpstates,
@@ -81,6 +86,7 @@ impl Config {
         match self {
             Self::NoTracer => "no tracer",
             Self::ConnTracer => "conn-tracer",
+            Self::HooksOnly => "hooks only (floor)",
             Self::Bpftrace => "bpftrace",
             Self::Tcplife => "tcplife",
             Self::Tcpstates => "tcpstates",
@@ -136,7 +142,7 @@ impl Tracer {
         };
         match config {
             Config::NoTracer => {}
-            Config::ConnTracer => {
+            Config::ConnTracer | Config::HooksOnly => {
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
                 let log = ctx.work.join(format!("conn-tracer-{}.log", ctx.runs));
                 let out = fs::File::create(&log)?;
@@ -152,6 +158,9 @@ impl Tracer {
                 // Without pod metadata unless a run brings its own API.
                 if !extra.iter().any(|a| a == "--kube-api") {
                     cmd.arg("--no-kube");
+                }
+                if config == Config::HooksOnly {
+                    cmd.env("CONN_TRACER_DISARMED", "1");
                 }
                 cmd.stdin(Stdio::null())
                     .stdout(out.try_clone()?)

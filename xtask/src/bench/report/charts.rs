@@ -95,7 +95,7 @@ fn cpu(sums: &[ConfigSummary]) -> BarChart {
 fn scaling(runs: &[ChurnRun]) -> LineChart {
     let lv = levels(runs);
     // Levels grow by factors: drawn evenly, one step each.
-    let series = [Config::ConnTracer]
+    let series = [Config::ConnTracer, Config::HooksOnly]
         .iter()
         .chain(&Config::PEERS)
         .map(|&c| {

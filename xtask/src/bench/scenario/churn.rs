@@ -67,7 +67,7 @@ fn measure_churn(
 
 fn print_run(r: &ChurnRun) {
     println!(
-        "  round {} {:<12} c={:<3} {:>9.0} conn/s  cpu {:>6}  events {:>9}  lost {:>6}{}",
+        "  round {} {:<18} c={:<3} {:>9.0} conn/s  cpu {:>6}  events {:>9}  lost {:>6}{}",
         r.round,
         r.config.name(),
         r.concurrency,

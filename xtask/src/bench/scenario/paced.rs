@@ -33,8 +33,8 @@ use crate::{
 };
 
 /// The configurations of this section: no tracer for the interrupts'
-/// baseline, then every tracer.
-const CONFIGS: [Config; 5] = Config::ALL;
+/// baseline, the hooks' floor, then every tracer.
+const CONFIGS: [Config; 6] = Config::ALL;
 
 /// One kernel program's share of a paced run, less what other processes'
 /// connections cost it (measured over [`QUIET`] just before, pro rata).
@@ -197,7 +197,7 @@ pub fn paced(ctx: &mut Ctx, args: &Args) -> Result<Vec<PacedRun>> {
                 println!("  {}: {lost} events lost", config.name());
             }
             println!(
-                "  {:<12} {:>6.0} conn/s: {} mCPU ({} process + {} kernel programs), \
+                "  {:<18} {:>6.0} conn/s: {} mCPU ({} process + {} kernel programs), \
                  {:.2} interrupts/connection",
                 config.name(),
                 run.out.conn_per_s,
