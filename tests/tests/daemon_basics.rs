@@ -11,6 +11,7 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     process::{Command, Stdio},
+    thread,
     time::Duration,
 };
 
@@ -180,6 +181,71 @@ fn root_daemon_serves_health_and_contract_metrics() {
         ),
         1.0
     );
+    assert!(daemon.stop());
+}
+
+/// A Python client in its namespace: keepalive set and read back, TCP_INFO
+/// read into a buffer larger than the page the kernel hands socket-option
+/// programs, a request and its answer, the client's own close; prints
+/// the client's port and what the calls returned.
+const OPTIONS_ROUND_TRIP: &str = r#"
+import ctypes, socket
+srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+c = socket.socket()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 40)
+c.connect(srv.getsockname()); a, _ = srv.accept()
+c.sendall(b"ping"); a.recv(4); a.sendall(b"pong"); c.recv(4)
+ka = c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+idle = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+# Python caps getsockopt buffers at 1024 bytes: libc's, with 8 KiB.
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(8192); n = ctypes.c_uint32(8192)
+rc = libc.getsockopt(c.fileno(), socket.IPPROTO_TCP, socket.TCP_INFO, buf, ctypes.byref(n))
+print(c.getsockname()[1], ka, idle, rc, buf.raw[0], n.value > 100, flush=True)
+c.close(); a.close(); srv.close()
+"#;
+
+/// `CONN_TRACER_DISARMED=1` (the benchmark's floor): every program is
+/// attached, none traces anything, and the socket-option programs still
+/// leave every call's answer as the kernel gave it.
+#[test]
+fn root_disarmed_programs_trace_nothing_and_leave_socket_options_alone() {
+    let _serial = serial_unless_skipped!();
+    let daemon = Daemon::start_wrapped(&["env", "CONN_TRACER_DISARMED=1"], "1s", &[]);
+    assert!(
+        daemon.stderr().contains("CONN_TRACER_DISARMED=1"),
+        "the daemon says it is disarmed: {}",
+        daemon.stderr()
+    );
+    let ns = NetNs::new();
+    let out = ns
+        .command("python3")
+        .args(["-c", OPTIONS_ROUND_TRIP])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let fields: Vec<&str> = stdout.split_whitespace().collect();
+    // Keepalive on, idle 40 s; TCP_INFO into 8 KiB answered (rc 0), for an
+    // established socket (state 1), whole.
+    assert_eq!(&fields[1..], ["1", "40", "0", "1", "True"], "{stdout}");
+    let port = fields[0];
+    thread::sleep(Duration::from_millis(300));
+    let list = daemon.connections();
+    assert!(
+        find_conn(&list, port.parse().expect("port")).is_none(),
+        "disarmed, the connection is not tracked: {list:#}"
+    );
+    // Disarmed, no program sends anything, for any socket of the host.
+    let m = daemon.scrape();
+    assert_eq!(
+        m.sum("conntracer_events_total", &[]),
+        0.0,
+        "{}",
+        m.dump("conntracer_events_total")
+    );
+    assert_eq!(m.sum("conntracer_events_lost_total", &[]), 0.0);
     assert!(daemon.stop());
 }
 

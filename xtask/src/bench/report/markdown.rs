@@ -744,6 +744,20 @@ effect):
     could be handed the same continue token; one client then read the other's remainder and
     the other got 410. The fake now hands out one token per remainder. The section rerun
     alone (`--skip` every other) passed: 83.1 MiB, 150,000 endpoints after the relist.
+- Sixth pass (issue 16; 2026-12-02, the same VM). The floor is now a configuration of every
+  run: \"hooks only (floor)\", conn-tracer with `CONN_TRACER_DISARMED=1`, its programs attached
+  to the same hooks and each returning at once (the socket-option programs after the
+  `optlen` fix-ups every call needs), in the same rotated rounds as the others. Its first
+  full run: churn at 16 in flight 1.006 (rounds 0.964-1.091) against conn-tracer's 0.848;
+  scaling at 256 in flight 0.885 against 0.886 (3 rounds); paced at 10,000 connections/s
+  13.6 mCPU (11 of programs, about 1.0 us per connection, and the idle daemon's ~4) against
+  66.4. The fourth pass's throwaway floor build had given 0.946 at 16 in flight, from which
+  it read the 0.95 target as the hooks' own limit; measured side by side here, the disarmed
+  hooks are within noise of no tracer, so that reading does not hold: the gap at 16 in
+  flight is conn-tracer's own work (socket storage, five records per connection, the
+  daemon). At 256 in flight the two are level in this run, within the 3 rounds' noise. The
+  verdicts above print the floor beside each ratio and the CPU figure, and say so when the
+  floor alone misses a target.
 - Not done: fewer records per connection (the server's `end` and `close` as one record when
   the owner closes at once; opens sent only for connections that outlive a short age, which
   needs a timer per socket: bpf_timer, 5.15+).
