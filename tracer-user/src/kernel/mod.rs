@@ -208,7 +208,7 @@ impl Kernel {
             error,
         };
         let mut offsets = offsets::kernel_offsets(&btf).map_err(in_file)?;
-        if std::env::var_os(DISARMED_ENV).is_some_and(|v| v == "1") {
+        if shape::switch_on(DISARMED_ENV) {
             log::warn!(
                 "{DISARMED_ENV}=1: the kernel programs are attached but return at once: \
                  nothing is traced (a benchmark's floor)"
@@ -231,7 +231,7 @@ impl Kernel {
             &offsets,
             &shape.config(opts.verbose, id_secret, opts.capture_ports, opts.wake_bytes),
         )?;
-        if std::env::var_os(OLD_HELPERS_ENV).is_some_and(|v| v == "1") {
+        if shape::switch_on(OLD_HELPERS_ENV) {
             // Tests run the fallbacks of older kernels on a new one.
             log::warn!("{OLD_HELPERS_ENV}=1: acting as if this kernel were older than 5.11");
             shape.sk_storage = false;

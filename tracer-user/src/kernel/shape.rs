@@ -110,6 +110,11 @@ pub(crate) const OLD_HELPERS_ENV: &str = "CONN_TRACER_OLD_HELPERS";
 /// cost any tracer that uses them, before it does any work.
 pub(crate) const DISARMED_ENV: &str = "CONN_TRACER_DISARMED";
 
+/// Whether test switch `name` ([`OLD_HELPERS_ENV`], [`DISARMED_ENV`]) is set to 1.
+pub(crate) fn switch_on(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| v == "1")
+}
+
 /// What the running kernel offers the programs, from its BTF and from
 /// feature probes. The programs branch on it (the `CONFIG` global).
 #[derive(Debug, Clone, PartialEq, Eq)]

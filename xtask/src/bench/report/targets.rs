@@ -1,7 +1,5 @@
 //! The targets the numbers are held against, and how a run did.
 
-use std::fmt::Write as _;
-
 use serde::Serialize;
 
 use super::{levels, ratio_of, short, summarize};
@@ -155,12 +153,7 @@ fn paced_verdict(r: &Results) -> Option<Verdict> {
         target: format!("<= {PACED_TARGET_MCPU} mCPU"),
         value: m.map_or("-".into(), |m| {
             let floor = floor.map_or(String::new(), |f| {
-                let above = if f > PACED_TARGET_MCPU {
-                    ": the floor alone misses the target"
-                } else {
-                    ""
-                };
-                format!("; the hooks' floor {f:.1} mCPU{above}")
+                floor_note(&format!("{f:.1} mCPU"), f > PACED_TARGET_MCPU)
             });
             format!(
                 "{m:.1} mCPU at {:.0} connections/s{floor}",
@@ -177,10 +170,16 @@ fn paced_verdict(r: &Results) -> Option<Verdict> {
 fn with_floor(ratio: Option<f64>, floor: Option<f64>, target: f64) -> String {
     let mut s = ratio.map_or("-".into(), |x| format!("{x:.3}"));
     if let Some(f) = floor {
-        let _ = write!(s, "; the hooks' floor {f:.3}");
-        if f < target {
-            s += ": the floor alone misses the target";
-        }
+        s += &floor_note(&format!("{f:.3}"), f < target);
+    }
+    s
+}
+
+/// "; the hooks' floor VALUE", and whether the floor alone misses the target.
+fn floor_note(value: &str, misses: bool) -> String {
+    let mut s = format!("; the hooks' floor {value}");
+    if misses {
+        s += ": the floor alone misses the target";
     }
     s
 }
